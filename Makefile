@@ -1,0 +1,56 @@
+# Ferry's build, lint, test and demo targets. `make help` lists them.
+
+GO        ?= go
+BUF       := $(GO) tool -modfile=tools/go.mod buf
+FUZZTIME  ?= 10s
+# Packages with fuzz targets, and the targets in each: `pkg:Target`.
+FUZZ      := ./pkg/size:FuzzParse ./pkg/vfio:FuzzParseSpec ./pkg/flow:FuzzWindowDelivery \
+             ./services/wire:FuzzCodecUnmarshal
+
+.PHONY: help
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+
+.PHONY: build
+build: ## build bin/ferry
+	CGO_ENABLED=0 $(GO) build -trimpath -o bin/ferry ./cmd/ferry
+
+.PHONY: demo
+demo: ## run the demo: two agents in one process migrate a simulated 1 GiB device
+	$(GO) run ./cmd/ferry demo
+
+.PHONY: generate
+generate: ## regenerate the Go code from api/proto with buf
+	$(BUF) generate
+
+.PHONY: check-generated
+check-generated: generate ## fail if the committed generated code is stale
+	@git diff --exit-code -- api/proto || (echo "generated code is stale: run 'make generate' and commit"; exit 1)
+	@test -z "$$(git status --porcelain -- api/proto)" || (git status --porcelain -- api/proto; echo "untracked generated files: run 'make generate' and commit"; exit 1)
+
+.PHONY: lint
+lint: ## buf lint and format, gofmt, go vet, and a non-Linux build
+	$(BUF) lint
+	$(BUF) format -d --exit-code
+	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || (gofmt -l $$(git ls-files '*.go'); echo "gofmt needed"; exit 1)
+	$(GO) vet ./...
+	GOOS=darwin $(GO) build ./...
+
+.PHONY: unit
+unit: ## run the Go tests (with the race detector)
+	$(GO) test -race -timeout 30m ./...
+
+.PHONY: fuzz
+fuzz: ## run every fuzz target for FUZZTIME each
+	@for t in $(FUZZ); do \
+		pkg=$${t%%:*}; name=$${t##*:}; \
+		echo "fuzz $$pkg $$name ($(FUZZTIME))"; \
+		$(GO) test -run '^$$' -fuzz "^$$name\$$" -fuzztime $(FUZZTIME) $$pkg || exit 1; \
+	done
+
+.PHONY: test
+test: lint check-generated unit fuzz ## everything CI runs: lint, generated-code check, tests, short fuzzing
+
+.PHONY: clean
+clean: ## remove build outputs
+	rm -rf bin

@@ -1,0 +1,74 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"text/tabwriter"
+	"time"
+
+	"google.golang.org/grpc"
+
+	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/pkg/size"
+	"github.com/vfio-ferry/ferry/services/wire"
+)
+
+func runDevices(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := newFlagSet("devices", stderr, "--agent ADDR [--role source|dest] [--insecure] [--json]")
+	addr := fs.String("agent", "", "the agent's address (host:port)")
+	role := fs.String("role", "source", "which agent listens there: source or dest")
+	insecureFlag := fs.Bool("insecure", false, "plaintext gRPC (no TLS)")
+	asJSON := fs.Bool("json", false, "print JSON")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if *addr == "" {
+		fs.Usage()
+		return &exitError{code: 2, err: fmt.Errorf("--agent is required")}
+	}
+	af := agentFlags{insecure: *insecureFlag}
+	creds, err := af.creds()
+	if err != nil {
+		return &exitError{code: 2, err: err}
+	}
+	conn, err := grpc.NewClient(*addr, wire.DialOptions(creds, wire.NewPool())...)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	var resp *ferryv1.ListDevicesResponse
+	switch *role {
+	case "source":
+		resp, err = ferryv1.NewSourceAgentClient(conn).ListDevices(cctx, &ferryv1.ListDevicesRequest{})
+	case "dest":
+		resp, err = ferryv1.NewDestAgentClient(conn).ListDevices(cctx, &ferryv1.ListDevicesRequest{})
+	default:
+		return &exitError{code: 2, err: fmt.Errorf("--role must be source or dest")}
+	}
+	if err != nil {
+		return fmt.Errorf("list devices: %s", describe(err))
+	}
+	if *asJSON {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(resp.GetDevices())
+	}
+	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "SPEC\tMIGRATION FLAGS\tSTATE\tSTATE SIZE\tOWNER")
+	for _, d := range resp.GetDevices() {
+		sz := "-"
+		if d.GetEstimatedStateBytes() > 0 {
+			sz = size.Format(d.GetEstimatedStateBytes())
+		}
+		owner := d.GetOwner()
+		if owner == "" {
+			owner = "-"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", d.GetSpec(), d.GetMigrationFlagsText(), stateName(d.GetState()), sz, owner)
+	}
+	return tw.Flush()
+}

@@ -1,0 +1,101 @@
+// Package vfio drives the live-migration uAPI (protocol v2) of VFIO
+// devices: it moves a device through the kernel's migration states and
+// hands out the data stream that carries the device's internal state. It
+// knows nothing of the network, gRPC or protos; the agents build the
+// migration on top of it.
+//
+// # Devices and specs
+//
+// A device is named by a spec string, parsed by ParseSpec:
+//
+//	pci:0000:3b:00.2                           a VFIO-bound PCI function
+//	mdev:83b8f4f2-509f-382f-3c1e-e6bfe0fa1001  a mediated device
+//	sim:size=1GiB,seed=7,rate=2GB/s            the simulated device (SimConfig)
+//
+// Spec.String is the canonical form: lowercase hex, sim keys in a fixed
+// order, sizes printed exactly, defaults left out. Two strings name the
+// same device exactly when their canonical forms are equal; compare and
+// store specs in that form.
+//
+// Every device implements Device. Open returns the kernel's device for pci:
+// and mdev: specs (ioctls on a VFIO device fd, in the *_linux.go files;
+// other systems get ErrNotSupported) and a SimDevice for sim: specs. Agents do
+// not call Open themselves: a Registry opens devices on first use, keeps
+// them open across migrations so their state can be observed afterwards,
+// gives each to one owner at a time (Acquire and its release func), and
+// opens sim: specs only with RegistryOptions.AllowSim.
+//
+// # States and arcs
+//
+// The states are the kernel's (State, numbered as enum
+// vfio_device_mig_state). Which ones a device supports follows its
+// migration flags (Flags.Supports): STOP, RUNNING, STOP_COPY and RESUMING
+// need FlagStopCopy, RUNNING_P2P adds FlagP2P, PRE_COPY adds FlagPreCopy,
+// PRE_COPY_P2P needs all three. ERROR is never supported: it cannot be
+// requested and is left only by a device reset, which lands in RUNNING.
+//
+// Drivers implement only single arcs (STOP -> STOP_COPY, RUNNING_P2P ->
+// STOP, ...). A request for a state further away is walked one arc at a
+// time, exactly as the kernel's vfio_mig_get_next_state computes it:
+// NextState is that function (with the ERROR guard of the 2026 fix) and
+// Path the whole walk, so Path(FlagStopCopy|FlagP2P, StateRunning,
+// StateStopCopy) is RUNNING_P2P, STOP, STOP_COPY. Refused requests wrap
+// ErrInvalidTransition (the kernel's EINVAL): unsupported targets, ERROR
+// at either end, and STOP_COPY -> PRE_COPY(_P2P), which some kernels loop
+// on forever; never request it. When a SetState fails midway the device
+// may rest on any state of the path, or in ERROR: read it back with
+// State, then recover to RUNNING, or Reset when that fails too.
+//
+// # Data streams
+//
+// Four single arcs open a data stream, the kernel's data_fd (OpensStream):
+// STOP -> STOP_COPY and RUNNING(_P2P) -> PRE_COPY(_P2P) open a saving
+// stream to read, STOP -> RESUMING a resuming stream to write. SetState
+// returns the stream when its last arc opens one, and nil otherwise.
+// PRE_COPY <-> PRE_COPY_P2P -> STOP_COPY keep the saving stream; leaving
+// the saving or resuming states ends it (EndsStream), and so do a reset
+// and Close. After the end, reads and writes fail with ErrStreamEnded (the
+// kernel's ENODEV); a new STOP -> STOP_COPY opens a fresh stream from the
+// start of the state.
+//
+// Reads of a saving stream in STOP_COPY return io.EOF once the whole state
+// was read, and forever after: read to io.EOF before leaving STOP_COPY. In
+// PRE_COPY io.EOF (or a read of 0) only means "no data now". A resuming
+// stream accepts any chunking of the saved stream, in order; the device
+// validates what it got at RESUMING -> STOP, which fails with ErrVerify on
+// an incomplete or foreign stream and leaves the device in RESUMING until
+// a reset.
+//
+// The caller owns each stream it gets and must Close it. As with a
+// kernel data_fd, closing the handle does not end the session: what was
+// written still counts at RESUMING -> STOP.
+//
+// # The simulated device
+//
+// SimDevice is as strict as a kernel driver, so two processes that share
+// no memory can prove a migration bit-exact. Its state is a function of
+// (seed, offset): little-endian 64-bit splitmix64 words, with a "zero"
+// fraction of 4 KiB pages all zero, chosen by a hash of (seed, page). A
+// saving stream produces it at several GB/s a core; a resuming device
+// compares every byte written with its own state at the same speed,
+// rejects writes past its size (ErrStreamTooLong, the kernel's ENOMEM),
+// and fails RESUMING -> STOP naming the first wrong byte or the short
+// length. "rate" and "wrate" cap the read and write rates, "fault"
+// makes reads fail (ErrInjectedFault) at a byte offset, and "flags"
+// chooses the migration flags (default stopcopy|p2p). With precopy the
+// device supports the PRE_COPY states, but its pre-copy phase carries no
+// data yet; "precopy" and "dirty" are parsed for that model.
+//
+// # Who owns what
+//
+// A Device is driven by one owner at a time: SetState, Reset and Close
+// must not race each other (the SimDevice tolerates it, the kernel's
+// device does not promise to), while reads and writes on its stream, State
+// and DataSize may run beside them. The Registry owns the devices it opens
+// and closes them in Registry.Close; an owner gives a device back with
+// its release func and never closes it.
+//
+// This package is the only one in Ferry that imports golang.org/x/sys/unix
+// and unsafe, and only its kernel backend (the *_linux.go files) does.
+// The state machine (states.go) is pure: no I/O, no clock, no goroutines.
+package vfio

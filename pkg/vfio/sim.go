@@ -1,0 +1,615 @@
+package vfio
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"math"
+	"sync"
+	"time"
+)
+
+// Errors of the simulated device. Compare with errors.Is.
+var (
+	// ErrInjectedFault: a read reached the offset of a fault injected with
+	// "fault=" (the kernel would answer EIO).
+	ErrInjectedFault = errors.New("injected I/O fault")
+	// ErrStreamTooLong: a write would take the resuming stream past the
+	// size of the device's state; nothing of it was accepted (the
+	// kernel's ENOMEM).
+	ErrStreamTooLong = errors.New("stream longer than the device state")
+)
+
+const (
+	// simPageSize is the unit of the zero fraction: a page is all zero or
+	// all generated.
+	simPageSize = 4096
+	// paceStep is the most data a paced read or write step carries, in
+	// time at the capped rate, and the longest single sleep, so a stream
+	// that ends stops its sleepers within a step.
+	paceStep = 10 * time.Millisecond
+	// gamma is splitmix64's increment (2^64 / golden ratio).
+	gamma = 0x9e3779b97f4a7c15
+)
+
+// SimDevice is the simulated migration-capable device described by a sim:
+// spec (see SimConfig and the package documentation). It is as strict as a
+// kernel driver: the kernel's state machine and data-stream rules apply,
+// and a resuming device checks every byte written to it against its own
+// state. All methods are safe for concurrent use.
+type SimDevice struct {
+	// Immutable after NewSim.
+	spec    Spec
+	name    string // canonical spec
+	content content
+
+	mu       sync.Mutex // guards the fields below
+	state    State
+	closed   bool
+	stream   *simStream // open session: non-nil exactly in STOP_COPY, RESUMING, PRE_COPY(_P2P)
+	resume   *simStream // current or last resuming session, for Written
+	verified bool       // last RESUMING -> STOP verified; cleared by a new resume or a reset
+	// arcHook, when set (by tests), is called under mu for every single
+	// arc the device completes.
+	arcHook func(from, to State)
+}
+
+// NewSim returns a simulated device in RUNNING, the state a device is in
+// when it is opened.
+func NewSim(s Spec) (*SimDevice, error) {
+	if s.Kind != SpecSim {
+		return nil, fmt.Errorf("new sim %q: not a sim spec: %w", s, ErrBadSpec)
+	}
+	if err := s.Sim.validate(); err != nil {
+		return nil, fmt.Errorf("new sim %q: %v: %w", s, err, ErrBadSpec)
+	}
+	return &SimDevice{
+		spec:    s,
+		name:    s.String(),
+		content: newContent(s.Sim),
+		state:   StateRunning,
+	}, nil
+}
+
+// Spec returns the canonical spec of the device.
+func (d *SimDevice) Spec() string { return d.name }
+
+// Flags returns the migration flags of the spec ("flags=").
+func (d *SimDevice) Flags() Flags { return d.spec.Sim.Flags }
+
+// State returns the device's current migration state.
+func (d *SimDevice) State() (State, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return StateError, d.errClosed()
+	}
+	return d.state, nil
+}
+
+// DataSize returns the size of the stop-copy state: the spec's "size".
+func (d *SimDevice) DataSize() (uint64, error) {
+	return d.spec.Sim.Size, nil
+}
+
+// SetState walks the kernel's arcs from the current state to target, one
+// at a time (see Path). An impossible target, ERROR at either end and the
+// blocked STOP_COPY -> PRE_COPY(_P2P) fail with ErrInvalidTransition and
+// leave the state alone. STOP -> STOP_COPY, STOP -> RESUMING and, with the
+// precopy flag, RUNNING(_P2P) -> PRE_COPY(_P2P) open a new stream, which is
+// returned when it is the last arc (it always is). Leaving the saving or
+// resuming states ends the stream. RESUMING -> STOP verifies what was
+// written: on a mismatch or a short stream it fails with ErrVerify and the
+// device stays in RESUMING, its stream still open, until a Reset.
+func (d *SimDevice) SetState(target State) (DataStream, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return nil, d.errClosed()
+	}
+	path, err := Path(d.spec.Sim.Flags, d.state, target)
+	if err != nil {
+		return nil, fmt.Errorf("%s: set state: %w", d.name, err)
+	}
+	var opened *simStream
+	for _, next := range path {
+		if opened, err = d.arc(next); err != nil {
+			return nil, err
+		}
+	}
+	if opened == nil {
+		return nil, nil // no typed nil in the interface
+	}
+	return opened, nil
+}
+
+// arc executes the single arc from the current state to next and returns
+// the stream it opens, if any. On error the state is unchanged.
+func (d *SimDevice) arc(next State) (*simStream, error) {
+	from := d.state
+	var opened *simStream
+	switch {
+	case from == StateResuming && next == StateStop:
+		if err := d.stream.verifyAndEnd(); err != nil {
+			return nil, err
+		}
+		d.stream, d.verified = nil, true
+	case EndsStream(from, next):
+		d.endStream()
+	case OpensStream(from, next):
+		opened = newSimStream(d, next)
+		d.stream = opened
+		if next == StateResuming {
+			d.resume, d.verified = opened, false
+		}
+	case next == StateStopCopy:
+		// PRE_COPY(_P2P) -> STOP_COPY: the same stream carries on with
+		// the stop-copy data.
+		d.stream.stopCopy()
+	}
+	d.state = next
+	if d.arcHook != nil {
+		d.arcHook(from, next)
+	}
+	return opened, nil
+}
+
+// Reset moves the device from any state to RUNNING and ends its stream, as
+// VFIO_DEVICE_RESET does. The state a resume loaded is gone: Verified
+// becomes false.
+func (d *SimDevice) Reset() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return d.errClosed()
+	}
+	d.endStream()
+	d.state, d.verified = StateRunning, false
+	return nil
+}
+
+// Close ends the device's stream and releases the device; later calls
+// other than Close, Spec, Flags and DataSize fail. Idempotent.
+func (d *SimDevice) Close() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.endStream()
+	d.closed = true
+	return nil
+}
+
+// Written returns the number of bytes the current or last resuming stream
+// accepted.
+func (d *SimDevice) Written() uint64 {
+	d.mu.Lock()
+	s := d.resume
+	d.mu.Unlock()
+	if s == nil {
+		return 0
+	}
+	return s.written()
+}
+
+// Verified reports whether the last RESUMING -> STOP succeeded, so the
+// device holds exactly its own state, loaded from a stream. Entering
+// RESUMING again or a Reset clears it.
+func (d *SimDevice) Verified() bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.verified
+}
+
+// endStream ends the open stream, if any. d.mu must be held.
+func (d *SimDevice) endStream() {
+	if d.stream != nil {
+		d.stream.end()
+		d.stream = nil
+	}
+}
+
+func (d *SimDevice) errClosed() error {
+	return fmt.Errorf("%s: %w", d.name, fs.ErrClosed)
+}
+
+// simStream is one data-stream session of a SimDevice: the saving stream
+// opened by STOP -> STOP_COPY or RUNNING(_P2P) -> PRE_COPY(_P2P), or the
+// resuming stream opened by STOP -> RESUMING. It holds no lock of the
+// device; the device ends it under its own.
+type simStream struct {
+	dev    *SimDevice // for its immutable spec, name and content only
+	resume bool       // a resuming (write-only) stream; else saving (read-only)
+
+	mu         sync.Mutex // guards the fields below
+	precopy    bool       // saving stream still in PRE_COPY(_P2P): no data now
+	ended      bool       // the session ended (the kernel's ENODEV)
+	closed     bool       // the caller closed this handle
+	pos        uint64     // bytes read or accepted so far
+	mismatched bool       // a written byte differed from the device's state
+	mismatchAt uint64     // offset of the first such byte
+	pace       pacer      // rate cap of this stream's direction
+}
+
+func newSimStream(d *SimDevice, state State) *simStream {
+	s := &simStream{dev: d, resume: state == StateResuming}
+	s.precopy = state == StatePreCopy || state == StatePreCopyP2P
+	s.pace.rate = d.spec.Sim.ReadRate
+	if s.resume {
+		s.pace.rate = d.spec.Sim.WriteRate
+	}
+	return s
+}
+
+// Read reads the device state in STOP_COPY: the content from offset 0 to
+// the size, then io.EOF forever. In PRE_COPY(_P2P) it returns io.EOF for
+// "no data now" (the kernel's ENOMSG or mtty's 0); the stream carries on
+// in STOP_COPY. With a rate cap a read carries at most paceStep's worth
+// of data and returns when the cap allows it. At an injected fault the
+// read that would cross it stops short, and every later read fails with
+// ErrInjectedFault.
+func (s *simStream) Read(p []byte) (int, error) {
+	n, due, err := s.readStep(p)
+	if n > 0 {
+		s.sleepUntil(due)
+	}
+	return n, err
+}
+
+// readStep produces the next bytes of the stream under the lock and
+// returns when they are due under the rate cap.
+func (s *simStream) readStep(p []byte) (int, time.Time, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err := s.usable(); err != nil {
+		return 0, time.Time{}, err
+	}
+	cfg := &s.dev.spec.Sim
+	switch {
+	case s.resume:
+		return 0, time.Time{}, fmt.Errorf("%s: read on a resuming stream: %w", s.dev.name, ErrNotSupported)
+	case s.precopy, s.pos == cfg.Size:
+		return 0, time.Time{}, io.EOF
+	case cfg.HasFault && s.pos == cfg.FaultOffset:
+		return 0, time.Time{}, fmt.Errorf("%s: read at byte %d: %w", s.dev.name, s.pos, ErrInjectedFault)
+	}
+	n := min(uint64(len(p)), cfg.Size-s.pos, s.pace.stepBytes())
+	if cfg.HasFault && s.pos < cfg.FaultOffset && cfg.FaultOffset < s.pos+n {
+		n = cfg.FaultOffset - s.pos
+	}
+	s.dev.content.fill(p[:n], s.pos)
+	s.pos += n
+	return int(n), s.pace.admit(time.Now(), n), nil
+}
+
+// Write accepts the next bytes of a resuming stream, in any chunking, and
+// checks each against the device's own state; the first mismatch is
+// remembered and reported at RESUMING -> STOP. A write that would take
+// the stream past the state's size fails whole with ErrStreamTooLong.
+// With a rate cap the write is taken in steps of paceStep's worth and
+// returns when the cap allows the last one.
+func (s *simStream) Write(p []byte) (int, error) {
+	done := 0
+	for {
+		n, due, err := s.writeStep(p[done:])
+		done += n
+		if err != nil {
+			return done, err
+		}
+		s.sleepUntil(due)
+		if done == len(p) {
+			return done, nil
+		}
+	}
+}
+
+// writeStep verifies and accepts the next step of p under the lock and
+// returns when it is due under the rate cap.
+func (s *simStream) writeStep(p []byte) (int, time.Time, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err := s.usable(); err != nil {
+		return 0, time.Time{}, err
+	}
+	size := s.dev.spec.Sim.Size
+	switch {
+	case !s.resume:
+		return 0, time.Time{}, fmt.Errorf("%s: write on a saving stream: %w", s.dev.name, ErrNotSupported)
+	case uint64(len(p)) > size-s.pos:
+		return 0, time.Time{}, fmt.Errorf("%s: write of %d bytes at byte %d passes the state size %d: %w",
+			s.dev.name, len(p), s.pos, size, ErrStreamTooLong)
+	}
+	n := min(uint64(len(p)), s.pace.stepBytes())
+	if !s.mismatched {
+		if i := s.dev.content.mismatch(p[:n], s.pos); i >= 0 {
+			s.mismatched, s.mismatchAt = true, s.pos+uint64(i)
+		}
+	}
+	s.pos += n
+	return int(n), s.pace.admit(time.Now(), n), nil
+}
+
+// Close releases the caller's handle: later reads and writes on it fail
+// with fs.ErrClosed. As with the kernel's data_fd, the session itself
+// lives on until the device leaves the state: what was written counts.
+// Idempotent.
+func (s *simStream) Close() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.closed = true
+	return nil
+}
+
+// usable returns the error for a read or write on a closed handle or an
+// ended session. s.mu must be held.
+func (s *simStream) usable() error {
+	switch {
+	case s.closed:
+		return fmt.Errorf("%s: data stream: %w", s.dev.name, fs.ErrClosed)
+	case s.ended:
+		return fmt.Errorf("%s: %w", s.dev.name, ErrStreamEnded)
+	}
+	return nil
+}
+
+// sleepUntil sleeps until due, in steps of at most paceStep, and returns
+// early when the session ends.
+func (s *simStream) sleepUntil(due time.Time) {
+	for {
+		d := time.Until(due)
+		if d <= 0 || s.isEnded() {
+			return
+		}
+		time.Sleep(min(d, paceStep))
+	}
+}
+
+func (s *simStream) isEnded() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.ended
+}
+
+// end ends the session: later reads and writes fail with ErrStreamEnded.
+func (s *simStream) end() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.ended = true
+}
+
+// stopCopy moves a saving stream from PRE_COPY to STOP_COPY.
+func (s *simStream) stopCopy() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.precopy = false
+}
+
+func (s *simStream) written() uint64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.pos
+}
+
+// verifyAndEnd is the device's check at RESUMING -> STOP: the stream must
+// be complete and match the device's state byte for byte. On success the
+// session ends; on failure it stays open, as the device stays in RESUMING.
+func (s *simStream) verifyAndEnd() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	size := s.dev.spec.Sim.Size
+	switch {
+	case s.mismatched && s.mismatchAt == 0:
+		return fmt.Errorf("%s: state mismatch at byte 0 (stream is not this device's state): %w",
+			s.dev.name, ErrVerify)
+	case s.mismatched:
+		return fmt.Errorf("%s: state mismatch at byte %d (stream corrupt or out of order): %w",
+			s.dev.name, s.mismatchAt, ErrVerify)
+	case s.pos < size:
+		return fmt.Errorf("%s: short stream: %d of %d bytes: %w", s.dev.name, s.pos, size, ErrVerify)
+	}
+	s.ended = true
+	return nil
+}
+
+// pacer caps a byte rate: each admitted step moves a due time forward by
+// the step's length at the rate, starting no earlier than now, and the
+// caller sleeps until it. Idle time earns no credit, so no burst exceeds
+// the cap.
+type pacer struct {
+	rate uint64    // bytes per second; 0 is unlimited
+	due  time.Time // when the bytes admitted so far are paid for
+}
+
+// stepBytes is the most bytes one step may carry: paceStep at the rate,
+// at least 1.
+func (p *pacer) stepBytes() uint64 {
+	if p.rate == 0 {
+		return math.MaxUint64
+	}
+	return max(p.rate/uint64(time.Second/paceStep), 1)
+}
+
+// admit accounts n bytes at time now and returns when they are due. The
+// zero time means at once.
+func (p *pacer) admit(now time.Time, n uint64) time.Time {
+	if p.rate == 0 {
+		return time.Time{}
+	}
+	if p.due.Before(now) {
+		p.due = now
+	}
+	p.due = p.due.Add(time.Duration(float64(n) / float64(p.rate) * float64(time.Second)))
+	return p.due
+}
+
+// content is the state of a simulated device, a pure function of the seed
+// and the offset: the little-endian 64-bit words mix(key + (i+1)*gamma)
+// for word index i (splitmix64 with a mixed seed as key), except in the
+// 4 KiB pages a hash of (seed, page) picks to be all zero.
+type content struct {
+	key       uint64 // mixed seed: the words' stream
+	pageKey   uint64 // a second mixed seed: the pages' hashes
+	zeroBelow uint64 // a page is zero when its hash is below this
+	allZero   bool   // zero fraction 1: every page is
+}
+
+func newContent(c SimConfig) content {
+	ct := content{key: mix(c.Seed), pageKey: mix(c.Seed ^ 0x5bd1e9955bd1e995)}
+	if c.ZeroFraction >= 1 {
+		ct.allZero = true
+	} else {
+		ct.zeroBelow = uint64(c.ZeroFraction * (1 << 64))
+	}
+	return ct
+}
+
+// mix is splitmix64's finalizer.
+func mix(z uint64) uint64 {
+	z = (z ^ z>>30) * 0xbf58476d1ce4e5b9
+	z = (z ^ z>>27) * 0x94d049bb133111eb
+	return z ^ z>>31
+}
+
+// zeroPage reports whether the page with this index is all zero.
+func (c *content) zeroPage(page uint64) bool {
+	return c.allZero || c.zeroBelow != 0 && mix(c.pageKey+page*gamma) < c.zeroBelow
+}
+
+// fill writes the content of bytes [off, off+len(p)) into p.
+func (c *content) fill(p []byte, off uint64) {
+	for len(p) > 0 {
+		n := min(uint64(len(p)), simPageSize-off%simPageSize)
+		if c.zeroPage(off / simPageSize) {
+			clear(p[:n])
+		} else {
+			c.fillWords(p[:n], off)
+		}
+		p, off = p[n:], off+n
+	}
+}
+
+// fillWords writes the generated words for bytes [off, off+len(p)): a
+// partial word at each end, whole words in between.
+func (c *content) fillWords(p []byte, off uint64) {
+	z := c.key + off/8*gamma // word i is mix(z) after i+1 increments
+	if r := off % 8; r != 0 {
+		z += gamma
+		var w [8]byte
+		binary.LittleEndian.PutUint64(w[:], mix(z))
+		p = p[copy(p, w[r:]):]
+	}
+	// Four independent words per round keep the multipliers busy. (g is
+	// a variable because 2*gamma overflows as a constant.)
+	g := uint64(gamma)
+	for ; len(p) >= 32; p = p[32:] {
+		z1, z2, z3, z4 := z+g, z+2*g, z+3*g, z+4*g
+		binary.LittleEndian.PutUint64(p[0:], mix(z1))
+		binary.LittleEndian.PutUint64(p[8:], mix(z2))
+		binary.LittleEndian.PutUint64(p[16:], mix(z3))
+		binary.LittleEndian.PutUint64(p[24:], mix(z4))
+		z = z4
+	}
+	for ; len(p) >= 8; p = p[8:] {
+		z += gamma
+		binary.LittleEndian.PutUint64(p, mix(z))
+	}
+	if len(p) > 0 {
+		z += gamma
+		var w [8]byte
+		binary.LittleEndian.PutUint64(w[:], mix(z))
+		copy(p, w[:])
+	}
+}
+
+// mismatch returns the index in p of the first byte that differs from the
+// content at [off, off+len(p)), or -1 when p is the content.
+func (c *content) mismatch(p []byte, off uint64) int {
+	done := 0
+	for done < len(p) {
+		n := int(min(uint64(len(p)-done), simPageSize-off%simPageSize))
+		seg := p[done : done+n]
+		var i int
+		if c.zeroPage(off / simPageSize) {
+			i = firstNonZero(seg)
+		} else {
+			i = c.wordsMismatch(seg, off)
+		}
+		if i >= 0 {
+			return done + i
+		}
+		done, off = done+n, off+uint64(n)
+	}
+	return -1
+}
+
+// wordsMismatch is mismatch within one generated page.
+func (c *content) wordsMismatch(p []byte, off uint64) int {
+	z := c.key + off/8*gamma
+	i := 0
+	var w [8]byte
+	if r := int(off % 8); r != 0 {
+		z += gamma
+		binary.LittleEndian.PutUint64(w[:], mix(z))
+		i = min(len(p), 8-r)
+		if j := firstDiff(p[:i], w[r:]); j >= 0 {
+			return j
+		}
+	}
+	// Four words per round, as in fillWords; a round with a difference
+	// is searched word by word below.
+	g := uint64(gamma)
+	for ; i+32 <= len(p); i += 32 {
+		q := p[i : i+32]
+		z1, z2, z3, z4 := z+g, z+2*g, z+3*g, z+4*g
+		diff := (binary.LittleEndian.Uint64(q[0:]) ^ mix(z1)) |
+			(binary.LittleEndian.Uint64(q[8:]) ^ mix(z2)) |
+			(binary.LittleEndian.Uint64(q[16:]) ^ mix(z3)) |
+			(binary.LittleEndian.Uint64(q[24:]) ^ mix(z4))
+		if diff != 0 {
+			break
+		}
+		z = z4
+	}
+	for ; i+8 <= len(p); i += 8 {
+		z += gamma
+		if binary.LittleEndian.Uint64(p[i:]) != mix(z) {
+			binary.LittleEndian.PutUint64(w[:], mix(z))
+			return i + firstDiff(p[i:i+8], w[:])
+		}
+	}
+	if i < len(p) {
+		z += gamma
+		binary.LittleEndian.PutUint64(w[:], mix(z))
+		if j := firstDiff(p[i:], w[:]); j >= 0 {
+			return i + j
+		}
+	}
+	return -1
+}
+
+// firstDiff returns the first index where a differs from b (b may be
+// longer), or -1.
+func firstDiff(a, b []byte) int {
+	for i := range a {
+		if a[i] != b[i] {
+			return i
+		}
+	}
+	return -1
+}
+
+// firstNonZero returns the index of the first non-zero byte of p, or -1.
+func firstNonZero(p []byte) int {
+	i := 0
+	for ; i+8 <= len(p); i += 8 {
+		if binary.LittleEndian.Uint64(p[i:]) != 0 {
+			break
+		}
+	}
+	for ; i < len(p); i++ {
+		if p[i] != 0 {
+			return i
+		}
+	}
+	return -1
+}

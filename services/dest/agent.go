@@ -1,0 +1,206 @@
+package dest
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"log/slog"
+	"slices"
+	"sync"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+
+	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/pkg/flow"
+	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/wire"
+)
+
+// Config configures the destination agent.
+type Config struct {
+	// Registry opens and owns the devices.
+	Registry *vfio.Registry
+	// Pool holds chunk buffers (the same pool the server's codec receives
+	// into).
+	Pool *wire.Pool
+	// Logger gets one line per phase change.
+	Logger *slog.Logger
+	// MaxChunks is the default and largest per-device window in chunks
+	// (--max-buffers).
+	MaxChunks uint32
+	// MaxBytes is the default and largest per-device window in bytes
+	// (--max-buffer-bytes). It bounds the memory a device stream holds.
+	MaxBytes uint64
+	// MemoryBudget bounds the sum of the windows of every incoming
+	// migration on the node (--memory-budget).
+	MemoryBudget uint64
+	// TokenTTL is how long a prepared migration waits for the source's
+	// Open.
+	TokenTTL time.Duration
+}
+
+// Defaults for Config's zero fields.
+const (
+	DefaultMaxChunks    = 64
+	DefaultMaxBytes     = 64 << 20
+	DefaultMemoryBudget = 2 << 30
+	DefaultTokenTTL     = 10 * time.Minute
+)
+
+func (c *Config) setDefaults() error {
+	if c.Registry == nil {
+		return errors.New("dest: a device registry is required")
+	}
+	if c.Pool == nil {
+		c.Pool = wire.NewPool()
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	if c.MaxChunks == 0 {
+		c.MaxChunks = DefaultMaxChunks
+	}
+	if c.MaxBytes == 0 {
+		c.MaxBytes = DefaultMaxBytes
+	}
+	if c.MemoryBudget == 0 {
+		c.MemoryBudget = DefaultMemoryBudget
+	}
+	if c.TokenTTL == 0 {
+		c.TokenTTL = DefaultTokenTTL
+	}
+	if err := (flow.Limits{MaxChunks: c.MaxChunks, MaxBytes: c.MaxBytes}).Validate(wire.MinChunkSize); err != nil {
+		return err
+	}
+	if c.MemoryBudget < c.MaxBytes {
+		return errors.New("dest: the memory budget must hold at least one device window")
+	}
+	return nil
+}
+
+// Agent is the destination agent.
+type Agent struct {
+	cfg Config
+
+	mu         sync.Mutex
+	incoming   map[string]*incoming // by migration id
+	sessions   map[string]*incoming // by session id
+	budgetUsed uint64
+	peakBudget uint64
+
+	// wg owns every goroutine the agent starts: loaders, channel receivers
+	// and clean-ups.
+	wg     sync.WaitGroup
+	ctx    context.Context
+	cancel context.CancelFunc
+}
+
+// New returns an agent.
+func New(cfg Config) (*Agent, error) {
+	if err := cfg.setDefaults(); err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	return &Agent{
+		cfg:      cfg,
+		incoming: make(map[string]*incoming),
+		sessions: make(map[string]*incoming),
+		ctx:      ctx,
+		cancel:   cancel,
+	}, nil
+}
+
+// Register registers the DestAgent and Transfer services.
+func (a *Agent) Register(s *grpc.Server) {
+	ferryv1.RegisterDestAgentServer(s, &controlServer{a: a})
+	ferryv1.RegisterTransferServer(s, &transferServer{a: a})
+}
+
+// Close fails every migration still running (resetting its devices) and
+// waits for the agent's goroutines.
+func (a *Agent) Close() {
+	a.mu.Lock()
+	all := make([]*incoming, 0, len(a.incoming))
+	for _, inc := range a.incoming {
+		all = append(all, inc)
+	}
+	a.mu.Unlock()
+	for _, inc := range all {
+		inc.terminate(wire.Errorf(codes.Unavailable, wire.ReasonAborted, "destination agent shutting down"), ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED)
+	}
+	a.cancel()
+	a.wg.Wait()
+}
+
+// BudgetInUse reports the bytes of memory budget reserved now.
+func (a *Agent) BudgetInUse() uint64 {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.budgetUsed
+}
+
+// reserve takes n bytes of budget.
+func (a *Agent) reserve(n uint64) bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.budgetUsed+n > a.cfg.MemoryBudget || a.budgetUsed+n < a.budgetUsed {
+		return false
+	}
+	a.budgetUsed += n
+	a.peakBudget = max(a.peakBudget, a.budgetUsed)
+	return true
+}
+
+func (a *Agent) unreserve(n uint64) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.budgetUsed -= n
+}
+
+func (a *Agent) lookup(id string) (*incoming, error) {
+	if err := wire.ValidateID(id); err != nil {
+		return nil, err
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	inc, ok := a.incoming[id]
+	if !ok {
+		return nil, wire.Errorf(codes.NotFound, wire.ReasonMigrationNotFound, "no incoming migration %q", id)
+	}
+	return inc, nil
+}
+
+func (a *Agent) session(id string) (*incoming, error) {
+	if id == "" || len(id) > wire.MaxTokenLength {
+		return nil, wire.Errorf(codes.InvalidArgument, wire.ReasonSessionNotFound, "session id must be 1 to %d characters", wire.MaxTokenLength)
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	inc, ok := a.sessions[id]
+	if !ok {
+		return nil, wire.Errorf(codes.NotFound, wire.ReasonSessionNotFound, "no session %q", id)
+	}
+	return inc, nil
+}
+
+// list returns the incoming migrations, newest first.
+func (a *Agent) list() []*incoming {
+	a.mu.Lock()
+	all := make([]*incoming, 0, len(a.incoming))
+	for _, inc := range a.incoming {
+		all = append(all, inc)
+	}
+	a.mu.Unlock()
+	slices.SortFunc(all, func(x, y *incoming) int { return y.createTime.Compare(x.createTime) })
+	return all
+}
+
+// randomID returns 128 random bits in hex.
+func randomID() string {
+	var b [16]byte
+	rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}

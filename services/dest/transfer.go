@@ -1,0 +1,392 @@
+package dest
+
+import (
+	"context"
+	"crypto/subtle"
+	"errors"
+	"io"
+	"slices"
+	"strconv"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+
+	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/pkg/flow"
+	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/wire"
+)
+
+// Metadata headers of a Channel stream.
+const (
+	HeaderSession = "ferry-session-id"
+	HeaderChannel = "ferry-channel"
+)
+
+// transferServer is the Transfer service.
+type transferServer struct {
+	ferryv1.UnimplementedTransferServer
+	a *Agent
+}
+
+func (s *transferServer) Open(ctx context.Context, req *ferryv1.OpenRequest) (*ferryv1.OpenResponse, error) {
+	a := s.a
+	inc, err := a.lookup(req.GetMigrationId())
+	if err != nil {
+		return nil, err
+	}
+	if len(req.GetToken()) > wire.MaxTokenLength || subtle.ConstantTimeCompare([]byte(req.GetToken()), []byte(inc.token)) != 1 {
+		return nil, wire.Errorf(codes.PermissionDenied, wire.ReasonBadToken, "wrong token for incoming migration %s", inc.id)
+	}
+	if time.Now().After(inc.tokenTTL) {
+		return nil, wire.Errorf(codes.PermissionDenied, wire.ReasonBadToken, "the token of incoming migration %s expired", inc.id)
+	}
+	chunkSize, err := wire.ChunkSize(req.GetChunkSize())
+	if err != nil {
+		return nil, err
+	}
+	if err := inc.limits.Validate(chunkSize); err != nil {
+		return nil, wire.Errorf(codes.InvalidArgument, wire.ReasonInvalidArgument, "chunk_size %d does not fit the window: %v", chunkSize, err)
+	}
+	channels, err := wire.Channels(req.GetChannels())
+	if err != nil {
+		return nil, err
+	}
+	if req.GetMode() == ferryv1.MigrationMode_MIGRATION_MODE_PRECOPY {
+		return nil, wire.Errorf(codes.Unimplemented, wire.ReasonNotImplemented, "pre-copy migrations are not served yet")
+	}
+	if len(req.GetDevices()) != len(inc.devs) {
+		return nil, wire.Errorf(codes.InvalidArgument, wire.ReasonSpecMismatch, "the session names %d devices, %d were prepared", len(req.GetDevices()), len(inc.devs))
+	}
+	for i, raw := range req.GetDevices() {
+		spec, err := wire.CanonicalSpec(raw)
+		if err != nil {
+			return nil, err
+		}
+		if spec != inc.devs[i].spec {
+			return nil, wire.Errorf(codes.InvalidArgument, wire.ReasonSpecMismatch, "device %d is %s, %s was prepared", i, spec, inc.devs[i].spec)
+		}
+	}
+	if len(req.GetSourceDevices()) > wire.MaxDevices {
+		return nil, wire.Errorf(codes.InvalidArgument, wire.ReasonInvalidArgument, "too many source devices")
+	}
+	for _, s := range req.GetSourceDevices() {
+		if err := wire.ValidateSpecLength(s); err != nil {
+			return nil, err
+		}
+	}
+	digests := make([]*wire.Digest, len(inc.devs))
+	for i := range digests {
+		if digests[i], err = wire.NewDigest(req.GetDigest()); err != nil {
+			return nil, wire.Errorf(codes.InvalidArgument, wire.ReasonInvalidArgument, "%v", err)
+		}
+	}
+
+	inc.mu.Lock()
+	if inc.sessionID != "" || final(inc.phase) {
+		inc.mu.Unlock()
+		return nil, wire.Errorf(codes.FailedPrecondition, wire.ReasonSessionState, "incoming migration %s was already opened (the token is single-use)", inc.id)
+	}
+	inc.sessionID = randomID()
+	inc.chunkSize, inc.channels, inc.digestAlg = chunkSize, channels, req.GetDigest()
+	inc.sourceDevices = slices.Clone(req.GetSourceDevices())
+	for i, d := range inc.devs {
+		d.mu.Lock()
+		d.reasm = flow.NewReassembly[payload](inc.limits, chunkSize)
+		d.mu.Unlock()
+		d.digest = digests[i]
+	}
+	sessionID := inc.sessionID
+	inc.mu.Unlock()
+	if inc.expiry != nil {
+		inc.expiry.Stop()
+	}
+
+	a.mu.Lock()
+	a.sessions[sessionID] = inc
+	a.mu.Unlock()
+	for _, d := range inc.devs {
+		inc.loaders.Add(1)
+		a.wg.Go(func() { inc.load(d) })
+	}
+	inc.log.Info("session opened", "channels", channels, "chunk_size", chunkSize)
+
+	resp := &ferryv1.OpenResponse{SessionId: sessionID, Windows: make([]*ferryv1.WindowUpdate, len(inc.devs))}
+	for i := range resp.Windows {
+		resp.Windows[i] = new(ferryv1.WindowUpdate)
+	}
+	inc.fillWindows(resp.Windows)
+	return resp, nil
+}
+
+// Channel receives chunks on one channel and sends window updates back.
+func (s *transferServer) Channel(stream grpc.BidiStreamingServer[ferryv1.ChannelRequest, ferryv1.ChannelResponse]) error {
+	a := s.a
+	md, _ := metadata.FromIncomingContext(stream.Context())
+	inc, err := a.session(first(md.Get(HeaderSession)))
+	if err != nil {
+		return err
+	}
+	index, err := strconv.Atoi(first(md.Get(HeaderChannel)))
+	inc.mu.Lock()
+	channels := int(inc.channels)
+	inc.mu.Unlock()
+	if err != nil || index < 0 || index >= channels {
+		return wire.Errorf(codes.InvalidArgument, wire.ReasonInvalidArgument, "header %s must be a channel index below %d", HeaderChannel, channels)
+	}
+	wake := make(chan struct{}, 1)
+	inc.fbMu.Lock()
+	if _, dup := inc.fb[index]; dup {
+		inc.fbMu.Unlock()
+		return wire.Errorf(codes.AlreadyExists, wire.ReasonSessionState, "channel %d of session is already connected", index)
+	}
+	inc.fb[index] = wake
+	inc.fbMu.Unlock()
+	defer func() {
+		inc.fbMu.Lock()
+		delete(inc.fb, index)
+		inc.fbMu.Unlock()
+	}()
+	wake <- struct{}{} // the first window update says the channel is up
+
+	// The receiver runs on its own goroutine, owned by the agent: a
+	// blocked RecvMsg only returns once this handler has returned.
+	recvErr := make(chan error, 1)
+	a.wg.Go(func() { recvErr <- inc.receive(stream) })
+
+	resp := &ferryv1.ChannelResponse{Windows: make([]*ferryv1.WindowUpdate, len(inc.devs))}
+	for i := range resp.Windows {
+		resp.Windows[i] = new(ferryv1.WindowUpdate)
+	}
+	for {
+		select {
+		case err := <-recvErr:
+			return err
+		case <-inc.ctx.Done():
+			return inc.finalStatus()
+		case <-stream.Context().Done():
+			return stream.Context().Err()
+		case <-wake:
+			inc.fillWindows(resp.Windows)
+			if err := stream.Send(resp); err != nil {
+				return err
+			}
+		}
+	}
+}
+
+func first(v []string) string {
+	if len(v) == 0 {
+		return ""
+	}
+	return v[0]
+}
+
+// finalStatus is what a channel answers once the migration has ended.
+func (inc *incoming) finalStatus() error {
+	inc.mu.Lock()
+	defer inc.mu.Unlock()
+	if inc.err == nil {
+		return nil
+	}
+	return wire.Errorf(codes.Code(inc.err.Code), inc.err.Reason, "%s", inc.err.Message)
+}
+
+// receive reads chunks until the source closes its side or a chunk breaks
+// the protocol, which fails the whole migration.
+func (inc *incoming) receive(stream grpc.BidiStreamingServer[ferryv1.ChannelRequest, ferryv1.ChannelResponse]) error {
+	var in wire.InChunk
+	for {
+		err := stream.RecvMsg(&in)
+		if errors.Is(err, io.EOF) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		if err := inc.accept(&in); err != nil {
+			inc.terminate(err, ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED)
+			return err
+		}
+	}
+}
+
+// accept validates one chunk and hands it to its device's reassembly. It
+// owns in.Buf: kept, or returned to the pool.
+func (inc *incoming) accept(in *wire.InChunk) (err error) {
+	pool := inc.a.cfg.Pool
+	kept := false
+	defer func() {
+		if !kept && in.Buf != nil {
+			pool.Put(in.Buf)
+		}
+		in.Buf, in.Data = nil, nil
+	}()
+	m := &in.Msg
+	if int(m.GetDevice()) >= len(inc.devs) {
+		return wire.Errorf(codes.InvalidArgument, wire.ReasonBadChunk, "chunk for device %d: the session has %d devices", m.GetDevice(), len(inc.devs))
+	}
+	d := inc.devs[m.GetDevice()]
+	c := flow.Chunk[payload]{Seq: m.GetSeq(), Offset: m.GetOffset(), Len: uint32(len(in.Data))}
+	var end *endInfo
+	switch m.GetKind() {
+	case ferryv1.ChunkKind_CHUNK_KIND_DATA:
+		if len(in.Data) == 0 || len(in.Data) > int(inc.chunkSize) {
+			return wire.Errorf(codes.InvalidArgument, wire.ReasonBadChunk, "device %d chunk %d: %d bytes, a DATA chunk has 1 to %d", m.GetDevice(), m.GetSeq(), len(in.Data), inc.chunkSize)
+		}
+		if m.GetTotalBytes() != 0 || m.GetTotalChunks() != 0 || len(m.GetDigest()) != 0 {
+			return wire.Errorf(codes.InvalidArgument, wire.ReasonBadChunk, "device %d chunk %d: a DATA chunk carries no END fields", m.GetDevice(), m.GetSeq())
+		}
+		crc := wire.CRC32C(in.Data)
+		if crc != m.GetCrc32C() {
+			return wire.Errorf(codes.DataLoss, wire.ReasonChunkCRC, "device %d chunk %d at byte %d: CRC32C %08x, the source sent %08x", m.GetDevice(), m.GetSeq(), m.GetOffset(), crc, m.GetCrc32C())
+		}
+		c.Payload = payload{buf: in.Buf, crc: crc}
+	case ferryv1.ChunkKind_CHUNK_KIND_END:
+		if len(in.Data) != 0 || len(m.GetDigest()) == 0 || len(m.GetDigest()) > wire.MaxDigestLength {
+			return wire.Errorf(codes.InvalidArgument, wire.ReasonBadChunk, "device %d END: no data and a digest of 1 to %d bytes expected", m.GetDevice(), wire.MaxDigestLength)
+		}
+		if m.GetSeq() != m.GetTotalChunks() || m.GetOffset() != m.GetTotalBytes() {
+			return wire.Errorf(codes.InvalidArgument, wire.ReasonBadChunk, "device %d END: seq %d and offset %d must equal total_chunks %d and total_bytes %d", m.GetDevice(), m.GetSeq(), m.GetOffset(), m.GetTotalChunks(), m.GetTotalBytes())
+		}
+		c.End = true
+		end = &endInfo{totalBytes: m.GetTotalBytes(), totalChunks: m.GetTotalChunks(), digest: slices.Clone(m.GetDigest())}
+	default:
+		return wire.Errorf(codes.InvalidArgument, wire.ReasonBadChunk, "device %d chunk %d: kind %v", m.GetDevice(), m.GetSeq(), m.GetKind())
+	}
+
+	d.mu.Lock()
+	dup, err := d.reasm.Accept(c)
+	if err == nil && !dup && end != nil {
+		d.end = end
+	}
+	d.mu.Unlock()
+	if err != nil {
+		code, reason := codes.InvalidArgument, wire.ReasonBadChunk
+		switch {
+		case errors.Is(err, flow.ErrOutsideWindow):
+			code, reason = codes.OutOfRange, wire.ReasonOutsideWindow
+		case errors.Is(err, flow.ErrGap):
+			code, reason = codes.OutOfRange, wire.ReasonStreamGap
+		}
+		return wire.Errorf(code, reason, "device %d (%s): %v", m.GetDevice(), d.spec, err)
+	}
+	if dup {
+		d.duplicates.Add(1)
+		return nil
+	}
+	kept = c.Payload.buf != nil
+	inc.mu.Lock()
+	if inc.startTime.IsZero() {
+		inc.startTime = time.Now()
+	}
+	inc.mu.Unlock()
+	select {
+	case d.notify <- struct{}{}:
+	default:
+	}
+	return nil
+}
+
+func (s *transferServer) SwitchoverStart(ctx context.Context, req *ferryv1.SwitchoverStartRequest) (*ferryv1.SwitchoverStartResponse, error) {
+	inc, err := s.a.session(req.GetSessionId())
+	if err != nil {
+		return nil, err
+	}
+	if len(req.GetSentChunks()) > len(inc.devs) {
+		return nil, wire.Errorf(codes.InvalidArgument, wire.ReasonInvalidArgument, "sent_chunks names %d devices, the session has %d", len(req.GetSentChunks()), len(inc.devs))
+	}
+	inc.mu.Lock()
+	phase, channels := inc.phase, int(inc.channels)
+	inc.mu.Unlock()
+	switch {
+	case phase == ferryv1.MigrationPhase_MIGRATION_PHASE_STOPCOPY || phase == ferryv1.MigrationPhase_MIGRATION_PHASE_FINISHING:
+		return &ferryv1.SwitchoverStartResponse{}, nil
+	case final(phase):
+		return nil, inc.finalStatusOr(codes.FailedPrecondition)
+	}
+	inc.fbMu.Lock()
+	up := len(inc.fb)
+	inc.fbMu.Unlock()
+	if up < channels {
+		return nil, wire.Errorf(codes.Unavailable, wire.ReasonNotReady, "%d of %d channels are connected", up, channels)
+	}
+	for i, d := range inc.devs {
+		st, err := d.dev.State()
+		if err != nil || st != vfio.StateResuming {
+			return nil, wire.Errorf(codes.FailedPrecondition, wire.ReasonNotReady, "device %s is in %v, not RESUMING (%v)", d.spec, st, err)
+		}
+		if i < len(req.GetSentChunks()) {
+			d.mu.Lock()
+			seq, _ := d.reasm.Frontier()
+			d.mu.Unlock()
+			if seq < req.GetSentChunks()[i] {
+				return nil, wire.Errorf(codes.FailedPrecondition, wire.ReasonNotReady, "device %s: %d of %d chunks sent before switchover are written", d.spec, seq, req.GetSentChunks()[i])
+			}
+		}
+	}
+	inc.mu.Lock()
+	inc.switchoverTime = time.Now()
+	inc.mu.Unlock()
+	inc.setPhase(ferryv1.MigrationPhase_MIGRATION_PHASE_STOPCOPY)
+	return &ferryv1.SwitchoverStartResponse{}, nil
+}
+
+// finalStatusOr is the migration's failure, or a status with code when it
+// succeeded.
+func (inc *incoming) finalStatusOr(code codes.Code) error {
+	if err := inc.finalStatus(); err != nil {
+		return err
+	}
+	return wire.Errorf(code, wire.ReasonSessionState, "incoming migration %s has already ended", inc.id)
+}
+
+func (s *transferServer) Finish(ctx context.Context, req *ferryv1.FinishRequest) (*ferryv1.FinishResponse, error) {
+	inc, err := s.a.session(req.GetSessionId())
+	if err != nil {
+		return nil, err
+	}
+	inc.setPhase(ferryv1.MigrationPhase_MIGRATION_PHASE_FINISHING)
+	select {
+	case <-inc.done:
+	case <-ctx.Done():
+		return nil, wire.Errorf(wire.Code(ctx.Err()), wire.ReasonSessionState, "waiting for the verdict: %v", ctx.Err())
+	}
+	if err := inc.finalStatus(); err != nil {
+		return nil, err
+	}
+	m, _, _ := inc.snapshot()
+	resp := &ferryv1.FinishResponse{Verified: true, PeakBufferedBytes: m.GetPeakBufferedBytes(), WindowBytes: m.GetWindowBytes()}
+	for i, p := range m.GetDevices() {
+		resp.Devices = append(resp.Devices, &ferryv1.DeviceVerdict{
+			Device: uint32(i), DeviceSpec: p.GetDevice(), Verified: p.GetVerified(), Bytes: p.GetBytes(),
+			Error: p.GetError(), PeakBufferedBytes: p.GetPeakBufferedBytes(),
+		})
+		resp.Verified = resp.Verified && p.GetVerified()
+	}
+	return resp, nil
+}
+
+func (s *transferServer) Abort(ctx context.Context, req *ferryv1.AbortRequest) (*ferryv1.AbortResponse, error) {
+	inc, err := s.a.session(req.GetSessionId())
+	if err != nil {
+		// A session that already ended and was cleaned up is aborted.
+		if wire.Code(err) == codes.NotFound {
+			return &ferryv1.AbortResponse{}, nil
+		}
+		return nil, err
+	}
+	reason := req.GetReason()
+	if len(reason) > 1024 {
+		reason = reason[:1024]
+	}
+	inc.terminate(wire.Errorf(codes.Aborted, wire.ReasonAborted, "aborted by the source: %s", reason), ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED)
+	select {
+	case <-inc.done:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	return &ferryv1.AbortResponse{}, nil
+}

@@ -1,0 +1,34 @@
+// Package source is the source agent, `ferry source`: it serves the
+// SourceAgent control-plane API and streams device state to a destination
+// agent's Transfer service.
+//
+// # A migration
+//
+// StartMigration validates the request and acquires the source devices
+// (so an unknown, refused or busy device is answered at once), then a
+// runner goroutine owned by the agent:
+//
+//  1. opens the session with Transfer.Open, presenting the destination's
+//     token, and learns each device's initial window;
+//  2. dials one connection per channel and opens a Channel stream on each;
+//     the destination's first window update on a channel says it is up;
+//  3. asks Transfer.SwitchoverStart, and only once it is accepted moves the
+//     devices to STOP_COPY (through RUNNING_P2P first, for every device,
+//     when they support P2P);
+//  4. runs one reader per device: it waits for window credit
+//     (flow.Gate) before each read, so a full window stops the reads and
+//     source memory stays bounded by the windows; reads a chunk straight
+//     into a pooled buffer; records its CRC32C in the stream digest; keeps
+//     it until acknowledged; and queues it for the channels. At the end of
+//     the device state (read returns 0) it queues END and moves the device
+//     to STOP;
+//  5. every channel's sender takes chunks from the one shared queue, so a
+//     slow channel never holds up the others, and every channel's receiver
+//     applies the window updates (acknowledgements) from the destination;
+//  6. calls Transfer.Finish for the verdict.
+//
+// Any failure or cancellation before a verified verdict rolls back: every
+// source device returns to RUNNING (by a reset if that arc fails, logged as
+// an error), and the destination is told to Abort, which resets its
+// devices. A failed migration never costs the VM its device.
+package source

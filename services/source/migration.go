@@ -1,0 +1,589 @@
+package source
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sync/errgroup"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/mem"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/durationpb"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/pkg/flow"
+	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/wire"
+)
+
+// Channel metadata headers, as the destination reads them.
+const (
+	headerSession = "ferry-session-id"
+	headerChannel = "ferry-channel"
+)
+
+// errCancelled is the cancel cause of a migration cancelled by the control
+// plane.
+var errCancelled = errors.New("cancelled by the control plane")
+
+// srcDevice is one source device and its outgoing stream.
+type srcDevice struct {
+	index   int
+	spec    string
+	peer    string
+	dev     vfio.Device
+	release func()
+	stream  vfio.DataStream
+	gate    *flow.Gate
+
+	read    atomic.Uint64
+	chunks  atomic.Uint64
+	retrans atomic.Uint64
+	total   atomic.Uint64 // estimate, then the final size
+	errMsg  atomic.Pointer[string]
+
+	// unacked holds the chunks sent but not yet written at the
+	// destination, in sequence order; each holds one reference to its
+	// payload. A broken channel's chunks can be sent again from here.
+	mu      sync.Mutex
+	unacked []*outChunk
+}
+
+// outChunk is a chunk on its way: its header and its payload.
+type outChunk struct {
+	hdr     ferryv1.ChannelRequest
+	payload mem.Buffer // nil for END
+}
+
+// ack drops the chunks below seq, releasing their buffers.
+func (d *srcDevice) ack(seq uint64) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	n := 0
+	for n < len(d.unacked) && d.unacked[n].hdr.Seq < seq {
+		if p := d.unacked[n].payload; p != nil {
+			p.Free()
+		}
+		d.unacked[n] = nil
+		n++
+	}
+	d.unacked = d.unacked[n:]
+}
+
+func (d *srcDevice) keep(c *outChunk) {
+	d.mu.Lock()
+	d.unacked = append(d.unacked, c)
+	d.mu.Unlock()
+}
+
+// migration is one outgoing migration.
+type migration struct {
+	a          *Agent
+	id         string
+	req        *ferryv1.StartMigrationRequest
+	channels   uint32
+	chunkSize  uint32
+	createTime time.Time
+	log        *slog.Logger
+	watch      wire.Broadcast
+	devs       []*srcDevice
+
+	ctx    context.Context
+	cancel context.CancelCauseFunc
+	done   chan struct{}
+
+	mu             sync.Mutex
+	phase          ferryv1.MigrationPhase
+	err            *ferryv1.MigrationError
+	startTime      time.Time
+	switchoverTime time.Time
+	endTime        time.Time
+	peakBuffered   uint64
+	windowBytes    uint64
+}
+
+func (a *Agent) newMigration(req *ferryv1.StartMigrationRequest) *migration {
+	channels, _ := wire.Channels(req.GetChannels())
+	chunkSize, _ := wire.ChunkSize(req.GetChunkSize())
+	ctx, cancel := context.WithCancelCause(a.ctx)
+	return &migration{
+		a:          a,
+		id:         req.GetMigrationId(),
+		req:        proto.CloneOf(req),
+		channels:   channels,
+		chunkSize:  chunkSize,
+		createTime: time.Now(),
+		log:        a.cfg.Logger.With("migration", req.GetMigrationId(), "role", "source"),
+		ctx:        ctx,
+		cancel:     cancel,
+		done:       make(chan struct{}),
+		phase:      ferryv1.MigrationPhase_MIGRATION_PHASE_PREPARING,
+	}
+}
+
+func (m *migration) cancelByUser() { m.cancel(errCancelled) }
+
+// acquire takes the source devices from the registry.
+func (m *migration) acquire() error {
+	for i, p := range m.req.GetDevices() {
+		spec, _ := wire.CanonicalSpec(p.GetSourceDevice())
+		peer, _ := wire.CanonicalSpec(p.GetDestDevice())
+		dev, release, err := m.a.cfg.Registry.Acquire(spec, m.id)
+		if err != nil {
+			m.releaseAll()
+			return wire.DeviceError(spec, "open", err)
+		}
+		d := &srcDevice{index: i, spec: spec, peer: peer, dev: dev, release: release}
+		m.devs = append(m.devs, d)
+		if dev.Flags()&vfio.FlagStopCopy == 0 {
+			m.releaseAll()
+			return wire.Errorf(codes.FailedPrecondition, wire.ReasonDeviceUnsupported, "device %s does not support STOP_COPY migration (flags %s)", spec, dev.Flags())
+		}
+		if st, err := dev.State(); err != nil || st != vfio.StateRunning {
+			m.releaseAll()
+			return wire.Errorf(codes.FailedPrecondition, wire.ReasonDeviceState, "device %s is in %v, not RUNNING (%v)", spec, st, err)
+		}
+		if n, err := dev.DataSize(); err == nil {
+			d.total.Store(n)
+		}
+	}
+	return nil
+}
+
+func (m *migration) releaseAll() {
+	for _, d := range m.devs {
+		d.release()
+	}
+}
+
+func (m *migration) setPhase(p ferryv1.MigrationPhase) {
+	m.mu.Lock()
+	changed := m.phase != p
+	m.phase = p
+	m.mu.Unlock()
+	if changed {
+		m.log.Info("phase", "phase", p.String())
+		m.watch.Notify()
+	}
+}
+
+// run drives the migration to its end and applies the rollback rule.
+func (m *migration) run() {
+	defer close(m.done)
+	err := m.execute()
+	phase := ferryv1.MigrationPhase_MIGRATION_PHASE_SUCCEEDED
+	if err != nil {
+		if errors.Is(context.Cause(m.ctx), errCancelled) {
+			phase = ferryv1.MigrationPhase_MIGRATION_PHASE_CANCELLED
+			err = wire.Errorf(codes.Canceled, wire.ReasonCancelled, "migration %s cancelled by the control plane", m.id)
+		} else if m.ctx.Err() != nil && wire.Code(err) == codes.Canceled {
+			err = wire.Errorf(codes.Unavailable, wire.ReasonAborted, "source agent shutting down")
+		}
+		phase = m.rollback(err, phase)
+	}
+	for _, d := range m.devs {
+		d.ack(^uint64(0))
+		d.release()
+	}
+	m.mu.Lock()
+	m.endTime = time.Now()
+	if err != nil {
+		m.err = &ferryv1.MigrationError{Code: int32(wire.Code(err)), Reason: wire.Reason(err), Message: wire.Message(err)}
+	}
+	m.mu.Unlock()
+	if err != nil {
+		m.log.Warn("migration ended", "phase", phase.String(), "error", wire.Message(err), "reason", wire.Reason(err))
+	} else {
+		m.log.Info("migration ended", "phase", phase.String())
+	}
+	m.setPhase(phase)
+	m.cancel(nil)
+}
+
+// rollback returns every source device to RUNNING, resetting it if that
+// arc fails. It returns the final phase.
+func (m *migration) rollback(cause error, phase ferryv1.MigrationPhase) ferryv1.MigrationPhase {
+	if phase == ferryv1.MigrationPhase_MIGRATION_PHASE_SUCCEEDED {
+		phase = ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED
+	}
+	for _, d := range m.devs {
+		if d.stream != nil {
+			d.stream.Close()
+			d.stream = nil
+		}
+		st, err := d.dev.State()
+		if err == nil && st == vfio.StateRunning {
+			continue
+		}
+		if _, err := d.dev.SetState(vfio.StateRunning); err != nil {
+			m.log.Error("device did not return to RUNNING; resetting it", "device", d.spec, "error", err)
+			if rerr := d.dev.Reset(); rerr != nil {
+				m.log.Error("DEVICE RESET FAILED: the device is in no usable state", "device", d.spec, "error", rerr)
+				msg := fmt.Sprintf("returning to RUNNING failed (%v) and the reset failed too (%v)", err, rerr)
+				d.errMsg.Store(&msg)
+				continue
+			}
+			msg := fmt.Sprintf("returned to RUNNING by a device reset after: %v", err)
+			d.errMsg.Store(&msg)
+		}
+	}
+	return phase
+}
+
+// execute is the migration proper; any error it returns is rolled back by
+// run.
+func (m *migration) execute() error {
+	ctx := m.ctx
+	a := m.a
+	m.setPhase(ferryv1.MigrationPhase_MIGRATION_PHASE_WAITING)
+	dialOpts := wire.DialOptions(a.cfg.PeerCreds, a.cfg.Pool)
+	ctrlConn, err := grpc.NewClient(m.req.GetDestAddress(), dialOpts...)
+	if err != nil {
+		return wire.Errorf(codes.InvalidArgument, wire.ReasonInvalidArgument, "dest_address %q: %v", m.req.GetDestAddress(), err)
+	}
+	defer ctrlConn.Close()
+	transfer := ferryv1.NewTransferClient(ctrlConn)
+
+	open := &ferryv1.OpenRequest{
+		MigrationId: m.id,
+		Token:       m.req.GetToken(),
+		ChunkSize:   m.chunkSize,
+		Channels:    m.channels,
+		Digest:      m.req.GetDigest(),
+		Mode:        m.req.GetMode(),
+	}
+	for _, d := range m.devs {
+		open.Devices = append(open.Devices, d.peer)
+		open.SourceDevices = append(open.SourceDevices, d.spec)
+	}
+	octx, ocancel := context.WithTimeout(ctx, rpcTimeout)
+	opened, err := transfer.Open(octx, open)
+	ocancel()
+	if err != nil {
+		return peerError("open the session", err)
+	}
+	if len(opened.GetWindows()) != len(m.devs) {
+		return wire.Errorf(codes.Internal, wire.ReasonInternal, "the destination sent %d windows for %d devices", len(opened.GetWindows()), len(m.devs))
+	}
+	session := opened.GetSessionId()
+	// From here on the destination holds a session: abort it on failure.
+	err = m.stream(ctx, transfer, session, opened, dialOpts)
+	if err != nil {
+		actx, acancel := context.WithTimeout(context.WithoutCancel(ctx), rpcTimeout)
+		if _, aerr := transfer.Abort(actx, &ferryv1.AbortRequest{SessionId: session, Reason: wire.Message(err)}); aerr != nil {
+			m.log.Warn("abort at the destination failed", "error", aerr)
+		}
+		acancel()
+	}
+	return err
+}
+
+// peerError wraps an error from the destination, keeping its code and
+// reason.
+func peerError(op string, err error) error {
+	code, reason := wire.Code(err), wire.Reason(err)
+	if reason == "" {
+		reason = wire.ReasonPeerUnavailable
+	}
+	return wire.Errorf(code, reason, "destination: %s: %s", op, wire.Message(err))
+}
+
+// stream runs the channels, the switchover, the readers and Finish.
+func (m *migration) stream(ctx context.Context, transfer ferryv1.TransferClient, session string, opened *ferryv1.OpenResponse, dialOpts []grpc.DialOption) error {
+	queueCap := 0
+	for i, d := range m.devs {
+		w := opened.GetWindows()[i]
+		d.gate = flow.NewGate(flow.Window{LimitSeq: w.GetLimitSeq(), LimitOffset: w.GetLimitOffset()})
+		queueCap += int(min(w.GetLimitSeq(), 1<<16)) + 1
+	}
+	// Every chunk in the queue is inside its device's window, so the queue
+	// never holds more than the windows do and a reader never blocks on it.
+	queue := make(chan *outChunk, queueCap)
+
+	chCtx, chCancel := context.WithCancel(ctx)
+	defer chCancel()
+	g, gctx := errgroup.WithContext(chCtx)
+	ready := make(chan struct{}, m.channels)
+	for i := range int(m.channels) {
+		conn, err := grpc.NewClient(m.req.GetDestAddress(), dialOpts...)
+		if err != nil {
+			return wire.Errorf(codes.InvalidArgument, wire.ReasonInvalidArgument, "dial channel %d: %v", i, err)
+		}
+		defer conn.Close()
+		sctx := metadata.AppendToOutgoingContext(gctx, headerSession, session, headerChannel, strconv.Itoa(i))
+		st, err := ferryv1.NewTransferClient(conn).Channel(sctx)
+		if err != nil {
+			chCancel()
+			g.Wait()
+			return peerError(fmt.Sprintf("open channel %d", i), err)
+		}
+		g.Go(func() error { return m.send(gctx, st, queue) })
+		g.Go(func() error { return m.receive(gctx, st, ready) })
+	}
+	fail := func(err error) error {
+		chCancel()
+		if gerr := g.Wait(); gerr != nil && wire.Code(gerr) != codes.Canceled {
+			return gerr
+		}
+		return err
+	}
+	for range int(m.channels) {
+		select {
+		case <-ready:
+		case <-gctx.Done():
+			return fail(gctx.Err())
+		}
+	}
+
+	// Switchover: the destination must accept before any device stops.
+	sctx, scancel := context.WithTimeout(gctx, rpcTimeout)
+	_, err := transfer.SwitchoverStart(sctx, &ferryv1.SwitchoverStartRequest{SessionId: session, SentChunks: make([]uint64, len(m.devs))})
+	scancel()
+	if err != nil {
+		return fail(peerError("switchover start", err))
+	}
+	m.mu.Lock()
+	m.switchoverTime = time.Now()
+	m.mu.Unlock()
+	if err := m.stopDevices(); err != nil {
+		return fail(err)
+	}
+	m.setPhase(ferryv1.MigrationPhase_MIGRATION_PHASE_STOPCOPY)
+
+	readers, rctx := errgroup.WithContext(gctx)
+	for _, d := range m.devs {
+		readers.Go(func() error { return m.readDevice(rctx, d, queue) })
+	}
+	if err := readers.Wait(); err != nil {
+		return fail(err)
+	}
+	m.setPhase(ferryv1.MigrationPhase_MIGRATION_PHASE_FINISHING)
+	verdict, err := transfer.Finish(gctx, &ferryv1.FinishRequest{SessionId: session})
+	if err != nil {
+		return fail(peerError("finish", err))
+	}
+	if !verdict.GetVerified() {
+		return fail(wire.Errorf(codes.DataLoss, wire.ReasonVerifyFailed, "the destination did not verify the state"))
+	}
+	m.mu.Lock()
+	m.peakBuffered, m.windowBytes = verdict.GetPeakBufferedBytes(), verdict.GetWindowBytes()
+	m.mu.Unlock()
+	chCancel()
+	g.Wait()
+	return nil
+}
+
+// stopDevices moves every device to STOP_COPY, all through RUNNING_P2P
+// first when every device supports P2P (no device stops while another
+// may still send it peer-to-peer DMA).
+func (m *migration) stopDevices() error {
+	allP2P := true
+	for _, d := range m.devs {
+		allP2P = allP2P && d.dev.Flags()&vfio.FlagP2P != 0
+	}
+	if allP2P {
+		for _, d := range m.devs {
+			if _, err := d.dev.SetState(vfio.StateRunningP2P); err != nil {
+				return wire.DeviceError(d.spec, "enter RUNNING_P2P", err)
+			}
+		}
+	}
+	for _, d := range m.devs {
+		s, err := d.dev.SetState(vfio.StateStopCopy)
+		if err != nil {
+			return wire.DeviceError(d.spec, "enter STOP_COPY", err)
+		}
+		if s == nil {
+			return wire.Errorf(codes.Internal, wire.ReasonDeviceState, "device %s: STOP_COPY opened no data stream", d.spec)
+		}
+		d.stream = s
+	}
+	return nil
+}
+
+// readDevice reads one device's state to its end, chunk by chunk, each
+// under window credit, and queues the chunks and END.
+func (m *migration) readDevice(ctx context.Context, d *srcDevice, queue chan<- *outChunk) error {
+	pool := m.a.cfg.Pool
+	digest, _ := wire.NewDigest(m.req.GetDigest())
+	size := int(m.chunkSize)
+	for {
+		seq, off, err := d.gate.Wait(ctx, uint64(size))
+		if err != nil {
+			return err
+		}
+		bp := pool.Get(size)
+		n, rerr := io.ReadFull(d.stream, *bp)
+		eof := errors.Is(rerr, io.EOF) || errors.Is(rerr, io.ErrUnexpectedEOF)
+		if rerr != nil && !eof {
+			pool.Put(bp)
+			return wire.DeviceError(d.spec, fmt.Sprintf("read the state at byte %d", off), rerr)
+		}
+		if n > 0 {
+			m.markStart()
+			*bp = (*bp)[:n]
+			crc := wire.CRC32C(*bp)
+			digest.Add(off, *bp, crc)
+			c := &outChunk{payload: mem.NewBuffer(bp, pool)}
+			c.hdr = ferryv1.ChannelRequest{Device: uint32(d.index), Seq: seq, Offset: off, Kind: ferryv1.ChunkKind_CHUNK_KIND_DATA, Crc32C: crc}
+			d.keep(c)
+			queue <- c
+			d.gate.Sent(uint64(n))
+			d.read.Add(uint64(n))
+			d.chunks.Add(1)
+			if !eof {
+				continue
+			}
+			if seq, off, err = d.gate.Wait(ctx, 0); err != nil {
+				return err
+			}
+		} else {
+			pool.Put(bp)
+		}
+		// The end of the device state: END takes the next sequence number.
+		end := &outChunk{}
+		end.hdr = ferryv1.ChannelRequest{Device: uint32(d.index), Seq: seq, Offset: off, Kind: ferryv1.ChunkKind_CHUNK_KIND_END,
+			TotalBytes: off, TotalChunks: seq, Digest: digest.Sum()}
+		d.keep(end)
+		queue <- end
+		d.gate.Sent(0)
+		d.total.Store(off)
+		// The whole state is read: leave STOP_COPY (the stream ends).
+		d.stream.Close()
+		d.stream = nil
+		if _, err := d.dev.SetState(vfio.StateStop); err != nil {
+			return wire.DeviceError(d.spec, "leave STOP_COPY", err)
+		}
+		return nil
+	}
+}
+
+func (m *migration) markStart() {
+	m.mu.Lock()
+	if m.startTime.IsZero() {
+		m.startTime = time.Now()
+	}
+	m.mu.Unlock()
+}
+
+// send is a channel's sender: it takes chunks from the shared queue.
+func (m *migration) send(ctx context.Context, st grpc.BidiStreamingClient[ferryv1.ChannelRequest, ferryv1.ChannelResponse], queue <-chan *outChunk) error {
+	out := &wire.OutChunk{}
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case c := <-queue:
+			out.Header, out.Payload = &c.hdr, c.payload
+			if err := st.SendMsg(out); err != nil {
+				// The stream has ended; its status arrives on Recv, and the
+				// channel's receiver reports it.
+				return nil
+			}
+		}
+	}
+}
+
+// receive is a channel's receiver: it applies window updates.
+func (m *migration) receive(ctx context.Context, st grpc.BidiStreamingClient[ferryv1.ChannelRequest, ferryv1.ChannelResponse], ready chan<- struct{}) error {
+	first := true
+	for {
+		resp, err := st.Recv()
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			if errors.Is(err, io.EOF) {
+				// The destination ends its channels once the session has
+				// ended; Finish reports how.
+				return nil
+			}
+			return peerError("channel", err)
+		}
+		for _, w := range resp.GetWindows() {
+			if int(w.GetDevice()) >= len(m.devs) {
+				return wire.Errorf(codes.Internal, wire.ReasonInternal, "the destination sent a window for device %d of %d", w.GetDevice(), len(m.devs))
+			}
+			d := m.devs[w.GetDevice()]
+			d.gate.Update(flow.Window{LimitSeq: w.GetLimitSeq(), LimitOffset: w.GetLimitOffset()})
+			d.ack(w.GetAckedSeq())
+		}
+		if first {
+			first = false
+			ready <- struct{}{}
+		}
+	}
+}
+
+// snapshot renders the migration for the API.
+func (m *migration) snapshot() (*ferryv1.Migration, bool, uint64) {
+	m.mu.Lock()
+	s := &ferryv1.Migration{
+		Id:                m.id,
+		Phase:             m.phase,
+		Error:             proto.CloneOf(m.err),
+		Channels:          m.channels,
+		ChunkSize:         m.chunkSize,
+		CreateTime:        timestamppb.New(m.createTime),
+		PeakBufferedBytes: m.peakBuffered,
+		WindowBytes:       m.windowBytes,
+	}
+	start, sw, end := m.startTime, m.switchoverTime, m.endTime
+	m.mu.Unlock()
+	if !start.IsZero() {
+		s.StartTime = timestamppb.New(start)
+	}
+	if !end.IsZero() {
+		s.EndTime = timestamppb.New(end)
+	}
+	var total uint64
+	for _, d := range m.devs {
+		p := &ferryv1.DeviceProgress{
+			Device:              d.spec,
+			PeerDevice:          d.peer,
+			Bytes:               d.read.Load(),
+			Chunks:              d.chunks.Load(),
+			TotalBytes:          d.total.Load(),
+			RetransmittedChunks: d.retrans.Load(),
+			Verified:            s.Phase == ferryv1.MigrationPhase_MIGRATION_PHASE_SUCCEEDED,
+		}
+		if st, err := d.dev.State(); err == nil {
+			p.State = wire.DeviceStateToProto(st)
+		}
+		if d.gate != nil {
+			n, dur := d.gate.Stalls()
+			p.WindowStalls, p.WindowStallTime = n, durationpb.New(dur)
+		}
+		if e := d.errMsg.Load(); e != nil {
+			p.Error = *e
+		}
+		total += p.Bytes
+		s.RetransmittedChunks += p.RetransmittedChunks
+		s.Devices = append(s.Devices, p)
+	}
+	s.Bytes = total
+	if !start.IsZero() && !end.IsZero() && end.After(start) && s.Phase == ferryv1.MigrationPhase_MIGRATION_PHASE_SUCCEEDED {
+		s.ThroughputBytesPerSecond = float64(total) / end.Sub(start).Seconds()
+	}
+	if !sw.IsZero() && !end.IsZero() {
+		s.Downtime = durationpb.New(end.Sub(sw))
+	}
+	fin := final(s.Phase)
+	return s, fin, total
+}
+
+func final(p ferryv1.MigrationPhase) bool {
+	return p == ferryv1.MigrationPhase_MIGRATION_PHASE_SUCCEEDED ||
+		p == ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED ||
+		p == ferryv1.MigrationPhase_MIGRATION_PHASE_CANCELLED
+}

@@ -1,0 +1,29 @@
+// Package wire is what both Ferry agents need on the gRPC side, kept in one
+// place so the source and the destination meet only through it: the chunk
+// codec, the chunk buffer pool, the stream digest, message limits and
+// validation, error translation with google.rpc.ErrorInfo, and the server
+// and dial options.
+//
+// # The chunk codec
+//
+// A ChannelRequest carries up to 16 MiB of device state. Marshalled as a
+// plain protobuf message, its bytes field is copied by the protobuf library
+// on both sides, which costs 4-5 times the CPU of the TCP transfer itself.
+// [Codec] instead writes the small header fields with protobuf and puts
+// the payload beside them as its own buffer, with the data field's tag and
+// length between: the bytes on the wire are an ordinary ChannelRequest
+// (data is field 15 and comes last), so grpcurl and any protobuf decoder
+// read them, but the payload is never copied on the way out. On the way in
+// the payload is copied once, into a buffer from the [Pool], which the
+// destination then writes into the device and returns to the pool.
+//
+// Senders use [OutChunk] with a reference-counted mem.Buffer payload that
+// gRPC frees once written, receivers [InChunk]; any other message goes
+// through the standard protobuf codec.
+//
+// # Errors
+//
+// [Errorf] builds a status with a code and a google.rpc.ErrorInfo reason;
+// [Reason] reads the reason back. Each agent translates its domain errors
+// once, at its gRPC edge.
+package wire

@@ -1,0 +1,95 @@
+package wire
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// ErrorDomain is the google.rpc.ErrorInfo domain of every Ferry error.
+const ErrorDomain = "ferry.v1"
+
+// Reasons carried in google.rpc.ErrorInfo. They are part of the API:
+// control planes switch on them.
+const (
+	ReasonInvalidArgument    = "INVALID_ARGUMENT"
+	ReasonMigrationNotFound  = "MIGRATION_NOT_FOUND"
+	ReasonSpecMismatch       = "MIGRATION_SPEC_MISMATCH"
+	ReasonDeviceNotFound     = "DEVICE_NOT_FOUND"
+	ReasonDeviceBusy         = "DEVICE_BUSY"
+	ReasonDeviceNotAllowed   = "DEVICE_NOT_ALLOWED"
+	ReasonDeviceUnsupported  = "DEVICE_MIGRATION_UNSUPPORTED"
+	ReasonDeviceState        = "DEVICE_STATE_ERROR"
+	ReasonBudgetExhausted    = "MEMORY_BUDGET_EXHAUSTED"
+	ReasonBadToken           = "BAD_TOKEN"
+	ReasonSessionNotFound    = "SESSION_NOT_FOUND"
+	ReasonSessionState       = "SESSION_STATE"
+	ReasonBadChunk           = "BAD_CHUNK"
+	ReasonChunkCRC           = "CHUNK_CRC_MISMATCH"
+	ReasonOutsideWindow      = "CHUNK_OUTSIDE_WINDOW"
+	ReasonStreamGap          = "STREAM_GAP"
+	ReasonDigestMismatch     = "STREAM_DIGEST_MISMATCH"
+	ReasonStreamLength       = "STREAM_LENGTH_MISMATCH"
+	ReasonVerifyFailed       = "DEVICE_VERIFY_FAILED"
+	ReasonNotReady           = "DESTINATION_NOT_READY"
+	ReasonAborted            = "MIGRATION_ABORTED"
+	ReasonCancelled          = "MIGRATION_CANCELLED"
+	ReasonPeerUnavailable    = "PEER_UNAVAILABLE"
+	ReasonNotImplemented     = "NOT_IMPLEMENTED"
+	ReasonInternal           = "INTERNAL"
+	ReasonSourceDeviceFailed = "SOURCE_DEVICE_FAILED"
+)
+
+// Errorf returns a gRPC status error with code and one ErrorInfo carrying
+// reason.
+func Errorf(code codes.Code, reason, format string, args ...any) error {
+	st := status.New(code, fmt.Sprintf(format, args...))
+	if d, err := st.WithDetails(&errdetails.ErrorInfo{Reason: reason, Domain: ErrorDomain}); err == nil {
+		st = d
+	}
+	return st.Err()
+}
+
+// Reason returns the ErrorInfo reason of a status error, or "".
+func Reason(err error) string {
+	st, ok := status.FromError(err)
+	if !ok {
+		return ""
+	}
+	for _, d := range st.Details() {
+		if info, ok := d.(*errdetails.ErrorInfo); ok {
+			return info.GetReason()
+		}
+	}
+	return ""
+}
+
+// Code returns the gRPC code of err: its status code, CANCELED or
+// DEADLINE_EXCEEDED for context errors, UNKNOWN otherwise.
+func Code(err error) codes.Code {
+	if err == nil {
+		return codes.OK
+	}
+	if st, ok := status.FromError(err); ok {
+		return st.Code()
+	}
+	switch {
+	case errors.Is(err, context.Canceled):
+		return codes.Canceled
+	case errors.Is(err, context.DeadlineExceeded):
+		return codes.DeadlineExceeded
+	}
+	return codes.Unknown
+}
+
+// Message returns the status message of err, or err.Error().
+func Message(err error) string {
+	if st, ok := status.FromError(err); ok {
+		return st.Message()
+	}
+	return err.Error()
+}
