@@ -51,6 +51,10 @@ fuzz: ## run every fuzz target for FUZZTIME each
 .PHONY: test
 test: lint check-generated unit fuzz ## everything CI runs: lint, generated-code check, tests, short fuzzing
 
+.PHONY: vm-test
+vm-test: ## boot Debian's 6.1 kernel under QEMU and migrate real VFIO (mdev) device state in it
+	bash test/vm/run.sh
+
 .PHONY: clean
 clean: ## remove build outputs
 	rm -rf bin

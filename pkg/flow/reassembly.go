@@ -291,3 +291,17 @@ func (r *Reassembly[T]) Drain(release func(T)) {
 	}
 	r.held, r.heldBytes = 0, 0
 }
+
+// Held returns the chunk held at seq, if one is. Accept cannot compare
+// payloads; a caller that can (by their checksums) uses Held to tell a
+// faithful resend from a conflicting one before calling Accept.
+func (r *Reassembly[T]) Held(seq uint64) (Chunk[T], bool) {
+	if seq < r.seq || seq-r.seq >= uint64(len(r.ring)) {
+		return Chunk[T]{}, false
+	}
+	s := r.ring[seq%uint64(len(r.ring))]
+	if !s.held || s.c.Seq != seq {
+		return Chunk[T]{}, false
+	}
+	return s.c, true
+}

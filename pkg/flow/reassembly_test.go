@@ -480,3 +480,18 @@ func TestDrainReleasesEveryHeldPayload(t *testing.T) {
 		t.Fatal("Next() found a chunk after Drain")
 	}
 }
+
+func TestHeld(t *testing.T) {
+	r := NewReassembly[int](Limits{MaxChunks: 4, MaxBytes: 40}, 10)
+	if _, err := r.Accept(Chunk[int]{Seq: 2, Offset: 20, Len: 10, Payload: 7}); err != nil {
+		t.Fatal(err)
+	}
+	if c, ok := r.Held(2); !ok || c.Payload != 7 {
+		t.Fatalf("Held(2) = %v, %v", c, ok)
+	}
+	for _, seq := range []uint64{0, 1, 3, 6, 1 << 62} {
+		if _, ok := r.Held(seq); ok {
+			t.Errorf("Held(%d) found a chunk", seq)
+		}
+	}
+}

@@ -81,8 +81,10 @@ func openKernelDevice(h hostPaths, s Spec) (*kernelDevice, error) {
 	}
 	d := &kernelDevice{spec: s.String()}
 	var cdevErr error
-	if r.cdevNode != "" && isCharDevice(h.dev+"/iommu") {
-		if cdevErr = d.openCdev(h, r); cdevErr != nil {
+	if r.cdevNode != "" {
+		if !isCharDevice(h.dev + "/iommu") {
+			cdevErr = fmt.Errorf("%s needs iommufd, and there is no %s/iommu: %w", r.cdevNode, h.dev, ErrNotSupported)
+		} else if cdevErr = d.openCdev(h, r); cdevErr != nil {
 			d.closeFDs()
 		}
 	}

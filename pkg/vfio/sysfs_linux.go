@@ -176,7 +176,7 @@ func isUUID(s string) bool {
 // open: PCI functions bound to a VFIO driver (vfio-pci or a vendor
 // variant) and mediated devices, each with a group node under /dev/vfio
 // or its own VFIO cdev. Sysfs does not tell whether a device supports
-// migration: opening it does (OpenDevice fails with ErrNotSupported when
+// migration: opening it does (Open fails with ErrNotSupported when
 // it does not, and Device.Flags tells which states it has). The list is
 // sorted, PCI functions first. A host without VFIO has none.
 func ListKernelDevices() ([]Spec, error) {

@@ -51,14 +51,47 @@ func DeviceInfoToProto(d vfio.DeviceInfo) *ferryv1.Device {
 	}
 }
 
-// ListDevices answers ListDevices from a registry.
+// ListDevices answers ListDevices: the devices the registry holds (the
+// simulated ones among them), then the host's VFIO devices found in sysfs
+// that it has not opened yet, each probed for its migration flags. A device
+// that cannot be opened now (a VMM holds its group) is listed without them.
 func ListDevices(r *vfio.Registry) *ferryv1.ListDevicesResponse {
 	infos := r.List()
 	out := &ferryv1.ListDevicesResponse{Devices: make([]*ferryv1.Device, 0, len(infos))}
+	known := make(map[string]bool, len(infos))
 	for _, d := range infos {
+		known[d.Spec] = true
 		out.Devices = append(out.Devices, DeviceInfoToProto(d))
 	}
+	host, err := vfio.ListKernelDevices()
+	if err != nil {
+		return out
+	}
+	for _, s := range host {
+		if known[s.String()] {
+			continue
+		}
+		out.Devices = append(out.Devices, probe(s))
+	}
 	return out
+}
+
+// probe opens a host device briefly to read its migration flags and state.
+func probe(s vfio.Spec) *ferryv1.Device {
+	d := &ferryv1.Device{Spec: s.String()}
+	dev, err := vfio.Open(s)
+	if err != nil {
+		return d
+	}
+	defer dev.Close()
+	d.MigrationFlags, d.MigrationFlagsText = uint64(dev.Flags()), dev.Flags().String()
+	if st, err := dev.State(); err == nil {
+		d.State = DeviceStateToProto(st)
+	}
+	if n, err := dev.DataSize(); err == nil {
+		d.EstimatedStateBytes = n
+	}
+	return d
 }
 
 // CanonicalSpec parses a device spec and returns its canonical form, or an

@@ -1,0 +1,185 @@
+package e2e
+
+import (
+	"net"
+	"testing"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/dest"
+	"github.com/vfio-ferry/ferry/services/source"
+	"github.com/vfio-ferry/ferry/services/wire"
+)
+
+// agents is a destination and a source agent serving on loopback TCP.
+type agents struct {
+	destAddr, sourceAddr string
+	dest                 ferryv1.DestAgentClient
+	transfer             ferryv1.TransferClient
+	source               ferryv1.SourceAgentClient
+	destAgent            *dest.Agent
+	destReg, sourceReg   *vfio.Registry
+}
+
+// startAgents starts both agents; cfg sets the destination's limits (its
+// Registry and Pool are filled in). Everything stops at the end of the
+// test.
+func startAgents(t *testing.T, cfg dest.Config) *agents {
+	t.Helper()
+	creds := insecure.NewCredentials()
+	a := &agents{
+		destReg:   vfio.NewRegistry(vfio.RegistryOptions{AllowSim: true}),
+		sourceReg: vfio.NewRegistry(vfio.RegistryOptions{AllowSim: true}),
+	}
+	dpool, spool := wire.NewPool(), wire.NewPool()
+	cfg.Registry, cfg.Pool = a.destReg, dpool
+	da, err := dest.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.destAgent = da
+	sa, err := source.New(source.Config{Registry: a.sourceReg, Pool: spool, PeerCreds: creds})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dsrv := wire.NewServer(wire.ServerConfig{Creds: creds, Pool: dpool})
+	da.Register(dsrv.GRPC)
+	dsrv.Ready()
+	ssrv := wire.NewServer(wire.ServerConfig{Creds: creds, Pool: spool})
+	sa.Register(ssrv.GRPC)
+	ssrv.Ready()
+	a.destAddr = serveOn(t, dsrv.GRPC)
+	a.sourceAddr = serveOn(t, ssrv.GRPC)
+	t.Cleanup(func() {
+		sa.Close()
+		da.Close()
+		ssrv.GRPC.Stop()
+		dsrv.GRPC.Stop()
+		a.sourceReg.Close()
+		a.destReg.Close()
+	})
+	dconn := dial(t, a.destAddr)
+	a.dest = ferryv1.NewDestAgentClient(dconn)
+	a.transfer = ferryv1.NewTransferClient(dconn)
+	a.source = ferryv1.NewSourceAgentClient(dial(t, a.sourceAddr))
+	return a
+}
+
+func serveOn(t *testing.T, s *grpc.Server) string {
+	t.Helper()
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		s.Serve(lis)
+	}()
+	t.Cleanup(func() {
+		s.Stop()
+		<-done
+	})
+	return lis.Addr().String()
+}
+
+func dial(t *testing.T, addr string) *grpc.ClientConn {
+	t.Helper()
+	conn, err := grpc.NewClient(addr, wire.DialOptions(insecure.NewCredentials(), wire.NewPool())...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return conn
+}
+
+// migration names the device pairs and options of one migration.
+type migration struct {
+	id        string
+	src, dst  []string
+	channels  uint32
+	chunkSize uint32
+	maxChunks uint32
+	maxBytes  uint64
+}
+
+// run prepares, starts and watches a migration to its end, returning the
+// source's and the destination's final views.
+func (a *agents) run(t *testing.T, m migration) (src, dst *ferryv1.Migration) {
+	t.Helper()
+	ctx := t.Context()
+	prep, err := a.dest.PrepareIncoming(ctx, &ferryv1.PrepareIncomingRequest{MigrationId: m.id, Devices: m.dst, MaxChunks: m.maxChunks, MaxBytes: m.maxBytes})
+	if err != nil {
+		t.Fatalf("PrepareIncoming: %v", err)
+	}
+	req := &ferryv1.StartMigrationRequest{MigrationId: m.id, DestAddress: a.destAddr, Token: prep.GetToken(), Channels: m.channels, ChunkSize: m.chunkSize}
+	for i := range m.src {
+		req.Devices = append(req.Devices, &ferryv1.DevicePair{SourceDevice: m.src[i], DestDevice: m.dst[i]})
+	}
+	if _, err := a.source.StartMigration(ctx, req); err != nil {
+		t.Fatalf("StartMigration: %v", err)
+	}
+	src = a.waitSource(t, m.id)
+	return src, a.waitDest(t, m.id)
+}
+
+// waitSource watches the migration on the source to its final phase.
+func (a *agents) waitSource(t *testing.T, id string) *ferryv1.Migration {
+	t.Helper()
+	stream, err := a.source.WatchMigration(t.Context(), &ferryv1.WatchMigrationRequest{MigrationId: id})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var last *ferryv1.Migration
+	for {
+		resp, err := stream.Recv()
+		if err != nil {
+			if last == nil || !final(last.GetPhase()) {
+				t.Fatalf("watch ended at %v: %v", last.GetPhase(), err)
+			}
+			return last
+		}
+		last = resp.GetMigration()
+	}
+}
+
+// waitDest watches the incoming migration to its final phase.
+func (a *agents) waitDest(t *testing.T, id string) *ferryv1.Migration {
+	t.Helper()
+	stream, err := a.dest.WatchIncoming(t.Context(), &ferryv1.WatchIncomingRequest{MigrationId: id})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var last *ferryv1.Migration
+	for {
+		resp, err := stream.Recv()
+		if err != nil {
+			if last == nil || !final(last.GetPhase()) {
+				t.Fatalf("watch ended at %v: %v", last.GetPhase(), err)
+			}
+			return last
+		}
+		last = resp.GetMigration()
+	}
+}
+
+func final(p ferryv1.MigrationPhase) bool {
+	return p == ferryv1.MigrationPhase_MIGRATION_PHASE_SUCCEEDED ||
+		p == ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED ||
+		p == ferryv1.MigrationPhase_MIGRATION_PHASE_CANCELLED
+}
+
+// deviceState reads a device's state from an agent's registry.
+func deviceState(t *testing.T, r *vfio.Registry, spec string) vfio.State {
+	t.Helper()
+	for _, d := range r.List() {
+		if d.Spec == spec {
+			return d.State
+		}
+	}
+	t.Fatalf("device %s not in the registry", spec)
+	return vfio.StateError
+}
