@@ -34,6 +34,7 @@ lint: ## buf lint and format, gofmt, go vet, and a non-Linux build
 	$(BUF) format -d --exit-code
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || (gofmt -l $$(git ls-files '*.go'); echo "gofmt needed"; exit 1)
 	$(GO) vet ./...
+	cd deploy && $(GO) vet ./...
 	GOOS=darwin $(GO) build ./...
 
 .PHONY: unit
@@ -49,7 +50,29 @@ fuzz: ## run every fuzz target for FUZZTIME each
 	done
 
 .PHONY: test
-test: lint check-generated unit fuzz ## everything CI runs: lint, generated-code check, tests, short fuzzing
+test: lint check-generated unit deploy-test fuzz ## everything CI runs: lint, generated-code check, tests, short fuzzing
+
+IMAGE     ?= ghcr.io/vfio-ferry/ferry
+IMAGE_TAG ?= 0.1.0
+
+.PHONY: image
+image: ## build the container image $(IMAGE):$(IMAGE_TAG) with docker, podman or buildah, whichever works here
+	@if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then b="docker build"; \
+	elif command -v podman >/dev/null 2>&1; then b="podman build"; \
+	elif command -v buildah >/dev/null 2>&1; then b="buildah bud"; \
+	else \
+		echo "make image: no container builder here (docker with a running engine, podman or buildah)." >&2; \
+		echo "  Install one (apt-get install podman), or build on a machine that has one:" >&2; \
+		echo "  docker build -f deploy/Dockerfile -t $(IMAGE):$(IMAGE_TAG) ." >&2; \
+		echo "  'make test' checks the image's binary without a builder (deploy/image_test.go)." >&2; \
+		exit 1; \
+	fi; \
+	echo "$$b -f deploy/Dockerfile -t $(IMAGE):$(IMAGE_TAG) ."; \
+	$$b -f deploy/Dockerfile -t $(IMAGE):$(IMAGE_TAG) .
+
+.PHONY: deploy-test
+deploy-test: ## render and check the Kubernetes manifests; build the image's binary and check it is static
+	cd deploy && $(GO) test -count=1 ./...
 
 .PHONY: vm-test
 vm-test: ## boot Debian's 6.1 kernel under QEMU and migrate real VFIO (mdev) device state in it

@@ -9,6 +9,10 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"os"
+	"os/signal"
+	"sync"
+	"syscall"
 	"time"
 
 	grpcprom "github.com/grpc-ecosystem/go-grpc-middleware/providers/prometheus"
@@ -17,128 +21,271 @@ import (
 	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
-	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/reflection"
 
 	"github.com/vfio-ferry/ferry/pkg/vfio"
 	"github.com/vfio-ferry/ferry/services/dest"
 	"github.com/vfio-ferry/ferry/services/source"
+	"github.com/vfio-ferry/ferry/services/telemetry"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
 
-// agentFlags are the flags both agents take.
+// agentFlags are the flags every agent command takes.
 type agentFlags struct {
 	listen        string
-	insecure      bool
+	sec           securityFlags // registered by each command (security.go)
 	allowSim      bool
 	metricsListen string
+	healthListen  string
+	drainTimeout  time.Duration
 	log           logFlags
 }
 
 func (f *agentFlags) register(fs *flag.FlagSet, defaultListen string) {
 	fs.StringVar(&f.listen, "listen", defaultListen, "gRPC listen address (host:port)")
-	fs.BoolVar(&f.insecure, "insecure", false, "serve and dial plaintext gRPC (no TLS): for loopback, tests and demos only")
 	fs.BoolVar(&f.allowSim, "allow-sim", false, "serve simulated devices (sim:size=...,seed=...)")
 	fs.StringVar(&f.metricsListen, "metrics-listen", "", "serve Prometheus metrics on this address at /metrics (off when empty)")
+	fs.StringVar(&f.healthListen, "health-listen", "", "serve plaintext grpc.health.v1 (and reflection), nothing else, on this address for Kubernetes gRPC probes (off when empty)")
+	fs.DurationVar(&f.drainTimeout, "drain-timeout", 30*time.Second, "on SIGTERM, how long running migrations may go on before they are aborted and rolled back (a second SIGTERM aborts them at once)")
 	f.log.register(fs)
 }
 
-// creds returns the transport credentials. TLS is not served yet, so the
-// agents refuse to start without an explicit --insecure.
-func (f *agentFlags) creds() (credentials.TransportCredentials, error) {
-	if !f.insecure {
-		return nil, errors.New("TLS is not configured: pass --insecure to serve plaintext gRPC (trusted networks only)")
+// metrics returns the metrics and their registry when --metrics-listen is
+// set, else nil and nil (no metrics are kept).
+func (f *agentFlags) metrics() (*telemetry.Metrics, *prometheus.Registry) {
+	if f.metricsListen == "" {
+		return nil, nil
 	}
-	return insecure.NewCredentials(), nil
+	reg := prometheus.NewRegistry()
+	return telemetry.New(reg), reg
+}
+
+// destFlags are the destination agent's limits.
+type destFlags struct {
+	maxBuffers     *uint
+	maxBufferBytes sizeFlag
+	budget         sizeFlag
+	sourceTimeout  *time.Duration
+}
+
+// sourceFlags are the source agent's fault deadlines.
+type sourceFlags struct {
+	reconnect *time.Duration
+	progress  *time.Duration
+}
+
+func (f *sourceFlags) register(fs *flag.FlagSet) {
+	f.reconnect = fs.Duration("reconnect-timeout", source.DefaultReconnectTimeout, "how long a lost channel or an unreachable destination is retried before the migration fails")
+	f.progress = fs.Duration("progress-timeout", source.DefaultProgressTimeout, "how long a channel with chunks in flight may hear nothing from the destination before it is re-dialled")
+}
+
+// apply sets the deadlines in cfg.
+func (f *sourceFlags) apply(cfg *source.Config) error {
+	if *f.reconnect <= 0 || *f.progress <= 0 {
+		return errors.New("--reconnect-timeout and --progress-timeout must be positive")
+	}
+	cfg.ReconnectTimeout, cfg.ProgressTimeout = *f.reconnect, *f.progress
+	return nil
+}
+
+func (f *destFlags) register(fs *flag.FlagSet) {
+	f.maxBuffers = fs.Uint("max-buffers", dest.DefaultMaxChunks, "per-device window: chunks the source may have in flight")
+	f.maxBufferBytes = sizeFlag(dest.DefaultMaxBytes)
+	fs.Var(&f.maxBufferBytes, "max-buffer-bytes", "per-device window: bytes the source may have in flight (bounds memory per device)")
+	f.budget = sizeFlag(dest.DefaultMemoryBudget)
+	fs.Var(&f.budget, "memory-budget", "memory for all incoming migrations' windows on this node; a prepare beyond it is refused")
+	f.sourceTimeout = fs.Duration("source-timeout", dest.DefaultSourceTimeout, "how long an opened session may have no channel connected before it fails and its devices are reset")
+}
+
+// config is the destination agent's Config, without its registry, pool,
+// logger and metrics.
+func (f *destFlags) config() (dest.Config, error) {
+	if *f.maxBuffers == 0 || *f.maxBuffers > 1<<20 {
+		return dest.Config{}, fmt.Errorf("--max-buffers must be 1 to %d", 1<<20)
+	}
+	if *f.sourceTimeout <= 0 {
+		return dest.Config{}, errors.New("--source-timeout must be positive")
+	}
+	return dest.Config{MaxChunks: uint32(*f.maxBuffers), MaxBytes: uint64(f.maxBufferBytes), MemoryBudget: uint64(f.budget), SourceTimeout: *f.sourceTimeout}, nil
+}
+
+// creds returns the transport credentials of the agent's listener and
+// those it dials peer agents with: mutual TLS, or plaintext with an
+// explicit --insecure; an agent refuses to start without either.
+func (f *agentFlags) creds() (server, peer credentials.TransportCredentials, err error) {
+	return f.sec.transport()
 }
 
 func runDest(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("dest", stderr, "--listen ADDR [--insecure] [--allow-sim] [--max-buffers N] [--max-buffer-bytes SIZE] [--memory-budget SIZE]")
+	fs := newFlagSet("dest", stderr, "--listen ADDR (--insecure | --tls-cert FILE --tls-key FILE --tls-ca FILE --allow-client ID... --allow-peer ID...) [--devices PATTERN...] [--allow-sim] [--max-buffers N] [--max-buffer-bytes SIZE] [--memory-budget SIZE] [--metrics-listen ADDR] [--health-listen ADDR] [--drain-timeout D]")
 	var af agentFlags
 	af.register(fs, "127.0.0.1:7100")
-	maxBuffers := fs.Uint("max-buffers", dest.DefaultMaxChunks, "per-device window: chunks the source may have in flight")
-	maxBufferBytes := sizeFlag(dest.DefaultMaxBytes)
-	fs.Var(&maxBufferBytes, "max-buffer-bytes", "per-device window: bytes the source may have in flight (bounds memory per device)")
-	budget := sizeFlag(dest.DefaultMemoryBudget)
-	fs.Var(&budget, "memory-budget", "memory for all incoming migrations' windows on this node; a prepare beyond it is refused")
+	af.sec.register(fs, true)
+	var df destFlags
+	df.register(fs)
 	if err := parse(fs, args); err != nil {
 		return err
 	}
-	if *maxBuffers == 0 || *maxBuffers > 1<<20 {
-		return &exitError{code: 2, err: fmt.Errorf("--max-buffers must be 1 to %d", 1<<20)}
+	cfg, err := df.config()
+	if err != nil {
+		return &exitError{code: 2, err: err}
 	}
 	log, err := af.log.logger(stderr)
 	if err != nil {
 		return &exitError{code: 2, err: err}
 	}
-	creds, err := af.creds()
+	creds, _, err := af.creds()
 	if err != nil {
 		return &exitError{code: 2, err: err}
 	}
-	reg := vfio.NewRegistry(vfio.RegistryOptions{AllowSim: af.allowSim})
+	reg := vfio.NewRegistry(af.sec.registry(af.allowSim))
 	defer reg.Close()
 	pool := wire.NewPool()
-	agent, err := dest.New(dest.Config{
-		Registry: reg, Pool: pool, Logger: log,
-		MaxChunks: uint32(*maxBuffers), MaxBytes: uint64(maxBufferBytes), MemoryBudget: uint64(budget),
-	})
+	metrics, promReg := af.metrics()
+	cfg.Registry, cfg.Pool, cfg.Logger, cfg.Metrics = reg, pool, log, metrics
+	agent, err := dest.New(cfg)
 	if err != nil {
 		return &exitError{code: 2, err: err}
 	}
 	defer agent.Close()
-	return serve(ctx, &af, creds, pool, log, "dest", agent.Register)
+	metrics.WatchBudget(promReg, agent.BudgetInUse, uint64(df.budget))
+	return serve(ctx, &af, creds, pool, log, "dest", metrics, promReg, agent)
 }
 
 func runSource(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("source", stderr, "--listen ADDR [--insecure] [--allow-sim]")
+	fs := newFlagSet("source", stderr, "--listen ADDR (--insecure | --tls-cert FILE --tls-key FILE --tls-ca FILE --allow-client ID...) [--devices PATTERN...] [--allow-sim] [--metrics-listen ADDR] [--health-listen ADDR] [--drain-timeout D]")
 	var af agentFlags
 	af.register(fs, "127.0.0.1:7200")
+	af.sec.register(fs, false)
+	var sf sourceFlags
+	sf.register(fs)
 	if err := parse(fs, args); err != nil {
 		return err
+	}
+	scfg := source.Config{}
+	if err := sf.apply(&scfg); err != nil {
+		return &exitError{code: 2, err: err}
 	}
 	log, err := af.log.logger(stderr)
 	if err != nil {
 		return &exitError{code: 2, err: err}
 	}
-	creds, err := af.creds()
+	creds, peerCreds, err := af.creds()
 	if err != nil {
 		return &exitError{code: 2, err: err}
 	}
-	reg := vfio.NewRegistry(vfio.RegistryOptions{AllowSim: af.allowSim})
+	reg := vfio.NewRegistry(af.sec.registry(af.allowSim))
 	defer reg.Close()
 	pool := wire.NewPool()
-	agent, err := source.New(source.Config{Registry: reg, Pool: pool, Logger: log, PeerCreds: creds})
+	metrics, promReg := af.metrics()
+	scfg.Registry, scfg.Pool, scfg.Logger, scfg.PeerCreds, scfg.Metrics = reg, pool, log, peerCreds, metrics
+	agent, err := source.New(scfg)
 	if err != nil {
 		return &exitError{code: 2, err: err}
 	}
 	defer agent.Close()
-	return serve(ctx, &af, creds, pool, log, "source", agent.Register)
+	return serve(ctx, &af, creds, pool, log, "source", metrics, promReg, agent)
 }
 
-// serve runs an agent's gRPC server (and metrics endpoint) until ctx ends,
-// then drains it.
-func serve(ctx context.Context, af *agentFlags, creds credentials.TransportCredentials, pool *wire.Pool, log *slog.Logger, role string, register func(*grpc.Server)) error {
-	lis, err := net.Listen("tcp", af.listen)
+// Health service names the Kubernetes probes ask for, beside "" and the
+// name of every gRPC service the agent serves.
+const (
+	// healthLiveness is SERVING while the process serves, draining or not:
+	// the liveness probe asks for it.
+	healthLiveness = "liveness"
+	// healthReadiness is SERVING while the agent takes new migrations and
+	// NOT_SERVING from the moment it drains, as are "" and every service
+	// name: the readiness probe asks for it.
+	healthReadiness = "readiness"
+)
+
+// servedAgent is one role's agent as serve runs it.
+type servedAgent interface {
+	// Register registers the agent's gRPC services.
+	Register(*grpc.Server)
+	// Refuse refuses new migrations with UNAVAILABLE from now on.
+	Refuse()
+	// Drain refuses new migrations and waits for the running ones until
+	// ctx ends.
+	Drain(context.Context) error
+	// Running reports the migrations not yet ended.
+	Running() int
+	// Close aborts what still runs, with the rollback rule, and waits.
+	Close()
+}
+
+// stopTimeout bounds the graceful stop of the servers once the agents
+// have drained: streams still open then are cut.
+const stopTimeout = 10 * time.Second
+
+// serve runs the agents' gRPC server, and the health and metrics
+// endpoints when their flags are set, until ctx ends (SIGTERM). Then it
+// drains: readiness goes NOT_SERVING at once, new migrations are refused
+// with UNAVAILABLE, running ones get --drain-timeout to end and are then
+// aborted with the rollback rule, and the servers stop. Agents are closed
+// in the order given.
+func serve(ctx context.Context, af *agentFlags, creds credentials.TransportCredentials, pool *wire.Pool, log *slog.Logger, role string, metrics *telemetry.Metrics, promReg *prometheus.Registry, agents ...servedAgent) error {
+	var serverMetrics *grpcprom.ServerMetrics
+	if metrics != nil {
+		serverMetrics = metrics.Server
+	}
+	srv := wire.NewServer(wire.ServerConfig{Creds: creds, Logger: log, Metrics: serverMetrics, Pool: pool,
+		Access: af.sec.access(), NoReflection: !af.sec.reflection})
+	for _, a := range agents {
+		a.Register(srv.GRPC)
+	}
+	srv.Ready()
+	srv.Health.SetServingStatus(healthLiveness, healthpb.HealthCheckResponse_SERVING)
+	srv.Health.SetServingStatus(healthReadiness, healthpb.HealthCheckResponse_SERVING)
+
+	var listeners []net.Listener
+	closeAll := func() {
+		for _, l := range listeners {
+			l.Close()
+		}
+	}
+	listen := func(addr string) (net.Listener, error) {
+		l, err := net.Listen("tcp", addr)
+		if err != nil {
+			closeAll()
+			return nil, err
+		}
+		listeners = append(listeners, l)
+		return l, nil
+	}
+	lis, err := listen(af.listen)
 	if err != nil {
 		return err
 	}
-	reg := prometheus.NewRegistry()
-	metrics := grpcprom.NewServerMetrics()
-	reg.MustRegister(metrics)
-	srv := wire.NewServer(wire.ServerConfig{Creds: creds, Logger: log, Metrics: metrics, Pool: pool})
-	register(srv.GRPC)
-	srv.Ready()
+	var hlis, mlis net.Listener
+	if af.healthListen != "" {
+		if hlis, err = listen(af.healthListen); err != nil {
+			return fmt.Errorf("--health-listen: %w", err)
+		}
+	}
+	if af.metricsListen != "" {
+		if mlis, err = listen(af.metricsListen); err != nil {
+			return fmt.Errorf("--metrics-listen: %w", err)
+		}
+	}
 
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return srv.GRPC.Serve(lis) })
+	// The probes' server: plaintext, grpc.health.v1 only (and reflection,
+	// for grpcurl), sharing the statuses of the agent's server.
+	var hsrv *grpc.Server
+	if hlis != nil {
+		hsrv = grpc.NewServer()
+		healthpb.RegisterHealthServer(hsrv, srv.Health)
+		reflection.Register(hsrv)
+		g.Go(func() error { return hsrv.Serve(hlis) })
+		log.Info("health listening", "address", hlis.Addr().String(), "liveness", healthLiveness, "readiness", healthReadiness)
+	}
 	var hs *http.Server
-	if af.metricsListen != "" {
-		mlis, err := net.Listen("tcp", af.metricsListen)
-		if err != nil {
-			srv.GRPC.Stop()
-			return err
-		}
+	if mlis != nil {
 		mux := http.NewServeMux()
-		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+		mux.Handle("/metrics", promhttp.HandlerFor(promReg, promhttp.HandlerOpts{}))
 		hs = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 		g.Go(func() error {
 			if err := hs.Serve(mlis); !errors.Is(err, http.ErrServerClosed) {
@@ -148,16 +295,21 @@ func serve(ctx context.Context, af *agentFlags, creds credentials.TransportCrede
 		})
 		log.Info("metrics listening", "address", mlis.Addr().String())
 	}
+	af.sec.logSummary(log, af.allowSim)
 	log.Info("agent listening", "role", role, "address", lis.Addr().String())
 	g.Go(func() error {
 		<-gctx.Done()
-		log.Info("shutting down", "role", role)
-		sctx, cancel := context.WithTimeout(context.WithoutCancel(gctx), 30*time.Second)
+		drain(log, srv, af.drainTimeout, agents)
+		sctx, cancel := context.WithTimeout(context.Background(), stopTimeout)
 		defer cancel()
 		srv.Stop(sctx)
+		if hsrv != nil {
+			hsrv.Stop()
+		}
 		if hs != nil {
 			hs.Shutdown(sctx)
 		}
+		log.Info("stopped", "role", role)
 		return nil
 	})
 	err = g.Wait()
@@ -165,4 +317,64 @@ func serve(ctx context.Context, af *agentFlags, creds credentials.TransportCrede
 		return nil
 	}
 	return err
+}
+
+// drain turns readiness off, refuses new migrations, waits up to timeout
+// (or until a second SIGTERM or interrupt) for the running ones, then
+// closes the agents, which aborts (rolls back) what still runs.
+func drain(log *slog.Logger, srv *wire.Server, timeout time.Duration, agents []servedAgent) {
+	dctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	// A second signal cuts the wait short. It is caught from here on,
+	// before readiness changes, so whoever sees NOT_SERVING can rely on it.
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, os.Interrupt, syscall.SIGTERM)
+	var watcher sync.WaitGroup
+	watcher.Go(func() {
+		select {
+		case <-sig:
+			cancel()
+		case <-dctx.Done():
+		}
+	})
+	defer func() {
+		signal.Stop(sig)
+		cancel()
+		watcher.Wait()
+	}()
+
+	// New migrations are refused before readiness says so: a client that
+	// sees NOT_SERVING finds them refused.
+	for _, a := range agents {
+		a.Refuse()
+	}
+	for name := range srv.GRPC.GetServiceInfo() {
+		srv.Health.SetServingStatus(name, healthpb.HealthCheckResponse_NOT_SERVING)
+	}
+	srv.Health.SetServingStatus("", healthpb.HealthCheckResponse_NOT_SERVING)
+	srv.Health.SetServingStatus(healthReadiness, healthpb.HealthCheckResponse_NOT_SERVING)
+	running := func() int {
+		n := 0
+		for _, a := range agents {
+			n += a.Running()
+		}
+		return n
+	}
+	log.Info("draining: not ready, new migrations refused", "running", running(), "drain_timeout", timeout.String())
+	var dg errgroup.Group
+	for _, a := range agents {
+		dg.Go(func() error { return a.Drain(dctx) })
+	}
+	if err := dg.Wait(); err != nil {
+		why := "drain timeout passed"
+		if errors.Is(err, context.Canceled) {
+			why = "second signal"
+		}
+		log.Warn(why+": aborting the running migrations with the rollback rule", "running", running())
+	} else {
+		log.Info("drained: no migration running")
+	}
+	for _, a := range agents {
+		a.Close()
+	}
 }

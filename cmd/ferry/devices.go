@@ -16,10 +16,11 @@ import (
 )
 
 func runDevices(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("devices", stderr, "--agent ADDR [--role source|dest] [--insecure] [--json]")
+	fs := newFlagSet("devices", stderr, "--agent ADDR [--role source|dest] (--insecure | --tls-cert FILE --tls-key FILE --tls-ca FILE) [--json]")
 	addr := fs.String("agent", "", "the agent's address (host:port)")
 	role := fs.String("role", "source", "which agent listens there: source or dest")
-	insecureFlag := fs.Bool("insecure", false, "plaintext gRPC (no TLS)")
+	var sec clientSecurityFlags
+	sec.register(fs)
 	asJSON := fs.Bool("json", false, "print JSON")
 	if err := parse(fs, args); err != nil {
 		return err
@@ -28,8 +29,7 @@ func runDevices(ctx context.Context, args []string, stdout, stderr io.Writer) er
 		fs.Usage()
 		return &exitError{code: 2, err: fmt.Errorf("--agent is required")}
 	}
-	af := agentFlags{insecure: *insecureFlag}
-	creds, err := af.creds()
+	creds, err := sec.creds()
 	if err != nil {
 		return &exitError{code: 2, err: err}
 	}

@@ -38,11 +38,13 @@ type command struct {
 
 func commands() []command {
 	return []command{
+		{"agent", "run the source and the destination agent in one process (what the DaemonSet runs)", runAgent},
 		{"dest", "run the destination agent", runDest},
 		{"source", "run the source agent", runSource},
 		{"migrate", "drive one migration between a source and a destination agent", runMigrate},
 		{"demo", "migrate simulated devices between two agents in this process", runDemo},
 		{"devices", "list the devices an agent serves", runDevices},
+		{"bench", "measure a migration against raw TCP on loopback, in the same run", runBench},
 	}
 }
 

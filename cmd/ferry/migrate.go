@@ -11,7 +11,7 @@ import (
 )
 
 func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("migrate", stderr, "--source ADDR --dest ADDR --src-device SPEC --dest-device SPEC [--src-device SPEC --dest-device SPEC ...] [--channels N] [--chunk-size SIZE] [--insecure] [--json]")
+	fs := newFlagSet("migrate", stderr, "--source ADDR --dest ADDR --src-device SPEC --dest-device SPEC [--src-device SPEC --dest-device SPEC ...] [--channels N] [--chunk-size SIZE] (--insecure | --tls-cert FILE --tls-key FILE --tls-ca FILE) [--json]")
 	sourceAddr := fs.String("source", "", "the source agent's address (host:port)")
 	destAddr := fs.String("dest", "", "the destination agent's address (host:port)")
 	transfer := fs.String("dest-transfer", "", "the destination's address as the source agent reaches it (default: --dest)")
@@ -22,7 +22,8 @@ func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	chunk := sizeFlag(wire.DefaultChunkSize)
 	fs.Var(&chunk, "chunk-size", "chunk size")
 	id := fs.String("id", "", "migration id (default: a random one)")
-	insecureFlag := fs.Bool("insecure", false, "plaintext gRPC (no TLS)")
+	var sec clientSecurityFlags
+	sec.register(fs)
 	asJSON := fs.Bool("json", false, "print the result as one JSON object")
 	if err := parse(fs, args); err != nil {
 		return err
@@ -39,8 +40,7 @@ func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	case chunk < wire.MinChunkSize || chunk > wire.MaxChunkSize:
 		return &exitError{code: 2, err: fmt.Errorf("--chunk-size must be 4KiB to 16MiB")}
 	}
-	af := agentFlags{insecure: *insecureFlag}
-	creds, err := af.creds()
+	creds, err := sec.creds()
 	if err != nil {
 		return &exitError{code: 2, err: err}
 	}

@@ -11,8 +11,9 @@ import (
 
 // Errors of the Registry. Compare with errors.Is.
 var (
-	// ErrNotAllowed: the registry does not open this kind of device (a
-	// sim: spec without RegistryOptions.AllowSim).
+	// ErrNotAllowed: the registry does not open this device (a sim: spec
+	// without RegistryOptions.AllowSim, a host device no pattern of
+	// RegistryOptions.Devices matches).
 	ErrNotAllowed = errors.New("not allowed")
 	// ErrBusy: another owner holds the device.
 	ErrBusy = errors.New("device busy")
@@ -42,6 +43,10 @@ type RegistryOptions struct {
 	// run with --allow-sim, so a production host never serves simulated
 	// state by mistake.
 	AllowSim bool
+	// Devices are the host devices the registry opens: glob patterns
+	// over canonical pci: and mdev: specs ("pci:0000:3b:*", "mdev:*", or
+	// "*" for all; see ValidateDevicePattern). None: no host device.
+	Devices []string
 }
 
 // DeviceInfo describes one device of a Registry, as read by List.
@@ -82,7 +87,8 @@ func NewRegistry(opts RegistryOptions) *Registry {
 // "sim:seed=7,size=1GiB" and "sim:size=1GiB,seed=7" are the same device.
 // The device stays open when released; the returned release func gives
 // it up and may be called any number of times. Errors wrap ErrBadSpec,
-// ErrNotAllowed (sim: without AllowSim), ErrBusy (held by another owner,
+// ErrNotAllowed (sim: without AllowSim, a host device outside
+// RegistryOptions.Devices), ErrBusy (held by another owner,
 // who is named) or the device's open error.
 func (r *Registry) Acquire(spec string, owner string) (Device, func(), error) {
 	s, err := ParseSpec(spec)
@@ -93,8 +99,8 @@ func (r *Registry) Acquire(spec string, owner string) (Device, func(), error) {
 	if owner == "" {
 		return nil, nil, fmt.Errorf("acquire %s: empty owner", name)
 	}
-	if s.Kind == SpecSim && !r.opts.AllowSim {
-		return nil, nil, fmt.Errorf("acquire %s: simulated devices are not enabled: %w", name, ErrNotAllowed)
+	if err := r.Allowed(s); err != nil {
+		return nil, nil, fmt.Errorf("acquire %w", err)
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()

@@ -28,7 +28,11 @@ func TestRegistryRefuses(t *testing.T) {
 		{"bad-spec", RegistryOptions{AllowSim: true}, "sim:size=1MiB,sped=1", "m1", ErrBadSpec},
 		{"empty-owner", RegistryOptions{AllowSim: true}, "sim:size=1MiB", "", nil},
 		// No such device on a test machine (and no VFIO off Linux).
-		{"kernel-open-fails", RegistryOptions{AllowSim: true}, "pci:ffff:ff:1f.7", "m1", nil},
+		{"kernel-open-fails", RegistryOptions{AllowSim: true, Devices: []string{"pci:*"}}, "pci:ffff:ff:1f.7", "m1", nil},
+		// Host devices only as the allowlist names them.
+		{"no-allowlist", RegistryOptions{AllowSim: true}, "pci:0000:3b:00.2", "m1", ErrNotAllowed},
+		{"outside-allowlist", RegistryOptions{Devices: []string{"pci:0000:3b:*", "mdev:*"}}, "pci:0000:3c:00.2", "m1", ErrNotAllowed},
+		{"sim-is-not-a-host-device", RegistryOptions{Devices: []string{"*"}}, "sim:size=1MiB", "m1", ErrNotAllowed},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

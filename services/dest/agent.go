@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"log/slog"
 	"slices"
 	"sync"
@@ -16,6 +17,7 @@ import (
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/flow"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/telemetry"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
 
@@ -40,14 +42,22 @@ type Config struct {
 	// TokenTTL is how long a prepared migration waits for the source's
 	// Open.
 	TokenTTL time.Duration
+	// SourceTimeout is how long an opened session may have no channel
+	// connected before it fails and its devices are reset: the source
+	// agent died or lost its network (0: DefaultSourceTimeout).
+	SourceTimeout time.Duration
+	// Metrics, when set, tracks every incoming migration (nil: no
+	// metrics).
+	Metrics *telemetry.Metrics
 }
 
 // Defaults for Config's zero fields.
 const (
-	DefaultMaxChunks    = 64
-	DefaultMaxBytes     = 64 << 20
-	DefaultMemoryBudget = 2 << 30
-	DefaultTokenTTL     = 10 * time.Minute
+	DefaultMaxChunks     = 64
+	DefaultMaxBytes      = 64 << 20
+	DefaultMemoryBudget  = 2 << 30
+	DefaultTokenTTL      = 10 * time.Minute
+	DefaultSourceTimeout = 60 * time.Second
 )
 
 func (c *Config) setDefaults() error {
@@ -72,8 +82,14 @@ func (c *Config) setDefaults() error {
 	if c.TokenTTL == 0 {
 		c.TokenTTL = DefaultTokenTTL
 	}
+	if c.SourceTimeout == 0 {
+		c.SourceTimeout = DefaultSourceTimeout
+	}
 	if err := (flow.Limits{MaxChunks: c.MaxChunks, MaxBytes: c.MaxBytes}).Validate(wire.MinChunkSize); err != nil {
 		return err
+	}
+	if c.MaxBytes > wire.MaxWindowBytes {
+		return fmt.Errorf("dest: a device window of %d bytes is more than a source admits (%d)", c.MaxBytes, uint64(wire.MaxWindowBytes))
 	}
 	if c.MemoryBudget < c.MaxBytes {
 		return errors.New("dest: the memory budget must hold at least one device window")
@@ -90,6 +106,7 @@ type Agent struct {
 	sessions   map[string]*incoming // by session id
 	budgetUsed uint64
 	peakBudget uint64
+	draining   bool // set by Drain: new migrations are refused
 
 	// wg owns every goroutine the agent starts: loaders, channel receivers
 	// and clean-ups.
@@ -203,4 +220,27 @@ func randomID() string {
 	var b [16]byte
 	rand.Read(b[:])
 	return hex.EncodeToString(b[:])
+}
+
+// maxHistory bounds the incoming migrations the agent remembers; the
+// oldest finished ones are forgotten first.
+const maxHistory = 1024
+
+// forgetOldLocked drops the oldest finished migrations (and their
+// sessions) beyond maxHistory. The caller holds a.mu.
+func (a *Agent) forgetOldLocked() {
+	if len(a.incoming) <= maxHistory {
+		return
+	}
+	var done []*incoming
+	for _, inc := range a.incoming {
+		if isClosed(inc.done) {
+			done = append(done, inc)
+		}
+	}
+	slices.SortFunc(done, func(x, y *incoming) int { return x.createTime.Compare(y.createTime) })
+	for _, inc := range done[:min(len(done), len(a.incoming)-maxHistory)] {
+		delete(a.incoming, inc.id)
+		delete(a.sessions, inc.sessionID)
+	}
 }

@@ -106,7 +106,11 @@ func (a *Agent) prepare(req *ferryv1.PrepareIncomingRequest) (*ferryv1.PrepareIn
 		}
 		return inc.prepareResponse(), nil
 	}
+	draining := a.draining
 	a.mu.Unlock()
+	if draining {
+		return nil, errDraining()
+	}
 
 	need := limits.MaxBytes * uint64(len(specs))
 	if !a.reserve(need) {
@@ -131,11 +135,20 @@ func (a *Agent) prepare(req *ferryv1.PrepareIncomingRequest) (*ferryv1.PrepareIn
 		}
 		return other.prepareResponse(), nil
 	}
+	if a.draining {
+		// Drain began while the devices were being opened.
+		a.mu.Unlock()
+		inc.terminate(errDraining(), ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED)
+		<-inc.done
+		return nil, errDraining()
+	}
+	inc.track = a.cfg.Metrics.TrackDest(inc.deviceCounters)
+	// The timer is set before the migration is visible, so Open and
+	// terminate see it (they read inc.expiry unlocked).
+	inc.expiry = time.AfterFunc(time.Until(inc.tokenTTL), func() { inc.expire(a.cfg.TokenTTL) })
 	a.incoming[inc.id] = inc
+	a.forgetOldLocked()
 	a.mu.Unlock()
-	inc.expiry = time.AfterFunc(a.cfg.TokenTTL, func() {
-		inc.terminate(wire.Errorf(codes.DeadlineExceeded, wire.ReasonBadToken, "the source did not open incoming migration %s within %s", inc.id, a.cfg.TokenTTL), ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED)
-	})
 	inc.setPhase(ferryv1.MigrationPhase_MIGRATION_PHASE_WAITING)
 	return inc.prepareResponse(), nil
 }
@@ -152,11 +165,11 @@ func (a *Agent) openDevices(req *ferryv1.PrepareIncomingRequest, specs []string,
 		limits:     limits,
 		reserved:   reserved,
 		createTime: time.Now(),
-		log:        a.cfg.Logger.With("migration", req.GetMigrationId(), "role", "dest"),
+		log:        a.cfg.Logger.With("migration", req.GetMigrationId(), "role", "dest", "devices", specs),
 		ctx:        ctx,
 		cancel:     cancel,
 		done:       make(chan struct{}),
-		fb:         make(map[int]chan struct{}),
+		fb:         make(map[int]*chanReg),
 		phase:      ferryv1.MigrationPhase_MIGRATION_PHASE_PREPARING,
 		pending:    len(specs),
 	}
@@ -196,7 +209,7 @@ func (a *Agent) openDevices(req *ferryv1.PrepareIncomingRequest, specs []string,
 		}
 		d.stream = stream
 	}
-	inc.log.Info("prepared", "devices", specs, "window_chunks", limits.MaxChunks, "window_bytes", limits.MaxBytes)
+	inc.log.Info("prepared", "window_chunks", limits.MaxChunks, "window_bytes", limits.MaxBytes)
 	return inc, nil
 }
 

@@ -18,14 +18,16 @@ import (
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/flow"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/telemetry"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
 
-// payload is what a reassembly slot holds: the pooled buffer and the CRC32C
-// already checked on arrival (the digest needs it again).
+// payload is what a reassembly slot holds: the chunk's bytes (references
+// to gRPC's receive buffers, see wire.InChunk) and the CRC32C already
+// checked on arrival (the digest needs it again).
 type payload struct {
-	buf *[]byte
-	crc uint32
+	data *wire.Payload
+	crc  uint32
 }
 
 // endInfo is what an END chunk declared.
@@ -52,6 +54,9 @@ type devStream struct {
 	// notify wakes the loader when a chunk arrived (1-buffered).
 	notify chan struct{}
 	digest *wire.Digest
+	// advSeq and advOff are the frontier when the loader last woke the
+	// feedback senders; the loader's alone (see feedbackEvery).
+	advSeq, advOff uint64
 
 	written    atomic.Uint64
 	chunks     atomic.Uint64
@@ -86,14 +91,18 @@ type incoming struct {
 	// expiry fails the migration when the source never opens it.
 	expiry *time.Timer
 
-	// fb is the set of channel feedback senders to wake when a window moves.
+	// fb is the set of connected channels, by index: their feedback
+	// senders are woken when a window moves. lost, armed while no channel
+	// is connected, fails the migration when the source stays away.
 	fbMu sync.Mutex
-	fb   map[int]chan struct{}
+	fb   map[int]*chanReg
+	lost *time.Timer
 
 	mu             sync.Mutex
 	phase          ferryv1.MigrationPhase
 	err            *ferryv1.MigrationError
 	sessionID      string
+	peer           string // the source identity that opened the session (binding.go)
 	chunkSize      uint32
 	channels       uint32
 	sourceDevices  []string
@@ -102,6 +111,8 @@ type incoming struct {
 	switchoverTime time.Time
 	endTime        time.Time
 	pending        int // devices not yet verified
+
+	track *telemetry.Tracker // set before the migration is registered
 }
 
 func (inc *incoming) setPhase(p ferryv1.MigrationPhase) {
@@ -164,29 +175,48 @@ func (inc *incoming) cleanup(failed bool) {
 		}
 		d.mu.Lock()
 		if d.reasm != nil {
-			d.reasm.Drain(func(p payload) {
-				if p.buf != nil {
-					inc.a.cfg.Pool.Put(p.buf)
-				}
-			})
+			d.reasm.Drain(func(p payload) { p.data.Free() })
 		}
 		d.mu.Unlock()
 		d.release()
 	}
 	inc.a.unreserve(inc.reserved)
-	inc.a.mu.Lock()
-	delete(inc.a.sessions, inc.sessionID)
-	inc.a.mu.Unlock()
+	inc.fbMu.Lock()
+	if inc.lost != nil {
+		inc.lost.Stop()
+	}
+	inc.fbMu.Unlock()
+	inc.track.End(inc.ended())
 	close(inc.done)
 	inc.watch.Notify()
+}
+
+// chanReg is one connected channel stream.
+type chanReg struct {
+	wake   chan struct{} // 1-buffered: the window moved
+	cancel context.CancelFunc
+}
+
+// armLostLocked starts the countdown that fails the migration when no
+// channel connects within the source timeout: the source died or can no
+// longer reach this agent. The caller holds fbMu.
+func (inc *incoming) armLostLocked() {
+	if inc.lost != nil || inc.ctx.Err() != nil {
+		return
+	}
+	timeout := inc.a.cfg.SourceTimeout
+	inc.lost = time.AfterFunc(timeout, func() {
+		inc.terminate(wire.Errorf(codes.Unavailable, wire.ReasonPeerUnavailable,
+			"the source has had no channel connected for %s: it stopped or cannot reach this agent", timeout), ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED)
+	})
 }
 
 // wakeFeedback wakes every channel's feedback sender.
 func (inc *incoming) wakeFeedback() {
 	inc.fbMu.Lock()
-	for _, ch := range inc.fb {
+	for _, r := range inc.fb {
 		select {
-		case ch <- struct{}{}:
+		case r.wake <- struct{}{}:
 		default:
 		}
 	}
@@ -211,7 +241,9 @@ func (inc *incoming) fillWindows(dst []*ferryv1.WindowUpdate) {
 // device RESUMING->STOP.
 func (inc *incoming) load(d *devStream) {
 	defer inc.loaders.Done()
-	pool := inc.a.cfg.Pool
+	inc.mu.Lock()
+	everyChunks, everyBytes := feedbackEvery(inc.limits, inc.chunkSize)
+	inc.mu.Unlock()
 	for {
 		d.mu.Lock()
 		c, ok, err := d.reasm.Next()
@@ -237,21 +269,59 @@ func (inc *incoming) load(d *devStream) {
 			inc.verify(d, c, end)
 			return
 		}
-		data := (*c.Payload.buf)[:c.Len]
-		if err := writeAll(d.stream, data); err != nil {
-			pool.Put(c.Payload.buf)
+		// The chunk goes into the device piece by piece, as gRPC received
+		// it: no copy into one buffer first.
+		if err := writePayload(d.stream, c.Payload.data); err != nil {
+			c.Payload.data.Free()
 			inc.terminate(wire.DeviceError(d.spec, fmt.Sprintf("write chunk %d at byte %d", c.Seq, c.Offset), err), ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED)
 			return
 		}
-		d.digest.Add(c.Offset, data, c.Payload.crc)
+		d.digest.AddPayload(c.Offset, c.Payload.data, c.Payload.crc)
 		d.mu.Lock()
 		d.reasm.Advance()
+		seq, off := d.reasm.Frontier()
 		d.mu.Unlock()
-		pool.Put(c.Payload.buf)
+		c.Payload.data.Free()
 		d.written.Add(uint64(c.Len))
 		d.chunks.Add(1)
-		inc.wakeFeedback()
+		if seq-d.advSeq >= everyChunks || off-d.advOff >= everyBytes {
+			d.advSeq, d.advOff = seq, off
+			inc.wakeFeedback()
+		}
 	}
+}
+
+// feedbackEvery is how far a device's frontier moves before its loader
+// wakes the channels' feedback senders, in chunks or in bytes, whichever
+// comes first. Each wake-up sends a window update on every channel; one
+// per chunk written was N messages per chunk to marshal, write, read,
+// unmarshal and apply, with a goroutine wake-up each side (and the garbage
+// of a ChannelResponse at the source). A quarter window at a time cuts
+// that by MaxChunks/4 and costs no throughput while the window covers the
+// round trip, as application credits returned every K/4 messages did in
+// reference/baseline-throughput.md.
+//
+// It cannot stall the stream. A source that waits for credit has sent
+// everything the last advertised window allowed, and the destination
+// writes all of it: when the wait is for the count, the frontier moves
+// MaxChunks chunks (at least everyChunks); when it is for bytes (the source
+// waits for room for a whole chunk), it moves more than
+// MaxBytes - chunkSize bytes (at least everyBytes). END is waited for like
+// any chunk; after END the verdict, not a window, is what the source waits
+// for, and the loader wakes the senders then anyway.
+func feedbackEvery(l flow.Limits, chunkSize uint32) (chunks, bytes uint64) {
+	chunks = max(uint64(l.MaxChunks)/4, 1)
+	bytes = max(min(l.MaxBytes/4, l.MaxBytes-uint64(chunkSize)+1), 1)
+	return chunks, bytes
+}
+
+func writePayload(w vfio.DataStream, p *wire.Payload) error {
+	for _, b := range p.Buffers() {
+		if err := writeAll(w, b.ReadOnlyData()); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 func writeAll(w vfio.DataStream, b []byte) error {

@@ -2,7 +2,6 @@ package dest
 
 import (
 	"context"
-	"crypto/subtle"
 	"errors"
 	"io"
 	"slices"
@@ -37,51 +36,14 @@ func (s *transferServer) Open(ctx context.Context, req *ferryv1.OpenRequest) (*f
 	if err != nil {
 		return nil, err
 	}
-	if len(req.GetToken()) > wire.MaxTokenLength || subtle.ConstantTimeCompare([]byte(req.GetToken()), []byte(inc.token)) != 1 {
-		return nil, wire.Errorf(codes.PermissionDenied, wire.ReasonBadToken, "wrong token for incoming migration %s", inc.id)
-	}
-	if time.Now().After(inc.tokenTTL) {
-		return nil, wire.Errorf(codes.PermissionDenied, wire.ReasonBadToken, "the token of incoming migration %s expired", inc.id)
-	}
-	chunkSize, err := wire.ChunkSize(req.GetChunkSize())
+	params, err := validateOpen(req, inc.prepared(), time.Now())
 	if err != nil {
 		return nil, err
 	}
-	if err := inc.limits.Validate(chunkSize); err != nil {
-		return nil, wire.Errorf(codes.InvalidArgument, wire.ReasonInvalidArgument, "chunk_size %d does not fit the window: %v", chunkSize, err)
-	}
-	channels, err := wire.Channels(req.GetChannels())
-	if err != nil {
-		return nil, err
-	}
-	if req.GetMode() == ferryv1.MigrationMode_MIGRATION_MODE_PRECOPY {
-		return nil, wire.Errorf(codes.Unimplemented, wire.ReasonNotImplemented, "pre-copy migrations are not served yet")
-	}
-	if len(req.GetDevices()) != len(inc.devs) {
-		return nil, wire.Errorf(codes.InvalidArgument, wire.ReasonSpecMismatch, "the session names %d devices, %d were prepared", len(req.GetDevices()), len(inc.devs))
-	}
-	for i, raw := range req.GetDevices() {
-		spec, err := wire.CanonicalSpec(raw)
-		if err != nil {
-			return nil, err
-		}
-		if spec != inc.devs[i].spec {
-			return nil, wire.Errorf(codes.InvalidArgument, wire.ReasonSpecMismatch, "device %d is %s, %s was prepared", i, spec, inc.devs[i].spec)
-		}
-	}
-	if len(req.GetSourceDevices()) > wire.MaxDevices {
-		return nil, wire.Errorf(codes.InvalidArgument, wire.ReasonInvalidArgument, "too many source devices")
-	}
-	for _, s := range req.GetSourceDevices() {
-		if err := wire.ValidateSpecLength(s); err != nil {
-			return nil, err
-		}
-	}
+	chunkSize, channels := params.chunkSize, params.channels
 	digests := make([]*wire.Digest, len(inc.devs))
 	for i := range digests {
-		if digests[i], err = wire.NewDigest(req.GetDigest()); err != nil {
-			return nil, wire.Errorf(codes.InvalidArgument, wire.ReasonInvalidArgument, "%v", err)
-		}
+		digests[i], _ = wire.NewDigest(req.GetDigest()) // validated
 	}
 
 	inc.mu.Lock()
@@ -90,6 +52,7 @@ func (s *transferServer) Open(ctx context.Context, req *ferryv1.OpenRequest) (*f
 		return nil, wire.Errorf(codes.FailedPrecondition, wire.ReasonSessionState, "incoming migration %s was already opened (the token is single-use)", inc.id)
 	}
 	inc.sessionID = randomID()
+	inc.peer = wire.PeerIdentity(ctx).String()
 	inc.chunkSize, inc.channels, inc.digestAlg = chunkSize, channels, req.GetDigest()
 	inc.sourceDevices = slices.Clone(req.GetSourceDevices())
 	for i, d := range inc.devs {
@@ -107,6 +70,9 @@ func (s *transferServer) Open(ctx context.Context, req *ferryv1.OpenRequest) (*f
 	a.mu.Lock()
 	a.sessions[sessionID] = inc
 	a.mu.Unlock()
+	inc.fbMu.Lock()
+	inc.armLostLocked() // until the first channel connects
+	inc.fbMu.Unlock()
 	for _, d := range inc.devs {
 		inc.loaders.Add(1)
 		a.wg.Go(func() { inc.load(d) })
@@ -125,7 +91,7 @@ func (s *transferServer) Open(ctx context.Context, req *ferryv1.OpenRequest) (*f
 func (s *transferServer) Channel(stream grpc.BidiStreamingServer[ferryv1.ChannelRequest, ferryv1.ChannelResponse]) error {
 	a := s.a
 	md, _ := metadata.FromIncomingContext(stream.Context())
-	inc, err := a.session(first(md.Get(HeaderSession)))
+	inc, err := a.boundSession(stream.Context(), first(md.Get(HeaderSession)))
 	if err != nil {
 		return err
 	}
@@ -136,19 +102,32 @@ func (s *transferServer) Channel(stream grpc.BidiStreamingServer[ferryv1.Channel
 	if err != nil || index < 0 || index >= channels {
 		return wire.Errorf(codes.InvalidArgument, wire.ReasonInvalidArgument, "header %s must be a channel index below %d", HeaderChannel, channels)
 	}
-	wake := make(chan struct{}, 1)
+	// A channel that connects again replaces its old stream, which may
+	// still look alive here (a connection that broke without a FIN).
+	hctx, hcancel := context.WithCancel(stream.Context())
+	defer hcancel()
+	reg := &chanReg{wake: make(chan struct{}, 1), cancel: hcancel}
 	inc.fbMu.Lock()
-	if _, dup := inc.fb[index]; dup {
-		inc.fbMu.Unlock()
-		return wire.Errorf(codes.AlreadyExists, wire.ReasonSessionState, "channel %d of session is already connected", index)
+	if old, ok := inc.fb[index]; ok {
+		old.cancel()
 	}
-	inc.fb[index] = wake
+	inc.fb[index] = reg
+	if inc.lost != nil {
+		inc.lost.Stop()
+		inc.lost = nil
+	}
 	inc.fbMu.Unlock()
 	defer func() {
 		inc.fbMu.Lock()
-		delete(inc.fb, index)
+		if inc.fb[index] == reg {
+			delete(inc.fb, index)
+		}
+		if len(inc.fb) == 0 {
+			inc.armLostLocked()
+		}
 		inc.fbMu.Unlock()
 	}()
+	wake := reg.wake
 	wake <- struct{}{} // the first window update says the channel is up
 
 	// The receiver runs on its own goroutine, owned by the agent: a
@@ -166,7 +145,10 @@ func (s *transferServer) Channel(stream grpc.BidiStreamingServer[ferryv1.Channel
 			return err
 		case <-inc.ctx.Done():
 			return inc.finalStatus()
-		case <-stream.Context().Done():
+		case <-hctx.Done():
+			if stream.Context().Err() == nil {
+				return wire.Errorf(codes.Aborted, wire.ReasonSessionState, "channel %d was connected again; this stream is replaced", index)
+			}
 			return stream.Context().Err()
 		case <-wake:
 			inc.fillWindows(resp.Windows)
@@ -206,6 +188,9 @@ func (inc *incoming) receive(stream grpc.BidiStreamingServer[ferryv1.ChannelRequ
 		if err != nil {
 			return err
 		}
+		if in.Err != nil {
+			return in.Err // a message that does not decode, refused with its reason
+		}
 		if err := inc.accept(&in); err != nil {
 			inc.terminate(err, ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED)
 			return err
@@ -214,38 +199,38 @@ func (inc *incoming) receive(stream grpc.BidiStreamingServer[ferryv1.ChannelRequ
 }
 
 // accept validates one chunk and hands it to its device's reassembly. It
-// owns in.Buf: kept, or returned to the pool.
+// owns in.Data: kept, or freed.
 func (inc *incoming) accept(in *wire.InChunk) (err error) {
-	pool := inc.a.cfg.Pool
 	kept := false
 	defer func() {
-		if !kept && in.Buf != nil {
-			pool.Put(in.Buf)
+		if !kept {
+			in.Data.Free()
 		}
-		in.Buf, in.Data = nil, nil
+		in.Data = nil
 	}()
 	m := &in.Msg
 	if int(m.GetDevice()) >= len(inc.devs) {
 		return wire.Errorf(codes.InvalidArgument, wire.ReasonBadChunk, "chunk for device %d: the session has %d devices", m.GetDevice(), len(inc.devs))
 	}
 	d := inc.devs[m.GetDevice()]
-	c := flow.Chunk[payload]{Seq: m.GetSeq(), Offset: m.GetOffset(), Len: uint32(len(in.Data))}
+	n := in.Data.Len()
+	c := flow.Chunk[payload]{Seq: m.GetSeq(), Offset: m.GetOffset(), Len: uint32(n)}
 	var end *endInfo
 	switch m.GetKind() {
 	case ferryv1.ChunkKind_CHUNK_KIND_DATA:
-		if len(in.Data) == 0 || len(in.Data) > int(inc.chunkSize) {
-			return wire.Errorf(codes.InvalidArgument, wire.ReasonBadChunk, "device %d chunk %d: %d bytes, a DATA chunk has 1 to %d", m.GetDevice(), m.GetSeq(), len(in.Data), inc.chunkSize)
+		if n == 0 || n > int(inc.chunkSize) {
+			return wire.Errorf(codes.InvalidArgument, wire.ReasonBadChunk, "device %d chunk %d: %d bytes, a DATA chunk has 1 to %d", m.GetDevice(), m.GetSeq(), n, inc.chunkSize)
 		}
 		if m.GetTotalBytes() != 0 || m.GetTotalChunks() != 0 || len(m.GetDigest()) != 0 {
 			return wire.Errorf(codes.InvalidArgument, wire.ReasonBadChunk, "device %d chunk %d: a DATA chunk carries no END fields", m.GetDevice(), m.GetSeq())
 		}
-		crc := wire.CRC32C(in.Data)
+		crc := in.Data.CRC32C()
 		if crc != m.GetCrc32C() {
 			return wire.Errorf(codes.DataLoss, wire.ReasonChunkCRC, "device %d chunk %d at byte %d: CRC32C %08x, the source sent %08x", m.GetDevice(), m.GetSeq(), m.GetOffset(), crc, m.GetCrc32C())
 		}
-		c.Payload = payload{buf: in.Buf, crc: crc}
+		c.Payload = payload{data: in.Data, crc: crc}
 	case ferryv1.ChunkKind_CHUNK_KIND_END:
-		if len(in.Data) != 0 || len(m.GetDigest()) == 0 || len(m.GetDigest()) > wire.MaxDigestLength {
+		if n != 0 || len(m.GetDigest()) == 0 || len(m.GetDigest()) > wire.MaxDigestLength {
 			return wire.Errorf(codes.InvalidArgument, wire.ReasonBadChunk, "device %d END: no data and a digest of 1 to %d bytes expected", m.GetDevice(), wire.MaxDigestLength)
 		}
 		if m.GetSeq() != m.GetTotalChunks() || m.GetOffset() != m.GetTotalBytes() {
@@ -258,6 +243,10 @@ func (inc *incoming) accept(in *wire.InChunk) (err error) {
 	}
 
 	d.mu.Lock()
+	if held, ok := d.reasm.Held(c.Seq); ok && !c.End && held.Payload.crc != c.Payload.crc {
+		d.mu.Unlock()
+		return wire.Errorf(codes.InvalidArgument, wire.ReasonBadChunk, "device %d (%s) chunk %d: resent with other bytes (CRC32C %08x, held %08x)", m.GetDevice(), d.spec, c.Seq, c.Payload.crc, held.Payload.crc)
+	}
 	dup, err := d.reasm.Accept(c)
 	if err == nil && !dup && end != nil {
 		d.end = end
@@ -277,7 +266,7 @@ func (inc *incoming) accept(in *wire.InChunk) (err error) {
 		d.duplicates.Add(1)
 		return nil
 	}
-	kept = c.Payload.buf != nil
+	kept = c.Payload.data != nil
 	inc.mu.Lock()
 	if inc.startTime.IsZero() {
 		inc.startTime = time.Now()
@@ -291,7 +280,7 @@ func (inc *incoming) accept(in *wire.InChunk) (err error) {
 }
 
 func (s *transferServer) SwitchoverStart(ctx context.Context, req *ferryv1.SwitchoverStartRequest) (*ferryv1.SwitchoverStartResponse, error) {
-	inc, err := s.a.session(req.GetSessionId())
+	inc, err := s.a.boundSession(ctx, req.GetSessionId())
 	if err != nil {
 		return nil, err
 	}
@@ -344,7 +333,7 @@ func (inc *incoming) finalStatusOr(code codes.Code) error {
 }
 
 func (s *transferServer) Finish(ctx context.Context, req *ferryv1.FinishRequest) (*ferryv1.FinishResponse, error) {
-	inc, err := s.a.session(req.GetSessionId())
+	inc, err := s.a.boundSession(ctx, req.GetSessionId())
 	if err != nil {
 		return nil, err
 	}
@@ -370,7 +359,7 @@ func (s *transferServer) Finish(ctx context.Context, req *ferryv1.FinishRequest)
 }
 
 func (s *transferServer) Abort(ctx context.Context, req *ferryv1.AbortRequest) (*ferryv1.AbortResponse, error) {
-	inc, err := s.a.session(req.GetSessionId())
+	inc, err := s.a.boundSession(ctx, req.GetSessionId())
 	if err != nil {
 		// A session that already ended and was cleaned up is aborted.
 		if wire.Code(err) == codes.NotFound {

@@ -16,6 +16,7 @@ import (
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/telemetry"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
 
@@ -30,6 +31,15 @@ type Config struct {
 	// PeerCreds are the transport credentials for dialling destination
 	// agents.
 	PeerCreds credentials.TransportCredentials
+	// ReconnectTimeout is how long a lost channel or an unreachable
+	// destination is retried before the migration fails (0: the default).
+	ReconnectTimeout time.Duration
+	// ProgressTimeout is how long a channel with chunks in flight may hear
+	// nothing from the destination before it is re-dialled (0: the
+	// default).
+	ProgressTimeout time.Duration
+	// Metrics, when set, tracks every migration (nil: no metrics).
+	Metrics *telemetry.Metrics
 }
 
 // Agent is the source agent.
@@ -39,6 +49,7 @@ type Agent struct {
 
 	mu         sync.Mutex
 	migrations map[string]*migration
+	draining   bool // set by Drain: new migrations are refused
 
 	wg     sync.WaitGroup
 	ctx    context.Context
@@ -55,6 +66,12 @@ func New(cfg Config) (*Agent, error) {
 	}
 	if cfg.Pool == nil {
 		cfg.Pool = wire.NewPool()
+	}
+	if cfg.ReconnectTimeout == 0 {
+		cfg.ReconnectTimeout = DefaultReconnectTimeout
+	}
+	if cfg.ProgressTimeout == 0 {
+		cfg.ProgressTimeout = DefaultProgressTimeout
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
@@ -91,6 +108,10 @@ func (a *Agent) StartMigration(ctx context.Context, req *ferryv1.StartMigrationR
 		snap, _, _ := m.snapshot()
 		return &ferryv1.StartMigrationResponse{Migration: snap}, nil
 	}
+	if a.draining {
+		a.mu.Unlock()
+		return nil, errDraining()
+	}
 	// Hold the id while the devices are acquired so a concurrent start of
 	// the same id waits for this one.
 	m := a.newMigration(req)
@@ -105,6 +126,7 @@ func (a *Agent) StartMigration(ctx context.Context, req *ferryv1.StartMigrationR
 		close(m.done)
 		return nil, err
 	}
+	m.track = a.cfg.Metrics.TrackSource(m.deviceCounters)
 	a.wg.Go(m.run)
 	snap, _, _ := m.snapshot()
 	return &ferryv1.StartMigrationResponse{Migration: snap}, nil

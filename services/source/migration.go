@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -15,7 +14,6 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/mem"
-	"google.golang.org/grpc/metadata"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
@@ -23,6 +21,7 @@ import (
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/flow"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/telemetry"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
 
@@ -57,27 +56,104 @@ type srcDevice struct {
 	// payload. A broken channel's chunks can be sent again from here.
 	mu      sync.Mutex
 	unacked []*outChunk
+	// free holds acknowledged chunks for the reader to reuse, so a chunk
+	// costs no allocation in steady state (at most a window of them).
+	free []*outChunk
 }
 
 // outChunk is a chunk on its way: its header and its payload.
+//
+// A chunk is referenced by the device's unacked list until the destination
+// acknowledges it, and by each queue entry until a sender has passed it to
+// gRPC (which takes its own reference to the payload). When the last
+// reference goes the payload returns to the pool and the struct to the
+// device's free list, so a chunk costs no allocation in steady state and is
+// never reused while a resend of it may still be queued.
 type outChunk struct {
 	hdr     ferryv1.ChannelRequest
 	payload mem.Buffer // nil for END
+	dev     *srcDevice
+	refs    atomic.Int32
+	acked   atomic.Bool
+	// channel is the channel that last sent the chunk, -1 when none: a
+	// lost channel's unacknowledged chunks are sent again.
+	channel atomic.Int32
 }
 
-// ack drops the chunks below seq, releasing their buffers.
+// release drops one reference.
+func (c *outChunk) release() {
+	if c.refs.Add(-1) != 0 {
+		return
+	}
+	d := c.dev
+	d.mu.Lock()
+	d.recycleLocked(c)
+	d.mu.Unlock()
+}
+
+func (d *srcDevice) recycleLocked(c *outChunk) {
+	if c.payload != nil {
+		c.payload.Free()
+	}
+	c.hdr = ferryv1.ChannelRequest{}
+	c.payload = nil
+	c.acked.Store(false)
+	c.channel.Store(-1)
+	d.free = append(d.free, c)
+}
+
+// ack drops the chunks below seq from the unacked list.
 func (d *srcDevice) ack(seq uint64) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	n := 0
 	for n < len(d.unacked) && d.unacked[n].hdr.Seq < seq {
-		if p := d.unacked[n].payload; p != nil {
-			p.Free()
+		c := d.unacked[n]
+		c.acked.Store(true)
+		if c.refs.Add(-1) == 0 {
+			d.recycleLocked(c)
 		}
-		d.unacked[n] = nil
 		n++
 	}
-	d.unacked = d.unacked[n:]
+	// Move what is left to the front (a window's worth of pointers at
+	// most) rather than reslice, so keep's append reuses the array
+	// instead of allocating a new one every so many chunks.
+	left := copy(d.unacked, d.unacked[n:])
+	clear(d.unacked[left:])
+	d.unacked = d.unacked[:left]
+}
+
+// chunk returns an empty outChunk holding two references (the unacked
+// list's and the send queue's), a recycled one when there is one.
+func (d *srcDevice) chunk() *outChunk {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	var c *outChunk
+	if n := len(d.free); n > 0 {
+		c = d.free[n-1]
+		d.free[n-1] = nil
+		d.free = d.free[:n-1]
+	} else {
+		c = &outChunk{dev: d}
+	}
+	c.channel.Store(-1)
+	c.refs.Store(2)
+	return c
+}
+
+// unsent collects the unacknowledged chunks last sent on channel, taking a
+// queue reference to each, for a resend.
+func (d *srcDevice) unsent(channel int32, dst []*outChunk) []*outChunk {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for _, c := range d.unacked {
+		if c.channel.Load() == channel && !c.acked.Load() {
+			c.channel.Store(-1)
+			c.refs.Add(1)
+			dst = append(dst, c)
+		}
+	}
+	return dst
 }
 
 func (d *srcDevice) keep(c *outChunk) {
@@ -110,6 +186,8 @@ type migration struct {
 	endTime        time.Time
 	peakBuffered   uint64
 	windowBytes    uint64
+
+	track *telemetry.Tracker // set before run starts
 }
 
 func (a *Agent) newMigration(req *ferryv1.StartMigrationRequest) *migration {
@@ -123,7 +201,7 @@ func (a *Agent) newMigration(req *ferryv1.StartMigrationRequest) *migration {
 		channels:   channels,
 		chunkSize:  chunkSize,
 		createTime: time.Now(),
-		log:        a.cfg.Logger.With("migration", req.GetMigrationId(), "role", "source"),
+		log:        a.cfg.Logger.With("migration", req.GetMigrationId(), "role", "source", "devices", sourceSpecs(req)),
 		ctx:        ctx,
 		cancel:     cancel,
 		done:       make(chan struct{}),
@@ -206,6 +284,7 @@ func (m *migration) run() {
 	} else {
 		m.log.Info("migration ended", "phase", phase.String())
 	}
+	m.track.End(m.ended(phase))
 	m.setPhase(phase)
 	m.cancel(nil)
 }
@@ -246,7 +325,7 @@ func (m *migration) execute() error {
 	ctx := m.ctx
 	a := m.a
 	m.setPhase(ferryv1.MigrationPhase_MIGRATION_PHASE_WAITING)
-	dialOpts := wire.DialOptions(a.cfg.PeerCreds, a.cfg.Pool)
+	dialOpts := append(wire.DialOptions(a.cfg.PeerCreds, a.cfg.Pool), a.cfg.Metrics.DialOptions()...)
 	ctrlConn, err := grpc.NewClient(m.req.GetDestAddress(), dialOpts...)
 	if err != nil {
 		return wire.Errorf(codes.InvalidArgument, wire.ReasonInvalidArgument, "dest_address %q: %v", m.req.GetDestAddress(), err)
@@ -272,8 +351,8 @@ func (m *migration) execute() error {
 	if err != nil {
 		return peerError("open the session", err)
 	}
-	if len(opened.GetWindows()) != len(m.devs) {
-		return wire.Errorf(codes.Internal, wire.ReasonInternal, "the destination sent %d windows for %d devices", len(opened.GetWindows()), len(m.devs))
+	if err := wire.CheckOpenWindows(opened.GetWindows(), len(m.devs), m.chunkSize); err != nil {
+		return err
 	}
 	session := opened.GetSessionId()
 	// From here on the destination holds a session: abort it on failure.
@@ -301,14 +380,22 @@ func peerError(op string, err error) error {
 // stream runs the channels, the switchover, the readers and Finish.
 func (m *migration) stream(ctx context.Context, transfer ferryv1.TransferClient, session string, opened *ferryv1.OpenResponse, dialOpts []grpc.DialOption) error {
 	queueCap := 0
+	m.mu.Lock() // snapshot reads the gates
 	for i, d := range m.devs {
 		w := opened.GetWindows()[i]
 		d.gate = flow.NewGate(flow.Window{LimitSeq: w.GetLimitSeq(), LimitOffset: w.GetLimitOffset()})
 		queueCap += int(min(w.GetLimitSeq(), 1<<16)) + 1
 	}
+	m.mu.Unlock()
 	// Every chunk in the queue is inside its device's window, so the queue
 	// never holds more than the windows do and a reader never blocks on it.
 	queue := make(chan *outChunk, queueCap)
+
+	// Resent chunks come first; like queue, resend never holds more than
+	// the windows (a chunk is queued for a resend only while no queue
+	// holds it for that).
+	resend := make(chan *outChunk, queueCap)
+	defer drain(queue, resend)
 
 	chCtx, chCancel := context.WithCancel(ctx)
 	defer chCancel()
@@ -320,15 +407,8 @@ func (m *migration) stream(ctx context.Context, transfer ferryv1.TransferClient,
 			return wire.Errorf(codes.InvalidArgument, wire.ReasonInvalidArgument, "dial channel %d: %v", i, err)
 		}
 		defer conn.Close()
-		sctx := metadata.AppendToOutgoingContext(gctx, headerSession, session, headerChannel, strconv.Itoa(i))
-		st, err := ferryv1.NewTransferClient(conn).Channel(sctx)
-		if err != nil {
-			chCancel()
-			g.Wait()
-			return peerError(fmt.Sprintf("open channel %d", i), err)
-		}
-		g.Go(func() error { return m.send(gctx, st, queue) })
-		g.Go(func() error { return m.receive(gctx, st, ready) })
+		ch := &channel{m: m, index: int32(i), client: ferryv1.NewTransferClient(conn), session: session, queue: queue, resend: resend, ready: ready}
+		g.Go(func() error { return ch.run(gctx) })
 	}
 	fail := func(err error) error {
 		chCancel()
@@ -346,9 +426,12 @@ func (m *migration) stream(ctx context.Context, transfer ferryv1.TransferClient,
 	}
 
 	// Switchover: the destination must accept before any device stops.
-	sctx, scancel := context.WithTimeout(gctx, rpcTimeout)
-	_, err := transfer.SwitchoverStart(sctx, &ferryv1.SwitchoverStartRequest{SessionId: session, SentChunks: make([]uint64, len(m.devs))})
-	scancel()
+	err := m.retry(gctx, func(ctx context.Context) error {
+		ctx, cancel := context.WithTimeout(ctx, rpcTimeout)
+		defer cancel()
+		_, err := transfer.SwitchoverStart(ctx, &ferryv1.SwitchoverStartRequest{SessionId: session, SentChunks: make([]uint64, len(m.devs))})
+		return err
+	})
 	if err != nil {
 		return fail(peerError("switchover start", err))
 	}
@@ -368,7 +451,12 @@ func (m *migration) stream(ctx context.Context, transfer ferryv1.TransferClient,
 		return fail(err)
 	}
 	m.setPhase(ferryv1.MigrationPhase_MIGRATION_PHASE_FINISHING)
-	verdict, err := transfer.Finish(gctx, &ferryv1.FinishRequest{SessionId: session})
+	var verdict *ferryv1.FinishResponse
+	err = m.retry(gctx, func(ctx context.Context) error {
+		var err error
+		verdict, err = transfer.Finish(ctx, &ferryv1.FinishRequest{SessionId: session})
+		return err
+	})
 	if err != nil {
 		return fail(peerError("finish", err))
 	}
@@ -434,7 +522,8 @@ func (m *migration) readDevice(ctx context.Context, d *srcDevice, queue chan<- *
 			*bp = (*bp)[:n]
 			crc := wire.CRC32C(*bp)
 			digest.Add(off, *bp, crc)
-			c := &outChunk{payload: mem.NewBuffer(bp, pool)}
+			c := d.chunk()
+			c.payload = mem.NewBuffer(bp, pool)
 			c.hdr = ferryv1.ChannelRequest{Device: uint32(d.index), Seq: seq, Offset: off, Kind: ferryv1.ChunkKind_CHUNK_KIND_DATA, Crc32C: crc}
 			d.keep(c)
 			queue <- c
@@ -451,7 +540,7 @@ func (m *migration) readDevice(ctx context.Context, d *srcDevice, queue chan<- *
 			pool.Put(bp)
 		}
 		// The end of the device state: END takes the next sequence number.
-		end := &outChunk{}
+		end := d.chunk()
 		end.hdr = ferryv1.ChannelRequest{Device: uint32(d.index), Seq: seq, Offset: off, Kind: ferryv1.ChunkKind_CHUNK_KIND_END,
 			TotalBytes: off, TotalChunks: seq, Digest: digest.Sum()}
 		d.keep(end)
@@ -476,55 +565,6 @@ func (m *migration) markStart() {
 	m.mu.Unlock()
 }
 
-// send is a channel's sender: it takes chunks from the shared queue.
-func (m *migration) send(ctx context.Context, st grpc.BidiStreamingClient[ferryv1.ChannelRequest, ferryv1.ChannelResponse], queue <-chan *outChunk) error {
-	out := &wire.OutChunk{}
-	for {
-		select {
-		case <-ctx.Done():
-			return nil
-		case c := <-queue:
-			out.Header, out.Payload = &c.hdr, c.payload
-			if err := st.SendMsg(out); err != nil {
-				// The stream has ended; its status arrives on Recv, and the
-				// channel's receiver reports it.
-				return nil
-			}
-		}
-	}
-}
-
-// receive is a channel's receiver: it applies window updates.
-func (m *migration) receive(ctx context.Context, st grpc.BidiStreamingClient[ferryv1.ChannelRequest, ferryv1.ChannelResponse], ready chan<- struct{}) error {
-	first := true
-	for {
-		resp, err := st.Recv()
-		if err != nil {
-			if ctx.Err() != nil {
-				return nil
-			}
-			if errors.Is(err, io.EOF) {
-				// The destination ends its channels once the session has
-				// ended; Finish reports how.
-				return nil
-			}
-			return peerError("channel", err)
-		}
-		for _, w := range resp.GetWindows() {
-			if int(w.GetDevice()) >= len(m.devs) {
-				return wire.Errorf(codes.Internal, wire.ReasonInternal, "the destination sent a window for device %d of %d", w.GetDevice(), len(m.devs))
-			}
-			d := m.devs[w.GetDevice()]
-			d.gate.Update(flow.Window{LimitSeq: w.GetLimitSeq(), LimitOffset: w.GetLimitOffset()})
-			d.ack(w.GetAckedSeq())
-		}
-		if first {
-			first = false
-			ready <- struct{}{}
-		}
-	}
-}
-
 // snapshot renders the migration for the API.
 func (m *migration) snapshot() (*ferryv1.Migration, bool, uint64) {
 	m.mu.Lock()
@@ -539,6 +579,10 @@ func (m *migration) snapshot() (*ferryv1.Migration, bool, uint64) {
 		WindowBytes:       m.windowBytes,
 	}
 	start, sw, end := m.startTime, m.switchoverTime, m.endTime
+	gates := make([]*flow.Gate, len(m.devs))
+	for i, d := range m.devs {
+		gates[i] = d.gate
+	}
 	m.mu.Unlock()
 	if !start.IsZero() {
 		s.StartTime = timestamppb.New(start)
@@ -560,8 +604,8 @@ func (m *migration) snapshot() (*ferryv1.Migration, bool, uint64) {
 		if st, err := d.dev.State(); err == nil {
 			p.State = wire.DeviceStateToProto(st)
 		}
-		if d.gate != nil {
-			n, dur := d.gate.Stalls()
+		if g := gates[d.index]; g != nil {
+			n, dur := g.Stalls()
 			p.WindowStalls, p.WindowStallTime = n, durationpb.New(dur)
 		}
 		if e := d.errMsg.Load(); e != nil {

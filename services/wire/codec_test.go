@@ -82,12 +82,13 @@ func TestCodecRoundTrip(t *testing.T) {
 			if !proto.Equal(&in.Msg, tc.hdr) {
 				t.Errorf("header = %v, want %v", &in.Msg, tc.hdr)
 			}
-			if !bytes.Equal(in.Data, tc.payload) {
-				t.Errorf("payload of %d bytes differs from the %d sent", len(in.Data), len(tc.payload))
+			if !bytes.Equal(in.Data.Materialize(), tc.payload) {
+				t.Errorf("payload of %d bytes differs from the %d sent", in.Data.Len(), len(tc.payload))
 			}
-			if tc.payload == nil && in.Buf != nil {
-				t.Error("a chunk without data took a pool buffer")
+			if tc.payload == nil && in.Data != nil {
+				t.Error("a chunk without data came with a payload")
 			}
+			in.Data.Free()
 		})
 	}
 }
@@ -110,8 +111,8 @@ func TestCodecDecodesAnyFieldOrder(t *testing.T) {
 	if err := c.Unmarshal(split(reordered, 5), in); err != nil {
 		t.Fatal(err)
 	}
-	if string(in.Data) != "out of order" || !proto.Equal(&in.Msg, hdr) {
-		t.Fatalf("got %v / %q", &in.Msg, in.Data)
+	if string(in.Data.Materialize()) != "out of order" || !proto.Equal(&in.Msg, hdr) {
+		t.Fatalf("got %v / %q", &in.Msg, in.Data.Materialize())
 	}
 }
 
@@ -155,23 +156,21 @@ func FuzzCodecUnmarshal(f *testing.F) {
 		if err != nil {
 			return
 		}
-		if len(in.Data) > len(b) {
-			t.Fatalf("decoded %d payload bytes from a %d-byte message", len(in.Data), len(b))
+		if in.Data.Len() > len(b) {
+			t.Fatalf("decoded %d payload bytes from a %d-byte message", in.Data.Len(), len(b))
 		}
 		// Whatever decodes fast must decode the same with protobuf.
 		var ref ferryv1.ChannelRequest
 		if err := proto.Unmarshal(b, &ref); err != nil {
 			t.Fatalf("fast path accepted what protobuf refuses: %v", err)
 		}
-		if !bytes.Equal(ref.GetData(), in.Data) {
+		if !bytes.Equal(ref.GetData(), in.Data.Materialize()) {
 			t.Fatalf("payload differs from protobuf's reading")
 		}
 		ref.Data = nil
 		if !proto.Equal(&ref, &in.Msg) {
 			t.Fatalf("header differs from protobuf's reading")
 		}
-		if in.Buf != nil {
-			c.pool.Put(in.Buf)
-		}
+		in.Data.Free()
 	})
 }

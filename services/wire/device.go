@@ -2,6 +2,7 @@ package wire
 
 import (
 	"errors"
+	"io/fs"
 
 	"google.golang.org/grpc/codes"
 
@@ -26,6 +27,8 @@ func DeviceError(spec, op string, err error) error {
 		code, reason = codes.DataLoss, ReasonVerifyFailed
 	case errors.Is(err, vfio.ErrInjectedFault):
 		code, reason = codes.Internal, ReasonSourceDeviceFailed
+	case errors.Is(err, fs.ErrNotExist):
+		code, reason = codes.NotFound, ReasonDeviceNotFound
 	}
 	return Errorf(code, reason, "device %s: %s: %v", spec, op, err)
 }
@@ -53,8 +56,10 @@ func DeviceInfoToProto(d vfio.DeviceInfo) *ferryv1.Device {
 
 // ListDevices answers ListDevices: the devices the registry holds (the
 // simulated ones among them), then the host's VFIO devices found in sysfs
-// that it has not opened yet, each probed for its migration flags. A device
-// that cannot be opened now (a VMM holds its group) is listed without them.
+// that it has not opened yet and that its allowlist admits, each probed for
+// its migration flags. A device that cannot be opened now (a VMM holds its
+// group) is listed without them. Devices outside the allowlist are neither
+// opened nor listed.
 func ListDevices(r *vfio.Registry) *ferryv1.ListDevicesResponse {
 	infos := r.List()
 	out := &ferryv1.ListDevicesResponse{Devices: make([]*ferryv1.Device, 0, len(infos))}
@@ -68,7 +73,7 @@ func ListDevices(r *vfio.Registry) *ferryv1.ListDevicesResponse {
 		return out
 	}
 	for _, s := range host {
-		if known[s.String()] {
+		if known[s.String()] || r.Allowed(s) != nil {
 			continue
 		}
 		out.Devices = append(out.Devices, probe(s))

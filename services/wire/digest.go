@@ -50,8 +50,23 @@ func (d *Digest) Add(offset uint64, data []byte, crc uint32) {
 		d.h.Write(data)
 		return
 	}
+	d.addRecord(offset, len(data), crc)
+}
+
+// AddPayload is Add for a chunk received in pieces.
+func (d *Digest) AddPayload(offset uint64, p *Payload, crc uint32) {
+	if d.alg == ferryv1.DigestAlgorithm_DIGEST_ALGORITHM_SHA256 {
+		for _, b := range p.Buffers() {
+			d.h.Write(b.ReadOnlyData())
+		}
+		return
+	}
+	d.addRecord(offset, p.Len(), crc)
+}
+
+func (d *Digest) addRecord(offset uint64, n int, crc uint32) {
 	binary.LittleEndian.PutUint64(d.rec[0:8], offset)
-	binary.LittleEndian.PutUint32(d.rec[8:12], uint32(len(data)))
+	binary.LittleEndian.PutUint32(d.rec[8:12], uint32(n))
 	binary.LittleEndian.PutUint32(d.rec[12:16], crc)
 	d.h.Write(d.rec[:])
 }

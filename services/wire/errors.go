@@ -42,6 +42,12 @@ const (
 	ReasonNotImplemented     = "NOT_IMPLEMENTED"
 	ReasonInternal           = "INTERNAL"
 	ReasonSourceDeviceFailed = "SOURCE_DEVICE_FAILED"
+	ReasonDraining           = "AGENT_DRAINING"
+	// Security: who may call (see authz.go) and who may use a session.
+	ReasonUnauthenticated  = "UNAUTHENTICATED"
+	ReasonClientNotAllowed = "CLIENT_NOT_ALLOWED"
+	ReasonPeerMismatch     = "SESSION_PEER_MISMATCH"
+	ReasonBadWindow        = "BAD_WINDOW_UPDATE"
 )
 
 // Errorf returns a gRPC status error with code and one ErrorInfo carrying

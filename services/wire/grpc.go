@@ -13,6 +13,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/experimental"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/keepalive"
@@ -30,6 +31,13 @@ type ServerConfig struct {
 	Metrics *grpcprom.ServerMetrics
 	// Pool receives chunk payloads.
 	Pool *Pool
+	// Access, when not nil, says which client identities may call which
+	// services (see AccessRule); health and reflection stay open, and a
+	// service no rule names is refused to everyone. Nil: no
+	// authorization (plaintext agents, tests).
+	Access []AccessRule
+	// NoReflection leaves gRPC reflection unregistered.
+	NoReflection bool
 }
 
 // Server is a gRPC server with Ferry's codec, interceptors, health and
@@ -41,8 +49,9 @@ type Server struct {
 }
 
 // NewServer builds the server. The interceptor chain, outermost first:
-// metrics, logging (skipping health and reflection), recovery (innermost,
-// so a panic becomes INTERNAL and is still counted and logged).
+// metrics, logging (skipping health and reflection), authorization (when
+// cfg.Access is set), recovery (innermost, so a panic becomes INTERNAL and
+// is still counted and logged).
 func NewServer(cfg ServerConfig) *Server {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
@@ -67,16 +76,22 @@ func NewServer(cfg ServerConfig) *Server {
 		unary = append(unary, cfg.Metrics.UnaryServerInterceptor())
 		stream = append(stream, cfg.Metrics.StreamServerInterceptor())
 	}
-	unary = append(unary,
-		selector.UnaryServerInterceptor(logging.UnaryServerInterceptor(logger, logOpts...), loggable),
-		recovery.UnaryServerInterceptor(recover))
-	stream = append(stream,
-		selector.StreamServerInterceptor(logging.StreamServerInterceptor(logger, logOpts...), loggable),
-		recovery.StreamServerInterceptor(recover))
+	authUnary, authStream := accessInterceptors(cfg.Access)
+	unary = append(unary, selector.UnaryServerInterceptor(logging.UnaryServerInterceptor(logger, logOpts...), loggable))
+	unary = append(unary, authUnary...)
+	unary = append(unary, recovery.UnaryServerInterceptor(recover))
+	stream = append(stream, selector.StreamServerInterceptor(logging.StreamServerInterceptor(logger, logOpts...), loggable))
+	stream = append(stream, authStream...)
+	stream = append(stream, recovery.StreamServerInterceptor(recover))
 
 	s := grpc.NewServer(
 		grpc.Creds(cfg.Creds),
-		grpc.ForceServerCodecV2(NewCodec(cfg.Pool)),
+		grpc.ForceServerCodecV2(serverCodec{NewCodec(cfg.Pool)}),
+		// gRPC reads DATA frames into buffers from the Ferry pool, which
+		// does not zero them; the codec keeps them as the chunk (see Pool
+		// and InChunk).
+		experimental.BufferPool(cfg.Pool),
+		grpc.WriteBufferSize(writeBufferSize),
 		grpc.MaxRecvMsgSize(MaxRecvMsgSize),
 		grpc.ChainUnaryInterceptor(unary...),
 		grpc.ChainStreamInterceptor(stream...),
@@ -85,7 +100,9 @@ func NewServer(cfg ServerConfig) *Server {
 	)
 	hs := health.NewServer()
 	healthpb.RegisterHealthServer(s, hs)
-	reflection.Register(s)
+	if !cfg.NoReflection {
+		reflection.Register(s)
+	}
 	return &Server{GRPC: s, Health: hs, cfg: cfg}
 }
 
@@ -123,12 +140,27 @@ func interceptorLogger(l *slog.Logger) logging.Logger {
 	})
 }
 
+// writeBufferSize is how many bytes of HTTP/2 frames gRPC gathers before
+// one write to the socket (its default is 32 KiB). gRPC copies every frame
+// into this buffer either way; what a larger one saves is write calls, and
+// with them TCP segments and wake-ups at the peer: 256 KiB cut the CPU per
+// GiB of both agents by about 10-15% against 32 KiB in interleaved
+// perf-sampled runs of 2 GiB (128 KiB to 512 KiB did about as well; 0,
+// which writes each frame straight to the socket, was 30% worse). The
+// buffer is taken from a shared pool only while a connection writes.
+const writeBufferSize = 256 << 10
+
 // DialOptions are the options for a client connection to an agent: the
 // codec (so chunks take the fast path), message limits and keepalives that
 // notice a dead peer on an idle connection.
 func DialOptions(creds credentials.TransportCredentials, pool *Pool) []grpc.DialOption {
+	if pool == nil {
+		pool = NewPool()
+	}
 	return []grpc.DialOption{
 		grpc.WithTransportCredentials(creds),
+		experimental.WithBufferPool(pool),
+		grpc.WithWriteBufferSize(writeBufferSize),
 		grpc.WithDefaultCallOptions(
 			grpc.ForceCodecV2(NewCodec(pool)),
 			grpc.MaxCallRecvMsgSize(MaxRecvMsgSize),

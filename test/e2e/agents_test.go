@@ -246,7 +246,7 @@ func TestStartMigrationRejectsBadRequests(t *testing.T) {
 		{"bad dest address", func(r *ferryv1.StartMigrationRequest) { r.DestAddress = "nowhere" }, codes.InvalidArgument, wire.ReasonInvalidArgument},
 		{"malformed spec", func(r *ferryv1.StartMigrationRequest) { r.Devices[0].SourceDevice = "sim:sise=1" }, codes.InvalidArgument, wire.ReasonInvalidArgument},
 		{"device twice", func(r *ferryv1.StartMigrationRequest) { r.Devices = append(r.Devices, r.Devices[0]) }, codes.InvalidArgument, wire.ReasonInvalidArgument},
-		{"unknown device", func(r *ferryv1.StartMigrationRequest) { r.Devices[0].SourceDevice = "pci:0000:3b:00.2" }, codes.FailedPrecondition, ""},
+		{"host device outside --devices", func(r *ferryv1.StartMigrationRequest) { r.Devices[0].SourceDevice = "pci:0000:3b:00.2" }, codes.PermissionDenied, wire.ReasonDeviceNotAllowed},
 		{"pre-copy", func(r *ferryv1.StartMigrationRequest) { r.Mode = ferryv1.MigrationMode_MIGRATION_MODE_PRECOPY }, codes.Unimplemented, wire.ReasonNotImplemented},
 		{"unknown digest", func(r *ferryv1.StartMigrationRequest) { r.Digest = 42 }, codes.InvalidArgument, wire.ReasonInvalidArgument},
 	}

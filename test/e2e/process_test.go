@@ -49,9 +49,27 @@ type buildError struct {
 
 func (e *buildError) Error() string { return "go build ferry: " + e.err.Error() + "\n" + e.out }
 
+// proc is a running agent process.
+type proc struct {
+	cmd  *exec.Cmd
+	addr string
+	done chan struct{}
+}
+
+// kill ends the process with SIGKILL, as a crash would.
+func (p *proc) kill(t *testing.T) {
+	t.Helper()
+	p.cmd.Process.Kill()
+	<-p.done
+}
+
 // agentProc starts `ferry <role> --listen 127.0.0.1:0 ...` and returns the
 // address it logged. The process is stopped with SIGTERM at the end.
 func agentProc(t *testing.T, role string, args ...string) string {
+	return startAgent(t, role, args...).addr
+}
+
+func startAgent(t *testing.T, role string, args ...string) *proc {
 	t.Helper()
 	cmd := exec.Command(ferry(t), append([]string{role, "--listen", "127.0.0.1:0", "--insecure", "--allow-sim", "--log-format", "json"}, args...)...)
 	stderr, err := cmd.StderrPipe()
@@ -61,10 +79,7 @@ func agentProc(t *testing.T, role string, args ...string) string {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() {
-		cmd.Process.Signal(os.Interrupt)
-		cmd.Wait()
-	})
+	p := &proc{cmd: cmd, done: make(chan struct{})}
 	sc := bufio.NewScanner(stderr)
 	for sc.Scan() {
 		var line struct {
@@ -72,15 +87,24 @@ func agentProc(t *testing.T, role string, args ...string) string {
 			Address string `json:"address"`
 		}
 		if json.Unmarshal(sc.Bytes(), &line) == nil && line.Msg == "agent listening" {
-			go func() {
-				for sc.Scan() { // keep draining the log
-				}
-			}()
-			return line.Address
+			p.addr = line.Address
+			break
 		}
 	}
-	t.Fatalf("ferry %s exited before listening: %v", role, sc.Err())
-	return ""
+	go func() {
+		for sc.Scan() { // keep draining the log
+		}
+		cmd.Wait()
+		close(p.done)
+	}()
+	t.Cleanup(func() {
+		cmd.Process.Signal(os.Interrupt)
+		<-p.done
+	})
+	if p.addr == "" {
+		t.Fatalf("ferry %s exited before listening: %v", role, sc.Err())
+	}
+	return p
 }
 
 type migrateResult struct {

@@ -88,8 +88,9 @@ start_agents() {
 		log "no ferry binary in the image"
 		return 1
 	fi
-	ferry dest --listen 127.0.0.1:7001 --insecure >/tmp/dest.log 2>&1 &
-	ferry source --listen 127.0.0.1:7002 --insecure >/tmp/source.log 2>&1 &
+	# --devices: agents serve only the host devices their allowlist names.
+	ferry dest --listen 127.0.0.1:7001 --insecure --devices 'mdev:*' >/tmp/dest.log 2>&1 &
+	ferry source --listen 127.0.0.1:7002 --insecure --devices 'mdev:*' >/tmp/source.log 2>&1 &
 	i=0
 	until port_listening 7001 && port_listening 7002; do
 		i=$((i + 1))

@@ -1,0 +1,44 @@
+package dest
+
+import (
+	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/services/telemetry"
+)
+
+// deviceCounters reads the devices' counters for the metrics; a scrape
+// calls it while the migration runs.
+func (inc *incoming) deviceCounters() []telemetry.DestDevice {
+	out := make([]telemetry.DestDevice, len(inc.devs))
+	for i, d := range inc.devs {
+		out[i] = telemetry.DestDevice{
+			Device:     d.spec,
+			Bytes:      d.written.Load(),
+			Chunks:     d.chunks.Load(),
+			Duplicates: d.duplicates.Load(),
+			Window:     inc.limits.MaxBytes,
+		}
+		d.mu.Lock()
+		if d.reasm != nil {
+			_, out[i].Buffered = d.reasm.Buffered()
+		}
+		d.mu.Unlock()
+	}
+	return out
+}
+
+// ended is what the metrics record once the migration has ended.
+func (inc *incoming) ended() telemetry.Ended {
+	inc.mu.Lock()
+	defer inc.mu.Unlock()
+	e := telemetry.Ended{Outcome: telemetry.Failed, Duration: inc.endTime.Sub(inc.createTime)}
+	switch inc.phase {
+	case ferryv1.MigrationPhase_MIGRATION_PHASE_SUCCEEDED:
+		e.Outcome = telemetry.Succeeded
+	case ferryv1.MigrationPhase_MIGRATION_PHASE_CANCELLED:
+		e.Outcome = telemetry.Cancelled
+	}
+	if !inc.switchoverTime.IsZero() {
+		e.Downtime, e.SwitchedOver = inc.endTime.Sub(inc.switchoverTime), true
+	}
+	return e
+}

@@ -1,0 +1,248 @@
+package source
+
+import (
+	"context"
+	"errors"
+	"io"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+
+	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/pkg/flow"
+	"github.com/vfio-ferry/ferry/services/wire"
+)
+
+// Defaults for the fault deadlines.
+const (
+	// DefaultReconnectTimeout is how long a lost channel (or an
+	// unreachable destination) is retried before the migration fails.
+	DefaultReconnectTimeout = 30 * time.Second
+	// DefaultProgressTimeout is how long a channel may go without a word
+	// from the destination while chunks it sent are unacknowledged before
+	// it is declared stalled and re-dialled. TCP keepalives take far longer
+	// to notice a connection that stalls without closing.
+	DefaultProgressTimeout = 30 * time.Second
+)
+
+// channel is one of a session's channels: one connection, and a Channel
+// stream on it that is re-opened when it breaks.
+type channel struct {
+	m       *migration
+	index   int32
+	client  ferryv1.TransferClient
+	session string
+	queue   <-chan *outChunk
+	resend  chan *outChunk
+	ready   chan<- struct{}
+
+	readyOnce sync.Once
+}
+
+type channelStream = grpc.BidiStreamingClient[ferryv1.ChannelRequest, ferryv1.ChannelResponse]
+
+// run serves the channel until ctx ends or the session ends. A broken
+// stream is re-opened, and the chunks it had sent but the destination had
+// not acknowledged are queued again; if no stream comes up within the
+// reconnect timeout the channel fails the migration.
+func (c *channel) run(ctx context.Context) error {
+	cfg := &c.m.a.cfg
+	var lostSince time.Time
+	backoff := 50 * time.Millisecond
+	for {
+		up, err := c.serve(ctx)
+		if ctx.Err() != nil || err == nil {
+			return nil
+		}
+		if !retryable(err) {
+			return err
+		}
+		n := c.m.requeue(c.index, c.resend)
+		if up {
+			lostSince, backoff = time.Time{}, 50*time.Millisecond
+		}
+		if lostSince.IsZero() {
+			lostSince = time.Now()
+		}
+		if time.Since(lostSince) > cfg.ReconnectTimeout {
+			return wire.Errorf(codes.Unavailable, wire.ReasonPeerUnavailable,
+				"channel %d to the destination was lost and not re-established within %s: %s", c.index, cfg.ReconnectTimeout, wire.Message(err))
+		}
+		c.m.log.Warn("channel lost; re-dialling", "channel", c.index, "resend_chunks", n, "error", wire.Message(err))
+		t := time.NewTimer(backoff)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil
+		case <-t.C:
+		}
+		backoff = min(2*backoff, time.Second)
+	}
+}
+
+// serve runs one stream of the channel until it breaks. up reports
+// whether the destination answered on it.
+func (c *channel) serve(ctx context.Context) (up bool, err error) {
+	sctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	sctx = metadata.AppendToOutgoingContext(sctx, headerSession, c.session, headerChannel, strconv.Itoa(int(c.index)))
+	st, err := c.client.Channel(sctx)
+	if err != nil {
+		return false, err
+	}
+	var (
+		upFlag  atomic.Bool
+		stalled atomic.Bool
+		// pending counts messages sent since the destination last spoke.
+		pending atomic.Int64
+	)
+	timeout := c.m.a.cfg.ProgressTimeout
+	var watchdog *time.Timer
+	watchdog = time.AfterFunc(timeout, func() {
+		if pending.Load() > 0 {
+			stalled.Store(true)
+			cancel()
+			return
+		}
+		watchdog.Reset(timeout)
+	})
+	defer watchdog.Stop()
+
+	var wg sync.WaitGroup
+	wg.Go(func() { c.send(sctx, st, &pending) })
+	err = c.receive(st, &upFlag, &pending)
+	cancel()
+	wg.Wait()
+	if stalled.Load() {
+		err = wire.Errorf(codes.Unavailable, "", "channel %d: no word from the destination for %s with chunks in flight", c.index, timeout)
+	}
+	return upFlag.Load(), err
+}
+
+// send takes chunks from the resend queue first, then from the shared
+// queue, and sends them until the stream breaks or ctx ends; the receiver
+// reports why the stream ended.
+func (c *channel) send(ctx context.Context, st channelStream, pending *atomic.Int64) {
+	out := &wire.OutChunk{}
+	for {
+		var ch *outChunk
+		select {
+		case ch = <-c.resend:
+		default:
+			select {
+			case <-ctx.Done():
+				return
+			case ch = <-c.resend:
+			case ch = <-c.queue:
+			}
+		}
+		if ch.acked.Load() {
+			ch.release()
+			continue
+		}
+		ch.channel.Store(c.index)
+		out.Header, out.Payload = &ch.hdr, ch.payload
+		err := st.SendMsg(out)
+		ch.release()
+		if err != nil {
+			return
+		}
+		pending.Add(1)
+	}
+}
+
+// receive applies the destination's window updates until the stream ends.
+// It returns nil when the destination ended the stream because the session
+// ended (Finish tells how), the stream's status otherwise.
+func (c *channel) receive(st channelStream, up *atomic.Bool, pending *atomic.Int64) error {
+	m := c.m
+	for {
+		resp, err := st.Recv()
+		if errors.Is(err, io.EOF) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		pending.Store(0)
+		for _, w := range resp.GetWindows() {
+			if err := wire.CheckWindowUpdate(w, len(m.devs)); err != nil {
+				return err
+			}
+			d := m.devs[w.GetDevice()]
+			d.gate.Update(flow.Window{LimitSeq: w.GetLimitSeq(), LimitOffset: w.GetLimitOffset()})
+			d.ack(w.GetAckedSeq())
+		}
+		if !up.Load() {
+			up.Store(true)
+			c.readyOnce.Do(func() { c.ready <- struct{}{} })
+		}
+	}
+}
+
+// requeue queues for a resend every unacknowledged chunk last sent on
+// channel, and counts them as retransmitted.
+func (m *migration) requeue(channel int32, resend chan<- *outChunk) int {
+	var chunks []*outChunk
+	for _, d := range m.devs {
+		before := len(chunks)
+		chunks = d.unsent(channel, chunks)
+		d.retrans.Add(uint64(len(chunks) - before))
+	}
+	for _, ch := range chunks {
+		resend <- ch
+	}
+	return len(chunks)
+}
+
+// drain releases the queue references of chunks left in the queues.
+func drain(queues ...chan *outChunk) {
+	for _, q := range queues {
+		for {
+			select {
+			case ch := <-q:
+				ch.release()
+				continue
+			default:
+			}
+			break
+		}
+	}
+}
+
+// retryable reports whether a stream or call failed for the transport's
+// sake (the connection broke, or the destination is not ready yet) rather
+// than because the destination refused it.
+func retryable(err error) bool {
+	if wire.Code(err) != codes.Unavailable {
+		return false
+	}
+	r := wire.Reason(err)
+	return r == "" || r == wire.ReasonNotReady
+}
+
+// retry calls f until it succeeds, fails for a reason other than the
+// transport, ctx ends, or the reconnect timeout passes.
+func (m *migration) retry(ctx context.Context, f func(context.Context) error) error {
+	deadline := time.Now().Add(m.a.cfg.ReconnectTimeout)
+	backoff := 50 * time.Millisecond
+	for {
+		err := f(ctx)
+		if err == nil || !retryable(err) || ctx.Err() != nil || time.Now().After(deadline) {
+			return err
+		}
+		t := time.NewTimer(backoff)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return err
+		case <-t.C:
+		}
+		backoff = min(2*backoff, time.Second)
+	}
+}

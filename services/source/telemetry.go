@@ -1,0 +1,66 @@
+package source
+
+import (
+	"time"
+
+	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/services/telemetry"
+	"github.com/vfio-ferry/ferry/services/wire"
+)
+
+// deviceCounters reads the devices' counters for the metrics; a scrape
+// calls it while the migration runs.
+func (m *migration) deviceCounters() []telemetry.SourceDevice {
+	m.mu.Lock()
+	gates := make([]func() (uint64, time.Duration), len(m.devs))
+	for i, d := range m.devs {
+		if d.gate != nil {
+			gates[i] = d.gate.Stalls
+		}
+	}
+	m.mu.Unlock()
+	out := make([]telemetry.SourceDevice, len(m.devs))
+	for i, d := range m.devs {
+		out[i] = telemetry.SourceDevice{
+			Device:        d.spec,
+			Bytes:         d.read.Load(),
+			Chunks:        d.chunks.Load(),
+			Retransmitted: d.retrans.Load(),
+		}
+		if gates[i] != nil {
+			out[i].Stalls, out[i].StallTime = gates[i]()
+		}
+	}
+	return out
+}
+
+// ended is what the metrics record when the migration reaches phase.
+func (m *migration) ended(phase ferryv1.MigrationPhase) telemetry.Ended {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	e := telemetry.Ended{Outcome: outcome(phase), Duration: m.endTime.Sub(m.createTime)}
+	if !m.switchoverTime.IsZero() {
+		e.Downtime, e.SwitchedOver = m.endTime.Sub(m.switchoverTime), true
+	}
+	return e
+}
+
+func outcome(p ferryv1.MigrationPhase) telemetry.Outcome {
+	switch p {
+	case ferryv1.MigrationPhase_MIGRATION_PHASE_SUCCEEDED:
+		return telemetry.Succeeded
+	case ferryv1.MigrationPhase_MIGRATION_PHASE_CANCELLED:
+		return telemetry.Cancelled
+	}
+	return telemetry.Failed
+}
+
+// sourceSpecs are the source devices a request names, for the
+// migration's log lines.
+func sourceSpecs(req *ferryv1.StartMigrationRequest) []string {
+	specs := make([]string, len(req.GetDevices()))
+	for i, p := range req.GetDevices() {
+		specs[i], _ = wire.CanonicalSpec(p.GetSourceDevice())
+	}
+	return specs
+}

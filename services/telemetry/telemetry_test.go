@@ -1,0 +1,128 @@
+package telemetry
+
+import (
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+)
+
+// value gathers reg and returns the value of the series name with labels,
+// and whether it exists.
+func value(t *testing.T, reg *prometheus.Registry, name string, labels map[string]string) (float64, bool) {
+	t.Helper()
+	fams, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range fams {
+		if f.GetName() != name {
+			continue
+		}
+		for _, m := range f.GetMetric() {
+			if !hasLabels(m, labels) {
+				continue
+			}
+			switch {
+			case m.Counter != nil:
+				return m.GetCounter().GetValue(), true
+			case m.Gauge != nil:
+				return m.GetGauge().GetValue(), true
+			case m.Histogram != nil:
+				return float64(m.GetHistogram().GetSampleCount()), true
+			}
+		}
+	}
+	return 0, false
+}
+
+func hasLabels(m *dto.Metric, want map[string]string) bool {
+	got := map[string]string{}
+	for _, l := range m.GetLabel() {
+		got[l.GetName()] = l.GetValue()
+	}
+	for k, v := range want {
+		if got[k] != v {
+			return false
+		}
+	}
+	return true
+}
+
+func expect(t *testing.T, reg *prometheus.Registry, name string, labels map[string]string, want float64) {
+	t.Helper()
+	got, ok := value(t, reg, name, labels)
+	if !ok {
+		t.Fatalf("%s%v is missing", name, labels)
+	}
+	if got != want {
+		t.Errorf("%s%v = %v, want %v", name, labels, got, want)
+	}
+}
+
+func TestSourceCountersAcrossMigrations(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	m := New(reg)
+	dev := map[string]string{"device": "pci:0000:3b:00.2"}
+
+	live := SourceDevice{Device: "pci:0000:3b:00.2", Bytes: 10, Chunks: 1, Stalls: 2, StallTime: 500 * time.Millisecond}
+	tr := m.TrackSource(func() []SourceDevice { return []SourceDevice{live} })
+	expect(t, reg, "ferry_source_sent_bytes_total", dev, 10)
+	expect(t, reg, "ferry_migrations_active", map[string]string{"role": RoleSource}, 1)
+	live.Bytes, live.Chunks = 30, 3
+	expect(t, reg, "ferry_source_sent_bytes_total", dev, 30)
+	expect(t, reg, "ferry_source_window_stall_seconds_total", dev, 0.5)
+
+	tr.End(Ended{Outcome: Succeeded, Duration: 2 * time.Second, Downtime: time.Second, SwitchedOver: true})
+	tr.End(Ended{Outcome: Failed}) // only the first End counts
+	live.Bytes = 1 << 40           // no longer read
+	expect(t, reg, "ferry_source_sent_bytes_total", dev, 30)
+	expect(t, reg, "ferry_migrations_active", map[string]string{"role": RoleSource}, 0)
+	expect(t, reg, "ferry_migrations_total", map[string]string{"role": RoleSource, "outcome": "succeeded"}, 1)
+	expect(t, reg, "ferry_migrations_total", map[string]string{"role": RoleSource, "outcome": "failed"}, 0)
+	expect(t, reg, "ferry_migration_duration_seconds", map[string]string{"role": RoleSource}, 1)
+	expect(t, reg, "ferry_migration_downtime_seconds", map[string]string{"role": RoleSource}, 1)
+
+	// A second migration of the same device adds to its counters.
+	second := SourceDevice{Device: "pci:0000:3b:00.2", Bytes: 5, Chunks: 1, Retransmitted: 1}
+	tr2 := m.TrackSource(func() []SourceDevice { return []SourceDevice{second} })
+	expect(t, reg, "ferry_source_sent_bytes_total", dev, 35)
+	tr2.End(Ended{Outcome: Cancelled, Duration: time.Second})
+	expect(t, reg, "ferry_source_sent_bytes_total", dev, 35)
+	expect(t, reg, "ferry_source_retransmitted_chunks_total", dev, 1)
+	expect(t, reg, "ferry_migrations_total", map[string]string{"role": RoleSource, "outcome": "cancelled"}, 1)
+	expect(t, reg, "ferry_migration_downtime_seconds", map[string]string{"role": RoleSource}, 1) // no switchover, no downtime
+}
+
+func TestDestGaugesOnlyWhileRunning(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	m := New(reg)
+	inUse := uint64(128 << 20)
+	m.WatchBudget(reg, func() uint64 { return inUse }, 1<<30)
+	dev := map[string]string{"device": "sim:size=1GiB,seed=1"}
+	live := DestDevice{Device: "sim:size=1GiB,seed=1", Bytes: 4096, Chunks: 1, Buffered: 8192, Window: 64 << 20}
+	tr := m.TrackDest(func() []DestDevice { return []DestDevice{live} })
+	expect(t, reg, "ferry_dest_buffered_bytes", dev, 8192)
+	expect(t, reg, "ferry_dest_window_bytes", dev, 64<<20)
+	expect(t, reg, "ferry_dest_loaded_bytes_total", dev, 4096)
+	expect(t, reg, "ferry_dest_memory_budget_in_use_bytes", nil, 128<<20)
+	expect(t, reg, "ferry_dest_memory_budget_bytes", nil, 1<<30)
+	tr.End(Ended{Outcome: Failed, Duration: time.Second})
+	if _, ok := value(t, reg, "ferry_dest_buffered_bytes", dev); ok {
+		t.Error("buffered bytes of an ended migration are still exported")
+	}
+	expect(t, reg, "ferry_dest_loaded_bytes_total", dev, 4096)
+	expect(t, reg, "ferry_migrations_total", map[string]string{"role": RoleDest, "outcome": "failed"}, 1)
+}
+
+func TestNilMetrics(t *testing.T) {
+	var m *Metrics
+	if m.DialOptions() != nil {
+		t.Error("nil metrics add dial options")
+	}
+	m.WatchBudget(prometheus.NewRegistry(), func() uint64 { return 0 }, 0)
+	tr := m.TrackSource(func() []SourceDevice { t.Fatal("read"); return nil })
+	tr.End(Ended{Outcome: Succeeded})
+	m.TrackDest(nil).End(Ended{})
+}

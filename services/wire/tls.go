@@ -1,0 +1,203 @@
+package wire
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"os"
+	"slices"
+	"strings"
+	"time"
+
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/peer"
+)
+
+// TLSFiles names the PEM files of an agent's or a client's TLS identity:
+// its certificate chain and key, and the CA bundle its peers' certificates
+// are verified against. Every Ferry connection is mutual TLS: servers
+// require a client certificate, clients verify the server's.
+type TLSFiles struct {
+	Cert string // --tls-cert: the certificate chain, leaf first
+	Key  string // --tls-key: the leaf's private key
+	CA   string // --tls-ca: the CA certificates that sign every peer
+}
+
+// Configured reports whether any of the files is named.
+func (f TLSFiles) Configured() bool { return f.Cert != "" || f.Key != "" || f.CA != "" }
+
+// load reads the key pair and the CA pool, with errors that name the flag
+// at fault.
+func (f TLSFiles) load(use x509.ExtKeyUsage) (tls.Certificate, *x509.CertPool, error) {
+	switch {
+	case f.Cert == "" || f.Key == "" || f.CA == "":
+		return tls.Certificate{}, nil, errors.New("TLS needs all of --tls-cert, --tls-key and --tls-ca")
+	}
+	cert, err := tls.LoadX509KeyPair(f.Cert, f.Key)
+	if err != nil {
+		return tls.Certificate{}, nil, fmt.Errorf("--tls-cert %s / --tls-key %s: %w", f.Cert, f.Key, err)
+	}
+	leaf := cert.Leaf
+	if leaf == nil {
+		if leaf, err = x509.ParseCertificate(cert.Certificate[0]); err != nil {
+			return tls.Certificate{}, nil, fmt.Errorf("--tls-cert %s: %w", f.Cert, err)
+		}
+		cert.Leaf = leaf
+	}
+	if len(leaf.DNSNames) == 0 && len(leaf.URIs) == 0 && len(leaf.IPAddresses) == 0 {
+		return tls.Certificate{}, nil, fmt.Errorf("--tls-cert %s: the certificate has no subject alternative name (DNS, URI or IP): peers identify and verify an agent by its SANs", f.Cert)
+	}
+	if !hasUsage(leaf, use) {
+		return tls.Certificate{}, nil, fmt.Errorf("--tls-cert %s: the certificate's extended key usage does not include %s", f.Cert, usageName(use))
+	}
+	if now := time.Now(); now.After(leaf.NotAfter) {
+		return tls.Certificate{}, nil, fmt.Errorf("--tls-cert %s: the certificate expired at %s", f.Cert, leaf.NotAfter.Format(time.RFC3339))
+	}
+	pem, err := os.ReadFile(f.CA)
+	if err != nil {
+		return tls.Certificate{}, nil, fmt.Errorf("--tls-ca: %w", err)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(pem) {
+		return tls.Certificate{}, nil, fmt.Errorf("--tls-ca %s: no PEM certificate in the file", f.CA)
+	}
+	return cert, pool, nil
+}
+
+func hasUsage(c *x509.Certificate, use x509.ExtKeyUsage) bool {
+	// No extended key usage at all means any usage.
+	return len(c.ExtKeyUsage) == 0 || slices.Contains(c.ExtKeyUsage, use) || slices.Contains(c.ExtKeyUsage, x509.ExtKeyUsageAny)
+}
+
+func usageName(use x509.ExtKeyUsage) string {
+	if use == x509.ExtKeyUsageServerAuth {
+		return "serverAuth (TLS Web Server Authentication)"
+	}
+	return "clientAuth (TLS Web Client Authentication)"
+}
+
+// ServerTLS is the TLS configuration of an agent's listener: TLS 1.3 only,
+// and a client certificate is required and verified against f.CA.
+func ServerTLS(f TLSFiles) (*tls.Config, error) {
+	cert, pool, err := f.load(x509.ExtKeyUsageServerAuth)
+	if err != nil {
+		return nil, err
+	}
+	return &tls.Config{
+		MinVersion:   tls.VersionTLS13,
+		Certificates: []tls.Certificate{cert},
+		ClientAuth:   tls.RequireAndVerifyClientCert,
+		ClientCAs:    pool,
+		NextProtos:   []string{"h2"},
+	}, nil
+}
+
+// ClientTLS is the TLS configuration of a client of an agent (the source
+// agent dialling a destination, or a control-plane client): TLS 1.3 only,
+// it presents f's certificate and verifies the server's against f.CA and
+// the host name it dials (or serverName when that is set).
+func ClientTLS(f TLSFiles, serverName string) (*tls.Config, error) {
+	cert, pool, err := f.load(x509.ExtKeyUsageClientAuth)
+	if err != nil {
+		return nil, err
+	}
+	return &tls.Config{
+		MinVersion:   tls.VersionTLS13,
+		Certificates: []tls.Certificate{cert},
+		RootCAs:      pool,
+		ServerName:   serverName,
+		NextProtos:   []string{"h2"},
+	}, nil
+}
+
+// AgentTLS is what an agent needs: the credentials of its listener and,
+// from the same certificate, those it dials its peers with. An agent's
+// certificate therefore needs both the serverAuth and clientAuth extended
+// key usages.
+func AgentTLS(f TLSFiles) (server, client credentials.TransportCredentials, err error) {
+	s, err := ServerTLS(f)
+	if err != nil {
+		return nil, nil, err
+	}
+	c, err := ClientTLS(f, "")
+	if err != nil {
+		return nil, nil, err
+	}
+	return credentials.NewTLS(s), credentials.NewTLS(c), nil
+}
+
+// Identity is who called: the subject alternative names of the verified
+// client certificate, URIs (spiffe://...), DNS names and IP addresses. The
+// zero Identity is an unauthenticated caller (plaintext, or no client
+// certificate).
+type Identity struct {
+	// Verified is set when the caller presented a certificate the TLS
+	// handshake verified against the CA.
+	Verified bool
+	// Names are the certificate's URI SANs, then its DNS SANs (lower
+	// case), then its IP SANs, each in certificate order.
+	Names []string
+}
+
+// Authenticated reports whether the caller presented a verified
+// certificate.
+func (id Identity) Authenticated() bool { return id.Verified }
+
+// String is the identity's names, comma-separated ("" when
+// unauthenticated, "(no SAN)" for a certificate without names). Two callers with the same String are the same
+// principal: a session is bound to it (a renewed certificate with the
+// same names is the same principal).
+func (id Identity) String() string {
+	if id.Verified && len(id.Names) == 0 {
+		return "(no SAN)"
+	}
+	return strings.Join(id.Names, ",")
+}
+
+// Matches reports whether one of the identity's names is name: a URI
+// compared exactly, a DNS name without regard to case, or "*", which any
+// authenticated identity matches.
+func (id Identity) Matches(name string) bool {
+	if !id.Authenticated() {
+		return false
+	}
+	if name == "*" {
+		return true
+	}
+	if !strings.Contains(name, "://") {
+		name = strings.ToLower(name)
+	}
+	return slices.Contains(id.Names, name)
+}
+
+// PeerIdentity is the identity of the caller of an RPC, taken from the
+// certificate the TLS handshake verified. It is the zero Identity on a
+// plaintext connection.
+func PeerIdentity(ctx context.Context) Identity {
+	p, ok := peer.FromContext(ctx)
+	if !ok || p.AuthInfo == nil {
+		return Identity{}
+	}
+	info, ok := p.AuthInfo.(credentials.TLSInfo)
+	if !ok || len(info.State.VerifiedChains) == 0 || len(info.State.VerifiedChains[0]) == 0 {
+		return Identity{}
+	}
+	return CertIdentity(info.State.VerifiedChains[0][0])
+}
+
+// CertIdentity is the identity a verified certificate names.
+func CertIdentity(c *x509.Certificate) Identity {
+	id := Identity{Verified: true}
+	for _, u := range c.URIs {
+		id.Names = append(id.Names, u.String())
+	}
+	for _, d := range c.DNSNames {
+		id.Names = append(id.Names, strings.ToLower(d))
+	}
+	for _, ip := range c.IPAddresses {
+		id.Names = append(id.Names, ip.String())
+	}
+	return id
+}

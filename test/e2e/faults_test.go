@@ -1,0 +1,327 @@
+package e2e
+
+import (
+	"fmt"
+	"sync"
+	"testing"
+
+	"google.golang.org/grpc/codes"
+
+	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/services/wire"
+	"github.com/vfio-ferry/ferry/test/tcpproxy"
+)
+
+// The tests in this file break things from outside the agents: a TCP proxy
+// of the test's own between the source and the destination cuts, stalls
+// or corrupts connections, and agent processes are killed with SIGKILL.
+// Whatever happens, nothing may be lost: a failed migration leaves the
+// source device RUNNING and the destination device reset, and the agents
+// keep serving.
+
+// Short deadlines so faults resolve quickly; the tests never assert on
+// time, only on outcomes.
+var (
+	sourceFaultFlags = []string{"--reconnect-timeout", "2s", "--progress-timeout", "2s", "--drain-timeout", "1s"}
+	destFaultFlags   = []string{"--source-timeout", "2s", "--drain-timeout", "1s"}
+)
+
+// pair is a destination and a source agent process with clients, and a
+// proxy in front of the destination's Transfer port.
+type pair struct {
+	dst, src *proc
+	proxy    *tcpproxy.Proxy
+	dest     ferryv1.DestAgentClient
+	source   ferryv1.SourceAgentClient
+}
+
+func startPair(t *testing.T, destArgs ...string) *pair {
+	t.Helper()
+	p := &pair{
+		dst: startAgent(t, "dest", append(destFaultFlags, destArgs...)...),
+		src: startAgent(t, "source", sourceFaultFlags...),
+	}
+	proxy, err := tcpproxy.New(p.dst.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(proxy.Close)
+	p.proxy = proxy
+	p.dest = ferryv1.NewDestAgentClient(dial(t, p.dst.addr))
+	p.source = ferryv1.NewSourceAgentClient(dial(t, p.src.addr))
+	return p
+}
+
+// start prepares the destination and starts the source, the source
+// reaching the destination through the proxy.
+func (p *pair) start(t *testing.T, id string, src, dst []string, channels uint32) {
+	t.Helper()
+	prep, err := p.dest.PrepareIncoming(t.Context(), &ferryv1.PrepareIncomingRequest{MigrationId: id, Devices: dst})
+	if err != nil {
+		t.Fatalf("prepare: %v", err)
+	}
+	req := &ferryv1.StartMigrationRequest{MigrationId: id, DestAddress: p.proxy.Addr(), Token: prep.GetToken(), Channels: channels}
+	for i := range src {
+		req.Devices = append(req.Devices, &ferryv1.DevicePair{SourceDevice: src[i], DestDevice: dst[i]})
+	}
+	if _, err := p.source.StartMigration(t.Context(), req); err != nil {
+		t.Fatalf("start: %v", err)
+	}
+}
+
+func (p *pair) agents() *agents {
+	return &agents{source: p.source, dest: p.dest}
+}
+
+func TestOneChannelCutIsResent(t *testing.T) {
+	p := startPair(t)
+	// Connection 0 carries Open; 1-4 are the channels. Cut channel
+	// connection 2 once it carried 16 MiB; its re-dialled successor is
+	// left alone.
+	p.proxy.OnNew(func(c *tcpproxy.Conn) {
+		if c.Index == 2 {
+			c.CutAfter(16 << 20)
+		}
+	})
+	spec := []string{"sim:size=256MiB,seed=41"}
+	p.start(t, "cut-one", spec, spec, 4)
+	s := p.agents().waitSource(t, "cut-one")
+	if s.GetPhase() != succeeded {
+		t.Fatalf("phase %v: %v", s.GetPhase(), s.GetError())
+	}
+	if s.GetRetransmittedChunks() == 0 {
+		t.Error("no chunk was re-sent after the cut")
+	}
+	if d := p.agents().waitDest(t, "cut-one"); !d.GetDevices()[0].GetVerified() {
+		t.Error("destination device not verified")
+	}
+}
+
+func TestAllChannelsCutBriefly(t *testing.T) {
+	p := startPair(t)
+	p.proxy.OnNew(func(c *tcpproxy.Conn) {
+		if c.Index <= 4 { // Open and the first generation of channels
+			c.CutAfter(8 << 20)
+		}
+	})
+	spec := []string{"sim:size=256MiB,seed=42"}
+	p.start(t, "cut-all", spec, spec, 4)
+	if s := p.agents().waitSource(t, "cut-all"); s.GetPhase() != succeeded {
+		t.Fatalf("phase %v: %v", s.GetPhase(), s.GetError())
+	}
+}
+
+func TestChannelsLostPastTheDeadline(t *testing.T) {
+	p := startPair(t)
+	// After the first cut, the destination is unreachable for good.
+	p.proxy.OnNew(func(c *tcpproxy.Conn) {
+		if c.Index >= 1 {
+			c.CutAfter(8 << 20)
+		}
+		if c.Index > 4 {
+			p.proxy.Refuse(true)
+			c.Cut()
+		}
+	})
+	src, dst := "sim:size=256MiB,seed=43", "sim:size=256MiB,seed=43"
+	p.start(t, "deadline", []string{src}, []string{dst}, 4)
+	s := p.agents().waitSource(t, "deadline")
+	if s.GetPhase() != failed || codes.Code(s.GetError().GetCode()) != codes.Unavailable {
+		t.Fatalf("phase %v, error %v; want FAILED, UNAVAILABLE", s.GetPhase(), s.GetError())
+	}
+	if st := s.GetDevices()[0].GetState(); st != ferryv1.DeviceState_DEVICE_STATE_RUNNING {
+		t.Errorf("source device %v, want RUNNING", st)
+	}
+	// The destination notices the source is gone and resets its device.
+	if d := p.agents().waitDest(t, "deadline"); d.GetPhase() != failed || d.GetDevices()[0].GetState() != ferryv1.DeviceState_DEVICE_STATE_RUNNING {
+		t.Errorf("destination %v, device %v; want FAILED and RUNNING (reset)", d.GetPhase(), d.GetDevices()[0].GetState())
+	}
+}
+
+func TestStalledConnectionIsDetected(t *testing.T) {
+	p := startPair(t)
+	p.proxy.OnNew(func(c *tcpproxy.Conn) {
+		if c.Index == 3 {
+			c.StallAfter(16 << 20) // no bytes either way, no FIN
+		}
+	})
+	spec := []string{"sim:size=256MiB,seed=44"}
+	p.start(t, "stall", spec, spec, 4)
+	s := p.agents().waitSource(t, "stall")
+	if s.GetPhase() != succeeded {
+		t.Fatalf("phase %v: %v", s.GetPhase(), s.GetError())
+	}
+	if s.GetRetransmittedChunks() == 0 {
+		t.Error("no chunk was re-sent after the stall")
+	}
+}
+
+func TestDestinationKilled(t *testing.T) {
+	p := startPair(t)
+	src := "sim:size=4GiB,seed=45,rate=256MB/s"
+	dst := "sim:size=4GiB,seed=45"
+	p.start(t, "dest-killed", []string{src}, []string{dst}, 4)
+	waitBytes(t, p.agents(), "dest-killed")
+	p.dst.kill(t)
+	s := p.agents().waitSource(t, "dest-killed")
+	if s.GetPhase() != failed || s.GetError().GetReason() == "" {
+		t.Fatalf("phase %v, error %v; want FAILED with a reason", s.GetPhase(), s.GetError())
+	}
+	if st := s.GetDevices()[0].GetState(); st != ferryv1.DeviceState_DEVICE_STATE_RUNNING {
+		t.Errorf("source device %v, want RUNNING", st)
+	}
+	// A restarted destination accepts a new migration.
+	dst2 := startAgent(t, "dest", destFaultFlags...)
+	a := &agents{source: p.source, dest: ferryv1.NewDestAgentClient(dial(t, dst2.addr)), destAddr: dst2.addr}
+	spec := []string{"sim:size=32MiB,seed=46"}
+	if s, _ := a.run(t, migration{id: "after-restart", src: spec, dst: spec, channels: 4}); s.GetPhase() != succeeded {
+		t.Fatalf("after the restart: %v %v", s.GetPhase(), s.GetError())
+	}
+}
+
+func TestSourceKilled(t *testing.T) {
+	p := startPair(t, "--memory-budget", "64MiB", "--max-buffer-bytes", "64MiB")
+	src := "sim:size=4GiB,seed=47,rate=256MB/s"
+	dst := "sim:size=4GiB,seed=47"
+	p.start(t, "source-killed", []string{src}, []string{dst}, 4)
+	waitBytes(t, p.agents(), "source-killed")
+	p.src.kill(t)
+	d := p.agents().waitDest(t, "source-killed")
+	if d.GetPhase() != failed || d.GetError().GetReason() == "" {
+		t.Fatalf("destination %v %v, want FAILED with a reason", d.GetPhase(), d.GetError())
+	}
+	if st := d.GetDevices()[0].GetState(); st != ferryv1.DeviceState_DEVICE_STATE_RUNNING {
+		t.Errorf("destination device %v, want RUNNING (reset)", st)
+	}
+	// The budget is free again: a prepare that needs all of it fits.
+	if _, err := p.dest.PrepareIncoming(t.Context(), &ferryv1.PrepareIncomingRequest{MigrationId: "budget-back", Devices: []string{"sim:size=1MiB,seed=48"}}); err != nil {
+		t.Fatalf("prepare after the source died: %v", err)
+	}
+}
+
+func TestSlowDestinationSlowsTheSource(t *testing.T) {
+	p := startPair(t, "--max-buffers", "8", "--max-buffer-bytes", "8MiB")
+	src, dst := "sim:size=64MiB,seed=49", "sim:size=64MiB,seed=49,wrate=128MB/s"
+	p.start(t, "slow-dest", []string{src}, []string{dst}, 4)
+	s := p.agents().waitSource(t, "slow-dest")
+	if s.GetPhase() != succeeded {
+		t.Fatalf("phase %v: %v", s.GetPhase(), s.GetError())
+	}
+	if s.GetDevices()[0].GetWindowStalls() == 0 {
+		t.Error("the source never waited for the destination's window")
+	}
+	d := p.agents().waitDest(t, "slow-dest")
+	if d.GetPeakBufferedBytes() > 8<<20 {
+		t.Errorf("destination buffered %d bytes, more than its 8 MiB window", d.GetPeakBufferedBytes())
+	}
+}
+
+func TestCorruptedChunkIsNeverVerified(t *testing.T) {
+	p := startPair(t)
+	p.proxy.OnNew(func(c *tcpproxy.Conn) {
+		if c.Index == 1 {
+			c.FlipAt(5<<20 + 12345)
+		}
+	})
+	spec := []string{"sim:size=64MiB,seed=50"}
+	p.start(t, "corrupt", spec, spec, 4)
+	s := p.agents().waitSource(t, "corrupt")
+	d := p.agents().waitDest(t, "corrupt")
+	switch s.GetPhase() {
+	case succeeded:
+		// The flip hit framing, the connection was dropped and its chunks
+		// re-sent: the destination must have verified every byte.
+		if !d.GetDevices()[0].GetVerified() {
+			t.Fatal("SUCCEEDED without a verified destination device")
+		}
+	case failed:
+		if r := s.GetError().GetReason(); r != wire.ReasonChunkCRC {
+			t.Errorf("reason %q, want %s", r, wire.ReasonChunkCRC)
+		}
+		if st := s.GetDevices()[0].GetState(); st != ferryv1.DeviceState_DEVICE_STATE_RUNNING {
+			t.Errorf("source device %v, want RUNNING", st)
+		}
+	default:
+		t.Fatalf("phase %v", s.GetPhase())
+	}
+}
+
+func TestCancelBeforeOpen(t *testing.T) {
+	p := startPair(t)
+	// Every connection to the destination stalls: Open never answers.
+	p.proxy.OnNew(func(c *tcpproxy.Conn) { c.StallAfter(1) })
+	spec := []string{"sim:size=16MiB,seed=51"}
+	p.start(t, "cancel-open", spec, spec, 4)
+	resp, err := p.source.CancelMigration(t.Context(), &ferryv1.CancelMigrationRequest{MigrationId: "cancel-open"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m := resp.GetMigration(); m.GetPhase() != cancelled || m.GetDevices()[0].GetState() != ferryv1.DeviceState_DEVICE_STATE_RUNNING {
+		t.Fatalf("%v, device %v; want CANCELLED and RUNNING", m.GetPhase(), m.GetDevices()[0].GetState())
+	}
+}
+
+func TestCancelDuringFinish(t *testing.T) {
+	p := startPair(t)
+	// A slow destination device keeps the migration in FINISHING.
+	src, dst := "sim:size=64MiB,seed=52", "sim:size=64MiB,seed=52,wrate=16MB/s"
+	p.start(t, "cancel-finish", []string{src}, []string{dst}, 4)
+	stream, err := p.source.WatchMigration(t.Context(), &ferryv1.WatchMigrationRequest{MigrationId: "cancel-finish"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for {
+		resp, err := stream.Recv()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if resp.GetMigration().GetPhase() == ferryv1.MigrationPhase_MIGRATION_PHASE_FINISHING {
+			break
+		}
+	}
+	resp, err := p.source.CancelMigration(t.Context(), &ferryv1.CancelMigrationRequest{MigrationId: "cancel-finish"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m := resp.GetMigration(); m.GetPhase() != cancelled || m.GetDevices()[0].GetState() != ferryv1.DeviceState_DEVICE_STATE_RUNNING {
+		t.Fatalf("%v, device %v; want CANCELLED and RUNNING", m.GetPhase(), m.GetDevices()[0].GetState())
+	}
+	if d := p.agents().waitDest(t, "cancel-finish"); d.GetPhase() != failed || d.GetDevices()[0].GetState() != ferryv1.DeviceState_DEVICE_STATE_RUNNING {
+		t.Errorf("destination %v, device %v; want FAILED and reset", d.GetPhase(), d.GetDevices()[0].GetState())
+	}
+}
+
+func TestConcurrentMigrations(t *testing.T) {
+	p := startPair(t)
+	var wg sync.WaitGroup
+	for i := range 8 {
+		wg.Go(func() {
+			src := []string{fmt.Sprintf("sim:size=24MiB,seed=%d", 600+2*i), fmt.Sprintf("sim:size=17MiB,seed=%d", 601+2*i)}
+			p.start(t, fmt.Sprintf("load-%d", i), src, src, 4)
+		})
+	}
+	wg.Wait()
+	for i := range 8 {
+		if s := p.agents().waitSource(t, fmt.Sprintf("load-%d", i)); s.GetPhase() != succeeded {
+			t.Errorf("migration %d: %v %v", i, s.GetPhase(), s.GetError())
+		}
+	}
+}
+
+// waitBytes waits until the migration has moved some bytes.
+func waitBytes(t *testing.T, a *agents, id string) {
+	t.Helper()
+	stream, err := a.source.WatchMigration(t.Context(), &ferryv1.WatchMigrationRequest{MigrationId: id})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for {
+		resp, err := stream.Recv()
+		if err != nil {
+			t.Fatalf("watch: %v", err)
+		}
+		if resp.GetMigration().GetBytes() > 0 {
+			return
+		}
+	}
+}

@@ -1,0 +1,265 @@
+// Package tcpproxy is a TCP proxy for Ferry's fault tests: it sits between
+// a source and a destination agent on loopback and, on the test's command,
+// cuts one connection or all of them, stalls a connection (no bytes, no
+// FIN), slows one down, flips a byte, or refuses new connections. Faults
+// that depend on progress are armed by byte counts, not by time, so a test
+// needs no sleeps: "cut connection 2 once it has carried 8 MiB".
+package tcpproxy
+
+import (
+	"errors"
+	"io"
+	"net"
+	"sync"
+	"time"
+)
+
+// Proxy forwards every connection accepted on its address to a target.
+type Proxy struct {
+	lis    net.Listener
+	target string
+
+	mu      sync.Mutex
+	conns   []*Conn
+	refuse  bool
+	onNew   func(*Conn)
+	closed  bool
+	wg      sync.WaitGroup
+	changed chan struct{} // closed and replaced when a connection opens
+}
+
+// Conn is one proxied connection. Index is its accept order from 0.
+type Conn struct {
+	Index  int
+	client net.Conn
+	server net.Conn
+
+	mu       sync.Mutex
+	carried  int64 // client->server bytes forwarded
+	cutAt    int64 // cut once carried reaches it (0: never)
+	stallAt  int64 // stall once carried reaches it (0: never)
+	flipAt   int64 // flip the byte at this client->server offset (-1: never)
+	rate     int64 // client->server bytes per second (0: unlimited)
+	stalled  bool
+	cut      bool
+	stallOff chan struct{} // closed by Cut: releases a stalled connection
+	cutOnce  sync.Once
+}
+
+// New starts a proxy on 127.0.0.1 forwarding to target.
+func New(target string) (*Proxy, error) {
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
+	}
+	p := &Proxy{lis: lis, target: target, changed: make(chan struct{})}
+	p.wg.Add(1)
+	go p.accept()
+	return p, nil
+}
+
+// Addr is the address to dial instead of the target.
+func (p *Proxy) Addr() string { return p.lis.Addr().String() }
+
+// OnNew calls f with every new connection before it forwards a byte, so a
+// test can arm faults on it.
+func (p *Proxy) OnNew(f func(*Conn)) {
+	p.mu.Lock()
+	p.onNew = f
+	p.mu.Unlock()
+}
+
+// Refuse makes the proxy close new connections at once (a dead peer).
+func (p *Proxy) Refuse(refuse bool) {
+	p.mu.Lock()
+	p.refuse = refuse
+	p.mu.Unlock()
+}
+
+// Conns returns the connections so far.
+func (p *Proxy) Conns() []*Conn {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return append([]*Conn(nil), p.conns...)
+}
+
+// CutAll closes every open connection.
+func (p *Proxy) CutAll() {
+	for _, c := range p.Conns() {
+		c.Cut()
+	}
+}
+
+// Close stops the proxy and closes every connection.
+func (p *Proxy) Close() {
+	p.mu.Lock()
+	p.closed = true
+	p.mu.Unlock()
+	p.lis.Close()
+	p.CutAll()
+	p.wg.Wait()
+}
+
+func (p *Proxy) accept() {
+	defer p.wg.Done()
+	for {
+		client, err := p.lis.Accept()
+		if err != nil {
+			return
+		}
+		p.mu.Lock()
+		if p.refuse || p.closed {
+			p.mu.Unlock()
+			client.Close()
+			continue
+		}
+		p.mu.Unlock()
+		server, err := net.Dial("tcp", p.target)
+		if err != nil {
+			client.Close()
+			continue
+		}
+		c := &Conn{client: client, server: server, flipAt: -1, stallOff: make(chan struct{})}
+		p.mu.Lock()
+		c.Index = len(p.conns)
+		p.conns = append(p.conns, c)
+		onNew := p.onNew
+		close(p.changed)
+		p.changed = make(chan struct{})
+		p.mu.Unlock()
+		if onNew != nil {
+			onNew(c)
+		}
+		p.wg.Add(2)
+		go func() {
+			defer p.wg.Done()
+			c.pump(server, client, true)
+		}()
+		go func() {
+			defer p.wg.Done()
+			c.pump(client, server, false)
+		}()
+	}
+}
+
+// CutAfter arms a cut once the connection has carried n client->server
+// bytes.
+func (c *Conn) CutAfter(n int64) {
+	c.mu.Lock()
+	c.cutAt = n
+	c.mu.Unlock()
+}
+
+// StallAfter arms a stall once the connection has carried n
+// client->server bytes: from then on no byte moves either way and nothing
+// is closed, until Cut.
+func (c *Conn) StallAfter(n int64) {
+	c.mu.Lock()
+	c.stallAt = n
+	c.mu.Unlock()
+}
+
+// FlipAt flips one bit of the client->server byte at offset n.
+func (c *Conn) FlipAt(n int64) {
+	c.mu.Lock()
+	c.flipAt = n
+	c.mu.Unlock()
+}
+
+// Limit caps the client->server rate in bytes per second.
+func (c *Conn) Limit(bytesPerSecond int64) {
+	c.mu.Lock()
+	c.rate = bytesPerSecond
+	c.mu.Unlock()
+}
+
+// Carried is the client->server bytes forwarded so far.
+func (c *Conn) Carried() int64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.carried
+}
+
+// Cut closes both sides of the connection.
+func (c *Conn) Cut() {
+	c.mu.Lock()
+	c.cut = true
+	c.mu.Unlock()
+	c.cutOnce.Do(func() { close(c.stallOff) })
+	c.client.Close()
+	c.server.Close()
+}
+
+// pump copies src to dst; up is the client->server direction, where the
+// faults apply.
+func (c *Conn) pump(dst, src net.Conn, up bool) {
+	defer func() {
+		// A finished direction closes the connection: the proxy never
+		// leaves a half-open connection behind unless told to stall.
+		c.mu.Lock()
+		stalled := c.stalled
+		c.mu.Unlock()
+		if !stalled {
+			dst.Close()
+			src.Close()
+		}
+	}()
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := src.Read(buf)
+		if n > 0 {
+			if !c.forward(dst, buf[:n], up) {
+				return
+			}
+		}
+		if err != nil {
+			if errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) {
+				return
+			}
+			return
+		}
+	}
+}
+
+// forward writes b to dst, applying the faults armed for the connection.
+func (c *Conn) forward(dst net.Conn, b []byte, up bool) bool {
+	c.mu.Lock()
+	if c.stalled {
+		c.mu.Unlock()
+		<-c.stallOff
+		return false
+	}
+	if !up {
+		c.mu.Unlock()
+		_, err := dst.Write(b)
+		return err == nil
+	}
+	start := c.carried
+	end := start + int64(len(b))
+	if c.flipAt >= start && c.flipAt < end {
+		b[c.flipAt-start] ^= 0x01
+		c.flipAt = -1
+	}
+	cut := c.cutAt > 0 && end >= c.cutAt
+	stall := c.stallAt > 0 && end >= c.stallAt
+	rate := c.rate
+	c.carried = end
+	if stall {
+		c.stalled = true
+	}
+	c.mu.Unlock()
+	if cut {
+		c.Cut()
+		return false
+	}
+	if stall {
+		// Hold the bytes; the other direction stalls too on its next read.
+		<-c.stallOff
+		return false
+	}
+	if rate > 0 {
+		time.Sleep(time.Duration(int64(len(b)) * int64(time.Second) / rate))
+	}
+	_, err := dst.Write(b)
+	return err == nil
+}
