@@ -109,7 +109,7 @@ func (a *Agent) prepare(req *ferryv1.PrepareIncomingRequest) (*ferryv1.PrepareIn
 	draining := a.draining
 	a.mu.Unlock()
 	if draining {
-		return nil, errDraining()
+		return nil, wire.ErrDraining("destination")
 	}
 
 	need := limits.MaxBytes * uint64(len(specs))
@@ -138,9 +138,9 @@ func (a *Agent) prepare(req *ferryv1.PrepareIncomingRequest) (*ferryv1.PrepareIn
 	if a.draining {
 		// Drain began while the devices were being opened.
 		a.mu.Unlock()
-		inc.terminate(errDraining(), ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED)
+		inc.terminate(wire.ErrDraining("destination"), ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED)
 		<-inc.done
-		return nil, errDraining()
+		return nil, wire.ErrDraining("destination")
 	}
 	inc.track = a.cfg.Metrics.TrackDest(inc.deviceCounters)
 	// The timer is set before the migration is visible, so Open and

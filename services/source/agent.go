@@ -110,7 +110,7 @@ func (a *Agent) StartMigration(ctx context.Context, req *ferryv1.StartMigrationR
 	}
 	if a.draining {
 		a.mu.Unlock()
-		return nil, errDraining()
+		return nil, wire.ErrDraining("source")
 	}
 	// Hold the id while the devices are acquired so a concurrent start of
 	// the same id waits for this one.
