@@ -175,7 +175,7 @@ func TestImage(t *testing.T) {
 		for _, m := range regexp.MustCompile(`(?m)^\s+-([a-z-]+)`).FindAllStringSubmatch(string(b), -1) {
 			known[m[1]] = true
 		}
-		pending := map[string]bool{"tls-cert": true, "tls-key": true, "tls-ca": true, "allow-client": true, "devices": true}
+		pending := map[string]bool{}
 		for _, name := range overlays {
 			_, c := render(t, name).agentDaemonSet(t)
 			for flag := range flags(t, c.Args) {

@@ -226,6 +226,7 @@ const stopTimeout = 10 * time.Second
 // aborted with the rollback rule, and the servers stop. Agents are closed
 // in the order given.
 func serve(ctx context.Context, af *agentFlags, creds credentials.TransportCredentials, pool *wire.Pool, log *slog.Logger, role string, metrics *telemetry.Metrics, promReg *prometheus.Registry, agents ...servedAgent) error {
+	tuneAgentGC()
 	var serverMetrics *grpcprom.ServerMetrics
 	if metrics != nil {
 		serverMetrics = metrics.Server

@@ -293,8 +293,8 @@ func medianOf(v []float64) (float64, [2]float64) {
 
 func printBenchTable(w io.Writer, rows []benchRow) {
 	fmt.Fprintln(w)
-	fmt.Fprintf(w, "%-8s  %-20s  %-20s  %-17s  %-15s  %-20s  %-9s  %-9s\n",
-		"channels", "rawtcp GB/s", "ferry GB/s", "ratio", "rawtcp CPU-s/GiB", "ferry CPU-s/GiB", "dest RSS", "src RSS")
+	fmt.Fprintf(w, "%-8s  %-20s  %-20s  %-17s  %-16s  %-20s  %-9s  %-9s  %s\n",
+		"channels", "rawtcp GB/s", "ferry GB/s", "ratio", "rawtcp CPU-s/GiB", "ferry CPU-s/GiB", "dest RSS", "src RSS", "seconds rawtcp/ferry")
 	for _, r := range rows {
 		gbs := func(v float64, rg [2]float64) string {
 			if v == 0 {
@@ -316,9 +316,15 @@ func printBenchTable(w io.Writer, rows []benchRow) {
 				ferCPU += fmt.Sprintf(" (%.2fx)", r.CPURatio)
 			}
 		}
-		fmt.Fprintf(w, "%-8d  %-20s  %-20s  %-17s  %-15s  %-20s  %-9s  %-9s\n",
+		secs := func(v float64) string {
+			if v == 0 {
+				return "-"
+			}
+			return fmt.Sprintf("%.2f", v)
+		}
+		fmt.Fprintf(w, "%-8d  %-20s  %-20s  %-17s  %-16s  %-20s  %-9s  %-9s  %s/%s\n",
 			r.Channels, gbs(r.RawTCPBytesPerSecond, r.RawTCPBytesPerSecondRange), gbs(r.FerryBytesPerSecond, r.FerryBytesPerSecondRange),
-			ratio, rawCPU, ferCPU, rssString(r.DestPeakRSSBytes), rssString(r.SourcePeakRSSBytes))
+			ratio, rawCPU, ferCPU, rssString(r.DestPeakRSSBytes), rssString(r.SourcePeakRSSBytes), secs(r.RawTCPSeconds), secs(r.FerrySeconds))
 	}
 }
 

@@ -19,20 +19,20 @@ import (
 
 // The raw TCP baseline: the least a transfer of device state over N
 // loopback connections can cost on this machine. The sender reads each
-// device's stream from a simulated device in chunks; chunk i of device d
-// travels on connection (i+d) mod N behind a 4-byte length and nothing
-// else; the receiver writes the chunks, in order, into simulated
-// destination devices, which check every byte and verify the whole state
-// at RESUMING->STOP. Both sides therefore do the device work Ferry does;
-// what they leave out is everything Ferry adds (gRPC, HTTP/2, protobuf
-// headers, CRC32C, digests, windows, acknowledgements, reassembly).
+// device's stream from a simulated device in chunks, each device on a
+// goroutine of its own as Ferry's readers do; chunk i of device d travels
+// on connection (i+d) mod N behind a 4-byte length and nothing else; the
+// receiver writes the chunks, in order, into simulated destination
+// devices, again a goroutine per device, and the devices check every byte
+// and verify the whole state at RESUMING->STOP. Both sides therefore do
+// the device work Ferry does; what they leave out is everything Ferry adds
+// (gRPC, HTTP/2, protobuf headers, CRC32C, digests, windows,
+// acknowledgements, reassembly).
 //
-// Since each side knows the schedule, no sequence number is needed: on
-// either side, the goroutine of connection c handles, in rounds r = 0, 1,
-// ..., chunk r*N + (c-d) mod N of every device d, and waits for its turn
-// on the device (a token passed from connection to connection) only
-// around the device read or write, so socket I/O overlaps across
-// connections as Ferry's channels do.
+// Since each side knows the schedule, no sequence number is needed: the
+// goroutine of connection c carries, in rounds r = 0, 1, ..., chunk
+// r*N + (c-d) mod N of every device d, and hands chunks to and from the
+// devices' goroutines through small per-device, per-connection pipes.
 
 // peerResult is a raw TCP peer's line on stdout.
 type peerResult struct {
@@ -101,9 +101,17 @@ type rawPeer struct {
 
 	streams []vfio.DataStream
 	devs    []*vfio.SimDevice
-	// turns[d][c] holds the token of device d when connection c is next
-	// to read (or write) it.
-	turns [][]chan struct{}
+	// pipes[d][c] carries device d's chunks that travel on connection c,
+	// in order, between the device's goroutine and the connection's; free[d]
+	// holds device d's idle buffers.
+	pipes [][]chan rawChunk
+	free  []chan []byte
+}
+
+// rawChunk is a chunk between a device's goroutine and a connection's.
+type rawChunk struct {
+	buf []byte // 4-byte length, then the bytes
+	n   int
 }
 
 func (p *rawPeer) chunks() int { return int((p.size + uint64(p.chunkSize) - 1) / uint64(p.chunkSize)) }
@@ -112,8 +120,14 @@ func (p *rawPeer) chunkLen(i int) int {
 	return int(min(uint64(p.chunkSize), p.size-uint64(i)*uint64(p.chunkSize)))
 }
 
+// conn is the connection chunk i of device d travels on.
+func (p *rawPeer) conn(d, i int) int { return (i + d) % p.channels }
+
 // open opens the devices in target (STOP_COPY or RESUMING) and sets up
-// the turn tokens.
+// the pipes (two chunks each) and each device's buffers. A connection
+// holds at most three of a device's buffers ahead of the chunk that
+// device waits for (one in hand, two in its pipe), so 3N+2 buffers per
+// device never run out while the device waits: no deadlock.
 func (p *rawPeer) open(target vfio.State) error {
 	for d := range p.devices {
 		spec := fmt.Sprintf("sim:size=%d,seed=%d", p.size, d+1)
@@ -134,19 +148,23 @@ func (p *rawPeer) open(target vfio.State) error {
 		}
 		p.devs = append(p.devs, dev)
 		p.streams = append(p.streams, st)
-		turns := make([]chan struct{}, p.channels)
-		for c := range turns {
-			turns[c] = make(chan struct{}, 1)
+		pipes := make([]chan rawChunk, p.channels)
+		for c := range pipes {
+			pipes[c] = make(chan rawChunk, 2)
 		}
-		turns[d%p.channels] <- struct{}{}
-		p.turns = append(p.turns, turns)
+		p.pipes = append(p.pipes, pipes)
+		free := make(chan []byte, 3*p.channels+2)
+		for range cap(free) {
+			free <- make([]byte, 4+p.chunkSize)
+		}
+		p.free = append(p.free, free)
 	}
 	return nil
 }
 
-// each calls f for every chunk connection c carries, in order, holding
-// the device's turn around turn(d, i).
-func (p *rawPeer) each(ctx context.Context, c int, f func(d, i, n int, turn func(func() error) error) error) error {
+// schedule calls f, in order, for every chunk connection c carries: in
+// rounds, one chunk of each device.
+func (p *rawPeer) schedule(c int, f func(d, i, n int) error) error {
 	n := p.chunks()
 	for r := 0; ; r++ {
 		any := false
@@ -156,23 +174,55 @@ func (p *rawPeer) each(ctx context.Context, c int, f func(d, i, n int, turn func
 				continue
 			}
 			any = true
-			turn := func(g func() error) error {
-				select {
-				case <-p.turns[d][c]:
-				case <-ctx.Done():
-					return ctx.Err()
-				}
-				err := g()
-				p.turns[d][(c+1)%p.channels] <- struct{}{}
-				return err
-			}
-			if err := f(d, i, p.chunkLen(i), turn); err != nil {
+			if err := f(d, i, p.chunkLen(i)); err != nil {
 				return err
 			}
 		}
 		if !any {
 			return nil
 		}
+	}
+}
+
+// turns are the turn tokens of a single device: turns[c] holds it while
+// connection c is next to read (or write) the device.
+func (p *rawPeer) turns() []chan struct{} {
+	t := make([]chan struct{}, p.channels)
+	for c := range t {
+		t[c] = make(chan struct{}, 1)
+	}
+	t[0] <- struct{}{}
+	return t
+}
+
+// inTurn runs f holding the device's turn and passes it to the next
+// connection.
+func (p *rawPeer) inTurn(ctx context.Context, turns []chan struct{}, c int, f func() error) error {
+	if _, err := recvChan(ctx, turns[c]); err != nil {
+		return err
+	}
+	err := f()
+	turns[(c+1)%p.channels] <- struct{}{}
+	return err
+}
+
+// recvChan and sendChan wait on a channel or ctx.
+func recvChan[T any](ctx context.Context, ch <-chan T) (T, error) {
+	select {
+	case v := <-ch:
+		return v, nil
+	case <-ctx.Done():
+		var zero T
+		return zero, ctx.Err()
+	}
+}
+
+func sendChan[T any](ctx context.Context, ch chan<- T, v T) error {
+	select {
+	case ch <- v:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
 	}
 }
 
@@ -219,7 +269,9 @@ func runBenchPeer(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	return nil
 }
 
-// send dials the receiver and streams every device's state to it.
+// send dials the receiver and streams every device's state to it: each
+// device read by a goroutine of its own, as fast as it allows, each
+// connection written by its own.
 func (p *rawPeer) send(ctx context.Context, addr string) (peerResult, error) {
 	var res peerResult
 	if err := p.open(vfio.StateStopCopy); err != nil {
@@ -247,25 +299,66 @@ func (p *rawPeer) send(ctx context.Context, addr string) (peerResult, error) {
 		}
 	})
 	defer stop()
-	for c, conn := range conns {
-		g.Go(func() error {
-			// One buffer per connection: the length, then the chunk read
-			// straight behind it, written with one call.
-			buf := make([]byte, 4+p.chunkSize)
-			return p.each(gctx, c, func(d, i, n int, turn func(func() error) error) error {
-				err := turn(func() error {
-					start.Do(func() { res.StartUnixNano = time.Now().UnixNano() })
-					_, err := io.ReadFull(p.streams[d], buf[4:4+n])
+	if p.devices == 1 {
+		// One device: each connection's goroutine reads its chunks from the
+		// device itself, in turn, and writes them at once, while they are
+		// still in its cache; a hand-off to another goroutine costs more
+		// than the pipes save when there is one device to wait for.
+		turns := p.turns()
+		for c, conn := range conns {
+			g.Go(func() error {
+				buf := make([]byte, 4+p.chunkSize)
+				return p.schedule(c, func(_, i, n int) error {
+					err := p.inTurn(gctx, turns, c, func() error {
+						start.Do(func() { res.StartUnixNano = time.Now().UnixNano() })
+						_, err := io.ReadFull(p.streams[0], buf[4:4+n])
+						return err
+					})
+					if err != nil {
+						return fmt.Errorf("device 0 chunk %d: %w", i, err)
+					}
+					binary.LittleEndian.PutUint32(buf, uint32(n))
+					_, err = conn.Write(buf[:4+n])
 					return err
 				})
-				if err != nil {
-					return fmt.Errorf("device %d chunk %d: %w", d, i, err)
-				}
-				binary.LittleEndian.PutUint32(buf, uint32(n))
-				_, err = conn.Write(buf[:4+n])
-				return err
 			})
-		})
+		}
+	} else {
+		for d := range p.devices {
+			g.Go(func() error {
+				for i := range p.chunks() {
+					buf, err := recvChan(gctx, p.free[d])
+					if err != nil {
+						return err
+					}
+					n := p.chunkLen(i)
+					start.Do(func() { res.StartUnixNano = time.Now().UnixNano() })
+					// The chunk is read straight behind its length, and goes
+					// out with one write.
+					if _, err := io.ReadFull(p.streams[d], buf[4:4+n]); err != nil {
+						return fmt.Errorf("device %d chunk %d: %w", d, i, err)
+					}
+					binary.LittleEndian.PutUint32(buf, uint32(n))
+					if err := sendChan(gctx, p.pipes[d][p.conn(d, i)], rawChunk{buf: buf, n: n}); err != nil {
+						return err
+					}
+				}
+				return nil
+			})
+		}
+		for c, conn := range conns {
+			g.Go(func() error {
+				return p.schedule(c, func(d, i, n int) error {
+					ch, err := recvChan(gctx, p.pipes[d][c])
+					if err != nil {
+						return err
+					}
+					_, err = conn.Write(ch.buf[:4+ch.n])
+					p.free[d] <- ch.buf
+					return err
+				})
+			})
+		}
 	}
 	if err := g.Wait(); err != nil {
 		return res, err
@@ -316,25 +409,67 @@ func (p *rawPeer) recv(ctx context.Context, ready func(addr string) error) (peer
 		}
 	})
 	defer stop()
-	for c, conn := range conns {
-		g.Go(func() error {
-			buf := make([]byte, 4+p.chunkSize)
-			return p.each(gctx, c, func(d, i, n int, turn func(func() error) error) error {
-				if _, err := io.ReadFull(conn, buf[:4]); err != nil {
-					return err
-				}
-				if l := int(binary.LittleEndian.Uint32(buf)); l != n {
-					return fmt.Errorf("device %d chunk %d: %d bytes, want %d", d, i, l, n)
-				}
-				if _, err := io.ReadFull(conn, buf[4:4+n]); err != nil {
-					return err
-				}
-				return turn(func() error {
-					_, err := p.streams[d].Write(buf[4 : 4+n])
-					return err
+	if p.devices == 1 {
+		// One device: each connection's goroutine writes what it read
+		// into the device itself, in turn (see send).
+		turns := p.turns()
+		for c, conn := range conns {
+			g.Go(func() error {
+				buf := make([]byte, 4+p.chunkSize)
+				return p.schedule(c, func(_, i, n int) error {
+					if _, err := io.ReadFull(conn, buf[:4]); err != nil {
+						return err
+					}
+					if l := int(binary.LittleEndian.Uint32(buf)); l != n {
+						return fmt.Errorf("device 0 chunk %d: %d bytes, want %d", i, l, n)
+					}
+					if _, err := io.ReadFull(conn, buf[4:4+n]); err != nil {
+						return err
+					}
+					return p.inTurn(gctx, turns, c, func() error {
+						_, err := p.streams[0].Write(buf[4 : 4+n])
+						return err
+					})
 				})
 			})
-		})
+		}
+	} else {
+		for c, conn := range conns {
+			g.Go(func() error {
+				return p.schedule(c, func(d, i, n int) error {
+					buf, err := recvChan(gctx, p.free[d])
+					if err != nil {
+						return err
+					}
+					if _, err := io.ReadFull(conn, buf[:4]); err != nil {
+						return err
+					}
+					if l := int(binary.LittleEndian.Uint32(buf)); l != n {
+						return fmt.Errorf("device %d chunk %d: %d bytes, want %d", d, i, l, n)
+					}
+					if _, err := io.ReadFull(conn, buf[4:4+n]); err != nil {
+						return err
+					}
+					return sendChan(gctx, p.pipes[d][c], rawChunk{buf: buf, n: n})
+				})
+			})
+		}
+		for d := range p.devices {
+			g.Go(func() error {
+				for i := range p.chunks() {
+					ch, err := recvChan(gctx, p.pipes[d][p.conn(d, i)])
+					if err != nil {
+						return err
+					}
+					_, err = p.streams[d].Write(ch.buf[4 : 4+ch.n])
+					p.free[d] <- ch.buf
+					if err != nil {
+						return fmt.Errorf("device %d chunk %d: %w", d, i, err)
+					}
+				}
+				return nil
+			})
+		}
 	}
 	if err := g.Wait(); err != nil {
 		return res, err

@@ -1,9 +1,13 @@
 package main
 
 import (
+	"bufio"
+	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"log/slog"
+	"os/exec"
 	"testing"
 
 	"google.golang.org/grpc/credentials/insecure"
@@ -49,5 +53,42 @@ func BenchmarkMigration(b *testing.B) {
 				}
 			}
 		})
+	}
+}
+
+// TestBenchRuns runs `ferry bench` on small devices, as a user would, and
+// checks that every figure it promises is there. It asserts nothing about
+// speed.
+func TestBenchRuns(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds the binary and runs four migrations")
+	}
+	bin := buildFerry(t)
+	for _, devices := range []string{"1", "2"} {
+		out, err := exec.Command(bin, "bench", "--size", "8MiB", "--chunk-size", "256KiB", "--channels", "1,3",
+			"--devices", devices, "--rounds", "1", "--json").Output()
+		if err != nil {
+			t.Fatalf("devices %s: %v: %s", devices, err, out)
+		}
+		var rows []map[string]any
+		sc := bufio.NewScanner(bytes.NewReader(out))
+		for sc.Scan() {
+			var row map[string]any
+			if err := json.Unmarshal(sc.Bytes(), &row); err != nil {
+				t.Fatalf("line %q: %v", sc.Text(), err)
+			}
+			rows = append(rows, row)
+		}
+		if len(rows) != 2 {
+			t.Fatalf("devices %s: %d rows, want one per channel count:\n%s", devices, len(rows), out)
+		}
+		for _, row := range rows {
+			for _, k := range []string{"channels", "rawtcp_bytes_per_second", "ferry_bytes_per_second", "ratio",
+				"rawtcp_cpu_seconds_per_gib", "ferry_cpu_seconds_per_gib", "dest_peak_rss_bytes", "source_peak_rss_bytes"} {
+				if v, ok := row[k].(float64); !ok || v <= 0 {
+					t.Errorf("devices %s, channels %v: %s = %v", devices, row["channels"], k, row[k])
+				}
+			}
+		}
 	}
 }

@@ -2,7 +2,6 @@ package dest
 
 import (
 	"context"
-	"encoding/binary"
 	"fmt"
 	"io"
 	"testing"
@@ -20,116 +19,166 @@ import (
 
 // FuzzAccept plays a source that sends arbitrary Channel messages (chunk
 // headers, DATA, END, in any order, for any device) into a real session
-// of a destination agent, through the server's codec and the chunk
-// validation, reassembly, loaders and END verification. Nothing panics;
-// every refusal has a code and an ErrorInfo reason; no device ever holds
-// more than its window; a stream verifies only if its bytes are the
-// source device's; and when the session ends its devices, buffers and
-// budget are released.
+// of a destination agent, through the chunk codec, the chunk validation,
+// the reassembly, the device loaders and END's verification. Nothing
+// panics; every refusal has a code and an ErrorInfo reason; no device ever
+// holds more than its window; a stream verifies only if its bytes are the
+// destination device's own; and when the session ends its devices,
+// buffers and budget are released.
 //
-// The input is a sequence of records: a 2-byte big-endian length, then
-// that many bytes of a ChannelRequest as it arrives on the wire.
+// The input is a sequence of records, each one Channel message:
+//
+//	sel  1 byte   where the payload comes from (see payloadOf); 0xff: the
+//	              header bytes are the whole message, as sent (malformed)
+//	n    1 byte   the header's length
+//	hdr  n bytes  a ChannelRequest without data, protobuf; a zero crc32c
+//	              is filled in with the payload's
+//
+// Payloads are pieces of real device states rather than fuzzed bytes, so
+// the fuzzer spends its time on headers, orders and END, which is where
+// the protocol can be broken, and its inputs stay small.
 
 const (
 	fuzzChunk    = wire.MinChunkSize
-	fuzzDevSize  = 3*fuzzChunk + 123
+	fuzzDevSize  = 3*fuzzChunk + 123 // 4 chunks, the last one short
+	fuzzChunks   = 4
 	fuzzDevices  = 2
-	fuzzMaxBytes = 4 * fuzzChunk // a device's whole state
+	fuzzMaxBytes = 4 * fuzzChunk // a device's whole state fits its window
+	foreignSeed  = 99
 )
 
 func fuzzSpec(i int) string { return simSpec(40 + i) }
 
 func simSpec(seed int) string { return fmt.Sprintf("sim:size=%d,seed=%d", fuzzDevSize, seed) }
 
-// honestRecords is what a source agent sends for fuzzSpec(0) and (1).
-func honestRecords(tb testing.TB) [][]byte { return sourceRecords(tb, 40, 41) }
-
-// sourceRecords is what a source agent sends when its devices 0 and 1
-// are simSpec(seeds[0]) and simSpec(seeds[1]).
-func sourceRecords(tb testing.TB, seeds ...int) [][]byte {
-	var recs [][]byte
-	codec := wire.NewCodec(wire.NewPool())
-	add := func(hdr *ferryv1.ChannelRequest, data []byte) {
-		out := &wire.OutChunk{Header: hdr}
-		if data != nil {
-			out.Payload = mem.SliceBuffer(data)
-		}
-		s, err := codec.Marshal(out)
-		if err != nil {
-			tb.Fatal(err)
-		}
-		recs = append(recs, s.Materialize())
+// simState is the stop-copy state of simSpec(seed).
+func simState(tb testing.TB, seed int) []byte {
+	s, _ := vfio.ParseSpec(simSpec(seed))
+	d, err := vfio.NewSim(s)
+	if err != nil {
+		tb.Fatal(err)
 	}
-	for dev := range fuzzDevices {
-		s, _ := vfio.ParseSpec(simSpec(seeds[dev]))
-		d, err := vfio.NewSim(s)
-		if err != nil {
-			tb.Fatal(err)
-		}
-		st, err := d.SetState(vfio.StateStopCopy)
-		if err != nil {
-			tb.Fatal(err)
-		}
-		state := make([]byte, fuzzDevSize)
-		if _, err := io.ReadFull(st, state); err != nil {
-			tb.Fatal(err)
-		}
-		digest, _ := wire.NewDigest(ferryv1.DigestAlgorithm_DIGEST_ALGORITHM_UNSPECIFIED)
-		seq := uint64(0)
-		for off := 0; off < len(state); off += fuzzChunk {
-			c := state[off:min(off+fuzzChunk, len(state))]
-			crc := wire.CRC32C(c)
-			digest.Add(uint64(off), c, crc)
-			add(&ferryv1.ChannelRequest{Device: uint32(dev), Seq: seq, Offset: uint64(off), Kind: ferryv1.ChunkKind_CHUNK_KIND_DATA, Crc32C: crc}, c)
-			seq++
-		}
-		add(&ferryv1.ChannelRequest{Device: uint32(dev), Seq: seq, Offset: fuzzDevSize, Kind: ferryv1.ChunkKind_CHUNK_KIND_END,
-			TotalBytes: fuzzDevSize, TotalChunks: seq, Digest: digest.Sum()}, nil)
+	st, err := d.SetState(vfio.StateStopCopy)
+	if err != nil {
+		tb.Fatal(err)
 	}
-	return recs
+	state := make([]byte, fuzzDevSize)
+	if _, err := io.ReadFull(st, state); err != nil {
+		tb.Fatal(err)
+	}
+	return state
 }
 
-func joinRecords(recs ...[]byte) []byte {
+// fuzzStates are the payload sources: the destination devices' own
+// states (0 and 1) and another device's (2).
+type fuzzStates [3][]byte
+
+func newFuzzStates(tb testing.TB) *fuzzStates {
+	return &fuzzStates{simState(tb, 40), simState(tb, 41), simState(tb, foreignSeed)}
+}
+
+// payloadOf is the payload sel selects: bit 7 set, the foreign state,
+// else the state of device bit 4; bits 0-3, the chunk index (an index
+// past the state: no payload).
+func (s *fuzzStates) payloadOf(sel byte) []byte {
+	state := s[(sel>>4)&1]
+	if sel&0x80 != 0 {
+		state = s[2]
+	}
+	k := int(sel & 0x0f)
+	if k*fuzzChunk >= len(state) {
+		return nil
+	}
+	return state[k*fuzzChunk : min((k+1)*fuzzChunk, len(state))]
+}
+
+// record encodes one record.
+func record(sel byte, hdr *ferryv1.ChannelRequest) []byte {
+	b, err := proto.Marshal(hdr)
+	if err != nil || len(b) > 255 {
+		panic(fmt.Sprint("record header: ", err, len(b)))
+	}
+	return append([]byte{sel, byte(len(b))}, b...)
+}
+
+// streamRecords are the records a source sends for a device whose state
+// is payload source src (0, 1, or 2 for the foreign one), as device dev.
+func (s *fuzzStates) streamRecords(src, dev int) [][]byte {
+	sel := byte(dev << 4)
+	if src == 2 {
+		sel = 0x80
+	}
+	digest, _ := wire.NewDigest(ferryv1.DigestAlgorithm_DIGEST_ALGORITHM_UNSPECIFIED)
+	var recs [][]byte
+	for k := range fuzzChunks {
+		c := s.payloadOf(sel | byte(k))
+		digest.Add(uint64(k*fuzzChunk), c, wire.CRC32C(c))
+		recs = append(recs, record(sel|byte(k), &ferryv1.ChannelRequest{Device: uint32(dev), Seq: uint64(k), Offset: uint64(k * fuzzChunk), Kind: ferryv1.ChunkKind_CHUNK_KIND_DATA}))
+	}
+	return append(recs, record(0x0f, &ferryv1.ChannelRequest{Device: uint32(dev), Seq: fuzzChunks, Offset: fuzzDevSize, Kind: ferryv1.ChunkKind_CHUNK_KIND_END,
+		TotalBytes: fuzzDevSize, TotalChunks: fuzzChunks, Digest: digest.Sum()}))
+}
+
+func join(recs ...[]byte) []byte {
 	var b []byte
 	for _, r := range recs {
-		b = binary.BigEndian.AppendUint16(b, uint16(len(r)))
 		b = append(b, r...)
 	}
 	return b
 }
 
-func FuzzAccept(f *testing.F) {
-	h := honestRecords(f)
-	// Device 0's records are h[0:5] (4 DATA + END), device 1's h[5:10];
-	// a device's whole stream fits its window.
-	f.Add(joinRecords(h...))                                                       // the honest migration
-	f.Add(joinRecords(h[4], h[3], h[2], h[1], h[0], h[9], h[8], h[7], h[6], h[5])) // reversed
-	f.Add(joinRecords(h[0], h[0], h[1], h[1], h[2], h[3], h[4]))                   // duplicates
-	f.Add(joinRecords(h[0], h[2], h[3], h[4], h[1]))                               // a gap closed late
-	f.Add(joinRecords(h[4], h[0], h[1]))                                           // END first
-	f.Add(joinRecords(h[0], h[1], h[2], h[3], h[4], h[0], h[4]))                   // after END
-	f.Add(joinRecords(h[5], h[0], h[6]))                                           // devices interleaved
-	huge := append([]byte(nil), h[0][:len(h[0])-fuzzChunk]...)                     // the header and data tag...
-	huge = huge[:len(huge)-2]                                                      // ...without the 2-byte length of 4096
-	huge = protowire.AppendVarint(huge, 1<<40)                                     // a declared 2^40 bytes
-	f.Add(joinRecords(append(huge, "few"...)))
-	bad, _ := proto.Marshal(&ferryv1.ChannelRequest{Device: 1, Seq: 1 << 40, Kind: ferryv1.ChunkKind_CHUNK_KIND_END, Digest: []byte{1}})
-	f.Add(joinRecords(bad))
-	f.Add([]byte{0, 3, 0x10, 0xff, 0xff})
-
-	f.Fuzz(func(t *testing.T, b []byte) { playRecords(t, b, false) })
+// fuzzAcceptSeeds are the seed inputs: an honest session, and the ways a
+// source can break it.
+func fuzzAcceptSeeds(s *fuzzStates) map[string][]byte {
+	a, c := s.streamRecords(0, 0), s.streamRecords(1, 1)
+	huge := proto.Clone(&ferryv1.ChannelRequest{Seq: 1, Kind: ferryv1.ChunkKind_CHUNK_KIND_DATA, Crc32C: 1}).(*ferryv1.ChannelRequest)
+	hb, _ := proto.Marshal(huge)
+	hb = protowire.AppendVarint(protowire.AppendTag(hb, 15, protowire.BytesType), 1<<40)
+	raw := func(b []byte) []byte { return append([]byte{0xff, byte(len(b))}, b...) }
+	return map[string][]byte{
+		"honest":             join(a[0], c[0], a[1], c[1], a[2], c[2], a[3], c[3], a[4], c[4]),
+		"reversed":           join(a[4], a[3], a[2], a[1], a[0], c[4], c[3], c[2], c[1], c[0]),
+		"resent":             join(a[0], a[0], a[1], a[0], a[2], a[1], a[3], a[4], a[4]),
+		"gap-then-end":       join(a[0], a[2], a[4]),
+		"data-after-end":     join(a[0], a[1], a[2], a[3], a[4], a[3]),
+		"device-1-as-0":      join(c[0], c[1], c[2], c[3], c[4]),
+		"foreign-state":      join(join(s.streamRecords(2, 0)...), join(c...)),
+		"end-for-the-other":  join(a[4], c[0]),
+		"huge-declared":      join(a[0], raw(append(hb, "few"...))),
+		"malformed":          join(a[0], raw([]byte{0x10, 0xff})),
+		"outside-the-window": join(record(0x00, &ferryv1.ChannelRequest{Seq: 8, Offset: 8 * fuzzChunk, Kind: ferryv1.ChunkKind_CHUNK_KIND_DATA})),
+		"wrong-crc":          join(record(0x00, &ferryv1.ChannelRequest{Kind: ferryv1.ChunkKind_CHUNK_KIND_DATA, Crc32C: 7})),
+		"empty":              {},
+	}
 }
 
-func TestAcceptHonestRecords(t *testing.T) {
-	m := playRecords(t, joinRecords(honestRecords(t)...), true)
+func FuzzAccept(f *testing.F) {
+	s := newFuzzStates(f)
+	for _, seed := range fuzzAcceptSeeds(s) {
+		f.Add(seed)
+	}
+	f.Fuzz(func(t *testing.T, b []byte) { playRecords(t, s, b, false) })
+}
+
+func TestAcceptRecords(t *testing.T) {
+	s := newFuzzStates(t)
+	seeds := fuzzAcceptSeeds(s)
+	m := playRecords(t, s, seeds["honest"], true)
 	if m.GetPhase() != ferryv1.MigrationPhase_MIGRATION_PHASE_SUCCEEDED {
 		t.Fatalf("the honest records: %v %v", m.GetPhase(), m.GetError())
 	}
-	// Device 1's stream is another device's state, with its own correct
-	// CRCs and digest: only the destination device can tell, and it does.
-	m = playRecords(t, joinRecords(sourceRecords(t, 40, 99)...), true)
+	if m := playRecords(t, s, seeds["reversed"], true); m.GetPhase() != ferryv1.MigrationPhase_MIGRATION_PHASE_SUCCEEDED {
+		t.Fatalf("the honest records in reverse: %v %v", m.GetPhase(), m.GetError())
+	}
+	// Another device's state, with its own correct CRCs and digest: only
+	// the destination device can tell, and it does.
+	m = playRecords(t, s, seeds["foreign-state"], true)
 	if e := m.GetError(); m.GetPhase() != ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED || e.GetReason() != wire.ReasonVerifyFailed {
 		t.Fatalf("another device's state: %v %v", m.GetPhase(), e)
+	}
+	m = playRecords(t, s, seeds["huge-declared"], true)
+	if e := m.GetError(); m.GetPhase() != ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED || e.GetReason() != wire.ReasonBadChunk {
+		t.Fatalf("a declared 2^40 bytes: %v %v", m.GetPhase(), e)
 	}
 }
 
@@ -140,84 +189,101 @@ func TestAcceptHonestRecords(t *testing.T) {
 // It runs in a synctest bubble and lets the device loaders run to a
 // standstill after every record, so one input always plays out the same
 // way (the fuzzer's coverage is then a function of the input).
-func playRecords(t *testing.T, b []byte, wait bool) (m *ferryv1.Migration) {
-	synctest.Test(t, func(t *testing.T) { m = play(t, b, wait) })
+func playRecords(t *testing.T, s *fuzzStates, b []byte, wait bool) (m *ferryv1.Migration) {
+	synctest.Test(t, func(t *testing.T) { m = play(t, s, b, wait) })
 	return m
 }
 
-func play(t *testing.T, b []byte, wait bool) *ferryv1.Migration {
-	{
-		reg := vfio.NewRegistry(vfio.RegistryOptions{AllowSim: true})
-		defer reg.Close()
-		a, err := New(Config{Registry: reg, MaxChunks: 8, MaxBytes: fuzzMaxBytes, MemoryBudget: 1 << 20})
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer a.Close()
-		specs := []string{fuzzSpec(0), fuzzSpec(1)}
-		prep, err := a.prepare(&ferryv1.PrepareIncomingRequest{MigrationId: "fuzz", Devices: specs})
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := (&transferServer{a: a}).Open(context.Background(), &ferryv1.OpenRequest{MigrationId: "fuzz", Token: prep.GetToken(), Devices: specs, ChunkSize: fuzzChunk, Channels: 1}); err != nil {
-			t.Fatal(err)
-		}
-		inc, _ := a.lookup("fuzz")
-		codec := wire.NewCodec(wire.NewPool())
-		for len(b) >= 2 {
-			n := int(binary.BigEndian.Uint16(b))
-			b = b[2:]
-			if n > len(b) {
-				n = len(b)
-			}
-			rec := b[:n]
-			b = b[n:]
-			var in wire.InChunk
-			err := codec.Unmarshal(mem.BufferSlice{mem.SliceBuffer(rec)}, &in)
-			if err != nil {
-				// The agents' server codec refuses it so (wire.serverCodec).
-				err = wire.Errorf(codes.InvalidArgument, wire.ReasonBadChunk, "malformed: %v", err)
-			} else {
-				err = inc.accept(&in)
-			}
-			synctest.Wait() // the loaders wrote what they could
-			for i, d := range inc.devs {
-				d.mu.Lock()
-				_, held := d.reasm.Buffered()
-				peak := d.reasm.PeakBytes()
-				d.mu.Unlock()
-				if held > fuzzMaxBytes || peak > fuzzMaxBytes {
-					t.Fatalf("device %d holds %d bytes (peak %d), window %d", i, held, peak, fuzzMaxBytes)
-				}
-			}
-			if err != nil {
-				if c := wire.Code(err); c == codes.OK || c == codes.Unknown || wire.Reason(err) == "" {
-					t.Fatalf("refusal without a code and reason: %v", err)
-				}
-				inc.terminate(err, ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED)
-				break
-			}
-		}
-		if !wait {
-			inc.terminate(wire.Errorf(codes.Canceled, wire.ReasonCancelled, "the fuzz input ended"), ferryv1.MigrationPhase_MIGRATION_PHASE_CANCELLED)
-		}
-		<-inc.done
-		m, _, _ := inc.snapshot()
-		for i, p := range m.GetDevices() {
-			// Only the source's own bytes verify (the honest records
-			// carry them; a fuzzed stream of other bytes cannot).
-			if p.GetVerified() && p.GetBytes() != fuzzDevSize {
-				t.Fatalf("device %d verified with %d bytes", i, p.GetBytes())
-			}
-		}
-		if n := a.BudgetInUse(); n != 0 {
-			t.Fatalf("budget in use after the session: %d", n)
-		}
-		for _, d := range reg.List() {
-			if d.Owner != "" {
-				t.Fatalf("device %s still owned by %q", d.Spec, d.Owner)
-			}
-		}
-		return m
+func play(t *testing.T, s *fuzzStates, b []byte, wait bool) *ferryv1.Migration {
+	reg := vfio.NewRegistry(vfio.RegistryOptions{AllowSim: true})
+	defer reg.Close()
+	a, err := New(Config{Registry: reg, MaxChunks: 8, MaxBytes: fuzzMaxBytes, MemoryBudget: 1 << 20})
+	if err != nil {
+		t.Fatal(err)
 	}
+	defer a.Close()
+	specs := []string{fuzzSpec(0), fuzzSpec(1)}
+	prep, err := a.prepare(&ferryv1.PrepareIncomingRequest{MigrationId: "fuzz", Devices: specs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := (&transferServer{a: a}).Open(context.Background(), &ferryv1.OpenRequest{MigrationId: "fuzz", Token: prep.GetToken(), Devices: specs, ChunkSize: fuzzChunk, Channels: 1}); err != nil {
+		t.Fatal(err)
+	}
+	inc, _ := a.lookup("fuzz")
+	codec := wire.NewCodec(wire.NewPool())
+	for len(b) >= 2 {
+		sel, n := b[0], int(b[1])
+		b = b[2:]
+		n = min(n, len(b))
+		hdrBytes := b[:n]
+		b = b[n:]
+
+		// The message as it arrives on the wire.
+		var msg []byte
+		var hdr ferryv1.ChannelRequest
+		if sel == 0xff || proto.Unmarshal(hdrBytes, &hdr) != nil || hdr.Data != nil {
+			msg = hdrBytes
+		} else {
+			payload := s.payloadOf(sel)
+			if hdr.Crc32C == 0 && payload != nil {
+				hdr.Crc32C = wire.CRC32C(payload)
+			}
+			out := &wire.OutChunk{Header: &hdr}
+			if payload != nil {
+				out.Payload = mem.SliceBuffer(payload)
+			}
+			enc, err := codec.Marshal(out)
+			if err != nil {
+				t.Fatal(err)
+			}
+			msg = enc.Materialize()
+			enc.Free()
+		}
+		var in wire.InChunk
+		err := codec.Unmarshal(mem.BufferSlice{mem.SliceBuffer(msg)}, &in)
+		if err != nil {
+			// The agents' server codec refuses it so (wire.serverCodec).
+			err = wire.Errorf(codes.InvalidArgument, wire.ReasonBadChunk, "malformed: %v", err)
+		} else {
+			err = inc.accept(&in)
+		}
+		synctest.Wait() // the loaders wrote what they could
+		for i, d := range inc.devs {
+			d.mu.Lock()
+			_, held := d.reasm.Buffered()
+			peak := d.reasm.PeakBytes()
+			d.mu.Unlock()
+			if held > fuzzMaxBytes || peak > fuzzMaxBytes {
+				t.Fatalf("device %d holds %d bytes (peak %d), window %d", i, held, peak, fuzzMaxBytes)
+			}
+		}
+		if err != nil {
+			if c := wire.Code(err); c == codes.OK || c == codes.Unknown || wire.Reason(err) == "" {
+				t.Fatalf("refusal without a code and reason: %v", err)
+			}
+			inc.terminate(err, ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED)
+			break
+		}
+	}
+	if !wait {
+		inc.terminate(wire.Errorf(codes.Canceled, wire.ReasonCancelled, "the fuzz input ended"), ferryv1.MigrationPhase_MIGRATION_PHASE_CANCELLED)
+	}
+	<-inc.done
+	m, _, _ := inc.snapshot()
+	for i, p := range m.GetDevices() {
+		// Only a device's own bytes verify.
+		if p.GetVerified() && p.GetBytes() != fuzzDevSize {
+			t.Fatalf("device %d verified with %d bytes", i, p.GetBytes())
+		}
+	}
+	if n := a.BudgetInUse(); n != 0 {
+		t.Fatalf("budget in use after the session: %d", n)
+	}
+	for _, d := range reg.List() {
+		if d.Owner != "" {
+			t.Fatalf("device %s still owned by %q", d.Spec, d.Owner)
+		}
+	}
+	return m
 }

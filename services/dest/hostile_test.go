@@ -192,8 +192,11 @@ func TestMisbehavingSource(t *testing.T) {
 			send(t, st, c, chunk(0))
 		}, codes.InvalidArgument, wire.ReasonBadChunk},
 		{"data after END", func(st channel) {
-			send(t, st, &ferryv1.ChannelRequest{Seq: 0, Kind: ferryv1.ChunkKind_CHUNK_KIND_END, Digest: []byte{1}}, nil)
-			send(t, st, dataChunk(1, chunk(1)), chunk(1))
+			// END at seq 1 is held (chunk 0 has not come), so the data
+			// beyond it meets it in the reassembly. (An END at the
+			// frontier would be verified, and fail, before the data came.)
+			send(t, st, &ferryv1.ChannelRequest{Seq: 1, Offset: testChunk, Kind: ferryv1.ChunkKind_CHUNK_KIND_END, TotalBytes: testChunk, TotalChunks: 1, Digest: []byte{1}}, nil)
+			send(t, st, dataChunk(2, chunk(2)), chunk(2))
 		}, codes.InvalidArgument, wire.ReasonBadChunk},
 		{"a different chunk under a held seq", func(st channel) {
 			send(t, st, dataChunk(2, chunk(2)), chunk(2))

@@ -55,8 +55,9 @@ type devStream struct {
 	notify chan struct{}
 	digest *wire.Digest
 	// advSeq and advOff are the frontier when the loader last woke the
-	// feedback senders; the loader's alone (see feedbackEvery).
+	// feedback senders, at advTime; the loader's alone (see feedbackEvery).
 	advSeq, advOff uint64
+	advTime        time.Time
 
 	written    atomic.Uint64
 	chunks     atomic.Uint64
@@ -284,12 +285,19 @@ func (inc *incoming) load(d *devStream) {
 		c.Payload.data.Free()
 		d.written.Add(uint64(c.Len))
 		d.chunks.Add(1)
-		if seq-d.advSeq >= everyChunks || off-d.advOff >= everyBytes {
-			d.advSeq, d.advOff = seq, off
+		if now := time.Now(); seq-d.advSeq >= everyChunks || off-d.advOff >= everyBytes || now.Sub(d.advTime) >= feedbackMaxDelay {
+			d.advSeq, d.advOff, d.advTime = seq, off, now
 			inc.wakeFeedback()
 		}
 	}
 }
+
+// feedbackMaxDelay bounds the batching of feedbackEvery in time: a slow
+// device writes a quarter window slowly, so the loader also wakes the
+// senders when the frontier moved and this long has passed. The source
+// hears of progress (and frees its buffers) at least that often, and its
+// stall watchdog never takes a slow device for a dead channel.
+const feedbackMaxDelay = 100 * time.Millisecond
 
 // feedbackEvery is how far a device's frontier moves before its loader
 // wakes the channels' feedback senders, in chunks or in bytes, whichever

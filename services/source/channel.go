@@ -35,6 +35,8 @@ const (
 type channel struct {
 	m       *migration
 	index   int32
+	conn    *grpc.ClientConn
+	dial    func() (*grpc.ClientConn, error)
 	client  ferryv1.TransferClient
 	session string
 	queue   <-chan *outChunk
@@ -72,6 +74,12 @@ func (c *channel) run(ctx context.Context) error {
 		if time.Since(lostSince) > cfg.ReconnectTimeout {
 			return wire.Errorf(codes.Unavailable, wire.ReasonPeerUnavailable,
 				"channel %d to the destination was lost and not re-established within %s: %s", c.index, cfg.ReconnectTimeout, wire.Message(err))
+		}
+		// A new connection: gRPC may still hold the old one, stalled
+		// without a FIN, as usable.
+		if conn, derr := c.dial(); derr == nil {
+			c.conn.Close()
+			c.conn, c.client = conn, ferryv1.NewTransferClient(conn)
 		}
 		c.m.log.Warn("channel lost; re-dialling", "channel", c.index, "resend_chunks", n, "error", wire.Message(err))
 		t := time.NewTimer(backoff)

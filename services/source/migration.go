@@ -402,13 +402,16 @@ func (m *migration) stream(ctx context.Context, transfer ferryv1.TransferClient,
 	g, gctx := errgroup.WithContext(chCtx)
 	ready := make(chan struct{}, m.channels)
 	for i := range int(m.channels) {
-		conn, err := grpc.NewClient(m.req.GetDestAddress(), dialOpts...)
+		dial := func() (*grpc.ClientConn, error) { return grpc.NewClient(m.req.GetDestAddress(), dialOpts...) }
+		conn, err := dial()
 		if err != nil {
 			return wire.Errorf(codes.InvalidArgument, wire.ReasonInvalidArgument, "dial channel %d: %v", i, err)
 		}
-		defer conn.Close()
-		ch := &channel{m: m, index: int32(i), client: ferryv1.NewTransferClient(conn), session: session, queue: queue, resend: resend, ready: ready}
-		g.Go(func() error { return ch.run(gctx) })
+		ch := &channel{m: m, index: int32(i), conn: conn, dial: dial, client: ferryv1.NewTransferClient(conn), session: session, queue: queue, resend: resend, ready: ready}
+		g.Go(func() error {
+			defer ch.conn.Close()
+			return ch.run(gctx)
+		})
 	}
 	fail := func(err error) error {
 		chCancel()

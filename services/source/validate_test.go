@@ -22,7 +22,7 @@ func FuzzStartMigration(f *testing.F) {
 			Devices: []*ferryv1.DevicePair{{SourceDevice: "pci:0000:3b:00.2", DestDevice: "pci:0000:5e:00.2"}}, Channels: 4, ChunkSize: 1 << 20},
 		{MigrationId: "sim", DestAddress: "[::1]:7100", Token: "t",
 			Devices: []*ferryv1.DevicePair{{SourceDevice: "sim:size=1GiB,seed=7", DestDevice: "sim:seed=7,size=1GiB"}, {SourceDevice: "mdev:c0ffee00-0000-4000-8000-000000000001", DestDevice: "mdev:c0ffee00-0000-4000-8000-000000000002"}},
-			Mode: ferryv1.MigrationMode_MIGRATION_MODE_STOP_COPY, Digest: ferryv1.DigestAlgorithm_DIGEST_ALGORITHM_SHA256},
+			Mode:    ferryv1.MigrationMode_MIGRATION_MODE_STOP_COPY, Digest: ferryv1.DigestAlgorithm_DIGEST_ALGORITHM_SHA256},
 		{MigrationId: "a/b", DestAddress: "nowhere", Channels: 1 << 30, ChunkSize: 1},
 		{MigrationId: "pre", DestAddress: "h:1", Token: "t", Devices: []*ferryv1.DevicePair{{SourceDevice: "sim:size=1", DestDevice: "sim:size=1"}}, Mode: ferryv1.MigrationMode_MIGRATION_MODE_PRECOPY},
 	} {

@@ -30,16 +30,16 @@ type AccessRule struct {
 	Flag string
 }
 
-// openServices are reachable by any caller the transport admitted:
-// probes and tooling need them, and they reveal nothing but the schema
-// and serving status.
-var openServices = []string{
-	healthpb.Health_ServiceDesc.ServiceName,
-	"grpc.reflection.v1.ServerReflection",
-	"grpc.reflection.v1alpha.ServerReflection",
+// isOpen reports whether service is reachable by any caller the
+// transport admitted: health and reflection, which probes and tooling
+// need and which reveal nothing but the serving status and the schema.
+func isOpen(service string) bool {
+	switch service {
+	case healthpb.Health_ServiceDesc.ServiceName, "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection":
+		return true
+	}
+	return false
 }
-
-func isOpen(service string) bool { return slices.Contains(openServices, service) }
 
 // ValidateAllowed checks a list of identities given on the command line.
 func ValidateAllowed(flag string, names []string) error {

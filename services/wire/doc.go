@@ -14,8 +14,10 @@
 // length between: the bytes on the wire are an ordinary ChannelRequest
 // (data is field 15 and comes last), so grpcurl and any protobuf decoder
 // read them, but the payload is never copied on the way out. On the way in
-// the payload is copied once, into a buffer from the [Pool], which the
-// destination then writes into the device and returns to the pool.
+// it is not copied either: the [Payload] of an [InChunk] holds references
+// to the 16 KiB buffers gRPC read the frames into (from the [Pool], which
+// gRPC is given as its buffer pool), and the destination writes those
+// pieces into the device and frees them.
 //
 // Senders use [OutChunk] with a reference-counted mem.Buffer payload that
 // gRPC frees once written, receivers [InChunk]; any other message goes

@@ -140,17 +140,20 @@ func TestMutualTLSAuthorization(t *testing.T) {
 	refused := []struct {
 		name  string
 		creds credentials.TransportCredentials
-		want  string // in the error, when the handshake reports it reliably
+		want  string // in the error, when the client learns it reliably
 	}{
 		{"plaintext", insecure.NewCredentials(), ""},
 		{"no client certificate", credentials.NewTLS(&tls.Config{RootCAs: pool(t, ca), MinVersion: tls.VersionTLS13}), ""},
 		{"certificate of another CA", credentials.NewTLS(&tls.Config{RootCAs: pool(t, ca), MinVersion: tls.VersionTLS13,
-			GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return &foreign, nil }}), "unknown certificate authority"},
+			GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return &foreign, nil }}), ""},
 		{"TLS 1.2", credentials.NewTLS(&tls.Config{RootCAs: pool(t, ca), MaxVersion: tls.VersionTLS12,
 			Certificates: []tls.Certificate{keyPair(t, ca.Issue(t, controlPlane))}}), "protocol version"},
 		{"expired certificate", credentials.NewTLS(&tls.Config{RootCAs: pool(t, ca), MinVersion: tls.VersionTLS13,
-			Certificates: []tls.Certificate{keyPair(t, ca.IssueWith(t, wiretest.Options{NotBefore: time.Now().Add(-48 * time.Hour), NotAfter: time.Now().Add(-24 * time.Hour)}, controlPlane))}}), "expired"},
+			Certificates: []tls.Certificate{keyPair(t, ca.IssueWith(t, wiretest.Options{NotBefore: time.Now().Add(-48 * time.Hour), NotAfter: time.Now().Add(-24 * time.Hour)}, controlPlane))}}), ""},
 	}
+	// (The server refuses a client certificate after the client has
+	// finished its side of the handshake: the client may see the alert or
+	// a broken pipe.)
 	for _, tc := range refused {
 		_, err := ferryv1.NewDestAgentClient(dialWith(t, addr, tc.creds)).ListDevices(ctx, &ferryv1.ListDevicesRequest{})
 		if wire.Code(err) != codes.Unavailable || !strings.Contains(wire.Message(err), tc.want) {

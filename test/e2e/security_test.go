@@ -338,7 +338,7 @@ func TestProcessesWithMutualTLS(t *testing.T) {
 			{"source", "--tls-cert", "x.pem"},
 			{"dest", "--insecure", "--tls-ca", "ca.pem"},
 			{"dest", "--insecure", "--allow-client", idControlPlane},
-			append([]string{"dest"}, dest...), // no --allow-client
+			append([]string{"dest"}, dest...),                                           // no --allow-client
 			append(append([]string{"dest"}, dest...), "--allow-client", idControlPlane), // no --allow-peer
 			append(append([]string{"source"}, src...), "--allow-client", idControlPlane, "--devices", "sim:*"),
 		} {
