@@ -118,54 +118,49 @@ func (f *agentFlags) creds() (server, peer credentials.TransportCredentials, err
 }
 
 func runDest(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("dest", stderr, "--listen ADDR (--insecure | --tls-cert FILE --tls-key FILE --tls-ca FILE --allow-client ID... --allow-peer ID...) [--devices PATTERN...] [--allow-sim] [--max-buffers N] [--max-buffer-bytes SIZE] [--memory-budget SIZE] [--metrics-listen ADDR] [--health-listen ADDR] [--drain-timeout D]")
-	var af agentFlags
-	af.register(fs, "127.0.0.1:7100")
-	af.sec.register(fs, true)
-	var df destFlags
-	df.register(fs)
-	if err := parse(fs, args); err != nil {
-		return err
-	}
-	cfg, err := df.config()
-	if err != nil {
-		return &exitError{code: 2, err: err}
-	}
-	log, err := af.log.logger(stderr)
-	if err != nil {
-		return &exitError{code: 2, err: err}
-	}
-	creds, _, err := af.creds()
-	if err != nil {
-		return &exitError{code: 2, err: err}
-	}
-	reg := vfio.NewRegistry(af.sec.registry(af.allowSim))
-	defer reg.Close()
-	pool := wire.NewPool()
-	metrics, promReg := af.metrics()
-	cfg.Registry, cfg.Pool, cfg.Logger, cfg.Metrics = reg, pool, log, metrics
-	agent, err := dest.New(cfg)
-	if err != nil {
-		return &exitError{code: 2, err: err}
-	}
-	defer agent.Close()
-	metrics.WatchBudget(promReg, agent.BudgetInUse, uint64(df.budget))
-	return serve(ctx, &af, creds, pool, log, "dest", metrics, promReg, agent)
+	return runRoles(ctx, "dest", "--listen ADDR (--insecure | --tls-cert FILE --tls-key FILE --tls-ca FILE --allow-client ID... --allow-peer ID...) [--devices PATTERN...] [--allow-sim] [--max-buffers N] [--max-buffer-bytes SIZE] [--memory-budget SIZE] [--source-timeout D] [--metrics-listen ADDR] [--health-listen ADDR] [--drain-timeout D]",
+		"127.0.0.1:7100", roles{dest: true}, args, stderr)
 }
 
 func runSource(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("source", stderr, "--listen ADDR (--insecure | --tls-cert FILE --tls-key FILE --tls-ca FILE --allow-client ID...) [--devices PATTERN...] [--allow-sim] [--metrics-listen ADDR] [--health-listen ADDR] [--drain-timeout D]")
+	return runRoles(ctx, "source", "--listen ADDR (--insecure | --tls-cert FILE --tls-key FILE --tls-ca FILE --allow-client ID...) [--devices PATTERN...] [--allow-sim] [--reconnect-timeout D] [--progress-timeout D] [--metrics-listen ADDR] [--health-listen ADDR] [--drain-timeout D]",
+		"127.0.0.1:7200", roles{source: true}, args, stderr)
+}
+
+// roles says which agents a process serves.
+type roles struct{ source, dest bool }
+
+// runRoles parses an agent command's flags, builds the agents of the roles
+// asked for on one device registry and one buffer pool, and serves them on
+// one listener until ctx ends.
+func runRoles(ctx context.Context, name, synopsis, listen string, r roles, args []string, stderr io.Writer) error {
+	fs := newFlagSet(name, stderr, synopsis)
 	var af agentFlags
-	af.register(fs, "127.0.0.1:7200")
-	af.sec.register(fs, false)
+	af.register(fs, listen)
+	af.sec.register(fs, r.dest)
+	var df destFlags
 	var sf sourceFlags
-	sf.register(fs)
+	if r.dest {
+		df.register(fs)
+	}
+	if r.source {
+		sf.register(fs)
+	}
 	if err := parse(fs, args); err != nil {
 		return err
 	}
-	scfg := source.Config{}
-	if err := sf.apply(&scfg); err != nil {
-		return &exitError{code: 2, err: err}
+	var dcfg dest.Config
+	var scfg source.Config
+	if r.dest {
+		var err error
+		if dcfg, err = df.config(); err != nil {
+			return &exitError{code: 2, err: err}
+		}
+	}
+	if r.source {
+		if err := sf.apply(&scfg); err != nil {
+			return &exitError{code: 2, err: err}
+		}
 	}
 	log, err := af.log.logger(stderr)
 	if err != nil {
@@ -179,13 +174,29 @@ func runSource(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	defer reg.Close()
 	pool := wire.NewPool()
 	metrics, promReg := af.metrics()
-	scfg.Registry, scfg.Pool, scfg.Logger, scfg.PeerCreds, scfg.Metrics = reg, pool, log, peerCreds, metrics
-	agent, err := source.New(scfg)
-	if err != nil {
-		return &exitError{code: 2, err: err}
+	var served []servedAgent
+	if r.dest {
+		dcfg.Registry, dcfg.Pool, dcfg.Logger, dcfg.Metrics = reg, pool, log, metrics
+		dagent, err := dest.New(dcfg)
+		if err != nil {
+			return &exitError{code: 2, err: err}
+		}
+		defer dagent.Close()
+		metrics.WatchBudget(promReg, dagent.BudgetInUse, uint64(df.budget))
+		served = append(served, dagent)
 	}
-	defer agent.Close()
-	return serve(ctx, &af, creds, pool, log, "source", metrics, promReg, agent)
+	if r.source {
+		scfg.Registry, scfg.Pool, scfg.Logger, scfg.PeerCreds, scfg.Metrics = reg, pool, log, peerCreds, metrics
+		sagent, err := source.New(scfg)
+		if err != nil {
+			return &exitError{code: 2, err: err}
+		}
+		// Deferred last, closed first: its rollback tells the peer
+		// destinations before this process's own destination closes.
+		defer sagent.Close()
+		served = append([]servedAgent{sagent}, served...)
+	}
+	return serve(ctx, &af, creds, pool, log, name, metrics, promReg, served...)
 }
 
 // Health service names the Kubernetes probes ask for, beside "" and the
