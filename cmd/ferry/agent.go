@@ -14,6 +14,6 @@ import (
 // peers, one health port, one metrics endpoint, one memory limit and one
 // drain.
 func runAgent(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	return runRoles(ctx, "agent", "--listen ADDR (--insecure | --tls-cert FILE --tls-key FILE --tls-ca FILE --allow-client ID... --allow-peer ID...) [--devices PATTERN...] [--allow-sim] [--max-buffers N] [--max-buffer-bytes SIZE] [--memory-budget SIZE] [--source-timeout D] [--reconnect-timeout D] [--progress-timeout D] [--metrics-listen ADDR] [--health-listen ADDR] [--drain-timeout D]",
+	return runRoles(ctx, "agent", "--listen ADDR (--insecure | --tls-cert FILE --tls-key FILE --tls-ca FILE --allow-client ID... --allow-peer ID...) [--devices PATTERN...] [--allow-sim] [--max-buffers N] [--max-buffer-bytes SIZE] [--memory-budget SIZE] [--source-timeout D] [--reconnect-timeout D] [--progress-timeout D] [--data-listen ADDR] [--metrics-listen ADDR] [--health-listen ADDR] [--drain-timeout D]",
 		"127.0.0.1:7100", roles{source: true, dest: true}, args, stderr)
 }

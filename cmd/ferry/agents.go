@@ -37,6 +37,7 @@ type agentFlags struct {
 	sec           securityFlags // registered by each command (security.go)
 	allowSim      bool
 	metricsListen string
+	dataListen    string // the destination's direct data listener
 	healthListen  string
 	drainTimeout  time.Duration
 	log           logFlags
@@ -118,7 +119,7 @@ func (f *agentFlags) creds() (server, peer credentials.TransportCredentials, err
 }
 
 func runDest(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	return runRoles(ctx, "dest", "--listen ADDR (--insecure | --tls-cert FILE --tls-key FILE --tls-ca FILE --allow-client ID... --allow-peer ID...) [--devices PATTERN...] [--allow-sim] [--max-buffers N] [--max-buffer-bytes SIZE] [--memory-budget SIZE] [--source-timeout D] [--metrics-listen ADDR] [--health-listen ADDR] [--drain-timeout D]",
+	return runRoles(ctx, "dest", "--listen ADDR (--insecure | --tls-cert FILE --tls-key FILE --tls-ca FILE --allow-client ID... --allow-peer ID...) [--devices PATTERN...] [--allow-sim] [--max-buffers N] [--max-buffer-bytes SIZE] [--memory-budget SIZE] [--source-timeout D] [--data-listen ADDR] [--metrics-listen ADDR] [--health-listen ADDR] [--drain-timeout D]",
 		"127.0.0.1:7100", roles{dest: true}, args, stderr)
 }
 
@@ -142,6 +143,7 @@ func runRoles(ctx context.Context, name, synopsis, listen string, r roles, args 
 	var sf sourceFlags
 	if r.dest {
 		df.register(fs)
+		fs.StringVar(&af.dataListen, "data-listen", "", "accept direct data connections on this address (host:port): sources then send chunks there, beside their Channel streams and with the same TLS, instead of in gRPC messages, at a fraction of the CPU (off when empty)")
 	}
 	if r.source {
 		sf.register(fs)
@@ -211,6 +213,12 @@ const (
 	healthReadiness = "readiness"
 )
 
+// dataServer is an agent that takes direct data connections (the
+// destination).
+type dataServer interface {
+	ServeData(net.Listener, credentials.TransportCredentials) error
+}
+
 // servedAgent is one role's agent as serve runs it.
 type servedAgent interface {
 	// Register registers the agent's gRPC services.
@@ -270,7 +278,12 @@ func serve(ctx context.Context, af *agentFlags, creds credentials.TransportCrede
 	if err != nil {
 		return err
 	}
-	var hlis, mlis net.Listener
+	var hlis, mlis, dlis net.Listener
+	if af.dataListen != "" {
+		if dlis, err = listen(af.dataListen); err != nil {
+			return fmt.Errorf("--data-listen: %w", err)
+		}
+	}
 	if af.healthListen != "" {
 		if hlis, err = listen(af.healthListen); err != nil {
 			return fmt.Errorf("--health-listen: %w", err)
@@ -293,6 +306,14 @@ func serve(ctx context.Context, af *agentFlags, creds credentials.TransportCrede
 		reflection.Register(hsrv)
 		g.Go(func() error { return hsrv.Serve(hlis) })
 		log.Info("health listening", "address", hlis.Addr().String(), "liveness", healthLiveness, "readiness", healthReadiness)
+	}
+	if dlis != nil {
+		for _, a := range agents {
+			if d, ok := a.(dataServer); ok {
+				g.Go(func() error { return d.ServeData(dlis, creds) })
+			}
+		}
+		log.Info("direct data listening", "address", dlis.Addr().String())
 	}
 	var hs *http.Server
 	if mlis != nil {

@@ -46,6 +46,7 @@ type benchConfig struct {
 	window    uint64 // destination window per device, bytes
 	rate      string // sim read cap, "" for none
 	exe       string // this binary
+	grpcData  bool   // chunks in gRPC messages, not on direct data connections
 }
 
 // totalBytes is the state of every device.
@@ -116,7 +117,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		// side of a raw TCP transfer.
 		return runBenchPeer(ctx, args[1:], stdout, stderr)
 	}
-	fs := newFlagSet("bench", stderr, "[--size SIZE] [--channels 1,2,4,8] [--chunk-size SIZE] [--devices K] [--rounds N] [--window SIZE] [--rate RATE] [--only rawtcp|ferry] [--json]")
+	fs := newFlagSet("bench", stderr, "[--size SIZE] [--channels 1,2,4,8] [--chunk-size SIZE] [--devices K] [--rounds N] [--window SIZE] [--rate RATE] [--data direct|grpc] [--only rawtcp|ferry] [--json]")
 	devSize := sizeFlag(4 << 30)
 	fs.Var(&devSize, "size", "state size of each simulated device")
 	channelList := fs.String("channels", "1,2,4,8", "comma-separated channel counts (TCP connections) to measure")
@@ -128,6 +129,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.Var(&window, "window", "destination window per device, in bytes (ferry dest --max-buffer-bytes)")
 	rate := fs.String("rate", "", "cap each simulated device's reads at this rate, e.g. 256MB/s (default: uncapped)")
 	only := fs.String("only", "", "run only rawtcp or only ferry (no ratio)")
+	data := fs.String("data", "direct", "how ferry's chunks travel: direct (the destination's direct data connections, ferry dest --data-listen) or grpc (in Channel messages)")
 	asJSON := fs.Bool("json", false, "print one JSON object per channel count")
 	if err := parse(fs, args); err != nil {
 		return err
@@ -153,6 +155,8 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return &exitError{code: 2, err: fmt.Errorf("--window must hold at least one chunk")}
 	case *only != "" && *only != "rawtcp" && *only != "ferry":
 		return &exitError{code: 2, err: fmt.Errorf("--only must be rawtcp or ferry")}
+	case *data != "direct" && *data != "grpc":
+		return &exitError{code: 2, err: fmt.Errorf("--data must be direct or grpc")}
 	}
 	if *rate != "" {
 		if _, err := size.ParseRate(*rate); err != nil {
@@ -163,10 +167,10 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if err != nil {
 		return err
 	}
-	cfg := benchConfig{size: uint64(devSize), devices: int(*devices), chunkSize: uint32(chunk), window: uint64(window), rate: *rate, exe: exe}
+	cfg := benchConfig{size: uint64(devSize), devices: int(*devices), chunkSize: uint32(chunk), window: uint64(window), rate: *rate, exe: exe, grpcData: *data == "grpc"}
 	if !*asJSON {
-		fmt.Fprintf(stdout, "ferry bench: %d device(s) x %s, chunk %s, window %s/device%s; %d round(s) per channel count, rawtcp and ferry interleaved, medians [min-max]\n",
-			cfg.devices, size.Format(cfg.size), size.Format(uint64(cfg.chunkSize)), size.Format(cfg.window), rateNote(cfg.rate), *rounds)
+		fmt.Fprintf(stdout, "ferry bench: %d device(s) x %s, chunk %s, window %s/device%s, ferry chunks on %s; %d round(s) per channel count, rawtcp and ferry interleaved, medians [min-max]\n",
+			cfg.devices, size.Format(cfg.size), size.Format(uint64(cfg.chunkSize)), size.Format(cfg.window), rateNote(cfg.rate), dataNote(cfg.grpcData), *rounds)
 		fmt.Fprintf(stdout, "host: %d CPUs, GOMAXPROCS %d per process, loadavg %s\n", runtime.NumCPU(), runtime.GOMAXPROCS(0), loadAvgLine())
 	}
 	var rows []benchRow
@@ -361,4 +365,11 @@ func loadAvg1() float64 {
 func benchTimeout(cfg benchConfig) time.Duration {
 	// 20 MB/s is far below anything this should run at.
 	return time.Minute + time.Duration(float64(cfg.totalBytes())/20e6*float64(time.Second))
+}
+
+func dataNote(grpcData bool) string {
+	if grpcData {
+		return "gRPC messages"
+	}
+	return "direct data connections"
 }

@@ -36,9 +36,13 @@ func benchFerry(ctx context.Context, cfg benchConfig, channels int) (benchRun, e
 	maxChunks := min(max(cfg.window/uint64(cfg.chunkSize), dest.DefaultMaxChunks), flow.MaxWindowChunks)
 	budget := max(cfg.window*uint64(cfg.devices), dest.DefaultMemoryBudget)
 	logArgs := []string{"--insecure", "--allow-sim", "--log-level", "warn", "--log-format", "json"}
-	d, err := startBenchChild(ctx, "ferry dest", cfg.exe, append([]string{"dest", "--listen", daddr,
+	dargs := []string{"dest", "--listen", daddr,
 		"--max-buffers", strconv.FormatUint(maxChunks, 10), "--max-buffer-bytes", strconv.FormatUint(cfg.window, 10),
-		"--memory-budget", strconv.FormatUint(budget, 10)}, logArgs...)...)
+		"--memory-budget", strconv.FormatUint(budget, 10)}
+	if !cfg.grpcData {
+		dargs = append(dargs, "--data-listen", "127.0.0.1:0")
+	}
+	d, err := startBenchChild(ctx, "ferry dest", cfg.exe, append(dargs, logArgs...)...)
 	if err != nil {
 		return benchRun{}, err
 	}

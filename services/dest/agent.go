@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc"
@@ -107,6 +108,11 @@ type Agent struct {
 	budgetUsed uint64
 	peakBudget uint64
 	draining   bool // set by Drain: new migrations are refused
+	// dataKeys are the Channel streams waiting for their direct data
+	// connection, by key (direct.go).
+	dataKeys map[[wire.DataKeyLen]byte]*dataAttach
+	// dataPort is the direct data listener's port while ServeData runs.
+	dataPort atomic.Uint32
 
 	// wg owns every goroutine the agent starts: loaders, channel receivers
 	// and clean-ups.
@@ -125,6 +131,7 @@ func New(cfg Config) (*Agent, error) {
 		cfg:      cfg,
 		incoming: make(map[string]*incoming),
 		sessions: make(map[string]*incoming),
+		dataKeys: make(map[[wire.DataKeyLen]byte]*dataAttach),
 		ctx:      ctx,
 		cancel:   cancel,
 	}, nil

@@ -104,6 +104,7 @@ type incoming struct {
 	err            *ferryv1.MigrationError
 	sessionID      string
 	peer           string // the source identity that opened the session (binding.go)
+	direct         bool   // chunks come on direct data connections (direct.go)
 	chunkSize      uint32
 	channels       uint32
 	sourceDevices  []string

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"net"
 	"slices"
 	"strconv"
 	"time"
@@ -55,6 +56,11 @@ func (s *transferServer) Open(ctx context.Context, req *ferryv1.OpenRequest) (*f
 	inc.peer = wire.PeerIdentity(ctx).String()
 	inc.chunkSize, inc.channels, inc.digestAlg = chunkSize, channels, req.GetDigest()
 	inc.sourceDevices = slices.Clone(req.GetSourceDevices())
+	var dataPort uint32
+	if req.GetDirectData() {
+		dataPort = a.dataPort.Load()
+		inc.direct = dataPort != 0
+	}
 	for i, d := range inc.devs {
 		d.mu.Lock()
 		d.reasm = flow.NewReassembly[payload](inc.limits, chunkSize)
@@ -79,7 +85,7 @@ func (s *transferServer) Open(ctx context.Context, req *ferryv1.OpenRequest) (*f
 	}
 	inc.log.Info("session opened", "channels", channels, "chunk_size", chunkSize)
 
-	resp := &ferryv1.OpenResponse{SessionId: sessionID, Windows: make([]*ferryv1.WindowUpdate, len(inc.devs))}
+	resp := &ferryv1.OpenResponse{SessionId: sessionID, DataPort: dataPort, Windows: make([]*ferryv1.WindowUpdate, len(inc.devs))}
 	for i := range resp.Windows {
 		resp.Windows[i] = new(ferryv1.WindowUpdate)
 	}
@@ -130,6 +136,29 @@ func (s *transferServer) Channel(stream grpc.BidiStreamingServer[ferryv1.Channel
 	wake := reg.wake
 	wake <- struct{}{} // the first window update says the channel is up
 
+	// With direct data the first response carries the key that attaches
+	// the channel's data connection (direct.go); its chunks come there.
+	inc.mu.Lock()
+	direct := inc.direct
+	inc.mu.Unlock()
+	var (
+		dataKey  []byte
+		attached <-chan net.Conn
+		dataConn net.Conn
+		dataErr  = make(chan error, 1)
+	)
+	if direct {
+		var at *dataAttach
+		at, dataKey = a.newDataKey(inc, index)
+		attached = at.conn
+		defer a.dropDataKey(at)
+		defer func() {
+			if dataConn != nil {
+				dataConn.Close()
+			}
+		}()
+	}
+
 	// The receiver runs on its own goroutine, owned by the agent: a
 	// blocked RecvMsg only returns once this handler has returned.
 	recvErr := make(chan error, 1)
@@ -150,9 +179,21 @@ func (s *transferServer) Channel(stream grpc.BidiStreamingServer[ferryv1.Channel
 				return wire.Errorf(codes.Aborted, wire.ReasonSessionState, "channel %d was connected again; this stream is replaced", index)
 			}
 			return stream.Context().Err()
+		case conn := <-attached:
+			attached, dataConn = nil, conn
+			a.wg.Go(func() { dataErr <- inc.receiveDirect(conn, a.cfg.Pool) })
+		case err := <-dataErr:
+			// The data connection ended: cleanly, and the stream goes on
+			// until the session ends, or with the error the stream ends with.
+			if err != nil {
+				return err
+			}
 		case <-wake:
 			inc.fillWindows(resp.Windows)
-			if err := stream.Send(resp); err != nil {
+			resp.DataKey, dataKey = dataKey, nil
+			err := stream.Send(resp)
+			resp.DataKey = nil
+			if err != nil {
 				return err
 			}
 		}
@@ -224,7 +265,10 @@ func (inc *incoming) accept(in *wire.InChunk) (err error) {
 		if m.GetTotalBytes() != 0 || m.GetTotalChunks() != 0 || len(m.GetDigest()) != 0 {
 			return wire.Errorf(codes.InvalidArgument, wire.ReasonBadChunk, "device %d chunk %d: a DATA chunk carries no END fields", m.GetDevice(), m.GetSeq())
 		}
-		crc := in.Data.CRC32C()
+		crc := in.CRC
+		if !in.HasCRC {
+			crc = in.Data.CRC32C()
+		}
 		if crc != m.GetCrc32C() {
 			return wire.Errorf(codes.DataLoss, wire.ReasonChunkCRC, "device %d chunk %d at byte %d: CRC32C %08x, the source sent %08x", m.GetDevice(), m.GetSeq(), m.GetOffset(), crc, m.GetCrc32C())
 		}

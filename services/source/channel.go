@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"net"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -108,6 +109,8 @@ func (c *channel) serve(ctx context.Context) (up bool, err error) {
 		stalled atomic.Bool
 		// pending counts messages sent since the destination last spoke.
 		pending atomic.Int64
+		// dataFailed is why the direct data connection failed, if it did.
+		dataFailed atomic.Pointer[error]
 	)
 	timeout := c.m.a.cfg.ProgressTimeout
 	var watchdog *time.Timer
@@ -121,22 +124,84 @@ func (c *channel) serve(ctx context.Context) (up bool, err error) {
 	})
 	defer watchdog.Stop()
 
+	s := &sender{c: c, pending: &pending}
+	if c.m.dataAddr != "" {
+		s.key = make(chan []byte, 1)
+		s.fail = func(err error) {
+			dataFailed.CompareAndSwap(nil, &err)
+			cancel()
+		}
+	}
 	var wg sync.WaitGroup
-	wg.Go(func() { c.send(sctx, st, &pending) })
-	err = c.receive(st, &upFlag, &pending)
+	wg.Go(func() { s.run(sctx, st) })
+	err = c.receive(st, &upFlag, &pending, s.key)
 	cancel()
 	wg.Wait()
-	if stalled.Load() {
+	switch {
+	case stalled.Load():
 		err = wire.Errorf(codes.Unavailable, "", "channel %d: no word from the destination for %s with chunks in flight", c.index, timeout)
+	case dataFailed.Load() != nil:
+		err = *dataFailed.Load()
 	}
 	return upFlag.Load(), err
 }
 
-// send takes chunks from the resend queue first, then from the shared
+// sender sends a stream's chunks: in Channel messages, or, when the
+// session uses direct data, on the data connection the stream's key
+// attaches.
+type sender struct {
+	c       *channel
+	pending *atomic.Int64
+	// key receives the stream's data key (nil without direct data).
+	key chan []byte
+	// fail ends the stream because the data connection failed.
+	fail func(error)
+}
+
+// run takes chunks from the resend queue first, then from the shared
 // queue, and sends them until the stream breaks or ctx ends; the receiver
 // reports why the stream ended.
-func (c *channel) send(ctx context.Context, st channelStream, pending *atomic.Int64) {
+func (s *sender) run(ctx context.Context, st channelStream) {
+	c := s.c
 	out := &wire.OutChunk{}
+	send := func(ch *outChunk) error {
+		out.Header, out.Payload = &ch.hdr, ch.payload
+		return st.SendMsg(out)
+	}
+	if s.key != nil {
+		var key []byte
+		select {
+		case <-ctx.Done():
+			return
+		case key = <-s.key:
+		}
+		conn, err := c.dialData(ctx, key)
+		if err != nil {
+			if ctx.Err() == nil {
+				s.fail(wire.Errorf(codes.Unavailable, "", "channel %d: direct data connection to %s: %v", c.index, c.m.dataAddr, err))
+			}
+			return
+		}
+		defer conn.Close()
+		// A write blocked on a destination that stopped reading ends with
+		// the stream.
+		stop := context.AfterFunc(ctx, func() { conn.Close() })
+		defer stop()
+		w := wire.NewDirectWriter(conn)
+		send = func(ch *outChunk) error {
+			var payload []byte
+			if ch.payload != nil {
+				payload = ch.payload.ReadOnlyData()
+			}
+			if err := w.Write(&ch.hdr, payload); err != nil {
+				if ctx.Err() == nil {
+					s.fail(wire.Errorf(codes.Unavailable, "", "channel %d: direct data connection: %v", c.index, err))
+				}
+				return err
+			}
+			return nil
+		}
+	}
 	for {
 		var ch *outChunk
 		select {
@@ -154,20 +219,43 @@ func (c *channel) send(ctx context.Context, st channelStream, pending *atomic.In
 			continue
 		}
 		ch.channel.Store(c.index)
-		out.Header, out.Payload = &ch.hdr, ch.payload
-		err := st.SendMsg(out)
+		err := send(ch)
 		ch.release()
 		if err != nil {
 			return
 		}
-		pending.Add(1)
+		s.pending.Add(1)
 	}
+}
+
+// dialData opens the stream's direct data connection: TCP to the
+// destination's data port, the agent's TLS (as its gRPC connections), the
+// preamble with the stream's key.
+func (c *channel) dialData(ctx context.Context, key []byte) (net.Conn, error) {
+	dctx, cancel := context.WithTimeout(ctx, rpcTimeout)
+	defer cancel()
+	var d net.Dialer
+	raw, err := d.DialContext(dctx, "tcp", c.m.dataAddr)
+	if err != nil {
+		return nil, err
+	}
+	conn, _, err := c.m.a.cfg.PeerCreds.ClientHandshake(dctx, c.m.dataAuthority, raw)
+	if err != nil {
+		raw.Close()
+		return nil, err
+	}
+	if err := wire.WriteDirectPreamble(conn, key); err != nil {
+		conn.Close()
+		return nil, err
+	}
+	return conn, nil
 }
 
 // receive applies the destination's window updates until the stream ends.
 // It returns nil when the destination ended the stream because the session
-// ended (Finish tells how), the stream's status otherwise.
-func (c *channel) receive(st channelStream, up *atomic.Bool, pending *atomic.Int64) error {
+// ended (Finish tells how), the stream's status otherwise. With direct
+// data, the key in the first response goes to key.
+func (c *channel) receive(st channelStream, up *atomic.Bool, pending *atomic.Int64, key chan<- []byte) error {
 	m := c.m
 	for {
 		resp, err := st.Recv()
@@ -176,6 +264,13 @@ func (c *channel) receive(st channelStream, up *atomic.Bool, pending *atomic.Int
 		}
 		if err != nil {
 			return err
+		}
+		if key != nil && !up.Load() {
+			k := resp.GetDataKey()
+			if len(k) != wire.DataKeyLen {
+				return wire.Errorf(codes.FailedPrecondition, wire.ReasonSessionState, "channel %d: the destination offered direct data but gave the stream a data key of %d bytes", c.index, len(k))
+			}
+			key <- k
 		}
 		pending.Store(0)
 		for _, w := range resp.GetWindows() {

@@ -6,6 +6,9 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -173,6 +176,11 @@ type migration struct {
 	log        *slog.Logger
 	watch      wire.Broadcast
 	devs       []*srcDevice
+	// dataAddr is the destination's direct data listener, when the session
+	// uses one (set before the channels start); dataAuthority is the
+	// destination's host:port, for the TLS handshake.
+	dataAddr      string
+	dataAuthority string
 
 	ctx    context.Context
 	cancel context.CancelCauseFunc
@@ -341,6 +349,10 @@ func (m *migration) execute() error {
 		Digest:      m.req.GetDigest(),
 		Mode:        m.req.GetMode(),
 	}
+	// Chunks may travel on direct data connections (services/wire,
+	// direct.go) when the destination's host is known here.
+	destHost, destAuthority, hostOK := dataHost(m.req.GetDestAddress())
+	open.DirectData = hostOK
 	for _, d := range m.devs {
 		open.Devices = append(open.Devices, d.peer)
 		open.SourceDevices = append(open.SourceDevices, d.spec)
@@ -355,6 +367,11 @@ func (m *migration) execute() error {
 		return err
 	}
 	session := opened.GetSessionId()
+	if p := opened.GetDataPort(); p != 0 && hostOK {
+		m.dataAddr = net.JoinHostPort(destHost, strconv.Itoa(int(p)))
+		m.dataAuthority = destAuthority
+		m.log.Info("chunks go on direct data connections", "address", m.dataAddr)
+	}
 	// From here on the destination holds a session: abort it on failure.
 	err = m.stream(ctx, transfer, session, opened, dialOpts)
 	if err != nil {
@@ -514,7 +531,9 @@ func (m *migration) readDevice(ctx context.Context, d *srcDevice, queue chan<- *
 			return err
 		}
 		bp := pool.Get(size)
-		n, rerr := io.ReadFull(d.stream, *bp)
+		// The CRC is computed as the device is read, while the bytes
+		// are in cache.
+		n, crc, rerr := wire.ReadCRC32C(d.stream, *bp)
 		eof := errors.Is(rerr, io.EOF) || errors.Is(rerr, io.ErrUnexpectedEOF)
 		if rerr != nil && !eof {
 			pool.Put(bp)
@@ -523,7 +542,6 @@ func (m *migration) readDevice(ctx context.Context, d *srcDevice, queue chan<- *
 		if n > 0 {
 			m.markStart()
 			*bp = (*bp)[:n]
-			crc := wire.CRC32C(*bp)
 			digest.Add(off, *bp, crc)
 			c := d.chunk()
 			c.payload = mem.NewBuffer(bp, pool)
@@ -633,4 +651,20 @@ func final(p ferryv1.MigrationPhase) bool {
 	return p == ferryv1.MigrationPhase_MIGRATION_PHASE_SUCCEEDED ||
 		p == ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED ||
 		p == ferryv1.MigrationPhase_MIGRATION_PHASE_CANCELLED
+}
+
+// dataHost takes the destination's host (to dial its direct data port on)
+// and its host:port (the TLS authority, as gRPC uses it) from a gRPC
+// target: host:port, or dns:/// or passthrough:/// before it. ok is false
+// for anything else (a unix socket, a name resolver Ferry cannot see
+// through): chunks then travel on the Channel streams.
+func dataHost(target string) (host, authority string, ok bool) {
+	for _, scheme := range []string{"dns:///", "passthrough:///"} {
+		target = strings.TrimPrefix(target, scheme)
+	}
+	host, _, err := net.SplitHostPort(target)
+	if err != nil || host == "" || strings.Contains(target, "/") {
+		return "", "", false
+	}
+	return host, target, true
 }

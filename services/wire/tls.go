@@ -177,10 +177,17 @@ func (id Identity) Matches(name string) bool {
 // plaintext connection.
 func PeerIdentity(ctx context.Context) Identity {
 	p, ok := peer.FromContext(ctx)
-	if !ok || p.AuthInfo == nil {
+	if !ok {
 		return Identity{}
 	}
-	info, ok := p.AuthInfo.(credentials.TLSInfo)
+	return AuthIdentity(p.AuthInfo)
+}
+
+// AuthIdentity is the identity a transport handshake established: that of
+// the certificate the TLS handshake verified, the zero Identity for a
+// plaintext connection.
+func AuthIdentity(auth credentials.AuthInfo) Identity {
+	info, ok := auth.(credentials.TLSInfo)
 	if !ok || len(info.State.VerifiedChains) == 0 || len(info.State.VerifiedChains[0]) == 0 {
 		return Identity{}
 	}

@@ -96,6 +96,9 @@ type OpenRequest struct {
 	Mode MigrationMode `protobuf:"varint,7,opt,name=mode,proto3,enum=ferry.v1.MigrationMode" json:"mode,omitempty"`
 	// Source device specs, for the destination's records.
 	SourceDevices []string `protobuf:"bytes,8,rep,name=source_devices,json=sourceDevices,proto3" json:"source_devices,omitempty"`
+	// The source can send chunks on direct data connections (see
+	// OpenResponse.data_port) instead of in Channel messages.
+	DirectData    bool `protobuf:"varint,9,opt,name=direct_data,json=directData,proto3" json:"direct_data,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -186,13 +189,29 @@ func (x *OpenRequest) GetSourceDevices() []string {
 	return nil
 }
 
+func (x *OpenRequest) GetDirectData() bool {
+	if x != nil {
+		return x.DirectData
+	}
+	return false
+}
+
 // OpenResponse accepts a session.
 type OpenResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The session id: present it on every later call of this session.
 	SessionId string `protobuf:"bytes,1,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
 	// The initial window of every device, in device order.
-	Windows       []*WindowUpdate `protobuf:"bytes,2,rep,name=windows,proto3" json:"windows,omitempty"`
+	Windows []*WindowUpdate `protobuf:"bytes,2,rep,name=windows,proto3" json:"windows,omitempty"`
+	// When the source asked for direct_data and the destination offers it:
+	// the TCP port, on the destination's host, of its direct data listener.
+	// Each Channel stream's first ChannelResponse then carries a data_key;
+	// the source connects to this port (with the same TLS as the gRPC
+	// connection), presents the key and sends the channel's chunks there:
+	// the same ChannelRequest header, then the bytes, without HTTP/2
+	// framing. Window updates and acknowledgements stay on the stream.
+	// 0: chunks travel in Channel messages.
+	DataPort      uint32 `protobuf:"varint,3,opt,name=data_port,json=dataPort,proto3" json:"data_port,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -239,6 +258,13 @@ func (x *OpenResponse) GetWindows() []*WindowUpdate {
 		return x.Windows
 	}
 	return nil
+}
+
+func (x *OpenResponse) GetDataPort() uint32 {
+	if x != nil {
+		return x.DataPort
+	}
+	return 0
 }
 
 // WindowUpdate is a device's current window and acknowledgement.
@@ -449,7 +475,11 @@ func (x *ChannelRequest) GetData() []byte {
 type ChannelResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The latest window of each device that changed.
-	Windows       []*WindowUpdate `protobuf:"bytes,1,rep,name=windows,proto3" json:"windows,omitempty"`
+	Windows []*WindowUpdate `protobuf:"bytes,1,rep,name=windows,proto3" json:"windows,omitempty"`
+	// In the first response of a stream of a session with a data_port: the
+	// one-time key that attaches a direct data connection to this stream
+	// (16 bytes). The connection lives and dies with the stream.
+	DataKey       []byte `protobuf:"bytes,2,opt,name=data_key,json=dataKey,proto3" json:"data_key,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -487,6 +517,13 @@ func (*ChannelResponse) Descriptor() ([]byte, []int) {
 func (x *ChannelResponse) GetWindows() []*WindowUpdate {
 	if x != nil {
 		return x.Windows
+	}
+	return nil
+}
+
+func (x *ChannelResponse) GetDataKey() []byte {
+	if x != nil {
+		return x.DataKey
 	}
 	return nil
 }
@@ -891,7 +928,7 @@ var File_ferry_v1_transfer_proto protoreflect.FileDescriptor
 
 const file_ferry_v1_transfer_proto_rawDesc = "" +
 	"\n" +
-	"\x17ferry/v1/transfer.proto\x12\bferry.v1\x1a\x15ferry/v1/source.proto\"\xa2\x02\n" +
+	"\x17ferry/v1/transfer.proto\x12\bferry.v1\x1a\x15ferry/v1/source.proto\"\xc3\x02\n" +
 	"\vOpenRequest\x12!\n" +
 	"\fmigration_id\x18\x01 \x01(\tR\vmigrationId\x12\x14\n" +
 	"\x05token\x18\x02 \x01(\tR\x05token\x12\x18\n" +
@@ -901,11 +938,14 @@ const file_ferry_v1_transfer_proto_rawDesc = "" +
 	"\bchannels\x18\x05 \x01(\rR\bchannels\x121\n" +
 	"\x06digest\x18\x06 \x01(\x0e2\x19.ferry.v1.DigestAlgorithmR\x06digest\x12+\n" +
 	"\x04mode\x18\a \x01(\x0e2\x17.ferry.v1.MigrationModeR\x04mode\x12%\n" +
-	"\x0esource_devices\x18\b \x03(\tR\rsourceDevices\"_\n" +
+	"\x0esource_devices\x18\b \x03(\tR\rsourceDevices\x12\x1f\n" +
+	"\vdirect_data\x18\t \x01(\bR\n" +
+	"directData\"|\n" +
 	"\fOpenResponse\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x01 \x01(\tR\tsessionId\x120\n" +
-	"\awindows\x18\x02 \x03(\v2\x16.ferry.v1.WindowUpdateR\awindows\"\xa6\x01\n" +
+	"\awindows\x18\x02 \x03(\v2\x16.ferry.v1.WindowUpdateR\awindows\x12\x1b\n" +
+	"\tdata_port\x18\x03 \x01(\rR\bdataPort\"\xa6\x01\n" +
 	"\fWindowUpdate\x12\x16\n" +
 	"\x06device\x18\x01 \x01(\rR\x06device\x12\x1b\n" +
 	"\tlimit_seq\x18\x02 \x01(\x04R\blimitSeq\x12!\n" +
@@ -922,9 +962,10 @@ const file_ferry_v1_transfer_proto_rawDesc = "" +
 	"totalBytes\x12!\n" +
 	"\ftotal_chunks\x18\a \x01(\x04R\vtotalChunks\x12\x16\n" +
 	"\x06digest\x18\b \x01(\fR\x06digest\x12\x12\n" +
-	"\x04data\x18\x0f \x01(\fR\x04data\"C\n" +
+	"\x04data\x18\x0f \x01(\fR\x04data\"^\n" +
 	"\x0fChannelResponse\x120\n" +
-	"\awindows\x18\x01 \x03(\v2\x16.ferry.v1.WindowUpdateR\awindows\"X\n" +
+	"\awindows\x18\x01 \x03(\v2\x16.ferry.v1.WindowUpdateR\awindows\x12\x19\n" +
+	"\bdata_key\x18\x02 \x01(\fR\adataKey\"X\n" +
 	"\x16SwitchoverStartRequest\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x01 \x01(\tR\tsessionId\x12\x1f\n" +

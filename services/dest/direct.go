@@ -1,0 +1,187 @@
+package dest
+
+import (
+	"context"
+	"crypto/rand"
+	"errors"
+	"io"
+	"net"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/status"
+
+	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/services/wire"
+)
+
+// Direct data connections (wire.DirectMagic) carry a channel's chunks
+// beside its Channel stream, without HTTP/2. The agent offers them in
+// OpenResponse.data_port when it serves a data listener (ServeData) and
+// the source asks for them. Each Channel stream of such a session hands
+// out a one-time key in its first response; a connection that presents
+// the key is attached to that stream and lives and dies with it. The key
+// travels inside the stream, which is already authenticated and bound to
+// the session's source; with TLS the data connection must also present
+// that source's identity.
+
+// dataHandshakeTimeout bounds a new data connection's TLS handshake and
+// preamble.
+const dataHandshakeTimeout = 10 * time.Second
+
+// maxDataHandshakes bounds the data connections in their handshake at
+// once; more are closed at once (nobody gets to hold goroutines and
+// sockets by connecting and saying nothing).
+const maxDataHandshakes = 64
+
+// dataAttach is a Channel stream waiting for its data connection.
+type dataAttach struct {
+	inc   *incoming
+	index int
+	conn  chan net.Conn // 1-buffered; receives the attached connection
+}
+
+// ServeData accepts direct data connections on ln until ln fails or the
+// agent closes (ln is closed then). creds are the agent's own transport
+// credentials: the data connection is secured exactly as the gRPC one.
+// While it serves, sessions whose source asks for direct data get them.
+func (a *Agent) ServeData(ln net.Listener, creds credentials.TransportCredentials) error {
+	addr, ok := ln.Addr().(*net.TCPAddr)
+	if !ok {
+		return errors.New("dest: the direct data listener must be TCP")
+	}
+	a.dataPort.Store(uint32(addr.Port))
+	defer a.dataPort.Store(0)
+	stop := context.AfterFunc(a.ctx, func() { ln.Close() })
+	defer stop()
+	sem := make(chan struct{}, maxDataHandshakes)
+	for {
+		conn, err := ln.Accept()
+		if err != nil {
+			if a.ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
+				return nil
+			}
+			return err
+		}
+		select {
+		case sem <- struct{}{}:
+		default:
+			a.cfg.Logger.Warn("direct data connection refused: too many in their handshake", "remote", conn.RemoteAddr().String())
+			conn.Close()
+			continue
+		}
+		a.wg.Go(func() {
+			defer func() { <-sem }()
+			a.attachData(conn, creds)
+		})
+	}
+}
+
+// attachData authenticates a new data connection, reads its preamble and
+// hands it to the stream whose key it presents; else closes it.
+func (a *Agent) attachData(raw net.Conn, creds credentials.TransportCredentials) {
+	log := a.cfg.Logger.With("remote", raw.RemoteAddr().String())
+	raw.SetDeadline(time.Now().Add(dataHandshakeTimeout))
+	conn, auth, err := creds.ServerHandshake(raw)
+	if err != nil {
+		log.Warn("direct data connection refused: handshake", "error", err)
+		raw.Close()
+		return
+	}
+	key, err := wire.ReadDirectPreamble(conn)
+	if err != nil {
+		log.Warn("direct data connection refused", "error", err)
+		conn.Close()
+		return
+	}
+	conn.SetDeadline(time.Time{})
+	at := a.takeDataKey(key)
+	if at == nil {
+		log.Warn("direct data connection refused: unknown or spent key")
+		conn.Close()
+		return
+	}
+	caller := wire.AuthIdentity(auth).String()
+	at.inc.mu.Lock()
+	owner := at.inc.peer
+	at.inc.mu.Unlock()
+	if caller != owner {
+		at.inc.log.Warn("direct data connection refused: another identity than the session's source", "caller", caller, "owner", owner)
+		conn.Close()
+		return
+	}
+	select {
+	case at.conn <- conn:
+	default:
+		conn.Close()
+	}
+}
+
+// newDataKey registers a stream that waits for its data connection and
+// returns the key that attaches one.
+func (a *Agent) newDataKey(inc *incoming, index int) (*dataAttach, []byte) {
+	var key [wire.DataKeyLen]byte
+	rand.Read(key[:])
+	at := &dataAttach{inc: inc, index: index, conn: make(chan net.Conn, 1)}
+	a.mu.Lock()
+	a.dataKeys[key] = at
+	a.mu.Unlock()
+	return at, key[:]
+}
+
+// takeDataKey spends key: it returns the stream it attaches to (nil for
+// an unknown or spent key) and forgets it.
+func (a *Agent) takeDataKey(key [wire.DataKeyLen]byte) *dataAttach {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	at := a.dataKeys[key]
+	delete(a.dataKeys, key)
+	return at
+}
+
+// dropDataKey forgets at's key if it was not spent, and closes a
+// connection handed to it that its stream never took.
+func (a *Agent) dropDataKey(at *dataAttach) {
+	a.mu.Lock()
+	for k, v := range a.dataKeys {
+		if v == at {
+			delete(a.dataKeys, k)
+			break
+		}
+	}
+	a.mu.Unlock()
+	select {
+	case conn := <-at.conn:
+		conn.Close()
+	default:
+	}
+}
+
+// receiveDirect reads chunks from a channel's data connection and accepts
+// them, until the connection ends. A chunk the session refuses fails the
+// migration, as on the stream.
+func (inc *incoming) receiveDirect(conn net.Conn, pool *wire.Pool) error {
+	inc.mu.Lock()
+	chunkSize := inc.chunkSize
+	inc.mu.Unlock()
+	r := wire.NewDirectReader(conn, pool, int(chunkSize))
+	var in wire.InChunk
+	for {
+		err := r.Read(&in)
+		if errors.Is(err, io.EOF) {
+			return nil
+		}
+		if err != nil {
+			if wire.Reason(err) != "" {
+				return err // a frame that breaks the protocol
+			}
+			// The connection broke: the source dials the channel again.
+			return status.Errorf(codes.Unavailable, "channel data connection: %v", err)
+		}
+		if err := inc.accept(&in); err != nil {
+			inc.terminate(err, ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED)
+			return err
+		}
+	}
+}

@@ -1,0 +1,235 @@
+package wire
+
+import (
+	"bufio"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"io"
+	"net"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/mem"
+	"google.golang.org/protobuf/proto"
+
+	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+)
+
+// Direct data connections carry a channel's chunks without HTTP/2.
+//
+// grpc-go cuts every message into HTTP/2 DATA frames of 16 KiB (a fixed
+// size), copies each frame into its write buffer at the sender and out of
+// its read buffer at the receiver, and hands each one from the
+// connection's reader goroutine to the stream's. On a host where the
+// transfer is CPU-bound that is most of what Ferry costs beyond plain TCP
+// (docs/performance.md). A direct data connection is a TCP connection, with
+// the same TLS as the agent's gRPC connections, that carries only the
+// source-to-destination half of one Channel stream: the same
+// ChannelRequest header, then the chunk's bytes, written with one vectored
+// write from the device's buffer and read at the destination straight into
+// a pooled chunk buffer. Window updates and acknowledgements, the
+// handshake, the session and every control call stay on gRPC.
+//
+// The connection opens with a preamble, DirectMagic and the 16-byte key
+// the destination sent in the stream's first ChannelResponse. Then come
+// frames, each:
+//
+//	uint32 header length H (big-endian, 1 to MaxDirectHeader)
+//	uint32 payload length P (big-endian, 0 to the session's chunk size)
+//	H bytes: a ChannelRequest without data (protobuf)
+//	P bytes: the chunk's bytes (ChannelRequest.data)
+//
+// The destination writes nothing back; it closes the connection when the
+// stream ends or the connection breaks the protocol.
+
+// DirectMagic opens a direct data connection.
+const DirectMagic = "FERRYDT1"
+
+// DataKeyLen is the length of ChannelResponse.data_key.
+const DataKeyLen = 16
+
+// MaxDirectHeader bounds a frame's ChannelRequest header: every field but
+// data fits in far less (the digest is at most MaxDigestLength bytes).
+const MaxDirectHeader = maxHeader
+
+// WriteDirectPreamble writes the preamble that attaches a connection to
+// the stream that handed out key.
+func WriteDirectPreamble(w io.Writer, key []byte) error {
+	if len(key) != DataKeyLen {
+		return fmt.Errorf("wire: data key of %d bytes, want %d", len(key), DataKeyLen)
+	}
+	var b [len(DirectMagic) + DataKeyLen]byte
+	copy(b[:], DirectMagic)
+	copy(b[len(DirectMagic):], key)
+	_, err := w.Write(b[:])
+	return err
+}
+
+// ReadDirectPreamble reads the preamble and returns the key it presents.
+func ReadDirectPreamble(r io.Reader) ([DataKeyLen]byte, error) {
+	var b [len(DirectMagic) + DataKeyLen]byte
+	var key [DataKeyLen]byte
+	if _, err := io.ReadFull(r, b[:]); err != nil {
+		return key, fmt.Errorf("wire: direct data preamble: %w", err)
+	}
+	if string(b[:len(DirectMagic)]) != DirectMagic {
+		return key, errors.New("wire: not a Ferry direct data connection")
+	}
+	copy(key[:], b[len(DirectMagic):])
+	return key, nil
+}
+
+// DirectWriter writes chunks on a direct data connection. It is not safe
+// for concurrent use; a channel's sender owns it.
+type DirectWriter struct {
+	w   io.Writer
+	hdr []byte
+	vec [2][]byte
+	out net.Buffers
+}
+
+// NewDirectWriter returns a writer on w (the connection, after the
+// preamble).
+func NewDirectWriter(w io.Writer) *DirectWriter {
+	return &DirectWriter{w: w, hdr: make([]byte, 8, 8+MaxDirectHeader)}
+}
+
+// Write sends one chunk: h (whose Data must be nil) and its bytes. On a
+// *net.TCPConn the frame header and the payload go out in one writev,
+// from payload itself: nothing is copied in user space.
+func (dw *DirectWriter) Write(h *ferryv1.ChannelRequest, payload []byte) error {
+	if h.Data != nil {
+		return errors.New("wire: direct chunk header must carry no data")
+	}
+	b, err := proto.MarshalOptions{}.MarshalAppend(dw.hdr[:8], h)
+	if err != nil {
+		return fmt.Errorf("wire: marshal chunk header: %w", err)
+	}
+	if n := len(b) - 8; n == 0 || n > MaxDirectHeader {
+		return fmt.Errorf("wire: chunk header of %d bytes, want 1 to %d", n, MaxDirectHeader)
+	}
+	binary.BigEndian.PutUint32(b[0:4], uint32(len(b)-8))
+	binary.BigEndian.PutUint32(b[4:8], uint32(len(payload)))
+	dw.hdr = b
+	dw.vec[0], dw.vec[1] = b, payload
+	dw.out = dw.vec[:]
+	if len(payload) == 0 {
+		dw.out = dw.vec[:1]
+	}
+	_, err = dw.out.WriteTo(dw.w)
+	dw.vec[1] = nil
+	return err
+}
+
+// DirectReader reads chunks from a direct data connection. It is not
+// safe for concurrent use.
+type DirectReader struct {
+	r          *bufio.Reader
+	pool       *Pool
+	maxPayload int
+	lens       [8]byte
+	hdr        [MaxDirectHeader]byte
+}
+
+// directReadBuffer is the reader's buffer. Payloads larger than it are
+// read from the socket straight into their chunk buffer (bufio hands a
+// read at least this large to the connection when it holds nothing), so
+// only frame headers and the few payload bytes that arrived with them
+// are copied.
+const directReadBuffer = 16 << 10
+
+// NewDirectReader returns a reader on r (the connection, after the
+// preamble) that refuses payloads over maxPayload bytes and reads
+// payloads into buffers from pool.
+func NewDirectReader(r io.Reader, pool *Pool, maxPayload int) *DirectReader {
+	return &DirectReader{r: bufio.NewReaderSize(r, directReadBuffer), pool: pool, maxPayload: maxPayload}
+}
+
+// Read reads the next chunk into in: in.Msg gets its header and in.Data
+// its bytes (nil when it has none; the caller owns and frees it). It
+// returns io.EOF when the connection ends cleanly between chunks, a
+// BAD_CHUNK status error for a frame that breaks the protocol, and the
+// connection's error otherwise. It never allocates more than the
+// announced payload, and only once the lengths are checked.
+func (dr *DirectReader) Read(in *InChunk) error {
+	in.Data, in.Err, in.HasCRC = nil, nil, false
+	if _, err := io.ReadFull(dr.r, dr.lens[:]); err != nil {
+		return err
+	}
+	h := binary.BigEndian.Uint32(dr.lens[0:4])
+	p := binary.BigEndian.Uint32(dr.lens[4:8])
+	if h == 0 || h > MaxDirectHeader {
+		return Errorf(codes.InvalidArgument, ReasonBadChunk, "direct data frame with a header of %d bytes, want 1 to %d", h, MaxDirectHeader)
+	}
+	if uint64(p) > uint64(dr.maxPayload) {
+		return Errorf(codes.InvalidArgument, ReasonBadChunk, "direct data frame with %d bytes of data, the session's chunk size is %d", p, dr.maxPayload)
+	}
+	if _, err := io.ReadFull(dr.r, dr.hdr[:h]); err != nil {
+		return unexpected(err)
+	}
+	if err := proto.Unmarshal(dr.hdr[:h], &in.Msg); err != nil {
+		return Errorf(codes.InvalidArgument, ReasonBadChunk, "direct data frame header: %v", err)
+	}
+	if in.Msg.Data != nil {
+		in.Msg.Data = nil
+		return Errorf(codes.InvalidArgument, ReasonBadChunk, "direct data frame header carries data; the bytes follow the header")
+	}
+	if p == 0 {
+		return nil
+	}
+	bp := dr.pool.Get(int(p))
+	_, crc, err := ReadCRC32C(dr.r, *bp)
+	if err != nil {
+		dr.pool.Put(bp)
+		return unexpected(err)
+	}
+	in.Data = dr.pool.ownPayload(bp)
+	in.CRC, in.HasCRC = crc, true
+	return nil
+}
+
+// crcPiece is how much ReadCRC32C reads before it checksums: small enough
+// that the bytes are still in the core's cache when the CRC reads them.
+// Checksumming a whole 1 MiB chunk after reading it ran at the speed of
+// memory, 2-3 times slower (docs/performance.md).
+const crcPiece = 64 << 10
+
+// ReadCRC32C fills b from r, as io.ReadFull does (n bytes read, io.EOF if
+// none, io.ErrUnexpectedEOF if some), and returns the CRC32C of the n
+// bytes, computed piece by piece as they arrive.
+func ReadCRC32C(r io.Reader, b []byte) (n int, crc uint32, err error) {
+	for n < len(b) {
+		end := min(n+crcPiece, len(b))
+		k, err := io.ReadFull(r, b[n:end])
+		crc = crc32.Update(crc, castagnoli, b[n:n+k])
+		n += k
+		if err != nil {
+			if n > 0 && errors.Is(err, io.EOF) {
+				err = io.ErrUnexpectedEOF
+			}
+			return n, crc, err
+		}
+	}
+	return n, crc, nil
+}
+
+// unexpected turns an EOF inside a frame into io.ErrUnexpectedEOF.
+func unexpected(err error) error {
+	if errors.Is(err, io.EOF) {
+		return io.ErrUnexpectedEOF
+	}
+	return err
+}
+
+// ownPayload makes a Payload of a buffer from the pool, which it then
+// owns: Free returns the buffer.
+func (p *Pool) ownPayload(bp *[]byte) *Payload {
+	pl, _ := p.payloads.Get().(*Payload)
+	if pl == nil {
+		pl = &Payload{pool: p}
+	}
+	pl.bufs = append(pl.bufs, mem.NewBuffer(bp, p))
+	pl.n = len(*bp)
+	return pl
+}
