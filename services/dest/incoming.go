@@ -393,6 +393,7 @@ func (inc *incoming) snapshot() (*ferryv1.Migration, bool, uint64) {
 		Channels:   inc.channels,
 		ChunkSize:  inc.chunkSize,
 		CreateTime: timestamppb.New(inc.createTime),
+		DirectData: inc.direct,
 	}
 	start, sw, end := inc.startTime, inc.switchoverTime, inc.endTime
 	srcDevs := inc.sourceDevices

@@ -194,6 +194,7 @@ type migration struct {
 	endTime        time.Time
 	peakBuffered   uint64
 	windowBytes    uint64
+	directData     bool
 
 	track *telemetry.Tracker // set before run starts
 }
@@ -370,6 +371,9 @@ func (m *migration) execute() error {
 	if p := opened.GetDataPort(); p != 0 && hostOK {
 		m.dataAddr = net.JoinHostPort(destHost, strconv.Itoa(int(p)))
 		m.dataAuthority = destAuthority
+		m.mu.Lock()
+		m.directData = true
+		m.mu.Unlock()
 		m.log.Info("chunks go on direct data connections", "address", m.dataAddr)
 	}
 	// From here on the destination holds a session: abort it on failure.
@@ -598,6 +602,7 @@ func (m *migration) snapshot() (*ferryv1.Migration, bool, uint64) {
 		CreateTime:        timestamppb.New(m.createTime),
 		PeakBufferedBytes: m.peakBuffered,
 		WindowBytes:       m.windowBytes,
+		DirectData:        m.directData,
 	}
 	start, sw, end := m.startTime, m.switchoverTime, m.endTime
 	gates := make([]*flow.Gate, len(m.devs))

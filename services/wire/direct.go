@@ -35,7 +35,7 @@ import (
 // the destination sent in the stream's first ChannelResponse. Then come
 // frames, each:
 //
-//	uint32 header length H (big-endian, 1 to MaxDirectHeader)
+//	uint32 header length H (big-endian, at most MaxDirectHeader)
 //	uint32 payload length P (big-endian, 0 to the session's chunk size)
 //	H bytes: a ChannelRequest without data (protobuf)
 //	P bytes: the chunk's bytes (ChannelRequest.data)
@@ -106,8 +106,8 @@ func (dw *DirectWriter) Write(h *ferryv1.ChannelRequest, payload []byte) error {
 	if err != nil {
 		return fmt.Errorf("wire: marshal chunk header: %w", err)
 	}
-	if n := len(b) - 8; n == 0 || n > MaxDirectHeader {
-		return fmt.Errorf("wire: chunk header of %d bytes, want 1 to %d", n, MaxDirectHeader)
+	if n := len(b) - 8; n > MaxDirectHeader {
+		return fmt.Errorf("wire: chunk header of %d bytes, want at most %d", n, MaxDirectHeader)
 	}
 	binary.BigEndian.PutUint32(b[0:4], uint32(len(b)-8))
 	binary.BigEndian.PutUint32(b[4:8], uint32(len(payload)))
@@ -159,8 +159,8 @@ func (dr *DirectReader) Read(in *InChunk) error {
 	}
 	h := binary.BigEndian.Uint32(dr.lens[0:4])
 	p := binary.BigEndian.Uint32(dr.lens[4:8])
-	if h == 0 || h > MaxDirectHeader {
-		return Errorf(codes.InvalidArgument, ReasonBadChunk, "direct data frame with a header of %d bytes, want 1 to %d", h, MaxDirectHeader)
+	if h > MaxDirectHeader {
+		return Errorf(codes.InvalidArgument, ReasonBadChunk, "direct data frame with a header of %d bytes, want at most %d", h, MaxDirectHeader)
 	}
 	if uint64(p) > uint64(dr.maxPayload) {
 		return Errorf(codes.InvalidArgument, ReasonBadChunk, "direct data frame with %d bytes of data, the session's chunk size is %d", p, dr.maxPayload)

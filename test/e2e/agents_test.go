@@ -20,11 +20,19 @@ const (
 )
 
 func TestMigrationIsBitExact(t *testing.T) {
-	a := startAgents(t, dest.Config{})
+	t.Run("direct data", func(t *testing.T) { testMigrationIsBitExact(t, true) })
+	t.Run("chunks in gRPC messages", func(t *testing.T) { testMigrationIsBitExact(t, false) })
+}
+
+func testMigrationIsBitExact(t *testing.T, direct bool) {
+	a := startAgentsData(t, dest.Config{}, direct)
 	src := []string{"sim:size=24MiB,seed=11", "sim:size=5000123,seed=12,zero=0.3", "sim:size=1,seed=13"}
 	s, d := a.run(t, migration{id: "bit-exact", src: src, dst: src, channels: 4, chunkSize: 256 << 10})
 	if s.GetPhase() != succeeded || d.GetPhase() != succeeded {
 		t.Fatalf("source %v, destination %v: %v", s.GetPhase(), d.GetPhase(), s.GetError())
+	}
+	if s.GetDirectData() != direct || d.GetDirectData() != direct {
+		t.Errorf("direct data: source %v, destination %v, want %v", s.GetDirectData(), d.GetDirectData(), direct)
 	}
 	want := uint64(24<<20 + 5000123 + 1)
 	if s.GetBytes() != want || d.GetBytes() != want {

@@ -5,6 +5,7 @@ import (
 	"testing"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
@@ -25,9 +26,17 @@ type agents struct {
 }
 
 // startAgents starts both agents; cfg sets the destination's limits (its
-// Registry and Pool are filled in). Everything stops at the end of the
-// test.
+// Registry and Pool are filled in). The destination serves direct data
+// connections, so chunks travel on them. Everything stops at the end of
+// the test.
 func startAgents(t *testing.T, cfg dest.Config) *agents {
+	t.Helper()
+	return startAgentsData(t, cfg, true)
+}
+
+// startAgentsData is startAgents with direct data connections (direct) or
+// without them (chunks in Channel messages).
+func startAgentsData(t *testing.T, cfg dest.Config, direct bool) *agents {
 	t.Helper()
 	creds := insecure.NewCredentials()
 	a := &agents{
@@ -53,6 +62,9 @@ func startAgents(t *testing.T, cfg dest.Config) *agents {
 	ssrv.Ready()
 	a.destAddr = serveOn(t, dsrv.GRPC)
 	a.sourceAddr = serveOn(t, ssrv.GRPC)
+	if direct {
+		serveData(t, da, creds)
+	}
 	t.Cleanup(func() {
 		sa.Close()
 		da.Close()
@@ -84,6 +96,24 @@ func serveOn(t *testing.T, s *grpc.Server) string {
 		<-done
 	})
 	return lis.Addr().String()
+}
+
+// serveData serves the destination agent's direct data connections on
+// loopback until the end of the test.
+func serveData(t *testing.T, da *dest.Agent, creds credentials.TransportCredentials) {
+	t.Helper()
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- da.ServeData(lis, creds) }()
+	t.Cleanup(func() {
+		lis.Close()
+		if err := <-done; err != nil {
+			t.Errorf("ServeData: %v", err)
+		}
+	})
 }
 
 func dial(t *testing.T, addr string) *grpc.ClientConn {

@@ -97,6 +97,7 @@ func startSecureAgents(t *testing.T, s secureSetup) *securePair {
 	ssrv.Ready()
 	a.destAddr = serveOn(t, dsrv.GRPC)
 	a.sourceAddr = serveOn(t, ssrv.GRPC)
+	serveData(t, da, dcreds)
 	t.Cleanup(func() {
 		sa.Close()
 		da.Close()
@@ -134,6 +135,9 @@ func TestMigrationOverMutualTLS(t *testing.T) {
 	s, d := p.run(t, migration{id: "mtls", src: src, dst: src, channels: 4, chunkSize: 256 << 10})
 	if s.GetPhase() != succeeded || d.GetPhase() != succeeded {
 		t.Fatalf("source %v, destination %v: %v", s.GetPhase(), d.GetPhase(), s.GetError())
+	}
+	if !s.GetDirectData() || !d.GetDirectData() {
+		t.Errorf("direct data connections not used over mutual TLS: source %v, destination %v", s.GetDirectData(), d.GetDirectData())
 	}
 	for i, dev := range d.GetDevices() {
 		if !dev.GetVerified() {

@@ -607,8 +607,12 @@ type Migration struct {
 	WindowBytes uint64 `protobuf:"varint,14,opt,name=window_bytes,json=windowBytes,proto3" json:"window_bytes,omitempty"`
 	// Chunks sent again after a channel was lost, over all devices.
 	RetransmittedChunks uint64 `protobuf:"varint,15,opt,name=retransmitted_chunks,json=retransmittedChunks,proto3" json:"retransmitted_chunks,omitempty"`
-	unknownFields       protoimpl.UnknownFields
-	sizeCache           protoimpl.SizeCache
+	// The chunks travel on direct data connections beside the Channel
+	// streams (the destination serves them and the source asked), not in
+	// Channel messages.
+	DirectData    bool `protobuf:"varint,16,opt,name=direct_data,json=directData,proto3" json:"direct_data,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Migration) Reset() {
@@ -746,6 +750,13 @@ func (x *Migration) GetRetransmittedChunks() uint64 {
 	return 0
 }
 
+func (x *Migration) GetDirectData() bool {
+	if x != nil {
+		return x.DirectData
+	}
+	return false
+}
+
 var File_ferry_v1_common_proto protoreflect.FileDescriptor
 
 const file_ferry_v1_common_proto_rawDesc = "" +
@@ -780,7 +791,7 @@ const file_ferry_v1_common_proto_rawDesc = "" +
 	"\rwindow_stalls\x18\n" +
 	" \x01(\x04R\fwindowStalls\x12E\n" +
 	"\x11window_stall_time\x18\v \x01(\v2\x19.google.protobuf.DurationR\x0fwindowStallTime\x12.\n" +
-	"\x13peak_buffered_bytes\x18\f \x01(\x04R\x11peakBufferedBytes\"\xab\x05\n" +
+	"\x13peak_buffered_bytes\x18\f \x01(\x04R\x11peakBufferedBytes\"\xcc\x05\n" +
 	"\tMigration\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12.\n" +
 	"\x05phase\x18\x02 \x01(\x0e2\x18.ferry.v1.MigrationPhaseR\x05phase\x122\n" +
@@ -800,7 +811,9 @@ const file_ferry_v1_common_proto_rawDesc = "" +
 	"\bdowntime\x18\f \x01(\v2\x19.google.protobuf.DurationR\bdowntime\x12.\n" +
 	"\x13peak_buffered_bytes\x18\r \x01(\x04R\x11peakBufferedBytes\x12!\n" +
 	"\fwindow_bytes\x18\x0e \x01(\x04R\vwindowBytes\x121\n" +
-	"\x14retransmitted_chunks\x18\x0f \x01(\x04R\x13retransmittedChunks*\x83\x02\n" +
+	"\x14retransmitted_chunks\x18\x0f \x01(\x04R\x13retransmittedChunks\x12\x1f\n" +
+	"\vdirect_data\x18\x10 \x01(\bR\n" +
+	"directData*\x83\x02\n" +
 	"\vDeviceState\x12\x1c\n" +
 	"\x18DEVICE_STATE_UNSPECIFIED\x10\x00\x12\x16\n" +
 	"\x12DEVICE_STATE_ERROR\x10\x01\x12\x15\n" +
