@@ -45,6 +45,7 @@ type result struct {
 	DestPeakBufferedBytes    uint64         `json:"dest_peak_buffered_bytes"`
 	WindowBytes              uint64         `json:"window_bytes"`
 	RetransmittedChunks      uint64         `json:"retransmitted_chunks"`
+	DirectData               bool           `json:"direct_data"`
 	Error                    *resultError   `json:"error,omitempty"`
 	DeviceResults            []deviceResult `json:"device_results"`
 }
@@ -204,6 +205,7 @@ func summarize(m, incoming *ferryv1.Migration) *result {
 		DestPeakBufferedBytes:    m.GetPeakBufferedBytes(),
 		WindowBytes:              m.GetWindowBytes(),
 		RetransmittedChunks:      m.GetRetransmittedChunks(),
+		DirectData:               m.GetDirectData(),
 	}
 	if m.GetStartTime() != nil && m.GetEndTime() != nil {
 		r.DurationSeconds = m.GetEndTime().AsTime().Sub(m.GetStartTime().AsTime()).Seconds()

@@ -104,6 +104,14 @@ func startDemoAgents(ctx context.Context, log *slog.Logger, maxChunks uint32, ma
 		dlis.Close()
 		return nil, err
 	}
+	// The destination's direct data connections, as `ferry dest
+	// --data-listen` serves them.
+	datalis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		dlis.Close()
+		slis.Close()
+		return nil, err
+	}
 	dreg := vfio.NewRegistry(vfio.RegistryOptions{AllowSim: true})
 	sreg := vfio.NewRegistry(vfio.RegistryOptions{AllowSim: true})
 	dpool, spool := wire.NewPool(), wire.NewPool()
@@ -111,12 +119,14 @@ func startDemoAgents(ctx context.Context, log *slog.Logger, maxChunks uint32, ma
 	if err != nil {
 		dlis.Close()
 		slis.Close()
+		datalis.Close()
 		return nil, &exitError{code: 2, err: err}
 	}
 	sagent, err := source.New(source.Config{Registry: sreg, Pool: spool, Logger: log, PeerCreds: creds})
 	if err != nil {
 		dlis.Close()
 		slis.Close()
+		datalis.Close()
 		return nil, err
 	}
 	dsrv := wire.NewServer(wire.ServerConfig{Creds: creds, Logger: log, Pool: dpool})
@@ -128,6 +138,7 @@ func startDemoAgents(ctx context.Context, log *slog.Logger, maxChunks uint32, ma
 	var g errgroup.Group
 	g.Go(func() error { return dsrv.GRPC.Serve(dlis) })
 	g.Go(func() error { return ssrv.GRPC.Serve(slis) })
+	g.Go(func() error { return dagent.ServeData(datalis, creds) })
 	return &demoEnv{
 		destAddr:   dlis.Addr().String(),
 		sourceAddr: slis.Addr().String(),

@@ -128,7 +128,11 @@ func printSummary(w io.Writer, r *result) {
 	}
 	fmt.Fprintf(w, "migration %s: %s (%s)\n", r.MigrationID, r.Phase, verdict)
 	fmt.Fprintf(w, "  bytes        %s (%d) in %d device(s)\n", size.Format(r.Bytes), r.Bytes, r.Devices)
-	fmt.Fprintf(w, "  channels     %d, chunks of %s\n", r.Channels, size.Format(uint64(r.ChunkSize)))
+	path := "in gRPC messages"
+	if r.DirectData {
+		path = "on direct data connections"
+	}
+	fmt.Fprintf(w, "  channels     %d, chunks of %s %s\n", r.Channels, size.Format(uint64(r.ChunkSize)), path)
 	if r.Verified {
 		fmt.Fprintf(w, "  duration     %.3fs\n", r.DurationSeconds)
 		fmt.Fprintf(w, "  throughput   %s\n", size.FormatRate(r.ThroughputBytesPerSecond))

@@ -2,10 +2,15 @@ package e2e
 
 import (
 	"fmt"
+	"net"
 	"sync"
 	"testing"
+	"time"
 
 	"google.golang.org/grpc/codes"
+
+	"github.com/vfio-ferry/ferry/services/dest"
+	"github.com/vfio-ferry/ferry/services/source"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/services/wire"
@@ -94,6 +99,56 @@ func TestOneChannelCutIsResent(t *testing.T) {
 	}
 	if d := p.agents().waitDest(t, "cut-one"); !d.GetDevices()[0].GetVerified() {
 		t.Error("destination device not verified")
+	}
+}
+
+// advertised is the destination's data listener as the source sees it:
+// the proxy's address stands in for the listener's own.
+type advertised struct {
+	net.Listener
+	addr net.Addr
+}
+
+func (a advertised) Addr() net.Addr { return a.addr }
+
+func TestDirectDataConnectionCutIsResent(t *testing.T) {
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	proxy, err := tcpproxy.New(lis.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(proxy.Close)
+	paddr, err := net.ResolveTCPAddr("tcp", proxy.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Cut the second channel's data connection once it carried 16 MiB,
+	// and stall the third's; their successors are left alone.
+	proxy.OnNew(func(c *tcpproxy.Conn) {
+		switch c.Index {
+		case 1:
+			c.CutAfter(16 << 20)
+		case 2:
+			c.StallAfter(8 << 20)
+		}
+	})
+	a := startAgentsOn(t, dest.Config{}, source.Config{ReconnectTimeout: 5 * time.Second, ProgressTimeout: 2 * time.Second}, advertised{Listener: lis, addr: paddr})
+	spec := []string{"sim:size=128MiB,seed=45"}
+	s, d := a.run(t, migration{id: "cut-data", src: spec, dst: spec, channels: 4})
+	if s.GetPhase() != succeeded || !d.GetDevices()[0].GetVerified() {
+		t.Fatalf("phase %v, verified %v: %v", s.GetPhase(), d.GetDevices()[0].GetVerified(), s.GetError())
+	}
+	if !s.GetDirectData() {
+		t.Error("the chunks did not travel on direct data connections")
+	}
+	if s.GetRetransmittedChunks() == 0 {
+		t.Error("no chunk was re-sent after the data connections broke")
+	}
+	if n := len(proxy.Conns()); n < 6 {
+		t.Errorf("%d data connections, want the 4 channels and 2 re-dialled", n)
 	}
 }
 

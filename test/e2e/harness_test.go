@@ -38,6 +38,21 @@ func startAgents(t *testing.T, cfg dest.Config) *agents {
 // without them (chunks in Channel messages).
 func startAgentsData(t *testing.T, cfg dest.Config, direct bool) *agents {
 	t.Helper()
+	var lis net.Listener
+	if direct {
+		var err error
+		if lis, err = net.Listen("tcp", "127.0.0.1:0"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return startAgentsOn(t, cfg, source.Config{}, lis)
+}
+
+// startAgentsOn is startAgents with the source's fault deadlines of scfg
+// and the destination's direct data connections accepted on dataLis
+// (none when nil).
+func startAgentsOn(t *testing.T, cfg dest.Config, scfg source.Config, dataLis net.Listener) *agents {
+	t.Helper()
 	creds := insecure.NewCredentials()
 	a := &agents{
 		destReg:   vfio.NewRegistry(vfio.RegistryOptions{AllowSim: true}),
@@ -50,7 +65,8 @@ func startAgentsData(t *testing.T, cfg dest.Config, direct bool) *agents {
 		t.Fatal(err)
 	}
 	a.destAgent = da
-	sa, err := source.New(source.Config{Registry: a.sourceReg, Pool: spool, PeerCreds: creds})
+	scfg.Registry, scfg.Pool, scfg.PeerCreds = a.sourceReg, spool, creds
+	sa, err := source.New(scfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -62,8 +78,8 @@ func startAgentsData(t *testing.T, cfg dest.Config, direct bool) *agents {
 	ssrv.Ready()
 	a.destAddr = serveOn(t, dsrv.GRPC)
 	a.sourceAddr = serveOn(t, ssrv.GRPC)
-	if direct {
-		serveData(t, da, creds)
+	if dataLis != nil {
+		serveData(t, da, creds, dataLis)
 	}
 	t.Cleanup(func() {
 		sa.Close()
@@ -100,12 +116,8 @@ func serveOn(t *testing.T, s *grpc.Server) string {
 
 // serveData serves the destination agent's direct data connections on
 // loopback until the end of the test.
-func serveData(t *testing.T, da *dest.Agent, creds credentials.TransportCredentials) {
+func serveData(t *testing.T, da *dest.Agent, creds credentials.TransportCredentials, lis net.Listener) {
 	t.Helper()
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
 	done := make(chan error, 1)
 	go func() { done <- da.ServeData(lis, creds) }()
 	t.Cleanup(func() {

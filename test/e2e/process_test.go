@@ -113,6 +113,7 @@ type migrateResult struct {
 	Channels              uint32 `json:"channels"`
 	DestPeakBufferedBytes uint64 `json:"dest_peak_buffered_bytes"`
 	WindowBytes           uint64 `json:"window_bytes"`
+	DirectData            bool   `json:"direct_data"`
 	Error                 *struct {
 		Code, Reason, Message string
 	} `json:"error"`
@@ -144,13 +145,13 @@ func ferryMigrate(t *testing.T, src, dst, srcDev, dstDev string) (migrateResult,
 }
 
 func TestSeparateProcesses(t *testing.T) {
-	dst := agentProc(t, "dest")
+	dst := agentProc(t, "dest", "--data-listen", "127.0.0.1:0")
 	src := agentProc(t, "source")
 
 	t.Run("512MiB bit-exact", func(t *testing.T) {
 		spec := "sim:size=512MiB,seed=21"
 		r, code := ferryMigrate(t, src, dst, spec, spec)
-		if code != 0 || !r.Verified || r.Bytes != 512<<20 || r.Channels != 4 {
+		if code != 0 || !r.Verified || r.Bytes != 512<<20 || r.Channels != 4 || !r.DirectData {
 			t.Fatalf("exit %d, result %+v", code, r)
 		}
 	})

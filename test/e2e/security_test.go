@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/json"
+	"net"
 	"os"
 	"os/exec"
 	"strings"
@@ -97,7 +98,11 @@ func startSecureAgents(t *testing.T, s secureSetup) *securePair {
 	ssrv.Ready()
 	a.destAddr = serveOn(t, dsrv.GRPC)
 	a.sourceAddr = serveOn(t, ssrv.GRPC)
-	serveData(t, da, dcreds)
+	dataLis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	serveData(t, da, dcreds, dataLis)
 	t.Cleanup(func() {
 		sa.Close()
 		da.Close()
