@@ -245,7 +245,7 @@ func TestOverlays(t *testing.T) {
 					}
 					ports[p.Name] = p.ContainerPort
 				}
-				for flag, portName := range map[string]string{"listen": "grpc", "health-listen": "health", "metrics-listen": "metrics"} {
+				for flag, portName := range map[string]string{"listen": "grpc", "health-listen": "health", "metrics-listen": "metrics", "data-listen": "data"} {
 					v, ok := f[flag]
 					if !ok {
 						t.Errorf("--%s is not set", flag)

@@ -82,6 +82,9 @@ func (a *Agent) ServeData(ln net.Listener, creds credentials.TransportCredential
 // hands it to the stream whose key it presents; else closes it.
 func (a *Agent) attachData(raw net.Conn, creds credentials.TransportCredentials) {
 	log := a.cfg.Logger.With("remote", raw.RemoteAddr().String())
+	// An agent that closes does not wait out a handshake.
+	stop := context.AfterFunc(a.ctx, func() { raw.Close() })
+	defer stop()
 	raw.SetDeadline(time.Now().Add(dataHandshakeTimeout))
 	conn, auth, err := creds.ServerHandshake(raw)
 	if err != nil {

@@ -168,6 +168,7 @@ func (s *sender) run(ctx context.Context, st channelStream) {
 		out.Header, out.Payload = &ch.hdr, ch.payload
 		return st.SendMsg(out)
 	}
+	var conn net.Conn
 	if s.key != nil {
 		var key []byte
 		select {
@@ -175,13 +176,23 @@ func (s *sender) run(ctx context.Context, st channelStream) {
 			return
 		case key = <-s.key:
 		}
-		conn, err := c.dialData(ctx, key)
-		if err != nil {
-			if ctx.Err() == nil {
-				s.fail(wire.Errorf(codes.Unavailable, "", "channel %d: direct data connection to %s: %v", c.index, c.m.dataAddr, err))
-			}
+		var err error
+		conn, err = c.dialData(ctx, key)
+		switch {
+		case err == nil && ctx.Err() != nil:
+			conn.Close()
 			return
+		case err != nil && ctx.Err() != nil:
+			return
+		case err != nil:
+			// The destination's data port cannot be reached from here
+			// (a firewall, a NAT): this stream's chunks go in Channel
+			// messages, which the destination takes as well.
+			c.m.log.Warn("direct data connection failed; this channel sends its chunks in gRPC messages", "channel", c.index, "address", c.m.dataAddr, "error", err)
+			c.m.fallbacks.Add(1)
 		}
+	}
+	if conn != nil {
 		defer conn.Close()
 		// A write blocked on a destination that stopped reading ends with
 		// the stream.
@@ -228,11 +239,15 @@ func (s *sender) run(ctx context.Context, st channelStream) {
 	}
 }
 
+// dataDialTimeout bounds opening a data connection (TCP, TLS, preamble);
+// past it the stream sends in Channel messages.
+const dataDialTimeout = 10 * time.Second
+
 // dialData opens the stream's direct data connection: TCP to the
 // destination's data port, the agent's TLS (as its gRPC connections), the
 // preamble with the stream's key.
 func (c *channel) dialData(ctx context.Context, key []byte) (net.Conn, error) {
-	dctx, cancel := context.WithTimeout(ctx, rpcTimeout)
+	dctx, cancel := context.WithTimeout(ctx, dataDialTimeout)
 	defer cancel()
 	var d net.Dialer
 	raw, err := d.DialContext(dctx, "tcp", c.m.dataAddr)

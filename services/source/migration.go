@@ -181,6 +181,9 @@ type migration struct {
 	// destination's host:port, for the TLS handshake.
 	dataAddr      string
 	dataAuthority string
+	// fallbacks counts streams that could not open their data connection
+	// and sent in Channel messages.
+	fallbacks atomic.Uint64
 
 	ctx    context.Context
 	cancel context.CancelCauseFunc
@@ -602,7 +605,7 @@ func (m *migration) snapshot() (*ferryv1.Migration, bool, uint64) {
 		CreateTime:        timestamppb.New(m.createTime),
 		PeakBufferedBytes: m.peakBuffered,
 		WindowBytes:       m.windowBytes,
-		DirectData:        m.directData,
+		DirectData:        m.directData && m.fallbacks.Load() == 0,
 	}
 	start, sw, end := m.startTime, m.switchoverTime, m.endTime
 	gates := make([]*flow.Gate, len(m.devs))

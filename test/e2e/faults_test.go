@@ -152,6 +152,30 @@ func TestDirectDataConnectionCutIsResent(t *testing.T) {
 	}
 }
 
+func TestUnreachableDataPortFallsBackToGRPC(t *testing.T) {
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The destination advertises a port where nothing listens: the
+	// source's data connections are refused, as behind a firewall that
+	// rejects them.
+	closed, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	closed.Close()
+	a := startAgentsOn(t, dest.Config{}, source.Config{}, advertised{Listener: lis, addr: closed.Addr()})
+	spec := []string{"sim:size=32MiB,seed=46"}
+	s, d := a.run(t, migration{id: "fallback", src: spec, dst: spec, channels: 2})
+	if s.GetPhase() != succeeded || !d.GetDevices()[0].GetVerified() {
+		t.Fatalf("phase %v: %v", s.GetPhase(), s.GetError())
+	}
+	if s.GetDirectData() {
+		t.Error("the source reports direct data, but no data connection could be opened")
+	}
+}
+
 func TestAllChannelsCutBriefly(t *testing.T) {
 	p := startPair(t)
 	p.proxy.OnNew(func(c *tcpproxy.Conn) {

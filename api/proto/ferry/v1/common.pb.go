@@ -609,7 +609,8 @@ type Migration struct {
 	RetransmittedChunks uint64 `protobuf:"varint,15,opt,name=retransmitted_chunks,json=retransmittedChunks,proto3" json:"retransmitted_chunks,omitempty"`
 	// The chunks travel on direct data connections beside the Channel
 	// streams (the destination serves them and the source asked), not in
-	// Channel messages.
+	// Channel messages. At the source: false as soon as one stream could not
+	// open its data connection and sent in Channel messages instead.
 	DirectData    bool `protobuf:"varint,16,opt,name=direct_data,json=directData,proto3" json:"direct_data,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
