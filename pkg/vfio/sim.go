@@ -415,9 +415,11 @@ func (s *simStream) verifyAndEnd() error {
 }
 
 // pacer caps a byte rate: each admitted step moves a due time forward by
-// the step's length at the rate, starting no earlier than now, and the
-// caller sleeps until it. Idle time earns no credit, so no burst exceeds
-// the cap.
+// the step's length at the rate, and the caller sleeps until it. Time the
+// caller spent elsewhere (or oversleeping: a sleep of a few hundred
+// microseconds takes a millisecond or more) earns credit of at most
+// paceStep, so small reads keep the rate and no burst exceeds paceStep's
+// worth of bytes.
 type pacer struct {
 	rate uint64    // bytes per second; 0 is unlimited
 	due  time.Time // when the bytes admitted so far are paid for
@@ -448,8 +450,8 @@ func (p *pacer) admit(now time.Time, n uint64) time.Time {
 	if p.rate == 0 {
 		return time.Time{}
 	}
-	if p.due.Before(now) {
-		p.due = now
+	if earliest := now.Add(-paceStep); p.due.Before(earliest) {
+		p.due = earliest
 	}
 	p.due = p.due.Add(time.Duration(float64(n) / float64(p.rate) * float64(time.Second)))
 	return p.due

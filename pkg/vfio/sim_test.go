@@ -654,3 +654,43 @@ func BenchmarkSimVerifyWrite(b *testing.B) {
 		off += chunk
 	}
 }
+
+// TestPacerCredit checks that time spent away from the stream (an
+// oversleep) is not lost, up to one pacing step.
+func TestPacerCredit(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	ms := time.Millisecond
+	for _, tc := range []struct {
+		name string
+		// steps are (now offset, bytes) pairs admitted in order.
+		steps []struct {
+			at time.Duration
+			n  uint64
+		}
+		want time.Duration // the last due, from t0
+	}{
+		{"back to back", []struct {
+			at time.Duration
+			n  uint64
+		}{{10 * ms, 1000}, {10 * ms, 1000}, {10 * ms, 1000}}, 3 * ms},
+		// Waking 2ms late, the next steps are already due: no sleep until
+		// the credit is spent.
+		{"an oversleep of 2ms is made up", []struct {
+			at time.Duration
+			n  uint64
+		}{{10 * ms, 1000}, {13 * ms, 1000}, {13 * ms, 1000}}, 5 * ms},
+		{"idle time earns at most one step", []struct {
+			at time.Duration
+			n  uint64
+		}{{10 * ms, 1000}, {1000 * ms, 1000}}, 991 * ms},
+	} {
+		p := pacer{rate: 1e6} // 1000 bytes a millisecond
+		var due time.Time
+		for _, s := range tc.steps {
+			due = p.admit(t0.Add(s.at), s.n)
+		}
+		if got := due.Sub(t0); got != tc.want {
+			t.Errorf("%s: last due at %v, want %v", tc.name, got, tc.want)
+		}
+	}
+}
