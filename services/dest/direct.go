@@ -42,8 +42,8 @@ type dataAttach struct {
 	conn  chan net.Conn // 1-buffered; receives the attached connection
 }
 
-// ServeData accepts direct data connections on ln until ln fails or the
-// agent closes (ln is closed then). creds are the agent's own transport
+// ServeData accepts direct data connections on ln until ln is closed or
+// the agent closes (ln is closed then); a failed accept is retried. creds are the agent's own transport
 // credentials: the data connection is secured exactly as the gRPC one.
 // While it serves, sessions whose source asks for direct data get them.
 func (a *Agent) ServeData(ln net.Listener, creds credentials.TransportCredentials) error {
@@ -56,14 +56,27 @@ func (a *Agent) ServeData(ln net.Listener, creds credentials.TransportCredential
 	stop := context.AfterFunc(a.ctx, func() { ln.Close() })
 	defer stop()
 	sem := make(chan struct{}, maxDataHandshakes)
+	var backoff time.Duration
 	for {
 		conn, err := ln.Accept()
 		if err != nil {
 			if a.ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
 				return nil
 			}
-			return err
+			// Out of file descriptors, say: wait and accept again, as
+			// net/http does, rather than stop serving.
+			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+			a.cfg.Logger.Warn("direct data listener: accept failed; retrying", "error", err, "in", backoff.String())
+			t := time.NewTimer(backoff)
+			select {
+			case <-a.ctx.Done():
+				t.Stop()
+				return nil
+			case <-t.C:
+			}
+			continue
 		}
+		backoff = 0
 		select {
 		case sem <- struct{}{}:
 		default:

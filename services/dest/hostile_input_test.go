@@ -115,18 +115,7 @@ func completeHonestly(t *testing.T, ctl ferryv1.DestAgentClient, tr ferryv1.Tran
 		digest.Add(uint64(i*testChunk), c, wire.CRC32C(c))
 	}
 	send(t, st, &ferryv1.ChannelRequest{Seq: 4, Offset: testSize, Kind: ferryv1.ChunkKind_CHUNK_KIND_END, TotalBytes: testSize, TotalChunks: 4, Digest: digest.Sum()}, nil)
-	watch, err := ctl.WatchIncoming(t.Context(), &ferryv1.WatchIncomingRequest{MigrationId: id})
-	if err != nil {
-		t.Fatal(err)
-	}
-	var last *ferryv1.Migration
-	for {
-		resp, err := watch.Recv()
-		if err != nil {
-			break
-		}
-		last = resp.GetMigration()
-	}
+	last := waitPhase(t, ctl, id)
 	if last.GetPhase() != ferryv1.MigrationPhase_MIGRATION_PHASE_SUCCEEDED || !last.GetDevices()[0].GetVerified() {
 		t.Fatalf("the honest session ended %v: %v", last.GetPhase(), last.GetError())
 	}

@@ -89,7 +89,7 @@ start_agents() {
 		return 1
 	fi
 	# --devices: agents serve only the host devices their allowlist names.
-	ferry dest --listen 127.0.0.1:7001 --insecure --devices 'mdev:*' >/tmp/dest.log 2>&1 &
+	ferry dest --listen 127.0.0.1:7001 --data-listen 127.0.0.1:7003 --insecure --devices 'mdev:*' >/tmp/dest.log 2>&1 &
 	ferry source --listen 127.0.0.1:7002 --insecure --devices 'mdev:*' >/tmp/source.log 2>&1 &
 	i=0
 	until port_listening 7001 && port_listening 7002; do
@@ -127,8 +127,9 @@ if has_case migrate; then
 		verified=$(json verified /tmp/m1.json)
 		bytes=$(json bytes /tmp/m1.json)
 		secs=$(json duration_seconds /tmp/m1.json)
-		log "migrate rc=$rc verified=$verified; source $(attr $SRC state) seed $(attr $SRC seed), dest $(attr $DST state) seed $(attr $DST seed)"
-		if [ $rc -eq 0 ] && [ "$verified" = true ] && [ "$(attr $SRC seed)" = "$(attr $DST seed)" ]; then
+		direct=$(json direct_data /tmp/m1.json)
+		log "migrate rc=$rc verified=$verified direct_data=$direct; source $(attr $SRC state) seed $(attr $SRC seed), dest $(attr $DST state) seed $(attr $DST seed)"
+		if [ $rc -eq 0 ] && [ "$verified" = true ] && [ "$direct" = true ] && [ "$(attr $SRC seed)" = "$(attr $DST seed)" ]; then
 			verdict=pass
 		else
 			tail -20 /tmp/migrate.err /tmp/source.log /tmp/dest.log
