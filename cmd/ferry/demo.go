@@ -69,7 +69,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		p.pairs = append(p.pairs, &ferryv1.DevicePair{SourceDevice: spec, DestDevice: spec})
 	}
 	if !*asJSON {
-		fmt.Fprintf(stdout, "ferry demo: destination %s, source %s (loopback gRPC); migrating %d simulated device(s) of %s over %d channel(s)\n",
+		fmt.Fprintf(stdout, "ferry demo: destination %s, source %s (loopback, chunks on direct data connections); migrating %d simulated device(s) of %s over %d channel(s)\n",
 			env.destAddr, env.sourceAddr, *devices, size.Format(uint64(devSize)), *channels)
 	}
 	view := newProgressView(stderr)
