@@ -13,6 +13,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/services/telemetry"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
 
@@ -81,6 +82,7 @@ func (a *Agent) ServeData(ln net.Listener, creds credentials.TransportCredential
 		case sem <- struct{}{}:
 		default:
 			a.cfg.Logger.Warn("direct data connection refused: too many in their handshake", "remote", conn.RemoteAddr().String())
+			a.cfg.Metrics.DataConnection(telemetry.RoleDest, telemetry.DataRefusedBusy)
 			conn.Close()
 			continue
 		}
@@ -102,12 +104,14 @@ func (a *Agent) attachData(raw net.Conn, creds credentials.TransportCredentials)
 	conn, auth, err := creds.ServerHandshake(raw)
 	if err != nil {
 		log.Warn("direct data connection refused: handshake", "error", err)
+		a.cfg.Metrics.DataConnection(telemetry.RoleDest, telemetry.DataRefusedHandshake)
 		raw.Close()
 		return
 	}
 	key, err := wire.ReadDirectPreamble(conn)
 	if err != nil {
 		log.Warn("direct data connection refused", "error", err)
+		a.cfg.Metrics.DataConnection(telemetry.RoleDest, telemetry.DataRefusedPreamble)
 		conn.Close()
 		return
 	}
@@ -115,6 +119,7 @@ func (a *Agent) attachData(raw net.Conn, creds credentials.TransportCredentials)
 	at := a.takeDataKey(key)
 	if at == nil {
 		log.Warn("direct data connection refused: unknown or spent key")
+		a.cfg.Metrics.DataConnection(telemetry.RoleDest, telemetry.DataRefusedKey)
 		conn.Close()
 		return
 	}
@@ -124,11 +129,13 @@ func (a *Agent) attachData(raw net.Conn, creds credentials.TransportCredentials)
 	at.inc.mu.Unlock()
 	if caller != owner {
 		at.inc.log.Warn("direct data connection refused: another identity than the session's source", "caller", caller, "owner", owner)
+		a.cfg.Metrics.DataConnection(telemetry.RoleDest, telemetry.DataRefusedIdentity)
 		conn.Close()
 		return
 	}
 	select {
 	case at.conn <- conn:
+		a.cfg.Metrics.DataConnection(telemetry.RoleDest, telemetry.DataAttached)
 	default:
 		conn.Close()
 	}

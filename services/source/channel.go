@@ -16,6 +16,7 @@ import (
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/flow"
+	"github.com/vfio-ferry/ferry/services/telemetry"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
 
@@ -190,6 +191,9 @@ func (s *sender) run(ctx context.Context, st channelStream) {
 			// messages, which the destination takes as well.
 			c.m.log.Warn("direct data connection failed; this channel sends its chunks in gRPC messages", "channel", c.index, "address", c.m.dataAddr, "error", err)
 			c.m.fallbacks.Add(1)
+			c.m.a.cfg.Metrics.DataConnection(telemetry.RoleSource, telemetry.DataFailed)
+		default:
+			c.m.a.cfg.Metrics.DataConnection(telemetry.RoleSource, telemetry.DataOpened)
 		}
 	}
 	if conn != nil {

@@ -93,6 +93,7 @@ type Metrics struct {
 	Client *grpcprom.ClientMetrics
 
 	migrations *prometheus.CounterVec
+	dataConns  *prometheus.CounterVec
 	duration   *prometheus.HistogramVec
 	downtime   *prometheus.HistogramVec
 	d          descs
@@ -140,6 +141,10 @@ func New(reg prometheus.Registerer) *Metrics {
 			Name: "ferry_migrations_total",
 			Help: "Migrations ended, by role and outcome (succeeded, failed, cancelled).",
 		}, []string{"role", "outcome"}),
+		dataConns: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "ferry_data_connections_total",
+			Help: "Direct data connections, by role and result: at the source opened or failed (the channel then sent in gRPC messages); at the destination attached, or refused for busy (too many in their handshake), handshake, preamble, key (unknown or spent) or identity (not the session's source).",
+		}, []string{"role", "result"}),
 		duration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name:    "ferry_migration_duration_seconds",
 			Help:    "Time from accepting a migration (StartMigration, PrepareIncoming) to its final phase.",
@@ -161,9 +166,36 @@ func New(reg prometheus.Registerer) *Metrics {
 			m.migrations.WithLabelValues(role, string(o))
 		}
 	}
-	reg.MustRegister(m.Server, m.Client, m.migrations, m.duration, m.downtime, (*collector)(m),
+	for _, r := range []string{DataOpened, DataFailed} {
+		m.dataConns.WithLabelValues(RoleSource, r)
+	}
+	for _, r := range []string{DataAttached, DataRefusedBusy, DataRefusedHandshake, DataRefusedPreamble, DataRefusedKey, DataRefusedIdentity} {
+		m.dataConns.WithLabelValues(RoleDest, r)
+	}
+	reg.MustRegister(m.Server, m.Client, m.migrations, m.dataConns, m.duration, m.downtime, (*collector)(m),
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
+}
+
+// Results of direct data connections (ferry_data_connections_total).
+const (
+	DataOpened           = "opened"
+	DataFailed           = "failed"
+	DataAttached         = "attached"
+	DataRefusedBusy      = "busy"
+	DataRefusedHandshake = "handshake"
+	DataRefusedPreamble  = "preamble"
+	DataRefusedKey       = "key"
+	DataRefusedIdentity  = "identity"
+)
+
+// DataConnection counts one direct data connection of role with its
+// result.
+func (m *Metrics) DataConnection(role, result string) {
+	if m == nil {
+		return
+	}
+	m.dataConns.WithLabelValues(role, result).Inc()
 }
 
 // DialOptions are the options that count the calls on a client

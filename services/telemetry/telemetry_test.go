@@ -125,4 +125,20 @@ func TestNilMetrics(t *testing.T) {
 	tr := m.TrackSource(func() []SourceDevice { t.Fatal("read"); return nil })
 	tr.End(Ended{Outcome: Succeeded})
 	m.TrackDest(nil).End(Ended{})
+	m.DataConnection(RoleDest, DataAttached)
+}
+
+func TestDataConnections(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	m := New(reg)
+	// Every result is exported from the start, at zero.
+	expect(t, reg, "ferry_data_connections_total", map[string]string{"role": RoleDest, "result": DataRefusedIdentity}, 0)
+	expect(t, reg, "ferry_data_connections_total", map[string]string{"role": RoleSource, "result": DataFailed}, 0)
+	m.DataConnection(RoleDest, DataAttached)
+	m.DataConnection(RoleDest, DataAttached)
+	m.DataConnection(RoleDest, DataRefusedKey)
+	m.DataConnection(RoleSource, DataOpened)
+	expect(t, reg, "ferry_data_connections_total", map[string]string{"role": RoleDest, "result": DataAttached}, 2)
+	expect(t, reg, "ferry_data_connections_total", map[string]string{"role": RoleDest, "result": DataRefusedKey}, 1)
+	expect(t, reg, "ferry_data_connections_total", map[string]string{"role": RoleSource, "result": DataOpened}, 1)
 }
