@@ -19,6 +19,7 @@ import (
 // which a buffer that is read into in full does not need.
 type Pool struct {
 	classes [numClasses]sync.Pool
+	hot     [numClasses]hotStack
 	// payloads recycles received chunks' Payloads (see InChunk).
 	payloads sync.Pool
 }
@@ -48,6 +49,10 @@ func (p *Pool) Get(n int) *[]byte {
 		return &b
 	}
 	class, size := classOf(n)
+	if b := p.hot[class].pop(); b != nil {
+		*b = (*b)[:n]
+		return b
+	}
 	if v := p.classes[class].Get(); v != nil {
 		b := v.(*[]byte)
 		*b = (*b)[:n]
@@ -65,5 +70,52 @@ func (p *Pool) Put(b *[]byte) {
 	}
 	class, _ := classOf(c)
 	*b = (*b)[:0]
+	if p.hot[class].push(b) {
+		return
+	}
 	p.classes[class].Put(b)
+}
+
+// hotStack keeps the few buffers of a class freed last and hands them out
+// first, last in first out: they are the likeliest to be in a cache. A
+// sync.Pool gives no such order: a buffer freed on one P (the
+// destination's loader) and taken on another (the connection's reader) is
+// stolen from the far end of the other P's list, the buffer that went
+// cold longest ago. Reading chunks into the last freed buffers took the
+// kernel's copy at the destination from 0.24 to 0.20 CPU-seconds per GiB
+// and both agents' CPU down by 5-10% (perf-sampled 1-channel runs of 4
+// GiB, alternating with the plain pool); 16 buffers did no better than 4.
+// The stacks keep at most hotStackDepth buffers of each class in use
+// beyond any migration.
+type hotStack struct {
+	mu   sync.Mutex
+	bufs []*[]byte
+}
+
+const hotStackDepth = 4
+
+func (h *hotStack) pop() *[]byte {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	n := len(h.bufs)
+	if n == 0 {
+		return nil
+	}
+	b := h.bufs[n-1]
+	h.bufs[n-1] = nil
+	h.bufs = h.bufs[:n-1]
+	return b
+}
+
+func (h *hotStack) push(b *[]byte) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if len(h.bufs) == hotStackDepth {
+		return false
+	}
+	if h.bufs == nil {
+		h.bufs = make([]*[]byte, 0, hotStackDepth)
+	}
+	h.bufs = append(h.bufs, b)
+	return true
 }
