@@ -284,3 +284,30 @@ func TestServeDataStopsWithTheAgent(t *testing.T) {
 		t.Error("the data listener still accepts after Close")
 	}
 }
+
+// A destination device that refuses a write (here: more state than it
+// holds) fails the migration with a device error, resets the device and
+// frees every buffer once.
+func TestDeviceWriteFailure(t *testing.T) {
+	h := newHarness(t)
+	small := "sim:size=32KiB,seed=1"
+	prep, err := h.dest.PrepareIncoming(t.Context(), &ferryv1.PrepareIncomingRequest{MigrationId: "too-long", Devices: []string{small}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := h.transfer.Open(t.Context(), &ferryv1.OpenRequest{MigrationId: "too-long", Token: prep.GetToken(), Devices: []string{small}, ChunkSize: testChunk, Channels: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := h.channel(resp.GetSessionId(), 0)
+	state := sourceState(t, 1) // 64 KiB: twice what the device holds
+	for i := range testSize / testChunk {
+		c := state[i*testChunk : (i+1)*testChunk]
+		send(t, st, dataChunk(uint64(i), c), c)
+	}
+	m := waitPhase(t, h.dest, "too-long")
+	if e := m.GetError(); m.GetPhase() != ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED || e.GetReason() != wire.ReasonDeviceState {
+		t.Fatalf("the migration ended %v: %v, want FAILED with %s", m.GetPhase(), e, wire.ReasonDeviceState)
+	}
+	h.waitReleased("too-long", small)
+}

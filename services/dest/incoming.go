@@ -274,7 +274,7 @@ func (inc *incoming) load(d *devStream) {
 		// The chunk goes into the device piece by piece, as gRPC received
 		// it: no copy into one buffer first.
 		if err := writePayload(d.stream, c.Payload.data); err != nil {
-			c.Payload.data.Free()
+			// The chunk stays held: the clean-up's Drain frees it.
 			inc.terminate(wire.DeviceError(d.spec, fmt.Sprintf("write chunk %d at byte %d", c.Seq, c.Offset), err), ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED)
 			return
 		}
