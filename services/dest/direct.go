@@ -44,9 +44,10 @@ type dataAttach struct {
 }
 
 // ServeData accepts direct data connections on ln until ln is closed or
-// the agent closes (ln is closed then); a failed accept is retried. creds are the agent's own transport
-// credentials: the data connection is secured exactly as the gRPC one.
-// While it serves, sessions whose source asks for direct data get them.
+// the agent closes (ln is closed then); a failed accept is retried. creds
+// are the agent's own transport credentials: the data connection is
+// secured exactly as the gRPC one. While it serves, sessions whose source
+// asks for direct data get them.
 func (a *Agent) ServeData(ln net.Listener, creds credentials.TransportCredentials) error {
 	addr, ok := ln.Addr().(*net.TCPAddr)
 	if !ok {
