@@ -362,7 +362,7 @@ func TestProcessesWithMutualTLS(t *testing.T) {
 		}
 	})
 
-	dstAddr := secureAgentProc(t, "dest", append(dest, "--allow-client", idControlPlane, "--allow-peer", idSourceAgent, "--allow-sim")...)
+	dstAddr := secureAgentProc(t, "dest", append(dest, "--allow-client", idControlPlane, "--allow-peer", idSourceAgent, "--allow-sim", "--data-listen", "127.0.0.1:0")...)
 	srcAddr := secureAgentProc(t, "source", append(src, "--allow-client", idControlPlane, "--allow-sim", "--devices", "pci:0000:3b:*")...)
 
 	migrate := func(client []string, srcDev string) (migrateResult, int, string) {
@@ -385,7 +385,7 @@ func TestProcessesWithMutualTLS(t *testing.T) {
 	}
 	t.Run("the operator migrates", func(t *testing.T) {
 		r, code, stderr := migrate(operator, "sim:size=64MiB,seed=55")
-		if code != 0 || !r.Verified || r.Bytes != 64<<20 {
+		if code != 0 || !r.Verified || r.Bytes != 64<<20 || !r.DirectData {
 			t.Fatalf("exit %d, result %+v\n%s", code, r, stderr)
 		}
 		out, err := exec.Command(ferry(t), append([]string{"devices", "--agent", srcAddr, "--json"}, operator...)...).CombinedOutput()
