@@ -1,8 +1,8 @@
-// Package wire is what both Ferry agents need on the gRPC side, kept in one
+// Package wire is what both Ferry agents need on the wire, kept in one
 // place so the source and the destination meet only through it: the chunk
-// codec, the chunk buffer pool, the stream digest, message limits and
-// validation, error translation with google.rpc.ErrorInfo, and the server
-// and dial options.
+// codec, the direct data framing, the chunk buffer pool, the stream
+// digest, message limits and validation, error translation with
+// google.rpc.ErrorInfo, and the server and dial options.
 //
 // # The chunk codec
 //
@@ -22,6 +22,19 @@
 // Senders use [OutChunk] with a reference-counted mem.Buffer payload that
 // gRPC frees once written, receivers [InChunk]; any other message goes
 // through the standard protobuf codec.
+//
+// # Direct data connections
+//
+// Even without copies in Ferry's code, grpc-go cuts each message into
+// 16 KiB HTTP/2 frames and copies them on both sides. A destination that
+// serves direct data connections takes a channel's chunks on a TCP
+// connection beside its Channel stream instead: [WriteDirectPreamble] and
+// [ReadDirectPreamble] attach it to the stream with the stream's key,
+// [DirectWriter] sends each chunk's ChannelRequest header and bytes with
+// one vectored write, [DirectReader] reads them into a pooled buffer,
+// refusing what breaks the framing before it allocates, and
+// [ReadCRC32C] checksums the bytes 64 KiB at a time as they arrive.
+// direct.go documents the framing.
 //
 // # Errors
 //
