@@ -11,7 +11,9 @@
 //     with RESOURCE_EXHAUSTED before any device is touched.
 //  2. Open (Transfer), with that token, starts the session: one
 //     flow.Reassembly and one loader goroutine per device.
-//  3. Channel streams deliver chunks in any order. Each is validated
+//  3. Channel streams deliver chunks in any order (with ServeData running
+//     and the source asking for it, each stream's chunks come on its direct
+//     data connection instead; see direct.go). Each is validated
 //     (device index, kind, length, CRC32C) and handed to its device's
 //     reassembly, which refuses anything outside the window before keeping
 //     it, so the memory a session holds is bounded by its windows. The
