@@ -11,14 +11,19 @@
 //  1. opens the session with Transfer.Open, presenting the destination's
 //     token, and learns each device's initial window;
 //  2. dials one connection per channel and opens a Channel stream on each;
-//     the destination's first window update on a channel says it is up;
+//     the destination's first window update on a channel says it is up.
+//     When the destination offered direct data in Open, that update also
+//     carries the stream's key, and the channel opens a second connection
+//     to the destination's data port for its chunks (or, if it cannot,
+//     sends them in Channel messages);
 //  3. asks Transfer.SwitchoverStart, and only once it is accepted moves the
 //     devices to STOP_COPY (through RUNNING_P2P first, for every device,
 //     when they support P2P);
 //  4. runs one reader per device: it waits for window credit
 //     (flow.Gate) before each read, so a full window stops the reads and
 //     source memory stays bounded by the windows; reads a chunk straight
-//     into a pooled buffer; records its CRC32C in the stream digest; keeps
+//     into a pooled buffer, computing its CRC32C 64 KiB at a time as it
+//     goes; records the CRC in the stream digest; keeps
 //     it until acknowledged; and queues it for the channels. At the end of
 //     the device state (read returns 0) it queues END and moves the device
 //     to STOP;
