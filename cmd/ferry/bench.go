@@ -87,6 +87,7 @@ type benchRow struct {
 	ChunkSize                 uint32     `json:"chunk_size"`
 	WindowBytes               uint64     `json:"window_bytes"`
 	Rounds                    int        `json:"rounds"`
+	Data                      string     `json:"data"` // how ferry's chunks travelled: direct or grpc
 	RawTCPBytesPerSecond      float64    `json:"rawtcp_bytes_per_second"`
 	FerryBytesPerSecond       float64    `json:"ferry_bytes_per_second"`
 	Ratio                     float64    `json:"ratio"`
@@ -206,6 +207,10 @@ func benchChannels(ctx context.Context, cfg benchConfig, channels, rounds int, o
 	row := benchRow{
 		Channels: channels, Devices: cfg.devices, BytesPerDevice: cfg.size, ChunkSize: cfg.chunkSize,
 		WindowBytes: cfg.window, Rounds: rounds, CPUs: runtime.NumCPU(), LoadAvgBefore: loadAvg1(),
+		Data: "direct",
+	}
+	if cfg.grpcData {
+		row.Data = "grpc"
 	}
 	var raws, ferries []benchRun
 	var ratios []float64

@@ -64,9 +64,10 @@ func TestBenchRuns(t *testing.T) {
 		t.Skip("builds the binary and runs four migrations")
 	}
 	bin := buildFerry(t)
-	for _, devices := range []string{"1", "2"} {
+	for _, tc := range []struct{ devices, data string }{{"1", "direct"}, {"2", "direct"}, {"1", "grpc"}} {
+		devices := tc.devices
 		out, err := exec.Command(bin, "bench", "--size", "8MiB", "--chunk-size", "256KiB", "--channels", "1,3",
-			"--devices", devices, "--rounds", "1", "--json").Output()
+			"--devices", devices, "--rounds", "1", "--data", tc.data, "--json").Output()
 		if err != nil {
 			t.Fatalf("devices %s: %v: %s", devices, err, out)
 		}
@@ -83,6 +84,9 @@ func TestBenchRuns(t *testing.T) {
 			t.Fatalf("devices %s: %d rows, want one per channel count:\n%s", devices, len(rows), out)
 		}
 		for _, row := range rows {
+			if row["data"] != tc.data {
+				t.Errorf("devices %s, channels %v: data %v, want %s", devices, row["channels"], row["data"], tc.data)
+			}
 			for _, k := range []string{"channels", "rawtcp_bytes_per_second", "ferry_bytes_per_second", "ratio",
 				"rawtcp_cpu_seconds_per_gib", "ferry_cpu_seconds_per_gib", "dest_peak_rss_bytes", "source_peak_rss_bytes"} {
 				if v, ok := row[k].(float64); !ok || v <= 0 {
