@@ -80,14 +80,10 @@ func (p *pair) agents() *agents {
 
 func TestOneChannelCutIsResent(t *testing.T) {
 	p := startPair(t)
-	// Connection 0 carries Open; 1-4 are the channels. Cut channel
-	// connection 2 once it carried 16 MiB; its re-dialled successor is
-	// left alone.
-	p.proxy.OnNew(func(c *tcpproxy.Conn) {
-		if c.Index == 2 {
-			c.CutAfter(16 << 20)
-		}
-	})
+	// Connection 0 carries Open; 1-4 are the channels. Cut the first
+	// channel connection to carry 16 MiB; its re-dialled successor is left
+	// alone.
+	p.proxy.CutFirstAfter(16<<20, 1, 4)
 	spec := []string{"sim:size=256MiB,seed=41"}
 	p.start(t, "cut-one", spec, spec, 4)
 	s := p.agents().waitSource(t, "cut-one")
@@ -125,16 +121,11 @@ func TestDirectDataConnectionCutIsResent(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// Cut the second channel's data connection once it carried 16 MiB,
-	// and stall the third's; their successors are left alone.
-	proxy.OnNew(func(c *tcpproxy.Conn) {
-		switch c.Index {
-		case 1:
-			c.CutAfter(16 << 20)
-		case 2:
-			c.StallAfter(8 << 20)
-		}
-	})
+	// Stall the first of the four channels' data connections to carry
+	// 8 MiB, and cut the first other one to carry 16 MiB; their
+	// successors are left alone.
+	proxy.StallFirstAfter(8<<20, 0, 3)
+	proxy.CutFirstAfter(16<<20, 0, 3)
 	a := startAgentsOn(t, dest.Config{}, source.Config{ReconnectTimeout: 5 * time.Second, ProgressTimeout: 2 * time.Second}, advertised{Listener: lis, addr: paddr})
 	spec := []string{"sim:size=128MiB,seed=45"}
 	s, d := a.run(t, migration{id: "cut-data", src: spec, dst: spec, channels: 4})
@@ -219,11 +210,7 @@ func TestChannelsLostPastTheDeadline(t *testing.T) {
 
 func TestStalledConnectionIsDetected(t *testing.T) {
 	p := startPair(t)
-	p.proxy.OnNew(func(c *tcpproxy.Conn) {
-		if c.Index == 3 {
-			c.StallAfter(16 << 20) // no bytes either way, no FIN
-		}
-	})
+	p.proxy.StallFirstAfter(16<<20, 1, 4) // no bytes either way, no FIN
 	spec := []string{"sim:size=256MiB,seed=44"}
 	p.start(t, "stall", spec, spec, 4)
 	s := p.agents().waitSource(t, "stall")

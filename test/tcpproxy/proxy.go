@@ -26,11 +26,21 @@ type Proxy struct {
 	closed  bool
 	wg      sync.WaitGroup
 	changed chan struct{} // closed and replaced when a connection opens
+
+	// first arms faults for whichever connection reaches a byte count
+	// first (CutFirstAfter, StallFirstAfter).
+	first struct {
+		sync.Mutex
+		from, to         int
+		cutAt, stallAt   int64
+		cutDone, stalled bool
+	}
 }
 
 // Conn is one proxied connection. Index is its accept order from 0.
 type Conn struct {
 	Index  int
+	p      *Proxy
 	client net.Conn
 	server net.Conn
 
@@ -119,7 +129,7 @@ func (p *Proxy) accept() {
 			client.Close()
 			continue
 		}
-		c := &Conn{client: client, server: server, flipAt: -1, stallOff: make(chan struct{})}
+		c := &Conn{p: p, client: client, server: server, flipAt: -1, stallOff: make(chan struct{})}
 		p.mu.Lock()
 		c.Index = len(p.conns)
 		p.conns = append(p.conns, c)
@@ -140,6 +150,44 @@ func (p *Proxy) accept() {
 			c.pump(client, server, false)
 		}()
 	}
+}
+
+// CutFirstAfter arms one cut: of whichever connection, among those with
+// an index from from to to, first carries n client->server bytes. Which
+// channel carries how much depends on scheduling; this cuts one that did
+// carry that much.
+func (p *Proxy) CutFirstAfter(n int64, from, to int) {
+	p.first.Lock()
+	p.first.from, p.first.to, p.first.cutAt = from, to, n
+	p.first.Unlock()
+}
+
+// StallFirstAfter is CutFirstAfter for a stall (see StallAfter). Armed
+// together, they pick two connections: the stalled one carries no more.
+func (p *Proxy) StallFirstAfter(n int64, from, to int) {
+	p.first.Lock()
+	p.first.from, p.first.to, p.first.stallAt = from, to, n
+	p.first.Unlock()
+}
+
+// firstFaults reports whether a connection that has carried end bytes
+// takes the proxy-wide cut or stall, and spends it if so.
+func (p *Proxy) firstFaults(index int, end int64) (cut, stall bool) {
+	f := &p.first
+	f.Lock()
+	defer f.Unlock()
+	if index < f.from || index > f.to {
+		return false, false
+	}
+	if !f.stalled && f.stallAt > 0 && end >= f.stallAt {
+		f.stalled = true
+		return false, true
+	}
+	if !f.cutDone && f.cutAt > 0 && end >= f.cutAt {
+		f.cutDone = true
+		return true, false
+	}
+	return false, false
 }
 
 // CutAfter arms a cut once the connection has carried n client->server
@@ -242,6 +290,9 @@ func (c *Conn) forward(dst net.Conn, b []byte, up bool) bool {
 	}
 	cut := c.cutAt > 0 && end >= c.cutAt
 	stall := c.stallAt > 0 && end >= c.stallAt
+	if !cut && !stall {
+		cut, stall = c.p.firstFaults(c.Index, end)
+	}
 	rate := c.rate
 	c.carried = end
 	if stall {
