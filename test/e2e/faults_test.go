@@ -284,11 +284,8 @@ func TestSlowDestinationSlowsTheSource(t *testing.T) {
 
 func TestCorruptedChunkIsNeverVerified(t *testing.T) {
 	p := startPair(t)
-	p.proxy.OnNew(func(c *tcpproxy.Conn) {
-		if c.Index == 1 {
-			c.FlipAt(5<<20 + 12345)
-		}
-	})
+	// One bit, in the first channel connection to carry that far.
+	p.proxy.FlipFirstAt(5<<20+12345, 1, 4)
 	spec := []string{"sim:size=64MiB,seed=50"}
 	p.start(t, "corrupt", spec, spec, 4)
 	s := p.agents().waitSource(t, "corrupt")

@@ -31,9 +31,9 @@ type Proxy struct {
 	// first (CutFirstAfter, StallFirstAfter).
 	first struct {
 		sync.Mutex
-		from, to         int
-		cutAt, stallAt   int64
-		cutDone, stalled bool
+		from, to                  int
+		cutAt, stallAt, flipAt    int64
+		cutDone, stalled, flipped bool
 	}
 }
 
@@ -170,6 +170,28 @@ func (p *Proxy) StallFirstAfter(n int64, from, to int) {
 	p.first.Unlock()
 }
 
+// FlipFirstAt arms one bit flip: at client->server offset n of whichever
+// connection, among those with an index from from to to, first carries
+// that far.
+func (p *Proxy) FlipFirstAt(n int64, from, to int) {
+	p.first.Lock()
+	p.first.from, p.first.to, p.first.flipAt = from, to, n
+	p.first.Unlock()
+}
+
+// firstFlip reports whether the bytes [start, end) of a connection take
+// the proxy-wide flip, and spends it if so.
+func (p *Proxy) firstFlip(index int, start, end int64) (int64, bool) {
+	f := &p.first
+	f.Lock()
+	defer f.Unlock()
+	if f.flipped || f.flipAt <= 0 || index < f.from || index > f.to || f.flipAt < start || f.flipAt >= end {
+		return 0, false
+	}
+	f.flipped = true
+	return f.flipAt, true
+}
+
 // firstFaults reports whether a connection that has carried end bytes
 // takes the proxy-wide cut or stall, and spends it if so.
 func (p *Proxy) firstFaults(index int, end int64) (cut, stall bool) {
@@ -287,6 +309,9 @@ func (c *Conn) forward(dst net.Conn, b []byte, up bool) bool {
 	if c.flipAt >= start && c.flipAt < end {
 		b[c.flipAt-start] ^= 0x01
 		c.flipAt = -1
+	}
+	if off, ok := c.p.firstFlip(c.Index, start, end); ok {
+		b[off-start] ^= 0x01
 	}
 	cut := c.cutAt > 0 && end >= c.cutAt
 	stall := c.stallAt > 0 && end >= c.stallAt
