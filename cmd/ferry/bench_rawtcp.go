@@ -31,8 +31,10 @@ import (
 //
 // Since each side knows the schedule, no sequence number is needed: the
 // goroutine of connection c carries, in rounds r = 0, 1, ..., chunk
-// r*N + (c-d) mod N of every device d, and hands chunks to and from the
-// devices' goroutines through small per-device, per-connection pipes.
+// r*N + (c-d) mod N of every device d. With several devices it hands
+// chunks to and from the devices' goroutines through small per-device,
+// per-connection pipes; with one, the connections' goroutines take turns
+// on the device themselves (see send).
 
 // peerResult is a raw TCP peer's line on stdout.
 type peerResult struct {
@@ -123,8 +125,9 @@ func (p *rawPeer) chunkLen(i int) int {
 // conn is the connection chunk i of device d travels on.
 func (p *rawPeer) conn(d, i int) int { return (i + d) % p.channels }
 
-// open opens the devices in target (STOP_COPY or RESUMING) and sets up
-// the pipes (two chunks each) and each device's buffers. A connection
+// open opens the devices in target (STOP_COPY or RESUMING) and, with
+// several devices, sets up the pipes (two chunks each) and each device's
+// buffers. A connection
 // holds at most three of a device's buffers ahead of the chunk that
 // device waits for (one in hand, two in its pipe), so 3N+2 buffers per
 // device never run out while the device waits: no deadlock.
@@ -148,6 +151,9 @@ func (p *rawPeer) open(target vfio.State) error {
 		}
 		p.devs = append(p.devs, dev)
 		p.streams = append(p.streams, st)
+		if p.devices == 1 {
+			continue // the connections take turns on the device: no pipes
+		}
 		pipes := make([]chan rawChunk, p.channels)
 		for c := range pipes {
 			pipes[c] = make(chan rawChunk, 2)
@@ -203,6 +209,32 @@ func (p *rawPeer) inTurn(ctx context.Context, turns []chan struct{}, c int, f fu
 	}
 	err := f()
 	turns[(c+1)%p.channels] <- struct{}{}
+	return err
+}
+
+// connGroup is an errgroup for goroutines that use conns: when one fails
+// (or ctx ends) the connections close, so the others' I/O ends too. Call
+// stop when done.
+func connGroup(ctx context.Context, conns []net.Conn) (g *errgroup.Group, gctx context.Context, stop func() bool) {
+	g, gctx = errgroup.WithContext(ctx)
+	stop = context.AfterFunc(gctx, func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	})
+	return g, gctx, stop
+}
+
+// readRawChunk reads chunk i of device d, n bytes behind its 4-byte
+// length, into buf.
+func readRawChunk(conn net.Conn, buf []byte, d, i, n int) error {
+	if _, err := io.ReadFull(conn, buf[:4]); err != nil {
+		return err
+	}
+	if l := int(binary.LittleEndian.Uint32(buf)); l != n {
+		return fmt.Errorf("device %d chunk %d: %d bytes, want %d", d, i, l, n)
+	}
+	_, err := io.ReadFull(conn, buf[4:4+n])
 	return err
 }
 
@@ -292,12 +324,7 @@ func (p *rawPeer) send(ctx context.Context, addr string) (peerResult, error) {
 		conns[c] = conn
 	}
 	var start sync.Once
-	g, gctx := errgroup.WithContext(ctx)
-	stop := context.AfterFunc(gctx, func() {
-		for _, c := range conns {
-			c.Close()
-		}
-	})
+	g, gctx, stop := connGroup(ctx, conns)
 	defer stop()
 	if p.devices == 1 {
 		// One device: each connection's goroutine reads its chunks from the
@@ -402,12 +429,7 @@ func (p *rawPeer) recv(ctx context.Context, ready func(addr string) error) (peer
 		}
 		conns[c] = conn
 	}
-	g, gctx := errgroup.WithContext(ctx)
-	stop := context.AfterFunc(gctx, func() {
-		for _, c := range conns {
-			c.Close()
-		}
-	})
+	g, gctx, stop := connGroup(ctx, conns)
 	defer stop()
 	if p.devices == 1 {
 		// One device: each connection's goroutine writes what it read
@@ -417,13 +439,7 @@ func (p *rawPeer) recv(ctx context.Context, ready func(addr string) error) (peer
 			g.Go(func() error {
 				buf := make([]byte, 4+p.chunkSize)
 				return p.schedule(c, func(_, i, n int) error {
-					if _, err := io.ReadFull(conn, buf[:4]); err != nil {
-						return err
-					}
-					if l := int(binary.LittleEndian.Uint32(buf)); l != n {
-						return fmt.Errorf("device 0 chunk %d: %d bytes, want %d", i, l, n)
-					}
-					if _, err := io.ReadFull(conn, buf[4:4+n]); err != nil {
+					if err := readRawChunk(conn, buf, 0, i, n); err != nil {
 						return err
 					}
 					return p.inTurn(gctx, turns, c, func() error {
@@ -441,13 +457,7 @@ func (p *rawPeer) recv(ctx context.Context, ready func(addr string) error) (peer
 					if err != nil {
 						return err
 					}
-					if _, err := io.ReadFull(conn, buf[:4]); err != nil {
-						return err
-					}
-					if l := int(binary.LittleEndian.Uint32(buf)); l != n {
-						return fmt.Errorf("device %d chunk %d: %d bytes, want %d", d, i, l, n)
-					}
-					if _, err := io.ReadFull(conn, buf[4:4+n]); err != nil {
+					if err := readRawChunk(conn, buf, d, i, n); err != nil {
 						return err
 					}
 					return sendChan(gctx, p.pipes[d][c], rawChunk{buf: buf, n: n})

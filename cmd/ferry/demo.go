@@ -95,38 +95,36 @@ type demoEnv struct {
 
 func startDemoAgents(ctx context.Context, log *slog.Logger, maxChunks uint32, maxBytes uint64) (*demoEnv, error) {
 	creds := insecure.NewCredentials()
-	dlis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return nil, err
+	// The destination's gRPC port and its direct data port (as `ferry dest
+	// --data-listen` serves it), and the source's gRPC port.
+	var lis [3]net.Listener
+	closeAll := func() {
+		for _, l := range lis {
+			if l != nil {
+				l.Close()
+			}
+		}
 	}
-	slis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		dlis.Close()
-		return nil, err
+	for i := range lis {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			closeAll()
+			return nil, err
+		}
+		lis[i] = l
 	}
-	// The destination's direct data connections, as `ferry dest
-	// --data-listen` serves them.
-	datalis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		dlis.Close()
-		slis.Close()
-		return nil, err
-	}
+	dlis, datalis, slis := lis[0], lis[1], lis[2]
 	dreg := vfio.NewRegistry(vfio.RegistryOptions{AllowSim: true})
 	sreg := vfio.NewRegistry(vfio.RegistryOptions{AllowSim: true})
 	dpool, spool := wire.NewPool(), wire.NewPool()
 	dagent, err := dest.New(dest.Config{Registry: dreg, Pool: dpool, Logger: log, MaxChunks: maxChunks, MaxBytes: maxBytes})
 	if err != nil {
-		dlis.Close()
-		slis.Close()
-		datalis.Close()
+		closeAll()
 		return nil, &exitError{code: 2, err: err}
 	}
 	sagent, err := source.New(source.Config{Registry: sreg, Pool: spool, Logger: log, PeerCreds: creds})
 	if err != nil {
-		dlis.Close()
-		slis.Close()
-		datalis.Close()
+		closeAll()
 		return nil, err
 	}
 	dsrv := wire.NewServer(wire.ServerConfig{Creds: creds, Logger: log, Pool: dpool})

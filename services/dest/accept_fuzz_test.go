@@ -3,7 +3,6 @@ package dest
 import (
 	"context"
 	"fmt"
-	"io"
 	"testing"
 	"testing/synctest"
 
@@ -52,22 +51,7 @@ func fuzzSpec(i int) string { return simSpec(40 + i) }
 func simSpec(seed int) string { return fmt.Sprintf("sim:size=%d,seed=%d", fuzzDevSize, seed) }
 
 // simState is the stop-copy state of simSpec(seed).
-func simState(tb testing.TB, seed int) []byte {
-	s, _ := vfio.ParseSpec(simSpec(seed))
-	d, err := vfio.NewSim(s)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	st, err := d.SetState(vfio.StateStopCopy)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	state := make([]byte, fuzzDevSize)
-	if _, err := io.ReadFull(st, state); err != nil {
-		tb.Fatal(err)
-	}
-	return state
-}
+func simState(tb testing.TB, seed int) []byte { return stateOf(tb, simSpec(seed)) }
 
 // fuzzStates are the payload sources: the destination devices' own
 // states (0 and 1) and another device's (2).

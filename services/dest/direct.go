@@ -12,7 +12,6 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/status"
 
-	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/services/telemetry"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
@@ -38,9 +37,9 @@ const maxDataHandshakes = 64
 
 // dataAttach is a Channel stream waiting for its data connection.
 type dataAttach struct {
-	inc   *incoming
-	index int
-	conn  chan net.Conn // 1-buffered; receives the attached connection
+	inc  *incoming
+	key  [wire.DataKeyLen]byte
+	conn chan net.Conn // 1-buffered; receives the attached connection
 }
 
 // ServeData accepts direct data connections on ln until ln is closed or
@@ -142,16 +141,15 @@ func (a *Agent) attachData(raw net.Conn, creds credentials.TransportCredentials)
 	}
 }
 
-// newDataKey registers a stream that waits for its data connection and
-// returns the key that attaches one.
-func (a *Agent) newDataKey(inc *incoming, index int) (*dataAttach, []byte) {
-	var key [wire.DataKeyLen]byte
-	rand.Read(key[:])
-	at := &dataAttach{inc: inc, index: index, conn: make(chan net.Conn, 1)}
+// newDataKey registers a stream that waits for its data connection; its
+// key attaches one.
+func (a *Agent) newDataKey(inc *incoming) *dataAttach {
+	at := &dataAttach{inc: inc, conn: make(chan net.Conn, 1)}
+	rand.Read(at.key[:])
 	a.mu.Lock()
-	a.dataKeys[key] = at
+	a.dataKeys[at.key] = at
 	a.mu.Unlock()
-	return at, key[:]
+	return at
 }
 
 // takeDataKey spends key: it returns the stream it attaches to (nil for
@@ -168,11 +166,8 @@ func (a *Agent) takeDataKey(key [wire.DataKeyLen]byte) *dataAttach {
 // connection handed to it that its stream never took.
 func (a *Agent) dropDataKey(at *dataAttach) {
 	a.mu.Lock()
-	for k, v := range a.dataKeys {
-		if v == at {
-			delete(a.dataKeys, k)
-			break
-		}
+	if a.dataKeys[at.key] == at {
+		delete(a.dataKeys, at.key)
 	}
 	a.mu.Unlock()
 	select {
@@ -183,29 +178,18 @@ func (a *Agent) dropDataKey(at *dataAttach) {
 }
 
 // receiveDirect reads chunks from a channel's data connection and accepts
-// them, until the connection ends. A chunk the session refuses fails the
-// migration, as on the stream.
+// them, until the connection ends (see receiveChunks).
 func (inc *incoming) receiveDirect(conn net.Conn, pool *wire.Pool) error {
 	inc.mu.Lock()
 	chunkSize := inc.chunkSize
 	inc.mu.Unlock()
 	r := wire.NewDirectReader(conn, pool, int(chunkSize))
-	var in wire.InChunk
-	for {
-		err := r.Read(&in)
-		if errors.Is(err, io.EOF) {
-			return nil
+	return inc.receiveChunks(func(in *wire.InChunk) error {
+		err := r.Read(in)
+		if err == nil || errors.Is(err, io.EOF) || wire.Reason(err) != "" {
+			return err // a chunk, the end, or a frame that breaks the protocol
 		}
-		if err != nil {
-			if wire.Reason(err) != "" {
-				return err // a frame that breaks the protocol
-			}
-			// The connection broke: the source dials the channel again.
-			return status.Errorf(codes.Unavailable, "channel data connection: %v", err)
-		}
-		if err := inc.accept(&in); err != nil {
-			inc.terminate(err, ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED)
-			return err
-		}
-	}
+		// The connection broke: the source dials the channel again.
+		return status.Errorf(codes.Unavailable, "channel data connection: %v", err)
+	})
 }

@@ -98,21 +98,27 @@ func (h *harness) channel(session string, index int) channel {
 	return st
 }
 
-// source reads a sim device's state, as a source agent would.
+// sourceState is spec(seed)'s state (see stateOf).
 func sourceState(t *testing.T, seed int) []byte {
 	t.Helper()
-	s, _ := vfio.ParseSpec(spec(seed))
+	return stateOf(t, spec(seed))
+}
+
+// stateOf reads a sim device's state, as a source agent would.
+func stateOf(tb testing.TB, devSpec string) []byte {
+	tb.Helper()
+	s, _ := vfio.ParseSpec(devSpec)
 	d, err := vfio.NewSim(s)
 	if err != nil {
-		t.Fatal(err)
+		tb.Fatal(err)
 	}
 	stream, err := d.SetState(vfio.StateStopCopy)
 	if err != nil {
-		t.Fatal(err)
+		tb.Fatal(err)
 	}
 	b, err := io.ReadAll(stream)
 	if err != nil {
-		t.Fatal(err)
+		tb.Fatal(err)
 	}
 	return b
 }

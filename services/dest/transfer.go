@@ -148,11 +148,10 @@ func (s *transferServer) Channel(stream grpc.BidiStreamingServer[ferryv1.Channel
 		dataErr  = make(chan error, 1)
 	)
 	if direct {
-		var at *dataAttach
-		at, dataKey = a.newDataKey(inc, index)
-		attached = at.conn
-		defer a.dropDataKey(at)
+		at := a.newDataKey(inc)
+		dataKey, attached = at.key[:], at.conn
 		defer func() {
+			a.dropDataKey(at)
 			if dataConn != nil {
 				dataConn.Close()
 			}
@@ -217,20 +216,29 @@ func (inc *incoming) finalStatus() error {
 	return wire.Errorf(codes.Code(inc.err.Code), inc.err.Reason, "%s", inc.err.Message)
 }
 
-// receive reads chunks until the source closes its side or a chunk breaks
-// the protocol, which fails the whole migration.
+// receive reads chunks from a Channel stream until the source closes its
+// side or a chunk breaks the protocol (see receiveChunks).
 func (inc *incoming) receive(stream grpc.BidiStreamingServer[ferryv1.ChannelRequest, ferryv1.ChannelResponse]) error {
-	var in wire.InChunk
-	for {
-		err := stream.RecvMsg(&in)
-		if errors.Is(err, io.EOF) {
-			return nil
-		}
-		if err != nil {
+	return inc.receiveChunks(func(in *wire.InChunk) error {
+		if err := stream.RecvMsg(in); err != nil {
 			return err
 		}
-		if in.Err != nil {
-			return in.Err // a message that does not decode, refused with its reason
+		return in.Err // a message that does not decode, refused with its reason
+	})
+}
+
+// receiveChunks accepts the chunks next reads, from a stream or a data
+// connection, until next returns io.EOF (the source's clean end: nil) or
+// another error (returned). A chunk the session refuses fails the whole
+// migration.
+func (inc *incoming) receiveChunks(next func(*wire.InChunk) error) error {
+	var in wire.InChunk
+	for {
+		if err := next(&in); err != nil {
+			if errors.Is(err, io.EOF) {
+				return nil
+			}
+			return err
 		}
 		if err := inc.accept(&in); err != nil {
 			inc.terminate(err, ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED)
@@ -265,10 +273,7 @@ func (inc *incoming) accept(in *wire.InChunk) (err error) {
 		if m.GetTotalBytes() != 0 || m.GetTotalChunks() != 0 || len(m.GetDigest()) != 0 {
 			return wire.Errorf(codes.InvalidArgument, wire.ReasonBadChunk, "device %d chunk %d: a DATA chunk carries no END fields", m.GetDevice(), m.GetSeq())
 		}
-		crc := in.CRC
-		if !in.HasCRC {
-			crc = in.Data.CRC32C()
-		}
+		crc := in.Data.CRC32C()
 		if crc != m.GetCrc32C() {
 			return wire.Errorf(codes.DataLoss, wire.ReasonChunkCRC, "device %d chunk %d at byte %d: CRC32C %08x, the source sent %08x", m.GetDevice(), m.GetSeq(), m.GetOffset(), crc, m.GetCrc32C())
 		}

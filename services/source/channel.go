@@ -180,10 +180,10 @@ func (s *sender) run(ctx context.Context, st channelStream) {
 		var err error
 		conn, err = c.dialData(ctx, key)
 		switch {
-		case err == nil && ctx.Err() != nil:
-			conn.Close()
-			return
-		case err != nil && ctx.Err() != nil:
+		case ctx.Err() != nil:
+			if conn != nil {
+				conn.Close()
+			}
 			return
 		case err != nil:
 			// The destination's data port cannot be reached from here

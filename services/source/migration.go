@@ -177,8 +177,9 @@ type migration struct {
 	watch      wire.Broadcast
 	devs       []*srcDevice
 	// dataAddr is the destination's direct data listener, when the session
-	// uses one (set before the channels start); dataAuthority is the
-	// destination's host:port, for the TLS handshake.
+	// uses one (set under mu before the channels start, which read it
+	// without); dataAuthority is the destination's host:port, for the TLS
+	// handshake.
 	dataAddr      string
 	dataAuthority string
 	// fallbacks counts streams that could not open their data connection
@@ -197,7 +198,6 @@ type migration struct {
 	endTime        time.Time
 	peakBuffered   uint64
 	windowBytes    uint64
-	directData     bool
 
 	track *telemetry.Tracker // set before run starts
 }
@@ -372,11 +372,10 @@ func (m *migration) execute() error {
 	}
 	session := opened.GetSessionId()
 	if p := opened.GetDataPort(); p != 0 && hostOK {
-		m.dataAddr = net.JoinHostPort(destHost, strconv.Itoa(int(p)))
-		m.dataAuthority = destAuthority
 		m.mu.Lock()
-		m.directData = true
+		m.dataAddr = net.JoinHostPort(destHost, strconv.Itoa(int(p)))
 		m.mu.Unlock()
+		m.dataAuthority = destAuthority
 		m.log.Info("chunks go on direct data connections", "address", m.dataAddr)
 	}
 	// From here on the destination holds a session: abort it on failure.
@@ -605,7 +604,7 @@ func (m *migration) snapshot() (*ferryv1.Migration, bool, uint64) {
 		CreateTime:        timestamppb.New(m.createTime),
 		PeakBufferedBytes: m.peakBuffered,
 		WindowBytes:       m.windowBytes,
-		DirectData:        m.directData && m.fallbacks.Load() == 0,
+		DirectData:        m.dataAddr != "" && m.fallbacks.Load() == 0,
 	}
 	start, sw, end := m.startTime, m.switchoverTime, m.endTime
 	gates := make([]*flow.Gate, len(m.devs))

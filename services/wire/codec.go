@@ -51,11 +51,6 @@ type InChunk struct {
 	// message does not decode (see serverCodec); Msg and Data are then
 	// empty.
 	Err error
-	// CRC is the CRC32C of Data, when HasCRC says it was computed as the
-	// bytes arrived (direct data connections); else the receiver computes
-	// it.
-	CRC    uint32
-	HasCRC bool
 	// scratch holds the header when gRPC's first buffer does not.
 	scratch [maxHeader]byte
 }
@@ -118,7 +113,7 @@ func (c *Codec) Unmarshal(data mem.BufferSlice, v any) error {
 	if !ok {
 		return c.proto.Unmarshal(data, v)
 	}
-	in.Data, in.HasCRC = nil, false
+	in.Data = nil
 	total := data.Len()
 	// The header is read where it lies, in gRPC's first buffer, when that
 	// holds it (it always does but for tiny frames); else it is gathered.

@@ -10,7 +10,6 @@ import (
 	"net"
 
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/mem"
 	"google.golang.org/protobuf/proto"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
@@ -153,7 +152,7 @@ func NewDirectReader(r io.Reader, pool *Pool, maxPayload int) *DirectReader {
 // connection's error otherwise. It never allocates more than the
 // announced payload, and only once the lengths are checked.
 func (dr *DirectReader) Read(in *InChunk) error {
-	in.Data, in.Err, in.HasCRC = nil, nil, false
+	in.Data, in.Err = nil, nil
 	if _, err := io.ReadFull(dr.r, dr.lens[:]); err != nil {
 		return err
 	}
@@ -184,8 +183,7 @@ func (dr *DirectReader) Read(in *InChunk) error {
 		dr.pool.Put(bp)
 		return unexpected(err)
 	}
-	in.Data = dr.pool.ownPayload(bp)
-	in.CRC, in.HasCRC = crc, true
+	in.Data = dr.pool.ownPayload(bp, crc)
 	return nil
 }
 
@@ -220,16 +218,4 @@ func unexpected(err error) error {
 		return io.ErrUnexpectedEOF
 	}
 	return err
-}
-
-// ownPayload makes a Payload of a buffer from the pool, which it then
-// owns: Free returns the buffer.
-func (p *Pool) ownPayload(bp *[]byte) *Payload {
-	pl, _ := p.payloads.Get().(*Payload)
-	if pl == nil {
-		pl = &Payload{pool: p}
-	}
-	pl.bufs = append(pl.bufs, mem.NewBuffer(bp, p))
-	pl.n = len(*bp)
-	return pl
 }

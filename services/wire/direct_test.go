@@ -50,8 +50,8 @@ func TestDirectFramesRoundTrip(t *testing.T) {
 		if got := in.Data.Materialize(); !bytes.Equal(got, c.data) {
 			t.Errorf("chunk %d: %d bytes, want %d", i, len(got), len(c.data))
 		}
-		if c.data != nil && (!in.HasCRC || in.CRC != CRC32C(c.data)) {
-			t.Errorf("chunk %d: CRC %08x (computed %v), want %08x", i, in.CRC, in.HasCRC, CRC32C(c.data))
+		if c.data != nil && (!in.Data.crcKnown || in.Data.CRC32C() != CRC32C(c.data)) {
+			t.Errorf("chunk %d: CRC %08x (computed %v), want %08x", i, in.Data.CRC32C(), in.Data.crcKnown, CRC32C(c.data))
 		}
 		in.Data.Free()
 	}
@@ -232,8 +232,8 @@ func BenchmarkDirectFrames(b *testing.B) {
 			if err := w.Write(hdr, payload); err != nil {
 				b.Fatal(err)
 			}
-			if err := r.Read(&in); err != nil || in.CRC != hdr.Crc32C {
-				b.Fatalf("read: %v, CRC %08x", err, in.CRC)
+			if err := r.Read(&in); err != nil || in.Data.CRC32C() != hdr.Crc32C {
+				b.Fatalf("read: %v, CRC %08x", err, in.Data.CRC32C())
 			}
 			in.Data.Free()
 		}

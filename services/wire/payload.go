@@ -14,14 +14,33 @@ type Payload struct {
 	bufs mem.BufferSlice
 	n    int
 	pool *Pool
+	// crc is the bytes' CRC32C when crcKnown: computed as they were read
+	// (direct data connections, see ReadCRC32C), not over them again.
+	crc      uint32
+	crcKnown bool
+}
+
+// newPayload returns an empty Payload from the pool.
+func (p *Pool) newPayload() *Payload {
+	if pl, _ := p.payloads.Get().(*Payload); pl != nil {
+		return pl
+	}
+	return &Payload{pool: p}
+}
+
+// ownPayload makes a Payload of a buffer from the pool, which it then
+// owns (Free returns the buffer), whose CRC32C, crc, is already known.
+func (p *Pool) ownPayload(bp *[]byte, crc uint32) *Payload {
+	pl := p.newPayload()
+	pl.bufs = append(pl.bufs, mem.NewBuffer(bp, p))
+	pl.n = len(*bp)
+	pl.crc, pl.crcKnown = crc, true
+	return pl
 }
 
 // refPayload takes a reference to the bytes of s from offset skip on.
 func (p *Pool) refPayload(s mem.BufferSlice, skip int) *Payload {
-	pl, _ := p.payloads.Get().(*Payload)
-	if pl == nil {
-		pl = &Payload{pool: p}
-	}
+	pl := p.newPayload()
 	for _, b := range s {
 		d := b.Len()
 		switch {
@@ -59,8 +78,11 @@ func (p *Payload) Buffers() mem.BufferSlice {
 }
 
 // CRC32C is the Castagnoli CRC of the bytes, as CRC32C of them in one
-// piece would be.
+// piece would be: the one computed as they were read, when there was one.
 func (p *Payload) CRC32C() uint32 {
+	if p != nil && p.crcKnown {
+		return p.crc
+	}
 	var crc uint32
 	for _, b := range p.Buffers() {
 		crc = crc32.Update(crc, castagnoli, b.ReadOnlyData())
@@ -88,6 +110,6 @@ func (p *Payload) Free() {
 		b.Free()
 		p.bufs[i] = nil
 	}
-	p.bufs, p.n = p.bufs[:0], 0
+	p.bufs, p.n, p.crcKnown = p.bufs[:0], 0, false
 	p.pool.payloads.Put(p)
 }

@@ -89,7 +89,8 @@ func (p *Pool) Put(b *[]byte) {
 // beyond any migration.
 type hotStack struct {
 	mu   sync.Mutex
-	bufs []*[]byte
+	n    int
+	bufs [hotStackDepth]*[]byte
 }
 
 const hotStackDepth = 4
@@ -97,25 +98,22 @@ const hotStackDepth = 4
 func (h *hotStack) pop() *[]byte {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	n := len(h.bufs)
-	if n == 0 {
+	if h.n == 0 {
 		return nil
 	}
-	b := h.bufs[n-1]
-	h.bufs[n-1] = nil
-	h.bufs = h.bufs[:n-1]
+	h.n--
+	b := h.bufs[h.n]
+	h.bufs[h.n] = nil
 	return b
 }
 
 func (h *hotStack) push(b *[]byte) bool {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	if len(h.bufs) == hotStackDepth {
+	if h.n == hotStackDepth {
 		return false
 	}
-	if h.bufs == nil {
-		h.bufs = make([]*[]byte, 0, hotStackDepth)
-	}
-	h.bufs = append(h.bufs, b)
+	h.bufs[h.n] = b
+	h.n++
 	return true
 }
