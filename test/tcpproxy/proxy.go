@@ -48,7 +48,6 @@ type Conn struct {
 	carried  int64 // client->server bytes forwarded
 	cutAt    int64 // cut once carried reaches it (0: never)
 	stallAt  int64 // stall once carried reaches it (0: never)
-	flipAt   int64 // flip the byte at this client->server offset (-1: never)
 	rate     int64 // client->server bytes per second (0: unlimited)
 	stalled  bool
 	cut      bool
@@ -129,7 +128,7 @@ func (p *Proxy) accept() {
 			client.Close()
 			continue
 		}
-		c := &Conn{p: p, client: client, server: server, flipAt: -1, stallOff: make(chan struct{})}
+		c := &Conn{p: p, client: client, server: server, stallOff: make(chan struct{})}
 		p.mu.Lock()
 		c.Index = len(p.conns)
 		p.conns = append(p.conns, c)
@@ -229,13 +228,6 @@ func (c *Conn) StallAfter(n int64) {
 	c.mu.Unlock()
 }
 
-// FlipAt flips one bit of the client->server byte at offset n.
-func (c *Conn) FlipAt(n int64) {
-	c.mu.Lock()
-	c.flipAt = n
-	c.mu.Unlock()
-}
-
 // Limit caps the client->server rate in bytes per second.
 func (c *Conn) Limit(bytesPerSecond int64) {
 	c.mu.Lock()
@@ -306,10 +298,6 @@ func (c *Conn) forward(dst net.Conn, b []byte, up bool) bool {
 	}
 	start := c.carried
 	end := start + int64(len(b))
-	if c.flipAt >= start && c.flipAt < end {
-		b[c.flipAt-start] ^= 0x01
-		c.flipAt = -1
-	}
 	if off, ok := c.p.firstFlip(c.Index, start, end); ok {
 		b[off-start] ^= 0x01
 	}
