@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/x509"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -12,6 +13,10 @@ import (
 	"strings"
 	"time"
 
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/vfio-ferry/ferry/pkg/ephemeralca"
 	"github.com/vfio-ferry/ferry/pkg/size"
 	"github.com/vfio-ferry/ferry/services/dest"
 	"github.com/vfio-ferry/ferry/services/wire"
@@ -47,6 +52,70 @@ type benchConfig struct {
 	rate      string // sim read cap, "" for none
 	exe       string // this binary
 	grpcData  bool   // chunks in gRPC messages, not on direct data connections
+	tls       *benchTLS
+}
+
+// benchTLS are the certificates of a `ferry bench --tls` run, from a CA
+// made for the run: the agents' (also the raw TCP peers') and the control
+// plane's.
+type benchTLS struct {
+	agent, client wire.TLSFiles
+}
+
+// The identities in the bench's certificates.
+const (
+	benchAgentID  = "spiffe://ferry.bench/agent"
+	benchClientID = "spiffe://ferry.bench/control-plane"
+)
+
+// newBenchTLS issues the run's certificates into dir.
+func newBenchTLS(dir string) (*benchTLS, error) {
+	ca, err := ephemeralca.New(dir, "ferry bench CA")
+	if err != nil {
+		return nil, err
+	}
+	agent, err := ca.Issue(ephemeralca.Options{}, "127.0.0.1", benchAgentID)
+	if err != nil {
+		return nil, err
+	}
+	client, err := ca.Issue(ephemeralca.Options{Usages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}, benchClientID)
+	if err != nil {
+		return nil, err
+	}
+	return &benchTLS{agent: wire.TLSFiles(agent), client: wire.TLSFiles(client)}, nil
+}
+
+// agentArgs are an agent's security flags: mutual TLS with the run's
+// certificates, or plaintext.
+func (t *benchTLS) agentArgs(servesTransfer bool) []string {
+	if t == nil {
+		return []string{"--insecure"}
+	}
+	args := []string{"--tls-cert", t.agent.Cert, "--tls-key", t.agent.Key, "--tls-ca", t.agent.CA, "--allow-client", benchClientID}
+	if servesTransfer {
+		args = append(args, "--allow-peer", benchAgentID)
+	}
+	return args
+}
+
+// peerArgs are a raw TCP peer's: the agent's certificate, or nothing.
+func (t *benchTLS) peerArgs() []string {
+	if t == nil {
+		return nil
+	}
+	return []string{"--tls-cert", t.agent.Cert, "--tls-key", t.agent.Key, "--tls-ca", t.agent.CA}
+}
+
+// clientCreds are the control plane's credentials.
+func (t *benchTLS) clientCreds() (credentials.TransportCredentials, error) {
+	if t == nil {
+		return insecure.NewCredentials(), nil
+	}
+	c, err := wire.ClientTLS(t.client, "")
+	if err != nil {
+		return nil, err
+	}
+	return credentials.NewTLS(c), nil
 }
 
 // totalBytes is the state of every device.
@@ -88,6 +157,7 @@ type benchRow struct {
 	WindowBytes               uint64     `json:"window_bytes"`
 	Rounds                    int        `json:"rounds"`
 	Data                      string     `json:"data"` // how ferry's chunks travelled: direct or grpc
+	TLS                       bool       `json:"tls"`  // mutual TLS on every connection, raw TCP's too
 	RawTCPBytesPerSecond      float64    `json:"rawtcp_bytes_per_second"`
 	FerryBytesPerSecond       float64    `json:"ferry_bytes_per_second"`
 	Ratio                     float64    `json:"ratio"`
@@ -118,7 +188,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		// side of a raw TCP transfer.
 		return runBenchPeer(ctx, args[1:], stdout, stderr)
 	}
-	fs := newFlagSet("bench", stderr, "[--size SIZE] [--channels 1,2,4,8] [--chunk-size SIZE] [--devices K] [--rounds N] [--window SIZE] [--rate RATE] [--data direct|grpc] [--only rawtcp|ferry] [--json]")
+	fs := newFlagSet("bench", stderr, "[--size SIZE] [--channels 1,2,4,8] [--chunk-size SIZE] [--devices K] [--rounds N] [--window SIZE] [--rate RATE] [--data direct|grpc] [--tls] [--only rawtcp|ferry] [--json]")
 	devSize := sizeFlag(4 << 30)
 	fs.Var(&devSize, "size", "state size of each simulated device")
 	channelList := fs.String("channels", "1,2,4,8", "comma-separated channel counts (TCP connections) to measure")
@@ -131,6 +201,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	rate := fs.String("rate", "", "cap each simulated device's reads at this rate, e.g. 256MB/s (default: uncapped)")
 	only := fs.String("only", "", "run only rawtcp or only ferry (no ratio)")
 	data := fs.String("data", "direct", "how ferry's chunks travel: direct (the destination's direct data connections, ferry dest --data-listen) or grpc (in Channel messages)")
+	useTLS := fs.Bool("tls", false, "mutual TLS 1.3 on every connection, both ferry's and raw TCP's, with certificates from a CA made for the run (default: plaintext)")
 	asJSON := fs.Bool("json", false, "print one JSON object per channel count")
 	if err := parse(fs, args); err != nil {
 		return err
@@ -169,9 +240,19 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return err
 	}
 	cfg := benchConfig{size: uint64(devSize), devices: int(*devices), chunkSize: uint32(chunk), window: uint64(window), rate: *rate, exe: exe, grpcData: *data == "grpc"}
+	if *useTLS {
+		dir, err := os.MkdirTemp("", "ferry-bench-tls-")
+		if err != nil {
+			return err
+		}
+		defer os.RemoveAll(dir)
+		if cfg.tls, err = newBenchTLS(dir); err != nil {
+			return fmt.Errorf("bench certificates: %w", err)
+		}
+	}
 	if !*asJSON {
-		fmt.Fprintf(stdout, "ferry bench: %d device(s) x %s, chunk %s, window %s/device%s, ferry chunks on %s; %d round(s) per channel count, rawtcp and ferry interleaved, medians [min-max]\n",
-			cfg.devices, size.Format(cfg.size), size.Format(uint64(cfg.chunkSize)), size.Format(cfg.window), rateNote(cfg.rate), dataNote(cfg.grpcData), *rounds)
+		fmt.Fprintf(stdout, "ferry bench: %d device(s) x %s, chunk %s, window %s/device%s, ferry chunks on %s, %s; %d round(s) per channel count, rawtcp and ferry interleaved, medians [min-max]\n",
+			cfg.devices, size.Format(cfg.size), size.Format(uint64(cfg.chunkSize)), size.Format(cfg.window), rateNote(cfg.rate), dataNote(cfg.grpcData), tlsNote(cfg.tls), *rounds)
 		fmt.Fprintf(stdout, "host: %d CPUs, GOMAXPROCS %d per process, loadavg %s\n", runtime.NumCPU(), runtime.GOMAXPROCS(0), loadAvgLine())
 	}
 	var rows []benchRow
@@ -195,6 +276,13 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	return nil
 }
 
+func tlsNote(t *benchTLS) string {
+	if t == nil {
+		return "plaintext"
+	}
+	return "mutual TLS 1.3 on every connection (rawtcp too)"
+}
+
 func rateNote(rate string) string {
 	if rate == "" {
 		return ""
@@ -207,7 +295,7 @@ func benchChannels(ctx context.Context, cfg benchConfig, channels, rounds int, o
 	row := benchRow{
 		Channels: channels, Devices: cfg.devices, BytesPerDevice: cfg.size, ChunkSize: cfg.chunkSize,
 		WindowBytes: cfg.window, Rounds: rounds, CPUs: runtime.NumCPU(), LoadAvgBefore: loadAvg1(),
-		Data: "direct",
+		Data: "direct", TLS: cfg.tls != nil,
 	}
 	if cfg.grpcData {
 		row.Data = "grpc"

@@ -10,7 +10,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/credentials"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
@@ -35,18 +35,24 @@ func benchFerry(ctx context.Context, cfg benchConfig, channels int) (benchRun, e
 	// window is the one that binds.
 	maxChunks := min(max(cfg.window/uint64(cfg.chunkSize), dest.DefaultMaxChunks), flow.MaxWindowChunks)
 	budget := max(cfg.window*uint64(cfg.devices), dest.DefaultMemoryBudget)
-	logArgs := []string{"--insecure", "--allow-sim", "--log-level", "warn", "--log-format", "json"}
+	logArgs := []string{"--allow-sim", "--log-level", "warn", "--log-format", "json"}
+	creds, err := cfg.tls.clientCreds()
+	if err != nil {
+		return benchRun{}, err
+	}
 	dargs := []string{"dest", "--listen", daddr,
 		"--max-buffers", strconv.FormatUint(maxChunks, 10), "--max-buffer-bytes", strconv.FormatUint(cfg.window, 10),
 		"--memory-budget", strconv.FormatUint(budget, 10)}
 	if !cfg.grpcData {
 		dargs = append(dargs, "--data-listen", "127.0.0.1:0")
 	}
-	d, err := startBenchChild(ctx, "ferry dest", cfg.exe, append(dargs, logArgs...)...)
+	dargs = append(append(dargs, cfg.tls.agentArgs(true)...), logArgs...)
+	d, err := startBenchChild(ctx, "ferry dest", cfg.exe, dargs...)
 	if err != nil {
 		return benchRun{}, err
 	}
-	s, err := startBenchChild(ctx, "ferry source", cfg.exe, append([]string{"source", "--listen", saddr}, logArgs...)...)
+	sargs := append(append([]string{"source", "--listen", saddr}, cfg.tls.agentArgs(false)...), logArgs...)
+	s, err := startBenchChild(ctx, "ferry source", cfg.exe, sargs...)
 	if err != nil {
 		d.kill()
 		return benchRun{}, err
@@ -56,15 +62,15 @@ func benchFerry(ctx context.Context, cfg benchConfig, channels int) (benchRun, e
 		d.kill()
 		return benchRun{}, fmt.Errorf("%w\n%s: %s\n%s: %s", err, d.name, d.stderr, s.name, s.stderr)
 	}
-	if err := waitServing(ctx, daddr); err != nil {
+	if err := waitServing(ctx, daddr, creds); err != nil {
 		return fail(fmt.Errorf("the destination agent did not start: %w", err))
 	}
-	if err := waitServing(ctx, saddr); err != nil {
+	if err := waitServing(ctx, saddr, creds); err != nil {
 		return fail(fmt.Errorf("the source agent did not start: %w", err))
 	}
 	p := plan{
 		id: newMigrationID(), sourceAddr: saddr, destAddr: daddr, transfer: daddr,
-		channels: uint32(channels), chunkSize: cfg.chunkSize, creds: insecure.NewCredentials(),
+		channels: uint32(channels), chunkSize: cfg.chunkSize, creds: creds,
 	}
 	for _, spec := range cfg.specs() {
 		p.pairs = append(p.pairs, &ferryv1.DevicePair{SourceDevice: spec, DestDevice: spec})
@@ -79,6 +85,11 @@ func benchFerry(ctx context.Context, cfg benchConfig, channels int) (benchRun, e
 			msg += ": " + r.Error.Message
 		}
 		return fail(fmt.Errorf("the migration did not succeed: %s", msg))
+	}
+	if r.DirectData == cfg.grpcData {
+		// A source that cannot reach the data port sends in Channel
+		// messages: the run would measure the other path.
+		return fail(fmt.Errorf("the migration's chunks did not travel as asked (direct data: %v)", r.DirectData))
 	}
 	drss, srss := d.peakRSS(), s.peakRSS()
 	// The agents drain and exit on an interrupt, as under a supervisor.
@@ -112,8 +123,8 @@ func freeLoopbackAddr() (string, error) {
 }
 
 // waitServing waits until the agent at addr answers its health check.
-func waitServing(ctx context.Context, addr string) error {
-	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+func waitServing(ctx context.Context, addr string, creds credentials.TransportCredentials) error {
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(creds))
 	if err != nil {
 		return err
 	}

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
@@ -15,6 +16,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/wire"
 )
 
 // The raw TCP baseline: the least a transfer of device state over N
@@ -57,6 +59,7 @@ func benchRawTCP(ctx context.Context, cfg benchConfig, channels int) (benchRun, 
 	if cfg.rate != "" {
 		common = append(common, "--rate", cfg.rate)
 	}
+	common = append(common, cfg.tls.peerArgs()...)
 	recv, err := startBenchChild(ctx, "rawtcp receiver", cfg.exe, append([]string{"bench", "peer", "rawtcp-recv"}, common...)...)
 	if err != nil {
 		return benchRun{}, err
@@ -100,6 +103,9 @@ type rawPeer struct {
 	size      uint64
 	chunkSize int
 	rate      string
+	// tls, when configured, puts mutual TLS on every connection, as
+	// `ferry bench --tls` does for Ferry's.
+	tls wire.TLSFiles
 
 	streams []vfio.DataStream
 	devs    []*vfio.SimDevice
@@ -270,10 +276,14 @@ func runBenchPeer(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	sz := fs.Uint64("size", 1<<30, "bytes per device")
 	chunk := fs.Int("chunk-size", 1<<20, "chunk size")
 	rate := fs.String("rate", "", "device read cap")
+	var files wire.TLSFiles
+	fs.StringVar(&files.Cert, "tls-cert", "", "certificate (mutual TLS when given)")
+	fs.StringVar(&files.Key, "tls-key", "", "its key")
+	fs.StringVar(&files.CA, "tls-ca", "", "the CA")
 	if err := parse(fs, args[1:]); err != nil {
 		return err
 	}
-	p := &rawPeer{channels: *channels, devices: *devices, size: *sz, chunkSize: *chunk, rate: *rate}
+	p := &rawPeer{channels: *channels, devices: *devices, size: *sz, chunkSize: *chunk, rate: *rate, tls: files}
 	if p.channels < 1 || p.devices < 1 || p.chunkSize < 1 || p.size == 0 {
 		return &exitError{code: 2, err: errors.New("bench peer: bad flags")}
 	}
@@ -309,6 +319,13 @@ func (p *rawPeer) send(ctx context.Context, addr string) (peerResult, error) {
 	if err := p.open(vfio.StateStopCopy); err != nil {
 		return res, err
 	}
+	var tlsConf *tls.Config
+	if p.tls.Configured() {
+		var err error
+		if tlsConf, err = wire.ClientTLS(p.tls, "127.0.0.1"); err != nil {
+			return res, err
+		}
+	}
 	conns := make([]net.Conn, p.channels)
 	for c := range conns {
 		conn, err := (&net.Dialer{}).DialContext(ctx, "tcp", addr)
@@ -316,6 +333,13 @@ func (p *rawPeer) send(ctx context.Context, addr string) (peerResult, error) {
 			return res, err
 		}
 		defer conn.Close()
+		if tlsConf != nil {
+			tc := tls.Client(conn, tlsConf)
+			if err := tc.HandshakeContext(ctx); err != nil {
+				return res, err
+			}
+			conn = tc
+		}
 		var hello [4]byte
 		binary.LittleEndian.PutUint32(hello[:], uint32(c))
 		if _, err := conn.Write(hello[:]); err != nil {
@@ -404,6 +428,13 @@ func (p *rawPeer) recv(ctx context.Context, ready func(addr string) error) (peer
 	if err := p.open(vfio.StateResuming); err != nil {
 		return res, err
 	}
+	var tlsConf *tls.Config
+	if p.tls.Configured() {
+		var err error
+		if tlsConf, err = wire.ServerTLS(p.tls); err != nil {
+			return res, err
+		}
+	}
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return res, err
@@ -419,6 +450,13 @@ func (p *rawPeer) recv(ctx context.Context, ready func(addr string) error) (peer
 			return res, err
 		}
 		defer conn.Close()
+		if tlsConf != nil {
+			tc := tls.Server(conn, tlsConf)
+			if err := tc.HandshakeContext(ctx); err != nil {
+				return res, err
+			}
+			conn = tc
+		}
 		var hello [4]byte
 		if _, err := io.ReadFull(conn, hello[:]); err != nil {
 			return res, err

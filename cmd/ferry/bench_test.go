@@ -61,13 +61,20 @@ func BenchmarkMigration(b *testing.B) {
 // speed.
 func TestBenchRuns(t *testing.T) {
 	if testing.Short() {
-		t.Skip("builds the binary and runs four migrations")
+		t.Skip("builds the binary and runs eight migrations")
 	}
 	bin := buildFerry(t)
-	for _, tc := range []struct{ devices, data string }{{"1", "direct"}, {"2", "direct"}, {"1", "grpc"}} {
+	for _, tc := range []struct {
+		devices, data string
+		tls           bool
+	}{{"1", "direct", false}, {"2", "direct", false}, {"1", "grpc", false}, {"1", "direct", true}} {
 		devices := tc.devices
-		out, err := exec.Command(bin, "bench", "--size", "8MiB", "--chunk-size", "256KiB", "--channels", "1,3",
-			"--devices", devices, "--rounds", "1", "--data", tc.data, "--json").Output()
+		args := []string{"bench", "--size", "8MiB", "--chunk-size", "256KiB", "--channels", "1,3",
+			"--devices", devices, "--rounds", "1", "--data", tc.data, "--json"}
+		if tc.tls {
+			args = append(args, "--tls")
+		}
+		out, err := exec.Command(bin, args...).Output()
 		if err != nil {
 			t.Fatalf("devices %s: %v: %s", devices, err, out)
 		}
@@ -84,8 +91,8 @@ func TestBenchRuns(t *testing.T) {
 			t.Fatalf("devices %s: %d rows, want one per channel count:\n%s", devices, len(rows), out)
 		}
 		for _, row := range rows {
-			if row["data"] != tc.data {
-				t.Errorf("devices %s, channels %v: data %v, want %s", devices, row["channels"], row["data"], tc.data)
+			if row["data"] != tc.data || row["tls"] != tc.tls {
+				t.Errorf("devices %s, channels %v: data %v, tls %v, want %s, %v", devices, row["channels"], row["data"], row["tls"], tc.data, tc.tls)
 			}
 			for _, k := range []string{"channels", "rawtcp_bytes_per_second", "ferry_bytes_per_second", "ratio",
 				"rawtcp_cpu_seconds_per_gib", "ferry_cpu_seconds_per_gib", "dest_peak_rss_bytes", "source_peak_rss_bytes"} {
