@@ -57,7 +57,7 @@ type benchConfig struct {
 
 // benchTLS are the certificates of a `ferry bench --tls` run, from a CA
 // made for the run: the agents' (also the raw TCP peers') and the control
-// plane's.
+// plane's. A nil *benchTLS is a plaintext run; its methods say so.
 type benchTLS struct {
 	agent, client wire.TLSFiles
 }
