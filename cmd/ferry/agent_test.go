@@ -56,7 +56,18 @@ type agentProc struct {
 // with health and metrics endpoints, and waits until it listens.
 func startAgent(t *testing.T, bin string, extra ...string) *agentProc {
 	t.Helper()
-	args := append([]string{"agent", "--insecure", "--allow-sim", "--log-format=json",
+	return startRole(t, bin, "agent", extra...)
+}
+
+// startSource is startAgent for `ferry source`.
+func startSource(t *testing.T, bin string, extra ...string) *agentProc {
+	t.Helper()
+	return startRole(t, bin, "source", extra...)
+}
+
+func startRole(t *testing.T, bin, role string, extra ...string) *agentProc {
+	t.Helper()
+	args := append([]string{role, "--insecure", "--allow-sim", "--log-format=json",
 		"--listen=127.0.0.1:0", "--health-listen=127.0.0.1:0", "--metrics-listen=127.0.0.1:0"}, extra...)
 	cmd := exec.Command(bin, args...)
 	stderr, err := cmd.StderrPipe()
@@ -106,7 +117,7 @@ func startAgent(t *testing.T, bin string, extra ...string) *agentProc {
 	select {
 	case <-listening:
 	case <-p.exited:
-		t.Fatalf("ferry agent exited before listening:\n%s", p.logText())
+		t.Fatalf("ferry %s exited before listening:\n%s", role, p.logText())
 	}
 	return p
 }
@@ -131,6 +142,19 @@ func (p *agentProc) logged(msg string) bool {
 	defer p.mu.Unlock()
 	for _, l := range p.lines {
 		if l["msg"] == msg {
+			return true
+		}
+	}
+	return false
+}
+
+// loggedPrefix reports whether the process logged a line whose msg starts
+// with prefix.
+func (p *agentProc) loggedPrefix(prefix string) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, l := range p.lines {
+		if m, _ := l["msg"].(string); strings.HasPrefix(m, prefix) {
 			return true
 		}
 	}
@@ -210,6 +234,26 @@ func mustMetric(t *testing.T, page, name string, labels map[string]string) float
 		t.Fatalf("no %s%v on /metrics", name, labels)
 	}
 	return v
+}
+
+// TestAgentSaysHowChunksTravel checks the start-up line an operator
+// comparing nodes reads: whether the agent takes direct data connections,
+// and where, or why its migrations cost more CPU.
+func TestAgentSaysHowChunksTravel(t *testing.T) {
+	bin := buildFerry(t)
+	off := startAgent(t, bin)
+	if !off.loggedPrefix("direct data connections off (no --data-listen)") || off.logged("direct data listening") {
+		t.Errorf("an agent without --data-listen logged:\n%s", off.logText())
+	}
+	on := startAgent(t, bin, "--data-listen=127.0.0.1:0")
+	if !on.logged("direct data listening") || on.loggedPrefix("direct data connections off") {
+		t.Errorf("an agent with --data-listen logged:\n%s", on.logText())
+	}
+	// The source role alone takes no chunks: it says nothing of them.
+	src := startSource(t, bin)
+	if src.loggedPrefix("direct data") {
+		t.Errorf("a source agent logged:\n%s", src.logText())
+	}
 }
 
 // TestAgentMetrics migrates two simulated devices between two agents with
