@@ -35,7 +35,7 @@ func benchFerry(ctx context.Context, cfg benchConfig, channels int) (benchRun, e
 	// window is the one that binds.
 	maxChunks := min(max(cfg.window/uint64(cfg.chunkSize), dest.DefaultMaxChunks), flow.MaxWindowChunks)
 	budget := max(cfg.window*uint64(cfg.devices), dest.DefaultMemoryBudget)
-	logArgs := []string{"--allow-sim", "--log-level", "warn", "--log-format", "json"}
+	commonArgs := []string{"--allow-sim", "--log-level", "warn", "--log-format", "json"}
 	creds, err := cfg.tls.clientCreds()
 	if err != nil {
 		return benchRun{}, err
@@ -46,12 +46,12 @@ func benchFerry(ctx context.Context, cfg benchConfig, channels int) (benchRun, e
 	if !cfg.grpcData {
 		dargs = append(dargs, "--data-listen", "127.0.0.1:0")
 	}
-	dargs = append(append(dargs, cfg.tls.agentArgs(true)...), logArgs...)
+	dargs = append(append(dargs, cfg.tls.agentArgs(true)...), commonArgs...)
 	d, err := startBenchChild(ctx, "ferry dest", cfg.exe, dargs...)
 	if err != nil {
 		return benchRun{}, err
 	}
-	sargs := append(append([]string{"source", "--listen", saddr}, cfg.tls.agentArgs(false)...), logArgs...)
+	sargs := append(append([]string{"source", "--listen", saddr}, cfg.tls.agentArgs(false)...), commonArgs...)
 	s, err := startBenchChild(ctx, "ferry source", cfg.exe, sargs...)
 	if err != nil {
 		d.kill()

@@ -29,7 +29,9 @@ import (
 // and verify the whole state at RESUMING->STOP. Both sides therefore do
 // the device work Ferry does; what they leave out is everything Ferry adds
 // (gRPC, HTTP/2, protobuf headers, CRC32C, digests, windows,
-// acknowledgements, reassembly).
+// acknowledgements, reassembly). With `ferry bench --tls` every connection
+// carries the agents' TLS 1.3 configuration (wire.ServerTLS, wire.ClientTLS)
+// with the run's certificates, so the ratio still isolates what Ferry adds.
 //
 // Since each side knows the schedule, no sequence number is needed: the
 // goroutine of connection c carries, in rounds r = 0, 1, ..., chunk
