@@ -40,6 +40,9 @@ type dataAttach struct {
 	inc  *incoming
 	key  [wire.DataKeyLen]byte
 	conn chan net.Conn // 1-buffered; receives the attached connection
+	// dropped is set, under Agent.mu, once the stream has ended: a
+	// connection that spent the key just before is closed, not handed on.
+	dropped bool
 }
 
 // ServeData accepts direct data connections on ln until ln is closed or
@@ -133,12 +136,24 @@ func (a *Agent) attachData(raw net.Conn, creds credentials.TransportCredentials)
 		conn.Close()
 		return
 	}
-	select {
-	case at.conn <- conn:
+	if a.handData(at, conn) {
 		a.cfg.Metrics.DataConnection(telemetry.RoleDest, telemetry.DataAttached)
-	default:
+	}
+}
+
+// handData hands conn to at's stream, unless the stream has ended: then
+// it closes conn. A key is spent once, so the send never blocks.
+func (a *Agent) handData(at *dataAttach, conn net.Conn) bool {
+	a.mu.Lock()
+	handed := !at.dropped
+	if handed {
+		at.conn <- conn
+	}
+	a.mu.Unlock()
+	if !handed {
 		conn.Close()
 	}
+	return handed
 }
 
 // newDataKey registers a stream that waits for its data connection; its
@@ -163,9 +178,11 @@ func (a *Agent) takeDataKey(key [wire.DataKeyLen]byte) *dataAttach {
 }
 
 // dropDataKey forgets at's key if it was not spent, and closes a
-// connection handed to it that its stream never took.
+// connection handed to it that its stream never took; one handed later is
+// closed by handData.
 func (a *Agent) dropDataKey(at *dataAttach) {
 	a.mu.Lock()
+	at.dropped = true
 	if a.dataKeys[at.key] == at {
 		delete(a.dataKeys, at.key)
 	}

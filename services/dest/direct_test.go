@@ -3,9 +3,12 @@ package dest
 import (
 	"crypto/tls"
 	"encoding/binary"
+	"errors"
+	"io"
 	"net"
 	"strconv"
 	"testing"
+	"time"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
@@ -265,6 +268,52 @@ func sessionOf(t *testing.T, a *Agent, id string) string {
 	inc.mu.Lock()
 	defer inc.mu.Unlock()
 	return inc.sessionID
+}
+
+// A connection that spent its key just as its stream ended is closed, not
+// left in a hand-off nobody reads, whichever of the two came first.
+func TestDataConnectionAfterItsStreamEnded(t *testing.T) {
+	_, agent, _ := serveAgent(t, insecure.NewCredentials(), nil)
+	inc := &incoming{}
+	// closed reports whether the far end of a pipe is closed, without
+	// waiting for a reader.
+	closed := func(c net.Conn) bool {
+		c.SetWriteDeadline(time.Now())
+		_, err := c.Write([]byte{0})
+		return errors.Is(err, io.ErrClosedPipe)
+	}
+	// The key is spent, then the stream ends, then the hand-off.
+	at := agent.newDataKey(inc)
+	if agent.takeDataKey(at.key) != at {
+		t.Fatal("the key does not attach its stream")
+	}
+	agent.dropDataKey(at)
+	ours, theirs := net.Pipe()
+	defer theirs.Close()
+	if agent.handData(at, ours) {
+		t.Error("a connection was handed to a stream that had ended")
+	}
+	if !closed(theirs) {
+		t.Error("the late connection was left open")
+	}
+	// The hand-off, then the stream ends before it takes the connection.
+	at = agent.newDataKey(inc)
+	agent.takeDataKey(at.key)
+	ours, theirs = net.Pipe()
+	defer theirs.Close()
+	if !agent.handData(at, ours) {
+		t.Fatal("a connection was refused by a live stream")
+	}
+	agent.dropDataKey(at)
+	if !closed(theirs) {
+		t.Error("a connection its stream never took was left open")
+	}
+	// An unspent key is forgotten.
+	at = agent.newDataKey(inc)
+	agent.dropDataKey(at)
+	if agent.takeDataKey(at.key) != nil {
+		t.Error("a dropped key still attaches")
+	}
 }
 
 // A data listener stops with the agent.
