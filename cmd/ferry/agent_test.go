@@ -25,6 +25,7 @@ import (
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/services/wire"
+	"github.com/vfio-ferry/ferry/services/wire/wiretest"
 )
 
 // These tests run `ferry agent` as real processes on loopback, drive them
@@ -484,16 +485,9 @@ func startSlowMigration(t *testing.T, src, dst *agentProc, id string) (ferryv1.S
 // read to its end; the destination failed too and reset its device.
 func checkRolledBack(t *testing.T, stream grpc.ServerStreamingClient[ferryv1.WatchMigrationResponse], dagent ferryv1.DestAgentClient, id string) {
 	t.Helper()
-	var last *ferryv1.Migration
-	for {
-		resp, err := stream.Recv()
-		if errors.Is(err, io.EOF) {
-			break
-		}
-		if err != nil {
-			t.Fatalf("watch: %v", err)
-		}
-		last = resp.GetMigration()
+	last, err := wiretest.LastMigration(stream.Recv)
+	if !errors.Is(err, io.EOF) {
+		t.Fatalf("watch: %v", err)
 	}
 	if last.GetPhase() != ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED || codes.Code(last.GetError().GetCode()) != codes.Unavailable {
 		t.Fatalf("the migration ended %v (%v), want FAILED with UNAVAILABLE", last.GetPhase(), last.GetError())
@@ -509,14 +503,7 @@ func checkRolledBack(t *testing.T, stream grpc.ServerStreamingClient[ferryv1.Wat
 	if err != nil {
 		t.Fatal(err)
 	}
-	var inc *ferryv1.Migration
-	for {
-		resp, err := in.Recv()
-		if err != nil {
-			break
-		}
-		inc = resp.GetMigration()
-	}
+	inc, _ := wiretest.LastMigration(in.Recv)
 	if inc.GetPhase() != ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED || inc.GetError().GetReason() != wire.ReasonAborted {
 		t.Errorf("destination: %v %v, want FAILED %s", inc.GetPhase(), inc.GetError(), wire.ReasonAborted)
 	}

@@ -220,6 +220,18 @@ func (p *rawPeer) inTurn(ctx context.Context, turns []chan struct{}, c int, f fu
 	return err
 }
 
+// eachChunk runs, on g, a goroutine per connection that calls f for every
+// chunk i (n bytes) of the single device the connection carries, in order,
+// with a chunk buffer of the connection's own.
+func (p *rawPeer) eachChunk(g *errgroup.Group, conns []net.Conn, f func(c int, conn net.Conn, buf []byte, i, n int) error) {
+	for c, conn := range conns {
+		g.Go(func() error {
+			buf := make([]byte, 4+p.chunkSize)
+			return p.schedule(c, func(_, i, n int) error { return f(c, conn, buf, i, n) })
+		})
+	}
+}
+
 // connGroup is an errgroup for goroutines that use conns: when one fails
 // (or ctx ends) the connections close, so the others' I/O ends too. Call
 // stop when done.
@@ -358,24 +370,19 @@ func (p *rawPeer) send(ctx context.Context, addr string) (peerResult, error) {
 		// still in its cache; a hand-off to another goroutine costs more
 		// than the pipes save when there is one device to wait for.
 		turns := p.turns()
-		for c, conn := range conns {
-			g.Go(func() error {
-				buf := make([]byte, 4+p.chunkSize)
-				return p.schedule(c, func(_, i, n int) error {
-					err := p.inTurn(gctx, turns, c, func() error {
-						start.Do(func() { res.StartUnixNano = time.Now().UnixNano() })
-						_, err := io.ReadFull(p.streams[0], buf[4:4+n])
-						return err
-					})
-					if err != nil {
-						return fmt.Errorf("device 0 chunk %d: %w", i, err)
-					}
-					binary.LittleEndian.PutUint32(buf, uint32(n))
-					_, err = conn.Write(buf[:4+n])
-					return err
-				})
+		p.eachChunk(g, conns, func(c int, conn net.Conn, buf []byte, i, n int) error {
+			err := p.inTurn(gctx, turns, c, func() error {
+				start.Do(func() { res.StartUnixNano = time.Now().UnixNano() })
+				_, err := io.ReadFull(p.streams[0], buf[4:4+n])
+				return err
 			})
-		}
+			if err != nil {
+				return fmt.Errorf("device 0 chunk %d: %w", i, err)
+			}
+			binary.LittleEndian.PutUint32(buf, uint32(n))
+			_, err = conn.Write(buf[:4+n])
+			return err
+		})
 	} else {
 		for d := range p.devices {
 			g.Go(func() error {
@@ -475,20 +482,15 @@ func (p *rawPeer) recv(ctx context.Context, ready func(addr string) error) (peer
 		// One device: each connection's goroutine writes what it read
 		// into the device itself, in turn (see send).
 		turns := p.turns()
-		for c, conn := range conns {
-			g.Go(func() error {
-				buf := make([]byte, 4+p.chunkSize)
-				return p.schedule(c, func(_, i, n int) error {
-					if err := readRawChunk(conn, buf, 0, i, n); err != nil {
-						return err
-					}
-					return p.inTurn(gctx, turns, c, func() error {
-						_, err := p.streams[0].Write(buf[4 : 4+n])
-						return err
-					})
-				})
+		p.eachChunk(g, conns, func(c int, conn net.Conn, buf []byte, i, n int) error {
+			if err := readRawChunk(conn, buf, 0, i, n); err != nil {
+				return err
+			}
+			return p.inTurn(gctx, turns, c, func() error {
+				_, err := p.streams[0].Write(buf[4 : 4+n])
+				return err
 			})
-		}
+		})
 	} else {
 		for c, conn := range conns {
 			g.Go(func() error {

@@ -124,14 +124,8 @@ func waitPhase(t *testing.T, ctl ferryv1.DestAgentClient, id string) *ferryv1.Mi
 	if err != nil {
 		t.Fatal(err)
 	}
-	var last *ferryv1.Migration
-	for {
-		resp, err := watch.Recv()
-		if err != nil {
-			return last
-		}
-		last = resp.GetMigration()
-	}
+	last, _ := wiretest.LastMigration(watch.Recv)
+	return last
 }
 
 func TestDirectData(t *testing.T) {

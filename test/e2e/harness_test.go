@@ -13,6 +13,7 @@ import (
 	"github.com/vfio-ferry/ferry/services/dest"
 	"github.com/vfio-ferry/ferry/services/source"
 	"github.com/vfio-ferry/ferry/services/wire"
+	"github.com/vfio-ferry/ferry/services/wire/wiretest"
 )
 
 // agents is a destination and a source agent serving on loopback TCP.
@@ -175,17 +176,7 @@ func (a *agents) waitSource(t *testing.T, id string) *ferryv1.Migration {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var last *ferryv1.Migration
-	for {
-		resp, err := stream.Recv()
-		if err != nil {
-			if last == nil || !final(last.GetPhase()) {
-				t.Fatalf("watch ended at %v: %v", last.GetPhase(), err)
-			}
-			return last
-		}
-		last = resp.GetMigration()
-	}
+	return toFinal(t, stream.Recv)
 }
 
 // waitDest watches the incoming migration to its final phase.
@@ -195,17 +186,17 @@ func (a *agents) waitDest(t *testing.T, id string) *ferryv1.Migration {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var last *ferryv1.Migration
-	for {
-		resp, err := stream.Recv()
-		if err != nil {
-			if last == nil || !final(last.GetPhase()) {
-				t.Fatalf("watch ended at %v: %v", last.GetPhase(), err)
-			}
-			return last
-		}
-		last = resp.GetMigration()
+	return toFinal(t, stream.Recv)
+}
+
+// toFinal follows a watch to its end, which must be a final phase.
+func toFinal[R wiretest.Watched](t *testing.T, recv func() (R, error)) *ferryv1.Migration {
+	t.Helper()
+	last, err := wiretest.LastMigration(recv)
+	if last == nil || !final(last.GetPhase()) {
+		t.Fatalf("watch ended at %v: %v", last.GetPhase(), err)
 	}
+	return last
 }
 
 func final(p ferryv1.MigrationPhase) bool {

@@ -1,8 +1,9 @@
-// Package wiretest issues real X.509 certificates for tests: an in-test
-// certificate authority (pkg/ephemeralca), and agent and client
-// certificates with the subject alternative names a test chooses, written
-// as PEM files the way an operator passes them to --tls-cert, --tls-key
-// and --tls-ca.
+// Package wiretest holds what tests of the agents share. It issues real
+// X.509 certificates: an in-test certificate authority (pkg/ephemeralca),
+// and agent and client certificates with the subject alternative names a
+// test chooses, written as PEM files the way an operator passes them to
+// --tls-cert, --tls-key and --tls-ca. And it follows a migration watch to
+// its end (LastMigration).
 //
 // It is imported by tests only.
 package wiretest
