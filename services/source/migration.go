@@ -432,7 +432,9 @@ func (m *migration) stream(ctx context.Context, transfer ferryv1.TransferClient,
 		}
 		ch := &channel{m: m, index: int32(i), conn: conn, dial: dial, client: ferryv1.NewTransferClient(conn), session: session, queue: queue, resend: resend, ready: ready}
 		g.Go(func() error {
-			defer ch.conn.Close()
+			// The connection the channel ends on: run replaces ch.conn
+			// when it re-dials.
+			defer func() { ch.conn.Close() }()
 			return ch.run(gctx)
 		})
 	}

@@ -96,6 +96,29 @@ func TestOneChannelCutIsResent(t *testing.T) {
 	if d := p.agents().waitDest(t, "cut-one"); !d.GetDevices()[0].GetVerified() {
 		t.Error("destination device not verified")
 	}
+	// The source closed every connection it opened, the re-dialled one
+	// too: a migration that ended holds none.
+	waitClosed(t, p.proxy)
+}
+
+// waitClosed waits until the client side closed every connection through
+// proxy, and fails the test, naming those still open, if that has not
+// happened shortly before the test's deadline.
+func waitClosed(t *testing.T, proxy *tcpproxy.Proxy) {
+	t.Helper()
+	var expired <-chan time.Time
+	if deadline, ok := t.Deadline(); ok {
+		timer := time.NewTimer(time.Until(deadline) * 9 / 10)
+		defer timer.Stop()
+		expired = timer.C
+	}
+	for _, c := range proxy.Conns() {
+		select {
+		case <-c.Ended():
+		case <-expired:
+			t.Fatalf("connection %d through the proxy is still open after the migration ended", c.Index)
+		}
+	}
 }
 
 // advertised is the destination's data listener as the source sees it:

@@ -53,6 +53,7 @@ type Conn struct {
 	cut      bool
 	stallOff chan struct{} // closed by Cut: releases a stalled connection
 	cutOnce  sync.Once
+	ended    chan struct{} // closed when client->server forwarding ends
 }
 
 // New starts a proxy on 127.0.0.1 forwarding to target.
@@ -128,7 +129,7 @@ func (p *Proxy) accept() {
 			client.Close()
 			continue
 		}
-		c := &Conn{p: p, client: client, server: server, stallOff: make(chan struct{})}
+		c := &Conn{p: p, client: client, server: server, stallOff: make(chan struct{}), ended: make(chan struct{})}
 		p.mu.Lock()
 		c.Index = len(p.conns)
 		p.conns = append(p.conns, c)
@@ -142,6 +143,7 @@ func (p *Proxy) accept() {
 		p.wg.Add(2)
 		go func() {
 			defer p.wg.Done()
+			defer close(c.ended)
 			c.pump(server, client, true)
 		}()
 		go func() {
@@ -241,6 +243,10 @@ func (c *Conn) Carried() int64 {
 	defer c.mu.Unlock()
 	return c.carried
 }
+
+// Ended is closed once the connection carries no more client->server
+// bytes: the client closed it, or it was cut.
+func (c *Conn) Ended() <-chan struct{} { return c.ended }
 
 // Cut closes both sides of the connection.
 func (c *Conn) Cut() {
