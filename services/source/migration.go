@@ -177,9 +177,9 @@ type migration struct {
 	watch      wire.Broadcast
 	devs       []*srcDevice
 	// dataAddr is the destination's direct data listener, when the session
-	// uses one (set under mu before the channels start, which read it
-	// without); dataAuthority is the destination's host:port, for the TLS
-	// handshake.
+	// uses one, and dataAuthority the destination's host:port, for the TLS
+	// handshake: both set under mu before the channels start, which read
+	// them without.
 	dataAddr      string
 	dataAuthority string
 	// fallbacks counts streams that could not open their data connection
@@ -373,9 +373,8 @@ func (m *migration) execute() error {
 	session := opened.GetSessionId()
 	if p := opened.GetDataPort(); p != 0 && hostOK {
 		m.mu.Lock()
-		m.dataAddr = net.JoinHostPort(destHost, strconv.Itoa(int(p)))
+		m.dataAddr, m.dataAuthority = net.JoinHostPort(destHost, strconv.Itoa(int(p))), destAuthority
 		m.mu.Unlock()
-		m.dataAuthority = destAuthority
 		m.log.Info("chunks go on direct data connections", "address", m.dataAddr)
 	}
 	// From here on the destination holds a session: abort it on failure.
