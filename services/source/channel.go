@@ -108,24 +108,24 @@ func (c *channel) serve(ctx context.Context) (up bool, err error) {
 	var (
 		upFlag  atomic.Bool
 		stalled atomic.Bool
-		// pending counts messages sent since the destination last spoke.
-		pending atomic.Int64
+		prog    = newProgress()
 		// dataFailed is why the direct data connection failed, if it did.
 		dataFailed atomic.Pointer[error]
 	)
 	timeout := c.m.a.cfg.ProgressTimeout
 	var watchdog *time.Timer
 	watchdog = time.AfterFunc(timeout, func() {
-		if pending.Load() > 0 {
+		silent := prog.silence()
+		if silent >= timeout {
 			stalled.Store(true)
 			cancel()
 			return
 		}
-		watchdog.Reset(timeout)
+		watchdog.Reset(timeout - silent)
 	})
 	defer watchdog.Stop()
 
-	s := &sender{c: c, pending: &pending}
+	s := &sender{c: c, prog: prog}
 	if c.m.dataAddr != "" {
 		s.key = make(chan []byte, 1)
 		s.fail = func(err error) {
@@ -135,7 +135,7 @@ func (c *channel) serve(ctx context.Context) (up bool, err error) {
 	}
 	var wg sync.WaitGroup
 	wg.Go(func() { s.run(sctx, st) })
-	err = c.receive(st, &upFlag, &pending, s.key)
+	err = c.receive(st, &upFlag, prog, s.key)
 	cancel()
 	wg.Wait()
 	switch {
@@ -151,8 +151,8 @@ func (c *channel) serve(ctx context.Context) (up bool, err error) {
 // session uses direct data, on the data connection the stream's key
 // attaches.
 type sender struct {
-	c       *channel
-	pending *atomic.Int64
+	c    *channel
+	prog *progress
 	// key receives the stream's data key (nil without direct data).
 	key chan []byte
 	// fail ends the stream because the data connection failed.
@@ -234,13 +234,63 @@ func (s *sender) run(ctx context.Context, st channelStream) {
 			continue
 		}
 		ch.channel.Store(c.index)
+		s.prog.sending(true)
 		err := send(ch)
+		s.prog.sending(false)
 		ch.release()
 		if err != nil {
 			return
 		}
-		s.pending.Add(1)
 	}
+}
+
+// progress tells whether a stream is stalled: chunks are outstanding on
+// it (being sent, or sent since the destination last spoke) and the
+// destination has said nothing for as long as they have been.
+//
+// A send in progress counts until it returns: a write blocked on a
+// connection that stopped draining is the stall to find, however recently
+// the destination spoke. Silence alone is not one: the destination speaks
+// when its frontier moves, and has nothing to say to a stream with nothing
+// outstanding. Times are nanoseconds since the stream's start.
+type progress struct {
+	start time.Time
+	// lastWord is when the destination last spoke; busySince when chunks
+	// last became outstanding after none were.
+	lastWord, busySince atomic.Int64
+	inFlight            atomic.Int32 // sends in progress
+	sentSinceWord       atomic.Bool  // a send completed since lastWord
+}
+
+func newProgress() *progress { return &progress{start: time.Now()} }
+
+func (p *progress) now() int64 { return int64(time.Since(p.start)) }
+
+// sending marks a send's start (true) and end (false).
+func (p *progress) sending(on bool) {
+	if !on {
+		p.sentSinceWord.Store(true)
+		p.inFlight.Add(-1)
+		return
+	}
+	if p.inFlight.Add(1) == 1 && !p.sentSinceWord.Load() {
+		p.busySince.Store(p.now())
+	}
+}
+
+// word records that the destination spoke.
+func (p *progress) word() {
+	p.lastWord.Store(p.now())
+	p.sentSinceWord.Store(false)
+}
+
+// silence is how long the destination has said nothing while chunks were
+// outstanding; 0 when none are.
+func (p *progress) silence() time.Duration {
+	if p.inFlight.Load() == 0 && !p.sentSinceWord.Load() {
+		return 0
+	}
+	return time.Duration(p.now() - max(p.lastWord.Load(), p.busySince.Load()))
 }
 
 // dataDialTimeout bounds opening a data connection (TCP, TLS, preamble);
@@ -274,7 +324,7 @@ func (c *channel) dialData(ctx context.Context, key []byte) (net.Conn, error) {
 // It returns nil when the destination ended the stream because the session
 // ended (Finish tells how), the stream's status otherwise. With direct
 // data, the key in the first response goes to key.
-func (c *channel) receive(st channelStream, up *atomic.Bool, pending *atomic.Int64, key chan<- []byte) error {
+func (c *channel) receive(st channelStream, up *atomic.Bool, prog *progress, key chan<- []byte) error {
 	m := c.m
 	for {
 		resp, err := st.Recv()
@@ -291,7 +341,7 @@ func (c *channel) receive(st channelStream, up *atomic.Bool, pending *atomic.Int
 			}
 			key <- k
 		}
-		pending.Store(0)
+		prog.word()
 		for _, w := range resp.GetWindows() {
 			if err := wire.CheckWindowUpdate(w, len(m.devs)); err != nil {
 				return err

@@ -245,6 +245,35 @@ func TestStalledConnectionIsDetected(t *testing.T) {
 	}
 }
 
+// A healthy migration that lasts many progress timeouts is never taken
+// for a stalled one: a channel that keeps sending while the destination
+// keeps speaking is not re-dialled, whatever the moment the watchdog looks.
+func TestHealthyChannelsAreNotTakenForStalled(t *testing.T) {
+	const timeout = 500 * time.Millisecond
+	for _, direct := range []bool{true, false} {
+		t.Run(fmt.Sprintf("direct=%v", direct), func(t *testing.T) {
+			var lis net.Listener
+			if direct {
+				var err error
+				if lis, err = net.Listen("tcp", "127.0.0.1:0"); err != nil {
+					t.Fatal(err)
+				}
+			}
+			a := startAgentsOn(t, dest.Config{}, source.Config{ProgressTimeout: timeout}, lis)
+			// About 3 s: six timeouts. The destination speaks whenever
+			// its frontier moves, every chunk here.
+			spec := []string{"sim:size=48MiB,seed=46,rate=16MB/s"}
+			s, d := a.run(t, migration{id: "healthy", src: spec, dst: spec, channels: 4})
+			if s.GetPhase() != succeeded || !d.GetDevices()[0].GetVerified() {
+				t.Fatalf("phase %v: %v", s.GetPhase(), s.GetError())
+			}
+			if n := s.GetRetransmittedChunks(); n != 0 {
+				t.Errorf("%d chunks re-sent: a healthy channel was declared stalled", n)
+			}
+		})
+	}
+}
+
 func TestDestinationKilled(t *testing.T) {
 	p := startPair(t)
 	src := "sim:size=4GiB,seed=45,rate=256MB/s"
