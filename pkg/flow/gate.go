@@ -12,8 +12,10 @@ import (
 // credit before it reads the next chunk.
 //
 // Two kinds of goroutine use it:
-//   - the device's reader, alone, calls Wait then Sent for each chunk, in
-//     sequence order (END included);
+//   - the device's reader, alone, calls Wait (or Poll, watching Ready) then
+//     Sent for each chunk, in sequence order (END included); the reader
+//     may change from chunk to chunk (the channel senders of a one-device
+//     migration take turns), but only one reads at a time;
 //   - any goroutine (the channels' receivers) calls Update with the windows
 //     the destination sends, in whatever order they arrive, and the owner of
 //     the stream calls Close to give up.
@@ -92,6 +94,31 @@ func (g *Gate) Wait(ctx context.Context, maxLen uint64) (seq, offset uint64, err
 		g.mu.Lock()
 	}
 }
+
+// Poll is Wait without blocking, for a reader that has other things to
+// watch while it waits for credit: ok is false when the window does not
+// admit the chunk now, and Ready then tells when to Poll again. From a
+// Poll that finds no credit to the Poll that gets it counts as one stall,
+// as a Wait that blocks does. Poll returns the Close error once the gate
+// is closed.
+func (g *Gate) Poll(maxLen uint64) (seq, offset uint64, ok bool, err error) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	seq, offset, ok, err = g.reserveLocked(maxLen)
+	switch {
+	case ok || err != nil:
+		g.endStallLocked()
+	case !g.stalling:
+		g.stalls++
+		g.stalling, g.stallStart = true, time.Now()
+	}
+	return seq, offset, ok, err
+}
+
+// Ready receives a wake-up after the window grew or the gate closed: then
+// Poll may admit what it did not. It is the channel a blocked Wait waits
+// on, so only the device's reader may receive from it.
+func (g *Gate) Ready() <-chan struct{} { return g.wake }
 
 // tryWait is Wait without blocking: ok is false if the window does not admit
 // the chunk now. The step-driven simulation in the tests uses it.

@@ -255,6 +255,52 @@ func TestGateStalls(t *testing.T) {
 	})
 }
 
+// A reader that polls sees the same credit and stalls as one that waits,
+// and Ready tells it when to poll again.
+func TestGatePoll(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		g := NewGate(Window{LimitSeq: 1, LimitOffset: 10})
+		if seq, off, ok, err := g.Poll(10); !ok || err != nil || seq != 0 || off != 0 {
+			t.Fatalf("Poll = %d, %d, %t, %v; want 0, 0, admitted", seq, off, ok, err)
+		}
+		g.Sent(10)
+		if n, _ := g.Stalls(); n != 0 {
+			t.Fatalf("Stalls() = %d after a Poll that was admitted", n)
+		}
+		for range 2 {
+			if _, _, ok, err := g.Poll(10); ok || err != nil {
+				t.Fatalf("Poll on a used-up window = %t, %v; want not admitted", ok, err)
+			}
+			time.Sleep(time.Second)
+		}
+		select {
+		case <-g.Ready():
+			t.Fatal("Ready before the window grew")
+		default:
+		}
+		g.Update(Window{LimitSeq: 2, LimitOffset: 20})
+		select {
+		case <-g.Ready():
+		default:
+			t.Fatal("no Ready after the window grew")
+		}
+		if seq, off, ok, err := g.Poll(10); !ok || err != nil || seq != 1 || off != 10 {
+			t.Fatalf("Poll = %d, %d, %t, %v; want 1, 10, admitted", seq, off, ok, err)
+		}
+		g.Sent(5)
+		// Two Polls without credit, two seconds apart: one stall of two seconds.
+		if n, d := g.Stalls(); n != 1 || d != 2*time.Second {
+			t.Fatalf("Stalls() = %d, %v; want 1, 2s", n, d)
+		}
+		errPeer := errors.New("peer went away")
+		g.Close(errPeer)
+		<-g.Ready()
+		if _, _, ok, err := g.Poll(10); ok || !errors.Is(err, errPeer) {
+			t.Fatalf("Poll after Close = %t, %v; want the Close error", ok, err)
+		}
+	})
+}
+
 func TestGateSentPanics(t *testing.T) {
 	g := NewGate(Window{LimitSeq: 10, LimitOffset: 100})
 	mustPanic(t, "Sent without Wait", func() { g.Sent(1) })
