@@ -218,16 +218,9 @@ func (s *sender) run(ctx context.Context, st channelStream) {
 		}
 	}
 	for {
-		var ch *outChunk
-		select {
-		case ch = <-c.resend:
-		default:
-			select {
-			case <-ctx.Done():
-				return
-			case ch = <-c.resend:
-			case ch = <-c.queue:
-			}
+		ch := c.take(ctx)
+		if ch == nil {
+			return
 		}
 		if ch.acked.Load() {
 			ch.release()
@@ -242,6 +235,140 @@ func (s *sender) run(ctx context.Context, st channelStream) {
 			return
 		}
 	}
+}
+
+// take returns the next chunk for the channel to send: one to resend
+// first; then the device's next chunk, read by this sender when the
+// channels read the device themselves (see puller), or the next one the
+// devices' readers queued. nil once ctx ends.
+func (c *channel) take(ctx context.Context) *outChunk {
+	select {
+	case ch := <-c.resend:
+		return ch
+	default:
+	}
+	if p := c.m.pull; p != nil {
+		return c.pull(ctx, p)
+	}
+	select {
+	case <-ctx.Done():
+		return nil
+	case ch := <-c.resend:
+		return ch
+	case ch := <-c.queue:
+		return ch
+	}
+}
+
+// puller lets the channels' senders of a one-device migration read the
+// device themselves, taking turns, as plain TCP senders would: the sender
+// holding the turn waits for window credit, reads the next chunk
+// (checksumming it as it goes), gives the turn to the next sender, and
+// writes the chunk to its connection while the bytes are still in its
+// core's cache. With one channel, reading and sending alternate on one
+// thread, and the socket's buffer keeps the connection busy meanwhile;
+// with several, one sender reads while the others send.
+//
+// Handing every chunk from a reader goroutine to the sender instead cost a
+// third more CPU per GiB on a 2-core host (docs/performance.md): the two
+// goroutines run on different cores, and the kernel copies of the chunk's
+// bytes, at both ends, then run from colder caches. A migration of several
+// devices keeps a reader per device (readDevice), so slow devices are read
+// in parallel whatever the number of channels.
+type puller struct {
+	d *srcDevice
+	// turn holds the token to read the device (1-buffered). The
+	// migration puts it in once the device is in STOP_COPY.
+	turn chan struct{}
+	// read is closed once the state is read to its end and the device
+	// left STOP_COPY (err nil), or reading failed (err says why; set
+	// before read closes). Then only resends are left to send.
+	read chan struct{}
+	err  error
+}
+
+func newPuller(d *srcDevice) *puller {
+	return &puller{d: d, turn: make(chan struct{}, 1), read: make(chan struct{})}
+}
+
+// pull returns the next chunk for the channel to send: a resend, or the
+// device's next chunk, read holding the turn. nil once ctx ends.
+func (c *channel) pull(ctx context.Context, p *puller) *outChunk {
+	for {
+		select {
+		case <-p.read:
+			select {
+			case <-ctx.Done():
+				return nil
+			case ch := <-c.resend:
+				return ch
+			}
+		default:
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case ch := <-c.resend:
+			return ch
+		case <-p.read:
+			continue
+		case <-p.turn:
+		}
+		ch := c.readTurn(ctx, p)
+		p.turn <- struct{}{}
+		if ch != nil || ctx.Err() != nil {
+			return ch
+		}
+		// Reading ended: resends are left.
+	}
+}
+
+// readTurn reads the device's next chunk, holding the turn: it waits for
+// credit, or gives up the turn for a chunk to resend, which may be what
+// the window waits for. It returns nil when ctx ends or reading has ended.
+func (c *channel) readTurn(ctx context.Context, p *puller) *outChunk {
+	d, m := p.d, c.m
+	select {
+	case <-p.read:
+		return nil
+	default:
+	}
+	var seq, off uint64
+	for {
+		var err error
+		var admitted bool
+		seq, off, admitted, err = d.gate.Poll(d.want(m.chunkSize))
+		if err != nil {
+			p.end(err)
+			return nil
+		}
+		if admitted {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case ch := <-c.resend:
+			return ch
+		case <-d.gate.Ready():
+		}
+	}
+	ch, err := m.readNext(d, seq, off)
+	if err != nil {
+		p.end(err)
+		return nil
+	}
+	if d.finished {
+		p.end(m.leaveStopCopy(d))
+	}
+	return ch
+}
+
+// end closes read, with the reason reading failed, if it did. Only the
+// turn holder calls it, once.
+func (p *puller) end(err error) {
+	p.err = err
+	close(p.read)
 }
 
 // progress tells whether a stream is stalled: chunks are outstanding on

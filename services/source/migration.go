@@ -62,6 +62,12 @@ type srcDevice struct {
 	// free holds acknowledged chunks for the reader to reuse, so a chunk
 	// costs no allocation in steady state (at most a window of them).
 	free []*outChunk
+
+	// The reading side, the device's reader's alone (see readNext):
+	// digest covers what was read; atEnd is set once a read reached the
+	// end of the state, so END comes next; finished once END is made.
+	digest          *wire.Digest
+	atEnd, finished bool
 }
 
 // outChunk is a chunk on its way: its header and its payload.
@@ -200,6 +206,10 @@ type migration struct {
 	windowBytes    uint64
 
 	track *telemetry.Tracker // set before run starts
+
+	// pull is set when the channels' senders read the device themselves
+	// (a one-device migration; see puller), before the channels start.
+	pull *puller
 }
 
 func (a *Agent) newMigration(req *ferryv1.StartMigrationRequest) *migration {
@@ -406,9 +416,13 @@ func (m *migration) stream(ctx context.Context, transfer ferryv1.TransferClient,
 	for i, d := range m.devs {
 		w := opened.GetWindows()[i]
 		d.gate = flow.NewGate(flow.Window{LimitSeq: w.GetLimitSeq(), LimitOffset: w.GetLimitOffset()})
+		d.digest, _ = wire.NewDigest(m.req.GetDigest())
 		queueCap += int(min(w.GetLimitSeq(), 1<<16)) + 1
 	}
 	m.mu.Unlock()
+	if len(m.devs) == 1 {
+		m.pull = newPuller(m.devs[0])
+	}
 	// Every chunk in the queue is inside its device's window, so the queue
 	// never holds more than the windows do and a reader never blocks on it.
 	queue := make(chan *outChunk, queueCap)
@@ -470,12 +484,25 @@ func (m *migration) stream(ctx context.Context, transfer ferryv1.TransferClient,
 	}
 	m.setPhase(ferryv1.MigrationPhase_MIGRATION_PHASE_STOPCOPY)
 
-	readers, rctx := errgroup.WithContext(gctx)
-	for _, d := range m.devs {
-		readers.Go(func() error { return m.readDevice(rctx, d, queue) })
-	}
-	if err := readers.Wait(); err != nil {
-		return fail(err)
+	if p := m.pull; p != nil {
+		// The senders may read now.
+		p.turn <- struct{}{}
+		select {
+		case <-p.read:
+			if p.err != nil {
+				return fail(p.err)
+			}
+		case <-gctx.Done():
+			return fail(gctx.Err())
+		}
+	} else {
+		readers, rctx := errgroup.WithContext(gctx)
+		for _, d := range m.devs {
+			readers.Go(func() error { return m.readDevice(rctx, d, queue) })
+		}
+		if err := readers.Wait(); err != nil {
+			return fail(err)
+		}
 	}
 	m.setPhase(ferryv1.MigrationPhase_MIGRATION_PHASE_FINISHING)
 	var verdict *ferryv1.FinishResponse
@@ -526,63 +553,89 @@ func (m *migration) stopDevices() error {
 	return nil
 }
 
-// readDevice reads one device's state to its end, chunk by chunk, each
-// under window credit, and queues the chunks and END.
+// readDevice reads one device's state to its end on a goroutine of its
+// own, chunk by chunk, each under window credit, and queues the chunks and
+// END for the channels. A migration of several devices reads each so,
+// whatever the number of channels: slow devices are read in parallel.
 func (m *migration) readDevice(ctx context.Context, d *srcDevice, queue chan<- *outChunk) error {
-	pool := m.a.cfg.Pool
-	digest, _ := wire.NewDigest(m.req.GetDigest())
-	size := int(m.chunkSize)
-	for {
-		seq, off, err := d.gate.Wait(ctx, uint64(size))
+	for !d.finished {
+		seq, off, err := d.gate.Wait(ctx, d.want(m.chunkSize))
 		if err != nil {
 			return err
 		}
-		bp := pool.Get(size)
+		c, err := m.readNext(d, seq, off)
+		if err != nil {
+			return err
+		}
+		queue <- c
+	}
+	return m.leaveStopCopy(d)
+}
+
+// want is how many bytes the device's next chunk may hold: the chunk
+// size, or 0 for END.
+func (d *srcDevice) want(chunkSize uint32) uint64 {
+	if d.atEnd {
+		return 0
+	}
+	return uint64(chunkSize)
+}
+
+// readNext reads what comes next in the device's state, which the gate
+// admitted at seq and offset for d.want bytes: a DATA chunk, or, at the
+// end of the state, END (then d.finished is set, and the caller leaves
+// STOP_COPY once END is on its way). The chunk is kept for a resend and
+// counted as sent with the gate. Only the device's reader calls it.
+func (m *migration) readNext(d *srcDevice, seq, off uint64) (*outChunk, error) {
+	if !d.atEnd {
+		pool := m.a.cfg.Pool
+		bp := pool.Get(int(m.chunkSize))
 		// The CRC is computed as the device is read, while the bytes
 		// are in cache.
-		n, crc, rerr := wire.ReadCRC32C(d.stream, *bp)
+		n, crc, rerr := wire.ReadCRC32C(d.stream, *bp, wire.DevicePiece)
 		eof := errors.Is(rerr, io.EOF) || errors.Is(rerr, io.ErrUnexpectedEOF)
 		if rerr != nil && !eof {
 			pool.Put(bp)
-			return wire.DeviceError(d.spec, fmt.Sprintf("read the state at byte %d", off), rerr)
+			return nil, wire.DeviceError(d.spec, fmt.Sprintf("read the state at byte %d", off), rerr)
 		}
 		if n > 0 {
 			m.markStart()
 			*bp = (*bp)[:n]
-			digest.Add(off, *bp, crc)
+			d.digest.Add(off, *bp, crc)
 			c := d.chunk()
 			c.payload = mem.NewBuffer(bp, pool)
 			c.hdr = ferryv1.ChannelRequest{Device: uint32(d.index), Seq: seq, Offset: off, Kind: ferryv1.ChunkKind_CHUNK_KIND_DATA, Crc32C: crc}
 			d.keep(c)
-			queue <- c
 			d.gate.Sent(uint64(n))
 			d.read.Add(uint64(n))
 			d.chunks.Add(1)
-			if !eof {
-				continue
-			}
-			if seq, off, err = d.gate.Wait(ctx, 0); err != nil {
-				return err
-			}
-		} else {
-			pool.Put(bp)
+			// END follows, under credit of its own.
+			d.atEnd = eof
+			return c, nil
 		}
-		// The end of the device state: END takes the next sequence number.
-		end := d.chunk()
-		end.hdr = ferryv1.ChannelRequest{Device: uint32(d.index), Seq: seq, Offset: off, Kind: ferryv1.ChunkKind_CHUNK_KIND_END,
-			TotalBytes: off, TotalChunks: seq, Digest: digest.Sum()}
-		d.keep(end)
-		queue <- end
-		d.gate.Sent(0)
-		d.total.Store(off)
-		// The whole state is read: leave STOP_COPY (the stream ends).
-		d.stream.Close()
-		d.stream = nil
-		if _, err := d.dev.SetState(vfio.StateStop); err != nil {
-			return wire.DeviceError(d.spec, "leave STOP_COPY", err)
-		}
-		return nil
+		// The state ended exactly at a chunk boundary: END takes this
+		// chunk's place.
+		pool.Put(bp)
 	}
+	end := d.chunk()
+	end.hdr = ferryv1.ChannelRequest{Device: uint32(d.index), Seq: seq, Offset: off, Kind: ferryv1.ChunkKind_CHUNK_KIND_END,
+		TotalBytes: off, TotalChunks: seq, Digest: d.digest.Sum()}
+	d.keep(end)
+	d.gate.Sent(0)
+	d.total.Store(off)
+	d.finished = true
+	return end, nil
+}
+
+// leaveStopCopy ends a device's STOP_COPY once its whole state is read:
+// the data stream closes and the device moves to STOP.
+func (m *migration) leaveStopCopy(d *srcDevice) error {
+	d.stream.Close()
+	d.stream = nil
+	if _, err := d.dev.SetState(vfio.StateStop); err != nil {
+		return wire.DeviceError(d.spec, "leave STOP_COPY", err)
+	}
+	return nil
 }
 
 func (m *migration) markStart() {

@@ -40,7 +40,11 @@ func BenchmarkReadDevice(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	d := &srcDevice{spec: dev.Spec(), dev: dev, release: func() {}, stream: rs,
+	digest, err := wire.NewDigest(m.req.GetDigest())
+	if err != nil {
+		b.Fatal(err)
+	}
+	d := &srcDevice{spec: dev.Spec(), dev: dev, release: func() {}, stream: rs, digest: digest,
 		gate: flow.NewGate(flow.Window{LimitSeq: window, LimitOffset: window * chunk})}
 	queue := make(chan *outChunk, window+1)
 	done := make(chan struct{})

@@ -19,22 +19,45 @@ const (
 	cancelled = ferryv1.MigrationPhase_MIGRATION_PHASE_CANCELLED
 )
 
+// Every way the source reads and sends arrives bit-exact: several devices
+// (a reader goroutine per device) and one (the channels' senders read it
+// in turn), states that end on a chunk boundary, inside a chunk, and after
+// one byte, over one channel and several, on direct data connections and
+// in gRPC messages.
 func TestMigrationIsBitExact(t *testing.T) {
-	t.Run("direct data", func(t *testing.T) { testMigrationIsBitExact(t, true) })
-	t.Run("chunks in gRPC messages", func(t *testing.T) { testMigrationIsBitExact(t, false) })
+	for _, tc := range []struct {
+		name     string
+		src      []string
+		bytes    uint64
+		channels uint32
+	}{
+		{"several devices", []string{"sim:size=24MiB,seed=11", "sim:size=5000123,seed=12,zero=0.3", "sim:size=1,seed=13"}, 24<<20 + 5000123 + 1, 4},
+		{"one device", []string{"sim:size=5000123,seed=14,zero=0.3"}, 5000123, 4},
+		{"one device on a chunk boundary", []string{"sim:size=6MiB,seed=15"}, 6 << 20, 3},
+		{"one device, one channel", []string{"sim:size=3000001,seed=16"}, 3000001, 1},
+		{"one byte", []string{"sim:size=1,seed=17"}, 1, 2},
+	} {
+		for _, direct := range []bool{true, false} {
+			how := "direct data"
+			if !direct {
+				how = "chunks in gRPC messages"
+			}
+			t.Run(tc.name+", "+how, func(t *testing.T) {
+				testMigrationIsBitExact(t, direct, tc.src, tc.bytes, tc.channels)
+			})
+		}
+	}
 }
 
-func testMigrationIsBitExact(t *testing.T, direct bool) {
+func testMigrationIsBitExact(t *testing.T, direct bool, src []string, want uint64, channels uint32) {
 	a := startAgentsData(t, dest.Config{}, direct)
-	src := []string{"sim:size=24MiB,seed=11", "sim:size=5000123,seed=12,zero=0.3", "sim:size=1,seed=13"}
-	s, d := a.run(t, migration{id: "bit-exact", src: src, dst: src, channels: 4, chunkSize: 256 << 10})
+	s, d := a.run(t, migration{id: "bit-exact", src: src, dst: src, channels: channels, chunkSize: 256 << 10})
 	if s.GetPhase() != succeeded || d.GetPhase() != succeeded {
 		t.Fatalf("source %v, destination %v: %v", s.GetPhase(), d.GetPhase(), s.GetError())
 	}
 	if s.GetDirectData() != direct || d.GetDirectData() != direct {
 		t.Errorf("direct data: source %v, destination %v, want %v", s.GetDirectData(), d.GetDirectData(), direct)
 	}
-	want := uint64(24<<20 + 5000123 + 1)
 	if s.GetBytes() != want || d.GetBytes() != want {
 		t.Fatalf("moved %d bytes (source) / %d (destination), want %d", s.GetBytes(), d.GetBytes(), want)
 	}
