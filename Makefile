@@ -41,8 +41,9 @@ lint: ## buf lint and format, gofmt, go vet, and a non-Linux build
 	GOOS=darwin $(GO) build ./...
 
 .PHONY: unit
-unit: ## run the Go tests (with the race detector)
+unit: ## run the Go tests (with the race detector), and every benchmark once so none rots
 	$(GO) test -race -timeout 30m ./...
+	$(GO) test -run '^$$' -bench . -benchtime 1x ./...
 
 .PHONY: fuzz
 fuzz: ## run every fuzz target for FUZZTIME each
