@@ -53,11 +53,21 @@ type devStream struct {
 
 	// notify wakes the loader when a chunk arrived (1-buffered).
 	notify chan struct{}
+
+	// wmu is the device's write turn. Whoever holds it writes the chunks
+	// at the frontier into the device, in order: the loader, or the
+	// channel receiver whose chunk just completed the frontier (see
+	// writeReady). closed, set under it by the clean-up, means nobody
+	// writes again. The fields below are the turn holder's.
+	wmu    sync.Mutex
+	closed bool
 	digest *wire.Digest
-	// advSeq and advOff are the frontier when the loader last woke the
-	// feedback senders, at advTime; the loader's alone (see feedbackEvery).
-	advSeq, advOff uint64
-	advTime        time.Time
+	// advSeq and advOff are the frontier when the feedback senders were
+	// last woken, at advTime; fbChunks and fbBytes how far it moves
+	// before they are woken again (see feedbackEvery).
+	advSeq, advOff    uint64
+	advTime           time.Time
+	fbChunks, fbBytes uint64
 
 	written    atomic.Uint64
 	chunks     atomic.Uint64
@@ -167,6 +177,10 @@ func (inc *incoming) terminate(err error, phase ferryv1.MigrationPhase) {
 func (inc *incoming) cleanup(failed bool) {
 	inc.loaders.Wait()
 	for _, d := range inc.devs {
+		// A receiver writing into the device finishes its chunk first.
+		d.wmu.Lock()
+		d.closed = true
+		d.wmu.Unlock()
 		if d.stream != nil {
 			d.stream.Close()
 		}
@@ -238,45 +252,88 @@ func (inc *incoming) fillWindows(dst []*ferryv1.WindowUpdate) {
 	}
 }
 
-// load is a device's loader: it writes the chunk at the frontier into the
-// device, in order, until END; then it checks the stream and moves the
-// device RESUMING->STOP.
+// load is a device's loader: it writes the chunks at the frontier into
+// the device, in order, whenever a receiver left them (see writeReady),
+// until END; then it checks the stream and moves the device
+// RESUMING->STOP.
 func (inc *incoming) load(d *devStream) {
 	defer inc.loaders.Done()
-	inc.mu.Lock()
-	everyChunks, everyBytes := feedbackEvery(inc.limits, inc.chunkSize)
-	inc.mu.Unlock()
+	for {
+		d.wmu.Lock()
+		end, err := inc.writeReadyLocked(d)
+		if err != nil {
+			d.wmu.Unlock()
+			inc.terminate(err, ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED)
+			return
+		}
+		if end != nil {
+			d.mu.Lock()
+			d.reasm.Advance()
+			info := d.end
+			d.mu.Unlock()
+			inc.wakeFeedback()
+			inc.verify(d, *end, info)
+			d.wmu.Unlock()
+			return
+		}
+		d.wmu.Unlock()
+		select {
+		case <-d.notify:
+		case <-inc.ctx.Done():
+			return
+		}
+	}
+}
+
+// writeReady writes the chunks at the device's frontier into the device,
+// if no one else is: a channel's receiver calls it for the chunk it just
+// accepted. It reports whether the loader must look: the turn was taken
+// (its holder may have looked before this chunk arrived), or END is at
+// the frontier. Otherwise the loader sleeps on, rather than waking on
+// the other core for every chunk to find nothing to do.
+//
+// So the bytes go from the socket into the device on one thread, while
+// they are in its core's cache, as a plain TCP receiver writes what it
+// reads. Handing every chunk to the loader's goroutine instead made the
+// kernel's copy into the chunk buffer and the device's write cost two to
+// three times as much per byte on a 2-core host, where the two goroutines
+// run on different cores (docs/performance.md). The loader still writes
+// what becomes ready while the turn is taken, and END.
+func (inc *incoming) writeReady(d *devStream) (wakeLoader bool, err error) {
+	if !d.wmu.TryLock() {
+		return true, nil
+	}
+	defer d.wmu.Unlock()
+	if d.closed {
+		return false, nil
+	}
+	end, err := inc.writeReadyLocked(d)
+	return end != nil, err
+}
+
+// writeReadyLocked writes the DATA chunks at the frontier into the device
+// until the frontier is missing or END, which it returns (not advanced
+// past) for the loader. The caller holds d.wmu. An error is the device's
+// or the stream's: the migration fails with it.
+func (inc *incoming) writeReadyLocked(d *devStream) (end *flow.Chunk[payload], err error) {
 	for {
 		d.mu.Lock()
 		c, ok, err := d.reasm.Next()
 		d.mu.Unlock()
 		if err != nil {
-			inc.terminate(wire.Errorf(codes.OutOfRange, wire.ReasonStreamGap, "device %d (%s): %v", d.index, d.spec, err), ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED)
-			return
+			return nil, wire.Errorf(codes.OutOfRange, wire.ReasonStreamGap, "device %d (%s): %v", d.index, d.spec, err)
 		}
 		if !ok {
-			select {
-			case <-d.notify:
-				continue
-			case <-inc.ctx.Done():
-				return
-			}
+			return nil, nil
 		}
 		if c.End {
-			d.mu.Lock()
-			d.reasm.Advance()
-			end := d.end
-			d.mu.Unlock()
-			inc.wakeFeedback()
-			inc.verify(d, c, end)
-			return
+			return &c, nil
 		}
-		// The chunk goes into the device piece by piece, as gRPC received
-		// it: no copy into one buffer first.
+		// The chunk goes into the device piece by piece, as it was
+		// received: no copy into one buffer first.
 		if err := writePayload(d.stream, c.Payload.data); err != nil {
 			// The chunk stays held: the clean-up's Drain frees it.
-			inc.terminate(wire.DeviceError(d.spec, fmt.Sprintf("write chunk %d at byte %d", c.Seq, c.Offset), err), ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED)
-			return
+			return nil, wire.DeviceError(d.spec, fmt.Sprintf("write chunk %d at byte %d", c.Seq, c.Offset), err)
 		}
 		d.digest.AddPayload(c.Offset, c.Payload.data, c.Payload.crc)
 		d.mu.Lock()
@@ -286,7 +343,7 @@ func (inc *incoming) load(d *devStream) {
 		c.Payload.data.Free()
 		d.written.Add(uint64(c.Len))
 		d.chunks.Add(1)
-		if now := time.Now(); seq-d.advSeq >= everyChunks || off-d.advOff >= everyBytes || now.Sub(d.advTime) >= feedbackMaxDelay {
+		if now := time.Now(); seq-d.advSeq >= d.fbChunks || off-d.advOff >= d.fbBytes || now.Sub(d.advTime) >= feedbackMaxDelay {
 			d.advSeq, d.advOff, d.advTime = seq, off, now
 			inc.wakeFeedback()
 		}

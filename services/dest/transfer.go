@@ -65,6 +65,7 @@ func (s *transferServer) Open(ctx context.Context, req *ferryv1.OpenRequest) (*f
 		d.mu.Lock()
 		d.reasm = flow.NewReassembly[payload](inc.limits, chunkSize)
 		d.mu.Unlock()
+		d.fbChunks, d.fbBytes = feedbackEvery(inc.limits, chunkSize)
 		d.digest = digests[i]
 	}
 	sessionID := inc.sessionID
@@ -321,9 +322,15 @@ func (inc *incoming) accept(in *wire.InChunk) (err error) {
 		inc.startTime = time.Now()
 	}
 	inc.mu.Unlock()
-	select {
-	case d.notify <- struct{}{}:
-	default:
+	wake, err := inc.writeReady(d)
+	if err != nil {
+		return err
+	}
+	if wake {
+		select {
+		case d.notify <- struct{}{}:
+		default:
+		}
 	}
 	return nil
 }
