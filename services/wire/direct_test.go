@@ -126,28 +126,48 @@ func TestDirectReaderRefusesBadFrames(t *testing.T) {
 }
 
 func TestReadCRC32C(t *testing.T) {
-	src := make([]byte, 3*crcPiece+123)
+	const piece = DevicePiece
+	src := make([]byte, 3*piece+123)
 	rng := rand.New(rand.NewPCG(1, 2))
 	for i := range src {
 		src[i] = byte(rng.Uint32())
 	}
-	for _, n := range []int{0, 1, crcPiece - 1, crcPiece, crcPiece + 1, len(src)} {
-		b := make([]byte, n)
-		got, crc, err := ReadCRC32C(iotest.OneByteReader(bytes.NewReader(src)), b)
-		if err != nil || got != n || !bytes.Equal(b, src[:n]) || crc != crc32.Checksum(src[:n], castagnoli) {
-			t.Errorf("%d bytes: read %d, CRC %08x, %v", n, got, crc, err)
+	readers := []struct {
+		name string
+		r    func([]byte) io.Reader
+	}{
+		{"whole reads", func(b []byte) io.Reader { return bytes.NewReader(b) }},
+		{"one byte at a time", func(b []byte) io.Reader { return iotest.OneByteReader(bytes.NewReader(b)) }},
+		{"EOF with the last bytes", func(b []byte) io.Reader { return iotest.DataErrReader(bytes.NewReader(b)) }},
+	}
+	for _, rd := range readers {
+		for _, p := range []int{piece, 0} {
+			for _, n := range []int{0, 1, piece - 1, piece, piece + 1, len(src)} {
+				b := make([]byte, n)
+				got, crc, err := ReadCRC32C(rd.r(src), b, p)
+				if err != nil || got != n || !bytes.Equal(b, src[:n]) || crc != crc32.Checksum(src[:n], castagnoli) {
+					t.Errorf("%s, piece %d, %d bytes: read %d, CRC %08x, %v", rd.name, p, n, got, crc, err)
+				}
+			}
+			// Short sources end as io.ReadFull's do.
+			b := make([]byte, 2*piece)
+			if n, crc, err := ReadCRC32C(rd.r(src[:piece+5]), b, p); n != piece+5 || !errors.Is(err, io.ErrUnexpectedEOF) || crc != CRC32C(src[:piece+5]) {
+				t.Errorf("%s, piece %d: short source: %d bytes, %v", rd.name, p, n, err)
+			}
+			if n, _, err := ReadCRC32C(rd.r(nil), b, p); n != 0 || !errors.Is(err, io.EOF) {
+				t.Errorf("%s, piece %d: empty source: %d bytes, %v", rd.name, p, n, err)
+			}
+			if n, _, err := ReadCRC32C(rd.r(src[:piece]), b, p); n != piece || !errors.Is(err, io.ErrUnexpectedEOF) {
+				t.Errorf("%s, piece %d: a source ending on a piece boundary: %d bytes, %v", rd.name, p, n, err)
+			}
 		}
 	}
-	// Short sources end as io.ReadFull's do.
-	b := make([]byte, 2*crcPiece)
-	if n, crc, err := ReadCRC32C(bytes.NewReader(src[:crcPiece+5]), b); n != crcPiece+5 || !errors.Is(err, io.ErrUnexpectedEOF) || crc != CRC32C(src[:crcPiece+5]) {
-		t.Errorf("short source: %d bytes, %v", n, err)
-	}
-	if n, _, err := ReadCRC32C(bytes.NewReader(nil), b); n != 0 || !errors.Is(err, io.EOF) {
-		t.Errorf("empty source: %d bytes, %v", n, err)
-	}
-	if n, _, err := ReadCRC32C(bytes.NewReader(src[:crcPiece]), b); n != crcPiece || !errors.Is(err, io.ErrUnexpectedEOF) {
-		t.Errorf("a source ending on a piece boundary: %d bytes, %v", n, err)
+	// A read error is returned with what was read before it.
+	errBroken := errors.New("connection reset")
+	b := make([]byte, 2*piece)
+	n, crc, err := ReadCRC32C(io.MultiReader(bytes.NewReader(src[:10]), iotest.ErrReader(errBroken)), b, 0)
+	if n != 10 || !errors.Is(err, errBroken) || crc != CRC32C(src[:10]) {
+		t.Errorf("broken source: %d bytes, %v", n, err)
 	}
 }
 

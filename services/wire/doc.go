@@ -33,7 +33,7 @@
 // [DirectWriter] sends each chunk's ChannelRequest header and bytes with
 // one vectored write, [DirectReader] reads them into a pooled buffer,
 // refusing what breaks the framing before it allocates, and
-// [ReadCRC32C] checksums the bytes 64 KiB at a time as they arrive.
+// [ReadCRC32C] checksums the bytes as they arrive.
 // direct.go documents the framing.
 //
 // # Errors
