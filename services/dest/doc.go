@@ -17,9 +17,12 @@
 //     (device index, kind, length, CRC32C) and handed to its device's
 //     reassembly, which refuses anything outside the window before keeping
 //     it, so the memory a session holds is bounded by its windows. The
-//     loader writes the chunk at the frontier into the device, advances the
-//     frontier and wakes every channel's feedback sender, which sends the
-//     new windows (the acknowledgement) back.
+//     chunk at the frontier goes into the device, in order: written by the
+//     receiver whose chunk completed the frontier, on its own thread while
+//     the bytes are in its core's cache, or, while another holds the
+//     device's write turn, by whoever holds it or the device's loader.
+//     Then the frontier advances and every channel's feedback sender is
+//     woken, which sends the new windows (the acknowledgement) back.
 //  4. SwitchoverStart is accepted only while every device is in RESUMING,
 //     every channel is connected and everything sent so far is written.
 //  5. END closes a device's stream: the loader checks the length, the chunk

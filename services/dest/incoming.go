@@ -260,19 +260,19 @@ func (inc *incoming) load(d *devStream) {
 	defer inc.loaders.Done()
 	for {
 		d.wmu.Lock()
-		end, err := inc.writeReadyLocked(d)
+		end, atEnd, err := inc.writeReadyLocked(d)
 		if err != nil {
 			d.wmu.Unlock()
 			inc.terminate(err, ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED)
 			return
 		}
-		if end != nil {
+		if atEnd {
 			d.mu.Lock()
 			d.reasm.Advance()
 			info := d.end
 			d.mu.Unlock()
 			inc.wakeFeedback()
-			inc.verify(d, *end, info)
+			inc.verify(d, end, info)
 			d.wmu.Unlock()
 			return
 		}
@@ -307,33 +307,33 @@ func (inc *incoming) writeReady(d *devStream) (wakeLoader bool, err error) {
 	if d.closed {
 		return false, nil
 	}
-	end, err := inc.writeReadyLocked(d)
-	return end != nil, err
+	_, atEnd, err := inc.writeReadyLocked(d)
+	return atEnd, err
 }
 
 // writeReadyLocked writes the DATA chunks at the frontier into the device
-// until the frontier is missing or END, which it returns (not advanced
-// past) for the loader. The caller holds d.wmu. An error is the device's
+// until the frontier is missing or END, which it returns (atEnd; not
+// advanced past) for the loader. The caller holds d.wmu. An error is the device's
 // or the stream's: the migration fails with it.
-func (inc *incoming) writeReadyLocked(d *devStream) (end *flow.Chunk[payload], err error) {
+func (inc *incoming) writeReadyLocked(d *devStream) (end flow.Chunk[payload], atEnd bool, err error) {
 	for {
 		d.mu.Lock()
 		c, ok, err := d.reasm.Next()
 		d.mu.Unlock()
 		if err != nil {
-			return nil, wire.Errorf(codes.OutOfRange, wire.ReasonStreamGap, "device %d (%s): %v", d.index, d.spec, err)
+			return end, false, wire.Errorf(codes.OutOfRange, wire.ReasonStreamGap, "device %d (%s): %v", d.index, d.spec, err)
 		}
 		if !ok {
-			return nil, nil
+			return end, false, nil
 		}
 		if c.End {
-			return &c, nil
+			return c, true, nil
 		}
 		// The chunk goes into the device piece by piece, as it was
 		// received: no copy into one buffer first.
 		if err := writePayload(d.stream, c.Payload.data); err != nil {
 			// The chunk stays held: the clean-up's Drain frees it.
-			return nil, wire.DeviceError(d.spec, fmt.Sprintf("write chunk %d at byte %d", c.Seq, c.Offset), err)
+			return end, false, wire.DeviceError(d.spec, fmt.Sprintf("write chunk %d at byte %d", c.Seq, c.Offset), err)
 		}
 		d.digest.AddPayload(c.Offset, c.Payload.data, c.Payload.crc)
 		d.mu.Lock()

@@ -22,12 +22,12 @@ func (framePool) Put(*[]byte)       {}
 
 // BenchmarkAcceptLoad is the destination's per-chunk path after gRPC has
 // read a chunk's frames: the codec's Unmarshal (references, no copy),
-// accept (validation, CRC32C, reassembly) on the channel's goroutine, and
-// the loader (the device write in 16 KiB pieces, the digest) on its own,
-// into a simulated device that checks every byte. One op is one 1 MiB
-// chunk; every 64 chunks the device's stream is complete and verified and
-// a new session starts, off the clock. The loader's work is on the clock:
-// a session's last op waits for it.
+// accept (validation, CRC32C, reassembly) and the device write (in 16
+// KiB pieces, and the digest), both on the channel's goroutine since its
+// chunks arrive in order, into a simulated device that checks every
+// byte. One op is one 1 MiB chunk; every 64 chunks the device's stream is
+// complete and verified and a new session starts, off the clock. A
+// session's last op waits for the loader to verify END.
 func BenchmarkAcceptLoad(b *testing.B) {
 	const (
 		chunk   = 1 << 20
