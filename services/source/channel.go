@@ -269,10 +269,11 @@ func (c *channel) take(ctx context.Context) *outChunk {
 // thread, and the socket's buffer keeps the connection busy meanwhile;
 // with several, one sender reads while the others send.
 //
-// Handing every chunk from a reader goroutine to the sender instead cost a
-// third more CPU per GiB on a 2-core host (docs/performance.md): the two
-// goroutines run on different cores, and the kernel copies of the chunk's
-// bytes, at both ends, then run from colder caches. A migration of several
+// Handing every chunk from a reader goroutine to the sender instead (with
+// the destination's receivers handing chunks to its loader) cost a fifth
+// more CPU per GiB on a 2-core host (docs/performance.md): the goroutines
+// of each pair run on different cores, and the kernel copies of the
+// chunk's bytes, at both ends, then run from colder caches. A migration of several
 // devices keeps a reader per device (readDevice), so slow devices are read
 // in parallel whatever the number of channels.
 type puller struct {

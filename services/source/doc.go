@@ -19,17 +19,20 @@
 //  3. asks Transfer.SwitchoverStart, and only once it is accepted moves the
 //     devices to STOP_COPY (through RUNNING_P2P first, for every device,
 //     when they support P2P);
-//  4. runs one reader per device: it waits for window credit
-//     (flow.Gate) before each read, so a full window stops the reads and
-//     source memory stays bounded by the windows; reads a chunk straight
-//     into a pooled buffer, computing its CRC32C 64 KiB at a time as it
-//     goes; records the CRC in the stream digest; keeps
-//     it until acknowledged; and queues it for the channels. At the end of
-//     the device state (read returns 0) it queues END and moves the device
-//     to STOP;
-//  5. every channel's sender takes chunks from the one shared queue, so a
-//     slow channel never holds up the others, and every channel's receiver
-//     applies the window updates (acknowledgements) from the destination;
+//  4. reads the devices: before each read it waits for window credit
+//     (flow.Gate), so a full window stops the reads and source memory stays
+//     bounded by the windows; reads a chunk straight into a pooled buffer,
+//     computing its CRC32C 64 KiB at a time as it goes; records the CRC in
+//     the stream digest; and keeps the chunk until acknowledged. At the
+//     end of the device state (read returns 0) comes END, and the device
+//     moves to STOP. With one device the channels' senders do the reading
+//     themselves, taking turns, and each sends the chunk it read while the
+//     bytes are in its core's cache (see puller); with several, one reader
+//     per device queues its chunks, so slow devices are read in parallel;
+//  5. every channel's sender sends chunks as they come (a chunk to resend
+//     first), so a slow channel never holds up the others, and every
+//     channel's receiver applies the window updates (acknowledgements)
+//     from the destination;
 //  6. calls Transfer.Finish for the verdict.
 //
 // Any failure or cancellation before a verified verdict rolls back: every
