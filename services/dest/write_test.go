@@ -1,0 +1,144 @@
+package dest
+
+import (
+	"fmt"
+	"testing"
+	"testing/synctest"
+
+	"google.golang.org/grpc/mem"
+
+	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/wire"
+)
+
+// The receiver whose chunk completes the frontier writes it into the
+// device before accept returns; a chunk that arrives while another holds
+// the device's write turn is written by the loader once the turn is free;
+// END is the loader's, and the device is verified.
+func TestReceiverWritesTheFrontier(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		const (
+			chunk   = 64 << 10
+			nChunks = 4
+			size    = nChunks * chunk
+		)
+		spec := fmt.Sprintf("sim:size=%d,seed=21", size)
+		reg := vfio.NewRegistry(vfio.RegistryOptions{AllowSim: true})
+		defer reg.Close()
+		pool := wire.NewPool()
+		a, err := New(Config{Registry: reg, Pool: pool, MaxChunks: nChunks, MaxBytes: size})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer a.Close()
+		prep, err := a.prepare(&ferryv1.PrepareIncomingRequest{MigrationId: "write", Devices: []string{spec}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ts := &transferServer{a: a}
+		resp, err := ts.Open(t.Context(), &ferryv1.OpenRequest{MigrationId: "write", Token: prep.GetToken(), Devices: []string{spec}, ChunkSize: chunk, Channels: 2})
+		if err != nil {
+			t.Fatal(err)
+		}
+		inc, err := a.session(resp.GetSessionId())
+		if err != nil {
+			t.Fatal(err)
+		}
+		d := inc.devs[0]
+
+		// The source's side: the device's state, chunk by chunk, as the
+		// codec decodes it.
+		s, _ := vfio.ParseSpec(spec)
+		src, err := vfio.NewSim(s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		rs, err := src.SetState(vfio.StateStopCopy)
+		if err != nil {
+			t.Fatal(err)
+		}
+		codec := wire.NewCodec(pool)
+		digest, _ := wire.NewDigest(ferryv1.DigestAlgorithm_DIGEST_ALGORITHM_UNSPECIFIED)
+		next := func(seq uint64) *wire.InChunk {
+			t.Helper()
+			state := make([]byte, chunk)
+			if _, err := rs.Read(state); err != nil {
+				t.Fatal(err)
+			}
+			crc := wire.CRC32C(state)
+			digest.Add(seq*chunk, state, crc)
+			out, err := codec.Marshal(&wire.OutChunk{
+				Header:  &ferryv1.ChannelRequest{Seq: seq, Offset: seq * chunk, Kind: ferryv1.ChunkKind_CHUNK_KIND_DATA, Crc32C: crc},
+				Payload: mem.SliceBuffer(state),
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			in := &wire.InChunk{}
+			if err := codec.Unmarshal(out, in); err != nil {
+				t.Fatal(err)
+			}
+			out.Free()
+			return in
+		}
+		accept := func(in *wire.InChunk) {
+			t.Helper()
+			if err := inc.accept(in); err != nil {
+				t.Fatal(err)
+			}
+		}
+
+		accept(next(0))
+		if n := d.chunks.Load(); n != 1 {
+			t.Fatalf("%d chunks written when accept of the frontier returned, want 1", n)
+		}
+
+		// Another holds the write turn: the chunk waits for it. (The loader,
+		// woken, waits for the turn too: synctest.Wait cannot wait past a
+		// goroutine blocked on a mutex, so the count is read at once.)
+		d.wmu.Lock()
+		accept(next(1))
+		if n := d.chunks.Load(); n != 1 {
+			t.Fatalf("%d chunks written while the turn was held, want 1", n)
+		}
+		d.wmu.Unlock()
+		synctest.Wait()
+		if n := d.chunks.Load(); n != 2 {
+			t.Fatalf("%d chunks written once the turn was free, want 2 (the loader's)", n)
+		}
+
+		// Out of order: the receiver of chunk 3 finds the frontier missing
+		// and leaves the chunk held; the receiver of chunk 2 writes both.
+		in2, in3 := next(2), next(3)
+		accept(in3)
+		synctest.Wait()
+		if n := d.chunks.Load(); n != 2 {
+			t.Fatalf("%d chunks written with the frontier missing, want 2", n)
+		}
+		accept(in2)
+		if n := d.chunks.Load(); n != 4 {
+			t.Fatalf("%d chunks written once the frontier arrived, want 4", n)
+		}
+
+		end := &wire.InChunk{}
+		end.Msg = ferryv1.ChannelRequest{Seq: nChunks, Offset: size, Kind: ferryv1.ChunkKind_CHUNK_KIND_END, TotalBytes: size, TotalChunks: nChunks, Digest: digest.Sum()}
+		if err := inc.accept(end); err != nil {
+			t.Fatal(err)
+		}
+		<-inc.done
+		if err := inc.finalStatus(); err != nil {
+			t.Fatalf("verdict: %v", err)
+		}
+		if !d.verified.Load() {
+			t.Error("device not verified")
+		}
+		// The migration is over: the clean-up closed the device to writers.
+		d.wmu.Lock()
+		closed := d.closed
+		d.wmu.Unlock()
+		if !closed {
+			t.Error("device still open to writers after the clean-up")
+		}
+	})
+}
