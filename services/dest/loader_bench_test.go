@@ -35,14 +35,8 @@ func BenchmarkAcceptLoad(b *testing.B) {
 		size    = nChunks * chunk
 	)
 	spec := fmt.Sprintf("sim:size=%d,seed=9", size)
-	reg := vfio.NewRegistry(vfio.RegistryOptions{AllowSim: true})
-	defer reg.Close()
 	pool := wire.NewPool()
-	a, err := New(Config{Registry: reg, Pool: pool, MaxChunks: nChunks, MaxBytes: size})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer a.Close()
+	a := simAgent(b, pool, nChunks, size)
 
 	// The source's side, off the clock: the device's state, cut into
 	// chunks, encoded and split into 16 KiB frames as gRPC would.
@@ -83,24 +77,10 @@ func BenchmarkAcceptLoad(b *testing.B) {
 	}
 	sum := digest.Sum()
 
-	ts := &transferServer{a: a}
 	sessions := 0
 	open := func() *incoming {
 		sessions++
-		id := fmt.Sprintf("bench-%d", sessions)
-		prep, err := a.prepare(&ferryv1.PrepareIncomingRequest{MigrationId: id, Devices: []string{spec}})
-		if err != nil {
-			b.Fatal(err)
-		}
-		resp, err := ts.Open(b.Context(), &ferryv1.OpenRequest{MigrationId: id, Token: prep.GetToken(), Devices: []string{spec}, ChunkSize: chunk, Channels: 1})
-		if err != nil {
-			b.Fatal(err)
-		}
-		inc, err := a.session(resp.GetSessionId())
-		if err != nil {
-			b.Fatal(err)
-		}
-		return inc
+		return openSession(b, a, fmt.Sprintf("bench-%d", sessions), spec, chunk, 1)
 	}
 	finish := func(inc *incoming) {
 		end := &wire.InChunk{}

@@ -24,53 +24,24 @@ func TestReceiverWritesTheFrontier(t *testing.T) {
 			size    = nChunks * chunk
 		)
 		spec := fmt.Sprintf("sim:size=%d,seed=21", size)
-		reg := vfio.NewRegistry(vfio.RegistryOptions{AllowSim: true})
-		defer reg.Close()
 		pool := wire.NewPool()
-		a, err := New(Config{Registry: reg, Pool: pool, MaxChunks: nChunks, MaxBytes: size})
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer a.Close()
-		prep, err := a.prepare(&ferryv1.PrepareIncomingRequest{MigrationId: "write", Devices: []string{spec}})
-		if err != nil {
-			t.Fatal(err)
-		}
-		ts := &transferServer{a: a}
-		resp, err := ts.Open(t.Context(), &ferryv1.OpenRequest{MigrationId: "write", Token: prep.GetToken(), Devices: []string{spec}, ChunkSize: chunk, Channels: 2})
-		if err != nil {
-			t.Fatal(err)
-		}
-		inc, err := a.session(resp.GetSessionId())
-		if err != nil {
-			t.Fatal(err)
-		}
+		a := simAgent(t, pool, nChunks, size)
+		inc := openSession(t, a, "write", spec, chunk, 2)
 		d := inc.devs[0]
 
 		// The source's side: the device's state, chunk by chunk, as the
 		// codec decodes it.
-		s, _ := vfio.ParseSpec(spec)
-		src, err := vfio.NewSim(s)
-		if err != nil {
-			t.Fatal(err)
-		}
-		rs, err := src.SetState(vfio.StateStopCopy)
-		if err != nil {
-			t.Fatal(err)
-		}
+		state := stateOf(t, spec)
 		codec := wire.NewCodec(pool)
 		digest, _ := wire.NewDigest(ferryv1.DigestAlgorithm_DIGEST_ALGORITHM_UNSPECIFIED)
 		next := func(seq uint64) *wire.InChunk {
 			t.Helper()
-			state := make([]byte, chunk)
-			if _, err := rs.Read(state); err != nil {
-				t.Fatal(err)
-			}
-			crc := wire.CRC32C(state)
-			digest.Add(seq*chunk, state, crc)
+			b := state[seq*chunk : (seq+1)*chunk]
+			crc := wire.CRC32C(b)
+			digest.Add(seq*chunk, b, crc)
 			out, err := codec.Marshal(&wire.OutChunk{
 				Header:  &ferryv1.ChannelRequest{Seq: seq, Offset: seq * chunk, Kind: ferryv1.ChunkKind_CHUNK_KIND_DATA, Crc32C: crc},
-				Payload: mem.SliceBuffer(state),
+				Payload: mem.SliceBuffer(b),
 			})
 			if err != nil {
 				t.Fatal(err)
@@ -141,4 +112,39 @@ func TestReceiverWritesTheFrontier(t *testing.T) {
 			t.Error("device still open to writers after the clean-up")
 		}
 	})
+}
+
+// simAgent is a destination agent on pool that takes simulated devices,
+// with windows of at most maxChunks chunks and maxBytes bytes, closed
+// when tb ends.
+func simAgent(tb testing.TB, pool *wire.Pool, maxChunks uint32, maxBytes uint64) *Agent {
+	tb.Helper()
+	reg := vfio.NewRegistry(vfio.RegistryOptions{AllowSim: true})
+	tb.Cleanup(func() { reg.Close() })
+	a, err := New(Config{Registry: reg, Pool: pool, MaxChunks: maxChunks, MaxBytes: maxBytes})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(a.Close)
+	return a
+}
+
+// openSession prepares migration id of one device, spec, on a and opens
+// its session as a source would, with chunk-byte chunks over channels.
+func openSession(tb testing.TB, a *Agent, id, spec string, chunk, channels uint32) *incoming {
+	tb.Helper()
+	prep, err := a.prepare(&ferryv1.PrepareIncomingRequest{MigrationId: id, Devices: []string{spec}})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	ts := &transferServer{a: a}
+	resp, err := ts.Open(tb.Context(), &ferryv1.OpenRequest{MigrationId: id, Token: prep.GetToken(), Devices: []string{spec}, ChunkSize: chunk, Channels: channels})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	inc, err := a.session(resp.GetSessionId())
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return inc
 }

@@ -15,35 +15,43 @@ import (
 
 const pullChunk = 1 << 20
 
-// pullSetup is a one-device migration whose device is in STOP_COPY, its
-// gate under window, the turn handed out, and two channels that take
-// turns reading it.
-func pullSetup(t *testing.T, spec string, window flow.Window) (*migration, *puller, [2]*channel) {
-	t.Helper()
+// readingDevice is a one-device migration of chunk-byte chunks whose
+// device, spec, is in STOP_COPY with its digest and its gate under window:
+// what the device's reader needs.
+func readingDevice(tb testing.TB, spec string, chunk uint32, window flow.Window) (*migration, *srcDevice) {
+	tb.Helper()
 	s, err := vfio.ParseSpec(spec)
 	if err != nil {
-		t.Fatal(err)
+		tb.Fatal(err)
 	}
 	dev, err := vfio.NewSim(s)
 	if err != nil {
-		t.Fatal(err)
+		tb.Fatal(err)
 	}
 	rs, err := dev.SetState(vfio.StateStopCopy)
 	if err != nil {
-		t.Fatal(err)
+		tb.Fatal(err)
 	}
 	m := &migration{
 		a:         &Agent{cfg: Config{Pool: wire.NewPool(), Logger: slog.New(slog.DiscardHandler)}},
 		req:       &ferryv1.StartMigrationRequest{},
-		chunkSize: pullChunk,
+		chunkSize: chunk,
 		log:       slog.New(slog.DiscardHandler),
 	}
 	digest, err := wire.NewDigest(m.req.GetDigest())
 	if err != nil {
-		t.Fatal(err)
+		tb.Fatal(err)
 	}
 	d := &srcDevice{spec: dev.Spec(), dev: dev, release: func() {}, stream: rs, digest: digest, gate: flow.NewGate(window)}
 	m.devs = []*srcDevice{d}
+	return m, d
+}
+
+// pullSetup is readingDevice with the turn handed out to two channels
+// that take turns reading the device.
+func pullSetup(t *testing.T, spec string, window flow.Window) (*migration, *puller, [2]*channel) {
+	t.Helper()
+	m, d := readingDevice(t, spec, pullChunk, window)
 	m.pull = newPuller(d)
 	m.pull.turn <- struct{}{}
 	resend := make(chan *outChunk, 8)

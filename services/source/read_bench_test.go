@@ -2,13 +2,10 @@ package source
 
 import (
 	"fmt"
-	"log/slog"
 	"testing"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/flow"
-	"github.com/vfio-ferry/ferry/pkg/vfio"
-	"github.com/vfio-ferry/ferry/services/wire"
 )
 
 // BenchmarkReadDevice is the source's per-chunk path up to the channels'
@@ -21,31 +18,8 @@ import (
 // list when acknowledged.
 func BenchmarkReadDevice(b *testing.B) {
 	const chunk, window = 1 << 20, 64
-	pool := wire.NewPool()
-	m := &migration{
-		a:         &Agent{cfg: Config{Pool: pool, Logger: slog.New(slog.DiscardHandler)}},
-		req:       &ferryv1.StartMigrationRequest{},
-		chunkSize: chunk,
-		log:       slog.New(slog.DiscardHandler),
-	}
-	s, err := vfio.ParseSpec(fmt.Sprintf("sim:size=%d,seed=3", uint64(b.N)*chunk))
-	if err != nil {
-		b.Fatal(err)
-	}
-	dev, err := vfio.NewSim(s)
-	if err != nil {
-		b.Fatal(err)
-	}
-	rs, err := dev.SetState(vfio.StateStopCopy)
-	if err != nil {
-		b.Fatal(err)
-	}
-	digest, err := wire.NewDigest(m.req.GetDigest())
-	if err != nil {
-		b.Fatal(err)
-	}
-	d := &srcDevice{spec: dev.Spec(), dev: dev, release: func() {}, stream: rs, digest: digest,
-		gate: flow.NewGate(flow.Window{LimitSeq: window, LimitOffset: window * chunk})}
+	m, d := readingDevice(b, fmt.Sprintf("sim:size=%d,seed=3", uint64(b.N)*chunk), chunk,
+		flow.Window{LimitSeq: window, LimitOffset: window * chunk})
 	queue := make(chan *outChunk, window+1)
 	done := make(chan struct{})
 	go func() {
