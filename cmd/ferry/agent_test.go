@@ -139,23 +139,20 @@ func (p *agentProc) signal(t *testing.T, sig syscall.Signal) {
 
 // logged reports whether the process logged a line with this msg.
 func (p *agentProc) logged(msg string) bool {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	for _, l := range p.lines {
-		if l["msg"] == msg {
-			return true
-		}
-	}
-	return false
+	return p.loggedMsg(func(m string) bool { return m == msg })
 }
 
 // loggedPrefix reports whether the process logged a line whose msg starts
 // with prefix.
 func (p *agentProc) loggedPrefix(prefix string) bool {
+	return p.loggedMsg(func(m string) bool { return strings.HasPrefix(m, prefix) })
+}
+
+func (p *agentProc) loggedMsg(match func(string) bool) bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	for _, l := range p.lines {
-		if m, _ := l["msg"].(string); strings.HasPrefix(m, prefix) {
+		if m, ok := l["msg"].(string); ok && match(m) {
 			return true
 		}
 	}

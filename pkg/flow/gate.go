@@ -74,17 +74,10 @@ func (g *Gate) Wait(ctx context.Context, maxLen uint64) (seq, offset uint64, err
 	g.mu.Lock()
 	for {
 		var ok bool
-		if err = ctx.Err(); err == nil {
-			seq, offset, ok, err = g.reserveLocked(maxLen)
-		}
+		seq, offset, ok, err = g.pollLocked(maxLen, ctx.Err())
 		if ok || err != nil {
-			g.endStallLocked()
 			g.mu.Unlock()
 			return seq, offset, err
-		}
-		if !g.stalling {
-			g.stalls++
-			g.stalling, g.stallStart = true, time.Now()
 		}
 		g.mu.Unlock()
 		select {
@@ -104,7 +97,17 @@ func (g *Gate) Wait(ctx context.Context, maxLen uint64) (seq, offset uint64, err
 func (g *Gate) Poll(maxLen uint64) (seq, offset uint64, ok bool, err error) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	seq, offset, ok, err = g.reserveLocked(maxLen)
+	return g.pollLocked(maxLen, nil)
+}
+
+// pollLocked reserves the next chunk if the window admits it, unless stop
+// (a Wait's ended context) says to give up, and keeps the stall count: a
+// stall starts when the window first turns a reader away and ends when it
+// admits one, or the reader gives up.
+func (g *Gate) pollLocked(maxLen uint64, stop error) (seq, offset uint64, ok bool, err error) {
+	if err = stop; err == nil {
+		seq, offset, ok, err = g.reserveLocked(maxLen)
+	}
 	switch {
 	case ok || err != nil:
 		g.endStallLocked()

@@ -279,7 +279,8 @@ func (c *channel) take(ctx context.Context) *outChunk {
 type puller struct {
 	d *srcDevice
 	// turn holds the token to read the device (1-buffered). The
-	// migration puts it in once the device is in STOP_COPY.
+	// migration puts it in once the device is in STOP_COPY; the sender
+	// that ends the reading keeps it, so the others wait for resends only.
 	turn chan struct{}
 	// read is closed once the state is read to its end and the device
 	// left STOP_COPY (err nil), or reading failed (err says why; set
@@ -297,43 +298,31 @@ func newPuller(d *srcDevice) *puller {
 func (c *channel) pull(ctx context.Context, p *puller) *outChunk {
 	for {
 		select {
-		case <-p.read:
-			select {
-			case <-ctx.Done():
-				return nil
-			case ch := <-c.resend:
-				return ch
-			}
-		default:
-		}
-		select {
 		case <-ctx.Done():
 			return nil
 		case ch := <-c.resend:
 			return ch
-		case <-p.read:
-			continue
 		case <-p.turn:
 		}
 		ch := c.readTurn(ctx, p)
-		p.turn <- struct{}{}
+		select {
+		case <-p.read:
+			// Reading ended: the turn stays taken.
+		default:
+			p.turn <- struct{}{}
+		}
 		if ch != nil || ctx.Err() != nil {
 			return ch
 		}
-		// Reading ended: resends are left.
 	}
 }
 
 // readTurn reads the device's next chunk, holding the turn: it waits for
 // credit, or gives up the turn for a chunk to resend, which may be what
-// the window waits for. It returns nil when ctx ends or reading has ended.
+// the window waits for. It returns nil when ctx ends or reading ends
+// without a chunk (a failed read).
 func (c *channel) readTurn(ctx context.Context, p *puller) *outChunk {
 	d, m := p.d, c.m
-	select {
-	case <-p.read:
-		return nil
-	default:
-	}
 	var seq, off uint64
 	for {
 		var err error

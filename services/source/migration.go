@@ -425,7 +425,11 @@ func (m *migration) stream(ctx context.Context, transfer ferryv1.TransferClient,
 	}
 	// Every chunk in the queue is inside its device's window, so the queue
 	// never holds more than the windows do and a reader never blocks on it.
-	queue := make(chan *outChunk, queueCap)
+	// The senders of a one-device migration read for themselves: no queue.
+	var queue chan *outChunk
+	if m.pull == nil {
+		queue = make(chan *outChunk, queueCap)
+	}
 
 	// Resent chunks come first; like queue, resend never holds more than
 	// the windows (a chunk is queued for a resend only while no queue
