@@ -376,6 +376,12 @@ func TestSessionIsBoundToItsSourceIdentity(t *testing.T) {
 	aPartial := ferryv1.NewTransferClient(as(sourceA))
 
 	session := openOne(t, ctl, a, "bound", 1, 1)
+	// A repeated prepare answers with the migration's token.
+	prep, err := ctl.PrepareIncoming(t.Context(), &ferryv1.PrepareIncomingRequest{MigrationId: "bound", Devices: []string{spec(1)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	token := prep.GetToken()
 	check := func(name string, err error) {
 		t.Helper()
 		if wire.Code(err) != codes.PermissionDenied || wire.Reason(err) != wire.ReasonPeerMismatch {
@@ -394,6 +400,9 @@ func TestSessionIsBoundToItsSourceIdentity(t *testing.T) {
 		check(name+": Finish", err)
 		_, err = other.Abort(t.Context(), &ferryv1.AbortRequest{SessionId: session, Reason: "hijack"})
 		check(name+": Abort", err)
+		// Naming the session by its migration and token is no way round.
+		_, err = other.Abort(t.Context(), &ferryv1.AbortRequest{MigrationId: "bound", Token: token, Reason: "hijack"})
+		check(name+": Abort by token", err)
 	}
 	// The control plane may not use Transfer at all.
 	_, err = ferryv1.NewTransferClient(as(controlPlane)).Finish(t.Context(), &ferryv1.FinishRequest{SessionId: session})

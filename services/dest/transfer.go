@@ -414,10 +414,20 @@ func (s *transferServer) Finish(ctx context.Context, req *ferryv1.FinishRequest)
 	return resp, nil
 }
 
+// Abort ends a session, or, named by migration id and token, an incoming
+// migration whose Open the source saw go unanswered (see AbortRequest).
+// It returns once the devices are reset.
 func (s *transferServer) Abort(ctx context.Context, req *ferryv1.AbortRequest) (*ferryv1.AbortResponse, error) {
-	inc, err := s.a.boundSession(ctx, req.GetSessionId())
+	var inc *incoming
+	var err error
+	if req.GetSessionId() == "" && req.GetMigrationId() != "" {
+		inc, err = s.a.tokenIncoming(ctx, req.GetMigrationId(), req.GetToken())
+	} else {
+		inc, err = s.a.boundSession(ctx, req.GetSessionId())
+	}
 	if err != nil {
-		// A session that already ended and was cleaned up is aborted.
+		// A session or migration that already ended and was cleaned
+		// up is aborted.
 		if wire.Code(err) == codes.NotFound {
 			return &ferryv1.AbortResponse{}, nil
 		}

@@ -37,6 +37,9 @@
 //
 // Any failure or cancellation before a verified verdict rolls back: every
 // source device returns to RUNNING (by a reset if that arc fails, logged as
-// an error), and the destination is told to Abort, which resets its
-// devices. A failed migration never costs the VM its device.
+// an error), then the destination is told to Abort, which resets its
+// devices; the migration is reported ended after that. An Open whose
+// answer never came may have opened a session all the same: it is aborted
+// by migration id and token. A failed migration never costs the VM its
+// device.
 package source

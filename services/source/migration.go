@@ -210,6 +210,20 @@ type migration struct {
 	// pull is set when the channels' senders read the device themselves
 	// (a one-device migration; see puller), before the channels start.
 	pull *puller
+
+	// peer is the destination's control connection and what to abort
+	// there; only run's goroutine uses it.
+	peer destPeer
+}
+
+// destPeer is the source's control connection to the destination agent.
+type destPeer struct {
+	conn     *grpc.ClientConn
+	transfer ferryv1.TransferClient
+	// abort names what the destination holds for this migration once Open
+	// may have been served: the session, or, when Open went unanswered,
+	// the incoming migration by id and token. nil: nothing is held.
+	abort *ferryv1.AbortRequest
 }
 
 func (a *Agent) newMigration(req *ferryv1.StartMigrationRequest) *migration {
@@ -281,6 +295,11 @@ func (m *migration) setPhase(p ferryv1.MigrationPhase) {
 func (m *migration) run() {
 	defer close(m.done)
 	err := m.execute()
+	defer func() {
+		if m.peer.conn != nil {
+			m.peer.conn.Close()
+		}
+	}()
 	phase := ferryv1.MigrationPhase_MIGRATION_PHASE_SUCCEEDED
 	if err != nil {
 		if errors.Is(context.Cause(m.ctx), errCancelled) {
@@ -289,7 +308,9 @@ func (m *migration) run() {
 		} else if m.ctx.Err() != nil && wire.Code(err) == codes.Canceled {
 			err = wire.Errorf(codes.Unavailable, wire.ReasonAborted, "source agent shutting down")
 		}
+		// The VM's devices come first; then the destination is told.
 		phase = m.rollback(err, phase)
+		m.abortPeer(err)
 	}
 	for _, d := range m.devs {
 		d.ack(^uint64(0))
@@ -341,8 +362,31 @@ func (m *migration) rollback(cause error, phase ferryv1.MigrationPhase) ferryv1.
 	return phase
 }
 
+// abortPeer tells the destination to end what it holds for the migration
+// and reset its devices, if it may hold anything. It waits at most the
+// progress timeout: a destination that does not answer within it is
+// stalled, and ends the migration itself when its source timeout passes.
+func (m *migration) abortPeer(cause error) {
+	req := m.peer.abort
+	if req == nil {
+		return
+	}
+	req.Reason = wire.Message(cause)
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(m.ctx), min(rpcTimeout, m.a.cfg.ProgressTimeout))
+	defer cancel()
+	if _, err := m.peer.transfer.Abort(ctx, req); err != nil {
+		m.log.Warn("abort at the destination failed", "error", err, "unanswered_open", req.GetSessionId() == "")
+	}
+}
+
+// openUnanswered reports whether Open's error leaves its outcome unknown:
+// it carries no reason, so the destination's handler did not send it (the
+// call was cancelled, timed out, or lost its connection), and the
+// destination may have opened the session all the same.
+func openUnanswered(err error) bool { return wire.Reason(err) == "" }
+
 // execute is the migration proper; any error it returns is rolled back by
-// run.
+// run, which then aborts what m.peer says the destination holds.
 func (m *migration) execute() error {
 	ctx := m.ctx
 	a := m.a
@@ -352,8 +396,8 @@ func (m *migration) execute() error {
 	if err != nil {
 		return wire.Errorf(codes.InvalidArgument, wire.ReasonInvalidArgument, "dest_address %q: %v", m.req.GetDestAddress(), err)
 	}
-	defer ctrlConn.Close()
 	transfer := ferryv1.NewTransferClient(ctrlConn)
+	m.peer.conn, m.peer.transfer = ctrlConn, transfer
 
 	open := &ferryv1.OpenRequest{
 		MigrationId: m.id,
@@ -375,8 +419,13 @@ func (m *migration) execute() error {
 	opened, err := transfer.Open(octx, open)
 	ocancel()
 	if err != nil {
+		if openUnanswered(err) {
+			m.peer.abort = &ferryv1.AbortRequest{MigrationId: m.id, Token: m.req.GetToken()}
+		}
 		return peerError("open the session", err)
 	}
+	// From here on the destination holds a session: abort it on failure.
+	m.peer.abort = &ferryv1.AbortRequest{SessionId: opened.GetSessionId()}
 	if err := wire.CheckOpenWindows(opened.GetWindows(), len(m.devs), m.chunkSize); err != nil {
 		return err
 	}
@@ -387,16 +436,7 @@ func (m *migration) execute() error {
 		m.mu.Unlock()
 		m.log.Info("chunks go on direct data connections", "address", m.dataAddr)
 	}
-	// From here on the destination holds a session: abort it on failure.
-	err = m.stream(ctx, transfer, session, opened, dialOpts)
-	if err != nil {
-		actx, acancel := context.WithTimeout(context.WithoutCancel(ctx), rpcTimeout)
-		if _, aerr := transfer.Abort(actx, &ferryv1.AbortRequest{SessionId: session, Reason: wire.Message(err)}); aerr != nil {
-			m.log.Warn("abort at the destination failed", "error", aerr)
-		}
-		acancel()
-	}
-	return err
+	return m.stream(ctx, transfer, session, opened, dialOpts)
 }
 
 // peerError wraps an error from the destination, keeping its code and

@@ -832,13 +832,28 @@ func (x *FinishResponse) GetWindowBytes() uint64 {
 	return 0
 }
 
-// AbortRequest gives up a session.
+// AbortRequest gives up a session, or an incoming migration whose Open
+// went unanswered.
+//
+// A source whose Open was cut off (cancelled, timed out, its connection
+// lost) cannot know whether the destination opened a session, and has no
+// session id to name it by. It names the incoming migration instead, by
+// migration_id and the token the Open carried: the destination ends that
+// migration, opened or not, and resets its devices at once rather than
+// when the session's source timeout or the token's expiry passes.
 type AbortRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// The session id from Open.
+	// The session id from Open. When set, migration_id and token are
+	// ignored.
 	SessionId string `protobuf:"bytes,1,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
 	// Why, for the destination's records and logs.
-	Reason        string `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
+	Reason string `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
+	// Without a session id: the incoming migration to end.
+	MigrationId string `protobuf:"bytes,3,opt,name=migration_id,json=migrationId,proto3" json:"migration_id,omitempty"`
+	// Without a session id: the token from PrepareIncoming, spent or not.
+	// Once a session is open, the caller must also be the identity that
+	// opened it.
+	Token         string `protobuf:"bytes,4,opt,name=token,proto3" json:"token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -883,6 +898,20 @@ func (x *AbortRequest) GetSessionId() string {
 func (x *AbortRequest) GetReason() string {
 	if x != nil {
 		return x.Reason
+	}
+	return ""
+}
+
+func (x *AbortRequest) GetMigrationId() string {
+	if x != nil {
+		return x.MigrationId
+	}
+	return ""
+}
+
+func (x *AbortRequest) GetToken() string {
+	if x != nil {
+		return x.Token
 	}
 	return ""
 }
@@ -987,11 +1016,13 @@ const file_ferry_v1_transfer_proto_rawDesc = "" +
 	"\bverified\x18\x01 \x01(\bR\bverified\x121\n" +
 	"\adevices\x18\x02 \x03(\v2\x17.ferry.v1.DeviceVerdictR\adevices\x12.\n" +
 	"\x13peak_buffered_bytes\x18\x03 \x01(\x04R\x11peakBufferedBytes\x12!\n" +
-	"\fwindow_bytes\x18\x04 \x01(\x04R\vwindowBytes\"E\n" +
+	"\fwindow_bytes\x18\x04 \x01(\x04R\vwindowBytes\"~\n" +
 	"\fAbortRequest\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x01 \x01(\tR\tsessionId\x12\x16\n" +
-	"\x06reason\x18\x02 \x01(\tR\x06reason\"\x0f\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\x12!\n" +
+	"\fmigration_id\x18\x03 \x01(\tR\vmigrationId\x12\x14\n" +
+	"\x05token\x18\x04 \x01(\tR\x05token\"\x0f\n" +
 	"\rAbortResponse*P\n" +
 	"\tChunkKind\x12\x1a\n" +
 	"\x16CHUNK_KIND_UNSPECIFIED\x10\x00\x12\x13\n" +
