@@ -24,6 +24,10 @@ func TestAbortByToken(t *testing.T) {
 		}
 		return prep.GetToken()
 	}
+	open := func(id, tok string, seed int) error {
+		_, err := h.transfer.Open(ctx, &ferryv1.OpenRequest{MigrationId: id, Token: tok, Devices: []string{spec(seed)}, ChunkSize: testChunk, Channels: 1})
+		return err
+	}
 	phase := func(id string) *ferryv1.Migration {
 		t.Helper()
 		resp, err := h.dest.GetIncoming(ctx, &ferryv1.GetIncomingRequest{MigrationId: id})
@@ -47,14 +51,13 @@ func TestAbortByToken(t *testing.T) {
 		t.Fatalf("abort an unopened migration: %v", err)
 	}
 	aborted("unopened", 1)
-	_, err := h.transfer.Open(ctx, &ferryv1.OpenRequest{MigrationId: "unopened", Token: tok, Devices: []string{spec(1)}, ChunkSize: testChunk, Channels: 1})
-	if wire.Code(err) != codes.FailedPrecondition {
+	if err := open("unopened", tok, 1); wire.Code(err) != codes.FailedPrecondition {
 		t.Errorf("Open after the abort: %v, want FAILED_PRECONDITION", err)
 	}
 
 	// Open was served, but its answer was lost on the way back.
 	tok = prepare("opened", 2)
-	if _, err := h.transfer.Open(ctx, &ferryv1.OpenRequest{MigrationId: "opened", Token: tok, Devices: []string{spec(2)}, ChunkSize: testChunk, Channels: 1}); err != nil {
+	if err := open("opened", tok, 2); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := h.transfer.Abort(ctx, &ferryv1.AbortRequest{MigrationId: "opened", Token: tok}); err != nil {
@@ -75,7 +78,7 @@ func TestAbortByToken(t *testing.T) {
 	if m := phase("kept"); m.GetPhase() == ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED {
 		t.Fatalf("a wrong token ended the migration: %v", m.GetError())
 	}
-	if _, err := h.transfer.Open(ctx, &ferryv1.OpenRequest{MigrationId: "kept", Token: tok, Devices: []string{spec(3)}, ChunkSize: testChunk, Channels: 1}); err != nil {
+	if err := open("kept", tok, 3); err != nil {
 		t.Errorf("Open after wrong-token aborts: %v", err)
 	}
 

@@ -2,7 +2,6 @@ package dest
 
 import (
 	"context"
-	"crypto/subtle"
 	"time"
 
 	"google.golang.org/grpc"
@@ -34,16 +33,15 @@ func (a *Agent) boundSession(ctx context.Context, id string) (*incoming, error) 
 }
 
 // tokenIncoming returns the incoming migration id names if token is its
-// token (PERMISSION_DENIED, BAD_TOKEN if not; spent or expired tokens
-// still name it) and, once a session is open, the caller is the identity
+// token (see checkToken; spent or expired tokens still name it) and, once a session is open, the caller is the identity
 // that opened it.
 func (a *Agent) tokenIncoming(ctx context.Context, id, token string) (*incoming, error) {
 	inc, err := a.lookup(id)
 	if err != nil {
 		return nil, err
 	}
-	if len(token) > wire.MaxTokenLength || subtle.ConstantTimeCompare([]byte(token), []byte(inc.token)) != 1 {
-		return nil, wire.Errorf(codes.PermissionDenied, wire.ReasonBadToken, "wrong token for incoming migration %s", id)
+	if err := checkToken(token, inc.token, id); err != nil {
+		return nil, err
 	}
 	inc.mu.Lock()
 	opened := inc.sessionID != ""

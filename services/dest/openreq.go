@@ -36,14 +36,23 @@ type openParams struct {
 	channels  uint32
 }
 
+// checkToken refuses a token that is not want, the token of incoming
+// migration id, comparing in constant time: PERMISSION_DENIED, BAD_TOKEN.
+func checkToken(token, want, id string) error {
+	if len(token) > wire.MaxTokenLength || subtle.ConstantTimeCompare([]byte(token), []byte(want)) != 1 {
+		return wire.Errorf(codes.PermissionDenied, wire.ReasonBadToken, "wrong token for incoming migration %s", id)
+	}
+	return nil
+}
+
 // validateOpen checks an OpenRequest against the prepared migration at
 // time now, before anything is allocated for it. The token is checked
 // first, in constant time, so a caller without it learns nothing else;
 // a token is refused from its expiry time on. Every error is a status with
 // an ErrorInfo reason.
 func validateOpen(req *ferryv1.OpenRequest, p prepared, now time.Time) (openParams, error) {
-	if len(req.GetToken()) > wire.MaxTokenLength || subtle.ConstantTimeCompare([]byte(req.GetToken()), []byte(p.token)) != 1 {
-		return openParams{}, wire.Errorf(codes.PermissionDenied, wire.ReasonBadToken, "wrong token for incoming migration %s", p.id)
+	if err := checkToken(req.GetToken(), p.token, p.id); err != nil {
+		return openParams{}, err
 	}
 	if !now.Before(p.expires) {
 		return openParams{}, wire.Errorf(codes.PermissionDenied, wire.ReasonBadToken, "the token of incoming migration %s expired", p.id)
