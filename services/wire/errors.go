@@ -43,6 +43,14 @@ const (
 	ReasonInternal           = "INTERNAL"
 	ReasonSourceDeviceFailed = "SOURCE_DEVICE_FAILED"
 	ReasonDraining           = "AGENT_DRAINING"
+	// A device did not answer an operation within the device timeout.
+	ReasonDeviceStuck = "DEVICE_STUCK"
+	// The source devices stayed stopped past the switchover deadline
+	// without a verdict, and were rolled back.
+	ReasonSwitchoverDeadline = "SWITCHOVER_DEADLINE"
+	// The migration committed (the source has the verified verdict): it
+	// can no longer be cancelled or aborted.
+	ReasonCommitted = "MIGRATION_COMMITTED"
 	// Security: who may call (see authz.go) and who may use a session.
 	ReasonUnauthenticated  = "UNAUTHENTICATED"
 	ReasonClientNotAllowed = "CLIENT_NOT_ALLOWED"

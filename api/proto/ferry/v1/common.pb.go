@@ -123,13 +123,21 @@ const (
 	// Every stream ended; the destination checks the state and moves its
 	// devices RESUMING->STOP.
 	MigrationPhase_MIGRATION_PHASE_FINISHING MigrationPhase = 5
-	// Verified: every destination device accepted its state.
+	// Committed: every destination device accepted its state and the
+	// source has the verdict, so the destination owns the device.
 	MigrationPhase_MIGRATION_PHASE_SUCCEEDED MigrationPhase = 6
 	// Failed; the rollback rule ran (source devices RUNNING, destination
 	// devices reset). The error says why.
 	MigrationPhase_MIGRATION_PHASE_FAILED MigrationPhase = 7
 	// Cancelled by the control plane; rolled back like a failure.
 	MigrationPhase_MIGRATION_PHASE_CANCELLED MigrationPhase = 8
+	// Destination only, not final: every device verified its state, and the
+	// destination waits for the source's Commit (docs/design.md, the commit
+	// rule). An Abort from the source still resets the devices. The
+	// destination never resolves this phase by itself: the source's Commit
+	// or Abort does, or the control plane's CommitIncoming or CancelIncoming
+	// once it has read the source.
+	MigrationPhase_MIGRATION_PHASE_VERIFIED MigrationPhase = 9
 )
 
 // Enum value maps for MigrationPhase.
@@ -144,6 +152,7 @@ var (
 		6: "MIGRATION_PHASE_SUCCEEDED",
 		7: "MIGRATION_PHASE_FAILED",
 		8: "MIGRATION_PHASE_CANCELLED",
+		9: "MIGRATION_PHASE_VERIFIED",
 	}
 	MigrationPhase_value = map[string]int32{
 		"MIGRATION_PHASE_UNSPECIFIED": 0,
@@ -155,6 +164,7 @@ var (
 		"MIGRATION_PHASE_SUCCEEDED":   6,
 		"MIGRATION_PHASE_FAILED":      7,
 		"MIGRATION_PHASE_CANCELLED":   8,
+		"MIGRATION_PHASE_VERIFIED":    9,
 	}
 )
 
@@ -185,6 +195,67 @@ func (MigrationPhase) EnumDescriptor() ([]byte, []int) {
 	return file_ferry_v1_common_proto_rawDescGZIP(), []int{1}
 }
 
+// DeviceOwner says which host holds the runnable copy of a migration's
+// devices: the one whose VM may run with them.
+type DeviceOwner int32
+
+const (
+	// Not reported.
+	DeviceOwner_DEVICE_OWNER_UNSPECIFIED DeviceOwner = 0
+	// The source host: the migration has not committed, or it was rolled
+	// back.
+	DeviceOwner_DEVICE_OWNER_SOURCE DeviceOwner = 1
+	// The destination host: the migration committed.
+	DeviceOwner_DEVICE_OWNER_DESTINATION DeviceOwner = 2
+	// Destination only: verified but not yet committed. Ask the source: it
+	// owns the commit (SUCCEEDED there means the destination owns the
+	// devices, anything else that the source does).
+	DeviceOwner_DEVICE_OWNER_IN_DOUBT DeviceOwner = 3
+)
+
+// Enum value maps for DeviceOwner.
+var (
+	DeviceOwner_name = map[int32]string{
+		0: "DEVICE_OWNER_UNSPECIFIED",
+		1: "DEVICE_OWNER_SOURCE",
+		2: "DEVICE_OWNER_DESTINATION",
+		3: "DEVICE_OWNER_IN_DOUBT",
+	}
+	DeviceOwner_value = map[string]int32{
+		"DEVICE_OWNER_UNSPECIFIED": 0,
+		"DEVICE_OWNER_SOURCE":      1,
+		"DEVICE_OWNER_DESTINATION": 2,
+		"DEVICE_OWNER_IN_DOUBT":    3,
+	}
+)
+
+func (x DeviceOwner) Enum() *DeviceOwner {
+	p := new(DeviceOwner)
+	*p = x
+	return p
+}
+
+func (x DeviceOwner) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (DeviceOwner) Descriptor() protoreflect.EnumDescriptor {
+	return file_ferry_v1_common_proto_enumTypes[2].Descriptor()
+}
+
+func (DeviceOwner) Type() protoreflect.EnumType {
+	return &file_ferry_v1_common_proto_enumTypes[2]
+}
+
+func (x DeviceOwner) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use DeviceOwner.Descriptor instead.
+func (DeviceOwner) EnumDescriptor() ([]byte, []int) {
+	return file_ferry_v1_common_proto_rawDescGZIP(), []int{2}
+}
+
 // Device describes one device an agent can migrate.
 type Device struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -202,8 +273,13 @@ type Device struct {
 	// The device's estimate of its stop-copy state size in bytes, 0 when
 	// unknown.
 	EstimatedStateBytes uint64 `protobuf:"varint,6,opt,name=estimated_state_bytes,json=estimatedStateBytes,proto3" json:"estimated_state_bytes,omitempty"`
-	unknownFields       protoimpl.UnknownFields
-	sizeCache           protoimpl.SizeCache
+	// The device did not answer an operation within the agent's device
+	// timeout; error says which.
+	Stuck bool `protobuf:"varint,7,opt,name=stuck,proto3" json:"stuck,omitempty"`
+	// Why the device is in no usable state, when it is not.
+	Error         string `protobuf:"bytes,8,opt,name=error,proto3" json:"error,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Device) Reset() {
@@ -276,6 +352,20 @@ func (x *Device) GetEstimatedStateBytes() uint64 {
 		return x.EstimatedStateBytes
 	}
 	return 0
+}
+
+func (x *Device) GetStuck() bool {
+	if x != nil {
+		return x.Stuck
+	}
+	return false
+}
+
+func (x *Device) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
 }
 
 // ListDevicesRequest asks an agent for the devices it knows.
@@ -456,8 +546,15 @@ type DeviceProgress struct {
 	WindowStallTime *durationpb.Duration `protobuf:"bytes,11,opt,name=window_stall_time,json=windowStallTime,proto3" json:"window_stall_time,omitempty"`
 	// Destination: highest bytes held out of order for this device.
 	PeakBufferedBytes uint64 `protobuf:"varint,12,opt,name=peak_buffered_bytes,json=peakBufferedBytes,proto3" json:"peak_buffered_bytes,omitempty"`
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	// Destination: chunks received again that were already held or written
+	// (the source resent them after a channel was lost).
+	DuplicateChunks uint64 `protobuf:"varint,13,opt,name=duplicate_chunks,json=duplicateChunks,proto3" json:"duplicate_chunks,omitempty"`
+	// The device did not answer an operation within the agent's device
+	// timeout. It is left to its driver, held by the agent until the
+	// operation returns, and error says which operation it was.
+	Stuck         bool `protobuf:"varint,14,opt,name=stuck,proto3" json:"stuck,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *DeviceProgress) Reset() {
@@ -574,6 +671,20 @@ func (x *DeviceProgress) GetPeakBufferedBytes() uint64 {
 	return 0
 }
 
+func (x *DeviceProgress) GetDuplicateChunks() uint64 {
+	if x != nil {
+		return x.DuplicateChunks
+	}
+	return 0
+}
+
+func (x *DeviceProgress) GetStuck() bool {
+	if x != nil {
+		return x.Stuck
+	}
+	return false
+}
+
 // Migration is a migration as one agent sees it.
 type Migration struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -611,9 +722,21 @@ type Migration struct {
 	// streams (the destination serves them and the source asked), not in
 	// Channel messages. At the source: false as soon as one stream could not
 	// open its data connection and sent in Channel messages instead.
-	DirectData    bool `protobuf:"varint,16,opt,name=direct_data,json=directData,proto3" json:"direct_data,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	DirectData bool `protobuf:"varint,16,opt,name=direct_data,json=directData,proto3" json:"direct_data,omitempty"`
+	// Which host holds the runnable copy of the devices.
+	Owner DeviceOwner `protobuf:"varint,17,opt,name=owner,proto3,enum=ferry.v1.DeviceOwner" json:"owner,omitempty"`
+	// Destination: chunks received again over all devices.
+	DuplicateChunks uint64 `protobuf:"varint,18,opt,name=duplicate_chunks,json=duplicateChunks,proto3" json:"duplicate_chunks,omitempty"`
+	// Channel streams connected now.
+	ConnectedChannels uint32 `protobuf:"varint,19,opt,name=connected_channels,json=connectedChannels,proto3" json:"connected_channels,omitempty"`
+	// When the peer last sent anything on a channel (a chunk or a window
+	// update); unset before the first.
+	LastPeerActivityTime *timestamppb.Timestamp `protobuf:"bytes,20,opt,name=last_peer_activity_time,json=lastPeerActivityTime,proto3" json:"last_peer_activity_time,omitempty"`
+	// Source: the switchover deadline in force, from the devices' stop to
+	// the verdict.
+	SwitchoverDeadline *durationpb.Duration `protobuf:"bytes,21,opt,name=switchover_deadline,json=switchoverDeadline,proto3" json:"switchover_deadline,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
 }
 
 func (x *Migration) Reset() {
@@ -758,25 +881,62 @@ func (x *Migration) GetDirectData() bool {
 	return false
 }
 
+func (x *Migration) GetOwner() DeviceOwner {
+	if x != nil {
+		return x.Owner
+	}
+	return DeviceOwner_DEVICE_OWNER_UNSPECIFIED
+}
+
+func (x *Migration) GetDuplicateChunks() uint64 {
+	if x != nil {
+		return x.DuplicateChunks
+	}
+	return 0
+}
+
+func (x *Migration) GetConnectedChannels() uint32 {
+	if x != nil {
+		return x.ConnectedChannels
+	}
+	return 0
+}
+
+func (x *Migration) GetLastPeerActivityTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.LastPeerActivityTime
+	}
+	return nil
+}
+
+func (x *Migration) GetSwitchoverDeadline() *durationpb.Duration {
+	if x != nil {
+		return x.SwitchoverDeadline
+	}
+	return nil
+}
+
 var File_ferry_v1_common_proto protoreflect.FileDescriptor
 
 const file_ferry_v1_common_proto_rawDesc = "" +
 	"\n" +
-	"\x15ferry/v1/common.proto\x12\bferry.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xee\x01\n" +
+	"\x15ferry/v1/common.proto\x12\bferry.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9a\x02\n" +
 	"\x06Device\x12\x12\n" +
 	"\x04spec\x18\x01 \x01(\tR\x04spec\x12'\n" +
 	"\x0fmigration_flags\x18\x02 \x01(\x04R\x0emigrationFlags\x120\n" +
 	"\x14migration_flags_text\x18\x03 \x01(\tR\x12migrationFlagsText\x12+\n" +
 	"\x05state\x18\x04 \x01(\x0e2\x15.ferry.v1.DeviceStateR\x05state\x12\x14\n" +
 	"\x05owner\x18\x05 \x01(\tR\x05owner\x122\n" +
-	"\x15estimated_state_bytes\x18\x06 \x01(\x04R\x13estimatedStateBytes\"\x14\n" +
+	"\x15estimated_state_bytes\x18\x06 \x01(\x04R\x13estimatedStateBytes\x12\x14\n" +
+	"\x05stuck\x18\a \x01(\bR\x05stuck\x12\x14\n" +
+	"\x05error\x18\b \x01(\tR\x05error\"\x14\n" +
 	"\x12ListDevicesRequest\"A\n" +
 	"\x13ListDevicesResponse\x12*\n" +
 	"\adevices\x18\x01 \x03(\v2\x10.ferry.v1.DeviceR\adevices\"V\n" +
 	"\x0eMigrationError\x12\x12\n" +
 	"\x04code\x18\x01 \x01(\x05R\x04code\x12\x16\n" +
 	"\x06reason\x18\x02 \x01(\tR\x06reason\x12\x18\n" +
-	"\amessage\x18\x03 \x01(\tR\amessage\"\xc6\x03\n" +
+	"\amessage\x18\x03 \x01(\tR\amessage\"\x87\x04\n" +
 	"\x0eDeviceProgress\x12\x16\n" +
 	"\x06device\x18\x01 \x01(\tR\x06device\x12\x1f\n" +
 	"\vpeer_device\x18\x02 \x01(\tR\n" +
@@ -792,7 +952,9 @@ const file_ferry_v1_common_proto_rawDesc = "" +
 	"\rwindow_stalls\x18\n" +
 	" \x01(\x04R\fwindowStalls\x12E\n" +
 	"\x11window_stall_time\x18\v \x01(\v2\x19.google.protobuf.DurationR\x0fwindowStallTime\x12.\n" +
-	"\x13peak_buffered_bytes\x18\f \x01(\x04R\x11peakBufferedBytes\"\xcc\x05\n" +
+	"\x13peak_buffered_bytes\x18\f \x01(\x04R\x11peakBufferedBytes\x12)\n" +
+	"\x10duplicate_chunks\x18\r \x01(\x04R\x0fduplicateChunks\x12\x14\n" +
+	"\x05stuck\x18\x0e \x01(\bR\x05stuck\"\xf2\a\n" +
 	"\tMigration\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12.\n" +
 	"\x05phase\x18\x02 \x01(\x0e2\x18.ferry.v1.MigrationPhaseR\x05phase\x122\n" +
@@ -814,7 +976,12 @@ const file_ferry_v1_common_proto_rawDesc = "" +
 	"\fwindow_bytes\x18\x0e \x01(\x04R\vwindowBytes\x121\n" +
 	"\x14retransmitted_chunks\x18\x0f \x01(\x04R\x13retransmittedChunks\x12\x1f\n" +
 	"\vdirect_data\x18\x10 \x01(\bR\n" +
-	"directData*\x83\x02\n" +
+	"directData\x12+\n" +
+	"\x05owner\x18\x11 \x01(\x0e2\x15.ferry.v1.DeviceOwnerR\x05owner\x12)\n" +
+	"\x10duplicate_chunks\x18\x12 \x01(\x04R\x0fduplicateChunks\x12-\n" +
+	"\x12connected_channels\x18\x13 \x01(\rR\x11connectedChannels\x12Q\n" +
+	"\x17last_peer_activity_time\x18\x14 \x01(\v2\x1a.google.protobuf.TimestampR\x14lastPeerActivityTime\x12J\n" +
+	"\x13switchover_deadline\x18\x15 \x01(\v2\x19.google.protobuf.DurationR\x12switchoverDeadline*\x83\x02\n" +
 	"\vDeviceState\x12\x1c\n" +
 	"\x18DEVICE_STATE_UNSPECIFIED\x10\x00\x12\x16\n" +
 	"\x12DEVICE_STATE_ERROR\x10\x01\x12\x15\n" +
@@ -824,7 +991,7 @@ const file_ferry_v1_common_proto_rawDesc = "" +
 	"\x15DEVICE_STATE_RESUMING\x10\x05\x12\x1c\n" +
 	"\x18DEVICE_STATE_RUNNING_P2P\x10\x06\x12\x19\n" +
 	"\x15DEVICE_STATE_PRE_COPY\x10\a\x12\x1d\n" +
-	"\x19DEVICE_STATE_PRE_COPY_P2P\x10\b*\xa1\x02\n" +
+	"\x19DEVICE_STATE_PRE_COPY_P2P\x10\b*\xbf\x02\n" +
 	"\x0eMigrationPhase\x12\x1f\n" +
 	"\x1bMIGRATION_PHASE_UNSPECIFIED\x10\x00\x12\x1d\n" +
 	"\x19MIGRATION_PHASE_PREPARING\x10\x01\x12\x1b\n" +
@@ -834,7 +1001,13 @@ const file_ferry_v1_common_proto_rawDesc = "" +
 	"\x19MIGRATION_PHASE_FINISHING\x10\x05\x12\x1d\n" +
 	"\x19MIGRATION_PHASE_SUCCEEDED\x10\x06\x12\x1a\n" +
 	"\x16MIGRATION_PHASE_FAILED\x10\a\x12\x1d\n" +
-	"\x19MIGRATION_PHASE_CANCELLED\x10\bB8Z6github.com/vfio-ferry/ferry/api/proto/ferry/v1;ferryv1b\x06proto3"
+	"\x19MIGRATION_PHASE_CANCELLED\x10\b\x12\x1c\n" +
+	"\x18MIGRATION_PHASE_VERIFIED\x10\t*}\n" +
+	"\vDeviceOwner\x12\x1c\n" +
+	"\x18DEVICE_OWNER_UNSPECIFIED\x10\x00\x12\x17\n" +
+	"\x13DEVICE_OWNER_SOURCE\x10\x01\x12\x1c\n" +
+	"\x18DEVICE_OWNER_DESTINATION\x10\x02\x12\x19\n" +
+	"\x15DEVICE_OWNER_IN_DOUBT\x10\x03B8Z6github.com/vfio-ferry/ferry/api/proto/ferry/v1;ferryv1b\x06proto3"
 
 var (
 	file_ferry_v1_common_proto_rawDescOnce sync.Once
@@ -848,37 +1021,41 @@ func file_ferry_v1_common_proto_rawDescGZIP() []byte {
 	return file_ferry_v1_common_proto_rawDescData
 }
 
-var file_ferry_v1_common_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
+var file_ferry_v1_common_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
 var file_ferry_v1_common_proto_msgTypes = make([]protoimpl.MessageInfo, 6)
 var file_ferry_v1_common_proto_goTypes = []any{
 	(DeviceState)(0),              // 0: ferry.v1.DeviceState
 	(MigrationPhase)(0),           // 1: ferry.v1.MigrationPhase
-	(*Device)(nil),                // 2: ferry.v1.Device
-	(*ListDevicesRequest)(nil),    // 3: ferry.v1.ListDevicesRequest
-	(*ListDevicesResponse)(nil),   // 4: ferry.v1.ListDevicesResponse
-	(*MigrationError)(nil),        // 5: ferry.v1.MigrationError
-	(*DeviceProgress)(nil),        // 6: ferry.v1.DeviceProgress
-	(*Migration)(nil),             // 7: ferry.v1.Migration
-	(*durationpb.Duration)(nil),   // 8: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil), // 9: google.protobuf.Timestamp
+	(DeviceOwner)(0),              // 2: ferry.v1.DeviceOwner
+	(*Device)(nil),                // 3: ferry.v1.Device
+	(*ListDevicesRequest)(nil),    // 4: ferry.v1.ListDevicesRequest
+	(*ListDevicesResponse)(nil),   // 5: ferry.v1.ListDevicesResponse
+	(*MigrationError)(nil),        // 6: ferry.v1.MigrationError
+	(*DeviceProgress)(nil),        // 7: ferry.v1.DeviceProgress
+	(*Migration)(nil),             // 8: ferry.v1.Migration
+	(*durationpb.Duration)(nil),   // 9: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil), // 10: google.protobuf.Timestamp
 }
 var file_ferry_v1_common_proto_depIdxs = []int32{
 	0,  // 0: ferry.v1.Device.state:type_name -> ferry.v1.DeviceState
-	2,  // 1: ferry.v1.ListDevicesResponse.devices:type_name -> ferry.v1.Device
+	3,  // 1: ferry.v1.ListDevicesResponse.devices:type_name -> ferry.v1.Device
 	0,  // 2: ferry.v1.DeviceProgress.state:type_name -> ferry.v1.DeviceState
-	8,  // 3: ferry.v1.DeviceProgress.window_stall_time:type_name -> google.protobuf.Duration
+	9,  // 3: ferry.v1.DeviceProgress.window_stall_time:type_name -> google.protobuf.Duration
 	1,  // 4: ferry.v1.Migration.phase:type_name -> ferry.v1.MigrationPhase
-	6,  // 5: ferry.v1.Migration.devices:type_name -> ferry.v1.DeviceProgress
-	5,  // 6: ferry.v1.Migration.error:type_name -> ferry.v1.MigrationError
-	9,  // 7: ferry.v1.Migration.create_time:type_name -> google.protobuf.Timestamp
-	9,  // 8: ferry.v1.Migration.start_time:type_name -> google.protobuf.Timestamp
-	9,  // 9: ferry.v1.Migration.end_time:type_name -> google.protobuf.Timestamp
-	8,  // 10: ferry.v1.Migration.downtime:type_name -> google.protobuf.Duration
-	11, // [11:11] is the sub-list for method output_type
-	11, // [11:11] is the sub-list for method input_type
-	11, // [11:11] is the sub-list for extension type_name
-	11, // [11:11] is the sub-list for extension extendee
-	0,  // [0:11] is the sub-list for field type_name
+	7,  // 5: ferry.v1.Migration.devices:type_name -> ferry.v1.DeviceProgress
+	6,  // 6: ferry.v1.Migration.error:type_name -> ferry.v1.MigrationError
+	10, // 7: ferry.v1.Migration.create_time:type_name -> google.protobuf.Timestamp
+	10, // 8: ferry.v1.Migration.start_time:type_name -> google.protobuf.Timestamp
+	10, // 9: ferry.v1.Migration.end_time:type_name -> google.protobuf.Timestamp
+	9,  // 10: ferry.v1.Migration.downtime:type_name -> google.protobuf.Duration
+	2,  // 11: ferry.v1.Migration.owner:type_name -> ferry.v1.DeviceOwner
+	10, // 12: ferry.v1.Migration.last_peer_activity_time:type_name -> google.protobuf.Timestamp
+	9,  // 13: ferry.v1.Migration.switchover_deadline:type_name -> google.protobuf.Duration
+	14, // [14:14] is the sub-list for method output_type
+	14, // [14:14] is the sub-list for method input_type
+	14, // [14:14] is the sub-list for extension type_name
+	14, // [14:14] is the sub-list for extension extendee
+	0,  // [0:14] is the sub-list for field type_name
 }
 
 func init() { file_ferry_v1_common_proto_init() }
@@ -891,7 +1068,7 @@ func file_ferry_v1_common_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_ferry_v1_common_proto_rawDesc), len(file_ferry_v1_common_proto_rawDesc)),
-			NumEnums:      2,
+			NumEnums:      3,
 			NumMessages:   6,
 			NumExtensions: 0,
 			NumServices:   0,

@@ -455,6 +455,98 @@ func (x *CancelIncomingResponse) GetMigration() *Migration {
 	return nil
 }
 
+// CommitIncomingRequest names the incoming migration to commit.
+type CommitIncomingRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The migration id.
+	MigrationId   string `protobuf:"bytes,1,opt,name=migration_id,json=migrationId,proto3" json:"migration_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CommitIncomingRequest) Reset() {
+	*x = CommitIncomingRequest{}
+	mi := &file_ferry_v1_dest_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CommitIncomingRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CommitIncomingRequest) ProtoMessage() {}
+
+func (x *CommitIncomingRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_v1_dest_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CommitIncomingRequest.ProtoReflect.Descriptor instead.
+func (*CommitIncomingRequest) Descriptor() ([]byte, []int) {
+	return file_ferry_v1_dest_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *CommitIncomingRequest) GetMigrationId() string {
+	if x != nil {
+		return x.MigrationId
+	}
+	return ""
+}
+
+// CommitIncomingResponse holds the migration after the request.
+type CommitIncomingResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The migration.
+	Migration     *Migration `protobuf:"bytes,1,opt,name=migration,proto3" json:"migration,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CommitIncomingResponse) Reset() {
+	*x = CommitIncomingResponse{}
+	mi := &file_ferry_v1_dest_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CommitIncomingResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CommitIncomingResponse) ProtoMessage() {}
+
+func (x *CommitIncomingResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_v1_dest_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CommitIncomingResponse.ProtoReflect.Descriptor instead.
+func (*CommitIncomingResponse) Descriptor() ([]byte, []int) {
+	return file_ferry_v1_dest_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *CommitIncomingResponse) GetMigration() *Migration {
+	if x != nil {
+		return x.Migration
+	}
+	return nil
+}
+
 var File_ferry_v1_dest_proto protoreflect.FileDescriptor
 
 const file_ferry_v1_dest_proto_rawDesc = "" +
@@ -484,13 +576,18 @@ const file_ferry_v1_dest_proto_rawDesc = "" +
 	"\x15CancelIncomingRequest\x12!\n" +
 	"\fmigration_id\x18\x01 \x01(\tR\vmigrationId\"K\n" +
 	"\x16CancelIncomingResponse\x121\n" +
-	"\tmigration\x18\x01 \x01(\v2\x13.ferry.v1.MigrationR\tmigration2\xa4\x03\n" +
+	"\tmigration\x18\x01 \x01(\v2\x13.ferry.v1.MigrationR\tmigration\":\n" +
+	"\x15CommitIncomingRequest\x12!\n" +
+	"\fmigration_id\x18\x01 \x01(\tR\vmigrationId\"K\n" +
+	"\x16CommitIncomingResponse\x121\n" +
+	"\tmigration\x18\x01 \x01(\v2\x13.ferry.v1.MigrationR\tmigration2\xf9\x03\n" +
 	"\tDestAgent\x12J\n" +
 	"\vListDevices\x12\x1c.ferry.v1.ListDevicesRequest\x1a\x1d.ferry.v1.ListDevicesResponse\x12V\n" +
 	"\x0fPrepareIncoming\x12 .ferry.v1.PrepareIncomingRequest\x1a!.ferry.v1.PrepareIncomingResponse\x12J\n" +
 	"\vGetIncoming\x12\x1c.ferry.v1.GetIncomingRequest\x1a\x1d.ferry.v1.GetIncomingResponse\x12R\n" +
 	"\rWatchIncoming\x12\x1e.ferry.v1.WatchIncomingRequest\x1a\x1f.ferry.v1.WatchIncomingResponse0\x01\x12S\n" +
-	"\x0eCancelIncoming\x12\x1f.ferry.v1.CancelIncomingRequest\x1a .ferry.v1.CancelIncomingResponseB8Z6github.com/vfio-ferry/ferry/api/proto/ferry/v1;ferryv1b\x06proto3"
+	"\x0eCancelIncoming\x12\x1f.ferry.v1.CancelIncomingRequest\x1a .ferry.v1.CancelIncomingResponse\x12S\n" +
+	"\x0eCommitIncoming\x12\x1f.ferry.v1.CommitIncomingRequest\x1a .ferry.v1.CommitIncomingResponseB8Z6github.com/vfio-ferry/ferry/api/proto/ferry/v1;ferryv1b\x06proto3"
 
 var (
 	file_ferry_v1_dest_proto_rawDescOnce sync.Once
@@ -504,7 +601,7 @@ func file_ferry_v1_dest_proto_rawDescGZIP() []byte {
 	return file_ferry_v1_dest_proto_rawDescData
 }
 
-var file_ferry_v1_dest_proto_msgTypes = make([]protoimpl.MessageInfo, 8)
+var file_ferry_v1_dest_proto_msgTypes = make([]protoimpl.MessageInfo, 10)
 var file_ferry_v1_dest_proto_goTypes = []any{
 	(*PrepareIncomingRequest)(nil),  // 0: ferry.v1.PrepareIncomingRequest
 	(*PrepareIncomingResponse)(nil), // 1: ferry.v1.PrepareIncomingResponse
@@ -514,32 +611,37 @@ var file_ferry_v1_dest_proto_goTypes = []any{
 	(*WatchIncomingResponse)(nil),   // 5: ferry.v1.WatchIncomingResponse
 	(*CancelIncomingRequest)(nil),   // 6: ferry.v1.CancelIncomingRequest
 	(*CancelIncomingResponse)(nil),  // 7: ferry.v1.CancelIncomingResponse
-	(*Migration)(nil),               // 8: ferry.v1.Migration
-	(*timestamppb.Timestamp)(nil),   // 9: google.protobuf.Timestamp
-	(*ListDevicesRequest)(nil),      // 10: ferry.v1.ListDevicesRequest
-	(*ListDevicesResponse)(nil),     // 11: ferry.v1.ListDevicesResponse
+	(*CommitIncomingRequest)(nil),   // 8: ferry.v1.CommitIncomingRequest
+	(*CommitIncomingResponse)(nil),  // 9: ferry.v1.CommitIncomingResponse
+	(*Migration)(nil),               // 10: ferry.v1.Migration
+	(*timestamppb.Timestamp)(nil),   // 11: google.protobuf.Timestamp
+	(*ListDevicesRequest)(nil),      // 12: ferry.v1.ListDevicesRequest
+	(*ListDevicesResponse)(nil),     // 13: ferry.v1.ListDevicesResponse
 }
 var file_ferry_v1_dest_proto_depIdxs = []int32{
-	8,  // 0: ferry.v1.PrepareIncomingResponse.migration:type_name -> ferry.v1.Migration
-	9,  // 1: ferry.v1.PrepareIncomingResponse.token_expire_time:type_name -> google.protobuf.Timestamp
-	8,  // 2: ferry.v1.GetIncomingResponse.migration:type_name -> ferry.v1.Migration
-	8,  // 3: ferry.v1.WatchIncomingResponse.migration:type_name -> ferry.v1.Migration
-	8,  // 4: ferry.v1.CancelIncomingResponse.migration:type_name -> ferry.v1.Migration
-	10, // 5: ferry.v1.DestAgent.ListDevices:input_type -> ferry.v1.ListDevicesRequest
-	0,  // 6: ferry.v1.DestAgent.PrepareIncoming:input_type -> ferry.v1.PrepareIncomingRequest
-	2,  // 7: ferry.v1.DestAgent.GetIncoming:input_type -> ferry.v1.GetIncomingRequest
-	4,  // 8: ferry.v1.DestAgent.WatchIncoming:input_type -> ferry.v1.WatchIncomingRequest
-	6,  // 9: ferry.v1.DestAgent.CancelIncoming:input_type -> ferry.v1.CancelIncomingRequest
-	11, // 10: ferry.v1.DestAgent.ListDevices:output_type -> ferry.v1.ListDevicesResponse
-	1,  // 11: ferry.v1.DestAgent.PrepareIncoming:output_type -> ferry.v1.PrepareIncomingResponse
-	3,  // 12: ferry.v1.DestAgent.GetIncoming:output_type -> ferry.v1.GetIncomingResponse
-	5,  // 13: ferry.v1.DestAgent.WatchIncoming:output_type -> ferry.v1.WatchIncomingResponse
-	7,  // 14: ferry.v1.DestAgent.CancelIncoming:output_type -> ferry.v1.CancelIncomingResponse
-	10, // [10:15] is the sub-list for method output_type
-	5,  // [5:10] is the sub-list for method input_type
-	5,  // [5:5] is the sub-list for extension type_name
-	5,  // [5:5] is the sub-list for extension extendee
-	0,  // [0:5] is the sub-list for field type_name
+	10, // 0: ferry.v1.PrepareIncomingResponse.migration:type_name -> ferry.v1.Migration
+	11, // 1: ferry.v1.PrepareIncomingResponse.token_expire_time:type_name -> google.protobuf.Timestamp
+	10, // 2: ferry.v1.GetIncomingResponse.migration:type_name -> ferry.v1.Migration
+	10, // 3: ferry.v1.WatchIncomingResponse.migration:type_name -> ferry.v1.Migration
+	10, // 4: ferry.v1.CancelIncomingResponse.migration:type_name -> ferry.v1.Migration
+	10, // 5: ferry.v1.CommitIncomingResponse.migration:type_name -> ferry.v1.Migration
+	12, // 6: ferry.v1.DestAgent.ListDevices:input_type -> ferry.v1.ListDevicesRequest
+	0,  // 7: ferry.v1.DestAgent.PrepareIncoming:input_type -> ferry.v1.PrepareIncomingRequest
+	2,  // 8: ferry.v1.DestAgent.GetIncoming:input_type -> ferry.v1.GetIncomingRequest
+	4,  // 9: ferry.v1.DestAgent.WatchIncoming:input_type -> ferry.v1.WatchIncomingRequest
+	6,  // 10: ferry.v1.DestAgent.CancelIncoming:input_type -> ferry.v1.CancelIncomingRequest
+	8,  // 11: ferry.v1.DestAgent.CommitIncoming:input_type -> ferry.v1.CommitIncomingRequest
+	13, // 12: ferry.v1.DestAgent.ListDevices:output_type -> ferry.v1.ListDevicesResponse
+	1,  // 13: ferry.v1.DestAgent.PrepareIncoming:output_type -> ferry.v1.PrepareIncomingResponse
+	3,  // 14: ferry.v1.DestAgent.GetIncoming:output_type -> ferry.v1.GetIncomingResponse
+	5,  // 15: ferry.v1.DestAgent.WatchIncoming:output_type -> ferry.v1.WatchIncomingResponse
+	7,  // 16: ferry.v1.DestAgent.CancelIncoming:output_type -> ferry.v1.CancelIncomingResponse
+	9,  // 17: ferry.v1.DestAgent.CommitIncoming:output_type -> ferry.v1.CommitIncomingResponse
+	12, // [12:18] is the sub-list for method output_type
+	6,  // [6:12] is the sub-list for method input_type
+	6,  // [6:6] is the sub-list for extension type_name
+	6,  // [6:6] is the sub-list for extension extendee
+	0,  // [0:6] is the sub-list for field type_name
 }
 
 func init() { file_ferry_v1_dest_proto_init() }
@@ -554,7 +656,7 @@ func file_ferry_v1_dest_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_ferry_v1_dest_proto_rawDesc), len(file_ferry_v1_dest_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   8,
+			NumMessages:   10,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -24,6 +24,7 @@ const (
 	DestAgent_GetIncoming_FullMethodName     = "/ferry.v1.DestAgent/GetIncoming"
 	DestAgent_WatchIncoming_FullMethodName   = "/ferry.v1.DestAgent/WatchIncoming"
 	DestAgent_CancelIncoming_FullMethodName  = "/ferry.v1.DestAgent/CancelIncoming"
+	DestAgent_CommitIncoming_FullMethodName  = "/ferry.v1.DestAgent/CommitIncoming"
 )
 
 // DestAgentClient is the client API for DestAgent service.
@@ -49,7 +50,14 @@ type DestAgentClient interface {
 	WatchIncoming(ctx context.Context, in *WatchIncomingRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchIncomingResponse], error)
 	// CancelIncoming gives up an incoming migration before its verdict: the
 	// devices are reset and the budget is released.
+	// A VERIFIED migration is cancelled too: the control plane read the
+	// source and found it owns the devices.
 	CancelIncoming(ctx context.Context, in *CancelIncomingRequest, opts ...grpc.CallOption) (*CancelIncomingResponse, error)
+	// CommitIncoming commits a VERIFIED incoming migration whose source
+	// committed but could not say so (its Commit was lost): the control
+	// plane read SUCCEEDED at the source. Committing a SUCCEEDED migration
+	// returns it unchanged; any other phase is FAILED_PRECONDITION.
+	CommitIncoming(ctx context.Context, in *CommitIncomingRequest, opts ...grpc.CallOption) (*CommitIncomingResponse, error)
 }
 
 type destAgentClient struct {
@@ -119,6 +127,16 @@ func (c *destAgentClient) CancelIncoming(ctx context.Context, in *CancelIncoming
 	return out, nil
 }
 
+func (c *destAgentClient) CommitIncoming(ctx context.Context, in *CommitIncomingRequest, opts ...grpc.CallOption) (*CommitIncomingResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CommitIncomingResponse)
+	err := c.cc.Invoke(ctx, DestAgent_CommitIncoming_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // DestAgentServer is the server API for DestAgent service.
 // All implementations must embed UnimplementedDestAgentServer
 // for forward compatibility.
@@ -142,7 +160,14 @@ type DestAgentServer interface {
 	WatchIncoming(*WatchIncomingRequest, grpc.ServerStreamingServer[WatchIncomingResponse]) error
 	// CancelIncoming gives up an incoming migration before its verdict: the
 	// devices are reset and the budget is released.
+	// A VERIFIED migration is cancelled too: the control plane read the
+	// source and found it owns the devices.
 	CancelIncoming(context.Context, *CancelIncomingRequest) (*CancelIncomingResponse, error)
+	// CommitIncoming commits a VERIFIED incoming migration whose source
+	// committed but could not say so (its Commit was lost): the control
+	// plane read SUCCEEDED at the source. Committing a SUCCEEDED migration
+	// returns it unchanged; any other phase is FAILED_PRECONDITION.
+	CommitIncoming(context.Context, *CommitIncomingRequest) (*CommitIncomingResponse, error)
 	mustEmbedUnimplementedDestAgentServer()
 }
 
@@ -167,6 +192,9 @@ func (UnimplementedDestAgentServer) WatchIncoming(*WatchIncomingRequest, grpc.Se
 }
 func (UnimplementedDestAgentServer) CancelIncoming(context.Context, *CancelIncomingRequest) (*CancelIncomingResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method CancelIncoming not implemented")
+}
+func (UnimplementedDestAgentServer) CommitIncoming(context.Context, *CommitIncomingRequest) (*CommitIncomingResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method CommitIncoming not implemented")
 }
 func (UnimplementedDestAgentServer) mustEmbedUnimplementedDestAgentServer() {}
 func (UnimplementedDestAgentServer) testEmbeddedByValue()                   {}
@@ -272,6 +300,24 @@ func _DestAgent_CancelIncoming_Handler(srv interface{}, ctx context.Context, dec
 	return interceptor(ctx, in, info, handler)
 }
 
+func _DestAgent_CommitIncoming_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CommitIncomingRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(DestAgentServer).CommitIncoming(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: DestAgent_CommitIncoming_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(DestAgentServer).CommitIncoming(ctx, req.(*CommitIncomingRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // DestAgent_ServiceDesc is the grpc.ServiceDesc for DestAgent service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -294,6 +340,10 @@ var DestAgent_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "CancelIncoming",
 			Handler:    _DestAgent_CancelIncoming_Handler,
+		},
+		{
+			MethodName: "CommitIncoming",
+			Handler:    _DestAgent_CommitIncoming_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -9,6 +9,7 @@ package ferryv1
 import (
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
+	durationpb "google.golang.org/protobuf/types/known/durationpb"
 	reflect "reflect"
 	sync "sync"
 	unsafe "unsafe"
@@ -131,6 +132,107 @@ func (DigestAlgorithm) EnumDescriptor() ([]byte, []int) {
 	return file_ferry_v1_source_proto_rawDescGZIP(), []int{1}
 }
 
+// ReleaseDeviceRequest names the device to give back.
+type ReleaseDeviceRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The device's spec.
+	Device string `protobuf:"bytes,1,opt,name=device,proto3" json:"device,omitempty"`
+	// Reset the device instead of moving it to RUNNING.
+	Reset_        bool `protobuf:"varint,2,opt,name=reset,proto3" json:"reset,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReleaseDeviceRequest) Reset() {
+	*x = ReleaseDeviceRequest{}
+	mi := &file_ferry_v1_source_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReleaseDeviceRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReleaseDeviceRequest) ProtoMessage() {}
+
+func (x *ReleaseDeviceRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_v1_source_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReleaseDeviceRequest.ProtoReflect.Descriptor instead.
+func (*ReleaseDeviceRequest) Descriptor() ([]byte, []int) {
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *ReleaseDeviceRequest) GetDevice() string {
+	if x != nil {
+		return x.Device
+	}
+	return ""
+}
+
+func (x *ReleaseDeviceRequest) GetReset_() bool {
+	if x != nil {
+		return x.Reset_
+	}
+	return false
+}
+
+// ReleaseDeviceResponse holds the device after the request.
+type ReleaseDeviceResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The device.
+	Device        *Device `protobuf:"bytes,1,opt,name=device,proto3" json:"device,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReleaseDeviceResponse) Reset() {
+	*x = ReleaseDeviceResponse{}
+	mi := &file_ferry_v1_source_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReleaseDeviceResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReleaseDeviceResponse) ProtoMessage() {}
+
+func (x *ReleaseDeviceResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_v1_source_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReleaseDeviceResponse.ProtoReflect.Descriptor instead.
+func (*ReleaseDeviceResponse) Descriptor() ([]byte, []int) {
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *ReleaseDeviceResponse) GetDevice() *Device {
+	if x != nil {
+		return x.Device
+	}
+	return nil
+}
+
 // DevicePair names one device stream: a device on this host and the
 // device on the destination host that receives its state.
 type DevicePair struct {
@@ -145,7 +247,7 @@ type DevicePair struct {
 
 func (x *DevicePair) Reset() {
 	*x = DevicePair{}
-	mi := &file_ferry_v1_source_proto_msgTypes[0]
+	mi := &file_ferry_v1_source_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -157,7 +259,7 @@ func (x *DevicePair) String() string {
 func (*DevicePair) ProtoMessage() {}
 
 func (x *DevicePair) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[0]
+	mi := &file_ferry_v1_source_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -170,7 +272,7 @@ func (x *DevicePair) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DevicePair.ProtoReflect.Descriptor instead.
 func (*DevicePair) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{0}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *DevicePair) GetSourceDevice() string {
@@ -206,14 +308,19 @@ type StartMigrationRequest struct {
 	// When to switch over.
 	Mode MigrationMode `protobuf:"varint,7,opt,name=mode,proto3,enum=ferry.v1.MigrationMode" json:"mode,omitempty"`
 	// The end-to-end digest.
-	Digest        DigestAlgorithm `protobuf:"varint,8,opt,name=digest,proto3,enum=ferry.v1.DigestAlgorithm" json:"digest,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Digest DigestAlgorithm `protobuf:"varint,8,opt,name=digest,proto3,enum=ferry.v1.DigestAlgorithm" json:"digest,omitempty"`
+	// The longest the source devices may stay stopped without a verdict:
+	// from the moment they stop to the destination's verified answer. Past
+	// it the source rolls back (devices RUNNING, destination aborted) with
+	// DEADLINE_EXCEEDED, reason SWITCHOVER_DEADLINE. 0 means 60 s.
+	SwitchoverDeadline *durationpb.Duration `protobuf:"bytes,9,opt,name=switchover_deadline,json=switchoverDeadline,proto3" json:"switchover_deadline,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
 }
 
 func (x *StartMigrationRequest) Reset() {
 	*x = StartMigrationRequest{}
-	mi := &file_ferry_v1_source_proto_msgTypes[1]
+	mi := &file_ferry_v1_source_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -225,7 +332,7 @@ func (x *StartMigrationRequest) String() string {
 func (*StartMigrationRequest) ProtoMessage() {}
 
 func (x *StartMigrationRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[1]
+	mi := &file_ferry_v1_source_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -238,7 +345,7 @@ func (x *StartMigrationRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartMigrationRequest.ProtoReflect.Descriptor instead.
 func (*StartMigrationRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{1}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *StartMigrationRequest) GetMigrationId() string {
@@ -297,6 +404,13 @@ func (x *StartMigrationRequest) GetDigest() DigestAlgorithm {
 	return DigestAlgorithm_DIGEST_ALGORITHM_UNSPECIFIED
 }
 
+func (x *StartMigrationRequest) GetSwitchoverDeadline() *durationpb.Duration {
+	if x != nil {
+		return x.SwitchoverDeadline
+	}
+	return nil
+}
+
 // StartMigrationResponse holds the accepted migration.
 type StartMigrationResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -308,7 +422,7 @@ type StartMigrationResponse struct {
 
 func (x *StartMigrationResponse) Reset() {
 	*x = StartMigrationResponse{}
-	mi := &file_ferry_v1_source_proto_msgTypes[2]
+	mi := &file_ferry_v1_source_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -320,7 +434,7 @@ func (x *StartMigrationResponse) String() string {
 func (*StartMigrationResponse) ProtoMessage() {}
 
 func (x *StartMigrationResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[2]
+	mi := &file_ferry_v1_source_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -333,7 +447,7 @@ func (x *StartMigrationResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartMigrationResponse.ProtoReflect.Descriptor instead.
 func (*StartMigrationResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{2}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *StartMigrationResponse) GetMigration() *Migration {
@@ -354,7 +468,7 @@ type GetMigrationRequest struct {
 
 func (x *GetMigrationRequest) Reset() {
 	*x = GetMigrationRequest{}
-	mi := &file_ferry_v1_source_proto_msgTypes[3]
+	mi := &file_ferry_v1_source_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -366,7 +480,7 @@ func (x *GetMigrationRequest) String() string {
 func (*GetMigrationRequest) ProtoMessage() {}
 
 func (x *GetMigrationRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[3]
+	mi := &file_ferry_v1_source_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -379,7 +493,7 @@ func (x *GetMigrationRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetMigrationRequest.ProtoReflect.Descriptor instead.
 func (*GetMigrationRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{3}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *GetMigrationRequest) GetMigrationId() string {
@@ -400,7 +514,7 @@ type GetMigrationResponse struct {
 
 func (x *GetMigrationResponse) Reset() {
 	*x = GetMigrationResponse{}
-	mi := &file_ferry_v1_source_proto_msgTypes[4]
+	mi := &file_ferry_v1_source_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -412,7 +526,7 @@ func (x *GetMigrationResponse) String() string {
 func (*GetMigrationResponse) ProtoMessage() {}
 
 func (x *GetMigrationResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[4]
+	mi := &file_ferry_v1_source_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -425,7 +539,7 @@ func (x *GetMigrationResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetMigrationResponse.ProtoReflect.Descriptor instead.
 func (*GetMigrationResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{4}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *GetMigrationResponse) GetMigration() *Migration {
@@ -444,7 +558,7 @@ type ListMigrationsRequest struct {
 
 func (x *ListMigrationsRequest) Reset() {
 	*x = ListMigrationsRequest{}
-	mi := &file_ferry_v1_source_proto_msgTypes[5]
+	mi := &file_ferry_v1_source_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -456,7 +570,7 @@ func (x *ListMigrationsRequest) String() string {
 func (*ListMigrationsRequest) ProtoMessage() {}
 
 func (x *ListMigrationsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[5]
+	mi := &file_ferry_v1_source_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -469,7 +583,7 @@ func (x *ListMigrationsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListMigrationsRequest.ProtoReflect.Descriptor instead.
 func (*ListMigrationsRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{5}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{7}
 }
 
 // ListMigrationsResponse lists migrations, newest first.
@@ -483,7 +597,7 @@ type ListMigrationsResponse struct {
 
 func (x *ListMigrationsResponse) Reset() {
 	*x = ListMigrationsResponse{}
-	mi := &file_ferry_v1_source_proto_msgTypes[6]
+	mi := &file_ferry_v1_source_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -495,7 +609,7 @@ func (x *ListMigrationsResponse) String() string {
 func (*ListMigrationsResponse) ProtoMessage() {}
 
 func (x *ListMigrationsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[6]
+	mi := &file_ferry_v1_source_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -508,7 +622,7 @@ func (x *ListMigrationsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListMigrationsResponse.ProtoReflect.Descriptor instead.
 func (*ListMigrationsResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{6}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *ListMigrationsResponse) GetMigrations() []*Migration {
@@ -529,7 +643,7 @@ type WatchMigrationRequest struct {
 
 func (x *WatchMigrationRequest) Reset() {
 	*x = WatchMigrationRequest{}
-	mi := &file_ferry_v1_source_proto_msgTypes[7]
+	mi := &file_ferry_v1_source_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -541,7 +655,7 @@ func (x *WatchMigrationRequest) String() string {
 func (*WatchMigrationRequest) ProtoMessage() {}
 
 func (x *WatchMigrationRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[7]
+	mi := &file_ferry_v1_source_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -554,7 +668,7 @@ func (x *WatchMigrationRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchMigrationRequest.ProtoReflect.Descriptor instead.
 func (*WatchMigrationRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{7}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *WatchMigrationRequest) GetMigrationId() string {
@@ -575,7 +689,7 @@ type WatchMigrationResponse struct {
 
 func (x *WatchMigrationResponse) Reset() {
 	*x = WatchMigrationResponse{}
-	mi := &file_ferry_v1_source_proto_msgTypes[8]
+	mi := &file_ferry_v1_source_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -587,7 +701,7 @@ func (x *WatchMigrationResponse) String() string {
 func (*WatchMigrationResponse) ProtoMessage() {}
 
 func (x *WatchMigrationResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[8]
+	mi := &file_ferry_v1_source_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -600,7 +714,7 @@ func (x *WatchMigrationResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchMigrationResponse.ProtoReflect.Descriptor instead.
 func (*WatchMigrationResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{8}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *WatchMigrationResponse) GetMigration() *Migration {
@@ -621,7 +735,7 @@ type SwitchoverRequest struct {
 
 func (x *SwitchoverRequest) Reset() {
 	*x = SwitchoverRequest{}
-	mi := &file_ferry_v1_source_proto_msgTypes[9]
+	mi := &file_ferry_v1_source_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -633,7 +747,7 @@ func (x *SwitchoverRequest) String() string {
 func (*SwitchoverRequest) ProtoMessage() {}
 
 func (x *SwitchoverRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[9]
+	mi := &file_ferry_v1_source_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -646,7 +760,7 @@ func (x *SwitchoverRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SwitchoverRequest.ProtoReflect.Descriptor instead.
 func (*SwitchoverRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{9}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *SwitchoverRequest) GetMigrationId() string {
@@ -667,7 +781,7 @@ type SwitchoverResponse struct {
 
 func (x *SwitchoverResponse) Reset() {
 	*x = SwitchoverResponse{}
-	mi := &file_ferry_v1_source_proto_msgTypes[10]
+	mi := &file_ferry_v1_source_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -679,7 +793,7 @@ func (x *SwitchoverResponse) String() string {
 func (*SwitchoverResponse) ProtoMessage() {}
 
 func (x *SwitchoverResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[10]
+	mi := &file_ferry_v1_source_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -692,7 +806,7 @@ func (x *SwitchoverResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SwitchoverResponse.ProtoReflect.Descriptor instead.
 func (*SwitchoverResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{10}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *SwitchoverResponse) GetMigration() *Migration {
@@ -713,7 +827,7 @@ type CancelMigrationRequest struct {
 
 func (x *CancelMigrationRequest) Reset() {
 	*x = CancelMigrationRequest{}
-	mi := &file_ferry_v1_source_proto_msgTypes[11]
+	mi := &file_ferry_v1_source_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -725,7 +839,7 @@ func (x *CancelMigrationRequest) String() string {
 func (*CancelMigrationRequest) ProtoMessage() {}
 
 func (x *CancelMigrationRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[11]
+	mi := &file_ferry_v1_source_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -738,7 +852,7 @@ func (x *CancelMigrationRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelMigrationRequest.ProtoReflect.Descriptor instead.
 func (*CancelMigrationRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{11}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *CancelMigrationRequest) GetMigrationId() string {
@@ -759,7 +873,7 @@ type CancelMigrationResponse struct {
 
 func (x *CancelMigrationResponse) Reset() {
 	*x = CancelMigrationResponse{}
-	mi := &file_ferry_v1_source_proto_msgTypes[12]
+	mi := &file_ferry_v1_source_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -771,7 +885,7 @@ func (x *CancelMigrationResponse) String() string {
 func (*CancelMigrationResponse) ProtoMessage() {}
 
 func (x *CancelMigrationResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[12]
+	mi := &file_ferry_v1_source_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -784,7 +898,7 @@ func (x *CancelMigrationResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelMigrationResponse.ProtoReflect.Descriptor instead.
 func (*CancelMigrationResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{12}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *CancelMigrationResponse) GetMigration() *Migration {
@@ -798,12 +912,17 @@ var File_ferry_v1_source_proto protoreflect.FileDescriptor
 
 const file_ferry_v1_source_proto_rawDesc = "" +
 	"\n" +
-	"\x15ferry/v1/source.proto\x12\bferry.v1\x1a\x15ferry/v1/common.proto\"R\n" +
+	"\x15ferry/v1/source.proto\x12\bferry.v1\x1a\x15ferry/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\"D\n" +
+	"\x14ReleaseDeviceRequest\x12\x16\n" +
+	"\x06device\x18\x01 \x01(\tR\x06device\x12\x14\n" +
+	"\x05reset\x18\x02 \x01(\bR\x05reset\"A\n" +
+	"\x15ReleaseDeviceResponse\x12(\n" +
+	"\x06device\x18\x01 \x01(\v2\x10.ferry.v1.DeviceR\x06device\"R\n" +
 	"\n" +
 	"DevicePair\x12#\n" +
 	"\rsource_device\x18\x01 \x01(\tR\fsourceDevice\x12\x1f\n" +
 	"\vdest_device\x18\x02 \x01(\tR\n" +
-	"destDevice\"\xbe\x02\n" +
+	"destDevice\"\x8a\x03\n" +
 	"\x15StartMigrationRequest\x12!\n" +
 	"\fmigration_id\x18\x01 \x01(\tR\vmigrationId\x12!\n" +
 	"\fdest_address\x18\x02 \x01(\tR\vdestAddress\x12\x14\n" +
@@ -813,7 +932,8 @@ const file_ferry_v1_source_proto_rawDesc = "" +
 	"\n" +
 	"chunk_size\x18\x06 \x01(\rR\tchunkSize\x12+\n" +
 	"\x04mode\x18\a \x01(\x0e2\x17.ferry.v1.MigrationModeR\x04mode\x121\n" +
-	"\x06digest\x18\b \x01(\x0e2\x19.ferry.v1.DigestAlgorithmR\x06digest\"K\n" +
+	"\x06digest\x18\b \x01(\x0e2\x19.ferry.v1.DigestAlgorithmR\x06digest\x12J\n" +
+	"\x13switchover_deadline\x18\t \x01(\v2\x19.google.protobuf.DurationR\x12switchoverDeadline\"K\n" +
 	"\x16StartMigrationResponse\x121\n" +
 	"\tmigration\x18\x01 \x01(\v2\x13.ferry.v1.MigrationR\tmigration\"8\n" +
 	"\x13GetMigrationRequest\x12!\n" +
@@ -844,7 +964,7 @@ const file_ferry_v1_source_proto_rawDesc = "" +
 	"\x0fDigestAlgorithm\x12 \n" +
 	"\x1cDIGEST_ALGORITHM_UNSPECIFIED\x10\x00\x12!\n" +
 	"\x1dDIGEST_ALGORITHM_CRC32C_CHAIN\x10\x01\x12\x1b\n" +
-	"\x17DIGEST_ALGORITHM_SHA256\x10\x022\xca\x04\n" +
+	"\x17DIGEST_ALGORITHM_SHA256\x10\x022\x9c\x05\n" +
 	"\vSourceAgent\x12J\n" +
 	"\vListDevices\x12\x1c.ferry.v1.ListDevicesRequest\x1a\x1d.ferry.v1.ListDevicesResponse\x12S\n" +
 	"\x0eStartMigration\x12\x1f.ferry.v1.StartMigrationRequest\x1a .ferry.v1.StartMigrationResponse\x12M\n" +
@@ -853,7 +973,8 @@ const file_ferry_v1_source_proto_rawDesc = "" +
 	"\x0eWatchMigration\x12\x1f.ferry.v1.WatchMigrationRequest\x1a .ferry.v1.WatchMigrationResponse0\x01\x12G\n" +
 	"\n" +
 	"Switchover\x12\x1b.ferry.v1.SwitchoverRequest\x1a\x1c.ferry.v1.SwitchoverResponse\x12V\n" +
-	"\x0fCancelMigration\x12 .ferry.v1.CancelMigrationRequest\x1a!.ferry.v1.CancelMigrationResponseB8Z6github.com/vfio-ferry/ferry/api/proto/ferry/v1;ferryv1b\x06proto3"
+	"\x0fCancelMigration\x12 .ferry.v1.CancelMigrationRequest\x1a!.ferry.v1.CancelMigrationResponse\x12P\n" +
+	"\rReleaseDevice\x12\x1e.ferry.v1.ReleaseDeviceRequest\x1a\x1f.ferry.v1.ReleaseDeviceResponseB8Z6github.com/vfio-ferry/ferry/api/proto/ferry/v1;ferryv1b\x06proto3"
 
 var (
 	file_ferry_v1_source_proto_rawDescOnce sync.Once
@@ -868,56 +989,64 @@ func file_ferry_v1_source_proto_rawDescGZIP() []byte {
 }
 
 var file_ferry_v1_source_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_ferry_v1_source_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
+var file_ferry_v1_source_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
 var file_ferry_v1_source_proto_goTypes = []any{
 	(MigrationMode)(0),              // 0: ferry.v1.MigrationMode
 	(DigestAlgorithm)(0),            // 1: ferry.v1.DigestAlgorithm
-	(*DevicePair)(nil),              // 2: ferry.v1.DevicePair
-	(*StartMigrationRequest)(nil),   // 3: ferry.v1.StartMigrationRequest
-	(*StartMigrationResponse)(nil),  // 4: ferry.v1.StartMigrationResponse
-	(*GetMigrationRequest)(nil),     // 5: ferry.v1.GetMigrationRequest
-	(*GetMigrationResponse)(nil),    // 6: ferry.v1.GetMigrationResponse
-	(*ListMigrationsRequest)(nil),   // 7: ferry.v1.ListMigrationsRequest
-	(*ListMigrationsResponse)(nil),  // 8: ferry.v1.ListMigrationsResponse
-	(*WatchMigrationRequest)(nil),   // 9: ferry.v1.WatchMigrationRequest
-	(*WatchMigrationResponse)(nil),  // 10: ferry.v1.WatchMigrationResponse
-	(*SwitchoverRequest)(nil),       // 11: ferry.v1.SwitchoverRequest
-	(*SwitchoverResponse)(nil),      // 12: ferry.v1.SwitchoverResponse
-	(*CancelMigrationRequest)(nil),  // 13: ferry.v1.CancelMigrationRequest
-	(*CancelMigrationResponse)(nil), // 14: ferry.v1.CancelMigrationResponse
-	(*Migration)(nil),               // 15: ferry.v1.Migration
-	(*ListDevicesRequest)(nil),      // 16: ferry.v1.ListDevicesRequest
-	(*ListDevicesResponse)(nil),     // 17: ferry.v1.ListDevicesResponse
+	(*ReleaseDeviceRequest)(nil),    // 2: ferry.v1.ReleaseDeviceRequest
+	(*ReleaseDeviceResponse)(nil),   // 3: ferry.v1.ReleaseDeviceResponse
+	(*DevicePair)(nil),              // 4: ferry.v1.DevicePair
+	(*StartMigrationRequest)(nil),   // 5: ferry.v1.StartMigrationRequest
+	(*StartMigrationResponse)(nil),  // 6: ferry.v1.StartMigrationResponse
+	(*GetMigrationRequest)(nil),     // 7: ferry.v1.GetMigrationRequest
+	(*GetMigrationResponse)(nil),    // 8: ferry.v1.GetMigrationResponse
+	(*ListMigrationsRequest)(nil),   // 9: ferry.v1.ListMigrationsRequest
+	(*ListMigrationsResponse)(nil),  // 10: ferry.v1.ListMigrationsResponse
+	(*WatchMigrationRequest)(nil),   // 11: ferry.v1.WatchMigrationRequest
+	(*WatchMigrationResponse)(nil),  // 12: ferry.v1.WatchMigrationResponse
+	(*SwitchoverRequest)(nil),       // 13: ferry.v1.SwitchoverRequest
+	(*SwitchoverResponse)(nil),      // 14: ferry.v1.SwitchoverResponse
+	(*CancelMigrationRequest)(nil),  // 15: ferry.v1.CancelMigrationRequest
+	(*CancelMigrationResponse)(nil), // 16: ferry.v1.CancelMigrationResponse
+	(*Device)(nil),                  // 17: ferry.v1.Device
+	(*durationpb.Duration)(nil),     // 18: google.protobuf.Duration
+	(*Migration)(nil),               // 19: ferry.v1.Migration
+	(*ListDevicesRequest)(nil),      // 20: ferry.v1.ListDevicesRequest
+	(*ListDevicesResponse)(nil),     // 21: ferry.v1.ListDevicesResponse
 }
 var file_ferry_v1_source_proto_depIdxs = []int32{
-	2,  // 0: ferry.v1.StartMigrationRequest.devices:type_name -> ferry.v1.DevicePair
-	0,  // 1: ferry.v1.StartMigrationRequest.mode:type_name -> ferry.v1.MigrationMode
-	1,  // 2: ferry.v1.StartMigrationRequest.digest:type_name -> ferry.v1.DigestAlgorithm
-	15, // 3: ferry.v1.StartMigrationResponse.migration:type_name -> ferry.v1.Migration
-	15, // 4: ferry.v1.GetMigrationResponse.migration:type_name -> ferry.v1.Migration
-	15, // 5: ferry.v1.ListMigrationsResponse.migrations:type_name -> ferry.v1.Migration
-	15, // 6: ferry.v1.WatchMigrationResponse.migration:type_name -> ferry.v1.Migration
-	15, // 7: ferry.v1.SwitchoverResponse.migration:type_name -> ferry.v1.Migration
-	15, // 8: ferry.v1.CancelMigrationResponse.migration:type_name -> ferry.v1.Migration
-	16, // 9: ferry.v1.SourceAgent.ListDevices:input_type -> ferry.v1.ListDevicesRequest
-	3,  // 10: ferry.v1.SourceAgent.StartMigration:input_type -> ferry.v1.StartMigrationRequest
-	5,  // 11: ferry.v1.SourceAgent.GetMigration:input_type -> ferry.v1.GetMigrationRequest
-	7,  // 12: ferry.v1.SourceAgent.ListMigrations:input_type -> ferry.v1.ListMigrationsRequest
-	9,  // 13: ferry.v1.SourceAgent.WatchMigration:input_type -> ferry.v1.WatchMigrationRequest
-	11, // 14: ferry.v1.SourceAgent.Switchover:input_type -> ferry.v1.SwitchoverRequest
-	13, // 15: ferry.v1.SourceAgent.CancelMigration:input_type -> ferry.v1.CancelMigrationRequest
-	17, // 16: ferry.v1.SourceAgent.ListDevices:output_type -> ferry.v1.ListDevicesResponse
-	4,  // 17: ferry.v1.SourceAgent.StartMigration:output_type -> ferry.v1.StartMigrationResponse
-	6,  // 18: ferry.v1.SourceAgent.GetMigration:output_type -> ferry.v1.GetMigrationResponse
-	8,  // 19: ferry.v1.SourceAgent.ListMigrations:output_type -> ferry.v1.ListMigrationsResponse
-	10, // 20: ferry.v1.SourceAgent.WatchMigration:output_type -> ferry.v1.WatchMigrationResponse
-	12, // 21: ferry.v1.SourceAgent.Switchover:output_type -> ferry.v1.SwitchoverResponse
-	14, // 22: ferry.v1.SourceAgent.CancelMigration:output_type -> ferry.v1.CancelMigrationResponse
-	16, // [16:23] is the sub-list for method output_type
-	9,  // [9:16] is the sub-list for method input_type
-	9,  // [9:9] is the sub-list for extension type_name
-	9,  // [9:9] is the sub-list for extension extendee
-	0,  // [0:9] is the sub-list for field type_name
+	17, // 0: ferry.v1.ReleaseDeviceResponse.device:type_name -> ferry.v1.Device
+	4,  // 1: ferry.v1.StartMigrationRequest.devices:type_name -> ferry.v1.DevicePair
+	0,  // 2: ferry.v1.StartMigrationRequest.mode:type_name -> ferry.v1.MigrationMode
+	1,  // 3: ferry.v1.StartMigrationRequest.digest:type_name -> ferry.v1.DigestAlgorithm
+	18, // 4: ferry.v1.StartMigrationRequest.switchover_deadline:type_name -> google.protobuf.Duration
+	19, // 5: ferry.v1.StartMigrationResponse.migration:type_name -> ferry.v1.Migration
+	19, // 6: ferry.v1.GetMigrationResponse.migration:type_name -> ferry.v1.Migration
+	19, // 7: ferry.v1.ListMigrationsResponse.migrations:type_name -> ferry.v1.Migration
+	19, // 8: ferry.v1.WatchMigrationResponse.migration:type_name -> ferry.v1.Migration
+	19, // 9: ferry.v1.SwitchoverResponse.migration:type_name -> ferry.v1.Migration
+	19, // 10: ferry.v1.CancelMigrationResponse.migration:type_name -> ferry.v1.Migration
+	20, // 11: ferry.v1.SourceAgent.ListDevices:input_type -> ferry.v1.ListDevicesRequest
+	5,  // 12: ferry.v1.SourceAgent.StartMigration:input_type -> ferry.v1.StartMigrationRequest
+	7,  // 13: ferry.v1.SourceAgent.GetMigration:input_type -> ferry.v1.GetMigrationRequest
+	9,  // 14: ferry.v1.SourceAgent.ListMigrations:input_type -> ferry.v1.ListMigrationsRequest
+	11, // 15: ferry.v1.SourceAgent.WatchMigration:input_type -> ferry.v1.WatchMigrationRequest
+	13, // 16: ferry.v1.SourceAgent.Switchover:input_type -> ferry.v1.SwitchoverRequest
+	15, // 17: ferry.v1.SourceAgent.CancelMigration:input_type -> ferry.v1.CancelMigrationRequest
+	2,  // 18: ferry.v1.SourceAgent.ReleaseDevice:input_type -> ferry.v1.ReleaseDeviceRequest
+	21, // 19: ferry.v1.SourceAgent.ListDevices:output_type -> ferry.v1.ListDevicesResponse
+	6,  // 20: ferry.v1.SourceAgent.StartMigration:output_type -> ferry.v1.StartMigrationResponse
+	8,  // 21: ferry.v1.SourceAgent.GetMigration:output_type -> ferry.v1.GetMigrationResponse
+	10, // 22: ferry.v1.SourceAgent.ListMigrations:output_type -> ferry.v1.ListMigrationsResponse
+	12, // 23: ferry.v1.SourceAgent.WatchMigration:output_type -> ferry.v1.WatchMigrationResponse
+	14, // 24: ferry.v1.SourceAgent.Switchover:output_type -> ferry.v1.SwitchoverResponse
+	16, // 25: ferry.v1.SourceAgent.CancelMigration:output_type -> ferry.v1.CancelMigrationResponse
+	3,  // 26: ferry.v1.SourceAgent.ReleaseDevice:output_type -> ferry.v1.ReleaseDeviceResponse
+	19, // [19:27] is the sub-list for method output_type
+	11, // [11:19] is the sub-list for method input_type
+	11, // [11:11] is the sub-list for extension type_name
+	11, // [11:11] is the sub-list for extension extendee
+	0,  // [0:11] is the sub-list for field type_name
 }
 
 func init() { file_ferry_v1_source_proto_init() }
@@ -932,7 +1061,7 @@ func file_ferry_v1_source_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_ferry_v1_source_proto_rawDesc), len(file_ferry_v1_source_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   13,
+			NumMessages:   15,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

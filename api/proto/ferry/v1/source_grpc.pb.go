@@ -26,6 +26,7 @@ const (
 	SourceAgent_WatchMigration_FullMethodName  = "/ferry.v1.SourceAgent/WatchMigration"
 	SourceAgent_Switchover_FullMethodName      = "/ferry.v1.SourceAgent/Switchover"
 	SourceAgent_CancelMigration_FullMethodName = "/ferry.v1.SourceAgent/CancelMigration"
+	SourceAgent_ReleaseDevice_FullMethodName   = "/ferry.v1.SourceAgent/ReleaseDevice"
 )
 
 // SourceAgentClient is the client API for SourceAgent service.
@@ -59,7 +60,16 @@ type SourceAgentClient interface {
 	// CancelMigration stops a migration that has not reached its verdict and
 	// rolls it back: source devices return to RUNNING, the destination resets
 	// its devices. Cancelling a finished migration returns it unchanged.
+	// A migration past its commit (the source has the destination's
+	// verified verdict) cannot be cancelled: FAILED_PRECONDITION, reason
+	// MIGRATION_COMMITTED.
 	CancelMigration(ctx context.Context, in *CancelMigrationRequest, opts ...grpc.CallOption) (*CancelMigrationResponse, error)
+	// ReleaseDevice gives an idle device back for a new VM on this host: a
+	// device that no migration holds and that rests in STOP (after a
+	// committed migration) or ERROR returns to RUNNING, through a reset when
+	// asked or when the arc fails. A device a migration holds is
+	// FAILED_PRECONDITION, reason DEVICE_BUSY.
+	ReleaseDevice(ctx context.Context, in *ReleaseDeviceRequest, opts ...grpc.CallOption) (*ReleaseDeviceResponse, error)
 }
 
 type sourceAgentClient struct {
@@ -149,6 +159,16 @@ func (c *sourceAgentClient) CancelMigration(ctx context.Context, in *CancelMigra
 	return out, nil
 }
 
+func (c *sourceAgentClient) ReleaseDevice(ctx context.Context, in *ReleaseDeviceRequest, opts ...grpc.CallOption) (*ReleaseDeviceResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ReleaseDeviceResponse)
+	err := c.cc.Invoke(ctx, SourceAgent_ReleaseDevice_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // SourceAgentServer is the server API for SourceAgent service.
 // All implementations must embed UnimplementedSourceAgentServer
 // for forward compatibility.
@@ -180,7 +200,16 @@ type SourceAgentServer interface {
 	// CancelMigration stops a migration that has not reached its verdict and
 	// rolls it back: source devices return to RUNNING, the destination resets
 	// its devices. Cancelling a finished migration returns it unchanged.
+	// A migration past its commit (the source has the destination's
+	// verified verdict) cannot be cancelled: FAILED_PRECONDITION, reason
+	// MIGRATION_COMMITTED.
 	CancelMigration(context.Context, *CancelMigrationRequest) (*CancelMigrationResponse, error)
+	// ReleaseDevice gives an idle device back for a new VM on this host: a
+	// device that no migration holds and that rests in STOP (after a
+	// committed migration) or ERROR returns to RUNNING, through a reset when
+	// asked or when the arc fails. A device a migration holds is
+	// FAILED_PRECONDITION, reason DEVICE_BUSY.
+	ReleaseDevice(context.Context, *ReleaseDeviceRequest) (*ReleaseDeviceResponse, error)
 	mustEmbedUnimplementedSourceAgentServer()
 }
 
@@ -211,6 +240,9 @@ func (UnimplementedSourceAgentServer) Switchover(context.Context, *SwitchoverReq
 }
 func (UnimplementedSourceAgentServer) CancelMigration(context.Context, *CancelMigrationRequest) (*CancelMigrationResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method CancelMigration not implemented")
+}
+func (UnimplementedSourceAgentServer) ReleaseDevice(context.Context, *ReleaseDeviceRequest) (*ReleaseDeviceResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ReleaseDevice not implemented")
 }
 func (UnimplementedSourceAgentServer) mustEmbedUnimplementedSourceAgentServer() {}
 func (UnimplementedSourceAgentServer) testEmbeddedByValue()                     {}
@@ -352,6 +384,24 @@ func _SourceAgent_CancelMigration_Handler(srv interface{}, ctx context.Context, 
 	return interceptor(ctx, in, info, handler)
 }
 
+func _SourceAgent_ReleaseDevice_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ReleaseDeviceRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(SourceAgentServer).ReleaseDevice(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: SourceAgent_ReleaseDevice_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(SourceAgentServer).ReleaseDevice(ctx, req.(*ReleaseDeviceRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // SourceAgent_ServiceDesc is the grpc.ServiceDesc for SourceAgent service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -382,6 +432,10 @@ var SourceAgent_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "CancelMigration",
 			Handler:    _SourceAgent_CancelMigration_Handler,
+		},
+		{
+			MethodName: "ReleaseDevice",
+			Handler:    _SourceAgent_ReleaseDevice_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

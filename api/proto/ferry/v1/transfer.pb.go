@@ -75,6 +75,89 @@ func (ChunkKind) EnumDescriptor() ([]byte, []int) {
 	return file_ferry_v1_transfer_proto_rawDescGZIP(), []int{0}
 }
 
+// CommitRequest names the session to commit.
+type CommitRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The session id Open returned.
+	SessionId     string `protobuf:"bytes,1,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CommitRequest) Reset() {
+	*x = CommitRequest{}
+	mi := &file_ferry_v1_transfer_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CommitRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CommitRequest) ProtoMessage() {}
+
+func (x *CommitRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_v1_transfer_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CommitRequest.ProtoReflect.Descriptor instead.
+func (*CommitRequest) Descriptor() ([]byte, []int) {
+	return file_ferry_v1_transfer_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *CommitRequest) GetSessionId() string {
+	if x != nil {
+		return x.SessionId
+	}
+	return ""
+}
+
+// CommitResponse is empty.
+type CommitResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CommitResponse) Reset() {
+	*x = CommitResponse{}
+	mi := &file_ferry_v1_transfer_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CommitResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CommitResponse) ProtoMessage() {}
+
+func (x *CommitResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_v1_transfer_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CommitResponse.ProtoReflect.Descriptor instead.
+func (*CommitResponse) Descriptor() ([]byte, []int) {
+	return file_ferry_v1_transfer_proto_rawDescGZIP(), []int{1}
+}
+
 // OpenRequest opens a session.
 type OpenRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -105,7 +188,7 @@ type OpenRequest struct {
 
 func (x *OpenRequest) Reset() {
 	*x = OpenRequest{}
-	mi := &file_ferry_v1_transfer_proto_msgTypes[0]
+	mi := &file_ferry_v1_transfer_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -117,7 +200,7 @@ func (x *OpenRequest) String() string {
 func (*OpenRequest) ProtoMessage() {}
 
 func (x *OpenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_transfer_proto_msgTypes[0]
+	mi := &file_ferry_v1_transfer_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -130,7 +213,7 @@ func (x *OpenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OpenRequest.ProtoReflect.Descriptor instead.
 func (*OpenRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_transfer_proto_rawDescGZIP(), []int{0}
+	return file_ferry_v1_transfer_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *OpenRequest) GetMigrationId() string {
@@ -218,7 +301,7 @@ type OpenResponse struct {
 
 func (x *OpenResponse) Reset() {
 	*x = OpenResponse{}
-	mi := &file_ferry_v1_transfer_proto_msgTypes[1]
+	mi := &file_ferry_v1_transfer_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -230,7 +313,7 @@ func (x *OpenResponse) String() string {
 func (*OpenResponse) ProtoMessage() {}
 
 func (x *OpenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_transfer_proto_msgTypes[1]
+	mi := &file_ferry_v1_transfer_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -243,7 +326,7 @@ func (x *OpenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OpenResponse.ProtoReflect.Descriptor instead.
 func (*OpenResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_transfer_proto_rawDescGZIP(), []int{1}
+	return file_ferry_v1_transfer_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *OpenResponse) GetSessionId() string {
@@ -287,7 +370,7 @@ type WindowUpdate struct {
 
 func (x *WindowUpdate) Reset() {
 	*x = WindowUpdate{}
-	mi := &file_ferry_v1_transfer_proto_msgTypes[2]
+	mi := &file_ferry_v1_transfer_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -299,7 +382,7 @@ func (x *WindowUpdate) String() string {
 func (*WindowUpdate) ProtoMessage() {}
 
 func (x *WindowUpdate) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_transfer_proto_msgTypes[2]
+	mi := &file_ferry_v1_transfer_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -312,7 +395,7 @@ func (x *WindowUpdate) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WindowUpdate.ProtoReflect.Descriptor instead.
 func (*WindowUpdate) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_transfer_proto_rawDescGZIP(), []int{2}
+	return file_ferry_v1_transfer_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *WindowUpdate) GetDevice() uint32 {
@@ -380,7 +463,7 @@ type ChannelRequest struct {
 
 func (x *ChannelRequest) Reset() {
 	*x = ChannelRequest{}
-	mi := &file_ferry_v1_transfer_proto_msgTypes[3]
+	mi := &file_ferry_v1_transfer_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -392,7 +475,7 @@ func (x *ChannelRequest) String() string {
 func (*ChannelRequest) ProtoMessage() {}
 
 func (x *ChannelRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_transfer_proto_msgTypes[3]
+	mi := &file_ferry_v1_transfer_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -405,7 +488,7 @@ func (x *ChannelRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChannelRequest.ProtoReflect.Descriptor instead.
 func (*ChannelRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_transfer_proto_rawDescGZIP(), []int{3}
+	return file_ferry_v1_transfer_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *ChannelRequest) GetDevice() uint32 {
@@ -486,7 +569,7 @@ type ChannelResponse struct {
 
 func (x *ChannelResponse) Reset() {
 	*x = ChannelResponse{}
-	mi := &file_ferry_v1_transfer_proto_msgTypes[4]
+	mi := &file_ferry_v1_transfer_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -498,7 +581,7 @@ func (x *ChannelResponse) String() string {
 func (*ChannelResponse) ProtoMessage() {}
 
 func (x *ChannelResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_transfer_proto_msgTypes[4]
+	mi := &file_ferry_v1_transfer_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -511,7 +594,7 @@ func (x *ChannelResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChannelResponse.ProtoReflect.Descriptor instead.
 func (*ChannelResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_transfer_proto_rawDescGZIP(), []int{4}
+	return file_ferry_v1_transfer_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *ChannelResponse) GetWindows() []*WindowUpdate {
@@ -542,7 +625,7 @@ type SwitchoverStartRequest struct {
 
 func (x *SwitchoverStartRequest) Reset() {
 	*x = SwitchoverStartRequest{}
-	mi := &file_ferry_v1_transfer_proto_msgTypes[5]
+	mi := &file_ferry_v1_transfer_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -554,7 +637,7 @@ func (x *SwitchoverStartRequest) String() string {
 func (*SwitchoverStartRequest) ProtoMessage() {}
 
 func (x *SwitchoverStartRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_transfer_proto_msgTypes[5]
+	mi := &file_ferry_v1_transfer_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -567,7 +650,7 @@ func (x *SwitchoverStartRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SwitchoverStartRequest.ProtoReflect.Descriptor instead.
 func (*SwitchoverStartRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_transfer_proto_rawDescGZIP(), []int{5}
+	return file_ferry_v1_transfer_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *SwitchoverStartRequest) GetSessionId() string {
@@ -593,7 +676,7 @@ type SwitchoverStartResponse struct {
 
 func (x *SwitchoverStartResponse) Reset() {
 	*x = SwitchoverStartResponse{}
-	mi := &file_ferry_v1_transfer_proto_msgTypes[6]
+	mi := &file_ferry_v1_transfer_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -605,7 +688,7 @@ func (x *SwitchoverStartResponse) String() string {
 func (*SwitchoverStartResponse) ProtoMessage() {}
 
 func (x *SwitchoverStartResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_transfer_proto_msgTypes[6]
+	mi := &file_ferry_v1_transfer_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -618,7 +701,7 @@ func (x *SwitchoverStartResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SwitchoverStartResponse.ProtoReflect.Descriptor instead.
 func (*SwitchoverStartResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_transfer_proto_rawDescGZIP(), []int{6}
+	return file_ferry_v1_transfer_proto_rawDescGZIP(), []int{8}
 }
 
 // FinishRequest waits for the verdict.
@@ -632,7 +715,7 @@ type FinishRequest struct {
 
 func (x *FinishRequest) Reset() {
 	*x = FinishRequest{}
-	mi := &file_ferry_v1_transfer_proto_msgTypes[7]
+	mi := &file_ferry_v1_transfer_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -644,7 +727,7 @@ func (x *FinishRequest) String() string {
 func (*FinishRequest) ProtoMessage() {}
 
 func (x *FinishRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_transfer_proto_msgTypes[7]
+	mi := &file_ferry_v1_transfer_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -657,7 +740,7 @@ func (x *FinishRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FinishRequest.ProtoReflect.Descriptor instead.
 func (*FinishRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_transfer_proto_rawDescGZIP(), []int{7}
+	return file_ferry_v1_transfer_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *FinishRequest) GetSessionId() string {
@@ -689,7 +772,7 @@ type DeviceVerdict struct {
 
 func (x *DeviceVerdict) Reset() {
 	*x = DeviceVerdict{}
-	mi := &file_ferry_v1_transfer_proto_msgTypes[8]
+	mi := &file_ferry_v1_transfer_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -701,7 +784,7 @@ func (x *DeviceVerdict) String() string {
 func (*DeviceVerdict) ProtoMessage() {}
 
 func (x *DeviceVerdict) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_transfer_proto_msgTypes[8]
+	mi := &file_ferry_v1_transfer_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -714,7 +797,7 @@ func (x *DeviceVerdict) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeviceVerdict.ProtoReflect.Descriptor instead.
 func (*DeviceVerdict) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_transfer_proto_rawDescGZIP(), []int{8}
+	return file_ferry_v1_transfer_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *DeviceVerdict) GetDevice() uint32 {
@@ -776,7 +859,7 @@ type FinishResponse struct {
 
 func (x *FinishResponse) Reset() {
 	*x = FinishResponse{}
-	mi := &file_ferry_v1_transfer_proto_msgTypes[9]
+	mi := &file_ferry_v1_transfer_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -788,7 +871,7 @@ func (x *FinishResponse) String() string {
 func (*FinishResponse) ProtoMessage() {}
 
 func (x *FinishResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_transfer_proto_msgTypes[9]
+	mi := &file_ferry_v1_transfer_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -801,7 +884,7 @@ func (x *FinishResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FinishResponse.ProtoReflect.Descriptor instead.
 func (*FinishResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_transfer_proto_rawDescGZIP(), []int{9}
+	return file_ferry_v1_transfer_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *FinishResponse) GetVerified() bool {
@@ -860,7 +943,7 @@ type AbortRequest struct {
 
 func (x *AbortRequest) Reset() {
 	*x = AbortRequest{}
-	mi := &file_ferry_v1_transfer_proto_msgTypes[10]
+	mi := &file_ferry_v1_transfer_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -872,7 +955,7 @@ func (x *AbortRequest) String() string {
 func (*AbortRequest) ProtoMessage() {}
 
 func (x *AbortRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_transfer_proto_msgTypes[10]
+	mi := &file_ferry_v1_transfer_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -885,7 +968,7 @@ func (x *AbortRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AbortRequest.ProtoReflect.Descriptor instead.
 func (*AbortRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_transfer_proto_rawDescGZIP(), []int{10}
+	return file_ferry_v1_transfer_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *AbortRequest) GetSessionId() string {
@@ -925,7 +1008,7 @@ type AbortResponse struct {
 
 func (x *AbortResponse) Reset() {
 	*x = AbortResponse{}
-	mi := &file_ferry_v1_transfer_proto_msgTypes[11]
+	mi := &file_ferry_v1_transfer_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -937,7 +1020,7 @@ func (x *AbortResponse) String() string {
 func (*AbortResponse) ProtoMessage() {}
 
 func (x *AbortResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_transfer_proto_msgTypes[11]
+	mi := &file_ferry_v1_transfer_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -950,14 +1033,18 @@ func (x *AbortResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AbortResponse.ProtoReflect.Descriptor instead.
 func (*AbortResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_transfer_proto_rawDescGZIP(), []int{11}
+	return file_ferry_v1_transfer_proto_rawDescGZIP(), []int{13}
 }
 
 var File_ferry_v1_transfer_proto protoreflect.FileDescriptor
 
 const file_ferry_v1_transfer_proto_rawDesc = "" +
 	"\n" +
-	"\x17ferry/v1/transfer.proto\x12\bferry.v1\x1a\x15ferry/v1/source.proto\"\xc3\x02\n" +
+	"\x17ferry/v1/transfer.proto\x12\bferry.v1\x1a\x15ferry/v1/source.proto\".\n" +
+	"\rCommitRequest\x12\x1d\n" +
+	"\n" +
+	"session_id\x18\x01 \x01(\tR\tsessionId\"\x10\n" +
+	"\x0eCommitResponse\"\xc3\x02\n" +
 	"\vOpenRequest\x12!\n" +
 	"\fmigration_id\x18\x01 \x01(\tR\vmigrationId\x12\x14\n" +
 	"\x05token\x18\x02 \x01(\tR\x05token\x12\x18\n" +
@@ -1027,13 +1114,14 @@ const file_ferry_v1_transfer_proto_rawDesc = "" +
 	"\tChunkKind\x12\x1a\n" +
 	"\x16CHUNK_KIND_UNSPECIFIED\x10\x00\x12\x13\n" +
 	"\x0fCHUNK_KIND_DATA\x10\x01\x12\x12\n" +
-	"\x0eCHUNK_KIND_END\x10\x022\xd4\x02\n" +
+	"\x0eCHUNK_KIND_END\x10\x022\x91\x03\n" +
 	"\bTransfer\x125\n" +
 	"\x04Open\x12\x15.ferry.v1.OpenRequest\x1a\x16.ferry.v1.OpenResponse\x12B\n" +
 	"\aChannel\x12\x18.ferry.v1.ChannelRequest\x1a\x19.ferry.v1.ChannelResponse(\x010\x01\x12V\n" +
 	"\x0fSwitchoverStart\x12 .ferry.v1.SwitchoverStartRequest\x1a!.ferry.v1.SwitchoverStartResponse\x12;\n" +
 	"\x06Finish\x12\x17.ferry.v1.FinishRequest\x1a\x18.ferry.v1.FinishResponse\x128\n" +
-	"\x05Abort\x12\x16.ferry.v1.AbortRequest\x1a\x17.ferry.v1.AbortResponseB8Z6github.com/vfio-ferry/ferry/api/proto/ferry/v1;ferryv1b\x06proto3"
+	"\x05Abort\x12\x16.ferry.v1.AbortRequest\x1a\x17.ferry.v1.AbortResponse\x12;\n" +
+	"\x06Commit\x12\x17.ferry.v1.CommitRequest\x1a\x18.ferry.v1.CommitResponseB8Z6github.com/vfio-ferry/ferry/api/proto/ferry/v1;ferryv1b\x06proto3"
 
 var (
 	file_ferry_v1_transfer_proto_rawDescOnce sync.Once
@@ -1048,43 +1136,47 @@ func file_ferry_v1_transfer_proto_rawDescGZIP() []byte {
 }
 
 var file_ferry_v1_transfer_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_ferry_v1_transfer_proto_msgTypes = make([]protoimpl.MessageInfo, 12)
+var file_ferry_v1_transfer_proto_msgTypes = make([]protoimpl.MessageInfo, 14)
 var file_ferry_v1_transfer_proto_goTypes = []any{
 	(ChunkKind)(0),                  // 0: ferry.v1.ChunkKind
-	(*OpenRequest)(nil),             // 1: ferry.v1.OpenRequest
-	(*OpenResponse)(nil),            // 2: ferry.v1.OpenResponse
-	(*WindowUpdate)(nil),            // 3: ferry.v1.WindowUpdate
-	(*ChannelRequest)(nil),          // 4: ferry.v1.ChannelRequest
-	(*ChannelResponse)(nil),         // 5: ferry.v1.ChannelResponse
-	(*SwitchoverStartRequest)(nil),  // 6: ferry.v1.SwitchoverStartRequest
-	(*SwitchoverStartResponse)(nil), // 7: ferry.v1.SwitchoverStartResponse
-	(*FinishRequest)(nil),           // 8: ferry.v1.FinishRequest
-	(*DeviceVerdict)(nil),           // 9: ferry.v1.DeviceVerdict
-	(*FinishResponse)(nil),          // 10: ferry.v1.FinishResponse
-	(*AbortRequest)(nil),            // 11: ferry.v1.AbortRequest
-	(*AbortResponse)(nil),           // 12: ferry.v1.AbortResponse
-	(DigestAlgorithm)(0),            // 13: ferry.v1.DigestAlgorithm
-	(MigrationMode)(0),              // 14: ferry.v1.MigrationMode
+	(*CommitRequest)(nil),           // 1: ferry.v1.CommitRequest
+	(*CommitResponse)(nil),          // 2: ferry.v1.CommitResponse
+	(*OpenRequest)(nil),             // 3: ferry.v1.OpenRequest
+	(*OpenResponse)(nil),            // 4: ferry.v1.OpenResponse
+	(*WindowUpdate)(nil),            // 5: ferry.v1.WindowUpdate
+	(*ChannelRequest)(nil),          // 6: ferry.v1.ChannelRequest
+	(*ChannelResponse)(nil),         // 7: ferry.v1.ChannelResponse
+	(*SwitchoverStartRequest)(nil),  // 8: ferry.v1.SwitchoverStartRequest
+	(*SwitchoverStartResponse)(nil), // 9: ferry.v1.SwitchoverStartResponse
+	(*FinishRequest)(nil),           // 10: ferry.v1.FinishRequest
+	(*DeviceVerdict)(nil),           // 11: ferry.v1.DeviceVerdict
+	(*FinishResponse)(nil),          // 12: ferry.v1.FinishResponse
+	(*AbortRequest)(nil),            // 13: ferry.v1.AbortRequest
+	(*AbortResponse)(nil),           // 14: ferry.v1.AbortResponse
+	(DigestAlgorithm)(0),            // 15: ferry.v1.DigestAlgorithm
+	(MigrationMode)(0),              // 16: ferry.v1.MigrationMode
 }
 var file_ferry_v1_transfer_proto_depIdxs = []int32{
-	13, // 0: ferry.v1.OpenRequest.digest:type_name -> ferry.v1.DigestAlgorithm
-	14, // 1: ferry.v1.OpenRequest.mode:type_name -> ferry.v1.MigrationMode
-	3,  // 2: ferry.v1.OpenResponse.windows:type_name -> ferry.v1.WindowUpdate
+	15, // 0: ferry.v1.OpenRequest.digest:type_name -> ferry.v1.DigestAlgorithm
+	16, // 1: ferry.v1.OpenRequest.mode:type_name -> ferry.v1.MigrationMode
+	5,  // 2: ferry.v1.OpenResponse.windows:type_name -> ferry.v1.WindowUpdate
 	0,  // 3: ferry.v1.ChannelRequest.kind:type_name -> ferry.v1.ChunkKind
-	3,  // 4: ferry.v1.ChannelResponse.windows:type_name -> ferry.v1.WindowUpdate
-	9,  // 5: ferry.v1.FinishResponse.devices:type_name -> ferry.v1.DeviceVerdict
-	1,  // 6: ferry.v1.Transfer.Open:input_type -> ferry.v1.OpenRequest
-	4,  // 7: ferry.v1.Transfer.Channel:input_type -> ferry.v1.ChannelRequest
-	6,  // 8: ferry.v1.Transfer.SwitchoverStart:input_type -> ferry.v1.SwitchoverStartRequest
-	8,  // 9: ferry.v1.Transfer.Finish:input_type -> ferry.v1.FinishRequest
-	11, // 10: ferry.v1.Transfer.Abort:input_type -> ferry.v1.AbortRequest
-	2,  // 11: ferry.v1.Transfer.Open:output_type -> ferry.v1.OpenResponse
-	5,  // 12: ferry.v1.Transfer.Channel:output_type -> ferry.v1.ChannelResponse
-	7,  // 13: ferry.v1.Transfer.SwitchoverStart:output_type -> ferry.v1.SwitchoverStartResponse
-	10, // 14: ferry.v1.Transfer.Finish:output_type -> ferry.v1.FinishResponse
-	12, // 15: ferry.v1.Transfer.Abort:output_type -> ferry.v1.AbortResponse
-	11, // [11:16] is the sub-list for method output_type
-	6,  // [6:11] is the sub-list for method input_type
+	5,  // 4: ferry.v1.ChannelResponse.windows:type_name -> ferry.v1.WindowUpdate
+	11, // 5: ferry.v1.FinishResponse.devices:type_name -> ferry.v1.DeviceVerdict
+	3,  // 6: ferry.v1.Transfer.Open:input_type -> ferry.v1.OpenRequest
+	6,  // 7: ferry.v1.Transfer.Channel:input_type -> ferry.v1.ChannelRequest
+	8,  // 8: ferry.v1.Transfer.SwitchoverStart:input_type -> ferry.v1.SwitchoverStartRequest
+	10, // 9: ferry.v1.Transfer.Finish:input_type -> ferry.v1.FinishRequest
+	13, // 10: ferry.v1.Transfer.Abort:input_type -> ferry.v1.AbortRequest
+	1,  // 11: ferry.v1.Transfer.Commit:input_type -> ferry.v1.CommitRequest
+	4,  // 12: ferry.v1.Transfer.Open:output_type -> ferry.v1.OpenResponse
+	7,  // 13: ferry.v1.Transfer.Channel:output_type -> ferry.v1.ChannelResponse
+	9,  // 14: ferry.v1.Transfer.SwitchoverStart:output_type -> ferry.v1.SwitchoverStartResponse
+	12, // 15: ferry.v1.Transfer.Finish:output_type -> ferry.v1.FinishResponse
+	14, // 16: ferry.v1.Transfer.Abort:output_type -> ferry.v1.AbortResponse
+	2,  // 17: ferry.v1.Transfer.Commit:output_type -> ferry.v1.CommitResponse
+	12, // [12:18] is the sub-list for method output_type
+	6,  // [6:12] is the sub-list for method input_type
 	6,  // [6:6] is the sub-list for extension type_name
 	6,  // [6:6] is the sub-list for extension extendee
 	0,  // [0:6] is the sub-list for field type_name
@@ -1102,7 +1194,7 @@ func file_ferry_v1_transfer_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_ferry_v1_transfer_proto_rawDesc), len(file_ferry_v1_transfer_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   12,
+			NumMessages:   14,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

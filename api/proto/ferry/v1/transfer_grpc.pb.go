@@ -24,6 +24,7 @@ const (
 	Transfer_SwitchoverStart_FullMethodName = "/ferry.v1.Transfer/SwitchoverStart"
 	Transfer_Finish_FullMethodName          = "/ferry.v1.Transfer/Finish"
 	Transfer_Abort_FullMethodName           = "/ferry.v1.Transfer/Abort"
+	Transfer_Commit_FullMethodName          = "/ferry.v1.Transfer/Commit"
 )
 
 // TransferClient is the client API for Transfer service.
@@ -56,10 +57,21 @@ type TransferClient interface {
 	// Finish waits for the verdict: every device stream complete, its digest
 	// matched and the device moved RESUMING->STOP. A failed verdict resets
 	// the destination devices.
+	//
+	// A verified verdict leaves the destination VERIFIED, not SUCCEEDED: the
+	// source commits once it has the verdict, and until its Commit arrives
+	// an Abort still resets the destination's devices (the commit rule,
+	// docs/design.md). Finish may be called again and answers the same.
 	Finish(ctx context.Context, in *FinishRequest, opts ...grpc.CallOption) (*FinishResponse, error)
 	// Abort ends the session: the destination resets its devices and frees
-	// the session's memory.
+	// the session's memory. A committed session is not aborted:
+	// FAILED_PRECONDITION, reason MIGRATION_COMMITTED.
 	Abort(ctx context.Context, in *AbortRequest, opts ...grpc.CallOption) (*AbortResponse, error)
+	// Commit tells the destination that the source has its verified verdict
+	// and will not roll back: the destination owns the devices from now on
+	// (SUCCEEDED). Idempotent; a session that is not VERIFIED or SUCCEEDED
+	// is FAILED_PRECONDITION, reason SESSION_STATE.
+	Commit(ctx context.Context, in *CommitRequest, opts ...grpc.CallOption) (*CommitResponse, error)
 }
 
 type transferClient struct {
@@ -123,6 +135,16 @@ func (c *transferClient) Abort(ctx context.Context, in *AbortRequest, opts ...gr
 	return out, nil
 }
 
+func (c *transferClient) Commit(ctx context.Context, in *CommitRequest, opts ...grpc.CallOption) (*CommitResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CommitResponse)
+	err := c.cc.Invoke(ctx, Transfer_Commit_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // TransferServer is the server API for Transfer service.
 // All implementations must embed UnimplementedTransferServer
 // for forward compatibility.
@@ -153,10 +175,21 @@ type TransferServer interface {
 	// Finish waits for the verdict: every device stream complete, its digest
 	// matched and the device moved RESUMING->STOP. A failed verdict resets
 	// the destination devices.
+	//
+	// A verified verdict leaves the destination VERIFIED, not SUCCEEDED: the
+	// source commits once it has the verdict, and until its Commit arrives
+	// an Abort still resets the destination's devices (the commit rule,
+	// docs/design.md). Finish may be called again and answers the same.
 	Finish(context.Context, *FinishRequest) (*FinishResponse, error)
 	// Abort ends the session: the destination resets its devices and frees
-	// the session's memory.
+	// the session's memory. A committed session is not aborted:
+	// FAILED_PRECONDITION, reason MIGRATION_COMMITTED.
 	Abort(context.Context, *AbortRequest) (*AbortResponse, error)
+	// Commit tells the destination that the source has its verified verdict
+	// and will not roll back: the destination owns the devices from now on
+	// (SUCCEEDED). Idempotent; a session that is not VERIFIED or SUCCEEDED
+	// is FAILED_PRECONDITION, reason SESSION_STATE.
+	Commit(context.Context, *CommitRequest) (*CommitResponse, error)
 	mustEmbedUnimplementedTransferServer()
 }
 
@@ -181,6 +214,9 @@ func (UnimplementedTransferServer) Finish(context.Context, *FinishRequest) (*Fin
 }
 func (UnimplementedTransferServer) Abort(context.Context, *AbortRequest) (*AbortResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Abort not implemented")
+}
+func (UnimplementedTransferServer) Commit(context.Context, *CommitRequest) (*CommitResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Commit not implemented")
 }
 func (UnimplementedTransferServer) mustEmbedUnimplementedTransferServer() {}
 func (UnimplementedTransferServer) testEmbeddedByValue()                  {}
@@ -282,6 +318,24 @@ func _Transfer_Abort_Handler(srv interface{}, ctx context.Context, dec func(inte
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Transfer_Commit_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CommitRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(TransferServer).Commit(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Transfer_Commit_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(TransferServer).Commit(ctx, req.(*CommitRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Transfer_ServiceDesc is the grpc.ServiceDesc for Transfer service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -304,6 +358,10 @@ var Transfer_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Abort",
 			Handler:    _Transfer_Abort_Handler,
+		},
+		{
+			MethodName: "Commit",
+			Handler:    _Transfer_Commit_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{
