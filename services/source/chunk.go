@@ -1,0 +1,146 @@
+package source
+
+import (
+	"sync"
+	"sync/atomic"
+
+	"google.golang.org/grpc/mem"
+
+	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/pkg/flow"
+	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/wire"
+)
+
+// srcDevice is one source device and its outgoing stream.
+type srcDevice struct {
+	index   int
+	spec    string
+	peer    string
+	dev     vfio.Device
+	release func()
+	stream  vfio.DataStream
+	gate    *flow.Gate
+
+	read    atomic.Uint64
+	chunks  atomic.Uint64
+	retrans atomic.Uint64
+	total   atomic.Uint64 // estimate, then the final size
+	errMsg  atomic.Pointer[string]
+
+	// unacked holds the chunks sent but not yet written at the
+	// destination, in sequence order; each holds one reference to its
+	// payload. A broken channel's chunks can be sent again from here.
+	mu      sync.Mutex
+	unacked []*outChunk
+	// free holds acknowledged chunks for the reader to reuse, so a chunk
+	// costs no allocation in steady state (at most a window of them).
+	free []*outChunk
+
+	// The reading side, the device's reader's alone (see readNext):
+	// digest covers what was read; atEnd is set once a read reached the
+	// end of the state, so END comes next; finished once END is made.
+	digest          *wire.Digest
+	atEnd, finished bool
+}
+
+// outChunk is a chunk on its way: its header and its payload.
+//
+// A chunk is referenced by the device's unacked list until the destination
+// acknowledges it, and by each queue entry until a sender has passed it to
+// gRPC (which takes its own reference to the payload). When the last
+// reference goes the payload returns to the pool and the struct to the
+// device's free list, so a chunk costs no allocation in steady state and is
+// never reused while a resend of it may still be queued.
+type outChunk struct {
+	hdr     ferryv1.ChannelRequest
+	payload mem.Buffer // nil for END
+	dev     *srcDevice
+	refs    atomic.Int32
+	acked   atomic.Bool
+	// channel is the channel that last sent the chunk, -1 when none: a
+	// lost channel's unacknowledged chunks are sent again.
+	channel atomic.Int32
+}
+
+// release drops one reference.
+func (c *outChunk) release() {
+	if c.refs.Add(-1) != 0 {
+		return
+	}
+	d := c.dev
+	d.mu.Lock()
+	d.recycleLocked(c)
+	d.mu.Unlock()
+}
+
+func (d *srcDevice) recycleLocked(c *outChunk) {
+	if c.payload != nil {
+		c.payload.Free()
+	}
+	c.hdr = ferryv1.ChannelRequest{}
+	c.payload = nil
+	c.acked.Store(false)
+	c.channel.Store(-1)
+	d.free = append(d.free, c)
+}
+
+// ack drops the chunks below seq from the unacked list.
+func (d *srcDevice) ack(seq uint64) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	n := 0
+	for n < len(d.unacked) && d.unacked[n].hdr.Seq < seq {
+		c := d.unacked[n]
+		c.acked.Store(true)
+		if c.refs.Add(-1) == 0 {
+			d.recycleLocked(c)
+		}
+		n++
+	}
+	// Move what is left to the front (a window's worth of pointers at
+	// most) rather than reslice, so keep's append reuses the array
+	// instead of allocating a new one every so many chunks.
+	left := copy(d.unacked, d.unacked[n:])
+	clear(d.unacked[left:])
+	d.unacked = d.unacked[:left]
+}
+
+// chunk returns an empty outChunk holding two references (the unacked
+// list's and the send queue's), a recycled one when there is one.
+func (d *srcDevice) chunk() *outChunk {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	var c *outChunk
+	if n := len(d.free); n > 0 {
+		c = d.free[n-1]
+		d.free[n-1] = nil
+		d.free = d.free[:n-1]
+	} else {
+		c = &outChunk{dev: d}
+	}
+	c.channel.Store(-1)
+	c.refs.Store(2)
+	return c
+}
+
+// unsent collects the unacknowledged chunks last sent on channel, taking a
+// queue reference to each, for a resend.
+func (d *srcDevice) unsent(channel int32, dst []*outChunk) []*outChunk {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for _, c := range d.unacked {
+		if c.channel.Load() == channel && !c.acked.Load() {
+			c.channel.Store(-1)
+			c.refs.Add(1)
+			dst = append(dst, c)
+		}
+	}
+	return dst
+}
+
+func (d *srcDevice) keep(c *outChunk) {
+	d.mu.Lock()
+	d.unacked = append(d.unacked, c)
+	d.mu.Unlock()
+}

@@ -1,0 +1,108 @@
+package source
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"time"
+
+	"google.golang.org/grpc/mem"
+
+	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/wire"
+)
+
+// readDevice reads one device's state to its end on a goroutine of its
+// own, chunk by chunk, each under window credit, and queues the chunks and
+// END for the channels. A migration of several devices reads each so,
+// whatever the number of channels: slow devices are read in parallel.
+func (m *migration) readDevice(ctx context.Context, d *srcDevice, queue chan<- *outChunk) error {
+	for !d.finished {
+		seq, off, err := d.gate.Wait(ctx, d.want(m.chunkSize))
+		if err != nil {
+			return err
+		}
+		c, err := m.readNext(d, seq, off)
+		if err != nil {
+			return err
+		}
+		queue <- c
+	}
+	return m.leaveStopCopy(d)
+}
+
+// want is how many bytes the device's next chunk may hold: the chunk
+// size, or 0 for END.
+func (d *srcDevice) want(chunkSize uint32) uint64 {
+	if d.atEnd {
+		return 0
+	}
+	return uint64(chunkSize)
+}
+
+// readNext reads what comes next in the device's state, which the gate
+// admitted at seq and offset for d.want bytes: a DATA chunk, or, at the
+// end of the state, END (then d.finished is set, and the caller leaves
+// STOP_COPY once END is on its way). The chunk is kept for a resend and
+// counted as sent with the gate. Only the device's reader calls it.
+func (m *migration) readNext(d *srcDevice, seq, off uint64) (*outChunk, error) {
+	if !d.atEnd {
+		pool := m.a.cfg.Pool
+		bp := pool.Get(int(m.chunkSize))
+		// The CRC is computed as the device is read, while the bytes
+		// are in cache.
+		n, crc, rerr := wire.ReadCRC32C(d.stream, *bp, wire.DevicePiece)
+		eof := errors.Is(rerr, io.EOF) || errors.Is(rerr, io.ErrUnexpectedEOF)
+		if rerr != nil && !eof {
+			pool.Put(bp)
+			return nil, wire.DeviceError(d.spec, fmt.Sprintf("read the state at byte %d", off), rerr)
+		}
+		if n > 0 {
+			m.markStart()
+			*bp = (*bp)[:n]
+			d.digest.Add(off, *bp, crc)
+			c := d.chunk()
+			c.payload = mem.NewBuffer(bp, pool)
+			c.hdr = ferryv1.ChannelRequest{Device: uint32(d.index), Seq: seq, Offset: off, Kind: ferryv1.ChunkKind_CHUNK_KIND_DATA, Crc32C: crc}
+			d.keep(c)
+			d.gate.Sent(uint64(n))
+			d.read.Add(uint64(n))
+			d.chunks.Add(1)
+			// END follows, under credit of its own.
+			d.atEnd = eof
+			return c, nil
+		}
+		// The state ended exactly at a chunk boundary: END takes this
+		// chunk's place.
+		pool.Put(bp)
+	}
+	end := d.chunk()
+	end.hdr = ferryv1.ChannelRequest{Device: uint32(d.index), Seq: seq, Offset: off, Kind: ferryv1.ChunkKind_CHUNK_KIND_END,
+		TotalBytes: off, TotalChunks: seq, Digest: d.digest.Sum()}
+	d.keep(end)
+	d.gate.Sent(0)
+	d.total.Store(off)
+	d.finished = true
+	return end, nil
+}
+
+// leaveStopCopy ends a device's STOP_COPY once its whole state is read:
+// the data stream closes and the device moves to STOP.
+func (m *migration) leaveStopCopy(d *srcDevice) error {
+	d.stream.Close()
+	d.stream = nil
+	if _, err := d.dev.SetState(vfio.StateStop); err != nil {
+		return wire.DeviceError(d.spec, "leave STOP_COPY", err)
+	}
+	return nil
+}
+
+func (m *migration) markStart() {
+	m.mu.Lock()
+	if m.startTime.IsZero() {
+		m.startTime = time.Now()
+	}
+	m.mu.Unlock()
+}
