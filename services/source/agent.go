@@ -3,10 +3,12 @@ package source
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc"
@@ -40,6 +42,9 @@ type Config struct {
 	ProgressTimeout time.Duration
 	// Metrics, when set, tracks every migration (nil: no metrics).
 	Metrics *telemetry.Metrics
+	// MemoryBudget bounds the chunks held unacknowledged by all outgoing
+	// migrations together (0: DefaultMemoryBudget; see budget.go).
+	MemoryBudget uint64
 }
 
 // Agent is the source agent.
@@ -50,6 +55,11 @@ type Agent struct {
 	mu         sync.Mutex
 	migrations map[string]*migration
 	draining   bool // set by Drain: new migrations are refused
+	budgetUsed uint64
+
+	// lingering counts goroutines left waiting on a device that stopped
+	// answering (stuck.go): Close does not wait for them.
+	lingering atomic.Int32
 
 	wg     sync.WaitGroup
 	ctx    context.Context
@@ -73,6 +83,9 @@ func New(cfg Config) (*Agent, error) {
 	if cfg.ProgressTimeout == 0 {
 		cfg.ProgressTimeout = DefaultProgressTimeout
 	}
+	if cfg.MemoryBudget == 0 {
+		cfg.MemoryBudget = DefaultMemoryBudget
+	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -84,10 +97,19 @@ func New(cfg Config) (*Agent, error) {
 func (a *Agent) Register(s *grpc.Server) { ferryv1.RegisterSourceAgentServer(s, a) }
 
 // Close cancels every running migration (rolling it back) and waits.
+//
+// It does not wait for goroutines blocked in a device operation that
+// never returned (a stuck device): it names how many there are.
 func (a *Agent) Close() {
 	a.cancel()
 	a.wg.Wait()
+	if n := a.lingering.Load(); n > 0 {
+		a.cfg.Logger.Error("goroutines are still blocked in device operations that did not return; they end with the process", "goroutines", n)
+	}
 }
+
+// MemoryBudget is the memory budget in force.
+func (a *Agent) MemoryBudget() uint64 { return a.cfg.MemoryBudget }
 
 // ListDevices implements SourceAgent.
 func (a *Agent) ListDevices(context.Context, *ferryv1.ListDevicesRequest) (*ferryv1.ListDevicesResponse, error) {
@@ -102,8 +124,9 @@ func (a *Agent) StartMigration(ctx context.Context, req *ferryv1.StartMigrationR
 	a.mu.Lock()
 	if m, ok := a.migrations[req.GetMigrationId()]; ok {
 		a.mu.Unlock()
-		if !proto.Equal(m.req, req) {
-			return nil, wire.Errorf(codes.AlreadyExists, wire.ReasonSpecMismatch, "migration %s exists with a different request", m.id)
+		if field := requestDiff(m.req, req); field != "" {
+			return nil, wire.Errorf(codes.AlreadyExists, wire.ReasonSpecMismatch,
+				"migration %s exists with a different %s; the running migration is left alone (use a new id for a new request)", m.id, field)
 		}
 		snap, _, _ := m.snapshot()
 		return &ferryv1.StartMigrationResponse{Migration: snap}, nil
@@ -116,6 +139,7 @@ func (a *Agent) StartMigration(ctx context.Context, req *ferryv1.StartMigrationR
 	// the same id waits for this one.
 	m := a.newMigration(req)
 	a.migrations[m.id] = m
+	a.forgetOldLocked()
 	a.mu.Unlock()
 
 	if err := m.acquire(); err != nil {
@@ -176,10 +200,52 @@ func validateStart(req *ferryv1.StartMigrationRequest) error {
 	default:
 		return wire.Errorf(codes.InvalidArgument, wire.ReasonInvalidArgument, "unknown mode %d", req.GetMode())
 	}
+	if d := req.GetSwitchoverDeadline(); d != nil {
+		if err := d.CheckValid(); err != nil || d.AsDuration() <= 0 || d.AsDuration() > maxSwitchoverDeadline {
+			return wire.Errorf(codes.InvalidArgument, wire.ReasonInvalidArgument, "switchover_deadline must be more than 0 and at most %s", maxSwitchoverDeadline)
+		}
+	}
 	if _, err := wire.NewDigest(req.GetDigest()); err != nil {
 		return wire.Errorf(codes.InvalidArgument, wire.ReasonInvalidArgument, "%v", err)
 	}
 	return nil
+}
+
+// maxSwitchoverDeadline is the longest switchover deadline a request may
+// set.
+const maxSwitchoverDeadline = time.Hour
+
+// requestDiff names the first field in which two start requests for one
+// migration id differ, or "" when they are the same request.
+func requestDiff(x, y *ferryv1.StartMigrationRequest) string {
+	switch {
+	case x.GetDestAddress() != y.GetDestAddress():
+		return "dest_address"
+	case x.GetToken() != y.GetToken():
+		return "token"
+	case len(x.GetDevices()) != len(y.GetDevices()):
+		return "number of devices"
+	}
+	for i := range x.GetDevices() {
+		if !proto.Equal(x.GetDevices()[i], y.GetDevices()[i]) {
+			return fmt.Sprintf("devices[%d]", i)
+		}
+	}
+	switch {
+	case x.GetChannels() != y.GetChannels():
+		return "channels"
+	case x.GetChunkSize() != y.GetChunkSize():
+		return "chunk_size"
+	case x.GetMode() != y.GetMode():
+		return "mode"
+	case x.GetDigest() != y.GetDigest():
+		return "digest"
+	case !proto.Equal(x.GetSwitchoverDeadline(), y.GetSwitchoverDeadline()):
+		return "switchover_deadline"
+	case !proto.Equal(x, y):
+		return "request"
+	}
+	return ""
 }
 
 func (a *Agent) lookup(id string) (*migration, error) {
@@ -251,7 +317,9 @@ func (a *Agent) CancelMigration(ctx context.Context, req *ferryv1.CancelMigratio
 	if err != nil {
 		return nil, err
 	}
-	m.cancelByUser()
+	if err := m.cancelByUser(); err != nil {
+		return nil, err
+	}
 	select {
 	case <-m.done:
 	case <-ctx.Done():
@@ -264,3 +332,28 @@ func (a *Agent) CancelMigration(ctx context.Context, req *ferryv1.CancelMigratio
 // rpcTimeout bounds the unary calls to the destination that do not wait
 // for data (Open, SwitchoverStart, Abort).
 const rpcTimeout = 30 * time.Second
+
+// maxHistory bounds the migrations the agent remembers; the oldest
+// finished ones are forgotten first, so a control plane that starts
+// migrations for ever does not grow the agent for ever.
+const maxHistory = 1024
+
+// forgetOldLocked drops the oldest finished migrations beyond maxHistory.
+// The caller holds a.mu.
+func (a *Agent) forgetOldLocked() {
+	if len(a.migrations) <= maxHistory {
+		return
+	}
+	var done []*migration
+	for _, m := range a.migrations {
+		select {
+		case <-m.done:
+			done = append(done, m)
+		default:
+		}
+	}
+	slices.SortFunc(done, func(x, y *migration) int { return x.createTime.Compare(y.createTime) })
+	for _, m := range done[:min(len(done), len(a.migrations)-maxHistory)] {
+		delete(a.migrations, m.id)
+	}
+}

@@ -42,7 +42,7 @@ type channel struct {
 	client  ferryv1.TransferClient
 	session string
 	queue   <-chan *outChunk
-	resend  chan *outChunk
+	resend  *resendQueue
 	ready   chan<- struct{}
 
 	readyOnce sync.Once
@@ -52,14 +52,20 @@ type channelStream = grpc.BidiStreamingClient[ferryv1.ChannelRequest, ferryv1.Ch
 
 // run serves the channel until ctx ends or the session ends. A broken
 // stream is re-opened, and the chunks it had sent but the destination had
-// not acknowledged are queued again; if no stream comes up within the
-// reconnect timeout the channel fails the migration.
+// not acknowledged are queued again; if the channel makes no progress
+// within the reconnect timeout it fails the migration.
+//
+// Progress is the destination acknowledging something it had not before,
+// not a stream that merely answered: a destination that accepts each new
+// stream and then loses it again (a flapping one) would otherwise keep the
+// migration alive for ever, its devices stopped.
 func (c *channel) run(ctx context.Context) error {
 	cfg := &c.m.a.cfg
 	var lostSince time.Time
 	backoff := 50 * time.Millisecond
 	for {
-		up, err := c.serve(ctx)
+		acked := c.m.ackedChunks()
+		_, err := c.serve(ctx)
 		if ctx.Err() != nil || err == nil {
 			return nil
 		}
@@ -67,7 +73,7 @@ func (c *channel) run(ctx context.Context) error {
 			return err
 		}
 		n := c.m.requeue(c.index, c.resend)
-		if up {
+		if c.m.ackedChunks() > acked {
 			lostSince, backoff = time.Time{}, 50*time.Millisecond
 		}
 		if lostSince.IsZero() {
@@ -113,20 +119,15 @@ func (c *channel) serve(ctx context.Context) (up bool, err error) {
 		dataFailed atomic.Pointer[error]
 	)
 	timeout := c.m.a.cfg.ProgressTimeout
-	var watchdog *time.Timer
-	watchdog = time.AfterFunc(timeout, func() {
-		silent := prog.silence()
-		if silent >= timeout {
-			stalled.Store(true)
-			cancel()
-			return
-		}
-		watchdog.Reset(timeout - silent)
+	dog := newWatchdog(timeout, prog, func() {
+		stalled.Store(true)
+		cancel()
 	})
-	defer watchdog.Stop()
+	defer dog.stop()
 
 	s := &sender{c: c, prog: prog}
 	if c.m.dataAddr != "" {
+		s.dialed = c.markReady
 		s.key = make(chan []byte, 1)
 		s.fail = func(err error) {
 			dataFailed.CompareAndSwap(nil, &err)
@@ -138,6 +139,9 @@ func (c *channel) serve(ctx context.Context) (up bool, err error) {
 	err = c.receive(st, &upFlag, prog, s.key)
 	cancel()
 	wg.Wait()
+	if upFlag.Load() {
+		c.m.connected.Add(-1)
+	}
 	switch {
 	case stalled.Load():
 		err = wire.Errorf(codes.Unavailable, "", "channel %d: no word from the destination for %s with chunks in flight", c.index, timeout)
@@ -157,6 +161,11 @@ type sender struct {
 	key chan []byte
 	// fail ends the stream because the data connection failed.
 	fail func(error)
+	// dialed, with direct data, is called once the data connection is
+	// open or the stream fell back to Channel messages: the channel is
+	// ready only then, so no data connection is dialled inside the
+	// downtime.
+	dialed func()
 }
 
 // run takes chunks from the resend queue first, then from the shared
@@ -195,6 +204,7 @@ func (s *sender) run(ctx context.Context, st channelStream) {
 		default:
 			c.m.a.cfg.Metrics.DataConnection(telemetry.RoleSource, telemetry.DataOpened)
 		}
+		s.dialed()
 	}
 	if conn != nil {
 		defer conn.Close()
@@ -242,21 +252,23 @@ func (s *sender) run(ctx context.Context, st channelStream) {
 // channels read the device themselves (see puller), or the next one the
 // devices' readers queued. nil once ctx ends.
 func (c *channel) take(ctx context.Context) *outChunk {
-	select {
-	case ch := <-c.resend:
+	if ch := c.resend.pop(); ch != nil {
 		return ch
-	default:
 	}
 	if p := c.m.pull; p != nil {
 		return c.pull(ctx, p)
 	}
-	select {
-	case <-ctx.Done():
-		return nil
-	case ch := <-c.resend:
-		return ch
-	case ch := <-c.queue:
-		return ch
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-c.resend.wait():
+			if ch := c.resend.pop(); ch != nil {
+				return ch
+			}
+		case ch := <-c.queue:
+			return ch
+		}
 	}
 }
 
@@ -300,8 +312,11 @@ func (c *channel) pull(ctx context.Context, p *puller) *outChunk {
 		select {
 		case <-ctx.Done():
 			return nil
-		case ch := <-c.resend:
-			return ch
+		case <-c.resend.wait():
+			if ch := c.resend.pop(); ch != nil {
+				return ch
+			}
+			continue
 		case <-p.turn:
 		}
 		ch := c.readTurn(ctx, p)
@@ -338,8 +353,10 @@ func (c *channel) readTurn(ctx context.Context, p *puller) *outChunk {
 		select {
 		case <-ctx.Done():
 			return nil
-		case ch := <-c.resend:
-			return ch
+		case <-c.resend.wait():
+			if ch := c.resend.pop(); ch != nil {
+				return ch
+			}
 		case <-d.gate.Ready():
 		}
 	}
@@ -410,6 +427,44 @@ func (p *progress) silence() time.Duration {
 	return time.Duration(p.now() - max(p.lastWord.Load(), p.busySince.Load()))
 }
 
+// watchdog calls stalled once when a stream's progress shows the
+// destination silent for the timeout with chunks outstanding. stop ends
+// it; after stop returns it neither fires nor re-arms (a timer re-armed
+// from its own callback could otherwise outlive the stream).
+type watchdog struct {
+	mu      sync.Mutex
+	t       *time.Timer
+	stopped bool
+}
+
+func newWatchdog(timeout time.Duration, prog *progress, stalled func()) *watchdog {
+	w := &watchdog{}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.t = time.AfterFunc(timeout, func() {
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		if w.stopped {
+			return
+		}
+		silent := prog.silence()
+		if silent >= timeout {
+			w.stopped = true
+			stalled()
+			return
+		}
+		w.t.Reset(timeout - silent)
+	})
+	return w
+}
+
+func (w *watchdog) stop() {
+	w.mu.Lock()
+	w.stopped = true
+	w.t.Stop()
+	w.mu.Unlock()
+}
+
 // dataDialTimeout bounds opening a data connection (TCP, TLS, preamble);
 // past it the stream sends in Channel messages.
 const dataDialTimeout = 10 * time.Second
@@ -459,47 +514,63 @@ func (c *channel) receive(st channelStream, up *atomic.Bool, prog *progress, key
 			key <- k
 		}
 		prog.word()
+		m.lastWord.Store(time.Now().UnixNano())
 		for _, w := range resp.GetWindows() {
 			if err := wire.CheckWindowUpdate(w, len(m.devs)); err != nil {
 				return err
 			}
 			d := m.devs[w.GetDevice()]
-			d.gate.Update(flow.Window{LimitSeq: w.GetLimitSeq(), LimitOffset: w.GetLimitOffset()})
+			// Acknowledgements first: the window is bounded from what
+			// the source knows was written, not from what the peer says.
 			d.ack(w.GetAckedSeq())
+			d.gate.Update(d.clamp(flow.Window{LimitSeq: w.GetLimitSeq(), LimitOffset: w.GetLimitOffset()}))
 		}
 		if !up.Load() {
 			up.Store(true)
-			c.readyOnce.Do(func() { c.ready <- struct{}{} })
+			m.connected.Add(1)
+			if key == nil {
+				c.markReady()
+			}
 		}
 	}
 }
 
+// markReady tells the migration, once, that the channel is up: its
+// stream answered and, with direct data, its data connection is open or
+// it fell back to Channel messages.
+func (c *channel) markReady() { c.readyOnce.Do(func() { c.ready <- struct{}{} }) }
+
 // requeue queues for a resend every unacknowledged chunk last sent on
-// channel, and counts them as retransmitted.
-func (m *migration) requeue(channel int32, resend chan<- *outChunk) int {
+// channel, and counts them as retransmitted. It never blocks.
+func (m *migration) requeue(channel int32, resend *resendQueue) int {
 	var chunks []*outChunk
 	for _, d := range m.devs {
 		before := len(chunks)
 		chunks = d.unsent(channel, chunks)
 		d.retrans.Add(uint64(len(chunks) - before))
 	}
-	for _, ch := range chunks {
-		resend <- ch
-	}
+	resend.push(chunks)
 	return len(chunks)
 }
 
-// drain releases the queue references of chunks left in the queues.
-func drain(queues ...chan *outChunk) {
-	for _, q := range queues {
-		for {
-			select {
-			case ch := <-q:
-				ch.release()
-				continue
-			default:
-			}
-			break
+// ackedChunks is how many chunks the destination has acknowledged over
+// all devices: a channel that moves it made progress.
+func (m *migration) ackedChunks() uint64 {
+	var n uint64
+	for _, d := range m.devs {
+		n += d.ackedSeq.Load()
+	}
+	return n
+}
+
+// drain releases the queue references of chunks left in the send queue.
+func drain(q chan *outChunk) {
+	for {
+		select {
+		case ch := <-q:
+			ch.release()
+		default:
+			return
 		}
 	}
 }
@@ -517,12 +588,26 @@ func retryable(err error) bool {
 
 // retry calls f until it succeeds, fails for a reason other than the
 // transport, ctx ends, or the reconnect timeout passes.
+// A call in progress is not cut at the timeout: Finish waits for the
+// verdict as long as the destination needs (the switchover deadline
+// bounds that).
 func (m *migration) retry(ctx context.Context, f func(context.Context) error) error {
-	deadline := time.Now().Add(m.a.cfg.ReconnectTimeout)
+	return retryLoop(ctx, time.Now().Add(m.a.cfg.ReconnectTimeout), f)
+}
+
+// retryUntil calls f until it succeeds, fails for a reason other than the
+// transport, or ctx ends.
+func (m *migration) retryUntil(ctx context.Context, f func(context.Context) error) error {
+	return retryLoop(ctx, time.Time{}, f)
+}
+
+// retryLoop calls f until it succeeds, fails for a reason other than the
+// transport, ctx ends, or (when deadline is set) deadline passes.
+func retryLoop(ctx context.Context, deadline time.Time, f func(context.Context) error) error {
 	backoff := 50 * time.Millisecond
 	for {
 		err := f(ctx)
-		if err == nil || !retryable(err) || ctx.Err() != nil || time.Now().After(deadline) {
+		if err == nil || !retryable(err) || ctx.Err() != nil || (!deadline.IsZero() && time.Now().After(deadline)) {
 			return err
 		}
 		t := time.NewTimer(backoff)

@@ -33,6 +33,14 @@ type srcDevice struct {
 	// payload. A broken channel's chunks can be sent again from here.
 	mu      sync.Mutex
 	unacked []*outChunk
+	// ackedSeq is the destination's acknowledged frontier (chunks below
+	// it are written there), ackedOffset its byte offset, as the source
+	// itself knows them: from the chunks it sent.
+	ackedSeq, ackedOffset atomic.Uint64
+	// capBytes and capChunks bound what the source holds for the device
+	// beyond the acked frontier, whatever window the destination
+	// advertises (budget.go).
+	capBytes, capChunks uint64
 	// free holds acknowledged chunks for the reader to reuse, so a chunk
 	// costs no allocation in steady state (at most a window of them).
 	free []*outChunk
@@ -92,6 +100,8 @@ func (d *srcDevice) ack(seq uint64) {
 	n := 0
 	for n < len(d.unacked) && d.unacked[n].hdr.Seq < seq {
 		c := d.unacked[n]
+		d.ackedSeq.Store(c.hdr.Seq + 1)
+		d.ackedOffset.Store(c.hdr.Offset + uint64(c.length()))
 		c.acked.Store(true)
 		if c.refs.Add(-1) == 0 {
 			d.recycleLocked(c)
@@ -137,6 +147,14 @@ func (d *srcDevice) unsent(channel int32, dst []*outChunk) []*outChunk {
 		}
 	}
 	return dst
+}
+
+// length is the chunk's byte count (0 for END).
+func (c *outChunk) length() int {
+	if c.payload == nil {
+		return 0
+	}
+	return c.payload.Len()
 }
 
 func (d *srcDevice) keep(c *outChunk) {

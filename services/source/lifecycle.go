@@ -21,6 +21,7 @@ import (
 // run drives the migration to its end and applies the rollback rule.
 func (m *migration) run() {
 	defer close(m.done)
+	m.watchStuck()
 	err := m.execute()
 	defer func() {
 		if m.peer.conn != nil {
@@ -32,6 +33,9 @@ func (m *migration) run() {
 		if errors.Is(context.Cause(m.ctx), errCancelled) {
 			phase = ferryv1.MigrationPhase_MIGRATION_PHASE_CANCELLED
 			err = wire.Errorf(codes.Canceled, wire.ReasonCancelled, "migration %s cancelled by the control plane", m.id)
+		} else if errors.Is(err, errSwitchoverDeadline) || errors.Is(context.Cause(m.ctx), errSwitchoverDeadline) {
+			err = wire.Errorf(codes.DeadlineExceeded, wire.ReasonSwitchoverDeadline,
+				"no verdict within the switchover deadline (%s) after the devices stopped; rolled back", m.switchoverDeadline)
 		} else if m.ctx.Err() != nil && wire.Code(err) == codes.Canceled {
 			err = wire.Errorf(codes.Unavailable, wire.ReasonAborted, "source agent shutting down")
 		}
@@ -43,6 +47,7 @@ func (m *migration) run() {
 		d.ack(^uint64(0))
 		d.release()
 	}
+	m.unreserve()
 	m.mu.Lock()
 	m.endTime = time.Now()
 	if err != nil {
@@ -61,6 +66,11 @@ func (m *migration) run() {
 
 // rollback returns every source device to RUNNING, resetting it if that
 // arc fails. It returns the final phase.
+//
+// It keeps the order the uAPI gives for P2P: when the devices stopped
+// through RUNNING_P2P, every one of them returns to RUNNING_P2P before any
+// returns to RUNNING, so no device initiates peer-to-peer DMA into another
+// that is still stopped.
 func (m *migration) rollback(cause error, phase ferryv1.MigrationPhase) ferryv1.MigrationPhase {
 	if phase == ferryv1.MigrationPhase_MIGRATION_PHASE_SUCCEEDED {
 		phase = ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED
@@ -69,6 +79,31 @@ func (m *migration) rollback(cause error, phase ferryv1.MigrationPhase) ferryv1.
 		if d.stream != nil {
 			d.stream.Close()
 			d.stream = nil
+		}
+	}
+	if m.allP2P() {
+		for _, d := range m.devs {
+			if d.isStuck() {
+				continue
+			}
+			if st, err := d.dev.State(); err == nil && (st == vfio.StateRunning || st == vfio.StateRunningP2P) {
+				continue
+			}
+			if _, err := d.dev.SetState(vfio.StateRunningP2P); err != nil {
+				// The next step resets it.
+				m.log.Warn("device did not return to RUNNING_P2P", "device", d.spec, "error", err)
+			}
+		}
+	}
+	for _, d := range m.devs {
+		if d.isStuck() {
+			// Any operation now would fail at once: the device is left
+			// to its driver, held by the agent until its operation
+			// returns.
+			msg := "did not answer within the device timeout: left in its state, held until its operation returns"
+			d.errMsg.Store(&msg)
+			m.log.Error("DEVICE STUCK: not returned to RUNNING", "device", d.spec)
+			continue
 		}
 		st, err := d.dev.State()
 		if err == nil && st == vfio.StateRunning {
@@ -101,7 +136,11 @@ func (m *migration) abortPeer(cause error) {
 	req.Reason = wire.Message(cause)
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(m.ctx), min(rpcTimeout, m.a.cfg.ProgressTimeout))
 	defer cancel()
-	if _, err := m.peer.transfer.Abort(ctx, req); err != nil {
+	err := m.retryUntil(ctx, func(ctx context.Context) error {
+		_, err := m.peer.transfer.Abort(ctx, req)
+		return err
+	})
+	if err != nil {
 		m.log.Warn("abort at the destination failed", "error", err, "unanswered_open", req.GetSessionId() == "")
 	}
 }
@@ -176,43 +215,54 @@ func peerError(op string, err error) error {
 	return wire.Errorf(code, reason, "destination: %s: %s", op, wire.Message(err))
 }
 
-// stream runs the channels, the switchover, the readers and Finish.
+// stream runs the channels, the switchover, the readers, Finish and the
+// commit.
 func (m *migration) stream(ctx context.Context, transfer ferryv1.TransferClient, session string, opened *ferryv1.OpenResponse, dialOpts []grpc.DialOption) error {
+	if err := m.reserve(opened.GetWindows()); err != nil {
+		return err
+	}
 	queueCap := 0
 	m.mu.Lock() // snapshot reads the gates
 	for i, d := range m.devs {
 		w := opened.GetWindows()[i]
-		d.gate = flow.NewGate(flow.Window{LimitSeq: w.GetLimitSeq(), LimitOffset: w.GetLimitOffset()})
+		d.gate = flow.NewGate(d.clamp(flow.Window{LimitSeq: w.GetLimitSeq(), LimitOffset: w.GetLimitOffset()}))
 		d.digest, _ = wire.NewDigest(m.req.GetDigest())
-		queueCap += int(min(w.GetLimitSeq(), 1<<16)) + 1
+		queueCap += int(min(d.capChunks, 1<<12))
 	}
 	m.mu.Unlock()
 	if len(m.devs) == 1 {
 		m.pull = newPuller(m.devs[0])
 	}
-	// Every chunk in the queue is inside its device's window, so the queue
-	// never holds more than the windows do and a reader never blocks on it.
+	// Every chunk in the queue is inside its device's window; a reader
+	// that finds it full waits (as it would for credit), never past ctx.
 	// The senders of a one-device migration read for themselves: no queue.
 	var queue chan *outChunk
 	if m.pull == nil {
 		queue = make(chan *outChunk, queueCap)
+		defer drain(queue)
 	}
-
-	// Resent chunks come first; like queue, resend never holds more than
-	// the windows (a chunk is queued for a resend only while no queue
-	// holds it for that).
-	resend := make(chan *outChunk, queueCap)
-	defer drain(queue, resend)
+	// Resent chunks come first.
+	resend := newResendQueue()
+	defer resend.drain()
 
 	chCtx, chCancel := context.WithCancel(ctx)
 	defer chCancel()
 	g, gctx := errgroup.WithContext(chCtx)
+	// fail ends the channels and returns err, or the error a channel
+	// failed the migration with first.
+	fail := func(err error) error {
+		chCancel()
+		if gerr := m.await(g.Wait); gerr != nil && wire.Code(gerr) != codes.Canceled {
+			return gerr
+		}
+		return err
+	}
 	ready := make(chan struct{}, m.channels)
 	for i := range int(m.channels) {
 		dial := func() (*grpc.ClientConn, error) { return grpc.NewClient(m.req.GetDestAddress(), dialOpts...) }
 		conn, err := dial()
 		if err != nil {
-			return wire.Errorf(codes.InvalidArgument, wire.ReasonInvalidArgument, "dial channel %d: %v", i, err)
+			return fail(wire.Errorf(codes.InvalidArgument, wire.ReasonInvalidArgument, "dial channel %d: %v", i, err))
 		}
 		ch := &channel{m: m, index: int32(i), conn: conn, dial: dial, client: ferryv1.NewTransferClient(conn), session: session, queue: queue, resend: resend, ready: ready}
 		g.Go(func() error {
@@ -222,13 +272,8 @@ func (m *migration) stream(ctx context.Context, transfer ferryv1.TransferClient,
 			return ch.run(gctx)
 		})
 	}
-	fail := func(err error) error {
-		chCancel()
-		if gerr := g.Wait(); gerr != nil && wire.Code(gerr) != codes.Canceled {
-			return gerr
-		}
-		return err
-	}
+	// Every channel is up, its data connection open (or fallen back to
+	// Channel messages), before anything stops.
 	for range int(m.channels) {
 		select {
 		case <-ready:
@@ -241,11 +286,21 @@ func (m *migration) stream(ctx context.Context, transfer ferryv1.TransferClient,
 	err := m.retry(gctx, func(ctx context.Context) error {
 		ctx, cancel := context.WithTimeout(ctx, rpcTimeout)
 		defer cancel()
-		_, err := transfer.SwitchoverStart(ctx, &ferryv1.SwitchoverStartRequest{SessionId: session, SentChunks: make([]uint64, len(m.devs))})
+		_, err := transfer.SwitchoverStart(ctx, &ferryv1.SwitchoverStartRequest{SessionId: session, SentChunks: m.sentChunks()})
 		return err
 	})
 	if err != nil {
 		return fail(peerError("switchover start", err))
+	}
+	// From the first device's stop to the verdict the VM waits: the
+	// switchover deadline bounds it, whatever the destination does.
+	stopped, stopCancel := context.WithTimeoutCause(gctx, m.switchoverDeadline, errSwitchoverDeadline)
+	defer stopCancel()
+	deadlineErr := func(err error) error {
+		if errors.Is(context.Cause(stopped), errSwitchoverDeadline) {
+			return errSwitchoverDeadline
+		}
+		return err
 	}
 	m.mu.Lock()
 	m.switchoverTime = time.Now()
@@ -263,48 +318,111 @@ func (m *migration) stream(ctx context.Context, transfer ferryv1.TransferClient,
 			if p.err != nil {
 				return fail(p.err)
 			}
-		case <-gctx.Done():
-			return fail(gctx.Err())
+		case <-stopped.Done():
+			return fail(deadlineErr(stopped.Err()))
+		case <-m.stuck:
+			return fail(m.stuckError())
 		}
 	} else {
-		readers, rctx := errgroup.WithContext(gctx)
+		readers, rctx := errgroup.WithContext(stopped)
 		for _, d := range m.devs {
 			readers.Go(func() error { return m.readDevice(rctx, d, queue) })
 		}
-		if err := readers.Wait(); err != nil {
-			return fail(err)
+		if err := m.await(readers.Wait); err != nil {
+			return fail(deadlineErr(err))
 		}
 	}
 	m.setPhase(ferryv1.MigrationPhase_MIGRATION_PHASE_FINISHING)
 	var verdict *ferryv1.FinishResponse
-	err = m.retry(gctx, func(ctx context.Context) error {
+	err = m.retry(stopped, func(ctx context.Context) error {
 		var err error
 		verdict, err = transfer.Finish(ctx, &ferryv1.FinishRequest{SessionId: session})
 		return err
 	})
 	if err != nil {
+		if errors.Is(context.Cause(stopped), errSwitchoverDeadline) {
+			return fail(errSwitchoverDeadline)
+		}
 		return fail(peerError("finish", err))
 	}
 	if !verdict.GetVerified() {
 		return fail(wire.Errorf(codes.DataLoss, wire.ReasonVerifyFailed, "the destination did not verify the state"))
 	}
+	// The commit point: from here on the destination owns the devices
+	// and nothing rolls back. A cancel that came first wins.
+	if err := m.commit(); err != nil {
+		return fail(err)
+	}
 	m.mu.Lock()
 	m.peakBuffered, m.windowBytes = verdict.GetPeakBufferedBytes(), verdict.GetWindowBytes()
 	m.mu.Unlock()
 	chCancel()
-	g.Wait()
+	m.await(g.Wait)
+	m.tellCommit(transfer, session)
 	return nil
+}
+
+// commit records that the source has the destination's verified verdict
+// (the migration's commit point, docs/design.md): from now on the
+// destination owns the devices, the migration cannot be cancelled and no
+// failure rolls it back. It fails if the migration was cancelled (or the
+// agent shut down, or the switchover deadline passed) first.
+func (m *migration) commit() error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if err := m.ctx.Err(); err != nil {
+		return context.Cause(m.ctx)
+	}
+	m.committed = true
+	return nil
+}
+
+// tellCommit tells the destination that the source committed, so it
+// leaves VERIFIED for SUCCEEDED. It waits at most the progress timeout,
+// retrying transport errors. A destination that does not hear it stays
+// VERIFIED, and says the owner is in doubt, until the control plane, which
+// reads SUCCEEDED here, commits it with CommitIncoming.
+func (m *migration) tellCommit(transfer ferryv1.TransferClient, session string) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(m.ctx), min(rpcTimeout, m.a.cfg.ProgressTimeout))
+	defer cancel()
+	err := m.retryUntil(ctx, func(ctx context.Context) error {
+		_, err := transfer.Commit(ctx, &ferryv1.CommitRequest{SessionId: session})
+		return err
+	})
+	if err != nil {
+		m.log.Warn("the destination did not acknowledge the commit; it reports VERIFIED until the control plane commits it (DestAgent.CommitIncoming)", "error", wire.Message(err))
+		m.mu.Lock()
+		m.commitUnheard = true
+		m.mu.Unlock()
+	}
+}
+
+// sentChunks is how many chunks each device has sent so far, for the
+// destination to check in SwitchoverStart that it wrote them all.
+func (m *migration) sentChunks() []uint64 {
+	out := make([]uint64, len(m.devs))
+	for i, d := range m.devs {
+		out[i] = d.chunks.Load()
+	}
+	return out
+}
+
+// allP2P reports whether every device supports P2P: the devices then stop
+// and return through RUNNING_P2P, all of them at a time.
+func (m *migration) allP2P() bool {
+	for _, d := range m.devs {
+		if d.dev.Flags()&vfio.FlagP2P == 0 {
+			return false
+		}
+	}
+	return true
 }
 
 // stopDevices moves every device to STOP_COPY, all through RUNNING_P2P
 // first when every device supports P2P (no device stops while another
 // may still send it peer-to-peer DMA).
 func (m *migration) stopDevices() error {
-	allP2P := true
-	for _, d := range m.devs {
-		allP2P = allP2P && d.dev.Flags()&vfio.FlagP2P != 0
-	}
-	if allP2P {
+	if m.allP2P() {
 		for _, d := range m.devs {
 			if _, err := d.dev.SetState(vfio.StateRunningP2P); err != nil {
 				return wire.DeviceError(d.spec, "enter RUNNING_P2P", err)

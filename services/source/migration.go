@@ -33,6 +33,15 @@ const (
 // plane.
 var errCancelled = errors.New("cancelled by the control plane")
 
+// errSwitchoverDeadline is the cancel cause of a migration whose devices
+// stayed stopped past the switchover deadline without a verdict.
+var errSwitchoverDeadline = errors.New("switchover deadline passed")
+
+// DefaultSwitchoverDeadline is the switchover deadline of a migration that
+// sets none: how long the source devices may stay stopped without a
+// verdict before the source rolls back.
+const DefaultSwitchoverDeadline = 60 * time.Second
+
 // migration is one outgoing migration.
 type migration struct {
 	a          *Agent
@@ -53,6 +62,18 @@ type migration struct {
 	// fallbacks counts streams that could not open their data connection
 	// and sent in Channel messages.
 	fallbacks atomic.Uint64
+	// connected counts the channel streams up now; lastWord is when the
+	// destination last spoke on any (Unix nanoseconds, 0 before).
+	connected atomic.Int32
+	lastWord  atomic.Int64
+	// switchoverDeadline bounds the time from the devices' stop to the
+	// verdict.
+	switchoverDeadline time.Duration
+	// stuck is closed once a device of the migration stops answering
+	// (see watchStuck).
+	stuck     chan struct{}
+	stuckOnce sync.Once
+	stuckDev  atomic.Pointer[srcDevice]
 
 	ctx    context.Context
 	cancel context.CancelCauseFunc
@@ -66,6 +87,11 @@ type migration struct {
 	endTime        time.Time
 	peakBuffered   uint64
 	windowBytes    uint64
+	// committed is set at the commit point (see commit); commitUnheard
+	// when the destination did not acknowledge it.
+	committed, commitUnheard bool
+	// reserved is what the migration holds of the agent's memory budget.
+	reserved uint64
 
 	track *telemetry.Tracker // set before run starts
 
@@ -92,54 +118,87 @@ func (a *Agent) newMigration(req *ferryv1.StartMigrationRequest) *migration {
 	channels, _ := wire.Channels(req.GetChannels())
 	chunkSize, _ := wire.ChunkSize(req.GetChunkSize())
 	ctx, cancel := context.WithCancelCause(a.ctx)
+	deadline := DefaultSwitchoverDeadline
+	if d := req.GetSwitchoverDeadline(); d != nil {
+		deadline = d.AsDuration()
+	}
 	return &migration{
-		a:          a,
-		id:         req.GetMigrationId(),
-		req:        proto.CloneOf(req),
-		channels:   channels,
-		chunkSize:  chunkSize,
-		createTime: time.Now(),
-		log:        a.cfg.Logger.With("migration", req.GetMigrationId(), "role", "source", "devices", sourceSpecs(req)),
-		ctx:        ctx,
-		cancel:     cancel,
-		done:       make(chan struct{}),
-		phase:      ferryv1.MigrationPhase_MIGRATION_PHASE_PREPARING,
+		switchoverDeadline: deadline,
+		stuck:              make(chan struct{}),
+		a:                  a,
+		id:                 req.GetMigrationId(),
+		req:                proto.CloneOf(req),
+		channels:           channels,
+		chunkSize:          chunkSize,
+		createTime:         time.Now(),
+		log:                a.cfg.Logger.With("migration", req.GetMigrationId(), "role", "source", "devices", sourceSpecs(req)),
+		ctx:                ctx,
+		cancel:             cancel,
+		done:               make(chan struct{}),
+		phase:              ferryv1.MigrationPhase_MIGRATION_PHASE_PREPARING,
 	}
 }
 
-func (m *migration) cancelByUser() { m.cancel(errCancelled) }
+// cancelByUser cancels the migration for the control plane, unless it
+// has committed: then it fails with MIGRATION_COMMITTED, and the
+// destination owns the devices.
+func (m *migration) cancelByUser() error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.committed {
+		return wire.Errorf(codes.FailedPrecondition, wire.ReasonCommitted, "migration %s has committed: the destination owns its devices", m.id)
+	}
+	m.cancel(errCancelled)
+	return nil
+}
 
 // acquire takes the source devices from the registry.
+//
+// The devices are published in m.devs (which snapshot reads under m.mu)
+// only once all are taken.
 func (m *migration) acquire() error {
+	var devs []*srcDevice
+	releaseAll := func() {
+		for _, d := range devs {
+			d.release()
+		}
+	}
 	for i, p := range m.req.GetDevices() {
 		spec, _ := wire.CanonicalSpec(p.GetSourceDevice())
 		peer, _ := wire.CanonicalSpec(p.GetDestDevice())
 		dev, release, err := m.a.cfg.Registry.Acquire(spec, m.id)
 		if err != nil {
-			m.releaseAll()
+			releaseAll()
 			return wire.DeviceError(spec, "open", err)
 		}
 		d := &srcDevice{index: i, spec: spec, peer: peer, dev: dev, release: release}
-		m.devs = append(m.devs, d)
+		devs = append(devs, d)
 		if dev.Flags()&vfio.FlagStopCopy == 0 {
-			m.releaseAll()
+			releaseAll()
 			return wire.Errorf(codes.FailedPrecondition, wire.ReasonDeviceUnsupported, "device %s does not support STOP_COPY migration (flags %s)", spec, dev.Flags())
 		}
-		if st, err := dev.State(); err != nil || st != vfio.StateRunning {
-			m.releaseAll()
-			return wire.Errorf(codes.FailedPrecondition, wire.ReasonDeviceState, "device %s is in %v, not RUNNING (%v)", spec, st, err)
+		st, err := dev.State()
+		switch {
+		case err != nil:
+			releaseAll()
+			return wire.DeviceError(spec, "read the state", err)
+		case st == vfio.StateStop:
+			releaseAll()
+			return wire.Errorf(codes.FailedPrecondition, wire.ReasonDeviceState,
+				"device %s is in STOP, not RUNNING: an earlier migration moved its state away; give it back with ReleaseDevice (ferry release) before migrating it again", spec)
+		case st != vfio.StateRunning:
+			releaseAll()
+			return wire.Errorf(codes.FailedPrecondition, wire.ReasonDeviceState,
+				"device %s is in %v, not RUNNING; give it back with ReleaseDevice (ferry release)", spec, st)
 		}
 		if n, err := dev.DataSize(); err == nil {
 			d.total.Store(n)
 		}
 	}
+	m.mu.Lock()
+	m.devs = devs
+	m.mu.Unlock()
 	return nil
-}
-
-func (m *migration) releaseAll() {
-	for _, d := range m.devs {
-		d.release()
-	}
 }
 
 func (m *migration) setPhase(p ferryv1.MigrationPhase) {
@@ -157,19 +216,29 @@ func (m *migration) setPhase(p ferryv1.MigrationPhase) {
 func (m *migration) snapshot() (*ferryv1.Migration, bool, uint64) {
 	m.mu.Lock()
 	s := &ferryv1.Migration{
-		Id:                m.id,
-		Phase:             m.phase,
-		Error:             proto.CloneOf(m.err),
-		Channels:          m.channels,
-		ChunkSize:         m.chunkSize,
-		CreateTime:        timestamppb.New(m.createTime),
-		PeakBufferedBytes: m.peakBuffered,
-		WindowBytes:       m.windowBytes,
-		DirectData:        m.dataAddr != "" && m.fallbacks.Load() == 0,
+		Id:                 m.id,
+		Phase:              m.phase,
+		Error:              proto.CloneOf(m.err),
+		Channels:           m.channels,
+		ChunkSize:          m.chunkSize,
+		CreateTime:         timestamppb.New(m.createTime),
+		PeakBufferedBytes:  m.peakBuffered,
+		WindowBytes:        m.windowBytes,
+		DirectData:         m.dataAddr != "" && m.fallbacks.Load() == 0,
+		Owner:              ferryv1.DeviceOwner_DEVICE_OWNER_SOURCE,
+		ConnectedChannels:  uint32(max(m.connected.Load(), 0)),
+		SwitchoverDeadline: durationpb.New(m.switchoverDeadline),
+	}
+	if m.committed {
+		s.Owner = ferryv1.DeviceOwner_DEVICE_OWNER_DESTINATION
+	}
+	if t := m.lastWord.Load(); t != 0 {
+		s.LastPeerActivityTime = timestamppb.New(time.Unix(0, t))
 	}
 	start, sw, end := m.startTime, m.switchoverTime, m.endTime
-	gates := make([]*flow.Gate, len(m.devs))
-	for i, d := range m.devs {
+	devs := m.devs
+	gates := make([]*flow.Gate, len(devs))
+	for i, d := range devs {
 		gates[i] = d.gate
 	}
 	m.mu.Unlock()
@@ -180,7 +249,7 @@ func (m *migration) snapshot() (*ferryv1.Migration, bool, uint64) {
 		s.EndTime = timestamppb.New(end)
 	}
 	var total uint64
-	for _, d := range m.devs {
+	for _, d := range devs {
 		p := &ferryv1.DeviceProgress{
 			Device:              d.spec,
 			PeerDevice:          d.peer,
@@ -200,6 +269,7 @@ func (m *migration) snapshot() (*ferryv1.Migration, bool, uint64) {
 		if e := d.errMsg.Load(); e != nil {
 			p.Error = *e
 		}
+		p.Stuck = d.isStuck()
 		total += p.Bytes
 		s.RetransmittedChunks += p.RetransmittedChunks
 		s.Devices = append(s.Devices, p)

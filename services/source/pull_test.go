@@ -54,7 +54,7 @@ func pullSetup(t *testing.T, spec string, window flow.Window) (*migration, *pull
 	m, d := readingDevice(t, spec, pullChunk, window)
 	m.pull = newPuller(d)
 	m.pull.turn <- struct{}{}
-	resend := make(chan *outChunk, 8)
+	resend := newResendQueue()
 	var chs [2]*channel
 	for i := range chs {
 		chs[i] = &channel{m: m, index: int32(i), resend: resend}
@@ -159,7 +159,7 @@ func TestSendersReadTheDeviceInTurn(t *testing.T) {
 		sctx, cancel := context.WithCancel(ctx)
 		rest := pulled(sctx, chs[0], p)
 		wantBlocked(t, rest, "nothing left to read")
-		chs[0].resend <- last
+		chs[0].resend.push([]*outChunk{last})
 		if got := wantChunk(t, rest, ferryv1.ChunkKind_CHUNK_KIND_DATA, 2, 2*pullChunk); got != last {
 			t.Error("a resend other than the one queued")
 		}
@@ -182,7 +182,7 @@ func TestTurnHolderGivesWayToResend(t *testing.T) {
 		lost := wantChunk(t, pulled(ctx, chs[0], p), ferryv1.ChunkKind_CHUNK_KIND_DATA, 0, 0)
 		waiting := pulled(ctx, chs[1], p)
 		wantBlocked(t, waiting, "window used up")
-		chs[1].resend <- lost
+		chs[1].resend.push([]*outChunk{lost})
 		if got := wantChunk(t, waiting, ferryv1.ChunkKind_CHUNK_KIND_DATA, 0, 0); got != lost {
 			t.Fatal("a resend other than the one queued")
 		}

@@ -28,7 +28,13 @@ func (m *migration) readDevice(ctx context.Context, d *srcDevice, queue chan<- *
 		if err != nil {
 			return err
 		}
-		queue <- c
+		select {
+		case queue <- c:
+		case <-ctx.Done():
+			// Kept for a resend, but no queue holds it.
+			c.release()
+			return ctx.Err()
+		}
 	}
 	return m.leaveStopCopy(d)
 }
