@@ -108,15 +108,15 @@ func TestRegistryList(t *testing.T) {
 	releaseA()
 
 	want := []DeviceInfo{
-		{Spec: "sim:size=1MiB,seed=1", Flags: FlagStopCopy | FlagP2P, State: StateRunning, DataSize: 1 << 20},
-		{Spec: "sim:size=2MiB,seed=2,flags=stopcopy", Flags: FlagStopCopy, State: StateResuming,
+		{Spec: "sim:size=1MiB,seed=1", Opened: true, Flags: FlagStopCopy | FlagP2P, State: StateRunning, DataSize: 1 << 20},
+		{Spec: "sim:size=2MiB,seed=2,flags=stopcopy", Opened: true, Flags: FlagStopCopy, State: StateResuming,
 			Owner: "m-b", DataSize: 2 << 20},
 	}
 	if got := r.List(); !slices.Equal(got, want) {
 		t.Errorf("List() =\n%+v\nwant\n%+v", got, want)
 	}
 
-	// A state that cannot be read is reported as ERROR.
+	// A closed device is reported in ERROR.
 	dB.Close()
 	if got := r.List(); got[1].State != StateError {
 		t.Errorf("State of a closed device = %v, want ERROR", got[1].State)
