@@ -18,13 +18,13 @@ import (
 type fakeDevice struct {
 	spec string
 
-	mu     sync.Mutex
-	state  State
-	gates  map[string]chan struct{} // op -> closed to let it return; absent: return at once
-	calls  map[string]int
+	mu    sync.Mutex
+	state State
+	gates map[string]chan struct{} // op -> closed to let it return; absent: return at once
+	calls map[string]int
 	// readDelay is how long each read takes.
 	readDelay time.Duration
-	closed bool
+	closed    bool
 }
 
 // The operations of a fakeDevice, for gates and calls.
