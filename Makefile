@@ -44,6 +44,7 @@ lint: ## buf lint and format, gofmt, go vet, and a non-Linux build
 unit: ## run the Go tests (with the race detector); then, without it, the allocation tests and every benchmark once so none rots
 	$(GO) test -race -timeout 30m ./...
 	$(GO) test -run 'DoesNotAllocate' -bench . -benchtime 1x ./...
+	@test -n "$$FERRY_TEST_VFIO_DEVICES" || echo "note: pkg/vfio's kernel tests (TestKernel*) skipped: FERRY_TEST_VFIO_DEVICES is not set; 'make vm-test' runs them"
 
 .PHONY: fuzz
 fuzz: ## run every fuzz target for FUZZTIME each

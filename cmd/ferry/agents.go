@@ -40,6 +40,7 @@ type agentFlags struct {
 	dataListen    string // the destination's direct data listener
 	healthListen  string
 	drainTimeout  time.Duration
+	deviceTimeout time.Duration
 	log           logFlags
 }
 
@@ -49,6 +50,7 @@ func (f *agentFlags) register(fs *flag.FlagSet, defaultListen string) {
 	fs.StringVar(&f.metricsListen, "metrics-listen", "", "serve Prometheus metrics on this address at /metrics (off when empty)")
 	fs.StringVar(&f.healthListen, "health-listen", "", "serve plaintext grpc.health.v1 (and reflection), nothing else, on this address for Kubernetes gRPC probes (off when empty)")
 	fs.DurationVar(&f.drainTimeout, "drain-timeout", 30*time.Second, "on SIGTERM, how long running migrations may go on before they are aborted and rolled back (a second SIGTERM aborts them at once)")
+	fs.DurationVar(&f.deviceTimeout, "device-timeout", vfio.DefaultOpTimeout, "how long a device operation (a state change, a reset, one read or write of its state) may take before the device is reported stuck and its migration rolls back without it")
 	f.log.register(fs)
 }
 
@@ -172,7 +174,12 @@ func runRoles(ctx context.Context, name, synopsis, listen string, r roles, args 
 	if err != nil {
 		return &exitError{code: 2, err: err}
 	}
-	reg := vfio.NewRegistry(af.sec.registry(af.allowSim))
+	if af.deviceTimeout <= 0 {
+		return &exitError{code: 2, err: fmt.Errorf("--device-timeout %v: must be above zero", af.deviceTimeout)}
+	}
+	regOpts := af.sec.registry(af.allowSim)
+	regOpts.OpTimeout = af.deviceTimeout
+	reg := vfio.NewRegistry(regOpts)
 	defer reg.Close()
 	pool := wire.NewPool()
 	metrics, promReg := af.metrics()

@@ -82,9 +82,49 @@
 // and fails RESUMING -> STOP naming the first wrong byte or the short
 // length. "rate" and "wrate" cap the read and write rates, "fault"
 // makes reads fail (ErrInjectedFault) at a byte offset, and "flags"
-// chooses the migration flags (default stopcopy|p2p). With precopy the
+// chooses the migration flags (default stopcopy|p2p).
+//
+// "hang" makes one operation block, as a driver that never answers
+// would, until the device is closed (so tests and processes clean up;
+// the call then fails with fs.ErrClosed):
+//
+//	hang=read@64MiB        the read that starts at byte 64 MiB of a saving stream
+//	hang=write@0           the write that starts at byte 0 of a resuming stream
+//	hang=state:STOP_COPY   the arc into STOP_COPY (the arcs before it are taken)
+//	hang=reset             a reset
+//
+// A read or write first delivers the bytes before the offset. "fail"
+// makes operations fail with ErrInjectedFault:
+//
+//	fail=state:RUNNING        the arc into RUNNING fails and the device enters ERROR
+//	fail=reset                Reset fails and leaves the state alone
+//	fail=state:RUNNING|reset  both
+//
+// State names are the kernel's, in either case; the state must be one
+// the flags support, and not ERROR. With precopy the
 // device supports the PRE_COPY states, but its pre-copy phase carries no
 // data yet; "precopy" and "dirty" are parsed for that model.
+//
+// # Devices that do not answer
+//
+// Device methods take no context: an ioctl cannot be cancelled. A
+// GuardedDevice (Guard) bounds them instead with the device timeout
+// (DefaultOpTimeout, 10s; RegistryOptions.OpTimeout): a control operation
+// that does not answer in time fails with ErrStuck naming it ("SET_STATE
+// to STOP_COPY did not answer within 10s"); a read or write of a data
+// stream runs inline on its caller's goroutine (no hand-off, no
+// allocation) and a watchdog marks the device stuck when one has run for
+// the timeout. While stuck, every operation fails at once with ErrStuck
+// and State answers the state last known; the mark clears when the
+// operation returns at last. Consumers find out through StuckReporter,
+// which every device a Registry hands out implements:
+//
+//	if sr, ok := dev.(vfio.StuckReporter); ok {
+//		select {
+//		case <-sr.Stuck(): // give up on the reader blocked in Read
+//		case err := <-readerDone:
+//		}
+//	}
 //
 // # Who owns what
 //
@@ -93,7 +133,12 @@
 // device does not promise to), while reads and writes on its stream, State
 // and DataSize may run beside them. The Registry owns the devices it opens
 // and closes them in Registry.Close; an owner gives a device back with
-// its release func and never closes it.
+// its release func and never closes it. A device released while stuck
+// stays with the registry (owner OwnerStuck) until its operation
+// answers, then is closed. Registry.List and ListAll answer from what
+// the registry remembers, never opening a device or waiting on one;
+// Registry.Recover gives an idle device back in RUNNING (ErrBusy when
+// someone holds it).
 //
 // This package is the only one in Ferry that imports golang.org/x/sys/unix
 // and unsafe, and only its kernel backend (the *_linux.go files) does.

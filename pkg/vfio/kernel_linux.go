@@ -45,6 +45,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"runtime"
 	"sync"
 	"sync/atomic"
 
@@ -61,10 +62,19 @@ func openKernel(s Spec) (Device, error) {
 }
 
 // kernelDevice is a VFIO device of the running kernel. mu serialises every
-// use of the descriptors, so Close may race with the other methods.
+// use of the descriptors, so Close may race with the other methods. An
+// ioctl may take long, or never return (a driver that does not answer):
+// State and Close never wait for one in progress. State then answers the
+// state last read or set; Close leaves the descriptors to the ioctl's
+// caller, who closes them when it returns.
 type kernelDevice struct {
 	spec  string
 	flags Flags
+	last  atomic.Uint32 // the state last read or set
+
+	pmu          sync.Mutex // guards busy and closePending; held by unlock across mu.Unlock
+	busy         bool       // a method holds mu
+	closePending bool       // Close found mu held: unlock closes the descriptors
 
 	mu        sync.Mutex
 	dev       *fdOwner // the VFIO device fd
@@ -207,6 +217,31 @@ func (d *kernelDevice) closeFDs() error {
 	return err
 }
 
+// lock takes mu for an ioctl.
+func (d *kernelDevice) lock() {
+	d.mu.Lock()
+	d.markBusy()
+}
+
+func (d *kernelDevice) markBusy() {
+	d.pmu.Lock()
+	d.busy = true
+	d.pmu.Unlock()
+}
+
+// unlock releases mu, closing the descriptors first when a Close came
+// while it was held.
+func (d *kernelDevice) unlock() {
+	d.pmu.Lock()
+	defer d.pmu.Unlock()
+	d.busy = false
+	if d.closePending {
+		d.closePending = false
+		d.closeFDs()
+	}
+	d.mu.Unlock()
+}
+
 // Spec returns the canonical spec of the device.
 func (d *kernelDevice) Spec() string { return d.spec }
 
@@ -214,9 +249,15 @@ func (d *kernelDevice) Spec() string { return d.spec }
 func (d *kernelDevice) Flags() Flags { return d.flags }
 
 // State reads the migration state (VFIO_DEVICE_FEATURE GET MIG_DEVICE_STATE).
+// While another ioctl is in progress it does not queue behind it (a SET
+// the driver never answers would hold it for ever): it answers the state
+// last read or set, without asking.
 func (d *kernelDevice) State() (State, error) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
+	if !d.mu.TryLock() {
+		return State(d.last.Load()), nil
+	}
+	d.markBusy()
+	defer d.unlock()
 	s, err := d.getState()
 	if err != nil {
 		return s, fmt.Errorf("%s: get state: %w", d.spec, err)
@@ -229,6 +270,9 @@ func (d *kernelDevice) getState() (State, error) {
 		return StateError, os.ErrClosed
 	}
 	s, err := deviceGetMigState(d.dev)
+	if err == nil {
+		d.last.Store(s)
+	}
 	return State(s), err
 }
 
@@ -238,8 +282,8 @@ func (d *kernelDevice) getState() (State, error) {
 // without asking (kernels 6.2+ without the 2026 fix spin forever on it)
 // and to explain a failure.
 func (d *kernelDevice) SetState(target State) (DataStream, error) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
+	d.lock()
+	defer d.unlock()
 	from, err := d.getState()
 	if err != nil {
 		return nil, fmt.Errorf("%s: set state %v: get state: %w", d.spec, target, err)
@@ -252,6 +296,7 @@ func (d *kernelDevice) SetState(target State) (DataStream, error) {
 	if err != nil {
 		return nil, d.setFailed(from, target, err)
 	}
+	d.last.Store(uint32(target))
 	if fd < 0 {
 		return nil, nil
 	}
@@ -285,8 +330,8 @@ func (d *kernelDevice) setFailed(from, target State, errno error) error {
 // DataSize asks for the estimated stop-copy size
 // (VFIO_DEVICE_FEATURE_MIG_DATA_SIZE, Linux 6.2+).
 func (d *kernelDevice) DataSize() (uint64, error) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
+	d.lock()
+	defer d.unlock()
 	if d.dev == nil {
 		return 0, fmt.Errorf("%s: data size: %w", d.spec, os.ErrClosed)
 	}
@@ -303,27 +348,44 @@ func (d *kernelDevice) DataSize() (uint64, error) {
 // Reset issues VFIO_DEVICE_RESET: the device returns to RUNNING and any
 // data stream ends.
 func (d *kernelDevice) Reset() error {
-	d.mu.Lock()
-	defer d.mu.Unlock()
+	d.lock()
+	defer d.unlock()
 	if d.dev == nil {
 		return fmt.Errorf("%s: reset: %w", d.spec, os.ErrClosed)
 	}
 	if err := deviceReset(d.dev); err != nil {
 		return fmt.Errorf("%s: reset: %w", d.spec, err)
 	}
+	d.last.Store(uint32(StateRunning))
 	return nil
 }
 
 // Close releases the device fd, then its group and container (or
 // iommufd). The kernel ends any data stream's session on close (its fd
-// stays the caller's to close). Idempotent.
+// stays the caller's to close). Close never waits for an ioctl in
+// progress: the descriptors are then closed as it returns. Idempotent.
 func (d *kernelDevice) Close() error {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if err := d.closeFDs(); err != nil {
-		return fmt.Errorf("%s: close: %w", d.spec, err)
+	for {
+		d.pmu.Lock()
+		if d.busy {
+			d.closePending = true
+			d.pmu.Unlock()
+			return nil
+		}
+		if d.mu.TryLock() {
+			err := d.closeFDs()
+			d.mu.Unlock()
+			d.pmu.Unlock()
+			if err != nil {
+				return fmt.Errorf("%s: close: %w", d.spec, err)
+			}
+			return nil
+		}
+		// mu is held by a method that has not marked itself busy yet
+		// (it waits for pmu): let it.
+		d.pmu.Unlock()
+		runtime.Gosched()
 	}
-	return nil
 }
 
 // kernelStream is a data_fd: an *os.File it owns, with the kernel's errors

@@ -25,12 +25,26 @@ import (
 // arcs the kernel took (its migration/trace attribute) with Path.
 const testDevicesEnv = "FERRY_TEST_VFIO_DEVICES"
 
+// kernelSkipReason says why the TestKernel* tests skip here.
+const kernelSkipReason = "the kernel tests (TestKernel*) need real VFIO devices: " +
+	testDevicesEnv + " is not set, so they skip; `make vm-test` boots a kernel with test devices and runs them"
+
+// TestMain says, once, that the kernel tests skip, so a run that passes
+// without them does not look like one that ran them (go test prints it
+// with -v, or when it runs this package alone).
+func TestMain(m *testing.M) {
+	if os.Getenv(testDevicesEnv) == "" {
+		fmt.Println("pkg/vfio: " + kernelSkipReason)
+	}
+	os.Exit(m.Run())
+}
+
 // testDevices returns the specs in FERRY_TEST_VFIO_DEVICES or skips.
 func testDevices(t *testing.T) []Spec {
 	t.Helper()
 	v := os.Getenv(testDevicesEnv)
 	if v == "" {
-		t.Skipf("no VFIO devices to test: set %s to pci:/mdev: specs of migration-capable devices", testDevicesEnv)
+		t.Skip(kernelSkipReason)
 	}
 	var specs []Spec
 	for f := range strings.SplitSeq(v, ",") {
@@ -525,5 +539,35 @@ func TestOpenKernelDeviceFake(t *testing.T) {
 	_, err = openKernelDevice(h.hostPaths, mustSpec(t, "pci:0000:3b:00.2"))
 	if !errors.Is(err, unix.ENOTTY) || !strings.Contains(err.Error(), "VFIO_GET_API_VERSION") {
 		t.Errorf("container that is not VFIO's: %v, want VFIO_GET_API_VERSION: ENOTTY", err)
+	}
+}
+
+// TestIoctlLockDoesNotQueue holds the device's ioctl lock as a SET the
+// driver never answers would: State answers the state last set without
+// waiting, and Close returns at once, leaving the descriptors to be closed
+// when the ioctl returns.
+func TestIoctlLockDoesNotQueue(t *testing.T) {
+	fd, err := openFD(os.DevNull, unix.O_RDONLY)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := &kernelDevice{spec: "pci:0000:3b:00.2", dev: fd}
+	d.last.Store(uint32(StateStopCopy))
+	d.lock() // an ioctl in progress
+	if st, err := d.State(); err != nil || st != StateStopCopy {
+		t.Errorf("State during an ioctl = %v, %v; want the last state, STOP_COPY", st, err)
+	}
+	if err := d.Close(); err != nil {
+		t.Errorf("Close during an ioctl: %v", err)
+	}
+	if d.dev == nil {
+		t.Fatal("Close closed the descriptors under a running ioctl")
+	}
+	d.unlock() // the ioctl returns
+	if d.dev != nil {
+		t.Error("the descriptors were not closed when the ioctl returned")
+	}
+	if _, err := d.State(); !errors.Is(err, os.ErrClosed) {
+		t.Errorf("State after Close: %v, want os.ErrClosed", err)
 	}
 }

@@ -7,6 +7,8 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"testing/synctest"
+	"time"
 )
 
 func newRegistry(t *testing.T, opts RegistryOptions) *Registry {
@@ -108,15 +110,15 @@ func TestRegistryList(t *testing.T) {
 	releaseA()
 
 	want := []DeviceInfo{
-		{Spec: "sim:size=1MiB,seed=1", Flags: FlagStopCopy | FlagP2P, State: StateRunning, DataSize: 1 << 20},
-		{Spec: "sim:size=2MiB,seed=2,flags=stopcopy", Flags: FlagStopCopy, State: StateResuming,
+		{Spec: "sim:size=1MiB,seed=1", Opened: true, Flags: FlagStopCopy | FlagP2P, State: StateRunning, DataSize: 1 << 20},
+		{Spec: "sim:size=2MiB,seed=2,flags=stopcopy", Opened: true, Flags: FlagStopCopy, State: StateResuming,
 			Owner: "m-b", DataSize: 2 << 20},
 	}
 	if got := r.List(); !slices.Equal(got, want) {
 		t.Errorf("List() =\n%+v\nwant\n%+v", got, want)
 	}
 
-	// A state that cannot be read is reported as ERROR.
+	// A closed device is reported in ERROR.
 	dB.Close()
 	if got := r.List(); got[1].State != StateError {
 		t.Errorf("State of a closed device = %v, want ERROR", got[1].State)
@@ -192,5 +194,253 @@ func TestOpen(t *testing.T) {
 	}
 	if d, err := Open(Spec{Kind: SpecSim}); err == nil || d != nil {
 		t.Errorf("Open of an invalid sim spec = %v, %v; want nil and an error", d, err)
+	}
+}
+
+// fakeOpener hands out fakeDevices and counts opens; a spec in hold
+// blocks its open until the channel is closed.
+type fakeOpener struct {
+	mu    sync.Mutex
+	devs  map[string]*fakeDevice
+	opens int
+	hold  map[string]chan struct{}
+}
+
+func (o *fakeOpener) open(s Spec) (Device, error) {
+	o.mu.Lock()
+	o.opens++
+	ch := o.hold[s.String()]
+	f := newFake(s.String())
+	if o.devs == nil {
+		o.devs = map[string]*fakeDevice{}
+	}
+	o.devs[s.String()] = f
+	o.mu.Unlock()
+	if ch != nil {
+		<-ch
+	}
+	return f, nil
+}
+
+func (o *fakeOpener) count() int {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return o.opens
+}
+
+func (o *fakeOpener) dev(spec string) *fakeDevice {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return o.devs[spec]
+}
+
+// TestRegistryStuckDevice checks a device released while stuck: the
+// registry keeps it (owner OwnerStuck) and gives it to nobody, List
+// reports it without waiting, Close of another registry state does not
+// hang, and once its operation answers it is closed and the next Acquire
+// opens it afresh.
+func TestRegistryStuckDevice(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		const spec = "pci:0000:3b:00.2"
+		var o fakeOpener
+		r := NewRegistry(RegistryOptions{Devices: []string{"*"}, OpTimeout: testTimeout, Open: o.open})
+		defer r.Close()
+		dev, release, err := r.Acquire(spec, "m1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		f := o.dev(spec)
+		unblock := f.block(fakeSet)
+		defer unblock()
+		if _, err := dev.SetState(StateStop); !errors.Is(err, ErrStuck) {
+			t.Fatalf("SetState: %v, want ErrStuck", err)
+		}
+		release()
+
+		before := time.Now()
+		l := r.List()
+		if time.Since(before) != 0 {
+			t.Errorf("List waited %v on a stuck device", time.Since(before))
+		}
+		if len(l) != 1 || l[0].Owner != OwnerStuck || !l[0].Stuck || l[0].State != StateRunning ||
+			!strings.Contains(l[0].Error, `released by "m1"`) || !strings.Contains(l[0].Error, "SET_STATE to STOP") {
+			t.Errorf("List() = %+v, want the device held as stuck, in RUNNING, released by m1", l)
+		}
+		if _, _, err := r.Acquire(spec, "m2"); !errors.Is(err, ErrBusy) || !errors.Is(err, ErrStuck) {
+			t.Errorf("Acquire of a retired device: %v, want ErrBusy and ErrStuck", err)
+		}
+		if _, err := r.Recover(spec, true); !errors.Is(err, ErrBusy) {
+			t.Errorf("Recover of a retired device: %v, want ErrBusy", err)
+		}
+		if f.isClosed() {
+			t.Fatal("the stuck device was closed before its operation answered")
+		}
+
+		unblock()
+		synctest.Wait()
+		if !f.isClosed() {
+			t.Error("the retired device was not closed once its operation answered")
+		}
+		if l := r.List(); len(l) != 0 {
+			t.Errorf("List() after the retired device closed = %+v", l)
+		}
+		d2, _, err := r.Acquire(spec, "m2")
+		if err != nil {
+			t.Fatalf("Acquire after the retired device closed: %v", err)
+		}
+		if d2 == dev || o.count() != 2 {
+			t.Errorf("Acquire gave the old device back (opens %d), want a fresh open", o.count())
+		}
+	})
+}
+
+// TestRegistryCloseDoesNotHang closes a registry holding a stuck device:
+// it returns at once, closes every device and names the stuck one.
+func TestRegistryCloseDoesNotHang(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		var o fakeOpener
+		r := NewRegistry(RegistryOptions{Devices: []string{"*"}, OpTimeout: testTimeout, Open: o.open})
+		stuckDev, _, err := r.Acquire("pci:0000:3b:00.2", "m1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, _, err := r.Acquire("pci:0000:3b:00.3", "m2"); err != nil {
+			t.Fatal(err)
+		}
+		unblock := o.dev("pci:0000:3b:00.2").block(fakeReset)
+		defer unblock()
+		if err := stuckDev.Reset(); !errors.Is(err, ErrStuck) {
+			t.Fatalf("Reset: %v, want ErrStuck", err)
+		}
+		before := time.Now()
+		err = r.Close()
+		if time.Since(before) != 0 {
+			t.Errorf("Close waited %v", time.Since(before))
+		}
+		if !errors.Is(err, ErrStuck) || !strings.Contains(err.Error(), "pci:0000:3b:00.2") || strings.Contains(err.Error(), "00.3") {
+			t.Errorf("Close: %v, want ErrStuck naming the stuck device alone", err)
+		}
+		for _, s := range []string{"pci:0000:3b:00.2", "pci:0000:3b:00.3"} {
+			if !o.dev(s).isClosed() {
+				t.Errorf("%s not closed", s)
+			}
+		}
+		unblock()
+	})
+}
+
+// TestRegistryOpensOutsideLock holds one device's open: Acquire and List
+// of other devices go on, and a second acquirer of the device being
+// opened is refused at once.
+func TestRegistryOpensOutsideLock(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		hold := make(chan struct{})
+		o := fakeOpener{hold: map[string]chan struct{}{"pci:0000:3b:00.2": hold}}
+		r := NewRegistry(RegistryOptions{Devices: []string{"*"}, Open: o.open})
+		defer r.Close()
+		done := make(chan error, 1)
+		go func() {
+			_, _, err := r.Acquire("pci:0000:3b:00.2", "m1")
+			done <- err
+		}()
+		synctest.Wait() // the open is in progress
+		if _, _, err := r.Acquire("pci:0000:3b:00.2", "m2"); !errors.Is(err, ErrBusy) || !strings.Contains(err.Error(), `"m1"`) {
+			t.Errorf("Acquire during the open: %v, want ErrBusy naming m1", err)
+		}
+		if _, _, err := r.Acquire("pci:0000:3b:00.3", "m3"); err != nil {
+			t.Errorf("Acquire of another device during the open: %v", err)
+		}
+		if l := r.List(); len(l) != 1 {
+			t.Errorf("List() during the open = %+v, want the other device alone", l)
+		}
+		close(hold)
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+		if o.count() != 2 {
+			t.Errorf("%d opens, want 2", o.count())
+		}
+	})
+}
+
+// TestRegistryListAllOpensNothing lists host devices from a fake sysfs
+// listing beside open ones: no listing opens a device, host devices the
+// allowlist admits are listed with their spec alone.
+func TestRegistryListAllOpensNothing(t *testing.T) {
+	var o fakeOpener
+	var host []Spec
+	for _, h := range []string{"pci:0000:3b:00.2", "pci:0000:3b:00.3", "pci:0000:5e:00.0"} {
+		s, err := ParseSpec(h)
+		if err != nil {
+			t.Fatal(err)
+		}
+		host = append(host, s)
+	}
+	r := newRegistry(t, RegistryOptions{AllowSim: true, Devices: []string{"pci:0000:3b:*"}, Open: o.open,
+		ListHost: func() ([]Spec, error) { return host, nil }})
+	if _, _, err := r.Acquire("pci:0000:3b:00.3", "m1"); err != nil {
+		t.Fatal(err)
+	}
+	opens := o.count()
+	for range 3 {
+		r.List()
+		r.ListAll()
+	}
+	if o.count() != opens {
+		t.Errorf("listing opened %d devices", o.count()-opens)
+	}
+	want := []DeviceInfo{
+		{Spec: "pci:0000:3b:00.2"},
+		{Spec: "pci:0000:3b:00.3", Opened: true, Flags: FlagStopCopy | FlagP2P, State: StateRunning, Owner: "m1", DataSize: 1 << 20},
+	}
+	if got := r.ListAll(); !slices.Equal(got, want) {
+		t.Errorf("ListAll() =\n%+v\nwant\n%+v", got, want)
+	}
+}
+
+// TestRegistryRecover checks Recover's rules on simulated devices.
+func TestRegistryRecover(t *testing.T) {
+	tests := []struct {
+		name  string
+		spec  string
+		setup []State // states to walk to before
+		reset bool
+		want  State
+		err   error // nil: success
+	}{
+		{"stop-to-running", "sim:size=1MiB", []State{StateStop}, false, StateRunning, nil},
+		{"running-left-alone", "sim:size=1MiB", nil, false, StateRunning, nil},
+		{"reset-asked", "sim:size=1MiB", []State{StateStop}, true, StateRunning, nil},
+		{"stop-copy", "sim:size=1MiB", []State{StateStop, StateStopCopy}, false, StateRunning, nil},
+		{"arc-fails-reset", "sim:size=1MiB,flags=stopcopy,fail=state:RUNNING", []State{StateStop}, false, StateRunning, nil},
+		{"error-reset", "sim:size=1MiB,fail=state:STOP", []State{StateStop}, false, StateRunning, nil},
+		{"reset-fails", "sim:size=1MiB,flags=stopcopy,fail=state:RUNNING|reset", []State{StateStop}, false, StateError, ErrInjectedFault},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := newRegistry(t, RegistryOptions{AllowSim: true})
+			dev, release, err := r.Acquire(tt.spec, "m1")
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, s := range tt.setup {
+				dev.SetState(s) // may fail on purpose (fail=)
+			}
+			if _, err := r.Recover(tt.spec, tt.reset); !errors.Is(err, ErrBusy) {
+				t.Errorf("Recover of a held device: %v, want ErrBusy", err)
+			}
+			release()
+			info, err := r.Recover(tt.spec, tt.reset)
+			if tt.err == nil && err != nil || tt.err != nil && !errors.Is(err, tt.err) {
+				t.Fatalf("Recover: %v, want %v", err, tt.err)
+			}
+			if info.State != tt.want || info.Owner != "" {
+				t.Errorf("Recover info = %+v, want %v and no owner", info, tt.want)
+			}
+			if tt.err != nil && info.Error == "" {
+				t.Error("a failed Recover left no Error in the info")
+			}
+			wantState(t, dev, tt.want)
+		})
 	}
 }

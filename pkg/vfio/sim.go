@@ -14,7 +14,8 @@ import (
 // Errors of the simulated device. Compare with errors.Is.
 var (
 	// ErrInjectedFault: a read reached the offset of a fault injected with
-	// "fault=" (the kernel would answer EIO).
+	// "fault=" (the kernel would answer EIO), or an arc or a reset failed
+	// as "fail=" asked.
 	ErrInjectedFault = errors.New("injected I/O fault")
 	// ErrStreamTooLong: a write would take the resuming stream past the
 	// size of the device's state; nothing of it was accepted (the
@@ -44,6 +45,7 @@ type SimDevice struct {
 	spec    Spec
 	name    string // canonical spec
 	content content
+	done    chan struct{} // closed by Close: ends every hang
 
 	mu       sync.Mutex // guards the fields below
 	state    State
@@ -69,6 +71,7 @@ func NewSim(s Spec) (*SimDevice, error) {
 		spec:    s,
 		name:    s.String(),
 		content: newContent(s.Sim),
+		done:    make(chan struct{}),
 		state:   StateRunning,
 	}, nil
 }
@@ -115,6 +118,14 @@ func (d *SimDevice) SetState(target State) (DataStream, error) {
 	}
 	var opened *simStream
 	for _, next := range path {
+		if h := d.spec.Sim.Hang; h.Op == HangState && h.State == next {
+			// Hang without the lock, so that Close (and State) still can
+			// take it.
+			d.mu.Unlock()
+			<-d.done
+			d.mu.Lock()
+			return nil, fmt.Errorf("%s: set state %v -> %v: hung until closed: %w", d.name, d.state, next, fs.ErrClosed)
+		}
 		if opened, err = d.arc(next); err != nil {
 			return nil, err
 		}
@@ -129,6 +140,12 @@ func (d *SimDevice) SetState(target State) (DataStream, error) {
 // the stream it opens, if any. On error the state is unchanged.
 func (d *SimDevice) arc(next State) (*simStream, error) {
 	from := d.state
+	if cfg := &d.spec.Sim; cfg.FailArc && next == cfg.FailState {
+		d.endStream()
+		d.state, d.verified = StateError, false
+		return nil, fmt.Errorf("%s: set state %v -> %v: injected failure, device now in ERROR: %w",
+			d.name, from, next, ErrInjectedFault)
+	}
 	var opened *simStream
 	switch {
 	case from == StateResuming && next == StateStop:
@@ -160,22 +177,33 @@ func (d *SimDevice) arc(next State) (*simStream, error) {
 // VFIO_DEVICE_RESET does. The state a resume loaded is gone: Verified
 // becomes false.
 func (d *SimDevice) Reset() error {
+	if d.spec.Sim.Hang.Op == HangReset {
+		<-d.done
+		return fmt.Errorf("%s: reset: hung until closed: %w", d.name, fs.ErrClosed)
+	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.closed {
 		return d.errClosed()
+	}
+	if d.spec.Sim.FailReset {
+		return fmt.Errorf("%s: reset: injected failure, device still in %v: %w", d.name, d.state, ErrInjectedFault)
 	}
 	d.endStream()
 	d.state, d.verified = StateRunning, false
 	return nil
 }
 
-// Close ends the device's stream and releases the device; later calls
-// other than Close, Spec, Flags and DataSize fail. Idempotent.
+// Close ends the device's stream, ends every hang ("hang=") and releases
+// the device; later calls other than Close, Spec, Flags and DataSize fail.
+// It never waits for a hung operation. Idempotent.
 func (d *SimDevice) Close() error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	d.endStream()
+	if !d.closed {
+		close(d.done)
+	}
 	d.closed = true
 	return nil
 }
@@ -250,6 +278,9 @@ func newSimStream(d *SimDevice, state State) *simStream {
 // ErrInjectedFault.
 func (s *simStream) Read(p []byte) (int, error) {
 	n, due, err := s.readStep(p)
+	if err == errHang {
+		return 0, s.hang("read")
+	}
 	if n > 0 {
 		s.sleepUntil(due)
 	}
@@ -272,10 +303,15 @@ func (s *simStream) readStep(p []byte) (int, time.Time, error) {
 		return 0, time.Time{}, io.EOF
 	case cfg.HasFault && s.pos == cfg.FaultOffset:
 		return 0, time.Time{}, fmt.Errorf("%s: read at byte %d: %w", s.dev.name, s.pos, ErrInjectedFault)
+	case cfg.Hang.Op == HangRead && s.pos == cfg.Hang.Offset && len(p) > 0:
+		return 0, time.Time{}, errHang
 	}
 	n := min(uint64(len(p)), cfg.Size-s.pos, s.pace.stepBytes())
 	if cfg.HasFault && s.pos < cfg.FaultOffset && cfg.FaultOffset < s.pos+n {
 		n = cfg.FaultOffset - s.pos
+	}
+	if cfg.Hang.Op == HangRead && s.pos < cfg.Hang.Offset && cfg.Hang.Offset < s.pos+n {
+		n = cfg.Hang.Offset - s.pos
 	}
 	s.dev.content.fill(p[:n], s.pos)
 	s.pos += n
@@ -293,6 +329,9 @@ func (s *simStream) Write(p []byte) (int, error) {
 	for {
 		n, due, err := s.writeStep(p[done:])
 		done += n
+		if err == errHang {
+			return done, s.hang("write")
+		}
 		if err != nil {
 			return done, err
 		}
@@ -320,6 +359,14 @@ func (s *simStream) writeStep(p []byte) (int, time.Time, error) {
 			s.dev.name, len(p), s.pos, size, ErrStreamTooLong)
 	}
 	n := min(uint64(len(p)), s.pace.stepBytes())
+	if h := s.dev.spec.Sim.Hang; h.Op == HangWrite && len(p) > 0 {
+		switch {
+		case s.pos == h.Offset:
+			return 0, time.Time{}, errHang
+		case s.pos < h.Offset && h.Offset < s.pos+n:
+			n = h.Offset - s.pos
+		}
+	}
 	if !s.mismatched {
 		if i := s.dev.content.mismatch(p[:n], s.pos); i >= 0 {
 			s.mismatched, s.mismatchAt = true, s.pos+uint64(i)
@@ -338,6 +385,17 @@ func (s *simStream) Close() error {
 	defer s.mu.Unlock()
 	s.closed = true
 	return nil
+}
+
+// errHang is how readStep and writeStep say the next byte is where
+// "hang=" blocks; it never leaves the package.
+var errHang = errors.New("hang")
+
+// hang blocks a read or write until the device is closed, holding no
+// lock, and returns the error of a closed device.
+func (s *simStream) hang(op string) error {
+	<-s.dev.done
+	return fmt.Errorf("%s: %s at byte %d: hung until closed: %w", s.dev.name, op, s.written(), fs.ErrClosed)
 }
 
 // usable returns the error for a read or write on a closed handle or an

@@ -694,3 +694,117 @@ func TestPacerCredit(t *testing.T) {
 		}
 	}
 }
+
+// TestSimHang checks each "hang=": the operation blocks, holding no lock
+// (State still answers), until Close ends it with fs.ErrClosed; a read or
+// write first delivers the bytes before the offset.
+func TestSimHang(t *testing.T) {
+	tests := []struct {
+		spec string
+		run  func(t *testing.T, d *SimDevice) error // returns the hung call's error
+	}{
+		{"sim:size=64KiB,seed=1,hang=read@10000", func(t *testing.T, d *SimDevice) error {
+			setState(t, d, StateStop)
+			rs := setState(t, d, StateStopCopy)
+			buf := make([]byte, 8192)
+			for _, want := range []int{8192, 10000 - 8192} {
+				if n, err := rs.Read(buf); n != want || err != nil {
+					t.Errorf("read before the hang: %d, %v; want %d", n, err, want)
+				}
+			}
+			_, err := rs.Read(buf)
+			return err
+		}},
+		{"sim:size=64KiB,seed=1,hang=write@0", func(t *testing.T, d *SimDevice) error {
+			setState(t, d, StateStop)
+			ws := setState(t, d, StateResuming)
+			_, err := ws.Write(make([]byte, 100))
+			return err
+		}},
+		{"sim:size=64KiB,seed=1,hang=write@100", func(t *testing.T, d *SimDevice) error {
+			setState(t, d, StateStop)
+			ws := setState(t, d, StateResuming)
+			src := make([]byte, 200)
+			d.content.fill(src, 0)
+			n, err := ws.Write(src)
+			if n != 100 {
+				t.Errorf("write accepted %d bytes before the hang, want 100", n)
+			}
+			return err
+		}},
+		{"sim:size=64KiB,seed=1,hang=state:STOP_COPY", func(t *testing.T, d *SimDevice) error {
+			_, err := d.SetState(StateStopCopy)
+			return err
+		}},
+		{"sim:size=64KiB,seed=1,hang=reset", func(t *testing.T, d *SimDevice) error {
+			return d.Reset()
+		}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.spec, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				d := newSim(t, tt.spec)
+				done := make(chan error, 1)
+				go func() { done <- tt.run(t, d) }()
+				synctest.Wait()
+				select {
+				case err := <-done:
+					t.Fatalf("did not hang: %v", err)
+				default:
+				}
+				if _, err := d.State(); err != nil {
+					t.Errorf("State during the hang: %v", err)
+				}
+				d.Close()
+				if err := <-done; !errors.Is(err, fs.ErrClosed) {
+					t.Errorf("hung call after Close: %v, want fs.ErrClosed", err)
+				}
+			})
+		})
+	}
+}
+
+// TestSimHangStatePath checks that a walk through the hung state takes
+// the arcs before it.
+func TestSimHangStatePath(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		d := newSim(t, "sim:size=1MiB,hang=state:STOP")
+		done := make(chan error, 1)
+		go func() { _, err := d.SetState(StateStopCopy); done <- err }()
+		synctest.Wait()
+		wantState(t, d, StateRunningP2P)
+		d.Close()
+		<-done
+	})
+}
+
+// TestSimFail checks "fail=": the arc into the named state fails with
+// ErrInjectedFault and leaves the device in ERROR, which only a reset
+// leaves; with reset, the reset fails too and the device stays put.
+func TestSimFail(t *testing.T) {
+	d := newSim(t, "sim:size=1MiB,seed=1,fail=state:RUNNING")
+	setState(t, d, StateStop)
+	rs := setState(t, d, StateStopCopy)
+	if _, err := d.SetState(StateRunning); !errors.Is(err, ErrInjectedFault) || !strings.Contains(err.Error(), "ERROR") {
+		t.Fatalf("SetState(RUNNING): %v, want ErrInjectedFault saying ERROR", err)
+	}
+	wantState(t, d, StateError)
+	if _, err := rs.Read(make([]byte, 8)); !errors.Is(err, ErrStreamEnded) {
+		t.Errorf("read after entering ERROR: %v, want ErrStreamEnded", err)
+	}
+	if _, err := d.SetState(StateStop); !errors.Is(err, ErrInvalidTransition) {
+		t.Errorf("SetState from ERROR: %v, want ErrInvalidTransition", err)
+	}
+	if err := d.Reset(); err != nil {
+		t.Fatal(err)
+	}
+	wantState(t, d, StateRunning)
+
+	d = newSim(t, "sim:size=1MiB,seed=1,flags=stopcopy,fail=state:RUNNING|reset")
+	setState(t, d, StateStop)
+	d.SetState(StateRunning)
+	if err := d.Reset(); !errors.Is(err, ErrInjectedFault) {
+		t.Fatalf("Reset: %v, want ErrInjectedFault", err)
+	}
+	wantState(t, d, StateError)
+}

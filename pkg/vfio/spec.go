@@ -104,6 +104,41 @@ type SimConfig struct {
 	// pre-copy data yet.
 	PreCopy   uint64
 	DirtyRate uint64
+	// Hang makes one operation of the device block until the device is
+	// closed, as a driver that never answers would: a read or a write that
+	// reaches a byte offset of its stream, the arc into a state, or a
+	// reset. Key "hang": read@OFFSET, write@OFFSET (offsets below Size),
+	// state:STATE or reset.
+	Hang SimHang
+	// FailArc makes the arc into FailState fail: the device enters ERROR
+	// (its stream ends) and SetState fails with ErrInjectedFault.
+	// FailReset makes Reset fail with ErrInjectedFault, leaving the state
+	// alone. Key "fail": "|"-separated state:STATE and reset.
+	FailArc   bool
+	FailState State
+	FailReset bool
+}
+
+// SimHangOp is the operation SimConfig.Hang blocks.
+type SimHangOp uint8
+
+// The operations a simulated device can hang in. The zero SimHangOp is
+// no hang.
+const (
+	HangNone  SimHangOp = iota
+	HangRead            // a read of the saving stream at Offset
+	HangWrite           // a write of the resuming stream at Offset
+	HangState           // the arc into State
+	HangReset           // a reset
+)
+
+// SimHang is an operation that blocks until the device is closed (see
+// SimConfig.Hang). A read or write at Offset first delivers (or accepts)
+// the bytes before it; the call that starts at Offset blocks.
+type SimHang struct {
+	Op     SimHangOp
+	Offset uint64 // HangRead, HangWrite
+	State  State  // HangState
 }
 
 // defaultSimFlags are the flags of a simulated device without "flags=".
@@ -126,6 +161,7 @@ var simFlagNames = [...]struct {
 //	mdev:UUID            a mediated device (8-4-4-4-12 hex)
 //	sim:size=SIZE,seed=N[,rate=RATE][,wrate=RATE][,zero=FRACTION]
 //	    [,fault=OFFSET][,flags=stopcopy|p2p|precopy][,precopy=SIZE][,dirty=RATE]
+//	    [,hang=read@OFFSET|write@OFFSET|state:STATE|reset][,fail=state:STATE|reset]
 //	                     the simulated device (see SimConfig)
 //
 // Hex digits may be in either case; prefixes and keys are lowercase. Sim
@@ -260,6 +296,8 @@ var simKeys = [...]struct {
 	{"flags", func(c *SimConfig, v string) (err error) { c.Flags, err = parseSimFlags(v); return }},
 	{"precopy", func(c *SimConfig, v string) (err error) { c.PreCopy, err = parseSize(v); return }},
 	{"dirty", func(c *SimConfig, v string) (err error) { c.DirtyRate, err = parseRate(v); return }},
+	{"hang", func(c *SimConfig, v string) (err error) { c.Hang, err = parseHang(v); return }},
+	{"fail", parseFail},
 }
 
 // parseSim parses the part of a sim: spec after the prefix.
@@ -320,8 +358,86 @@ func (c SimConfig) validate() error {
 		return fmt.Errorf("fault offset %d is not below the size %d", c.FaultOffset, c.Size)
 	case c.Flags&FlagPreCopy == 0 && (c.PreCopy != 0 || c.DirtyRate != 0):
 		return errors.New("precopy and dirty need flags to include precopy")
+	case c.Hang.Op > HangReset:
+		return fmt.Errorf("hang op %d is not known", c.Hang.Op)
+	case (c.Hang.Op == HangRead || c.Hang.Op == HangWrite) && c.Hang.Offset >= c.Size:
+		return fmt.Errorf("hang offset %d is not below the size %d", c.Hang.Offset, c.Size)
+	case c.Hang.Op != HangRead && c.Hang.Op != HangWrite && c.Hang.Offset != 0,
+		c.Hang.Op != HangState && c.Hang.State != 0:
+		return errors.New("hang has fields its op does not use")
+	case c.Hang.Op == HangState && !c.Flags.Supports(c.Hang.State):
+		return fmt.Errorf("hang state %v is not one the flags support", c.Hang.State)
+	case c.FailArc && !c.Flags.Supports(c.FailState):
+		return fmt.Errorf("fail state %v is not one the flags support", c.FailState)
+	case !c.FailArc && c.FailState != 0:
+		return errors.New("fail state set without the arc failure")
 	}
 	return nil
+}
+
+// parseHang reads "read@OFFSET", "write@OFFSET", "state:STATE" or
+// "reset".
+func parseHang(v string) (SimHang, error) {
+	if v == "reset" {
+		return SimHang{Op: HangReset}, nil
+	}
+	if op, off, ok := strings.Cut(v, "@"); ok && (op == "read" || op == "write") {
+		n, err := size.Parse(off)
+		if err != nil {
+			return SimHang{}, err
+		}
+		h := SimHang{Op: HangRead, Offset: n}
+		if op == "write" {
+			h.Op = HangWrite
+		}
+		return h, nil
+	}
+	if name, ok := strings.CutPrefix(v, "state:"); ok {
+		st, err := parseStateName(name)
+		return SimHang{Op: HangState, State: st}, err
+	}
+	return SimHang{}, errors.New("want read@OFFSET, write@OFFSET, state:STATE or reset")
+}
+
+// parseFail reads "|"-separated "state:STATE" and "reset", each at most
+// once.
+func parseFail(c *SimConfig, v string) error {
+	for part := range strings.SplitSeq(v, "|") {
+		if part == "reset" {
+			if c.FailReset {
+				return errors.New("duplicate reset")
+			}
+			c.FailReset = true
+			continue
+		}
+		name, ok := strings.CutPrefix(part, "state:")
+		if !ok {
+			return fmt.Errorf("%q: want state:STATE or reset", part)
+		}
+		if c.FailArc {
+			return errors.New("more than one state")
+		}
+		st, err := parseStateName(name)
+		if err != nil {
+			return err
+		}
+		c.FailArc, c.FailState = true, st
+	}
+	return nil
+}
+
+// parseStateName reads a state by its kernel name ("STOP_COPY", in
+// either case). ERROR is refused: no arc leads into it on request.
+func parseStateName(name string) (State, error) {
+	for s, n := range stateNames {
+		if strings.EqualFold(name, n) {
+			if State(s) == StateError {
+				return 0, errors.New("ERROR cannot be entered on request")
+			}
+			return State(s), nil
+		}
+	}
+	return 0, fmt.Errorf("unknown state %q", name)
 }
 
 // parseSize reads a size of at most MaxSimSize.
@@ -418,6 +534,24 @@ func (c SimConfig) String() string {
 	}
 	if c.DirtyRate != 0 {
 		b.WriteString(",dirty=" + formatSize(c.DirtyRate) + "/s")
+	}
+	switch c.Hang.Op {
+	case HangRead:
+		b.WriteString(",hang=read@" + formatSize(c.Hang.Offset))
+	case HangWrite:
+		b.WriteString(",hang=write@" + formatSize(c.Hang.Offset))
+	case HangState:
+		b.WriteString(",hang=state:" + c.Hang.State.String())
+	case HangReset:
+		b.WriteString(",hang=reset")
+	}
+	switch {
+	case c.FailArc && c.FailReset:
+		b.WriteString(",fail=state:" + c.FailState.String() + "|reset")
+	case c.FailArc:
+		b.WriteString(",fail=state:" + c.FailState.String())
+	case c.FailReset:
+		b.WriteString(",fail=reset")
 	}
 	return b.String()
 }

@@ -51,6 +51,21 @@ var validSpecs = []struct {
 		"sim:size=1GiB,seed=3,flags=stopcopy|p2p|precopy,precopy=64MiB,dirty=1MB/s",
 		Spec{Kind: SpecSim, Sim: SimConfig{Size: 1 << 30, Seed: 3, Flags: FlagStopCopy | FlagP2P | FlagPreCopy,
 			PreCopy: 64 << 20, DirtyRate: 1e6}}},
+	{"sim-hang-read", "sim:size=1GiB,hang=read@64MiB", "sim:size=1GiB,seed=0,hang=read@64MiB",
+		Spec{Kind: SpecSim, Sim: SimConfig{Size: 1 << 30, Flags: FlagStopCopy | FlagP2P,
+			Hang: SimHang{Op: HangRead, Offset: 64 << 20}}}},
+	{"sim-hang-write-0", "sim:size=1MiB,hang=write@0", "sim:size=1MiB,seed=0,hang=write@0",
+		Spec{Kind: SpecSim, Sim: SimConfig{Size: 1 << 20, Flags: FlagStopCopy | FlagP2P, Hang: SimHang{Op: HangWrite}}}},
+	{"sim-hang-state", "sim:size=1MiB,hang=state:stop_copy", "sim:size=1MiB,seed=0,hang=state:STOP_COPY",
+		Spec{Kind: SpecSim, Sim: SimConfig{Size: 1 << 20, Flags: FlagStopCopy | FlagP2P,
+			Hang: SimHang{Op: HangState, State: StateStopCopy}}}},
+	{"sim-hang-reset", "sim:size=1MiB,hang=reset", "sim:size=1MiB,seed=0,hang=reset",
+		Spec{Kind: SpecSim, Sim: SimConfig{Size: 1 << 20, Flags: FlagStopCopy | FlagP2P, Hang: SimHang{Op: HangReset}}}},
+	{"sim-fail-both", "sim:size=1MiB,fail=reset|state:RUNNING", "sim:size=1MiB,seed=0,fail=state:RUNNING|reset",
+		Spec{Kind: SpecSim, Sim: SimConfig{Size: 1 << 20, Flags: FlagStopCopy | FlagP2P,
+			FailArc: true, FailState: StateRunning, FailReset: true}}},
+	{"sim-fail-reset", "sim:size=1MiB,fail=reset", "sim:size=1MiB,seed=0,fail=reset",
+		Spec{Kind: SpecSim, Sim: SimConfig{Size: 1 << 20, Flags: FlagStopCopy | FlagP2P, FailReset: true}}},
 }
 
 func TestParseSpec(t *testing.T) {
@@ -125,6 +140,16 @@ var invalidSpecs = []struct {
 	{"sim-flags-empty-name", "sim:size=1GiB,flags=stopcopy|", `unknown flag ""`},
 	{"sim-precopy-without-flag", "sim:size=1GiB,precopy=1MiB", "need flags to include precopy"},
 	{"sim-dirty-without-flag", "sim:size=1GiB,dirty=1MB/s", "need flags to include precopy"},
+	{"sim-hang-past-end", "sim:size=1MiB,hang=read@1MiB", "hang offset 1048576 is not below the size"},
+	{"sim-hang-unknown", "sim:size=1MiB,hang=close", "want read@OFFSET"},
+	{"sim-hang-bad-offset", "sim:size=1MiB,hang=read@soon", "invalid size"},
+	{"sim-hang-error", "sim:size=1MiB,hang=state:ERROR", "ERROR cannot be entered"},
+	{"sim-hang-unknown-state", "sim:size=1MiB,hang=state:FLYING", `unknown state "FLYING"`},
+	{"sim-hang-unsupported", "sim:size=1MiB,hang=state:PRE_COPY", "not one the flags support"},
+	{"sim-fail-unsupported", "sim:size=1MiB,flags=stopcopy,fail=state:RUNNING_P2P", "not one the flags support"},
+	{"sim-fail-two-states", "sim:size=1MiB,fail=state:STOP|state:RUNNING", "more than one state"},
+	{"sim-fail-reset-twice", "sim:size=1MiB,fail=reset|reset", "duplicate reset"},
+	{"sim-fail-junk", "sim:size=1MiB,fail=sometimes", "want state:STATE or reset"},
 }
 
 func TestParseSpecErrors(t *testing.T) {

@@ -10,9 +10,10 @@ import (
 // The tests in this file check the state machine against the kernel's
 // VFIO migration uAPI (include/uapi/linux/vfio.h, "enum
 // vfio_device_mig_state") and its next-state algorithm
-// (drivers/vfio/vfio_main.c, vfio_mig_get_next_state), as transcribed in
-// reference/vfio-uapi.md §4. Each test names the part of the kernel
-// documentation it checks.
+// (drivers/vfio/vfio_main.c, vfio_mig_get_next_state), as the kernel's
+// documentation comments in include/uapi/linux/vfio.h describe them
+// (upstream: https://git.kernel.org/pub/scm/linux/kernel/git/torvalds/linux.git/tree/include/uapi/linux/vfio.h).
+// Each test names the part of the kernel documentation it checks.
 
 // kernelTable is one of the "Full combination tables" of vfio-uapi.md §4.4,
 // transcribed cell by cell: rows are the current state, columns the target,

@@ -8,7 +8,9 @@ import "structs"
 // and iommufd (include/uapi/linux/iommufd.h) uAPI that the Linux backend
 // uses. Every struct is laid out exactly as its C original, named in its
 // doc comment; uapi_linux_test.go pins sizes, offsets and request numbers
-// to the values in reference/vfio-uapi.md.
+// to the values of the kernel's headers, upstream at
+// https://git.kernel.org/pub/scm/linux/kernel/git/torvalds/linux.git/tree/include/uapi/linux/vfio.h
+// and .../include/uapi/linux/iommufd.h.
 
 // Ioctl request numbers. Every VFIO and iommufd ioctl is _IO(';', nr): no
 // size bits, the argument size travels in each struct's argsz. iocDirNone is

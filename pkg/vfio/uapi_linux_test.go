@@ -7,9 +7,9 @@ import (
 	"unsafe"
 )
 
-// TestIoctlNumbers pins every request number to reference/vfio-uapi.md
-// §2.3 (and §2.2 for iommufd), whose values are amd64/arm64's; other
-// architectures add their _IOC_NONE direction bits.
+// TestIoctlNumbers pins every request number to the values the kernel's
+// include/uapi/linux/vfio.h (and iommufd.h) define, as amd64 and arm64
+// compute them; other architectures add their _IOC_NONE direction bits.
 func TestIoctlNumbers(t *testing.T) {
 	for _, tc := range []struct {
 		name string

@@ -15,6 +15,9 @@ import (
 func DeviceError(spec, op string, err error) error {
 	code, reason := codes.FailedPrecondition, ReasonDeviceState
 	switch {
+	case errors.Is(err, vfio.ErrStuck):
+		// Before ErrBusy: a device released while stuck wraps both.
+		code, reason = codes.Unavailable, ReasonDeviceStuck
 	case errors.Is(err, vfio.ErrBadSpec):
 		code, reason = codes.InvalidArgument, ReasonInvalidArgument
 	case errors.Is(err, vfio.ErrNotAllowed):
@@ -42,61 +45,37 @@ func DeviceStateToProto(s vfio.State) ferryv1.DeviceState {
 	return ferryv1.DeviceState(s + 1)
 }
 
-// DeviceInfoToProto converts a registry entry.
+// DeviceInfoToProto converts a registry entry. A host device the
+// registry has not opened has unknown flags and state: 0 and UNSPECIFIED.
 func DeviceInfoToProto(d vfio.DeviceInfo) *ferryv1.Device {
-	return &ferryv1.Device{
-		Spec:                d.Spec,
-		MigrationFlags:      uint64(d.Flags),
-		MigrationFlagsText:  d.Flags.String(),
-		State:               DeviceStateToProto(d.State),
-		Owner:               d.Owner,
-		EstimatedStateBytes: d.DataSize,
+	out := &ferryv1.Device{
+		Spec:  d.Spec,
+		Owner: d.Owner,
+		Stuck: d.Stuck,
+		Error: d.Error,
 	}
-}
-
-// ListDevices answers ListDevices: the devices the registry holds (the
-// simulated ones among them), then the host's VFIO devices found in sysfs
-// that it has not opened yet and that its allowlist admits, each probed for
-// its migration flags. A device that cannot be opened now (a VMM holds its
-// group) is listed without them. Devices outside the allowlist are neither
-// opened nor listed.
-func ListDevices(r *vfio.Registry) *ferryv1.ListDevicesResponse {
-	infos := r.List()
-	out := &ferryv1.ListDevicesResponse{Devices: make([]*ferryv1.Device, 0, len(infos))}
-	known := make(map[string]bool, len(infos))
-	for _, d := range infos {
-		known[d.Spec] = true
-		out.Devices = append(out.Devices, DeviceInfoToProto(d))
-	}
-	host, err := vfio.ListKernelDevices()
-	if err != nil {
-		return out
-	}
-	for _, s := range host {
-		if known[s.String()] || r.Allowed(s) != nil {
-			continue
-		}
-		out.Devices = append(out.Devices, probe(s))
+	if d.Opened {
+		out.MigrationFlags, out.MigrationFlagsText = uint64(d.Flags), d.Flags.String()
+		out.State = DeviceStateToProto(d.State)
+		out.EstimatedStateBytes = d.DataSize
 	}
 	return out
 }
 
-// probe opens a host device briefly to read its migration flags and state.
-func probe(s vfio.Spec) *ferryv1.Device {
-	d := &ferryv1.Device{Spec: s.String()}
-	dev, err := vfio.Open(s)
-	if err != nil {
-		return d
+// ListDevices answers ListDevices: the devices the registry has open (the
+// simulated ones among them) with their state as last read or set, stuck
+// or not, then the host's VFIO devices found in sysfs that it has not
+// opened and that its allowlist admits, with their spec alone. Listing
+// opens no device (opening a vfio-pci function resets it, and races a
+// VMM's open) and waits on none. Devices outside the allowlist are
+// neither opened nor listed.
+func ListDevices(r *vfio.Registry) *ferryv1.ListDevicesResponse {
+	infos := r.ListAll()
+	out := &ferryv1.ListDevicesResponse{Devices: make([]*ferryv1.Device, 0, len(infos))}
+	for _, d := range infos {
+		out.Devices = append(out.Devices, DeviceInfoToProto(d))
 	}
-	defer dev.Close()
-	d.MigrationFlags, d.MigrationFlagsText = uint64(dev.Flags()), dev.Flags().String()
-	if st, err := dev.State(); err == nil {
-		d.State = DeviceStateToProto(st)
-	}
-	if n, err := dev.DataSize(); err == nil {
-		d.EstimatedStateBytes = n
-	}
-	return d
+	return out
 }
 
 // CanonicalSpec parses a device spec and returns its canonical form, or an
