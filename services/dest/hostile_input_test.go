@@ -398,6 +398,8 @@ func TestSessionIsBoundToItsSourceIdentity(t *testing.T) {
 		check(name+": SwitchoverStart", err)
 		_, err = other.Finish(t.Context(), &ferryv1.FinishRequest{SessionId: session})
 		check(name+": Finish", err)
+		_, err = other.Commit(t.Context(), &ferryv1.CommitRequest{SessionId: session})
+		check(name+": Commit", err)
 		_, err = other.Abort(t.Context(), &ferryv1.AbortRequest{SessionId: session, Reason: "hijack"})
 		check(name+": Abort", err)
 		// Naming the session by its migration and token is no way round.
