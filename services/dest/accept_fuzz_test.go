@@ -187,7 +187,7 @@ func play(t *testing.T, s *fuzzStates, b []byte, wait bool) *ferryv1.Migration {
 	}
 	defer a.Close()
 	specs := []string{fuzzSpec(0), fuzzSpec(1)}
-	prep, err := a.prepare(&ferryv1.PrepareIncomingRequest{MigrationId: "fuzz", Devices: specs})
+	prep, err := a.prepare(context.Background(), &ferryv1.PrepareIncomingRequest{MigrationId: "fuzz", Devices: specs})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -235,8 +235,11 @@ func play(t *testing.T, s *fuzzStates, b []byte, wait bool) *ferryv1.Migration {
 		synctest.Wait() // the loaders wrote what they could
 		for i, d := range inc.devs {
 			d.mu.Lock()
-			_, held := d.reasm.Buffered()
-			peak := d.reasm.PeakBytes()
+			var held, peak uint64
+			if d.reasm != nil { // nil once released
+				_, held = d.reasm.Buffered()
+				peak = d.reasm.PeakBytes()
+			}
 			d.mu.Unlock()
 			if held > fuzzMaxBytes || peak > fuzzMaxBytes {
 				t.Fatalf("device %d holds %d bytes (peak %d), window %d", i, held, peak, fuzzMaxBytes)
@@ -246,12 +249,26 @@ func play(t *testing.T, s *fuzzStates, b []byte, wait bool) *ferryv1.Migration {
 			if c := wire.Code(err); c == codes.OK || c == codes.Unknown || wire.Reason(err) == "" {
 				t.Fatalf("refusal without a code and reason: %v", err)
 			}
-			inc.terminate(err, ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED)
+			inc.fail(err, ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED, failFound)
 			break
 		}
 	}
 	if !wait {
-		inc.terminate(wire.Errorf(codes.Canceled, wire.ReasonCancelled, "the fuzz input ended"), ferryv1.MigrationPhase_MIGRATION_PHASE_CANCELLED)
+		// A cancel rolls back a VERIFIED migration too.
+		inc.fail(wire.Errorf(codes.Canceled, wire.ReasonCancelled, "the fuzz input ended"), ferryv1.MigrationPhase_MIGRATION_PHASE_CANCELLED, failAsked)
+	}
+	select {
+	case <-inc.verifiedCh:
+		// The budget is released once every device verified.
+		if n := a.BudgetInUse(); n != 0 {
+			t.Fatalf("budget in use once verified: %d", n)
+		}
+		if wait {
+			if err := inc.commit(); err != nil {
+				t.Fatal(err)
+			}
+		}
+	case <-inc.done:
 	}
 	<-inc.done
 	m, _, _ := inc.snapshot()

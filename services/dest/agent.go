@@ -38,14 +38,17 @@ type Config struct {
 	// (--max-buffer-bytes). It bounds the memory a device stream holds.
 	MaxBytes uint64
 	// MemoryBudget bounds the sum of the windows of every incoming
-	// migration on the node (--memory-budget).
+	// migration on the node, their reassembly rings included (see
+	// WindowCost; --memory-budget).
 	MemoryBudget uint64
-	// TokenTTL is how long a prepared migration waits for the source's
-	// Open.
+	// TokenTTL is how long a prepared migration's token is valid; the
+	// migration waits for the source's Open at most SourceTimeout of it.
 	TokenTTL time.Duration
-	// SourceTimeout is how long an opened session may have no channel
-	// connected before it fails and its devices are reset: the source
-	// agent died or lost its network (0: DefaultSourceTimeout).
+	// SourceTimeout is how long a prepared migration waits for the
+	// source's Open, and how long an opened session may have no channel
+	// connected, before it fails and its devices are reset: the source
+	// agent died, failed or lost its network (0: DefaultSourceTimeout).
+	// A VERIFIED migration is never failed for it.
 	SourceTimeout time.Duration
 	// Metrics, when set, tracks every incoming migration (nil: no
 	// metrics).
@@ -92,8 +95,8 @@ func (c *Config) setDefaults() error {
 	if c.MaxBytes > wire.MaxWindowBytes {
 		return fmt.Errorf("dest: a device window of %d bytes is more than a source admits (%d)", c.MaxBytes, uint64(wire.MaxWindowBytes))
 	}
-	if c.MemoryBudget < c.MaxBytes {
-		return errors.New("dest: the memory budget must hold at least one device window")
+	if c.MemoryBudget < WindowCost(c.MaxChunks, c.MaxBytes) {
+		return fmt.Errorf("dest: the memory budget must hold at least one device window (%d bytes with its reassembly ring)", WindowCost(c.MaxChunks, c.MaxBytes))
 	}
 	return nil
 }
@@ -103,8 +106,9 @@ type Agent struct {
 	cfg Config
 
 	mu         sync.Mutex
-	incoming   map[string]*incoming // by migration id
-	sessions   map[string]*incoming // by session id
+	incoming   map[string]*incoming       // by migration id
+	sessions   map[string]*incoming       // by session id
+	preparing  map[string]*pendingPrepare // by migration id, while its devices open
 	budgetUsed uint64
 	peakBudget uint64
 	draining   bool // set by Drain: new migrations are refused
@@ -113,6 +117,10 @@ type Agent struct {
 	dataKeys map[[wire.DataKeyLen]byte]*dataAttach
 	// dataPort is the direct data listener's port while ServeData runs.
 	dataPort atomic.Uint32
+
+	// acquire gives a migration a device: the registry's Acquire (tests
+	// put devices of their own behind it).
+	acquire func(spec, owner string) (vfio.Device, func(), error)
 
 	// wg owns every goroutine the agent starts: loaders, channel receivers
 	// and clean-ups.
@@ -128,12 +136,14 @@ func New(cfg Config) (*Agent, error) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	return &Agent{
-		cfg:      cfg,
-		incoming: make(map[string]*incoming),
-		sessions: make(map[string]*incoming),
-		dataKeys: make(map[[wire.DataKeyLen]byte]*dataAttach),
-		ctx:      ctx,
-		cancel:   cancel,
+		cfg:       cfg,
+		incoming:  make(map[string]*incoming),
+		sessions:  make(map[string]*incoming),
+		preparing: make(map[string]*pendingPrepare),
+		acquire:   cfg.Registry.Acquire,
+		dataKeys:  make(map[[wire.DataKeyLen]byte]*dataAttach),
+		ctx:       ctx,
+		cancel:    cancel,
 	}, nil
 }
 
@@ -144,7 +154,9 @@ func (a *Agent) Register(s *grpc.Server) {
 }
 
 // Close fails every migration still running (resetting its devices) and
-// waits for the agent's goroutines.
+// waits for the agent's goroutines. A VERIFIED migration is left as it
+// is, its devices held in STOP: its source may have committed, so only
+// the source or the control plane may decide (it is logged loudly).
 func (a *Agent) Close() {
 	a.mu.Lock()
 	all := make([]*incoming, 0, len(a.incoming))
@@ -153,7 +165,11 @@ func (a *Agent) Close() {
 	}
 	a.mu.Unlock()
 	for _, inc := range all {
-		inc.terminate(wire.Errorf(codes.Unavailable, wire.ReasonAborted, "destination agent shutting down"), ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED)
+		phase := inc.fail(wire.Errorf(codes.Unavailable, wire.ReasonAborted, "destination agent shutting down"), ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED, failFound)
+		if phase == ferryv1.MigrationPhase_MIGRATION_PHASE_VERIFIED {
+			inc.log.Error("agent stopping with a verified migration not committed: its devices are left in STOP, not reset; ask the source who owns them (SUCCEEDED there: this host)",
+				"owner", ferryv1.DeviceOwner_DEVICE_OWNER_IN_DOUBT.String())
+		}
 	}
 	a.cancel()
 	a.wg.Wait()

@@ -29,6 +29,7 @@ func (a *Agent) boundSession(ctx context.Context, id string) (*incoming, error) 
 	if err := inc.checkPeer(ctx); err != nil {
 		return nil, err
 	}
+	inc.touch()
 	return inc, nil
 }
 
@@ -71,7 +72,8 @@ func (inc *incoming) checkPeer(ctx context.Context) error {
 }
 
 // expire fails a prepared migration whose source did not open it within
-// the token's lifetime. It runs on the expiry timer; a session opened
+// its open timeout (the token's lifetime, at most the source timeout), so
+// its devices and budget are not held for a source that will not come. It runs on the expiry timer; a session opened
 // in the meantime is left alone (Open and expire serialise on inc.mu).
 func (inc *incoming) expire(ttl time.Duration) {
 	inc.mu.Lock()
@@ -80,5 +82,5 @@ func (inc *incoming) expire(ttl time.Duration) {
 	if opened {
 		return
 	}
-	inc.terminate(wire.Errorf(codes.DeadlineExceeded, wire.ReasonBadToken, "the source did not open incoming migration %s within %s", inc.id, ttl), ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED)
+	inc.fail(wire.Errorf(codes.DeadlineExceeded, wire.ReasonBadToken, "the source did not open incoming migration %s within %s", inc.id, ttl), ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED, failFound)
 }

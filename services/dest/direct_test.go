@@ -117,6 +117,47 @@ func sendState(t *testing.T, w *wire.DirectWriter, seed int) {
 	}
 }
 
+// waitSettled watches an incoming migration until its verdict is in:
+// VERIFIED or a final phase.
+func waitSettled(t *testing.T, ctl ferryv1.DestAgentClient, id string) *ferryv1.Migration {
+	t.Helper()
+	watch, err := ctl.WatchIncoming(t.Context(), &ferryv1.WatchIncomingRequest{MigrationId: id})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for {
+		resp, err := watch.Recv()
+		if err != nil {
+			t.Fatalf("watch %s: %v", id, err)
+		}
+		if m := resp.GetMigration(); settled(m.GetPhase()) {
+			return m
+		}
+	}
+}
+
+// commitVerified waits for incoming migration id's verdict and, when it
+// is VERIFIED (its devices held, the owner in doubt), commits session as
+// the source does; it returns the migration at its end.
+func commitVerified(t *testing.T, ctl ferryv1.DestAgentClient, tr ferryv1.TransferClient, id, session string) *ferryv1.Migration {
+	t.Helper()
+	m := waitSettled(t, ctl, id)
+	if m.GetPhase() != ferryv1.MigrationPhase_MIGRATION_PHASE_VERIFIED {
+		return m
+	}
+	if m.GetOwner() != ferryv1.DeviceOwner_DEVICE_OWNER_IN_DOUBT {
+		t.Fatalf("a verified migration reports owner %v, want IN_DOUBT", m.GetOwner())
+	}
+	if _, err := tr.Commit(t.Context(), &ferryv1.CommitRequest{SessionId: session}); err != nil {
+		t.Fatalf("commit %s: %v", id, err)
+	}
+	m = waitPhase(t, ctl, id)
+	if m.GetPhase() == ferryv1.MigrationPhase_MIGRATION_PHASE_SUCCEEDED && m.GetOwner() != ferryv1.DeviceOwner_DEVICE_OWNER_DESTINATION {
+		t.Fatalf("a committed migration reports owner %v, want DESTINATION", m.GetOwner())
+	}
+	return m
+}
+
 // waitPhase watches an incoming migration to its end.
 func waitPhase(t *testing.T, ctl ferryv1.DestAgentClient, id string) *ferryv1.Migration {
 	t.Helper()
@@ -157,7 +198,7 @@ func TestDirectData(t *testing.T) {
 	// The right key (still unspent: the refused connections did not spend
 	// it) carries the whole migration.
 	sendState(t, wire.NewDirectWriter(dataConn(t, daddr, nil, wire.DirectMagic, key)), 1)
-	if m := waitPhase(t, ctl, "honest"); m.GetPhase() != ferryv1.MigrationPhase_MIGRATION_PHASE_SUCCEEDED || !m.GetDevices()[0].GetVerified() {
+	if m := commitVerified(t, ctl, tr, "honest", sessionOf(t, agent, "honest")); m.GetPhase() != ferryv1.MigrationPhase_MIGRATION_PHASE_SUCCEEDED || !m.GetDevices()[0].GetVerified() {
 		t.Fatalf("the honest session ended %v: %v", m.GetPhase(), m.GetError())
 	}
 	if c := dataConn(t, daddr, nil, wire.DirectMagic, key); !closedByPeer(c) {
@@ -248,7 +289,7 @@ func TestDirectDataIsBoundToTheSourceIdentity(t *testing.T) {
 		t.Fatal(err)
 	}
 	sendState(t, wire.NewDirectWriter(dataConn(t, daddr, a, wire.DirectMagic, first.GetDataKey())), 1)
-	if m := waitPhase(t, ctl, "bound"); m.GetPhase() != ferryv1.MigrationPhase_MIGRATION_PHASE_SUCCEEDED {
+	if m := commitVerified(t, ctl, tr, "bound", session); m.GetPhase() != ferryv1.MigrationPhase_MIGRATION_PHASE_SUCCEEDED {
 		t.Fatalf("the source's own connection: the migration ended %v: %v", m.GetPhase(), m.GetError())
 	}
 }

@@ -6,9 +6,18 @@
 //
 //  1. PrepareIncoming opens the destination devices through the registry,
 //     moves each to RESUMING (keeping its write-only data stream), reserves
-//     the devices' windows from the node's memory budget and returns a
-//     one-time token. A prepare that does not fit the budget is refused
-//     with RESOURCE_EXHAUSTED before any device is touched.
+//     the devices' windows from the node's memory budget (each window's
+//     bytes and its reassembly ring, see WindowCost) and returns a one-time
+//     token. A prepare that does not fit the budget is refused with
+//     RESOURCE_EXHAUSTED before any device is touched. The same id and
+//     request answer the same migration, also to a retry that arrives while
+//     the first is still opening the devices; another request under an id
+//     in use is refused (ALREADY_EXISTS, MIGRATION_SPEC_MISMATCH, naming
+//     the field) and the migration left alone; an id whose migration
+//     failed or was cancelled is prepared anew. A prepared migration that
+//     no source opens within the source timeout (or the token's shorter
+//     lifetime) is failed and released; an Open refused for its token or
+//     its parameters leaves it open to a correct one.
 //  2. Open (Transfer), with that token, starts the session: one
 //     flow.Reassembly and one loader goroutine per device.
 //  3. Channel streams deliver chunks in any order (with ServeData running
@@ -28,12 +37,57 @@
 //  5. END closes a device's stream: the loader checks the length, the chunk
 //     count and the end-to-end digest, then moves the device RESUMING->STOP,
 //     where the device validates its new state. When every device has
-//     passed, the verdict is SUCCEEDED; Finish returns it.
-//  6. Any failure, a protocol violation by the peer, Abort or
-//     CancelIncoming ends the session: the devices are reset, their
-//     buffers and budget released, and the migration is FAILED or
-//     CANCELLED with the reason.
+//     passed, the migration is VERIFIED (not final); Finish answers the
+//     verified verdict, as often as it is asked.
+//  6. The source's Commit makes it SUCCEEDED: the destination owns the
+//     devices, which rest in STOP for the VMM that receives the VM.
+//  7. Any failure, a protocol violation by the peer, Abort or
+//     CancelIncoming before the verdict ends the session: the devices are
+//     reset, their buffers and budget released, and the migration is
+//     FAILED or CANCELLED with the reason.
 //
-// Verified destination devices rest in STOP, as the uAPI leaves them after
-// loading: the VMM that receives the VM starts them.
+// # The commit rule
+//
+// The source owns the commit. A VERIFIED migration holds its devices in
+// STOP with the owner in doubt (Migration.owner DEVICE_OWNER_IN_DOUBT):
+// the source may have its verdict and have committed, or have lost the
+// Finish and taken its own devices back to RUNNING. So in VERIFIED the
+// destination never decides by itself: no source timeout, token expiry,
+// stray chunk, device error or agent shutdown resets the devices (a
+// shutdown leaves them in STOP, held, and logs it). Only four calls
+// resolve it:
+//
+//   - Transfer.Commit (the source has the verdict): SUCCEEDED, owner
+//     DESTINATION. Idempotent; FAILED_PRECONDITION, SESSION_STATE in any
+//     phase but VERIFIED or SUCCEEDED.
+//   - Transfer.Abort (the source rolled back): the devices are reset,
+//     FAILED with MIGRATION_ABORTED, owner SOURCE. A committed migration
+//     is not aborted: FAILED_PRECONDITION, MIGRATION_COMMITTED.
+//   - DestAgent.CommitIncoming: as Commit, for a control plane that read
+//     SUCCEEDED at the source.
+//   - DestAgent.CancelIncoming: as Abort, CANCELLED, for a control plane
+//     that found the source owns the devices. A committed migration is not
+//     cancelled (MIGRATION_COMMITTED).
+//
+// The owner is SOURCE in every phase before VERIFIED and after a
+// rollback, DESTINATION once SUCCEEDED. The reassembly buffers and the
+// budget are released at VERIFIED already: no more chunks can come (a
+// late resend is counted as a duplicate and freed).
+//
+// # Devices that do not answer
+//
+// The clean-up waits for no goroutine blocked in a device. It releases the
+// buffers and the budget first, then closes each device on its own: it
+// takes the device's write turn, or, while a writer holds it, waits for
+// that writer or for the device's guard to declare the device stuck (a
+// device offering Stuck() <-chan struct{}). Healthy devices are reset and
+// released at once. A stuck device is not reset: the migration reports it
+// (DeviceProgress.stuck) and ends, and the writer whose operation hung
+// releases it to its guard when the operation returns. A device without a
+// guard cannot be declared stuck; its clean-up waits for its write.
+//
+// GetIncoming and WatchIncoming show the channels connected and when the
+// source was last heard (a chunk or a message), so a dead source shows at
+// once; chunks received twice are counted as duplicate_chunks (the
+// destination retransmits nothing).
 package dest

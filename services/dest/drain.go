@@ -18,7 +18,10 @@ func (a *Agent) Refuse() {
 
 // Drain refuses new migrations, then waits until every incoming migration
 // the agent accepted has ended, or ctx ends (its error is returned then;
-// Close aborts what still runs and resets its devices).
+// Close aborts what still runs and resets its devices). A VERIFIED
+// migration ends with its source's Commit or Abort, which normally follow
+// the verdict at once; one still VERIFIED when ctx ends is left to the
+// source and the control plane (see Close).
 func (a *Agent) Drain(ctx context.Context) error {
 	a.Refuse()
 	return wire.WaitDone(ctx, a.dones())

@@ -115,7 +115,7 @@ func completeHonestly(t *testing.T, ctl ferryv1.DestAgentClient, tr ferryv1.Tran
 		digest.Add(uint64(i*testChunk), c, wire.CRC32C(c))
 	}
 	send(t, st, &ferryv1.ChannelRequest{Seq: 4, Offset: testSize, Kind: ferryv1.ChunkKind_CHUNK_KIND_END, TotalBytes: testSize, TotalChunks: 4, Digest: digest.Sum()}, nil)
-	last := waitPhase(t, ctl, id)
+	last := commitVerified(t, ctl, tr, id, session)
 	if last.GetPhase() != ferryv1.MigrationPhase_MIGRATION_PHASE_SUCCEEDED || !last.GetDevices()[0].GetVerified() {
 		t.Fatalf("the honest session ended %v: %v", last.GetPhase(), last.GetError())
 	}
@@ -398,6 +398,8 @@ func TestSessionIsBoundToItsSourceIdentity(t *testing.T) {
 		check(name+": SwitchoverStart", err)
 		_, err = other.Finish(t.Context(), &ferryv1.FinishRequest{SessionId: session})
 		check(name+": Finish", err)
+		_, err = other.Commit(t.Context(), &ferryv1.CommitRequest{SessionId: session})
+		check(name+": Commit", err)
 		_, err = other.Abort(t.Context(), &ferryv1.AbortRequest{SessionId: session, Reason: "hijack"})
 		check(name+": Abort", err)
 		// Naming the session by its migration and token is no way round.

@@ -301,8 +301,9 @@ func TestMisbehavingSource(t *testing.T) {
 		t.Fatalf("the honest session: %v, verified %v", err, verdict.GetVerified())
 	}
 	inc, _ := h.dest.GetIncoming(t.Context(), &ferryv1.GetIncomingRequest{MigrationId: "honest"})
-	if n := inc.GetMigration().GetRetransmittedChunks(); n != 1 {
-		t.Errorf("duplicates counted: %d, want 1", n)
+	if m := inc.GetMigration(); m.GetDuplicateChunks() != 1 || m.GetDevices()[0].GetDuplicateChunks() != 1 || m.GetRetransmittedChunks() != 0 {
+		t.Errorf("duplicates counted: %d (device %d), retransmitted %d; want 1, 1 and 0 (the destination sends nothing again)",
+			m.GetDuplicateChunks(), m.GetDevices()[0].GetDuplicateChunks(), m.GetRetransmittedChunks())
 	}
 }
 

@@ -45,22 +45,36 @@ type devStream struct {
 	release func()
 	stream  vfio.DataStream // write-only, RESUMING
 
-	// mu guards reasm and end; the loader holds it only around Next and
-	// Advance, never across a device write.
+	// mu guards the fields below it; the writers hold it only around Next
+	// and Advance, never across a device write.
 	mu    sync.Mutex
-	reasm *flow.Reassembly[payload]
+	reasm *flow.Reassembly[payload] // nil once released
 	end   *endInfo
+	// released: the reassembly was drained and dropped (releaseBuffers);
+	// a chunk that arrives after it is freed, never held. frontSeq,
+	// frontOff and peak are what it reported then.
+	released           bool
+	frontSeq, frontOff uint64
+	peak               uint64
+	// writing is the payload of the chunk being written into the device:
+	// Drain leaves it to the writer, who frees it when the write returns.
+	writing *wire.Payload
+	// orphaned: the clean-up found the device stuck in an operation and
+	// left it to whoever holds the write turn (see putTurn); reset is
+	// whether it must then be reset.
+	orphaned, reset bool
 
 	// notify wakes the loader when a chunk arrived (1-buffered).
 	notify chan struct{}
 
-	// wmu is the device's write turn. Whoever holds it writes the chunks
-	// at the frontier into the device, in order: the loader, or the
-	// channel receiver whose chunk just completed the frontier (see
-	// writeReady). closed, set under it by the clean-up, means nobody
-	// writes again. The fields below are the turn holder's.
-	wmu    sync.Mutex
-	closed bool
+	// turn is the device's write turn (a token in a 1-buffered channel,
+	// so the clean-up can wait for it or for the device to be declared
+	// stuck). Whoever holds it writes the chunks at the frontier into the
+	// device, in order: the loader, or the channel receiver whose chunk
+	// just completed the frontier (see writeReady). The clean-up takes it
+	// and never gives it back: nobody writes again. The fields below are
+	// the turn holder's.
+	turn   chan struct{}
 	digest *wire.Digest
 	// advSeq and advOff are the frontier when the feedback senders were
 	// last woken, at advTime; fbChunks and fbBytes how far it moves
@@ -73,7 +87,50 @@ type devStream struct {
 	chunks     atomic.Uint64
 	duplicates atomic.Uint64
 	verified   atomic.Bool
+	stuck      atomic.Bool // the clean-up found it stuck (see closeDevice)
 	errMsg     atomic.Pointer[string]
+}
+
+// tryTurn takes the write turn if it is free.
+func (d *devStream) tryTurn() bool {
+	select {
+	case d.turn <- struct{}{}:
+		return true
+	default:
+		return false
+	}
+}
+
+// frontierLocked is the device's frontier, also once the reassembly is
+// released. The caller holds d.mu.
+func (d *devStream) frontierLocked() (seq, off uint64) {
+	if d.reasm == nil {
+		return d.frontSeq, d.frontOff
+	}
+	return d.reasm.Frontier()
+}
+
+// stuckDevice is what a guarded device offers (pkg/vfio's device
+// guard): a channel closed once an operation on it did not return within
+// the guard's deadline. The device is then its guard's until the
+// operation returns.
+type stuckDevice interface {
+	Stuck() <-chan struct{}
+}
+
+// stuckSignal is dev's stuck channel, nil (never ready) for a device
+// without a guard.
+func stuckSignal(dev vfio.Device) <-chan struct{} {
+	if g, ok := dev.(stuckDevice); ok {
+		return g.Stuck()
+	}
+	return nil
+}
+
+// isStuck reports whether dev's guard declared it stuck.
+func isStuck(dev vfio.Device) bool {
+	ch := stuckSignal(dev)
+	return ch != nil && isClosed(ch)
 }
 
 // incoming is one incoming migration.
@@ -91,16 +148,22 @@ type incoming struct {
 	watch      wire.Broadcast
 
 	// ctx ends when the migration reaches a final phase; loaders and
-	// channel handlers follow it.
+	// channel handlers follow it. (A VERIFIED migration keeps it: its
+	// channels stay up until the source commits or aborts.)
 	ctx    context.Context
 	cancel context.CancelFunc
-	// loaders counts running loader goroutines; clean-up waits for them.
-	loaders sync.WaitGroup
-	// done is closed once the final phase is set and clean-up finished.
-	done chan struct{}
-	once sync.Once
+	// verifiedCh is closed when every device verified (VERIFIED); done
+	// once the final phase is set and clean-up finished.
+	verifiedCh chan struct{}
+	done       chan struct{}
+	// freeOnce releases the reassembly buffers and the budget once: at
+	// VERIFIED or at the clean-up, whichever comes first.
+	freeOnce sync.Once
 	// expiry fails the migration when the source never opens it.
 	expiry *time.Timer
+	// lastPeer is when the source last sent anything (a chunk, a
+	// message), in Unix nanoseconds; 0 before.
+	lastPeer atomic.Int64
 
 	// fb is the set of connected channels, by index: their feedback
 	// senders are woken when a window moves. lost, armed while no channel
@@ -121,15 +184,18 @@ type incoming struct {
 	digestAlg      ferryv1.DigestAlgorithm
 	startTime      time.Time
 	switchoverTime time.Time
+	verdictTime    time.Time // every device verified
 	endTime        time.Time
 	pending        int // devices not yet verified
 
 	track *telemetry.Tracker // set before the migration is registered
 }
 
+// setPhase moves the migration forward to p, one of the phases before
+// the verdict; it never moves back, nor out of VERIFIED or a final phase.
 func (inc *incoming) setPhase(p ferryv1.MigrationPhase) {
 	inc.mu.Lock()
-	changed := inc.phase != p && !final(inc.phase)
+	changed := p > inc.phase && !settled(inc.phase)
 	if changed {
 		inc.phase = p
 	}
@@ -146,65 +212,228 @@ func final(p ferryv1.MigrationPhase) bool {
 		p == ferryv1.MigrationPhase_MIGRATION_PHASE_CANCELLED
 }
 
-// terminate ends the migration once: with err == nil it succeeded; else it
-// failed (or was cancelled) and the devices are reset. Clean-up (waiting
-// for the loaders, resetting, releasing devices, buffers and budget) runs
-// on the agent's wait group; done is closed after it.
-func (inc *incoming) terminate(err error, phase ferryv1.MigrationPhase) {
-	inc.once.Do(func() {
-		inc.mu.Lock()
-		if err != nil {
-			inc.err = &ferryv1.MigrationError{Code: int32(wire.Code(err)), Reason: wire.Reason(err), Message: wire.Message(err)}
-		} else {
-			phase = ferryv1.MigrationPhase_MIGRATION_PHASE_SUCCEEDED
-		}
-		inc.phase = phase
-		inc.endTime = time.Now()
+// settled reports whether the verdict is in: VERIFIED or final.
+func settled(p ferryv1.MigrationPhase) bool {
+	return p == ferryv1.MigrationPhase_MIGRATION_PHASE_VERIFIED || final(p)
+}
+
+// owner is which host holds the runnable copy of the devices in phase p
+// (the commit rule): the source until every device verified, nobody can
+// tell while VERIFIED waits for the source's commit, the destination once
+// committed, and the source again after a rollback.
+func owner(p ferryv1.MigrationPhase) ferryv1.DeviceOwner {
+	switch p {
+	case ferryv1.MigrationPhase_MIGRATION_PHASE_VERIFIED:
+		return ferryv1.DeviceOwner_DEVICE_OWNER_IN_DOUBT
+	case ferryv1.MigrationPhase_MIGRATION_PHASE_SUCCEEDED:
+		return ferryv1.DeviceOwner_DEVICE_OWNER_DESTINATION
+	}
+	return ferryv1.DeviceOwner_DEVICE_OWNER_SOURCE
+}
+
+// failKind says who ends a migration with a failure, which decides
+// whether a VERIFIED migration may be rolled back.
+type failKind int
+
+const (
+	// failFound: the destination found the failure itself (a device, the
+	// peer's protocol, a deadline, shutdown). It does not end a VERIFIED
+	// migration: the source may already have committed, so only the
+	// source or the control plane decides from there.
+	failFound failKind = iota
+	// failAsked: the source's Abort or the control plane's
+	// CancelIncoming. It rolls back a VERIFIED migration too.
+	failAsked
+)
+
+// fail ends the migration with err in phase (FAILED or CANCELLED): the
+// devices are reset and everything released, on the agent's wait group;
+// done is closed after. It does nothing to a migration that has already
+// ended, nor, for failFound, to a VERIFIED one. It returns the phase the
+// migration is in after the call: phase when this call ended it.
+func (inc *incoming) fail(err error, phase ferryv1.MigrationPhase, kind failKind) ferryv1.MigrationPhase {
+	inc.mu.Lock()
+	cur := inc.phase
+	if final(cur) || (cur == ferryv1.MigrationPhase_MIGRATION_PHASE_VERIFIED && kind == failFound) {
 		inc.mu.Unlock()
-		if inc.expiry != nil {
-			inc.expiry.Stop()
+		if !final(cur) {
+			inc.log.Warn("failure ignored: the migration is verified and waits for the source's commit or abort", "error", wire.Message(err), "reason", wire.Reason(err))
 		}
-		inc.cancel()
-		if err != nil {
-			inc.log.Warn("migration ended", "phase", phase.String(), "error", wire.Message(err), "reason", wire.Reason(err))
-		} else {
-			inc.log.Info("migration ended", "phase", phase.String())
+		return cur
+	}
+	inc.err = &ferryv1.MigrationError{Code: int32(wire.Code(err)), Reason: wire.Reason(err), Message: wire.Message(err)}
+	inc.phase = phase
+	inc.endTime = time.Now()
+	inc.mu.Unlock()
+	inc.log.Warn("migration ended", "phase", phase.String(), "was", cur.String(), "error", wire.Message(err), "reason", wire.Reason(err))
+	inc.finished(true)
+	return phase
+}
+
+// commit moves a VERIFIED migration to SUCCEEDED: the destination owns
+// its devices from now on. Committing a SUCCEEDED migration does
+// nothing; any other phase is FAILED_PRECONDITION, SESSION_STATE.
+func (inc *incoming) commit() error {
+	inc.mu.Lock()
+	switch cur := inc.phase; cur {
+	case ferryv1.MigrationPhase_MIGRATION_PHASE_SUCCEEDED:
+		inc.mu.Unlock()
+		return nil
+	case ferryv1.MigrationPhase_MIGRATION_PHASE_VERIFIED:
+	default:
+		inc.mu.Unlock()
+		return wire.Errorf(codes.FailedPrecondition, wire.ReasonSessionState, "incoming migration %s is %s, not VERIFIED: there is nothing to commit", inc.id, cur)
+	}
+	inc.phase = ferryv1.MigrationPhase_MIGRATION_PHASE_SUCCEEDED
+	inc.endTime = time.Now()
+	inc.mu.Unlock()
+	inc.log.Info("migration ended", "phase", ferryv1.MigrationPhase_MIGRATION_PHASE_SUCCEEDED.String(), "owner", "destination")
+	inc.finished(false)
+	return nil
+}
+
+// finished follows the final phase just set: the timers stop, the
+// migration's goroutines end and the clean-up starts.
+func (inc *incoming) finished(failed bool) {
+	if inc.expiry != nil {
+		inc.expiry.Stop()
+	}
+	inc.cancel()
+	inc.watch.Notify()
+	inc.a.wg.Go(func() { inc.cleanup(failed) })
+}
+
+// verifiedAll moves the migration to VERIFIED once its last device
+// verified: the devices stay held in STOP and nothing resolves the
+// migration but the source's Commit or Abort, or the control plane's
+// CommitIncoming or CancelIncoming. No more chunks can come, so the
+// reassembly buffers and the budget are released now.
+func (inc *incoming) verifiedAll() {
+	inc.mu.Lock()
+	if settled(inc.phase) {
+		// A rollback came first.
+		inc.mu.Unlock()
+		return
+	}
+	inc.phase = ferryv1.MigrationPhase_MIGRATION_PHASE_VERIFIED
+	inc.verdictTime = time.Now()
+	inc.mu.Unlock()
+	if inc.expiry != nil {
+		inc.expiry.Stop()
+	}
+	inc.fbMu.Lock()
+	if inc.lost != nil {
+		inc.lost.Stop()
+		inc.lost = nil
+	}
+	inc.fbMu.Unlock()
+	inc.releaseBuffers()
+	close(inc.verifiedCh)
+	inc.log.Info("phase", "phase", ferryv1.MigrationPhase_MIGRATION_PHASE_VERIFIED.String(), "owner", "in doubt until the source commits")
+	inc.watch.Notify()
+}
+
+// releaseBuffers drops every device's reassembly, freeing what it holds
+// (but the chunk a writer is writing, which the writer frees), and
+// returns the migration's budget, once. It waits for no writer.
+func (inc *incoming) releaseBuffers() {
+	inc.freeOnce.Do(func() {
+		for _, d := range inc.devs {
+			d.mu.Lock()
+			d.released = true
+			if d.reasm != nil {
+				d.frontSeq, d.frontOff = d.reasm.Frontier()
+				d.peak = d.reasm.PeakBytes()
+				writing := d.writing
+				d.reasm.Drain(func(p payload) {
+					if p.data != writing {
+						p.data.Free()
+					}
+				})
+				d.reasm = nil
+			}
+			d.mu.Unlock()
 		}
-		inc.a.wg.Go(func() { inc.cleanup(err != nil) })
+		inc.a.unreserve(inc.reserved)
 	})
 }
 
+// cleanup runs once the final phase is set. It waits for no goroutine
+// blocked in a device: buffers and budget go first, then each device is
+// closed on its own (see closeDevice), healthy ones reset after a
+// failure, and done is closed once every device is closed or reported
+// stuck.
 func (inc *incoming) cleanup(failed bool) {
-	inc.loaders.Wait()
-	for _, d := range inc.devs {
-		// A receiver writing into the device finishes its chunk first.
-		d.wmu.Lock()
-		d.closed = true
-		d.wmu.Unlock()
-		if d.stream != nil {
-			d.stream.Close()
-		}
-		if failed {
-			if err := d.dev.Reset(); err != nil {
-				inc.log.Error("device reset failed: the device has no owner now", "device", d.spec, "error", err)
-			}
-		}
-		d.mu.Lock()
-		if d.reasm != nil {
-			d.reasm.Drain(func(p payload) { p.data.Free() })
-		}
-		d.mu.Unlock()
-		d.release()
-	}
-	inc.a.unreserve(inc.reserved)
+	inc.releaseBuffers()
 	inc.fbMu.Lock()
 	if inc.lost != nil {
 		inc.lost.Stop()
 	}
 	inc.fbMu.Unlock()
+	var wg sync.WaitGroup
+	for _, d := range inc.devs {
+		wg.Go(func() { inc.closeDevice(d, failed) })
+	}
+	wg.Wait()
 	inc.track.End(inc.ended())
 	close(inc.done)
 	inc.watch.Notify()
+}
+
+// closeDevice takes d's write turn for good, so nobody writes into it
+// again, then closes it (see finishDevice). A writer blocked in the
+// device holds the turn: the clean-up waits for it to return, or for the
+// device's guard to declare it stuck. A stuck device is left to whoever
+// holds the turn, who finishes it when the operation returns (putTurn);
+// until then it stays held and the migration reports it stuck.
+func (inc *incoming) closeDevice(d *devStream, reset bool) {
+	select {
+	case d.turn <- struct{}{}:
+	case <-stuckSignal(d.dev):
+		d.stuck.Store(true)
+		d.mu.Lock()
+		d.orphaned, d.reset = true, reset
+		d.mu.Unlock()
+		inc.log.Error("device stuck in an operation: left to its driver, held until the operation returns", "device", d.spec)
+		if !d.tryTurn() {
+			return // the holder finishes it
+		}
+	}
+	inc.finishDevice(d, reset)
+}
+
+// putTurn gives d's write turn back. If the clean-up left the device to
+// the turn's holder meanwhile (closeDevice), the holder finishes it.
+func (inc *incoming) putTurn(d *devStream) {
+	<-d.turn
+	d.mu.Lock()
+	orphaned, reset := d.orphaned, d.reset
+	d.mu.Unlock()
+	if orphaned && d.tryTurn() {
+		inc.finishDevice(d, reset)
+	}
+}
+
+// finishDevice closes d's data stream, resets the device after a failure
+// and releases it, with d's write turn held for good. A device its guard
+// declared stuck is not touched: it is released to the registry, whose
+// guard holds it until its operation returns.
+func (inc *incoming) finishDevice(d *devStream, reset bool) {
+	if isStuck(d.dev) {
+		d.stuck.Store(true)
+		inc.log.Error("device stuck: not reset, released to its guard", "device", d.spec)
+		d.release()
+		return
+	}
+	if d.stream != nil {
+		d.stream.Close()
+	}
+	if reset {
+		if err := d.dev.Reset(); err != nil {
+			inc.log.Error("device reset failed: the device has no owner now", "device", d.spec, "error", err)
+		}
+	}
+	d.release()
 }
 
 // chanReg is one connected channel stream.
@@ -216,14 +445,17 @@ type chanReg struct {
 // armLostLocked starts the countdown that fails the migration when no
 // channel connects within the source timeout: the source died or can no
 // longer reach this agent. The caller holds fbMu.
+//
+// A VERIFIED migration is never failed for it: the source may have
+// committed.
 func (inc *incoming) armLostLocked() {
-	if inc.lost != nil || inc.ctx.Err() != nil {
+	if inc.lost != nil || inc.ctx.Err() != nil || isClosed(inc.verifiedCh) {
 		return
 	}
 	timeout := inc.a.cfg.SourceTimeout
 	inc.lost = time.AfterFunc(timeout, func() {
-		inc.terminate(wire.Errorf(codes.Unavailable, wire.ReasonPeerUnavailable,
-			"the source has had no channel connected for %s: it stopped or cannot reach this agent", timeout), ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED)
+		inc.fail(wire.Errorf(codes.Unavailable, wire.ReasonPeerUnavailable,
+			"the source has had no channel connected for %s: it stopped or cannot reach this agent", timeout), ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED, failFound)
 	})
 }
 
@@ -244,11 +476,11 @@ func (inc *incoming) wakeFeedback() {
 func (inc *incoming) fillWindows(dst []*ferryv1.WindowUpdate) {
 	for i, d := range inc.devs {
 		d.mu.Lock()
-		w := d.reasm.Window()
-		seq, off := d.reasm.Frontier()
+		seq, off := d.frontierLocked()
 		d.mu.Unlock()
 		u := dst[i]
-		u.Device, u.LimitSeq, u.LimitOffset, u.AckedSeq, u.AckedOffset = uint32(i), w.LimitSeq, w.LimitOffset, seq, off
+		u.Device, u.LimitSeq, u.LimitOffset, u.AckedSeq, u.AckedOffset = uint32(i),
+			satAdd(seq, uint64(inc.limits.MaxChunks)), satAdd(off, inc.limits.MaxBytes), seq, off
 	}
 }
 
@@ -257,26 +489,34 @@ func (inc *incoming) fillWindows(dst []*ferryv1.WindowUpdate) {
 // until END; then it checks the stream and moves the device
 // RESUMING->STOP.
 func (inc *incoming) load(d *devStream) {
-	defer inc.loaders.Done()
 	for {
-		d.wmu.Lock()
+		select {
+		case d.turn <- struct{}{}:
+		case <-inc.ctx.Done():
+			return
+		}
 		end, atEnd, err := inc.writeReadyLocked(d)
 		if err != nil {
-			d.wmu.Unlock()
-			inc.terminate(err, ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED)
+			inc.putTurn(d)
+			inc.fail(err, ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED, failFound)
 			return
 		}
 		if atEnd {
 			d.mu.Lock()
+			if d.released {
+				d.mu.Unlock()
+				inc.putTurn(d)
+				return
+			}
 			d.reasm.Advance()
 			info := d.end
 			d.mu.Unlock()
 			inc.wakeFeedback()
 			inc.verify(d, end, info)
-			d.wmu.Unlock()
+			inc.putTurn(d)
 			return
 		}
-		d.wmu.Unlock()
+		inc.putTurn(d)
 		select {
 		case <-d.notify:
 		case <-inc.ctx.Done():
@@ -300,25 +540,29 @@ func (inc *incoming) load(d *devStream) {
 // run on different cores (docs/performance.md). The loader still writes
 // what becomes ready while the turn is taken, and END.
 func (inc *incoming) writeReady(d *devStream) (wakeLoader bool, err error) {
-	if !d.wmu.TryLock() {
+	if !d.tryTurn() {
 		return true, nil
 	}
-	defer d.wmu.Unlock()
-	if d.closed {
-		return false, nil
-	}
+	defer inc.putTurn(d)
 	_, atEnd, err := inc.writeReadyLocked(d)
 	return atEnd, err
 }
 
 // writeReadyLocked writes the DATA chunks at the frontier into the device
 // until the frontier is missing or END, which it returns (atEnd; not
-// advanced past) for the loader. The caller holds d.wmu. An error is the device's
+// advanced past) for the loader. The caller holds d.turn. An error is the device's
 // or the stream's: the migration fails with it.
 func (inc *incoming) writeReadyLocked(d *devStream) (end flow.Chunk[payload], atEnd bool, err error) {
 	for {
 		d.mu.Lock()
+		if d.released {
+			d.mu.Unlock()
+			return end, false, nil
+		}
 		c, ok, err := d.reasm.Next()
+		if ok && !c.End {
+			d.writing = c.Payload.data
+		}
 		d.mu.Unlock()
 		if err != nil {
 			return end, false, wire.Errorf(codes.OutOfRange, wire.ReasonStreamGap, "device %d (%s): %v", d.index, d.spec, err)
@@ -331,15 +575,29 @@ func (inc *incoming) writeReadyLocked(d *devStream) (end flow.Chunk[payload], at
 		}
 		// The chunk goes into the device piece by piece, as it was
 		// received: no copy into one buffer first.
-		if err := writePayload(d.stream, c.Payload.data); err != nil {
-			// The chunk stays held: the clean-up's Drain frees it.
-			return end, false, wire.DeviceError(d.spec, fmt.Sprintf("write chunk %d at byte %d", c.Seq, c.Offset), err)
+		werr := writePayload(d.stream, c.Payload.data)
+		if werr == nil {
+			d.digest.AddPayload(c.Offset, c.Payload.data, c.Payload.crc)
 		}
-		d.digest.AddPayload(c.Offset, c.Payload.data, c.Payload.crc)
 		d.mu.Lock()
-		d.reasm.Advance()
-		seq, off := d.reasm.Frontier()
+		d.writing = nil
+		released := d.released
+		var seq, off uint64
+		if !released && werr == nil {
+			d.reasm.Advance()
+			seq, off = d.reasm.Frontier()
+		}
 		d.mu.Unlock()
+		if released {
+			// The clean-up dropped the reassembly during the write and
+			// left this chunk to its writer.
+			c.Payload.data.Free()
+			return end, false, nil
+		}
+		if werr != nil {
+			// The chunk stays held: the clean-up's Drain frees it.
+			return end, false, wire.DeviceError(d.spec, fmt.Sprintf("write chunk %d at byte %d", c.Seq, c.Offset), werr)
+		}
 		c.Payload.data.Free()
 		d.written.Add(uint64(c.Len))
 		d.chunks.Add(1)
@@ -348,6 +606,14 @@ func (inc *incoming) writeReadyLocked(d *devStream) (end flow.Chunk[payload], at
 			inc.wakeFeedback()
 		}
 	}
+}
+
+// satAdd is a + b, or the largest uint64 when that overflows.
+func satAdd(a, b uint64) uint64 {
+	if s := a + b; s >= a {
+		return s
+	}
+	return ^uint64(0)
 }
 
 // feedbackMaxDelay bounds the batching of feedbackEvery in time: a slow
@@ -410,7 +676,7 @@ func (inc *incoming) verify(d *devStream, c flow.Chunk[payload], end *endInfo) {
 	fail := func(err error) {
 		msg := wire.Message(err)
 		d.errMsg.Store(&msg)
-		inc.terminate(err, ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED)
+		inc.fail(err, ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED, failFound)
 	}
 	written := d.written.Load()
 	switch {
@@ -436,7 +702,7 @@ func (inc *incoming) verify(d *devStream, c flow.Chunk[payload], end *endInfo) {
 	last := inc.pending == 0
 	inc.mu.Unlock()
 	if last {
-		inc.terminate(nil, ferryv1.MigrationPhase_MIGRATION_PHASE_SUCCEEDED)
+		inc.verifiedAll()
 	}
 }
 
@@ -446,20 +712,30 @@ func (inc *incoming) snapshot() (*ferryv1.Migration, bool, uint64) {
 	m := &ferryv1.Migration{
 		Id:         inc.id,
 		Phase:      inc.phase,
+		Owner:      owner(inc.phase),
 		Error:      proto.CloneOf(inc.err),
 		Channels:   inc.channels,
 		ChunkSize:  inc.chunkSize,
 		CreateTime: timestamppb.New(inc.createTime),
 		DirectData: inc.direct,
 	}
-	start, sw, end := inc.startTime, inc.switchoverTime, inc.endTime
+	start, sw, verdict, end := inc.startTime, inc.switchoverTime, inc.verdictTime, inc.endTime
 	srcDevs := inc.sourceDevices
 	inc.mu.Unlock()
+	if verdict.IsZero() {
+		verdict = end
+	}
 	if !start.IsZero() {
 		m.StartTime = timestamppb.New(start)
 	}
 	if !end.IsZero() {
 		m.EndTime = timestamppb.New(end)
+	}
+	inc.fbMu.Lock()
+	m.ConnectedChannels = uint32(len(inc.fb))
+	inc.fbMu.Unlock()
+	if t := inc.lastPeer.Load(); t != 0 {
+		m.LastPeerActivityTime = timestamppb.New(time.Unix(0, t))
 	}
 	var total, peak uint64
 	for i, d := range inc.devs {
@@ -468,6 +744,7 @@ func (inc *incoming) snapshot() (*ferryv1.Migration, bool, uint64) {
 			Bytes:    d.written.Load(),
 			Chunks:   d.chunks.Load(),
 			Verified: d.verified.Load(),
+			Stuck:    d.stuck.Load() || isStuck(d.dev),
 		}
 		if i < len(srcDevs) {
 			p.PeerDevice = srcDevs[i]
@@ -479,6 +756,7 @@ func (inc *incoming) snapshot() (*ferryv1.Migration, bool, uint64) {
 			p.Error = *e
 		}
 		d.mu.Lock()
+		p.PeakBufferedBytes = d.peak
 		if d.reasm != nil {
 			p.PeakBufferedBytes = d.reasm.PeakBytes()
 		}
@@ -486,8 +764,8 @@ func (inc *incoming) snapshot() (*ferryv1.Migration, bool, uint64) {
 			p.TotalBytes = d.end.totalBytes
 		}
 		d.mu.Unlock()
-		p.RetransmittedChunks = d.duplicates.Load()
-		m.RetransmittedChunks += p.RetransmittedChunks
+		p.DuplicateChunks = d.duplicates.Load()
+		m.DuplicateChunks += p.DuplicateChunks
 		peak += p.PeakBufferedBytes
 		total += p.Bytes
 		m.Devices = append(m.Devices, p)
@@ -497,16 +775,19 @@ func (inc *incoming) snapshot() (*ferryv1.Migration, bool, uint64) {
 	// per-device peaks is what is reported (an upper bound).
 	m.PeakBufferedBytes = peak
 	m.WindowBytes = inc.limits.MaxBytes * uint64(len(inc.devs))
-	if !start.IsZero() && !end.IsZero() && end.After(start) {
-		m.ThroughputBytesPerSecond = float64(total) / end.Sub(start).Seconds()
+	if !start.IsZero() && !verdict.IsZero() && verdict.After(start) {
+		m.ThroughputBytesPerSecond = float64(total) / verdict.Sub(start).Seconds()
 	}
-	if !sw.IsZero() && !end.IsZero() {
-		m.Downtime = durationpb.New(end.Sub(sw))
+	if !sw.IsZero() && !verdict.IsZero() {
+		m.Downtime = durationpb.New(verdict.Sub(sw))
 	}
 	return m, final(m.Phase) && isClosed(inc.done), total
 }
 
-func isClosed(ch chan struct{}) bool {
+// touch records that the source sent something now.
+func (inc *incoming) touch() { inc.lastPeer.Store(time.Now().UnixNano()) }
+
+func isClosed(ch <-chan struct{}) bool {
 	select {
 	case <-ch:
 		return true

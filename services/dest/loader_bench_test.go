@@ -147,9 +147,10 @@ func (r *acceptRig) renew() {
 	if err := r.inc.accept(end); err != nil {
 		r.tb.Fatal(err)
 	}
-	<-r.inc.done
-	if err := r.inc.finalStatus(); err != nil {
+	<-r.inc.verifiedCh
+	if err := r.inc.commit(); err != nil {
 		r.tb.Fatal(err)
 	}
+	<-r.inc.done
 	r.open()
 }

@@ -38,7 +38,11 @@ func (inc *incoming) ended() telemetry.Ended {
 		e.Outcome = telemetry.Cancelled
 	}
 	if !inc.switchoverTime.IsZero() {
-		e.Downtime, e.SwitchedOver = inc.endTime.Sub(inc.switchoverTime), true
+		verdict := inc.verdictTime
+		if verdict.IsZero() {
+			verdict = inc.endTime
+		}
+		e.Downtime, e.SwitchedOver = verdict.Sub(inc.switchoverTime), true
 	}
 	return e
 }

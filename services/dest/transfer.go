@@ -7,7 +7,9 @@ import (
 	"net"
 	"slices"
 	"strconv"
+	"strings"
 	"time"
+	"unicode/utf8"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -73,6 +75,7 @@ func (s *transferServer) Open(ctx context.Context, req *ferryv1.OpenRequest) (*f
 	if inc.expiry != nil {
 		inc.expiry.Stop()
 	}
+	inc.touch()
 
 	a.mu.Lock()
 	a.sessions[sessionID] = inc
@@ -80,8 +83,9 @@ func (s *transferServer) Open(ctx context.Context, req *ferryv1.OpenRequest) (*f
 	inc.fbMu.Lock()
 	inc.armLostLocked() // until the first channel connects
 	inc.fbMu.Unlock()
+	// Nothing waits for the loaders but the agent: a migration that ends
+	// meanwhile (its clean-up holds every write turn) ends them at once.
 	for _, d := range inc.devs {
-		inc.loaders.Add(1)
 		a.wg.Go(func() { inc.load(d) })
 	}
 	inc.log.Info("session opened", "channels", channels, "chunk_size", chunkSize)
@@ -241,8 +245,9 @@ func (inc *incoming) receiveChunks(next func(*wire.InChunk) error) error {
 			}
 			return err
 		}
+		inc.touch()
 		if err := inc.accept(&in); err != nil {
-			inc.terminate(err, ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED)
+			inc.fail(err, ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED, failFound)
 			return err
 		}
 	}
@@ -293,6 +298,17 @@ func (inc *incoming) accept(in *wire.InChunk) (err error) {
 	}
 
 	d.mu.Lock()
+	if d.released {
+		// The stream's buffers were released (the devices verified, or
+		// the migration ended): nothing is held any more. A resend of a
+		// chunk of a verified stream counts as a duplicate.
+		done := d.verified.Load() && c.Seq < d.frontSeq && c.Offset+uint64(c.Len) <= d.frontOff
+		d.mu.Unlock()
+		if done {
+			d.duplicates.Add(1)
+		}
+		return nil
+	}
 	if held, ok := d.reasm.Held(c.Seq); ok && !c.End && held.Payload.crc != c.Payload.crc {
 		d.mu.Unlock()
 		return wire.Errorf(codes.InvalidArgument, wire.ReasonBadChunk, "device %d (%s) chunk %d: resent with other bytes (CRC32C %08x, held %08x)", m.GetDevice(), d.spec, c.Seq, c.Payload.crc, held.Payload.crc)
@@ -347,7 +363,8 @@ func (s *transferServer) SwitchoverStart(ctx context.Context, req *ferryv1.Switc
 	phase, channels := inc.phase, int(inc.channels)
 	inc.mu.Unlock()
 	switch {
-	case phase == ferryv1.MigrationPhase_MIGRATION_PHASE_STOPCOPY || phase == ferryv1.MigrationPhase_MIGRATION_PHASE_FINISHING:
+	case phase == ferryv1.MigrationPhase_MIGRATION_PHASE_STOPCOPY || phase == ferryv1.MigrationPhase_MIGRATION_PHASE_FINISHING ||
+		phase == ferryv1.MigrationPhase_MIGRATION_PHASE_VERIFIED:
 		return &ferryv1.SwitchoverStartResponse{}, nil
 	case final(phase):
 		return nil, inc.finalStatusOr(codes.FailedPrecondition)
@@ -365,7 +382,7 @@ func (s *transferServer) SwitchoverStart(ctx context.Context, req *ferryv1.Switc
 		}
 		if i < len(req.GetSentChunks()) {
 			d.mu.Lock()
-			seq, _ := d.reasm.Frontier()
+			seq, _ := d.frontierLocked()
 			d.mu.Unlock()
 			if seq < req.GetSentChunks()[i] {
 				return nil, wire.Errorf(codes.FailedPrecondition, wire.ReasonNotReady, "device %s: %d of %d chunks sent before switchover are written", d.spec, seq, req.GetSentChunks()[i])
@@ -388,6 +405,10 @@ func (inc *incoming) finalStatusOr(code codes.Code) error {
 	return wire.Errorf(code, wire.ReasonSessionState, "incoming migration %s has already ended", inc.id)
 }
 
+// Finish waits for the verdict. A verified migration is VERIFIED, not
+// committed: Finish answers the same verdict for as long as it is VERIFIED
+// or SUCCEEDED; a failure (an Abort after VERIFIED included) is answered
+// with its status once the devices are reset.
 func (s *transferServer) Finish(ctx context.Context, req *ferryv1.FinishRequest) (*ferryv1.FinishResponse, error) {
 	inc, err := s.a.boundSession(ctx, req.GetSessionId())
 	if err != nil {
@@ -395,14 +416,22 @@ func (s *transferServer) Finish(ctx context.Context, req *ferryv1.FinishRequest)
 	}
 	inc.setPhase(ferryv1.MigrationPhase_MIGRATION_PHASE_FINISHING)
 	select {
+	case <-inc.verifiedCh:
 	case <-inc.done:
 	case <-ctx.Done():
 		return nil, wire.Errorf(wire.Code(ctx.Err()), wire.ReasonSessionState, "waiting for the verdict: %v", ctx.Err())
 	}
-	if err := inc.finalStatus(); err != nil {
-		return nil, err
-	}
 	m, _, _ := inc.snapshot()
+	switch m.GetPhase() {
+	case ferryv1.MigrationPhase_MIGRATION_PHASE_VERIFIED, ferryv1.MigrationPhase_MIGRATION_PHASE_SUCCEEDED:
+	default:
+		select {
+		case <-inc.done:
+		case <-ctx.Done():
+			return nil, wire.Errorf(wire.Code(ctx.Err()), wire.ReasonSessionState, "waiting for the verdict: %v", ctx.Err())
+		}
+		return nil, inc.finalStatusOr(codes.Internal)
+	}
 	resp := &ferryv1.FinishResponse{Verified: true, PeakBufferedBytes: m.GetPeakBufferedBytes(), WindowBytes: m.GetWindowBytes()}
 	for i, p := range m.GetDevices() {
 		resp.Devices = append(resp.Devices, &ferryv1.DeviceVerdict{
@@ -414,9 +443,49 @@ func (s *transferServer) Finish(ctx context.Context, req *ferryv1.FinishRequest)
 	return resp, nil
 }
 
+// Commit is the source's word that it has the verified verdict and will
+// not roll back: VERIFIED becomes SUCCEEDED, and the destination owns the
+// devices (the commit rule). It answers once the devices are handed over.
+func (s *transferServer) Commit(ctx context.Context, req *ferryv1.CommitRequest) (*ferryv1.CommitResponse, error) {
+	inc, err := s.a.boundSession(ctx, req.GetSessionId())
+	if err != nil {
+		return nil, err
+	}
+	if err := inc.commit(); err != nil {
+		return nil, err
+	}
+	select {
+	case <-inc.done:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	return &ferryv1.CommitResponse{}, nil
+}
+
+// maxAbortReason bounds the reason an Abort carries into the
+// destination's records, in bytes.
+const maxAbortReason = 1024
+
+// cutReason makes reason valid UTF-8 and cuts it to at most
+// maxAbortReason bytes on a rune boundary, so the migration's error always
+// marshals.
+func cutReason(reason string) string {
+	reason = strings.ToValidUTF8(reason, "\uFFFD")
+	if len(reason) > maxAbortReason {
+		cut := maxAbortReason
+		for cut > 0 && !utf8.RuneStart(reason[cut]) {
+			cut--
+		}
+		reason = reason[:cut]
+	}
+	return reason
+}
+
 // Abort ends a session, or, named by migration id and token, an incoming
 // migration whose Open the source saw go unanswered (see AbortRequest).
-// It returns once the devices are reset.
+// A VERIFIED migration is rolled back too (the source has not committed);
+// a committed one is not: FAILED_PRECONDITION, MIGRATION_COMMITTED. It
+// returns once the devices are reset.
 func (s *transferServer) Abort(ctx context.Context, req *ferryv1.AbortRequest) (*ferryv1.AbortResponse, error) {
 	var inc *incoming
 	var err error
@@ -433,15 +502,20 @@ func (s *transferServer) Abort(ctx context.Context, req *ferryv1.AbortRequest) (
 		}
 		return nil, err
 	}
-	reason := req.GetReason()
-	if len(reason) > 1024 {
-		reason = reason[:1024]
+	inc.touch()
+	phase := inc.fail(wire.Errorf(codes.Aborted, wire.ReasonAborted, "aborted by the source: %s", cutReason(req.GetReason())), ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED, failAsked)
+	if phase == ferryv1.MigrationPhase_MIGRATION_PHASE_SUCCEEDED {
+		return nil, errCommitted(inc.id)
 	}
-	inc.terminate(wire.Errorf(codes.Aborted, wire.ReasonAborted, "aborted by the source: %s", reason), ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED)
 	select {
 	case <-inc.done:
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
 	return &ferryv1.AbortResponse{}, nil
+}
+
+// errCommitted refuses to roll back a committed migration.
+func errCommitted(id string) error {
+	return wire.Errorf(codes.FailedPrecondition, wire.ReasonCommitted, "incoming migration %s was committed: the destination owns its devices", id)
 }

@@ -65,15 +65,17 @@ func TestReceiverWritesTheFrontier(t *testing.T) {
 			t.Fatalf("%d chunks written when accept of the frontier returned, want 1", n)
 		}
 
-		// Another holds the write turn: the chunk waits for it. (The loader,
-		// woken, waits for the turn too: synctest.Wait cannot wait past a
-		// goroutine blocked on a mutex, so the count is read at once.)
-		d.wmu.Lock()
+		// Another holds the write turn: the chunk waits for it, and so
+		// does the loader, woken.
+		if !d.tryTurn() {
+			t.Fatal("the write turn is taken")
+		}
 		accept(next(1))
+		synctest.Wait()
 		if n := d.chunks.Load(); n != 1 {
 			t.Fatalf("%d chunks written while the turn was held, want 1", n)
 		}
-		d.wmu.Unlock()
+		inc.putTurn(d)
 		synctest.Wait()
 		if n := d.chunks.Load(); n != 2 {
 			t.Fatalf("%d chunks written once the turn was free, want 2 (the loader's)", n)
@@ -97,18 +99,20 @@ func TestReceiverWritesTheFrontier(t *testing.T) {
 		if err := inc.accept(end); err != nil {
 			t.Fatal(err)
 		}
+		<-inc.verifiedCh
+		if !d.verified.Load() {
+			t.Error("device not verified")
+		}
+		if err := inc.commit(); err != nil {
+			t.Fatal(err)
+		}
 		<-inc.done
 		if err := inc.finalStatus(); err != nil {
 			t.Fatalf("verdict: %v", err)
 		}
-		if !d.verified.Load() {
-			t.Error("device not verified")
-		}
-		// The migration is over: the clean-up closed the device to writers.
-		d.wmu.Lock()
-		closed := d.closed
-		d.wmu.Unlock()
-		if !closed {
+		// The migration is over: the clean-up holds the write turn for
+		// good, so nobody writes into the device again.
+		if d.tryTurn() {
 			t.Error("device still open to writers after the clean-up")
 		}
 	})
@@ -133,7 +137,7 @@ func simAgent(tb testing.TB, pool *wire.Pool, maxChunks uint32, maxBytes uint64)
 // its session as a source would, with chunk-byte chunks over channels.
 func openSession(tb testing.TB, a *Agent, id, spec string, chunk, channels uint32) *incoming {
 	tb.Helper()
-	prep, err := a.prepare(&ferryv1.PrepareIncomingRequest{MigrationId: id, Devices: []string{spec}})
+	prep, err := a.prepare(tb.Context(), &ferryv1.PrepareIncomingRequest{MigrationId: id, Devices: []string{spec}})
 	if err != nil {
 		tb.Fatal(err)
 	}

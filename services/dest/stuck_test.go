@@ -1,0 +1,136 @@
+package dest
+
+import (
+	"errors"
+	"sync/atomic"
+	"testing"
+	"testing/synctest"
+
+	"google.golang.org/grpc/codes"
+
+	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/wire"
+)
+
+// hangingDevice is a simulated device whose resuming stream's Write
+// blocks until unblock is closed, with the Stuck channel a device guard
+// offers (stuckDevice), closed by the test.
+type hangingDevice struct {
+	vfio.Device
+	stuck, unblock chan struct{}
+	resets         atomic.Int32
+}
+
+func (d *hangingDevice) Stuck() <-chan struct{} { return d.stuck }
+
+func (d *hangingDevice) Reset() error {
+	d.resets.Add(1)
+	return d.Device.Reset()
+}
+
+func (d *hangingDevice) SetState(s vfio.State) (vfio.DataStream, error) {
+	st, err := d.Device.SetState(s)
+	if st != nil && s == vfio.StateResuming {
+		st = &hangingStream{DataStream: st, dev: d}
+	}
+	return st, err
+}
+
+type hangingStream struct {
+	vfio.DataStream
+	dev *hangingDevice
+}
+
+func (s *hangingStream) Write([]byte) (int, error) {
+	<-s.dev.unblock
+	return 0, errors.New("the write came back after the device was declared stuck")
+}
+
+// A device write that never returns holds up nothing: cancelling the
+// migration releases its budget and buffers at once and resets the
+// healthy device; the stuck device is left held, reported stuck, and is
+// released (not reset) only when its write returns.
+func TestCleanupDoesNotWaitForAStuckWrite(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		reg := vfio.NewRegistry(vfio.RegistryOptions{AllowSim: true})
+		defer reg.Close()
+		a, err := New(Config{Registry: reg, MaxChunks: 8, MaxBytes: 128 << 10})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer a.Close()
+		healthy, hanging := canonical(t, spec(1)), canonical(t, spec(2))
+		s, _ := vfio.ParseSpec(hanging)
+		sim, err := vfio.NewSim(s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		dev := &hangingDevice{Device: sim, stuck: make(chan struct{}), unblock: make(chan struct{})}
+		var released atomic.Int32
+		a.acquire = func(spec, owner string) (vfio.Device, func(), error) {
+			if spec == hanging {
+				return dev, func() { released.Add(1) }, nil
+			}
+			return reg.Acquire(spec, owner)
+		}
+		prep, err := a.prepare(t.Context(), &ferryv1.PrepareIncomingRequest{MigrationId: "hang", Devices: []string{healthy, hanging}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		tr := &transferServer{a: a}
+		resp, err := tr.Open(t.Context(), &ferryv1.OpenRequest{MigrationId: "hang", Token: prep.GetToken(), Devices: []string{healthy, hanging}, ChunkSize: testChunk, Channels: 1})
+		if err != nil {
+			t.Fatal(err)
+		}
+		inc, _ := a.session(resp.GetSessionId())
+
+		// A receiver writes the hanging device's first chunk and blocks.
+		state := sourceState(t, 2)
+		hdr := dataChunk(0, state[:testChunk])
+		hdr.Device = 1
+		in := inChunk(t, hdr, state[:testChunk])
+		accepted := make(chan error, 1)
+		go func() { accepted <- inc.accept(in) }()
+		synctest.Wait()
+
+		inc.fail(wire.Errorf(codes.Canceled, wire.ReasonCancelled, "cancelled"), ferryv1.MigrationPhase_MIGRATION_PHASE_CANCELLED, failAsked)
+		synctest.Wait()
+		// Budget and buffers went at once; the healthy device is reset and
+		// free; the clean-up waits for the hanging one's guard.
+		if n := a.BudgetInUse(); n != 0 {
+			t.Fatalf("budget in use %d while a write hangs, want 0", n)
+		}
+		for _, d := range reg.List() {
+			if d.Spec == healthy && (d.Owner != "" || d.State != vfio.StateRunning) {
+				t.Fatalf("the healthy device: owner %q, state %v; want free and RUNNING", d.Owner, d.State)
+			}
+		}
+		if isClosed(inc.done) {
+			t.Fatal("the migration ended before its hanging device was declared stuck")
+		}
+
+		// The guard declares it stuck: the migration ends, reporting it,
+		// and leaves it held.
+		close(dev.stuck)
+		synctest.Wait()
+		if !isClosed(inc.done) {
+			t.Fatal("the migration did not end once its device was declared stuck")
+		}
+		m, _, _ := inc.snapshot()
+		if m.GetPhase() != ferryv1.MigrationPhase_MIGRATION_PHASE_CANCELLED || !m.GetDevices()[1].GetStuck() || m.GetDevices()[0].GetStuck() {
+			t.Fatalf("the migration: %v, stuck %v %v; want CANCELLED, only device 1 stuck", m.GetPhase(), m.GetDevices()[0].GetStuck(), m.GetDevices()[1].GetStuck())
+		}
+		if released.Load() != 0 || dev.resets.Load() != 0 {
+			t.Fatalf("the stuck device: released %d times, reset %d times while its write hangs; want 0 and 0", released.Load(), dev.resets.Load())
+		}
+
+		// The write returns: its writer hands the device back, unreset.
+		close(dev.unblock)
+		synctest.Wait()
+		<-accepted // the receiver returns too
+		if released.Load() != 1 || dev.resets.Load() != 0 {
+			t.Fatalf("after the write returned: released %d times, reset %d times; want 1 and 0", released.Load(), dev.resets.Load())
+		}
+	})
+}
