@@ -59,6 +59,8 @@ type srcDevice struct {
 	// payload. A broken channel's chunks can be sent again from here.
 	mu      sync.Mutex
 	unacked []*outChunk
+	// sent is the frontier of the chunks kept in unacked so far.
+	sent wire.Frontier
 	// free holds acknowledged chunks for the reader to reuse, so a chunk
 	// costs no allocation in steady state (at most a window of them).
 	free []*outChunk
@@ -168,7 +170,21 @@ func (d *srcDevice) unsent(channel int32, dst []*outChunk) []*outChunk {
 func (d *srcDevice) keep(c *outChunk) {
 	d.mu.Lock()
 	d.unacked = append(d.unacked, c)
+	var n uint64
+	if c.payload != nil {
+		n = uint64(c.payload.Len())
+	}
+	d.sent = wire.Frontier{Seq: c.hdr.Seq + 1, Offset: c.hdr.Offset + n}
 	d.mu.Unlock()
+}
+
+// sentFrontier is the frontier of what device i has handed to its
+// channels, which an acknowledgement may not pass.
+func (m *migration) sentFrontier(i int) wire.Frontier {
+	d := m.devs[i]
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.sent
 }
 
 // migration is one outgoing migration.
