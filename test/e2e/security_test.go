@@ -15,9 +15,8 @@ import (
 	"google.golang.org/grpc/credentials"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/internal/loopback"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
-	"github.com/vfio-ferry/ferry/services/dest"
-	"github.com/vfio-ferry/ferry/services/source"
 	"github.com/vfio-ferry/ferry/services/wire"
 	"github.com/vfio-ferry/ferry/services/wire/wiretest"
 )
@@ -70,46 +69,24 @@ func startSecureAgents(t *testing.T, s secureSetup) *securePair {
 	}
 	control := []string{ferryv1.SourceAgent_ServiceDesc.ServiceName, ferryv1.DestAgent_ServiceDesc.ServiceName}
 	transfer := []string{ferryv1.Transfer_ServiceDesc.ServiceName}
-	a := &agents{
-		destReg:   vfio.NewRegistry(vfio.RegistryOptions{AllowSim: true}),
-		sourceReg: vfio.NewRegistry(vfio.RegistryOptions{AllowSim: true, Devices: s.sourceDevices}),
-	}
-	dpool, spool := wire.NewPool(), wire.NewPool()
-	da, err := dest.New(dest.Config{Registry: a.destReg, Pool: dpool})
-	if err != nil {
-		t.Fatal(err)
-	}
-	a.destAgent = da
-	sa, err := source.New(source.Config{Registry: a.sourceReg, Pool: spool, PeerCreds: speer})
-	if err != nil {
-		t.Fatal(err)
-	}
-	dsrv := wire.NewServer(wire.ServerConfig{Creds: dcreds, Pool: dpool, Access: []wire.AccessRule{
-		{Services: control, Allow: []string{idControlPlane}, Flag: "--allow-client"},
-		{Services: transfer, Allow: s.allowPeers, Flag: "--allow-peer"},
-	}})
-	da.Register(dsrv.GRPC)
-	dsrv.Ready()
-	ssrv := wire.NewServer(wire.ServerConfig{Creds: screds, Pool: spool, Access: []wire.AccessRule{
-		{Services: control, Allow: []string{idControlPlane}, Flag: "--allow-client"},
-		{Services: transfer, Flag: "--allow-peer"},
-	}})
-	sa.Register(ssrv.GRPC)
-	ssrv.Ready()
-	a.destAddr = serveOn(t, dsrv.GRPC)
-	a.sourceAddr = serveOn(t, ssrv.GRPC)
 	dataLis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	serveData(t, da, dcreds, dataLis)
-	t.Cleanup(func() {
-		sa.Close()
-		da.Close()
-		ssrv.GRPC.Stop()
-		dsrv.GRPC.Stop()
-		a.sourceReg.Close()
-		a.destReg.Close()
+	a := startLoopback(t, loopback.Config{
+		SourceDevices: vfio.RegistryOptions{Devices: s.sourceDevices},
+		DataListener:  dataLis,
+		TLS: &loopback.TLS{
+			DestCreds: dcreds, SourceCreds: screds, SourcePeerCreds: speer,
+			DestAccess: []wire.AccessRule{
+				{Services: control, Allow: []string{idControlPlane}, Flag: "--allow-client"},
+				{Services: transfer, Allow: s.allowPeers, Flag: "--allow-peer"},
+			},
+			SourceAccess: []wire.AccessRule{
+				{Services: control, Allow: []string{idControlPlane}, Flag: "--allow-client"},
+				{Services: transfer, Flag: "--allow-peer"},
+			},
+		},
 	})
 	p := &securePair{agents: a, ca: ca}
 	dconn := p.dial(t, a.destAddr, idControlPlane)
