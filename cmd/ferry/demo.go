@@ -68,8 +68,11 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		p.pairs = append(p.pairs, &ferryv1.DevicePair{SourceDevice: spec, DestDevice: spec})
 	}
 	if !*asJSON {
-		fmt.Fprintf(stdout, "ferry demo: destination %s, source %s (loopback, chunks on direct data connections); migrating %d simulated device(s) of %s over %d channel(s)\n",
-			env.destAddr, env.sourceAddr, *devices, size.Format(uint64(devSize)), *channels)
+		// How the chunks travelled is the result's to say (the
+		// summary's channels line): the source falls back to gRPC
+		// messages when it cannot use the direct data connections.
+		fmt.Fprintf(stdout, "ferry demo: destination %s (direct data connections on %s), source %s, on loopback; migrating %d simulated device(s) of %s over %d channel(s)\n",
+			env.destAddr, env.dataAddr, env.sourceAddr, *devices, size.Format(uint64(devSize)), *channels)
 	}
 	view := newProgressView(stderr)
 	r, err := migrate(ctx, p, view.update)
