@@ -159,6 +159,34 @@ func (a *agents) waitDest(t *testing.T, id string) *ferryv1.Migration {
 	return toFinal(t, stream.Recv)
 }
 
+// sourceUntil watches the migration on the source until it sends a view
+// for which ok holds, and returns that view; the test fails if the watch
+// ends first.
+func (a *agents) sourceUntil(t *testing.T, id string, ok func(*ferryv1.Migration) bool) *ferryv1.Migration {
+	t.Helper()
+	stream, err := a.source.WatchMigration(t.Context(), &ferryv1.WatchMigrationRequest{MigrationId: id})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for {
+		resp, err := stream.Recv()
+		if err != nil {
+			t.Fatalf("watch of %s: %v", id, err)
+		}
+		if m := resp.GetMigration(); ok(m) {
+			return m
+		}
+	}
+}
+
+// moving holds once a migration has moved some bytes.
+func moving(m *ferryv1.Migration) bool { return m.GetBytes() > 0 }
+
+// inPhase holds in phase p.
+func inPhase(p ferryv1.MigrationPhase) func(*ferryv1.Migration) bool {
+	return func(m *ferryv1.Migration) bool { return m.GetPhase() == p }
+}
+
 // toFinal follows a watch to its end, which must be a final phase.
 func toFinal[R wiretest.Watched](t *testing.T, recv func() (R, error)) *ferryv1.Migration {
 	t.Helper()

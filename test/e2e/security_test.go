@@ -1,11 +1,9 @@
 package e2e
 
 import (
-	"bufio"
 	"bytes"
 	"encoding/json"
 	"net"
-	"os"
 	"os/exec"
 	"strings"
 	"testing"
@@ -264,50 +262,6 @@ func TestHostileStartMigration(t *testing.T) {
 	}
 }
 
-// secureAgentProc starts `ferry <role>` with args (no --insecure) and
-// returns the address it logged; the process is stopped at the end.
-func secureAgentProc(t *testing.T, role string, args ...string) string {
-	t.Helper()
-	cmd := exec.Command(ferry(t), append([]string{role, "--listen", "127.0.0.1:0", "--log-format", "json"}, args...)...)
-	stderr, err := cmd.StderrPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	sc := bufio.NewScanner(stderr)
-	var addr string
-	var lines []string
-	for sc.Scan() {
-		lines = append(lines, sc.Text())
-		var line struct {
-			Msg     string `json:"msg"`
-			Address string `json:"address"`
-		}
-		if json.Unmarshal(sc.Bytes(), &line) == nil && line.Msg == "agent listening" {
-			addr = line.Address
-			break
-		}
-	}
-	go func() {
-		for sc.Scan() {
-		}
-		cmd.Wait()
-		close(done)
-	}()
-	t.Cleanup(func() {
-		cmd.Process.Signal(os.Interrupt)
-		<-done
-	})
-	if addr == "" {
-		<-done
-		t.Fatalf("ferry %s exited before listening:\n%s", role, strings.Join(lines, "\n"))
-	}
-	return addr
-}
-
 func TestProcessesWithMutualTLS(t *testing.T) {
 	ca := wiretest.NewCA(t, "ferry e2e CA")
 	flags := func(f wire.TLSFiles) []string {
@@ -339,8 +293,8 @@ func TestProcessesWithMutualTLS(t *testing.T) {
 		}
 	})
 
-	dstAddr := secureAgentProc(t, "dest", append(dest, "--allow-client", idControlPlane, "--allow-peer", idSourceAgent, "--allow-sim", "--data-listen", "127.0.0.1:0")...)
-	srcAddr := secureAgentProc(t, "source", append(src, "--allow-client", idControlPlane, "--allow-sim", "--devices", "pci:0000:3b:*")...)
+	dstAddr := runAgent(t, "dest", append(dest, "--allow-client", idControlPlane, "--allow-peer", idSourceAgent, "--allow-sim", "--data-listen", "127.0.0.1:0")...).addr
+	srcAddr := runAgent(t, "source", append(src, "--allow-client", idControlPlane, "--allow-sim", "--devices", "pci:0000:3b:*")...).addr
 
 	migrate := func(client []string, srcDev string) (migrateResult, int, string) {
 		t.Helper()
