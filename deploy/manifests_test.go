@@ -27,6 +27,11 @@ const (
 	healthLiveness  = "liveness"  // the health service that stays SERVING while the agent drains
 	healthReadiness = "readiness" // the health service that goes NOT_SERVING at SIGTERM
 	stopTimeout     = 10 * time.Second
+	// abortTimeout bounds a source's Abort of its destination after the
+	// drain timeout: the smaller of its RPC timeout (30 s) and
+	// --progress-timeout (default 30 s).
+	abortTimeout           = 30 * time.Second
+	defaultProgressTimeout = 30 * time.Second
 	// runtimeHeadroom is the least memory the limit must leave above the
 	// destination's memory budget.
 	runtimeHeadroom = 256 << 20
@@ -331,9 +336,24 @@ func TestOverlays(t *testing.T) {
 				if drain < time.Minute {
 					t.Errorf("--drain-timeout=%s: too short for a migration to finish", drain)
 				}
-				g := pod.TerminationGracePeriodSeconds
-				if g == nil || time.Duration(*g)*time.Second < drain+stopTimeout {
-					t.Errorf("terminationGracePeriodSeconds %v is shorter than --drain-timeout=%s plus the %s stop", g, drain, stopTimeout)
+				abort := abortTimeout
+				if p, ok := f["progress-timeout"]; ok {
+					d, err := time.ParseDuration(p)
+					if err != nil {
+						t.Fatalf("--progress-timeout=%q: %v", p, err)
+					}
+					abort = min(abort, d)
+				} else {
+					abort = min(abort, defaultProgressTimeout)
+				}
+				// SIGKILL must not cut the rollback short: the drain, the
+				// Abort of what still runs, then the servers' stop.
+				grace := 30 * time.Second // Kubernetes' default
+				if g := pod.TerminationGracePeriodSeconds; g != nil {
+					grace = time.Duration(*g) * time.Second
+				}
+				if need := drain + abort + stopTimeout; grace <= need {
+					t.Errorf("terminationGracePeriodSeconds %s does not exceed --drain-timeout=%s + the %s Abort + the %s stop = %s", grace, drain, abort, stopTimeout, need)
 				}
 			})
 

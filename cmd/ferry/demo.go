@@ -7,14 +7,13 @@ import (
 	"log/slog"
 	"net"
 
-	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc/credentials/insecure"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/internal/loopback"
 	"github.com/vfio-ferry/ferry/pkg/size"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
 	"github.com/vfio-ferry/ferry/services/dest"
-	"github.com/vfio-ferry/ferry/services/source"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
 
@@ -69,8 +68,11 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		p.pairs = append(p.pairs, &ferryv1.DevicePair{SourceDevice: spec, DestDevice: spec})
 	}
 	if !*asJSON {
-		fmt.Fprintf(stdout, "ferry demo: destination %s, source %s (loopback, chunks on direct data connections); migrating %d simulated device(s) of %s over %d channel(s)\n",
-			env.destAddr, env.sourceAddr, *devices, size.Format(uint64(devSize)), *channels)
+		// How the chunks travelled is the result's to say (the
+		// summary's channels line): the source falls back to gRPC
+		// messages when it cannot use the direct data connections.
+		fmt.Fprintf(stdout, "ferry demo: destination %s (direct data connections on %s), source %s, on loopback; migrating %d simulated device(s) of %s over %d channel(s)\n",
+			env.destAddr, env.dataAddr, env.sourceAddr, *devices, size.Format(uint64(devSize)), *channels)
 	}
 	view := newProgressView(stderr)
 	r, err := migrate(ctx, p, view.update)
@@ -89,65 +91,32 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 // demoEnv is a destination and a source agent serving on loopback TCP in
 // this process.
 type demoEnv struct {
-	destAddr, sourceAddr string
-	stop                 func()
+	destAddr, sourceAddr, dataAddr string
+	stop                           func()
 }
 
+// startDemoAgents starts the agents with the destination's window limits;
+// the destination serves direct data connections, as `ferry dest
+// --data-listen` does.
 func startDemoAgents(ctx context.Context, log *slog.Logger, maxChunks uint32, maxBytes uint64) (*demoEnv, error) {
-	creds := insecure.NewCredentials()
-	// The destination's gRPC port and its direct data port (as `ferry dest
-	// --data-listen` serves it), and the source's gRPC port.
-	var lis [3]net.Listener
-	closeAll := func() {
-		for _, l := range lis {
-			if l != nil {
-				l.Close()
-			}
-		}
-	}
-	for i := range lis {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			closeAll()
-			return nil, err
-		}
-		lis[i] = l
-	}
-	dlis, datalis, slis := lis[0], lis[1], lis[2]
-	dreg := vfio.NewRegistry(vfio.RegistryOptions{AllowSim: true})
-	sreg := vfio.NewRegistry(vfio.RegistryOptions{AllowSim: true})
-	dpool, spool := wire.NewPool(), wire.NewPool()
-	dagent, err := dest.New(dest.Config{Registry: dreg, Pool: dpool, Logger: log, MaxChunks: maxChunks, MaxBytes: maxBytes})
+	datalis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
-		closeAll()
-		return nil, &exitError{code: 2, err: err}
-	}
-	sagent, err := source.New(source.Config{Registry: sreg, Pool: spool, Logger: log, PeerCreds: creds})
-	if err != nil {
-		closeAll()
 		return nil, err
 	}
-	dsrv := wire.NewServer(wire.ServerConfig{Creds: creds, Logger: log, Pool: dpool})
-	dagent.Register(dsrv.GRPC)
-	dsrv.Ready()
-	ssrv := wire.NewServer(wire.ServerConfig{Creds: creds, Logger: log, Pool: spool})
-	sagent.Register(ssrv.GRPC)
-	ssrv.Ready()
-	var g errgroup.Group
-	g.Go(func() error { return dsrv.GRPC.Serve(dlis) })
-	g.Go(func() error { return ssrv.GRPC.Serve(slis) })
-	g.Go(func() error { return dagent.ServeData(datalis, creds) })
+	a, err := loopback.Start(loopback.Config{
+		Dest:          dest.Config{MaxChunks: maxChunks, MaxBytes: maxBytes},
+		DestDevices:   vfio.RegistryOptions{AllowSim: true},
+		SourceDevices: vfio.RegistryOptions{AllowSim: true},
+		Logger:        log,
+		DataListener:  datalis,
+	})
+	if err != nil {
+		return nil, &exitError{code: 2, err: err}
+	}
 	return &demoEnv{
-		destAddr:   dlis.Addr().String(),
-		sourceAddr: slis.Addr().String(),
-		stop: func() {
-			sagent.Close()
-			dagent.Close()
-			ssrv.Stop(ctx)
-			dsrv.Stop(ctx)
-			g.Wait()
-			sreg.Close()
-			dreg.Close()
-		},
+		destAddr:   a.DestAddr,
+		sourceAddr: a.SourceAddr,
+		dataAddr:   datalis.Addr().String(),
+		stop:       func() { a.Close(ctx) },
 	}, nil
 }

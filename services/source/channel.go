@@ -516,7 +516,7 @@ func (c *channel) receive(st channelStream, up *atomic.Bool, prog *progress, key
 		prog.word()
 		m.lastWord.Store(time.Now().UnixNano())
 		for _, w := range resp.GetWindows() {
-			if err := wire.CheckWindowUpdate(w, len(m.devs)); err != nil {
+			if err := wire.CheckWindowUpdate(w, len(m.devs), m.sentFrontier); err != nil {
 				return err
 			}
 			d := m.devs[w.GetDevice()]

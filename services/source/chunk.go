@@ -33,6 +33,8 @@ type srcDevice struct {
 	// payload. A broken channel's chunks can be sent again from here.
 	mu      sync.Mutex
 	unacked []*outChunk
+	// sent is the frontier of the chunks kept in unacked so far.
+	sent wire.Frontier
 	// ackedSeq is the destination's acknowledged frontier (chunks below
 	// it are written there), ackedOffset its byte offset, as the source
 	// itself knows them: from the chunks it sent.
@@ -160,5 +162,15 @@ func (c *outChunk) length() int {
 func (d *srcDevice) keep(c *outChunk) {
 	d.mu.Lock()
 	d.unacked = append(d.unacked, c)
+	d.sent = wire.Frontier{Seq: c.hdr.Seq + 1, Offset: c.hdr.Offset + uint64(c.length())}
 	d.mu.Unlock()
+}
+
+// sentFrontier is the frontier of what device i has handed to its
+// channels, which an acknowledgement may not pass.
+func (m *migration) sentFrontier(i int) wire.Frontier {
+	d := m.devs[i]
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.sent
 }

@@ -20,10 +20,11 @@ type AccessRule struct {
 	// Services are full service names, as in a ServiceDesc
 	// ("ferry.v1.Transfer").
 	Services []string
-	// Allow are client identities: a certificate's URI SAN
-	// (spiffe://...) compared exactly, a DNS SAN compared without regard to
-	// case, or an IP SAN; "*" admits any client whose certificate the CA
-	// signed.
+	// Allow are client identities, each compared only with the SANs of
+	// its kind (see Identity.Matches): an IP address with the IP SANs, a
+	// URI (spiffe://...) with the URI SANs exactly, a DNS name with the
+	// DNS SANs without regard to case; "*" admits any client whose
+	// certificate the CA signed.
 	Allow []string
 	// Flag names the option that configures the rule (--allow-client),
 	// for the refusal's message.

@@ -85,7 +85,7 @@ func NewServer(cfg ServerConfig) *Server {
 	stream = append(stream, recovery.StreamServerInterceptor(recover))
 
 	s := grpc.NewServer(
-		grpc.Creds(cfg.Creds),
+		grpc.Creds(logRefusedHandshakes(cfg.Creds, cfg.Logger)),
 		grpc.ForceServerCodecV2(serverCodec{NewCodec(cfg.Pool)}),
 		// gRPC reads DATA frames into buffers from the Ferry pool, which
 		// does not zero them; the codec keeps them as the chunk (see Pool

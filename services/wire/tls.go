@@ -6,9 +6,14 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
 	"os"
 	"slices"
 	"strings"
+	"syscall"
 	"time"
 
 	"google.golang.org/grpc/credentials"
@@ -128,37 +133,88 @@ func AgentTLS(f TLSFiles) (server, client credentials.TransportCredentials, err 
 	return credentials.NewTLS(s), credentials.NewTLS(c), nil
 }
 
+// logRefusedHandshakes wraps the credentials of an agent's listener so
+// that a connection whose handshake fails is logged, once, with the
+// client's address and why: at warn level when the client spoke plaintext
+// to a TLS listener (the usual cause is a client without its TLS flags) or
+// failed verification, at debug level when it closed the connection
+// without a handshake (a TCP probe, a port scan).
+func logRefusedHandshakes(creds credentials.TransportCredentials, log *slog.Logger) credentials.TransportCredentials {
+	if creds == nil || creds.Info().SecurityProtocol != "tls" {
+		return creds
+	}
+	return handshakeLogger{creds, log}
+}
+
+type handshakeLogger struct {
+	credentials.TransportCredentials
+	log *slog.Logger
+}
+
+func (h handshakeLogger) ServerHandshake(raw net.Conn) (net.Conn, credentials.AuthInfo, error) {
+	conn, auth, err := h.TransportCredentials.ServerHandshake(raw)
+	if err == nil {
+		return conn, auth, nil
+	}
+	client := raw.RemoteAddr().String()
+	var header tls.RecordHeaderError
+	switch {
+	case errors.As(err, &header):
+		h.log.Warn("refused a plaintext connection: this agent expects TLS (is the client missing --tls-cert, --tls-key and --tls-ca?)", "client", client, "error", err)
+	case errors.Is(err, io.EOF), errors.Is(err, syscall.ECONNRESET):
+		h.log.Debug("a connection closed before its TLS handshake", "client", client, "error", err)
+	default:
+		h.log.Warn("refused a TLS handshake", "client", client, "error", err)
+	}
+	return conn, auth, err
+}
+
+func (h handshakeLogger) Clone() credentials.TransportCredentials {
+	return handshakeLogger{h.TransportCredentials.Clone(), h.log}
+}
+
 // Identity is who called: the subject alternative names of the verified
-// client certificate, URIs (spiffe://...), DNS names and IP addresses. The
-// zero Identity is an unauthenticated caller (plaintext, or no client
-// certificate).
+// client certificate, URIs (spiffe://...), DNS names and IP addresses, each
+// kind apart. The zero Identity is an unauthenticated caller (plaintext,
+// or no client certificate).
 type Identity struct {
 	// Verified is set when the caller presented a certificate the TLS
 	// handshake verified against the CA.
 	Verified bool
-	// Names are the certificate's URI SANs, then its DNS SANs (lower
-	// case), then its IP SANs, each in certificate order.
-	Names []string
+	// URIs are the certificate's URI SANs, DNSNames its DNS SANs (lower
+	// case), IPs its IP SANs, each in certificate order.
+	URIs     []string
+	DNSNames []string
+	IPs      []netip.Addr
 }
 
 // Authenticated reports whether the caller presented a verified
 // certificate.
 func (id Identity) Authenticated() bool { return id.Verified }
 
-// String is the identity's names, comma-separated ("" when
-// unauthenticated, "(no SAN)" for a certificate without names). Two callers with the same String are the same
-// principal: a session is bound to it (a renewed certificate with the
+// String is the identity's names, comma-separated: its URIs, then its DNS
+// names, then its IP addresses ("" when unauthenticated, "(no SAN)" for a
+// certificate without names). Two callers with the same String are the
+// same principal: a session is bound to it (a renewed certificate with the
 // same names is the same principal).
 func (id Identity) String() string {
-	if id.Verified && len(id.Names) == 0 {
+	if id.Verified && len(id.URIs)+len(id.DNSNames)+len(id.IPs) == 0 {
 		return "(no SAN)"
 	}
-	return strings.Join(id.Names, ",")
+	names := slices.Concat(id.URIs, id.DNSNames)
+	for _, ip := range id.IPs {
+		names = append(names, ip.String())
+	}
+	return strings.Join(names, ",")
 }
 
-// Matches reports whether one of the identity's names is name: a URI
-// compared exactly, a DNS name without regard to case, or "*", which any
-// authenticated identity matches.
+// Matches reports whether the identity has the SAN name, compared only
+// with the SANs of name's kind: an IP address (10.0.0.7, fd00::7) with the
+// IP SANs, a name with a colon (spiffe://..., urn:...) with the URI SANs,
+// exactly, and anything else with the DNS SANs, without regard to case.
+// So a DNS SAN spelled like an address never passes for an IP SAN, nor
+// one spelled like a URI for a URI SAN. "*" matches any authenticated
+// identity.
 func (id Identity) Matches(name string) bool {
 	if !id.Authenticated() {
 		return false
@@ -166,10 +222,13 @@ func (id Identity) Matches(name string) bool {
 	if name == "*" {
 		return true
 	}
-	if !strings.Contains(name, "://") {
-		name = strings.ToLower(name)
+	if ip, err := netip.ParseAddr(name); err == nil {
+		return slices.Contains(id.IPs, ip.Unmap())
 	}
-	return slices.Contains(id.Names, name)
+	if strings.Contains(name, ":") {
+		return slices.Contains(id.URIs, name)
+	}
+	return slices.Contains(id.DNSNames, strings.ToLower(name))
 }
 
 // PeerIdentity is the identity of the caller of an RPC, taken from the
@@ -198,13 +257,15 @@ func AuthIdentity(auth credentials.AuthInfo) Identity {
 func CertIdentity(c *x509.Certificate) Identity {
 	id := Identity{Verified: true}
 	for _, u := range c.URIs {
-		id.Names = append(id.Names, u.String())
+		id.URIs = append(id.URIs, u.String())
 	}
 	for _, d := range c.DNSNames {
-		id.Names = append(id.Names, strings.ToLower(d))
+		id.DNSNames = append(id.DNSNames, strings.ToLower(d))
 	}
 	for _, ip := range c.IPAddresses {
-		id.Names = append(id.Names, ip.String())
+		if a, ok := netip.AddrFromSlice(ip); ok {
+			id.IPs = append(id.IPs, a.Unmap())
+		}
 	}
 	return id
 }

@@ -1,9 +1,12 @@
 package wire_test
 
 import (
+	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"log/slog"
 	"net"
+	"net/url"
 	"strings"
 	"testing"
 	"time"
@@ -285,31 +288,60 @@ func TestTLSFilesAreChecked(t *testing.T) {
 
 func TestIdentityMatches(t *testing.T) {
 	ca := wiretest.NewCA(t, "ferry test CA")
-	f := ca.Issue(t, "spiffe://ferry.test/ns/ferry/sa/Agent", "Node-1.Ferry.Test", "10.0.0.7")
+	f := ca.Issue(t, "spiffe://ferry.test/ns/ferry/sa/Agent", "Node-1.Ferry.Test", "10.0.0.7", "fd00::7")
 	c := keyPair(t, f)
 	leaf, err := x509.ParseCertificate(c.Certificate[0])
 	if err != nil {
 		t.Fatal(err)
 	}
 	id := wire.CertIdentity(leaf)
-	for name, want := range map[string]bool{
-		"spiffe://ferry.test/ns/ferry/sa/Agent": true,
-		"spiffe://ferry.test/ns/ferry/sa/agent": false, // URI paths are case-sensitive
-		"node-1.ferry.test":                     true,
-		"NODE-1.FERRY.TEST":                     true,
-		"10.0.0.7":                              true,
-		"node-2.ferry.test":                     false,
-		"*":                                     true,
-		"":                                      false,
+	// A certificate whose DNS SANs are spelled like an IP address and
+	// like a URI, and whose URI SAN is spelled like a host name: a CA
+	// that signs what it is asked may issue one.
+	spoofURI, err := url.Parse("node-1.ferry.test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	spoof := wire.CertIdentity(&x509.Certificate{
+		DNSNames: []string{"10.0.0.7", "::ffff:10.0.0.8", "spiffe://ferry.test/ns/ferry/sa/agent"},
+		URIs:     []*url.URL{spoofURI},
+	})
+	mapped := wire.CertIdentity(&x509.Certificate{IPAddresses: []net.IP{net.ParseIP("10.0.0.9")}}) // 16-byte form
+	for _, tc := range []struct {
+		id   wire.Identity
+		name string
+		want bool
+	}{
+		{id, "spiffe://ferry.test/ns/ferry/sa/Agent", true},
+		{id, "spiffe://ferry.test/ns/ferry/sa/agent", false}, // URI paths are case-sensitive
+		{id, "node-1.ferry.test", true},
+		{id, "NODE-1.FERRY.TEST", true},
+		{id, "10.0.0.7", true},
+		{id, "::ffff:10.0.0.7", true}, // the same address
+		{id, "fd00::7", true},
+		{id, "FD00:0::7", true},
+		{id, "10.0.0.8", false},
+		{id, "node-2.ferry.test", false},
+		{id, "*", true},
+		{id, "", false},
+		// Each kind matches only its own SANs.
+		{spoof, "10.0.0.7", false},
+		{spoof, "10.0.0.8", false},
+		{spoof, "::ffff:10.0.0.8", false},
+		{spoof, "spiffe://ferry.test/ns/ferry/sa/agent", false},
+		{spoof, "node-1.ferry.test", false},
+		{spoof, "*", true},
+		{mapped, "10.0.0.9", true},
+		{mapped, "::ffff:10.0.0.9", true},
 	} {
-		if got := id.Matches(name); got != want {
-			t.Errorf("Matches(%q) = %v, want %v", name, got, want)
+		if got := tc.id.Matches(tc.name); got != tc.want {
+			t.Errorf("%s: Matches(%q) = %v, want %v", tc.id, tc.name, got, tc.want)
 		}
 	}
 	if (wire.Identity{}).Matches("*") {
 		t.Error("an unauthenticated caller matches *")
 	}
-	if got := id.String(); got != "spiffe://ferry.test/ns/ferry/sa/Agent,node-1.ferry.test,10.0.0.7" {
+	if got := id.String(); got != "spiffe://ferry.test/ns/ferry/sa/Agent,node-1.ferry.test,10.0.0.7,fd00::7" {
 		t.Errorf("String() = %q", got)
 	}
 	for _, bad := range [][]string{{""}, {"a b"}, {"a,b"}, {"spiffe://ferry.test/*"}} {
@@ -319,5 +351,76 @@ func TestIdentityMatches(t *testing.T) {
 	}
 	if err := wire.ValidateAllowed("--allow-client", []string{"*", controlPlane, "ops.ferry.test"}); err != nil {
 		t.Error(err)
+	}
+}
+
+// records is a slog handler that hands each record to a channel.
+type records chan slog.Record
+
+func (r records) Enabled(context.Context, slog.Level) bool { return true }
+func (r records) Handle(_ context.Context, rec slog.Record) error {
+	select {
+	case r <- rec:
+	default: // never block the server
+	}
+	return nil
+}
+func (r records) WithAttrs([]slog.Attr) slog.Handler { return r }
+func (r records) WithGroup(string) slog.Handler      { return r }
+
+func TestRefusedHandshakesAreLogged(t *testing.T) {
+	ca := wiretest.NewCA(t, "ferry test CA")
+	screds, _, err := wire.AgentTLS(ca.Issue(t, "localhost", "127.0.0.1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	logs := make(records, 16)
+	addr := serve(t, wire.ServerConfig{Creds: screds, Access: rules(), Logger: slog.New(logs)})
+	next := func() slog.Record {
+		t.Helper()
+		select {
+		case r := <-logs:
+			return r
+		case <-t.Context().Done():
+			t.Fatal("no log record")
+		}
+		panic("unreachable")
+	}
+
+	// A connection closed without a word: a probe, at debug level.
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	if r := next(); r.Level != slog.LevelDebug {
+		t.Errorf("closed connection: %v %q, want a debug record", r.Level, r.Message)
+	}
+
+	// A plaintext gRPC client: one warning that names TLS.
+	_, err = ferryv1.NewDestAgentClient(dialWith(t, addr, insecure.NewCredentials())).ListDevices(t.Context(), &ferryv1.ListDevicesRequest{}, grpc.WaitForReady(false))
+	if wire.Code(err) != codes.Unavailable {
+		t.Fatalf("plaintext client: %v, want UNAVAILABLE", err)
+	}
+	if r := next(); r.Level != slog.LevelWarn || !strings.Contains(r.Message, "expects TLS") {
+		t.Errorf("plaintext client: %v %q, want a warning that the agent expects TLS", r.Level, r.Message)
+	}
+
+	// A client certificate of another CA: a warning.
+	other := wiretest.NewCA(t, "another CA")
+	foreign := keyPair(t, other.Issue(t, controlPlane))
+	creds := credentials.NewTLS(&tls.Config{RootCAs: pool(t, ca), MinVersion: tls.VersionTLS13,
+		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return &foreign, nil }})
+	ferryv1.NewDestAgentClient(dialWith(t, addr, creds)).ListDevices(t.Context(), &ferryv1.ListDevicesRequest{})
+	for {
+		// (The plaintext client may have tried again meanwhile.)
+		r := next()
+		if strings.Contains(r.Message, "expects TLS") {
+			continue
+		}
+		if r.Level != slog.LevelWarn || !strings.Contains(r.Message, "refused a TLS handshake") {
+			t.Errorf("foreign certificate: %v %q, want a warning", r.Level, r.Message)
+		}
+		break
 	}
 }

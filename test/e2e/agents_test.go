@@ -157,19 +157,7 @@ func TestCancelWhileStreaming(t *testing.T) {
 		Devices: []*ferryv1.DevicePair{{SourceDevice: src, DestDevice: dst}}}); err != nil {
 		t.Fatal(err)
 	}
-	stream, err := a.source.WatchMigration(ctx, &ferryv1.WatchMigrationRequest{MigrationId: "cancel"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	for {
-		resp, err := stream.Recv()
-		if err != nil {
-			t.Fatalf("watch: %v", err)
-		}
-		if resp.GetMigration().GetBytes() > 0 {
-			break
-		}
-	}
+	a.sourceUntil(t, "cancel", moving)
 	resp, err := a.source.CancelMigration(ctx, &ferryv1.CancelMigrationRequest{MigrationId: "cancel"})
 	if err != nil {
 		t.Fatal(err)

@@ -5,10 +5,10 @@ import (
 	"testing"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/internal/loopback"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
 	"github.com/vfio-ferry/ferry/services/dest"
 	"github.com/vfio-ferry/ferry/services/source"
@@ -54,47 +54,31 @@ func startAgentsData(t *testing.T, cfg dest.Config, direct bool) *agents {
 // (none when nil).
 func startAgentsOn(t *testing.T, cfg dest.Config, scfg source.Config, dataLis net.Listener) *agents {
 	t.Helper()
-	creds := insecure.NewCredentials()
-	a := &agents{
-		destReg:   vfio.NewRegistry(vfio.RegistryOptions{AllowSim: true}),
-		sourceReg: vfio.NewRegistry(vfio.RegistryOptions{AllowSim: true}),
-	}
-	dpool, spool := wire.NewPool(), wire.NewPool()
-	cfg.Registry, cfg.Pool = a.destReg, dpool
-	da, err := dest.New(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	a.destAgent = da
-	scfg.Registry, scfg.Pool, scfg.PeerCreds = a.sourceReg, spool, creds
-	sa, err := source.New(scfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	dsrv := wire.NewServer(wire.ServerConfig{Creds: creds, Pool: dpool})
-	da.Register(dsrv.GRPC)
-	dsrv.Ready()
-	ssrv := wire.NewServer(wire.ServerConfig{Creds: creds, Pool: spool})
-	sa.Register(ssrv.GRPC)
-	ssrv.Ready()
-	a.destAddr = serveOn(t, dsrv.GRPC)
-	a.sourceAddr = serveOn(t, ssrv.GRPC)
-	if dataLis != nil {
-		serveData(t, da, creds, dataLis)
-	}
-	t.Cleanup(func() {
-		sa.Close()
-		da.Close()
-		ssrv.GRPC.Stop()
-		dsrv.GRPC.Stop()
-		a.sourceReg.Close()
-		a.destReg.Close()
-	})
+	a := startLoopback(t, loopback.Config{Dest: cfg, Source: scfg, DataListener: dataLis})
 	dconn := dial(t, a.destAddr)
 	a.dest = ferryv1.NewDestAgentClient(dconn)
 	a.transfer = ferryv1.NewTransferClient(dconn)
 	a.source = ferryv1.NewSourceAgentClient(dial(t, a.sourceAddr))
 	return a
+}
+
+// startLoopback starts the agents of cfg, with simulated devices
+// allowed, until the end of the test; the clients are the caller's to
+// fill in.
+func startLoopback(t *testing.T, cfg loopback.Config) *agents {
+	t.Helper()
+	cfg.DestDevices.AllowSim, cfg.SourceDevices.AllowSim = true, true
+	l, err := loopback.Start(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		// The test's context has ended: the servers stop at once.
+		if err := l.Close(t.Context()); err != nil {
+			t.Errorf("closing the agents: %v", err)
+		}
+	})
+	return &agents{destAddr: l.DestAddr, sourceAddr: l.SourceAddr, destAgent: l.Dest, destReg: l.DestRegistry, sourceReg: l.SourceRegistry}
 }
 
 func serveOn(t *testing.T, s *grpc.Server) string {
@@ -113,20 +97,6 @@ func serveOn(t *testing.T, s *grpc.Server) string {
 		<-done
 	})
 	return lis.Addr().String()
-}
-
-// serveData serves the destination agent's direct data connections on
-// loopback until the end of the test.
-func serveData(t *testing.T, da *dest.Agent, creds credentials.TransportCredentials, lis net.Listener) {
-	t.Helper()
-	done := make(chan error, 1)
-	go func() { done <- da.ServeData(lis, creds) }()
-	t.Cleanup(func() {
-		lis.Close()
-		if err := <-done; err != nil {
-			t.Errorf("ServeData: %v", err)
-		}
-	})
 }
 
 func dial(t *testing.T, addr string) *grpc.ClientConn {
@@ -187,6 +157,34 @@ func (a *agents) waitDest(t *testing.T, id string) *ferryv1.Migration {
 		t.Fatal(err)
 	}
 	return toFinal(t, stream.Recv)
+}
+
+// sourceUntil watches the migration on the source until it sends a view
+// for which ok holds, and returns that view; the test fails if the watch
+// ends first.
+func (a *agents) sourceUntil(t *testing.T, id string, ok func(*ferryv1.Migration) bool) *ferryv1.Migration {
+	t.Helper()
+	stream, err := a.source.WatchMigration(t.Context(), &ferryv1.WatchMigrationRequest{MigrationId: id})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for {
+		resp, err := stream.Recv()
+		if err != nil {
+			t.Fatalf("watch of %s: %v", id, err)
+		}
+		if m := resp.GetMigration(); ok(m) {
+			return m
+		}
+	}
+}
+
+// moving holds once a migration has moved some bytes.
+func moving(m *ferryv1.Migration) bool { return m.GetBytes() > 0 }
+
+// inPhase holds in phase p.
+func inPhase(p ferryv1.MigrationPhase) func(*ferryv1.Migration) bool {
+	return func(m *ferryv1.Migration) bool { return m.GetPhase() == p }
 }
 
 // toFinal follows a watch to its end, which must be a final phase.

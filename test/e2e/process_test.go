@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -15,22 +16,32 @@ import (
 // The tests in this file run `ferry dest`, `ferry source` and
 // `ferry migrate` as separate processes, as an operator would.
 
+// The ferry binary, built once per test run (when a test needs it) into
+// a directory TestMain removes at the end.
 var (
 	buildOnce sync.Once
+	binDir    string
 	ferryBin  string
 	buildErr  error
 )
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "ferry-e2e")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	binDir = dir
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
 
 // ferry builds the ferry binary once per test run.
 func ferry(t *testing.T) string {
 	t.Helper()
 	buildOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "ferry-e2e")
-		if err != nil {
-			buildErr = err
-			return
-		}
-		ferryBin = filepath.Join(dir, "ferry")
+		ferryBin = filepath.Join(binDir, "ferry")
 		out, err := exec.Command("go", "build", "-o", ferryBin, "github.com/vfio-ferry/ferry/cmd/ferry").CombinedOutput()
 		if err != nil {
 			buildErr = &buildError{err: err, out: string(out)}
@@ -63,15 +74,19 @@ func (p *proc) kill(t *testing.T) {
 	<-p.done
 }
 
-// agentProc starts `ferry <role> --listen 127.0.0.1:0 ...` and returns the
-// address it logged. The process is stopped with SIGTERM at the end.
-func agentProc(t *testing.T, role string, args ...string) string {
-	return startAgent(t, role, args...).addr
-}
-
+// startAgent starts `ferry <role> --listen 127.0.0.1:0 --insecure
+// --allow-sim ...`, as the fault tests run it.
 func startAgent(t *testing.T, role string, args ...string) *proc {
 	t.Helper()
-	cmd := exec.Command(ferry(t), append([]string{role, "--listen", "127.0.0.1:0", "--insecure", "--allow-sim", "--log-format", "json"}, args...)...)
+	return runAgent(t, role, append([]string{"--insecure", "--allow-sim"}, args...)...)
+}
+
+// runAgent starts `ferry <role> --listen 127.0.0.1:0 --log-format json
+// ...` and waits until it logs the address it listens on. The process is
+// stopped with SIGINT at the end of the test.
+func runAgent(t *testing.T, role string, args ...string) *proc {
+	t.Helper()
+	cmd := exec.Command(ferry(t), append([]string{role, "--listen", "127.0.0.1:0", "--log-format", "json"}, args...)...)
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -81,7 +96,9 @@ func startAgent(t *testing.T, role string, args ...string) *proc {
 	}
 	p := &proc{cmd: cmd, done: make(chan struct{})}
 	sc := bufio.NewScanner(stderr)
+	var lines []string
 	for sc.Scan() {
+		lines = append(lines, sc.Text())
 		var line struct {
 			Msg     string `json:"msg"`
 			Address string `json:"address"`
@@ -102,7 +119,8 @@ func startAgent(t *testing.T, role string, args ...string) *proc {
 		<-p.done
 	})
 	if p.addr == "" {
-		t.Fatalf("ferry %s exited before listening: %v", role, sc.Err())
+		<-p.done
+		t.Fatalf("ferry %s exited before listening:\n%s", role, strings.Join(lines, "\n"))
 	}
 	return p
 }
@@ -145,8 +163,8 @@ func ferryMigrate(t *testing.T, src, dst, srcDev, dstDev string) (migrateResult,
 }
 
 func TestSeparateProcesses(t *testing.T) {
-	dst := agentProc(t, "dest", "--data-listen", "127.0.0.1:0")
-	src := agentProc(t, "source")
+	dst := startAgent(t, "dest", "--data-listen", "127.0.0.1:0").addr
+	src := startAgent(t, "source").addr
 
 	t.Run("512MiB bit-exact", func(t *testing.T) {
 		spec := "sim:size=512MiB,seed=21"
@@ -195,8 +213,8 @@ func TestSeparateProcesses(t *testing.T) {
 }
 
 func TestSmallDestinationWindow(t *testing.T) {
-	dst := agentProc(t, "dest", "--max-buffers", "4", "--max-buffer-bytes", "8MiB")
-	src := agentProc(t, "source")
+	dst := startAgent(t, "dest", "--max-buffers", "4", "--max-buffer-bytes", "8MiB").addr
+	src := startAgent(t, "source").addr
 	spec := "sim:size=512MiB,seed=31"
 	r, code := ferryMigrate(t, src, dst, spec, spec)
 	if code != 0 || !r.Verified {

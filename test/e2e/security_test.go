@@ -1,11 +1,9 @@
 package e2e
 
 import (
-	"bufio"
 	"bytes"
 	"encoding/json"
 	"net"
-	"os"
 	"os/exec"
 	"strings"
 	"testing"
@@ -15,9 +13,8 @@ import (
 	"google.golang.org/grpc/credentials"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/internal/loopback"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
-	"github.com/vfio-ferry/ferry/services/dest"
-	"github.com/vfio-ferry/ferry/services/source"
 	"github.com/vfio-ferry/ferry/services/wire"
 	"github.com/vfio-ferry/ferry/services/wire/wiretest"
 )
@@ -70,46 +67,24 @@ func startSecureAgents(t *testing.T, s secureSetup) *securePair {
 	}
 	control := []string{ferryv1.SourceAgent_ServiceDesc.ServiceName, ferryv1.DestAgent_ServiceDesc.ServiceName}
 	transfer := []string{ferryv1.Transfer_ServiceDesc.ServiceName}
-	a := &agents{
-		destReg:   vfio.NewRegistry(vfio.RegistryOptions{AllowSim: true}),
-		sourceReg: vfio.NewRegistry(vfio.RegistryOptions{AllowSim: true, Devices: s.sourceDevices}),
-	}
-	dpool, spool := wire.NewPool(), wire.NewPool()
-	da, err := dest.New(dest.Config{Registry: a.destReg, Pool: dpool})
-	if err != nil {
-		t.Fatal(err)
-	}
-	a.destAgent = da
-	sa, err := source.New(source.Config{Registry: a.sourceReg, Pool: spool, PeerCreds: speer})
-	if err != nil {
-		t.Fatal(err)
-	}
-	dsrv := wire.NewServer(wire.ServerConfig{Creds: dcreds, Pool: dpool, Access: []wire.AccessRule{
-		{Services: control, Allow: []string{idControlPlane}, Flag: "--allow-client"},
-		{Services: transfer, Allow: s.allowPeers, Flag: "--allow-peer"},
-	}})
-	da.Register(dsrv.GRPC)
-	dsrv.Ready()
-	ssrv := wire.NewServer(wire.ServerConfig{Creds: screds, Pool: spool, Access: []wire.AccessRule{
-		{Services: control, Allow: []string{idControlPlane}, Flag: "--allow-client"},
-		{Services: transfer, Flag: "--allow-peer"},
-	}})
-	sa.Register(ssrv.GRPC)
-	ssrv.Ready()
-	a.destAddr = serveOn(t, dsrv.GRPC)
-	a.sourceAddr = serveOn(t, ssrv.GRPC)
 	dataLis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	serveData(t, da, dcreds, dataLis)
-	t.Cleanup(func() {
-		sa.Close()
-		da.Close()
-		ssrv.GRPC.Stop()
-		dsrv.GRPC.Stop()
-		a.sourceReg.Close()
-		a.destReg.Close()
+	a := startLoopback(t, loopback.Config{
+		SourceDevices: vfio.RegistryOptions{Devices: s.sourceDevices},
+		DataListener:  dataLis,
+		TLS: &loopback.TLS{
+			DestCreds: dcreds, SourceCreds: screds, SourcePeerCreds: speer,
+			DestAccess: []wire.AccessRule{
+				{Services: control, Allow: []string{idControlPlane}, Flag: "--allow-client"},
+				{Services: transfer, Allow: s.allowPeers, Flag: "--allow-peer"},
+			},
+			SourceAccess: []wire.AccessRule{
+				{Services: control, Allow: []string{idControlPlane}, Flag: "--allow-client"},
+				{Services: transfer, Flag: "--allow-peer"},
+			},
+		},
 	})
 	p := &securePair{agents: a, ca: ca}
 	dconn := p.dial(t, a.destAddr, idControlPlane)
@@ -287,50 +262,6 @@ func TestHostileStartMigration(t *testing.T) {
 	}
 }
 
-// secureAgentProc starts `ferry <role>` with args (no --insecure) and
-// returns the address it logged; the process is stopped at the end.
-func secureAgentProc(t *testing.T, role string, args ...string) string {
-	t.Helper()
-	cmd := exec.Command(ferry(t), append([]string{role, "--listen", "127.0.0.1:0", "--log-format", "json"}, args...)...)
-	stderr, err := cmd.StderrPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	sc := bufio.NewScanner(stderr)
-	var addr string
-	var lines []string
-	for sc.Scan() {
-		lines = append(lines, sc.Text())
-		var line struct {
-			Msg     string `json:"msg"`
-			Address string `json:"address"`
-		}
-		if json.Unmarshal(sc.Bytes(), &line) == nil && line.Msg == "agent listening" {
-			addr = line.Address
-			break
-		}
-	}
-	go func() {
-		for sc.Scan() {
-		}
-		cmd.Wait()
-		close(done)
-	}()
-	t.Cleanup(func() {
-		cmd.Process.Signal(os.Interrupt)
-		<-done
-	})
-	if addr == "" {
-		<-done
-		t.Fatalf("ferry %s exited before listening:\n%s", role, strings.Join(lines, "\n"))
-	}
-	return addr
-}
-
 func TestProcessesWithMutualTLS(t *testing.T) {
 	ca := wiretest.NewCA(t, "ferry e2e CA")
 	flags := func(f wire.TLSFiles) []string {
@@ -362,8 +293,8 @@ func TestProcessesWithMutualTLS(t *testing.T) {
 		}
 	})
 
-	dstAddr := secureAgentProc(t, "dest", append(dest, "--allow-client", idControlPlane, "--allow-peer", idSourceAgent, "--allow-sim", "--data-listen", "127.0.0.1:0")...)
-	srcAddr := secureAgentProc(t, "source", append(src, "--allow-client", idControlPlane, "--allow-sim", "--devices", "pci:0000:3b:*")...)
+	dstAddr := runAgent(t, "dest", append(dest, "--allow-client", idControlPlane, "--allow-peer", idSourceAgent, "--allow-sim", "--data-listen", "127.0.0.1:0")...).addr
+	srcAddr := runAgent(t, "source", append(src, "--allow-client", idControlPlane, "--allow-sim", "--devices", "pci:0000:3b:*")...).addr
 
 	migrate := func(client []string, srcDev string) (migrateResult, int, string) {
 		t.Helper()
