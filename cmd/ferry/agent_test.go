@@ -31,16 +31,45 @@ import (
 // These tests run `ferry agent` as real processes on loopback, drive them
 // as a control plane would, and stop them with real signals.
 
-// buildFerry builds this command into a temporary directory.
+// ferryBinary is this command, built once per run of the package's tests
+// (by the first test that needs it) into a directory TestMain removes.
+var ferryBinary struct {
+	dir  string
+	once sync.Once
+	path string
+	err  error
+}
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "ferry-cmd-test-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	ferryBinary.dir = dir
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// buildFerry returns the path of this command's binary, building it the
+// first time.
 func buildFerry(t *testing.T) string {
 	t.Helper()
-	bin := filepath.Join(t.TempDir(), "ferry")
-	cmd := exec.Command("go", "build", "-o", bin, ".")
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
+	ferryBinary.once.Do(func() {
+		bin := filepath.Join(ferryBinary.dir, "ferry")
+		cmd := exec.Command("go", "build", "-o", bin, ".")
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			ferryBinary.err = fmt.Errorf("go build: %v\n%s", err, out)
+			return
+		}
+		ferryBinary.path = bin
+	})
+	if ferryBinary.err != nil {
+		t.Fatal(ferryBinary.err)
 	}
-	return bin
+	return ferryBinary.path
 }
 
 // agentProc is one running `ferry agent`.
