@@ -24,6 +24,7 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/services/dest"
 	"github.com/vfio-ferry/ferry/services/wire"
 	"github.com/vfio-ferry/ferry/services/wire/wiretest"
 )
@@ -601,5 +602,15 @@ func TestAgentSecondSignalAborts(t *testing.T) {
 	dst.signal(t, syscall.SIGTERM)
 	if code := dst.wait(t); code != 0 {
 		t.Errorf("destination exited %d", code)
+	}
+}
+
+// TestAgentBudgetGaugeDefault: with --memory-budget 0 the default budget
+// applies, and the gauge reports it, not 0.
+func TestAgentBudgetGaugeDefault(t *testing.T) {
+	bin := buildFerry(t)
+	a := startAgent(t, bin, "--memory-budget=0")
+	if got := mustMetric(t, a.scrape(t), "ferry_dest_memory_budget_bytes", nil); got != dest.DefaultMemoryBudget {
+		t.Errorf("ferry_dest_memory_budget_bytes %v with --memory-budget 0, want the default %d", got, dest.DefaultMemoryBudget)
 	}
 }

@@ -24,7 +24,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		err := bench.RunPeer(ctx, args[1:], stdout, stderr)
 		switch {
 		case errors.Is(err, bench.ErrUsage):
-			return &exitError{code: 2, err: err}
+			return usageError(err)
 		case errors.Is(err, bench.ErrPeerFailed):
 			return &exitError{code: 1}
 		}
@@ -52,12 +52,12 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	for _, f := range strings.Split(*channelList, ",") {
 		n, err := strconv.Atoi(strings.TrimSpace(f))
 		if err != nil || n < 1 || n > wire.MaxChannels {
-			return &exitError{code: 2, err: fmt.Errorf("--channels: %q is not a channel count of 1 to %d", f, wire.MaxChannels)}
+			return usageError(fmt.Errorf("--channels: %q is not a channel count of 1 to %d", f, wire.MaxChannels))
 		}
 		chans = append(chans, n)
 	}
 	if *data != "direct" && *data != "grpc" {
-		return &exitError{code: 2, err: errors.New("--data must be direct or grpc")}
+		return usageError(errors.New("--data must be direct or grpc"))
 	}
 	exe, err := os.Executable()
 	if err != nil {
@@ -69,7 +69,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		Exe: exe, Migrate: benchMigrate,
 	}
 	if err := cfg.Validate(); err != nil {
-		return &exitError{code: 2, err: err}
+		return usageError(err)
 	}
 	return bench.Run(ctx, cfg, stdout, stderr)
 }
