@@ -24,6 +24,7 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/services/dest"
 	"github.com/vfio-ferry/ferry/services/wire"
 	"github.com/vfio-ferry/ferry/services/wire/wiretest"
 )
@@ -31,16 +32,45 @@ import (
 // These tests run `ferry agent` as real processes on loopback, drive them
 // as a control plane would, and stop them with real signals.
 
-// buildFerry builds this command into a temporary directory.
+// ferryBinary is this command, built once per run of the package's tests
+// (by the first test that needs it) into a directory TestMain removes.
+var ferryBinary struct {
+	dir  string
+	once sync.Once
+	path string
+	err  error
+}
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "ferry-cmd-test-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	ferryBinary.dir = dir
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// buildFerry returns the path of this command's binary, building it the
+// first time.
 func buildFerry(t *testing.T) string {
 	t.Helper()
-	bin := filepath.Join(t.TempDir(), "ferry")
-	cmd := exec.Command("go", "build", "-o", bin, ".")
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
+	ferryBinary.once.Do(func() {
+		bin := filepath.Join(ferryBinary.dir, "ferry")
+		cmd := exec.Command("go", "build", "-o", bin, ".")
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			ferryBinary.err = fmt.Errorf("go build: %v\n%s", err, out)
+			return
+		}
+		ferryBinary.path = bin
+	})
+	if ferryBinary.err != nil {
+		t.Fatal(ferryBinary.err)
 	}
-	return bin
+	return ferryBinary.path
 }
 
 // agentProc is one running `ferry agent`.
@@ -572,5 +602,15 @@ func TestAgentSecondSignalAborts(t *testing.T) {
 	dst.signal(t, syscall.SIGTERM)
 	if code := dst.wait(t); code != 0 {
 		t.Errorf("destination exited %d", code)
+	}
+}
+
+// TestAgentBudgetGaugeDefault: with --memory-budget 0 the default budget
+// applies, and the gauge reports it, not 0.
+func TestAgentBudgetGaugeDefault(t *testing.T) {
+	bin := buildFerry(t)
+	a := startAgent(t, bin, "--memory-budget=0")
+	if got := mustMetric(t, a.scrape(t), "ferry_dest_memory_budget_bytes", nil); got != dest.DefaultMemoryBudget {
+		t.Errorf("ferry_dest_memory_budget_bytes %v with --memory-budget 0, want the default %d", got, dest.DefaultMemoryBudget)
 	}
 }

@@ -97,7 +97,7 @@ func (f *destFlags) register(fs *flag.FlagSet) {
 	f.maxBufferBytes = sizeFlag(dest.DefaultMaxBytes)
 	fs.Var(&f.maxBufferBytes, "max-buffer-bytes", "per-device window: bytes the source may have in flight (bounds memory per device)")
 	f.budget = sizeFlag(dest.DefaultMemoryBudget)
-	fs.Var(&f.budget, "memory-budget", "memory for all incoming migrations' windows on this node; a prepare beyond it is refused")
+	fs.Var(&f.budget, "memory-budget", "memory for all incoming migrations' windows on this node; a prepare beyond it is refused (0: the default)")
 	f.sourceTimeout = fs.Duration("source-timeout", dest.DefaultSourceTimeout, "how long an opened session may have no channel connected before it fails and its devices are reset")
 }
 
@@ -110,7 +110,13 @@ func (f *destFlags) config() (dest.Config, error) {
 	if *f.sourceTimeout <= 0 {
 		return dest.Config{}, errors.New("--source-timeout must be positive")
 	}
-	return dest.Config{MaxChunks: uint32(*f.maxBuffers), MaxBytes: uint64(f.maxBufferBytes), MemoryBudget: uint64(f.budget), SourceTimeout: *f.sourceTimeout}, nil
+	// The default is applied here, not left to the agent, so that the
+	// budget gauge reports the budget in force.
+	budget := uint64(f.budget)
+	if budget == 0 {
+		budget = dest.DefaultMemoryBudget
+	}
+	return dest.Config{MaxChunks: uint32(*f.maxBuffers), MaxBytes: uint64(f.maxBufferBytes), MemoryBudget: budget, SourceTimeout: *f.sourceTimeout}, nil
 }
 
 // creds returns the transport credentials of the agent's listener and
@@ -158,21 +164,21 @@ func runRoles(ctx context.Context, name, synopsis, listen string, r roles, args 
 	if r.dest {
 		var err error
 		if dcfg, err = df.config(); err != nil {
-			return &exitError{code: 2, err: err}
+			return usageError(err)
 		}
 	}
 	if r.source {
 		if err := sf.apply(&scfg); err != nil {
-			return &exitError{code: 2, err: err}
+			return usageError(err)
 		}
 	}
 	log, err := af.log.logger(stderr)
 	if err != nil {
-		return &exitError{code: 2, err: err}
+		return usageError(err)
 	}
 	creds, peerCreds, err := af.creds()
 	if err != nil {
-		return &exitError{code: 2, err: err}
+		return usageError(err)
 	}
 	if af.deviceTimeout <= 0 {
 		return &exitError{code: 2, err: fmt.Errorf("--device-timeout %v: must be above zero", af.deviceTimeout)}
@@ -188,17 +194,17 @@ func runRoles(ctx context.Context, name, synopsis, listen string, r roles, args 
 		dcfg.Registry, dcfg.Pool, dcfg.Logger, dcfg.Metrics = reg, pool, log, metrics
 		dagent, err := dest.New(dcfg)
 		if err != nil {
-			return &exitError{code: 2, err: err}
+			return usageError(err)
 		}
 		defer dagent.Close()
-		metrics.WatchBudget(promReg, dagent.BudgetInUse, uint64(df.budget))
+		metrics.WatchBudget(promReg, dagent.BudgetInUse, dcfg.MemoryBudget)
 		served = append(served, dagent)
 	}
 	if r.source {
 		scfg.Registry, scfg.Pool, scfg.Logger, scfg.PeerCreds, scfg.Metrics = reg, pool, log, peerCreds, metrics
 		sagent, err := source.New(scfg)
 		if err != nil {
-			return &exitError{code: 2, err: err}
+			return usageError(err)
 		}
 		// Deferred last, closed first: its rollback tells the peer
 		// destinations before this process's own destination closes.

@@ -2,192 +2,33 @@ package main
 
 import (
 	"context"
-	"crypto/x509"
-	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"os"
-	"runtime"
-	"slices"
 	"strconv"
 	"strings"
-	"time"
 
-	"google.golang.org/grpc/credentials"
-	"google.golang.org/grpc/credentials/insecure"
-
-	"github.com/vfio-ferry/ferry/pkg/ephemeralca"
-	"github.com/vfio-ferry/ferry/pkg/size"
+	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/internal/bench"
 	"github.com/vfio-ferry/ferry/services/dest"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
 
-// `ferry bench` measures Ferry against the transport it is built on: the
-// same bytes over the same number of plain TCP loopback connections, in
-// the same run, interleaved (rawtcp, ferry, rawtcp, ferry, ...) so a
-// neighbour's load hits both alike, and reports medians. With --tls both
-// run under mutual TLS 1.3, as the agents do in production.
-//
-// Every side runs in a child process of its own (this binary re-executed),
-// so its CPU time (user+sys, from wait4's rusage) and its peak RSS
-// (VmHWM) are its own and nothing of the orchestrator's:
-//
-//   - rawtcp: `ferry bench peer rawtcp-recv` and `ferry bench peer
-//     rawtcp-send` (bench_rawtcp.go). The sender reads simulated source
-//     devices and writes each chunk behind a 4-byte length; the receiver
-//     writes the chunks into simulated destination devices, which verify
-//     every byte, exactly as a Ferry destination's devices do.
-//   - ferry: the real agents, `ferry dest` and `ferry source`, with a
-//     migration driven from here as a control plane would (the control
-//     plane's own CPU is not counted).
-//
-// Throughput is device-state bytes over the time from the first device
-// read at the source to the destination's devices verified, for both.
-
-// benchConfig is what one bench run moves.
-type benchConfig struct {
-	size      uint64 // per device
-	devices   int
-	chunkSize uint32
-	window    uint64 // destination window per device, bytes
-	rate      string // sim read cap, "" for none
-	exe       string // this binary
-	grpcData  bool   // chunks in gRPC messages, not on direct data connections
-	tls       *benchTLS
-}
-
-// benchTLS are the certificates of a `ferry bench --tls` run, from a CA
-// made for the run: the agents' (also the raw TCP peers') and the control
-// plane's. A nil *benchTLS is a plaintext run; its methods say so.
-type benchTLS struct {
-	agent, client wire.TLSFiles
-}
-
-// The identities in the bench's certificates.
-const (
-	benchAgentID  = "spiffe://ferry.bench/agent"
-	benchClientID = "spiffe://ferry.bench/control-plane"
-)
-
-// newBenchTLS issues the run's certificates into dir.
-func newBenchTLS(dir string) (*benchTLS, error) {
-	ca, err := ephemeralca.New(dir, "ferry bench CA")
-	if err != nil {
-		return nil, err
-	}
-	agent, err := ca.Issue(ephemeralca.Options{}, "127.0.0.1", benchAgentID)
-	if err != nil {
-		return nil, err
-	}
-	client, err := ca.Issue(ephemeralca.Options{Usages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}, benchClientID)
-	if err != nil {
-		return nil, err
-	}
-	return &benchTLS{agent: wire.TLSFiles(agent), client: wire.TLSFiles(client)}, nil
-}
-
-// agentArgs are an agent's security flags: mutual TLS with the run's
-// certificates, or plaintext.
-func (t *benchTLS) agentArgs(servesTransfer bool) []string {
-	if t == nil {
-		return []string{"--insecure"}
-	}
-	args := []string{"--tls-cert", t.agent.Cert, "--tls-key", t.agent.Key, "--tls-ca", t.agent.CA, "--allow-client", benchClientID}
-	if servesTransfer {
-		args = append(args, "--allow-peer", benchAgentID)
-	}
-	return args
-}
-
-// peerArgs are a raw TCP peer's: the agent's certificate, or nothing.
-func (t *benchTLS) peerArgs() []string {
-	if t == nil {
-		return nil
-	}
-	return []string{"--tls-cert", t.agent.Cert, "--tls-key", t.agent.Key, "--tls-ca", t.agent.CA}
-}
-
-// clientCreds are the control plane's credentials.
-func (t *benchTLS) clientCreds() (credentials.TransportCredentials, error) {
-	if t == nil {
-		return insecure.NewCredentials(), nil
-	}
-	c, err := wire.ClientTLS(t.client, "")
-	if err != nil {
-		return nil, err
-	}
-	return credentials.NewTLS(c), nil
-}
-
-// totalBytes is the state of every device.
-func (c benchConfig) totalBytes() uint64 { return c.size * uint64(c.devices) }
-
-// specs are the devices' specs, the same on both sides.
-func (c benchConfig) specs() []string {
-	specs := make([]string, c.devices)
-	for i := range specs {
-		specs[i] = fmt.Sprintf("sim:size=%d,seed=%d", c.size, i+1)
-		if c.rate != "" {
-			specs[i] += ",rate=" + c.rate
-		}
-	}
-	return specs
-}
-
-// benchRun is one measured transfer.
-type benchRun struct {
-	bytesPerSecond float64
-	seconds        float64
-	cpuSeconds     float64 // user+sys of both sides
-	sendCPU        float64
-	recvCPU        float64
-	recvRSS        uint64 // peak RSS of the receiving side (the destination)
-	sendRSS        uint64 // peak RSS of the sending side (the source)
-}
-
-func (r benchRun) cpuPerGiB(bytes uint64) float64 {
-	return r.cpuSeconds / (float64(bytes) / (1 << 30))
-}
-
-// benchRow is what `ferry bench` reports for one channel count.
-type benchRow struct {
-	Channels                  int        `json:"channels"`
-	Devices                   int        `json:"devices"`
-	BytesPerDevice            uint64     `json:"bytes_per_device"`
-	ChunkSize                 uint32     `json:"chunk_size"`
-	WindowBytes               uint64     `json:"window_bytes"`
-	Rounds                    int        `json:"rounds"`
-	Data                      string     `json:"data"` // how ferry's chunks travelled: direct or grpc
-	TLS                       bool       `json:"tls"`  // mutual TLS on every connection, raw TCP's too
-	RawTCPBytesPerSecond      float64    `json:"rawtcp_bytes_per_second"`
-	FerryBytesPerSecond       float64    `json:"ferry_bytes_per_second"`
-	Ratio                     float64    `json:"ratio"`
-	RawTCPSeconds             float64    `json:"rawtcp_seconds"`
-	FerrySeconds              float64    `json:"ferry_seconds"`
-	RawTCPCPUSecondsPerGiB    float64    `json:"rawtcp_cpu_seconds_per_gib"`
-	FerryCPUSecondsPerGiB     float64    `json:"ferry_cpu_seconds_per_gib"`
-	CPURatio                  float64    `json:"cpu_ratio"`
-	FerrySourceCPUSecondsGiB  float64    `json:"ferry_source_cpu_seconds_per_gib"`
-	FerryDestCPUSecondsGiB    float64    `json:"ferry_dest_cpu_seconds_per_gib"`
-	RawTCPSendCPUSecondsGiB   float64    `json:"rawtcp_send_cpu_seconds_per_gib"`
-	RawTCPRecvCPUSecondsGiB   float64    `json:"rawtcp_recv_cpu_seconds_per_gib"`
-	DestPeakRSSBytes          uint64     `json:"dest_peak_rss_bytes"`
-	SourcePeakRSSBytes        uint64     `json:"source_peak_rss_bytes"`
-	RawTCPRecvPeakRSSBytes    uint64     `json:"rawtcp_recv_peak_rss_bytes"`
-	RawTCPSendPeakRSSBytes    uint64     `json:"rawtcp_send_peak_rss_bytes"`
-	RawTCPBytesPerSecondRange [2]float64 `json:"rawtcp_bytes_per_second_range"`
-	FerryBytesPerSecondRange  [2]float64 `json:"ferry_bytes_per_second_range"`
-	RatioRange                [2]float64 `json:"ratio_range"`
-	LoadAvgBefore             float64    `json:"loadavg_1m_before"`
-	LoadAvgAfter              float64    `json:"loadavg_1m_after"`
-	CPUs                      int        `json:"cpus"`
-}
-
+// runBench is `ferry bench` (internal/bench): the flags, this binary for
+// the bench's child processes, and migrate as its control plane.
 func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if len(args) > 0 && args[0] == "peer" {
 		// The hidden half of the benchmark: a child process that is one
 		// side of a raw TCP transfer.
-		return runBenchPeer(ctx, args[1:], stdout, stderr)
+		err := bench.RunPeer(ctx, args[1:], stdout, stderr)
+		switch {
+		case errors.Is(err, bench.ErrUsage):
+			return usageError(err)
+		case errors.Is(err, bench.ErrPeerFailed):
+			return &exitError{code: 1}
+		}
+		return err
 	}
 	fs := newFlagSet("bench", stderr, "[--size SIZE] [--channels 1,2,4,8] [--chunk-size SIZE] [--devices K] [--rounds N] [--window SIZE] [--rate RATE] [--data direct|grpc] [--tls] [--only rawtcp|ferry] [--json]")
 	devSize := sizeFlag(4 << 30)
@@ -211,259 +52,45 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	for _, f := range strings.Split(*channelList, ",") {
 		n, err := strconv.Atoi(strings.TrimSpace(f))
 		if err != nil || n < 1 || n > wire.MaxChannels {
-			return &exitError{code: 2, err: fmt.Errorf("--channels: %q is not a channel count of 1 to %d", f, wire.MaxChannels)}
+			return usageError(fmt.Errorf("--channels: %q is not a channel count of 1 to %d", f, wire.MaxChannels))
 		}
 		chans = append(chans, n)
 	}
-	switch {
-	case devSize == 0 || devSize > 1<<40:
-		return &exitError{code: 2, err: fmt.Errorf("--size must be 1B to 1TiB")}
-	case *devices == 0 || *devices > wire.MaxDevices:
-		return &exitError{code: 2, err: fmt.Errorf("--devices must be 1 to %d", wire.MaxDevices)}
-	case chunk < wire.MinChunkSize || chunk > wire.MaxChunkSize:
-		return &exitError{code: 2, err: fmt.Errorf("--chunk-size must be 4KiB to 16MiB")}
-	case *rounds == 0 || *rounds > 100:
-		return &exitError{code: 2, err: fmt.Errorf("--rounds must be 1 to 100")}
-	case uint64(window) < uint64(chunk):
-		return &exitError{code: 2, err: fmt.Errorf("--window must hold at least one chunk")}
-	case *only != "" && *only != "rawtcp" && *only != "ferry":
-		return &exitError{code: 2, err: fmt.Errorf("--only must be rawtcp or ferry")}
-	case *data != "direct" && *data != "grpc":
-		return &exitError{code: 2, err: fmt.Errorf("--data must be direct or grpc")}
-	}
-	if *rate != "" {
-		if _, err := size.ParseRate(*rate); err != nil {
-			return &exitError{code: 2, err: fmt.Errorf("--rate: %v", err)}
-		}
+	if *data != "direct" && *data != "grpc" {
+		return usageError(errors.New("--data must be direct or grpc"))
 	}
 	exe, err := os.Executable()
 	if err != nil {
 		return err
 	}
-	cfg := benchConfig{size: uint64(devSize), devices: int(*devices), chunkSize: uint32(chunk), window: uint64(window), rate: *rate, exe: exe, grpcData: *data == "grpc"}
-	if *useTLS {
-		dir, err := os.MkdirTemp("", "ferry-bench-tls-")
-		if err != nil {
-			return err
-		}
-		defer os.RemoveAll(dir)
-		if cfg.tls, err = newBenchTLS(dir); err != nil {
-			return fmt.Errorf("bench certificates: %w", err)
-		}
+	cfg := bench.Config{
+		Size: uint64(devSize), Devices: int(min(*devices, 1<<16)), ChunkSize: uint32(min(uint64(chunk), 1<<32-1)), Window: uint64(window),
+		Rate: *rate, Channels: chans, Rounds: int(min(*rounds, 1<<16)), Only: *only, GRPCData: *data == "grpc", TLS: *useTLS, JSON: *asJSON,
+		Exe: exe, Migrate: benchMigrate,
 	}
-	if !*asJSON {
-		fmt.Fprintf(stdout, "ferry bench: %d device(s) x %s, chunk %s, window %s/device%s, ferry chunks on %s, %s; %d round(s) per channel count, rawtcp and ferry interleaved, medians [min-max]\n",
-			cfg.devices, size.Format(cfg.size), size.Format(uint64(cfg.chunkSize)), size.Format(cfg.window), rateNote(cfg.rate), dataNote(cfg.grpcData), tlsNote(cfg.tls), *rounds)
-		fmt.Fprintf(stdout, "host: %d CPUs, GOMAXPROCS %d per process, loadavg %s\n", runtime.NumCPU(), runtime.GOMAXPROCS(0), loadAvgLine())
+	if err := cfg.Validate(); err != nil {
+		return usageError(err)
 	}
-	var rows []benchRow
-	for _, n := range chans {
-		row, err := benchChannels(ctx, cfg, n, int(*rounds), *only, stderr)
-		if err != nil {
-			return err
-		}
-		rows = append(rows, row)
-		if *asJSON {
-			enc := json.NewEncoder(stdout)
-			if err := enc.Encode(row); err != nil {
-				return err
-			}
-		}
-	}
-	if !*asJSON {
-		printBenchTable(stdout, rows)
-		fmt.Fprintf(stdout, "loadavg at the end: %s\n", loadAvgLine())
-	}
-	return nil
+	return bench.Run(ctx, cfg, stdout, stderr)
 }
 
-func tlsNote(t *benchTLS) string {
-	if t == nil {
-		return "plaintext"
+// benchMigrate is the bench's control plane: migrate, as `ferry migrate`
+// drives a migration.
+func benchMigrate(ctx context.Context, m bench.Migration) (bench.Outcome, error) {
+	p := plan{
+		id: newMigrationID(), sourceAddr: m.SourceAddr, destAddr: m.DestAddr, transfer: m.DestAddr,
+		channels: m.Channels, chunkSize: m.ChunkSize, creds: m.Creds,
 	}
-	return "mutual TLS 1.3 on every connection (rawtcp too)"
-}
-
-func rateNote(rate string) string {
-	if rate == "" {
-		return ""
+	for _, spec := range m.Specs {
+		p.pairs = append(p.pairs, &ferryv1.DevicePair{SourceDevice: spec, DestDevice: spec})
 	}
-	return ", reads capped at " + rate + " per device"
-}
-
-// benchChannels runs the interleaved rounds for one channel count.
-func benchChannels(ctx context.Context, cfg benchConfig, channels, rounds int, only string, stderr io.Writer) (benchRow, error) {
-	row := benchRow{
-		Channels: channels, Devices: cfg.devices, BytesPerDevice: cfg.size, ChunkSize: cfg.chunkSize,
-		WindowBytes: cfg.window, Rounds: rounds, CPUs: runtime.NumCPU(), LoadAvgBefore: loadAvg1(),
-		Data: "direct", TLS: cfg.tls != nil,
-	}
-	if cfg.grpcData {
-		row.Data = "grpc"
-	}
-	var raws, ferries []benchRun
-	var ratios []float64
-	for r := range rounds {
-		var raw, fer benchRun
-		var err error
-		if only != "ferry" {
-			if raw, err = benchRawTCP(ctx, cfg, channels); err != nil {
-				return row, fmt.Errorf("rawtcp, %d channel(s), round %d: %w", channels, r+1, err)
-			}
-			raws = append(raws, raw)
-		}
-		if only != "rawtcp" {
-			if fer, err = benchFerry(ctx, cfg, channels); err != nil {
-				return row, fmt.Errorf("ferry, %d channel(s), round %d: %w", channels, r+1, err)
-			}
-			ferries = append(ferries, fer)
-		}
-		if only == "" {
-			// Each round's ratio pairs two runs seconds apart, so the
-			// median ratio is steadier than the ratio of the medians.
-			ratios = append(ratios, fer.bytesPerSecond/raw.bytesPerSecond)
-		}
-		fmt.Fprintf(stderr, "bench: %d channel(s), round %d/%d: rawtcp %s, ferry %s (load %.2f)\n",
-			channels, r+1, rounds, fmtRun(raw, cfg), fmtRun(fer, cfg), loadAvg1())
-	}
-	total := cfg.totalBytes()
-	gib := float64(total) / (1 << 30)
-	if len(raws) > 0 {
-		row.RawTCPBytesPerSecond, row.RawTCPBytesPerSecondRange = medianRange(raws, func(r benchRun) float64 { return r.bytesPerSecond })
-		row.RawTCPSeconds, _ = medianRange(raws, func(r benchRun) float64 { return r.seconds })
-		row.RawTCPCPUSecondsPerGiB, _ = medianRange(raws, func(r benchRun) float64 { return r.cpuSeconds / gib })
-		row.RawTCPSendCPUSecondsGiB, _ = medianRange(raws, func(r benchRun) float64 { return r.sendCPU / gib })
-		row.RawTCPRecvCPUSecondsGiB, _ = medianRange(raws, func(r benchRun) float64 { return r.recvCPU / gib })
-		for _, r := range raws {
-			row.RawTCPRecvPeakRSSBytes = max(row.RawTCPRecvPeakRSSBytes, r.recvRSS)
-			row.RawTCPSendPeakRSSBytes = max(row.RawTCPSendPeakRSSBytes, r.sendRSS)
-		}
-	}
-	if len(ferries) > 0 {
-		row.FerryBytesPerSecond, row.FerryBytesPerSecondRange = medianRange(ferries, func(r benchRun) float64 { return r.bytesPerSecond })
-		row.FerrySeconds, _ = medianRange(ferries, func(r benchRun) float64 { return r.seconds })
-		row.FerryCPUSecondsPerGiB, _ = medianRange(ferries, func(r benchRun) float64 { return r.cpuSeconds / gib })
-		row.FerrySourceCPUSecondsGiB, _ = medianRange(ferries, func(r benchRun) float64 { return r.sendCPU / gib })
-		row.FerryDestCPUSecondsGiB, _ = medianRange(ferries, func(r benchRun) float64 { return r.recvCPU / gib })
-		// Peak RSS is reported as the largest of the rounds: it is a bound.
-		for _, r := range ferries {
-			row.DestPeakRSSBytes = max(row.DestPeakRSSBytes, r.recvRSS)
-			row.SourcePeakRSSBytes = max(row.SourcePeakRSSBytes, r.sendRSS)
-		}
-	}
-	if len(ratios) > 0 {
-		row.Ratio, row.RatioRange = medianOf(ratios)
-		if row.RawTCPCPUSecondsPerGiB > 0 {
-			row.CPURatio = row.FerryCPUSecondsPerGiB / row.RawTCPCPUSecondsPerGiB
-		}
-	}
-	row.LoadAvgAfter = loadAvg1()
-	return row, nil
-}
-
-func fmtRun(r benchRun, cfg benchConfig) string {
-	if r.bytesPerSecond == 0 {
-		return "-"
-	}
-	return fmt.Sprintf("%s %.2f CPU-s/GiB", size.FormatRate(r.bytesPerSecond), r.cpuPerGiB(cfg.totalBytes()))
-}
-
-func medianRange(runs []benchRun, f func(benchRun) float64) (float64, [2]float64) {
-	v := make([]float64, len(runs))
-	for i, r := range runs {
-		v[i] = f(r)
-	}
-	return medianOf(v)
-}
-
-// medianOf returns the median of v (the mean of the middle two for an even
-// count) and its [min, max].
-func medianOf(v []float64) (float64, [2]float64) {
-	s := slices.Clone(v)
-	slices.Sort(s)
-	n := len(s)
-	m := s[n/2]
-	if n%2 == 0 {
-		m = (s[n/2-1] + s[n/2]) / 2
-	}
-	return m, [2]float64{s[0], s[n-1]}
-}
-
-func printBenchTable(w io.Writer, rows []benchRow) {
-	fmt.Fprintln(w)
-	fmt.Fprintf(w, "%-8s  %-20s  %-20s  %-17s  %-16s  %-20s  %-9s  %-9s  %s\n",
-		"channels", "rawtcp GB/s", "ferry GB/s", "ratio", "rawtcp CPU-s/GiB", "ferry CPU-s/GiB", "dest RSS", "src RSS", "seconds rawtcp/ferry")
-	for _, r := range rows {
-		gbs := func(v float64, rg [2]float64) string {
-			if v == 0 {
-				return "-"
-			}
-			return fmt.Sprintf("%.2f [%.2f-%.2f]", v/1e9, rg[0]/1e9, rg[1]/1e9)
-		}
-		ratio := "-"
-		if r.Ratio > 0 {
-			ratio = fmt.Sprintf("%.2f [%.2f-%.2f]", r.Ratio, r.RatioRange[0], r.RatioRange[1])
-		}
-		rawCPU, ferCPU := "-", "-"
-		if r.RawTCPCPUSecondsPerGiB > 0 {
-			rawCPU = fmt.Sprintf("%.2f", r.RawTCPCPUSecondsPerGiB)
-		}
-		if r.FerryCPUSecondsPerGiB > 0 {
-			ferCPU = fmt.Sprintf("%.2f", r.FerryCPUSecondsPerGiB)
-			if r.CPURatio > 0 {
-				ferCPU += fmt.Sprintf(" (%.2fx)", r.CPURatio)
-			}
-		}
-		secs := func(v float64) string {
-			if v == 0 {
-				return "-"
-			}
-			return fmt.Sprintf("%.2f", v)
-		}
-		fmt.Fprintf(w, "%-8d  %-20s  %-20s  %-17s  %-16s  %-20s  %-9s  %-9s  %s/%s\n",
-			r.Channels, gbs(r.RawTCPBytesPerSecond, r.RawTCPBytesPerSecondRange), gbs(r.FerryBytesPerSecond, r.FerryBytesPerSecondRange),
-			ratio, rawCPU, ferCPU, rssString(r.DestPeakRSSBytes), rssString(r.SourcePeakRSSBytes), secs(r.RawTCPSeconds), secs(r.FerrySeconds))
-	}
-}
-
-func rssString(n uint64) string {
-	if n == 0 {
-		return "-"
-	}
-	return fmt.Sprintf("%.0f MiB", float64(n)/(1<<20))
-}
-
-// loadAvgLine is /proc/loadavg's three load averages, or "unknown".
-func loadAvgLine() string {
-	b, err := os.ReadFile("/proc/loadavg")
+	r, err := migrate(ctx, p, nil)
 	if err != nil {
-		return "unknown"
+		return bench.Outcome{}, err
 	}
-	f := strings.Fields(string(b))
-	if len(f) < 3 {
-		return "unknown"
+	o := bench.Outcome{Verified: r.Verified, Phase: r.Phase, DirectData: r.DirectData, Bytes: r.Bytes, TransferSeconds: r.DurationSeconds}
+	if r.Error != nil {
+		o.Error = r.Error.Message
 	}
-	return strings.Join(f[:3], " ")
-}
-
-func loadAvg1() float64 {
-	f := strings.Fields(loadAvgLine())
-	if len(f) == 0 {
-		return 0
-	}
-	v, _ := strconv.ParseFloat(f[0], 64)
-	return v
-}
-
-// benchTimeout bounds one transfer: generous, a stuck run must still end.
-func benchTimeout(cfg benchConfig) time.Duration {
-	// 20 MB/s is far below anything this should run at.
-	return time.Minute + time.Duration(float64(cfg.totalBytes())/20e6*float64(time.Second))
-}
-
-func dataNote(grpcData bool) string {
-	if grpcData {
-		return "gRPC messages"
-	}
-	return "direct data connections"
+	return o, nil
 }

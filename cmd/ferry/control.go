@@ -7,10 +7,13 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"strings"
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/protobuf/types/known/durationpb"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/services/wire"
@@ -27,27 +30,46 @@ type plan struct {
 	chunkSize  uint32
 	maxChunks  uint32
 	maxBytes   uint64
-	creds      credentials.TransportCredentials
+	// switchoverDeadline bounds the time the source devices may stay
+	// stopped without a verdict; 0 leaves the source's default.
+	switchoverDeadline time.Duration
+	creds              credentials.TransportCredentials
+	// lost, when set, hears of every broken watch that is opened again.
+	lost func(error)
 }
 
 // result is what `ferry migrate --json` and `ferry demo --json` print.
 type result struct {
-	MigrationID              string         `json:"migration_id"`
-	Verified                 bool           `json:"verified"`
-	Phase                    string         `json:"phase"`
-	Bytes                    uint64         `json:"bytes"`
-	Devices                  int            `json:"devices"`
-	Channels                 uint32         `json:"channels"`
-	ChunkSize                uint32         `json:"chunk_size"`
-	DurationSeconds          float64        `json:"duration_seconds"`
-	ThroughputBytesPerSecond float64        `json:"throughput_bytes_per_second"`
-	DowntimeSeconds          float64        `json:"downtime_seconds"`
-	DestPeakBufferedBytes    uint64         `json:"dest_peak_buffered_bytes"`
-	WindowBytes              uint64         `json:"window_bytes"`
-	RetransmittedChunks      uint64         `json:"retransmitted_chunks"`
-	DirectData               bool           `json:"direct_data"`
-	Error                    *resultError   `json:"error,omitempty"`
-	DeviceResults            []deviceResult `json:"device_results"`
+	MigrationID string `json:"migration_id"`
+	Verified    bool   `json:"verified"`
+	Phase       string `json:"phase"`
+	// Owner is which host holds the runnable copy of the devices, as the
+	// source (which owns the commit) reports it: SOURCE, DESTINATION, or
+	// UNKNOWN when the source could not say.
+	Owner    string `json:"owner"`
+	Bytes    uint64 `json:"bytes"`
+	Devices  int    `json:"devices"`
+	Channels uint32 `json:"channels"`
+	// ChunkSize in bytes.
+	ChunkSize uint32 `json:"chunk_size"`
+	// DurationSeconds is the whole migration: from the source accepting
+	// it to the verdict. It contains the downtime.
+	DurationSeconds float64 `json:"duration_seconds"`
+	// TransferSeconds is from the first chunk read to the verdict: the
+	// interval of the throughput.
+	TransferSeconds          float64 `json:"transfer_seconds"`
+	ThroughputBytesPerSecond float64 `json:"throughput_bytes_per_second"`
+	// DowntimeSeconds is from the accepted switchover start (the devices
+	// stop right after it) to the verdict.
+	DowntimeSeconds       float64        `json:"downtime_seconds"`
+	DestPeakBufferedBytes uint64         `json:"dest_peak_buffered_bytes"`
+	WindowBytes           uint64         `json:"window_bytes"`
+	RetransmittedChunks   uint64         `json:"retransmitted_chunks"`
+	DirectData            bool           `json:"direct_data"`
+	Error                 *resultError   `json:"error,omitempty"`
+	DeviceResults         []deviceResult `json:"device_results"`
+	// Next says what to do now, when there is something to do.
+	Next string `json:"next,omitempty"`
 }
 
 type resultError struct {
@@ -74,9 +96,11 @@ func newMigrationID() string {
 
 // migrate drives one migration: PrepareIncoming on the destination,
 // StartMigration on the source, then it watches the source to the end,
-// calling progress with every state. It cancels both sides when ctx ends
-// first. The error is only for failures of the control plane itself; a
-// migration that ran and failed is a result with Verified false.
+// calling progress with every state. A watch that breaks is opened again;
+// the migration is cancelled on both sides only when ctx ends first (the
+// user interrupted, or the caller's deadline passed). The error is only
+// for failures of the control plane itself; a migration that ran and
+// failed is a result with Verified false.
 func migrate(ctx context.Context, p plan, progress func(*ferryv1.Migration)) (*result, error) {
 	opts := wire.DialOptions(p.creds, wire.NewPool())
 	dconn, err := grpc.NewClient(p.destAddr, opts...)
@@ -89,9 +113,11 @@ func migrate(ctx context.Context, p plan, progress func(*ferryv1.Migration)) (*r
 		return nil, fmt.Errorf("source %s: %w", p.sourceAddr, err)
 	}
 	defer sconn.Close()
-	dst := ferryv1.NewDestAgentClient(dconn)
-	src := ferryv1.NewSourceAgentClient(sconn)
+	return drive(ctx, p, ferryv1.NewDestAgentClient(dconn), ferryv1.NewSourceAgentClient(sconn), progress)
+}
 
+// drive is migrate over clients of the two agents.
+func drive(ctx context.Context, p plan, dst ferryv1.DestAgentClient, src ferryv1.SourceAgentClient, progress func(*ferryv1.Migration)) (*result, error) {
 	prep := &ferryv1.PrepareIncomingRequest{MigrationId: p.id, MaxChunks: p.maxChunks, MaxBytes: p.maxBytes}
 	for _, pair := range p.pairs {
 		prep.Devices = append(prep.Devices, pair.GetDestDevice())
@@ -100,15 +126,14 @@ func migrate(ctx context.Context, p plan, progress func(*ferryv1.Migration)) (*r
 	prepared, err := dst.PrepareIncoming(cctx, prep)
 	cancel()
 	if err != nil {
-		return nil, fmt.Errorf("prepare the destination: %s", describe(err))
+		return nil, newCallError("prepare the destination "+p.destAddr, err, p.creds)
 	}
 	cancelIncoming := func() {
 		c, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 		defer cancel()
 		dst.CancelIncoming(c, &ferryv1.CancelIncomingRequest{MigrationId: p.id})
 	}
-	cctx, cancel = context.WithTimeout(ctx, time.Minute)
-	_, err = src.StartMigration(cctx, &ferryv1.StartMigrationRequest{
+	start := &ferryv1.StartMigrationRequest{
 		MigrationId: p.id,
 		DestAddress: p.transfer,
 		Token:       prepared.GetToken(),
@@ -116,21 +141,33 @@ func migrate(ctx context.Context, p plan, progress func(*ferryv1.Migration)) (*r
 		Channels:    p.channels,
 		ChunkSize:   p.chunkSize,
 		Mode:        ferryv1.MigrationMode_MIGRATION_MODE_STOP_COPY,
-	})
+	}
+	if p.switchoverDeadline > 0 {
+		start.SwitchoverDeadline = durationpb.New(p.switchoverDeadline)
+	}
+	cctx, cancel = context.WithTimeout(ctx, time.Minute)
+	_, err = src.StartMigration(cctx, start)
 	cancel()
 	if err != nil {
 		cancelIncoming()
-		return nil, fmt.Errorf("start the migration at the source: %s", describe(err))
+		return nil, newCallError("start the migration at the source "+p.sourceAddr, err, p.creds)
 	}
 
-	final, err := watch(ctx, src, p.id, progress)
+	final, err := follow(ctx, src, p.id, progress, p.lost)
 	if err != nil {
+		if ctx.Err() == nil {
+			// The source cannot tell this migration's end (it does not
+			// know the id any more, or refuses this client): nothing to
+			// cancel, and nothing is cancelled on a guess.
+			return nil, newCallError("watch the migration at the source "+p.sourceAddr, err, p.creds)
+		}
+		// Asked to stop (an interrupt, or the caller's deadline): cancel.
 		c, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 		resp, cerr := src.CancelMigration(c, &ferryv1.CancelMigrationRequest{MigrationId: p.id})
 		cancel()
 		cancelIncoming()
-		if cerr != nil || ctx.Err() == nil {
-			return nil, fmt.Errorf("watch the migration: %s", describe(err))
+		if cerr != nil {
+			return nil, newCallError("cancel the migration at the source "+p.sourceAddr, cerr, p.creds)
 		}
 		final = resp.GetMigration()
 	}
@@ -150,7 +187,79 @@ func migrate(ctx context.Context, p plan, progress func(*ferryv1.Migration)) (*r
 	return summarize(final, incoming), nil
 }
 
-// watch follows a migration on the source to its final phase.
+// The backoff between attempts to watch a migration again.
+const (
+	rewatchFirst = 100 * time.Millisecond
+	rewatchMax   = 5 * time.Second
+)
+
+// follow follows a migration on the source to its final phase. A watch
+// that breaks (a lost connection, an agent that restarts its server) is
+// opened again with backoff; between attempts GetMigration reports the
+// state, and a migration that ended meanwhile is its answer. It gives up
+// only when ctx ends, or when the source answers that it cannot tell
+// (the id unknown, the client refused). lost, when set, hears of each
+// break.
+func follow(ctx context.Context, src ferryv1.SourceAgentClient, id string, progress func(*ferryv1.Migration), lost func(error)) (*ferryv1.Migration, error) {
+	wait := rewatchFirst
+	for {
+		last, err := watch(ctx, src, id, progress)
+		if err == nil {
+			return last, nil
+		}
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		if permanent(err) {
+			return nil, err
+		}
+		if last != nil {
+			// The watch delivered states before it broke: the connection
+			// was good, so the next break starts the backoff afresh.
+			wait = rewatchFirst
+		}
+		if lost != nil {
+			lost(err)
+		}
+		t := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil, ctx.Err()
+		case <-t.C:
+		}
+		wait = min(2*wait, rewatchMax)
+		cctx, cancel := context.WithTimeout(ctx, rewatchMax)
+		resp, gerr := src.GetMigration(cctx, &ferryv1.GetMigrationRequest{MigrationId: id})
+		cancel()
+		switch {
+		case gerr == nil && isFinal(resp.GetMigration().GetPhase()):
+			if progress != nil {
+				progress(resp.GetMigration())
+			}
+			return resp.GetMigration(), nil
+		case gerr == nil && progress != nil:
+			progress(resp.GetMigration())
+		case gerr != nil && permanent(gerr):
+			return nil, gerr
+		}
+	}
+}
+
+// permanent reports whether a watch's error means watching again cannot
+// help: the source does not know the migration, or will not serve this
+// client.
+func permanent(err error) bool {
+	switch wire.Code(err) {
+	case codes.NotFound, codes.InvalidArgument, codes.PermissionDenied, codes.Unauthenticated, codes.Unimplemented:
+		return true
+	}
+	return false
+}
+
+// watch follows a migration on the source with one WatchMigration
+// stream, to its final phase or until the stream breaks. It returns the
+// last state seen either way.
 func watch(ctx context.Context, src ferryv1.SourceAgentClient, id string, progress func(*ferryv1.Migration)) (*ferryv1.Migration, error) {
 	stream, err := src.WatchMigration(ctx, &ferryv1.WatchMigrationRequest{MigrationId: id})
 	if err != nil {
@@ -161,16 +270,19 @@ func watch(ctx context.Context, src ferryv1.SourceAgentClient, id string, progre
 		resp, err := stream.Recv()
 		if errors.Is(err, io.EOF) {
 			if last == nil || !isFinal(last.GetPhase()) {
-				return nil, errors.New("the watch ended before the migration did")
+				return last, wire.Errorf(codes.Unavailable, "", "the watch ended before the migration did")
 			}
 			return last, nil
 		}
 		if err != nil {
-			return nil, err
+			return last, err
 		}
 		last = resp.GetMigration()
 		if progress != nil {
 			progress(last)
+		}
+		if isFinal(last.GetPhase()) {
+			return last, nil
 		}
 	}
 }
@@ -181,14 +293,6 @@ func isFinal(p ferryv1.MigrationPhase) bool {
 		p == ferryv1.MigrationPhase_MIGRATION_PHASE_CANCELLED
 }
 
-// describe renders a gRPC error with its code and reason.
-func describe(err error) string {
-	if r := wire.Reason(err); r != "" {
-		return fmt.Sprintf("%s (%s, %s)", wire.Message(err), wire.Code(err), r)
-	}
-	return fmt.Sprintf("%s (%s)", wire.Message(err), wire.Code(err))
-}
-
 // summarize builds the result from the source's and the destination's
 // final views.
 func summarize(m, incoming *ferryv1.Migration) *result {
@@ -196,6 +300,7 @@ func summarize(m, incoming *ferryv1.Migration) *result {
 		MigrationID:              m.GetId(),
 		Phase:                    phaseName(m.GetPhase()),
 		Verified:                 m.GetPhase() == ferryv1.MigrationPhase_MIGRATION_PHASE_SUCCEEDED,
+		Owner:                    ownerName(m.GetOwner()),
 		Bytes:                    m.GetBytes(),
 		Devices:                  len(m.GetDevices()),
 		Channels:                 m.GetChannels(),
@@ -207,16 +312,24 @@ func summarize(m, incoming *ferryv1.Migration) *result {
 		RetransmittedChunks:      m.GetRetransmittedChunks(),
 		DirectData:               m.GetDirectData(),
 	}
-	if m.GetStartTime() != nil && m.GetEndTime() != nil {
-		r.DurationSeconds = m.GetEndTime().AsTime().Sub(m.GetStartTime().AsTime()).Seconds()
+	end := m.GetEndTime()
+	if m.GetCreateTime() != nil && end != nil {
+		r.DurationSeconds = max(0, end.AsTime().Sub(m.GetCreateTime().AsTime()).Seconds())
 	}
+	if m.GetStartTime() != nil && end != nil {
+		r.TransferSeconds = max(0, end.AsTime().Sub(m.GetStartTime().AsTime()).Seconds())
+	}
+	// The downtime is measured on the source's monotonic clock, the
+	// timestamps on its wall clock: only a step of the wall clock could
+	// make the interval that contains the downtime look shorter than it.
+	r.DurationSeconds = max(r.DurationSeconds, r.DowntimeSeconds)
 	if incoming != nil {
 		r.DestPeakBufferedBytes = incoming.GetPeakBufferedBytes()
 		r.WindowBytes = incoming.GetWindowBytes()
 		r.Verified = r.Verified && incoming.GetPhase() == ferryv1.MigrationPhase_MIGRATION_PHASE_SUCCEEDED
 	}
 	if e := m.GetError(); e != nil {
-		r.Error = &resultError{Code: codeName(e.GetCode()), Reason: e.GetReason(), Message: e.GetMessage()}
+		r.Error = &resultError{Code: codeName(codes.Code(e.GetCode())), Reason: e.GetReason(), Message: e.GetMessage()}
 	}
 	for i, d := range m.GetDevices() {
 		dr := deviceResult{Source: d.GetDevice(), Dest: d.GetPeerDevice(), Bytes: d.GetBytes(), SourceState: stateName(d.GetState()), Error: d.GetError()}
@@ -230,5 +343,45 @@ func summarize(m, incoming *ferryv1.Migration) *result {
 		}
 		r.DeviceResults = append(r.DeviceResults, dr)
 	}
+	r.Next = nextStep(m, incoming, r.Verified)
 	return r
+}
+
+// ownerName is how the summary names the owner of the devices.
+func ownerName(o ferryv1.DeviceOwner) string {
+	if o == ferryv1.DeviceOwner_DEVICE_OWNER_UNSPECIFIED {
+		return "UNKNOWN"
+	}
+	return strings.TrimPrefix(o.String(), "DEVICE_OWNER_")
+}
+
+// nextStep says what the operator should do after the migration m (the
+// source's view) and incoming (the destination's, nil when it could not
+// be read).
+func nextStep(m, incoming *ferryv1.Migration, verified bool) string {
+	phase := m.GetPhase()
+	switch {
+	case verified:
+		return "start the VM on the destination host: it owns the devices now. The source devices rest in STOP; " +
+			"give one to a new VM on the source host with 'ferry release --source ADDR DEVICE'"
+	case phase == ferryv1.MigrationPhase_MIGRATION_PHASE_SUCCEEDED:
+		// The source committed but the destination did not confirm.
+		return "the source committed the migration, so the destination owns the devices, but the destination did not report them verified " +
+			"(ask it: DestAgent.GetIncoming " + m.GetId() + "); do not run the VM on the source"
+	case !isFinal(phase):
+		return "the migration's end is unknown: ask the source (SourceAgent.GetMigration " + m.GetId() + "), which owns the commit. " +
+			"Run the VM on the destination only once the source reports SUCCEEDED"
+	case m.GetOwner() == ferryv1.DeviceOwner_DEVICE_OWNER_DESTINATION:
+		return "the source reports the destination as the owner: run the VM on the destination host"
+	default:
+		why := "fix the cause in the error above"
+		if phase == ferryv1.MigrationPhase_MIGRATION_PHASE_CANCELLED {
+			why = "run it again when wanted"
+		}
+		next := "the VM keeps its devices on the source host (back in RUNNING); " + why + ", with a new --id"
+		if incoming != nil && !isFinal(incoming.GetPhase()) {
+			next += "; the destination still reports " + phaseName(incoming.GetPhase()) + ": cancel it with DestAgent.CancelIncoming " + m.GetId()
+		}
+		return next
+	}
 }

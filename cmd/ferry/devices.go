@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"text/tabwriter"
@@ -26,12 +27,14 @@ func runDevices(ctx context.Context, args []string, stdout, stderr io.Writer) er
 		return err
 	}
 	if *addr == "" {
-		fs.Usage()
-		return &exitError{code: 2, err: fmt.Errorf("--agent is required")}
+		return usageError(errors.New("--agent is required"))
+	}
+	if *role != "source" && *role != "dest" {
+		return usageError(errors.New("--role must be source or dest"))
 	}
 	creds, err := sec.creds()
 	if err != nil {
-		return &exitError{code: 2, err: err}
+		return usageError(err)
 	}
 	conn, err := grpc.NewClient(*addr, wire.DialOptions(creds, wire.NewPool())...)
 	if err != nil {
@@ -46,11 +49,9 @@ func runDevices(ctx context.Context, args []string, stdout, stderr io.Writer) er
 		resp, err = ferryv1.NewSourceAgentClient(conn).ListDevices(cctx, &ferryv1.ListDevicesRequest{})
 	case "dest":
 		resp, err = ferryv1.NewDestAgentClient(conn).ListDevices(cctx, &ferryv1.ListDevicesRequest{})
-	default:
-		return &exitError{code: 2, err: fmt.Errorf("--role must be source or dest")}
 	}
 	if err != nil {
-		return fmt.Errorf("list devices: %s", describe(err))
+		return newCallError("list the devices of "+*addr, err, creds)
 	}
 	if *asJSON {
 		b, err := protojson.MarshalOptions{Multiline: true, EmitUnpopulated: true}.Marshal(resp)

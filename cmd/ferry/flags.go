@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -31,29 +32,63 @@ func (l *listFlag) String() string     { return strings.Join(*l, ",") }
 func (l *listFlag) Set(v string) error { *l = append(*l, v); return nil }
 
 // newFlagSet returns a flag set that reports errors instead of exiting.
+// Its Usage, printed for -h, is the synopsis and every flag.
 func newFlagSet(name string, stderr io.Writer, synopsis string) *flag.FlagSet {
 	fs := flag.NewFlagSet("ferry "+name, flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.Usage = func() {
-		fmt.Fprintf(stderr, "usage: ferry %s %s\n\nflags:\n", name, synopsis)
+		fmt.Fprintf(fs.Output(), "usage: ferry %s %s\n\nflags:\n", name, synopsis)
 		fs.PrintDefaults()
 	}
 	return fs
 }
 
-// parse parses args, turning a usage error into exit code 2.
+// parse parses args, which must all be flags. -h prints the command's
+// help and returns flag.ErrHelp; an error in args is a usage error (exit
+// code 2, the error and then a hint to the help, not the help itself).
 func parse(fs *flag.FlagSet, args []string) error {
-	if err := fs.Parse(args); err != nil {
-		if err == flag.ErrHelp {
-			return err
+	rest, err := parseArgs(fs, args)
+	if err == nil && len(rest) > 0 {
+		err = usageError(fmt.Errorf("unexpected argument %q", rest[0]))
+	}
+	return err
+}
+
+// parseArgs is parse for a command that takes arguments: they may come
+// before, between or after the flags ("--" ends the flags), and are
+// returned in order.
+func parseArgs(fs *flag.FlagSet, args []string) ([]string, error) {
+	full, out := fs.Usage, fs.Output()
+	// The flag package prints the error and the whole help itself on a
+	// bad flag: quiet it and let run print the error once.
+	fs.Usage = func() {}
+	fs.SetOutput(io.Discard)
+	defer func() {
+		fs.Usage = full
+		fs.SetOutput(out)
+	}()
+	var rest []string
+	for {
+		err := fs.Parse(args)
+		switch {
+		case errors.Is(err, flag.ErrHelp):
+			fs.SetOutput(out)
+			full()
+			return nil, err
+		case err != nil:
+			return nil, usageError(err)
 		}
-		return &exitError{code: 2, err: fmt.Errorf("")}
+		left := fs.Args()
+		if len(left) == 0 {
+			return rest, nil
+		}
+		if len(args) > len(left) && args[len(args)-len(left)-1] == "--" {
+			// Everything after "--" is an argument.
+			return append(rest, left...), nil
+		}
+		rest = append(rest, left[0])
+		args = left[1:]
 	}
-	if fs.NArg() > 0 {
-		fs.Usage()
-		return &exitError{code: 2, err: fmt.Errorf("unexpected argument %q", fs.Arg(0))}
-	}
-	return nil
 }
 
 // logFlags are the logging flags every long-running command takes.

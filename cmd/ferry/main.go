@@ -6,8 +6,10 @@
 //	ferry migrate  drive one migration between two agents, as a control plane would
 //	ferry demo     run both agents in this process and migrate simulated devices
 //	ferry devices  list the devices an agent serves
+//	ferry release  give a device that rests after a migration back to its host
+//	ferry bench    measure a migration against raw TCP on loopback
 //
-// Run `ferry <command> -h` for a command's flags.
+// Run `ferry help <command>` for a command's flags.
 package main
 
 import (
@@ -18,17 +20,9 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 )
-
-// exitError carries a process exit code.
-type exitError struct {
-	code int
-	err  error
-}
-
-func (e *exitError) Error() string { return e.err.Error() }
-func (e *exitError) Unwrap() error { return e.err }
 
 type command struct {
 	name    string
@@ -44,6 +38,7 @@ func commands() []command {
 		{"migrate", "drive one migration between a source and a destination agent", runMigrate},
 		{"demo", "migrate simulated devices between two agents in this process", runDemo},
 		{"devices", "list the devices an agent serves", runDevices},
+		{"release", "give a source device back to its host after a migration (STOP or ERROR to RUNNING, or a reset)", runRelease},
 		{"bench", "measure a migration against raw TCP on loopback, in the same run", runBench},
 	}
 }
@@ -56,7 +51,7 @@ func usage(w io.Writer) {
 		fmt.Fprintf(w, "  %-9s %s\n", c.name, c.summary)
 	}
 	fmt.Fprintln(w)
-	fmt.Fprintln(w, "Run 'ferry <command> -h' for its flags.")
+	fmt.Fprintln(w, "Run 'ferry help <command>' for its flags.")
 }
 
 func main() {
@@ -66,36 +61,67 @@ func main() {
 	os.Exit(code)
 }
 
+func lookup(name string) (command, bool) {
+	for _, c := range commands() {
+		if c.name == name {
+			return c, true
+		}
+	}
+	return command{}, false
+}
+
+// run runs the command line args and returns the exit code: 0, 1 when
+// the command failed, 2 for an error in the command line. `ferry help CMD`
+// prints CMD's help on stdout. An error is printed on stderr, followed,
+// when it is in the command line, by a hint to the command's help (not the
+// whole help); with --json it is also printed on stdout as a JSON object
+// (code, reason, message), so a caller that reads stdout sees it.
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	if len(args) == 0 || args[0] == "help" || args[0] == "-h" || args[0] == "--help" {
+	if len(args) == 0 {
+		usage(stderr)
+		return 2
+	}
+	if args[0] == "-h" || args[0] == "--help" || (args[0] == "help" && len(args) == 1) {
 		usage(stdout)
-		if len(args) == 0 {
+		return 0
+	}
+	if args[0] == "help" {
+		c, ok := lookup(args[1])
+		if !ok || len(args) > 2 {
+			fmt.Fprintf(stderr, "ferry help: unknown command %q\nrun 'ferry help' for the commands\n", strings.Join(args[1:], " "))
 			return 2
+		}
+		// The command prints its own help, here on stdout: it was asked for.
+		if err := c.run(ctx, []string{"-h"}, stdout, stdout); err != nil && !errors.Is(err, flag.ErrHelp) {
+			fmt.Fprintf(stderr, "ferry help %s: %v\n", c.name, err)
+			return 1
 		}
 		return 0
 	}
-	for _, c := range commands() {
-		if c.name != args[0] {
-			continue
-		}
-		err := c.run(ctx, args[1:], stdout, stderr)
-		if err == nil {
-			return 0
-		}
-		if errors.Is(err, flag.ErrHelp) {
-			return 0
-		}
-		var ee *exitError
-		if errors.As(err, &ee) {
-			if ee.err != nil && ee.err.Error() != "" {
-				fmt.Fprintf(stderr, "ferry %s: %v\n", c.name, ee.err)
-			}
-			return ee.code
-		}
-		fmt.Fprintf(stderr, "ferry %s: %v\n", c.name, err)
-		return 1
+	c, ok := lookup(args[0])
+	if !ok {
+		fmt.Fprintf(stderr, "ferry: unknown command %q\nrun 'ferry help' for the commands\n", args[0])
+		return 2
 	}
-	fmt.Fprintf(stderr, "ferry: unknown command %q\n\n", args[0])
-	usage(stderr)
-	return 2
+	err := c.run(ctx, args[1:], stdout, stderr)
+	if err == nil || errors.Is(err, flag.ErrHelp) {
+		return 0
+	}
+	code := 1
+	var ee *exitError
+	if errors.As(err, &ee) {
+		code = ee.code
+	}
+	if err.Error() == "" {
+		// The command has said everything (a result that did not verify).
+		return code
+	}
+	fmt.Fprintf(stderr, "ferry %s: %v\n", c.name, err)
+	if ee != nil && ee.usage {
+		fmt.Fprintf(stderr, "run 'ferry help %s' for its flags\n", c.name)
+	}
+	if wantsJSON(args[1:]) {
+		printJSONError(stdout, err)
+	}
+	return code
 }

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 
@@ -11,7 +12,7 @@ import (
 )
 
 func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("migrate", stderr, "--source ADDR --dest ADDR --src-device SPEC --dest-device SPEC [--src-device SPEC --dest-device SPEC ...] [--channels N] [--chunk-size SIZE] (--insecure | --tls-cert FILE --tls-key FILE --tls-ca FILE) [--json]")
+	fs := newFlagSet("migrate", stderr, "--source ADDR --dest ADDR --src-device SPEC --dest-device SPEC [--src-device SPEC --dest-device SPEC ...] [--channels N] [--chunk-size SIZE] [--switchover-deadline D] [--timeout D] (--insecure | --tls-cert FILE --tls-key FILE --tls-ca FILE) [--json]")
 	sourceAddr := fs.String("source", "", "the source agent's address (host:port)")
 	destAddr := fs.String("dest", "", "the destination agent's address (host:port)")
 	transfer := fs.String("dest-transfer", "", "the destination's address as the source agent reaches it (default: --dest)")
@@ -22,6 +23,8 @@ func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	chunk := sizeFlag(wire.DefaultChunkSize)
 	fs.Var(&chunk, "chunk-size", "chunk size")
 	id := fs.String("id", "", "migration id (default: a random one)")
+	switchover := fs.Duration("switchover-deadline", 0, "the longest the source devices may stay stopped without a verdict; past it the source rolls back (0: the source agent's default, 60s)")
+	timeout := fs.Duration("timeout", 0, "cancel the migration (and roll it back) if it has not ended after this long (0: wait until it ends or ferry migrate is interrupted)")
 	var sec clientSecurityFlags
 	sec.register(fs)
 	asJSON := fs.Bool("json", false, "print the result as one JSON object")
@@ -30,23 +33,29 @@ func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	}
 	switch {
 	case *sourceAddr == "" || *destAddr == "":
-		fs.Usage()
-		return &exitError{code: 2, err: fmt.Errorf("--source and --dest are required")}
+		return usageError(errors.New("--source and --dest are required"))
 	case len(srcDevs) == 0 || len(srcDevs) != len(dstDevs):
-		fs.Usage()
-		return &exitError{code: 2, err: fmt.Errorf("give one --dest-device per --src-device (got %d and %d)", len(srcDevs), len(dstDevs))}
+		return usageError(fmt.Errorf("give one --dest-device per --src-device (got %d and %d)", len(srcDevs), len(dstDevs)))
 	case *channels == 0 || *channels > wire.MaxChannels:
-		return &exitError{code: 2, err: fmt.Errorf("--channels must be 1 to %d", wire.MaxChannels)}
+		return usageError(fmt.Errorf("--channels must be 1 to %d", wire.MaxChannels))
 	case chunk < wire.MinChunkSize || chunk > wire.MaxChunkSize:
-		return &exitError{code: 2, err: fmt.Errorf("--chunk-size must be 4KiB to 16MiB")}
+		return usageError(errors.New("--chunk-size must be 4KiB to 16MiB"))
+	case *switchover < 0:
+		return usageError(errors.New("--switchover-deadline must not be negative"))
+	case *timeout < 0:
+		return usageError(errors.New("--timeout must not be negative"))
 	}
 	creds, err := sec.creds()
 	if err != nil {
-		return &exitError{code: 2, err: err}
+		return usageError(err)
 	}
+	view := newProgressView(stderr)
 	p := plan{
 		id: *id, sourceAddr: *sourceAddr, destAddr: *destAddr, transfer: *transfer,
-		channels: uint32(*channels), chunkSize: uint32(chunk), creds: creds,
+		channels: uint32(*channels), chunkSize: uint32(chunk), switchoverDeadline: *switchover, creds: creds,
+		lost: func(err error) {
+			view.note(fmt.Sprintf("ferry migrate: the watch broke (%s); watching again, the migration goes on", describe(err, sec.insecure)))
+		},
 	}
 	if p.id == "" {
 		p.id = newMigrationID()
@@ -57,7 +66,11 @@ func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	for i := range srcDevs {
 		p.pairs = append(p.pairs, &ferryv1.DevicePair{SourceDevice: srcDevs[i], DestDevice: dstDevs[i]})
 	}
-	view := newProgressView(stderr)
+	if *timeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, *timeout)
+		defer cancel()
+	}
 	r, err := migrate(ctx, p, view.update)
 	if err != nil {
 		return err

@@ -3,11 +3,14 @@ package main
 import (
 	"fmt"
 	"io"
+	"os"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
+	"unicode/utf8"
 
-	"google.golang.org/grpc/codes"
+	"golang.org/x/term"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/size"
@@ -21,46 +24,110 @@ func stateName(s ferryv1.DeviceState) string {
 	return strings.TrimPrefix(s.String(), "DEVICE_STATE_")
 }
 
-func codeName(c int32) string {
-	return strings.ToUpper(codes.Code(c).String())
-}
-
-// progressView draws a migration's progress: on a terminal one live line
-// per device (bytes, rate, ETA) redrawn in place; elsewhere a plain line
-// per phase change and at most one every few seconds.
+// progressView draws a migration's progress: on a terminal, lines per
+// device (bytes, rate, ETA) redrawn in place and fitted to the terminal's
+// width; elsewhere a plain line per phase change and at most one every
+// few seconds.
 type progressView struct {
-	w   io.Writer
-	tty bool
+	w     io.Writer
+	tty   bool
+	now   func() time.Time
+	width func() int // the terminal's columns, read at every redraw
 
 	mu        sync.Mutex
-	drawn     int
+	drawn     int // lines drawn by the last redraw
 	phase     ferryv1.MigrationPhase
 	lastPlain time.Time
-	prevBytes []uint64
+	devs      []deviceRate
 	prevTime  time.Time
-	rates     []float64
+}
+
+// deviceRate is what the view keeps of one device to show its rate.
+type deviceRate struct {
+	prevBytes uint64
+	rate      float64 // smoothed bytes per second while it moves
+	// first is when the device was first seen moving, and firstBytes its
+	// bytes then.
+	first      time.Time
+	firstBytes uint64
+	// done: the device read its whole state; final is then its average
+	// rate from first to the moment it was seen done, shown from then on.
+	done  bool
+	final float64
 }
 
 func newProgressView(w io.Writer) *progressView {
-	return &progressView{w: w, tty: isTerminal(w)}
+	v := &progressView{w: w, tty: isTerminal(w), now: time.Now}
+	v.width = func() int { return terminalWidth(w) }
+	return v
+}
+
+// terminalWidth is the width of the terminal w (or stdout) draws on:
+// its size, else $COLUMNS, else 80.
+func terminalWidth(w io.Writer) int {
+	for _, f := range []io.Writer{w, os.Stdout} {
+		if f, ok := f.(*os.File); ok {
+			if cols, _, err := term.GetSize(int(f.Fd())); err == nil && cols > 0 {
+				return cols
+			}
+		}
+	}
+	return widthFromEnv(os.Getenv("COLUMNS"))
+}
+
+// widthFromEnv is the width $COLUMNS gives, 80 when it gives none.
+func widthFromEnv(columns string) int {
+	if n, err := strconv.Atoi(strings.TrimSpace(columns)); err == nil && n > 0 {
+		return n
+	}
+	return 80
+}
+
+// note prints a line of its own above the progress lines.
+func (v *progressView) note(msg string) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.tty && v.drawn > 0 {
+		// Over the progress lines; the next update draws them below.
+		fmt.Fprintf(v.w, "\x1b[%dA\x1b[J", v.drawn)
+		v.drawn = 0
+	}
+	fmt.Fprintln(v.w, msg)
 }
 
 // update draws the state m.
 func (v *progressView) update(m *ferryv1.Migration) {
 	v.mu.Lock()
 	defer v.mu.Unlock()
-	now := time.Now()
+	now := v.now()
 	devs := m.GetDevices()
-	if len(v.prevBytes) != len(devs) {
-		v.prevBytes = make([]uint64, len(devs))
-		v.rates = make([]float64, len(devs))
+	if len(v.devs) != len(devs) {
+		v.devs = make([]deviceRate, len(devs))
 		v.prevTime = now
 	}
-	if dt := now.Sub(v.prevTime).Seconds(); dt > 0.05 {
+	dt := now.Sub(v.prevTime).Seconds()
+	for i, d := range devs {
+		r := &v.devs[i]
+		b := d.GetBytes()
+		if r.first.IsZero() && b > 0 {
+			// Moving since the last update at the latest.
+			r.first, r.firstBytes = v.prevTime, r.prevBytes
+		}
+		if dt > 0.05 && !r.done {
+			inst := float64(b-min(b, r.prevBytes)) / dt
+			r.rate = 0.5*r.rate + 0.5*inst
+		}
+		if !r.done && d.GetTotalBytes() > 0 && b >= d.GetTotalBytes() {
+			r.done = true
+			r.final = r.rate
+			if span := now.Sub(r.first).Seconds(); !r.first.IsZero() && span > 0 {
+				r.final = float64(b-min(b, r.firstBytes)) / span
+			}
+		}
+	}
+	if dt > 0.05 {
 		for i, d := range devs {
-			inst := float64(d.GetBytes()-min(d.GetBytes(), v.prevBytes[i])) / dt
-			v.rates[i] = 0.5*v.rates[i] + 0.5*inst
-			v.prevBytes[i] = d.GetBytes()
+			v.devs[i].prevBytes = d.GetBytes()
 		}
 		v.prevTime = now
 	}
@@ -88,36 +155,138 @@ func totalText(d *ferryv1.DeviceProgress) string {
 }
 
 func (v *progressView) drawTTY(m *ferryv1.Migration) {
+	var lines []string
+	width := v.width()
+	lines = append(lines, elide(m.GetId()+"  "+phaseName(m.GetPhase()), width-1))
+	names := make([]string, len(m.GetDevices()))
+	stats := make([]deviceStats, len(m.GetDevices()))
+	for i, d := range m.GetDevices() {
+		names[i] = d.GetDevice()
+		stats[i] = v.stats(i, d)
+	}
+	lines = append(lines, fitDevices(width, names, stats)...)
 	var b strings.Builder
 	if v.drawn > 0 {
 		fmt.Fprintf(&b, "\x1b[%dA", v.drawn)
 	}
-	fmt.Fprintf(&b, "\x1b[2K%s  %s\n", m.GetId(), phaseName(m.GetPhase()))
-	for i, d := range m.GetDevices() {
-		frac := 0.0
-		if t := d.GetTotalBytes(); t > 0 {
-			frac = min(1, float64(d.GetBytes())/float64(t))
-		}
-		const width = 24
-		filled := int(frac * width)
-		bar := strings.Repeat("#", filled) + strings.Repeat(".", width-filled)
-		eta := "-"
-		if r := v.rates[i]; r > 0 && d.GetTotalBytes() > d.GetBytes() {
-			eta = (time.Duration(float64(d.GetTotalBytes()-d.GetBytes())/r*1e9) * time.Nanosecond).Round(100 * time.Millisecond).String()
-		}
-		fmt.Fprintf(&b, "\x1b[2K  %-28s [%s] %3.0f%% %9s/%-9s %12s  ETA %-6s %s\n",
-			shorten(d.GetDevice(), 28), bar, frac*100, size.Format(d.GetBytes()), totalText(d),
-			size.FormatRate(v.rates[i]), eta, stateName(d.GetState()))
+	for _, l := range lines {
+		b.WriteString("\x1b[2K")
+		b.WriteString(l)
+		b.WriteByte('\n')
 	}
-	v.drawn = 1 + len(m.GetDevices())
+	// Clear what a longer previous drawing left below.
+	b.WriteString("\x1b[J")
+	v.drawn = len(lines)
 	io.WriteString(v.w, b.String())
 }
 
-func shorten(s string, n int) string {
-	if len(s) <= n {
+// deviceStats is one device's figures as the progress lines show them.
+type deviceStats struct {
+	frac  float64 // of the total, 0 when unknown
+	bytes string  // "1.2GiB/4GiB"
+	rate  string
+	eta   string // "ETA 3.2s", "done", or "" when unknown
+	state string
+}
+
+func (v *progressView) stats(i int, d *ferryv1.DeviceProgress) deviceStats {
+	s := deviceStats{bytes: size.Format(d.GetBytes()) + "/" + totalText(d), state: stateName(d.GetState())}
+	if t := d.GetTotalBytes(); t > 0 {
+		s.frac = min(1, float64(d.GetBytes())/float64(t))
+	}
+	r := v.devs[i]
+	switch {
+	case r.done:
+		s.rate, s.eta = size.FormatRate(r.final), "done"
+	case r.rate > 0 && d.GetTotalBytes() > d.GetBytes():
+		s.rate = size.FormatRate(r.rate)
+		s.eta = "ETA " + (time.Duration(float64(d.GetTotalBytes()-d.GetBytes())/r.rate*1e9) * time.Nanosecond).Round(100*time.Millisecond).String()
+	default:
+		s.rate = size.FormatRate(r.rate)
+	}
+	return s
+}
+
+// The progress bar's widths, in columns.
+const (
+	barMax = 24
+	barMin = 8
+)
+
+// fitDevices lays out the devices' progress lines in width columns. Every
+// line stays short of the last column (a line that fills it wraps on some
+// terminals, and a redraw then leaves half-lines behind). Wide, a device
+// is one line: its name (padded to the longest), a bar, the figures.
+// Narrower, the bar shrinks and goes; when the names do not fit whole
+// beside the figures, each name gets a line of its own above them, elided
+// in the middle only when even that line is too short (so both ends of an
+// mdev UUID stay).
+func fitDevices(width int, names []string, stats []deviceStats) []string {
+	avail := width - 1
+	figures := make([]string, len(stats))
+	longest := 0
+	for i, s := range stats {
+		figures[i] = strings.Join(nonEmpty(fmt.Sprintf("%3.0f%%", s.frac*100), s.bytes, s.rate, s.eta, s.state), " ")
+		longest = max(longest, utf8.RuneCountInString(figures[i]))
+	}
+	nameW := 0
+	for _, n := range names {
+		nameW = max(nameW, utf8.RuneCountInString(n))
+	}
+	// "  " name " " [bar] " " figures
+	rest := avail - 2 - 1 - longest
+	var lines []string
+	switch {
+	case rest-nameW >= barMin+3:
+		bar := min(barMax, rest-nameW-3)
+		for i := range names {
+			lines = append(lines, "  "+pad(names[i], nameW)+" "+progressBar(stats[i].frac, bar)+" "+figures[i])
+		}
+	case rest >= nameW:
+		for i := range names {
+			lines = append(lines, "  "+pad(names[i], nameW)+" "+figures[i])
+		}
+	default:
+		for i := range names {
+			lines = append(lines, "  "+elide(names[i], avail-2))
+			lines = append(lines, elide("    "+figures[i], avail))
+		}
+	}
+	return lines
+}
+
+func nonEmpty(fields ...string) []string {
+	out := fields[:0]
+	for _, f := range fields {
+		if f != "" {
+			out = append(out, f)
+		}
+	}
+	return out
+}
+
+func progressBar(frac float64, width int) string {
+	filled := int(frac * float64(width))
+	return "[" + strings.Repeat("#", filled) + strings.Repeat(".", width-filled) + "]"
+}
+
+func pad(s string, n int) string {
+	return s + strings.Repeat(" ", max(0, n-utf8.RuneCountInString(s)))
+}
+
+// elide shortens s to n columns by cutting its middle, so that both its
+// start and its end stay readable.
+func elide(s string, n int) string {
+	r := []rune(s)
+	if len(r) <= n {
 		return s
 	}
-	return s[:n-1] + "…"
+	if n <= 1 {
+		return string(r[:max(0, n)])
+	}
+	head := (n - 1) / 2
+	tail := n - 1 - head
+	return string(r[:head]) + "…" + string(r[len(r)-tail:])
 }
 
 // printSummary prints a result for people.
@@ -127,17 +296,20 @@ func printSummary(w io.Writer, r *result) {
 		verdict = "NOT VERIFIED"
 	}
 	fmt.Fprintf(w, "migration %s: %s (%s)\n", r.MigrationID, r.Phase, verdict)
+	fmt.Fprintf(w, "  owner        %s\n", ownerText(r.Owner))
 	fmt.Fprintf(w, "  bytes        %s (%d) in %d device(s)\n", size.Format(r.Bytes), r.Bytes, r.Devices)
 	path := "in gRPC messages"
 	if r.DirectData {
 		path = "on direct data connections"
 	}
 	fmt.Fprintf(w, "  channels     %d, chunks of %s %s\n", r.Channels, size.Format(uint64(r.ChunkSize)), path)
-	if r.Verified {
-		fmt.Fprintf(w, "  duration     %.3fs\n", r.DurationSeconds)
-		fmt.Fprintf(w, "  throughput   %s\n", size.FormatRate(r.ThroughputBytesPerSecond))
+	if r.DurationSeconds > 0 {
+		fmt.Fprintf(w, "  duration     %.3fs (accepted to verdict)\n", r.DurationSeconds)
 	}
-	fmt.Fprintf(w, "  downtime     %.3fs (switchover start to verdict)\n", r.DowntimeSeconds)
+	if r.Verified {
+		fmt.Fprintf(w, "  transfer     %.3fs at %s (first chunk read to verdict)\n", r.TransferSeconds, size.FormatRate(r.ThroughputBytesPerSecond))
+	}
+	fmt.Fprintf(w, "  downtime     %.3fs (switchover start to verdict: the devices stopped)\n", r.DowntimeSeconds)
 	fmt.Fprintf(w, "  dest buffer  peak %s of a %s window\n", size.Format(r.DestPeakBufferedBytes), size.Format(r.WindowBytes))
 	for _, d := range r.DeviceResults {
 		line := fmt.Sprintf("  %s -> %s: %s, source %s, destination %s", d.Source, d.Dest, size.Format(d.Bytes), d.SourceState, d.DestState)
@@ -150,6 +322,26 @@ func printSummary(w io.Writer, r *result) {
 		}
 	}
 	if r.Error != nil {
-		fmt.Fprintf(w, "  error        %s (%s, %s)\n", r.Error.Message, r.Error.Code, r.Error.Reason)
+		e := r.Error.Code
+		if r.Error.Reason != "" {
+			e += ", " + r.Error.Reason
+		}
+		fmt.Fprintf(w, "  error        %s (%s)\n", r.Error.Message, e)
 	}
+	if r.Next != "" {
+		fmt.Fprintf(w, "  next         %s\n", r.Next)
+	}
+}
+
+// ownerText says what the owner in a result means.
+func ownerText(owner string) string {
+	switch owner {
+	case "SOURCE":
+		return "SOURCE (the VM may run with the devices on the source host)"
+	case "DESTINATION":
+		return "DESTINATION (the migration committed: the VM may run on the destination host)"
+	case "IN_DOUBT":
+		return "IN_DOUBT (verified but not committed: the source decides)"
+	}
+	return owner + " (the source did not say)"
 }

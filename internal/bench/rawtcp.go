@@ -1,4 +1,4 @@
-package main
+package bench
 
 import (
 	"context"
@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"encoding/json"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"net"
@@ -50,9 +51,9 @@ type peerResult struct {
 	Error         string `json:"error,omitempty"`
 }
 
-// benchRawTCP runs one raw TCP transfer between two child processes.
-func benchRawTCP(ctx context.Context, cfg benchConfig, channels int) (benchRun, error) {
-	ctx, cancel := context.WithTimeout(ctx, benchTimeout(cfg))
+// runRawTCP runs one raw TCP transfer between two child processes.
+func runRawTCP(ctx context.Context, cfg config, channels int) (sample, error) {
+	ctx, cancel := context.WithTimeout(ctx, transferTimeout(cfg))
 	defer cancel()
 	common := []string{
 		"--channels", strconv.Itoa(channels), "--devices", strconv.Itoa(cfg.devices),
@@ -62,19 +63,19 @@ func benchRawTCP(ctx context.Context, cfg benchConfig, channels int) (benchRun, 
 		common = append(common, "--rate", cfg.rate)
 	}
 	common = append(common, cfg.tls.peerArgs()...)
-	recv, err := startBenchChild(ctx, "rawtcp receiver", cfg.exe, append([]string{"bench", "peer", "rawtcp-recv"}, common...)...)
+	recv, err := startChild(ctx, "rawtcp receiver", cfg.exe, append([]string{"bench", "peer", "rawtcp-recv"}, common...)...)
 	if err != nil {
-		return benchRun{}, err
+		return sample{}, err
 	}
 	var hello peerResult
 	if err := recv.next(&hello); err != nil {
 		recv.kill()
-		return benchRun{}, err
+		return sample{}, err
 	}
-	send, err := startBenchChild(ctx, "rawtcp sender", cfg.exe, append([]string{"bench", "peer", "rawtcp-send", "--addr", hello.Addr}, common...)...)
+	send, err := startChild(ctx, "rawtcp sender", cfg.exe, append([]string{"bench", "peer", "rawtcp-send", "--addr", hello.Addr}, common...)...)
 	if err != nil {
 		recv.kill()
-		return benchRun{}, err
+		return sample{}, err
 	}
 	var sres, rres peerResult
 	serr := send.next(&sres)
@@ -82,16 +83,16 @@ func benchRawTCP(ctx context.Context, cfg benchConfig, channels int) (benchRun, 
 	scpu, swerr := send.wait()
 	rcpu, rwerr := recv.wait()
 	if err := errors.Join(serr, rerr, errPeer(sres.Error), errPeer(rres.Error), swerr, rwerr); err != nil {
-		return benchRun{}, err
+		return sample{}, err
 	}
 	if rres.Bytes != cfg.totalBytes() {
-		return benchRun{}, fmt.Errorf("the receiver wrote %d bytes of %d", rres.Bytes, cfg.totalBytes())
+		return sample{}, fmt.Errorf("the receiver wrote %d bytes of %d", rres.Bytes, cfg.totalBytes())
 	}
 	secs := time.Duration(rres.EndUnixNano - sres.StartUnixNano).Seconds()
 	if secs <= 0 {
-		return benchRun{}, fmt.Errorf("the transfer took %v", secs)
+		return sample{}, fmt.Errorf("the transfer took %v", secs)
 	}
-	return benchRun{
+	return sample{
 		bytesPerSecond: float64(rres.Bytes) / secs, seconds: secs,
 		cpuSeconds: scpu + rcpu, sendCPU: scpu, recvCPU: rcpu,
 		recvRSS: rres.PeakRSS, sendRSS: sres.PeakRSS,
@@ -278,12 +279,24 @@ func sendChan[T any](ctx context.Context, ch chan<- T, v T) error {
 	}
 }
 
-func runBenchPeer(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+// ErrUsage marks a RunPeer error in its arguments.
+var ErrUsage = errors.New("bench peer: usage")
+
+// ErrPeerFailed is RunPeer's error when the transfer failed; the failure
+// is in the result line it printed.
+var ErrPeerFailed = errors.New("bench peer: the transfer failed")
+
+// RunPeer is `ferry bench peer ROLE [flags]`, the hidden half of the
+// benchmark: one side of a raw TCP transfer, in a child process of its
+// own. It prints its result as JSON lines on stdout (rawtcp-recv first
+// prints the address it listens on).
+func RunPeer(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if len(args) == 0 {
-		return &exitError{code: 2, err: errors.New("bench peer: rawtcp-send or rawtcp-recv")}
+		return fmt.Errorf("%w: rawtcp-send or rawtcp-recv", ErrUsage)
 	}
 	role := args[0]
-	fs := newFlagSet("bench peer "+role, stderr, "(internal to ferry bench)")
+	fs := flag.NewFlagSet("ferry bench peer "+role, flag.ContinueOnError)
+	fs.SetOutput(stderr)
 	addr := fs.String("addr", "", "receiver address")
 	channels := fs.Int("channels", 1, "connections")
 	devices := fs.Int("devices", 1, "devices")
@@ -294,12 +307,15 @@ func runBenchPeer(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	fs.StringVar(&files.Cert, "tls-cert", "", "certificate (mutual TLS when given)")
 	fs.StringVar(&files.Key, "tls-key", "", "its key")
 	fs.StringVar(&files.CA, "tls-ca", "", "the CA")
-	if err := parse(fs, args[1:]); err != nil {
-		return err
+	if err := fs.Parse(args[1:]); err != nil {
+		return fmt.Errorf("%w: %v", ErrUsage, err)
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("%w: unexpected argument %q", ErrUsage, fs.Arg(0))
 	}
 	p := &rawPeer{channels: *channels, devices: *devices, size: *sz, chunkSize: *chunk, rate: *rate, tls: files}
 	if p.channels < 1 || p.devices < 1 || p.chunkSize < 1 || p.size == 0 {
-		return &exitError{code: 2, err: errors.New("bench peer: bad flags")}
+		return fmt.Errorf("%w: bad flags", ErrUsage)
 	}
 	enc := json.NewEncoder(stdout)
 	var res peerResult
@@ -310,7 +326,7 @@ func runBenchPeer(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	case "rawtcp-recv":
 		res, err = p.recv(ctx, func(a string) error { return enc.Encode(peerResult{Addr: a}) })
 	default:
-		return &exitError{code: 2, err: fmt.Errorf("bench peer: unknown role %q", role)}
+		return fmt.Errorf("%w: unknown role %q", ErrUsage, role)
 	}
 	if err != nil {
 		res.Error = err.Error()
@@ -320,7 +336,7 @@ func runBenchPeer(ctx context.Context, args []string, stdout, stderr io.Writer) 
 		return err
 	}
 	if res.Error != "" {
-		return &exitError{code: 1}
+		return ErrPeerFailed
 	}
 	return nil
 }

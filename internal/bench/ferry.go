@@ -1,4 +1,4 @@
-package main
+package bench
 
 import (
 	"context"
@@ -13,23 +13,22 @@ import (
 	"google.golang.org/grpc/credentials"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
-	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/flow"
 	"github.com/vfio-ferry/ferry/services/dest"
 )
 
-// benchFerry runs one real migration between a `ferry dest` and a `ferry
+// runFerry runs one real migration between a `ferry dest` and a `ferry
 // source` child process on loopback, fresh for the run, and measures them.
-func benchFerry(ctx context.Context, cfg benchConfig, channels int) (benchRun, error) {
-	ctx, cancel := context.WithTimeout(ctx, benchTimeout(cfg))
+func runFerry(ctx context.Context, cfg config, channels int) (sample, error) {
+	ctx, cancel := context.WithTimeout(ctx, transferTimeout(cfg))
 	defer cancel()
 	daddr, err := freeLoopbackAddr()
 	if err != nil {
-		return benchRun{}, err
+		return sample{}, err
 	}
 	saddr, err := freeLoopbackAddr()
 	if err != nil {
-		return benchRun{}, err
+		return sample{}, err
 	}
 	// The window in chunks follows the window in bytes, so the byte
 	// window is the one that binds.
@@ -38,7 +37,7 @@ func benchFerry(ctx context.Context, cfg benchConfig, channels int) (benchRun, e
 	commonArgs := []string{"--allow-sim", "--log-level", "warn", "--log-format", "json"}
 	creds, err := cfg.tls.clientCreds()
 	if err != nil {
-		return benchRun{}, err
+		return sample{}, err
 	}
 	dargs := []string{"dest", "--listen", daddr,
 		"--max-buffers", strconv.FormatUint(maxChunks, 10), "--max-buffer-bytes", strconv.FormatUint(cfg.window, 10),
@@ -47,20 +46,20 @@ func benchFerry(ctx context.Context, cfg benchConfig, channels int) (benchRun, e
 		dargs = append(dargs, "--data-listen", "127.0.0.1:0")
 	}
 	dargs = append(append(dargs, cfg.tls.agentArgs(true)...), commonArgs...)
-	d, err := startBenchChild(ctx, "ferry dest", cfg.exe, dargs...)
+	d, err := startChild(ctx, "ferry dest", cfg.exe, dargs...)
 	if err != nil {
-		return benchRun{}, err
+		return sample{}, err
 	}
 	sargs := append(append([]string{"source", "--listen", saddr}, cfg.tls.agentArgs(false)...), commonArgs...)
-	s, err := startBenchChild(ctx, "ferry source", cfg.exe, sargs...)
+	s, err := startChild(ctx, "ferry source", cfg.exe, sargs...)
 	if err != nil {
 		d.kill()
-		return benchRun{}, err
+		return sample{}, err
 	}
-	fail := func(err error) (benchRun, error) {
+	fail := func(err error) (sample, error) {
 		s.kill()
 		d.kill()
-		return benchRun{}, fmt.Errorf("%w\n%s: %s\n%s: %s", err, d.name, d.stderr, s.name, s.stderr)
+		return sample{}, fmt.Errorf("%w\n%s: %s\n%s: %s", err, d.name, d.stderr, s.name, s.stderr)
 	}
 	if err := waitServing(ctx, daddr, creds); err != nil {
 		return fail(fmt.Errorf("the destination agent did not start: %w", err))
@@ -68,21 +67,17 @@ func benchFerry(ctx context.Context, cfg benchConfig, channels int) (benchRun, e
 	if err := waitServing(ctx, saddr, creds); err != nil {
 		return fail(fmt.Errorf("the source agent did not start: %w", err))
 	}
-	p := plan{
-		id: newMigrationID(), sourceAddr: saddr, destAddr: daddr, transfer: daddr,
-		channels: uint32(channels), chunkSize: cfg.chunkSize, creds: creds,
-	}
-	for _, spec := range cfg.specs() {
-		p.pairs = append(p.pairs, &ferryv1.DevicePair{SourceDevice: spec, DestDevice: spec})
-	}
-	r, err := migrate(ctx, p, nil)
+	r, err := cfg.migrate(ctx, Migration{
+		SourceAddr: saddr, DestAddr: daddr, Channels: uint32(channels), ChunkSize: cfg.chunkSize,
+		Specs: cfg.specs(), Creds: creds,
+	})
 	if err != nil {
 		return fail(err)
 	}
 	if !r.Verified {
 		msg := r.Phase
-		if r.Error != nil {
-			msg += ": " + r.Error.Message
+		if r.Error != "" {
+			msg += ": " + r.Error
 		}
 		return fail(fmt.Errorf("the migration did not succeed: %s", msg))
 	}
@@ -98,13 +93,13 @@ func benchFerry(ctx context.Context, cfg benchConfig, channels int) (benchRun, e
 	scpu, serr := s.wait()
 	dcpu, derr := d.wait()
 	if err := errors.Join(serr, derr); err != nil {
-		return benchRun{}, err
+		return sample{}, err
 	}
-	if r.DurationSeconds <= 0 || r.Bytes != cfg.totalBytes() {
-		return benchRun{}, fmt.Errorf("the migration moved %d bytes in %vs, want %d bytes", r.Bytes, r.DurationSeconds, cfg.totalBytes())
+	if r.TransferSeconds <= 0 || r.Bytes != cfg.totalBytes() {
+		return sample{}, fmt.Errorf("the migration moved %d bytes in %vs, want %d bytes", r.Bytes, r.TransferSeconds, cfg.totalBytes())
 	}
-	return benchRun{
-		bytesPerSecond: float64(r.Bytes) / r.DurationSeconds, seconds: r.DurationSeconds,
+	return sample{
+		bytesPerSecond: float64(r.Bytes) / r.TransferSeconds, seconds: r.TransferSeconds,
 		cpuSeconds: scpu + dcpu, sendCPU: scpu, recvCPU: dcpu,
 		recvRSS: drss, sendRSS: srss,
 	}, nil

@@ -1,4 +1,4 @@
-package main
+package bench
 
 import (
 	"bufio"
@@ -16,18 +16,18 @@ import (
 	"time"
 )
 
-// benchChild is one side of a benchmark run: this binary re-executed, so
+// child is one side of a benchmark run: this binary re-executed, so
 // its CPU time and peak RSS are measured apart from everything else.
-type benchChild struct {
+type child struct {
 	name   string
 	cmd    *exec.Cmd
 	out    *bufio.Reader // the child's stdout: JSON lines
 	stderr *tailBuffer
 }
 
-// startBenchChild starts exe with args. Its stdout is read with next; the
+// startChild starts exe with args. Its stdout is read with next; the
 // tail of its stderr goes into errors.
-func startBenchChild(ctx context.Context, name, exe string, args ...string) (*benchChild, error) {
+func startChild(ctx context.Context, name, exe string, args ...string) (*child, error) {
 	cmd := exec.CommandContext(ctx, exe, args...)
 	cmd.Env = os.Environ()
 	cmd.Cancel = func() error { return cmd.Process.Kill() }
@@ -41,11 +41,11 @@ func startBenchChild(ctx context.Context, name, exe string, args ...string) (*be
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("start %s: %w", name, err)
 	}
-	return &benchChild{name: name, cmd: cmd, out: bufio.NewReader(out), stderr: tail}, nil
+	return &child{name: name, cmd: cmd, out: bufio.NewReader(out), stderr: tail}, nil
 }
 
 // next decodes the child's next JSON line into v.
-func (c *benchChild) next(v any) error {
+func (c *child) next(v any) error {
 	line, err := c.out.ReadBytes('\n')
 	if err != nil {
 		return fmt.Errorf("%s: no result (%v): %s", c.name, err, c.stderr)
@@ -57,11 +57,11 @@ func (c *benchChild) next(v any) error {
 }
 
 // peakRSS reads the child's VmHWM (peak resident set) while it is alive.
-func (c *benchChild) peakRSS() uint64 { return peakRSSOf(strconv.Itoa(c.cmd.Process.Pid)) }
+func (c *child) peakRSS() uint64 { return peakRSSOf(strconv.Itoa(c.cmd.Process.Pid)) }
 
 // wait waits for the child to exit and returns its CPU time, user plus
 // system, from its rusage.
-func (c *benchChild) wait() (cpuSeconds float64, err error) {
+func (c *child) wait() (cpuSeconds float64, err error) {
 	io.Copy(io.Discard, c.out)
 	err = c.cmd.Wait()
 	st := c.cmd.ProcessState
@@ -76,7 +76,7 @@ func (c *benchChild) wait() (cpuSeconds float64, err error) {
 }
 
 // kill ends a child that is no longer wanted (after a failure).
-func (c *benchChild) kill() {
+func (c *child) kill() {
 	c.cmd.Process.Kill()
 	c.cmd.Wait()
 }
