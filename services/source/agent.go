@@ -357,3 +357,18 @@ func (a *Agent) forgetOldLocked() {
 		delete(a.migrations, m.id)
 	}
 }
+
+// ReleaseDevice implements SourceAgent: it gives an idle device back for
+// a new VM on this host (vfio.Registry.Recover).
+func (a *Agent) ReleaseDevice(ctx context.Context, req *ferryv1.ReleaseDeviceRequest) (*ferryv1.ReleaseDeviceResponse, error) {
+	spec, err := wire.CanonicalSpec(req.GetDevice())
+	if err != nil {
+		return nil, err
+	}
+	info, err := a.cfg.Registry.Recover(spec, req.GetReset_())
+	if err != nil {
+		return nil, wire.DeviceError(spec, "release", err)
+	}
+	a.cfg.Logger.Info("device released", "device", spec, "reset", req.GetReset_(), "state", info.State.String())
+	return &ferryv1.ReleaseDeviceResponse{Device: wire.DeviceInfoToProto(info)}, nil
+}

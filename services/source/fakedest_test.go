@@ -111,7 +111,14 @@ func serveFake(t *testing.T, f *fakeDest) string {
 // sourceAgent is a source agent on a registry of simulated devices.
 func sourceAgent(t *testing.T, cfg Config) (*Agent, *vfio.Registry) {
 	t.Helper()
-	reg := vfio.NewRegistry(vfio.RegistryOptions{AllowSim: true})
+	return sourceAgentOn(t, cfg, vfio.RegistryOptions{})
+}
+
+// sourceAgentOn is sourceAgent with registry options.
+func sourceAgentOn(t *testing.T, cfg Config, opts vfio.RegistryOptions) (*Agent, *vfio.Registry) {
+	t.Helper()
+	opts.AllowSim = true
+	reg := vfio.NewRegistry(opts)
 	cfg.Registry = reg
 	cfg.PeerCreds = insecure.NewCredentials()
 	cfg.Logger = slog.New(slog.DiscardHandler)

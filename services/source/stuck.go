@@ -80,6 +80,6 @@ func (m *migration) stuckError() error {
 	if d := m.stuckDev.Load(); d != nil {
 		spec = d.spec
 	}
-	return wire.Errorf(codes.DeadlineExceeded, wire.ReasonDeviceStuck,
+	return wire.Errorf(codes.Unavailable, wire.ReasonDeviceStuck,
 		"device %s did not answer within the device timeout; the other devices were rolled back, and the agent holds it until its operation returns", spec)
 }
