@@ -76,11 +76,14 @@ type destFlags struct {
 type sourceFlags struct {
 	reconnect *time.Duration
 	progress  *time.Duration
+	budget    sizeFlag
 }
 
 func (f *sourceFlags) register(fs *flag.FlagSet) {
 	f.reconnect = fs.Duration("reconnect-timeout", source.DefaultReconnectTimeout, "how long a lost channel or an unreachable destination is retried before the migration fails")
 	f.progress = fs.Duration("progress-timeout", source.DefaultProgressTimeout, "how long a channel with chunks in flight may hear nothing from the destination before it is re-dialled")
+	f.budget = sizeFlag(source.DefaultMemoryBudget)
+	fs.Var(&f.budget, "send-memory-budget", "memory for all outgoing migrations' unacknowledged chunks on this node, whatever windows the destinations advertise; a migration that cannot get a chunk per device is refused (0: the default)")
 }
 
 // apply sets the deadlines in cfg.
@@ -89,6 +92,7 @@ func (f *sourceFlags) apply(cfg *source.Config) error {
 		return errors.New("--reconnect-timeout and --progress-timeout must be positive")
 	}
 	cfg.ReconnectTimeout, cfg.ProgressTimeout = *f.reconnect, *f.progress
+	cfg.MemoryBudget = uint64(f.budget)
 	return nil
 }
 
@@ -132,7 +136,7 @@ func runDest(ctx context.Context, args []string, stdout, stderr io.Writer) error
 }
 
 func runSource(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	return runRoles(ctx, "source", "--listen ADDR (--insecure | --tls-cert FILE --tls-key FILE --tls-ca FILE --allow-client ID...) [--devices PATTERN...] [--allow-sim] [--reconnect-timeout D] [--progress-timeout D] [--metrics-listen ADDR] [--health-listen ADDR] [--drain-timeout D]",
+	return runRoles(ctx, "source", "--listen ADDR (--insecure | --tls-cert FILE --tls-key FILE --tls-ca FILE --allow-client ID...) [--devices PATTERN...] [--allow-sim] [--reconnect-timeout D] [--progress-timeout D] [--send-memory-budget SIZE] [--metrics-listen ADDR] [--health-listen ADDR] [--drain-timeout D]",
 		"127.0.0.1:7200", roles{source: true}, args, stderr)
 }
 

@@ -33,7 +33,7 @@ func runFerry(ctx context.Context, cfg config, channels int) (sample, error) {
 	// The window in chunks follows the window in bytes, so the byte
 	// window is the one that binds.
 	maxChunks := min(max(cfg.window/uint64(cfg.chunkSize), dest.DefaultMaxChunks), flow.MaxWindowChunks)
-	budget := max(cfg.window*uint64(cfg.devices), dest.DefaultMemoryBudget)
+	budget := max(dest.WindowCost(uint32(maxChunks), cfg.window)*uint64(cfg.devices), dest.DefaultMemoryBudget)
 	commonArgs := []string{"--allow-sim", "--log-level", "warn", "--log-format", "json"}
 	creds, err := cfg.tls.clientCreds()
 	if err != nil {
