@@ -76,7 +76,9 @@ func (m *migration) rollback(cause error, phase ferryv1.MigrationPhase) ferryv1.
 		phase = ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED
 	}
 	for _, d := range m.devs {
-		if d.stream != nil {
+		// A stuck device's reader may still hold its stream: the
+		// registry ends it once the operation returns.
+		if d.stream != nil && !d.isStuck() {
 			d.stream.Close()
 			d.stream = nil
 		}
@@ -323,14 +325,8 @@ func (m *migration) stream(ctx context.Context, transfer ferryv1.TransferClient,
 		case <-m.stuck:
 			return fail(m.stuckError())
 		}
-	} else {
-		readers, rctx := errgroup.WithContext(stopped)
-		for _, d := range m.devs {
-			readers.Go(func() error { return m.readDevice(rctx, d, queue) })
-		}
-		if err := m.await(readers.Wait); err != nil {
-			return fail(deadlineErr(err))
-		}
+	} else if err := m.readAll(stopped, queue); err != nil {
+		return fail(deadlineErr(err))
 	}
 	m.setPhase(ferryv1.MigrationPhase_MIGRATION_PHASE_FINISHING)
 	var verdict *ferryv1.FinishResponse

@@ -73,6 +73,8 @@ type migration struct {
 	// (see watchStuck).
 	stuck     chan struct{}
 	stuckOnce sync.Once
+	// stuckMore gets a token each time one more device gets stuck.
+	stuckMore chan struct{}
 	stuckDev  atomic.Pointer[srcDevice]
 
 	ctx    context.Context
@@ -125,6 +127,7 @@ func (a *Agent) newMigration(req *ferryv1.StartMigrationRequest) *migration {
 	return &migration{
 		switchoverDeadline: deadline,
 		stuck:              make(chan struct{}),
+		stuckMore:          make(chan struct{}, 1),
 		a:                  a,
 		id:                 req.GetMigrationId(),
 		req:                proto.CloneOf(req),

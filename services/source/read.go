@@ -112,3 +112,63 @@ func (m *migration) markStart() {
 	}
 	m.mu.Unlock()
 }
+
+// readAll reads every device on a reader goroutine of its own and returns
+// the first error, once every reader returned, or, when a device stops
+// answering, once every reader of a device that still answers returned:
+// the reader blocked in the stuck device's operation is left to end by
+// itself (the agent counts it as lingering), and rollback touches none of
+// what it holds.
+func (m *migration) readAll(ctx context.Context, queue chan<- *outChunk) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	type result struct {
+		i   int
+		err error
+	}
+	results := make(chan result, len(m.devs))
+	for i, d := range m.devs {
+		m.a.lingering.Add(1)
+		go func() {
+			defer m.a.lingering.Add(-1)
+			results <- result{i, m.readDevice(ctx, d, queue)}
+		}()
+	}
+	var first error
+	running := make(map[int]bool, len(m.devs))
+	for i := range m.devs {
+		running[i] = true
+	}
+	stuck := m.stuck
+	for len(running) > 0 {
+		if first != nil && m.onlyStuck(running) {
+			return first
+		}
+		select {
+		case r := <-results:
+			delete(running, r.i)
+			if r.err != nil && first == nil {
+				first = r.err
+				cancel()
+			}
+		case <-stuck:
+			stuck = nil
+			if first == nil {
+				first = m.stuckError()
+			}
+			cancel()
+		case <-m.stuckMore:
+		}
+	}
+	return first
+}
+
+// onlyStuck reports whether every device in running is stuck.
+func (m *migration) onlyStuck(running map[int]bool) bool {
+	for i := range running {
+		if !m.devs[i].isStuck() {
+			return false
+		}
+	}
+	return true
+}

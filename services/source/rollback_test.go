@@ -138,7 +138,7 @@ func TestStuckDeviceDoesNotHoldTheMigration(t *testing.T) {
 	a, reg := sourceAgentOn(t, Config{}, vfio.RegistryOptions{OpTimeout: 100 * time.Millisecond})
 	_, err := a.StartMigration(t.Context(), &ferryv1.StartMigrationRequest{
 		MigrationId: "stuck", DestAddress: serveFake(t, f), Token: "token", Channels: 2, ChunkSize: 1 << 20,
-		Devices:            []*ferryv1.DevicePair{{SourceDevice: healthy, DestDevice: healthy}, {SourceDevice: stuck, DestDevice: stuck}},
+		Devices: []*ferryv1.DevicePair{{SourceDevice: healthy, DestDevice: healthy}, {SourceDevice: stuck, DestDevice: stuck}},
 	})
 	if err != nil {
 		t.Fatal(err)

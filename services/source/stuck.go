@@ -48,6 +48,10 @@ func (m *migration) watchStuck() {
 			case <-s.Stuck():
 				m.stuckDev.CompareAndSwap(nil, d)
 				m.stuckOnce.Do(func() { close(m.stuck) })
+				select {
+				case m.stuckMore <- struct{}{}:
+				default:
+				}
 			case <-m.ctx.Done():
 			}
 		})

@@ -307,7 +307,7 @@ func TestDestinationKilled(t *testing.T) {
 }
 
 func TestSourceKilled(t *testing.T) {
-	p := startPair(t, "--memory-budget", "64MiB", "--max-buffer-bytes", "64MiB")
+	p := startPair(t, "--memory-budget", "65MiB", "--max-buffer-bytes", "64MiB")
 	src := "sim:size=4GiB,seed=47,rate=256MB/s"
 	dst := "sim:size=4GiB,seed=47"
 	p.start(t, "source-killed", []string{src}, []string{dst}, 4)
@@ -320,7 +320,8 @@ func TestSourceKilled(t *testing.T) {
 	if st := d.GetDevices()[0].GetState(); st != ferryv1.DeviceState_DEVICE_STATE_RUNNING {
 		t.Errorf("destination device %v, want RUNNING (reset)", st)
 	}
-	// The budget is free again: a prepare that needs all of it fits.
+	// The budget is free again: a prepare that needs all of it (a window and
+	// its reassembly ring) fits.
 	if _, err := p.dest.PrepareIncoming(t.Context(), &ferryv1.PrepareIncomingRequest{MigrationId: "budget-back", Devices: []string{"sim:size=1MiB,seed=48"}}); err != nil {
 		t.Fatalf("prepare after the source died: %v", err)
 	}

@@ -326,13 +326,13 @@ func TestProcessesWithMutualTLS(t *testing.T) {
 	})
 	t.Run("a stranger is refused", func(t *testing.T) {
 		_, code, stderr := migrate(stranger, "sim:size=1MiB,seed=56")
-		if code == 0 || !strings.Contains(stderr, "PermissionDenied") || !strings.Contains(stderr, wire.ReasonClientNotAllowed) {
+		if code == 0 || !strings.Contains(stderr, "PERMISSION_DENIED") || !strings.Contains(stderr, wire.ReasonClientNotAllowed) {
 			t.Fatalf("exit %d, stderr %q; want PERMISSION_DENIED %s", code, stderr, wire.ReasonClientNotAllowed)
 		}
 	})
 	t.Run("plaintext is refused", func(t *testing.T) {
 		_, code, stderr := migrate([]string{"--insecure"}, "sim:size=1MiB,seed=57")
-		if code == 0 || !strings.Contains(stderr, "Unavailable") {
+		if code == 0 || !strings.Contains(stderr, "UNAVAILABLE") {
 			t.Fatalf("exit %d, stderr %q; want UNAVAILABLE", code, stderr)
 		}
 	})
