@@ -630,8 +630,9 @@ const feedbackMaxDelay = 100 * time.Millisecond
 // unmarshal and apply, with a goroutine wake-up each side (and the garbage
 // of a ChannelResponse at the source). A quarter window at a time cuts
 // that by MaxChunks/4 and costs no throughput while the window covers the
-// round trip, as application credits returned every K/4 messages did in
-// reference/baseline-throughput.md.
+// round trip, as application credits returned every K/4 messages did when
+// the first wave measured raw TCP with credits on this kind of 2-core host
+// (docs/performance.md).
 //
 // It cannot stall the stream. A source that waits for credit has sent
 // everything the last advertised window allowed, and the destination
