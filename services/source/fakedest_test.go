@@ -89,6 +89,13 @@ func (f *fakeDest) counts() (aborts, commits int) {
 func serveFake(t *testing.T, f *fakeDest) string {
 	t.Helper()
 	f.aborted = make(chan struct{})
+	return serveTransfer(t, f)
+}
+
+// serveTransfer serves a Transfer service on loopback until the end of
+// the test and returns its address.
+func serveTransfer(t *testing.T, f ferryv1.TransferServer) string {
+	t.Helper()
 	srv := wire.NewServer(wire.ServerConfig{Creds: insecure.NewCredentials(), Pool: wire.NewPool()})
 	ferryv1.RegisterTransferServer(srv.GRPC, f)
 	srv.Ready()
