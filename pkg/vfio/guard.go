@@ -540,39 +540,34 @@ type guardedStream struct {
 
 // Read reads the stream on the caller's goroutine; it fails at once with
 // ErrStuck while the device is stuck.
-func (s *guardedStream) Read(p []byte) (int, error) {
-	g := s.g
-	if g.stuckFlag.Load() {
-		if err := g.refuse("READ"); err != nil {
-			return 0, err
-		}
-	}
-	g.dataWrite.Store(false)
-	g.dataOff.Store(s.pos.Load())
-	g.dataInflight.Add(1)
-	n, err := s.s.Read(p)
-	s.pos.Add(uint64(n))
-	g.dataInflight.Add(-1)
-	g.dataDone.Add(1)
-	if g.stuckFlag.Load() {
-		g.dataExited()
-	}
-	return n, err
-}
+func (s *guardedStream) Read(p []byte) (int, error) { return s.transfer(false, p) }
 
 // Write writes the stream on the caller's goroutine; it fails at once
 // with ErrStuck while the device is stuck.
-func (s *guardedStream) Write(p []byte) (int, error) {
+func (s *guardedStream) Write(p []byte) (int, error) { return s.transfer(true, p) }
+
+// transfer is a Read or a Write, watched: the watchdog sees it in flight.
+func (s *guardedStream) transfer(write bool, p []byte) (int, error) {
 	g := s.g
 	if g.stuckFlag.Load() {
-		if err := g.refuse("WRITE"); err != nil {
+		op := "READ"
+		if write {
+			op = "WRITE"
+		}
+		if err := g.refuse(op); err != nil {
 			return 0, err
 		}
 	}
-	g.dataWrite.Store(true)
+	g.dataWrite.Store(write)
 	g.dataOff.Store(s.pos.Load())
 	g.dataInflight.Add(1)
-	n, err := s.s.Write(p)
+	var n int
+	var err error
+	if write {
+		n, err = s.s.Write(p)
+	} else {
+		n, err = s.s.Read(p)
+	}
 	s.pos.Add(uint64(n))
 	g.dataInflight.Add(-1)
 	g.dataDone.Add(1)

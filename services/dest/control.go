@@ -82,13 +82,8 @@ func (s *controlServer) CommitIncoming(ctx context.Context, req *ferryv1.CommitI
 	if err != nil {
 		return nil, err
 	}
-	if err := inc.commit(); err != nil {
+	if err := inc.commitAndWait(ctx); err != nil {
 		return nil, err
-	}
-	select {
-	case <-inc.done:
-	case <-ctx.Done():
-		return nil, ctx.Err()
 	}
 	m, _, _ := inc.snapshot()
 	return &ferryv1.CommitIncomingResponse{Migration: m}, nil
@@ -359,4 +354,18 @@ type ringSlot struct {
 // ring (about 48 bytes a chunk).
 func WindowCost(maxChunks uint32, maxBytes uint64) uint64 {
 	return maxBytes + uint64(maxChunks)*uint64(reflect.TypeFor[ringSlot]().Size())
+}
+
+// commitAndWait commits the migration and waits until its devices are
+// handed over (or ctx ends).
+func (inc *incoming) commitAndWait(ctx context.Context) error {
+	if err := inc.commit(); err != nil {
+		return err
+	}
+	select {
+	case <-inc.done:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }

@@ -451,13 +451,8 @@ func (s *transferServer) Commit(ctx context.Context, req *ferryv1.CommitRequest)
 	if err != nil {
 		return nil, err
 	}
-	if err := inc.commit(); err != nil {
+	if err := inc.commitAndWait(ctx); err != nil {
 		return nil, err
-	}
-	select {
-	case <-inc.done:
-	case <-ctx.Done():
-		return nil, ctx.Err()
 	}
 	return &ferryv1.CommitResponse{}, nil
 }
