@@ -94,7 +94,7 @@ func openOne(t *testing.T, ctl ferryv1.DestAgentClient, tr ferryv1.TransferClien
 }
 
 func channelCtx(ctx context.Context, session string, index int) context.Context {
-	return metadata.AppendToOutgoingContext(ctx, HeaderSession, session, HeaderChannel, strconv.Itoa(index))
+	return metadata.AppendToOutgoingContext(ctx, wire.HeaderSession, session, wire.HeaderChannel, strconv.Itoa(index))
 }
 
 // completeHonestly sends the whole state of spec(seed) and its END on a
@@ -284,7 +284,7 @@ func rawFrameStatus(t *testing.T, addr, session string, index int, frame []byte)
 	enc := hpack.NewEncoder(&block)
 	for _, f := range [][2]string{
 		{":method", "POST"}, {":scheme", "http"}, {":path", ferryv1.Transfer_Channel_FullMethodName}, {":authority", addr},
-		{"content-type", "application/grpc"}, {"te", "trailers"}, {HeaderSession, session}, {HeaderChannel, strconv.Itoa(index)},
+		{"content-type", "application/grpc"}, {"te", "trailers"}, {wire.HeaderSession, session}, {wire.HeaderChannel, strconv.Itoa(index)},
 	} {
 		enc.WriteField(hpack.HeaderField{Name: f[0], Value: f[1]})
 	}

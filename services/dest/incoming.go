@@ -206,15 +206,9 @@ func (inc *incoming) setPhase(p ferryv1.MigrationPhase) {
 	}
 }
 
-func final(p ferryv1.MigrationPhase) bool {
-	return p == ferryv1.MigrationPhase_MIGRATION_PHASE_SUCCEEDED ||
-		p == ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED ||
-		p == ferryv1.MigrationPhase_MIGRATION_PHASE_CANCELLED
-}
-
 // settled reports whether the verdict is in: VERIFIED or final.
 func settled(p ferryv1.MigrationPhase) bool {
-	return p == ferryv1.MigrationPhase_MIGRATION_PHASE_VERIFIED || final(p)
+	return p == ferryv1.MigrationPhase_MIGRATION_PHASE_VERIFIED || wire.Final(p)
 }
 
 // owner is which host holds the runnable copy of the devices in phase p
@@ -254,9 +248,9 @@ const (
 func (inc *incoming) fail(err error, phase ferryv1.MigrationPhase, kind failKind) ferryv1.MigrationPhase {
 	inc.mu.Lock()
 	cur := inc.phase
-	if final(cur) || (cur == ferryv1.MigrationPhase_MIGRATION_PHASE_VERIFIED && kind == failFound) {
+	if wire.Final(cur) || (cur == ferryv1.MigrationPhase_MIGRATION_PHASE_VERIFIED && kind == failFound) {
 		inc.mu.Unlock()
-		if !final(cur) {
+		if !wire.Final(cur) {
 			inc.log.Warn("failure ignored: the migration is verified and waits for the source's commit or abort", "error", wire.Message(err), "reason", wire.Reason(err))
 		}
 		return cur
@@ -781,7 +775,7 @@ func (inc *incoming) snapshot() (*ferryv1.Migration, bool, uint64) {
 	if !sw.IsZero() && !verdict.IsZero() {
 		m.Downtime = durationpb.New(verdict.Sub(sw))
 	}
-	return m, final(m.Phase) && isClosed(inc.done), total
+	return m, wire.Final(m.Phase) && isClosed(inc.done), total
 }
 
 // touch records that the source sent something now.

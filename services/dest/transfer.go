@@ -21,12 +21,6 @@ import (
 	"github.com/vfio-ferry/ferry/services/wire"
 )
 
-// Metadata headers of a Channel stream.
-const (
-	HeaderSession = "ferry-session-id"
-	HeaderChannel = "ferry-channel"
-)
-
 // transferServer is the Transfer service.
 type transferServer struct {
 	ferryv1.UnimplementedTransferServer
@@ -50,7 +44,7 @@ func (s *transferServer) Open(ctx context.Context, req *ferryv1.OpenRequest) (*f
 	}
 
 	inc.mu.Lock()
-	if inc.sessionID != "" || final(inc.phase) {
+	if inc.sessionID != "" || wire.Final(inc.phase) {
 		inc.mu.Unlock()
 		return nil, wire.Errorf(codes.FailedPrecondition, wire.ReasonSessionState, "incoming migration %s was already opened (the token is single-use)", inc.id)
 	}
@@ -102,16 +96,16 @@ func (s *transferServer) Open(ctx context.Context, req *ferryv1.OpenRequest) (*f
 func (s *transferServer) Channel(stream grpc.BidiStreamingServer[ferryv1.ChannelRequest, ferryv1.ChannelResponse]) error {
 	a := s.a
 	md, _ := metadata.FromIncomingContext(stream.Context())
-	inc, err := a.boundSession(stream.Context(), first(md.Get(HeaderSession)))
+	inc, err := a.boundSession(stream.Context(), first(md.Get(wire.HeaderSession)))
 	if err != nil {
 		return err
 	}
-	index, err := strconv.Atoi(first(md.Get(HeaderChannel)))
+	index, err := strconv.Atoi(first(md.Get(wire.HeaderChannel)))
 	inc.mu.Lock()
 	channels := int(inc.channels)
 	inc.mu.Unlock()
 	if err != nil || index < 0 || index >= channels {
-		return wire.Errorf(codes.InvalidArgument, wire.ReasonInvalidArgument, "header %s must be a channel index below %d", HeaderChannel, channels)
+		return wire.Errorf(codes.InvalidArgument, wire.ReasonInvalidArgument, "header %s must be a channel index below %d", wire.HeaderChannel, channels)
 	}
 	// A channel that connects again replaces its old stream, which may
 	// still look alive here (a connection that broke without a FIN).
@@ -366,7 +360,7 @@ func (s *transferServer) SwitchoverStart(ctx context.Context, req *ferryv1.Switc
 	case phase == ferryv1.MigrationPhase_MIGRATION_PHASE_STOPCOPY || phase == ferryv1.MigrationPhase_MIGRATION_PHASE_FINISHING ||
 		phase == ferryv1.MigrationPhase_MIGRATION_PHASE_VERIFIED:
 		return &ferryv1.SwitchoverStartResponse{}, nil
-	case final(phase):
+	case wire.Final(phase):
 		return nil, inc.finalStatusOr(codes.FailedPrecondition)
 	}
 	inc.fbMu.Lock()

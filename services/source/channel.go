@@ -106,7 +106,7 @@ func (c *channel) run(ctx context.Context) error {
 func (c *channel) serve(ctx context.Context) (up bool, err error) {
 	sctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	sctx = metadata.AppendToOutgoingContext(sctx, headerSession, c.session, headerChannel, strconv.Itoa(int(c.index)))
+	sctx = metadata.AppendToOutgoingContext(sctx, wire.HeaderSession, c.session, wire.HeaderChannel, strconv.Itoa(int(c.index)))
 	st, err := c.client.Channel(sctx)
 	if err != nil {
 		return false, err

@@ -23,12 +23,6 @@ import (
 	"github.com/vfio-ferry/ferry/services/wire"
 )
 
-// Channel metadata headers, as the destination reads them.
-const (
-	headerSession = "ferry-session-id"
-	headerChannel = "ferry-channel"
-)
-
 // errCancelled is the cancel cause of a migration cancelled by the control
 // plane.
 var errCancelled = errors.New("cancelled by the control plane")
@@ -284,14 +278,8 @@ func (m *migration) snapshot() (*ferryv1.Migration, bool, uint64) {
 	if !sw.IsZero() && !end.IsZero() {
 		s.Downtime = durationpb.New(end.Sub(sw))
 	}
-	fin := final(s.Phase)
+	fin := wire.Final(s.Phase)
 	return s, fin, total
-}
-
-func final(p ferryv1.MigrationPhase) bool {
-	return p == ferryv1.MigrationPhase_MIGRATION_PHASE_SUCCEEDED ||
-		p == ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED ||
-		p == ferryv1.MigrationPhase_MIGRATION_PHASE_CANCELLED
 }
 
 // dataHost takes the destination's host (to dial its direct data port on)

@@ -191,16 +191,10 @@ func inPhase(p ferryv1.MigrationPhase) func(*ferryv1.Migration) bool {
 func toFinal[R wiretest.Watched](t *testing.T, recv func() (R, error)) *ferryv1.Migration {
 	t.Helper()
 	last, err := wiretest.LastMigration(recv)
-	if last == nil || !final(last.GetPhase()) {
+	if last == nil || !wire.Final(last.GetPhase()) {
 		t.Fatalf("watch ended at %v: %v", last.GetPhase(), err)
 	}
 	return last
-}
-
-func final(p ferryv1.MigrationPhase) bool {
-	return p == ferryv1.MigrationPhase_MIGRATION_PHASE_SUCCEEDED ||
-		p == ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED ||
-		p == ferryv1.MigrationPhase_MIGRATION_PHASE_CANCELLED
 }
 
 // deviceState reads a device's state from an agent's registry.
