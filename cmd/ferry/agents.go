@@ -26,6 +26,7 @@ import (
 
 	"github.com/vfio-ferry/ferry/pkg/vfio"
 	"github.com/vfio-ferry/ferry/services/dest"
+	"github.com/vfio-ferry/ferry/services/grpcserver"
 	"github.com/vfio-ferry/ferry/services/source"
 	"github.com/vfio-ferry/ferry/services/telemetry"
 	"github.com/vfio-ferry/ferry/services/wire"
@@ -267,7 +268,7 @@ func serve(ctx context.Context, af *agentFlags, creds credentials.TransportCrede
 	if metrics != nil {
 		serverMetrics = metrics.Server
 	}
-	srv := wire.NewServer(wire.ServerConfig{Creds: creds, Logger: log, Metrics: serverMetrics, Pool: pool,
+	srv := grpcserver.New(grpcserver.Config{Creds: creds, Logger: log, Metrics: serverMetrics, Pool: pool,
 		Access: af.sec.access(), NoReflection: !af.sec.reflection})
 	for _, a := range agents {
 		a.Register(srv.GRPC)
@@ -377,7 +378,7 @@ func serve(ctx context.Context, af *agentFlags, creds credentials.TransportCrede
 // drain turns readiness off, refuses new migrations, waits up to timeout
 // (or until a second SIGTERM or interrupt) for the running ones, then
 // closes the agents, which aborts (rolls back) what still runs.
-func drain(log *slog.Logger, srv *wire.Server, timeout time.Duration, agents []servedAgent) {
+func drain(log *slog.Logger, srv *grpcserver.Server, timeout time.Duration, agents []servedAgent) {
 	dctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	// A second signal cuts the wait short. It is caught from here on,

@@ -12,6 +12,7 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/status"
 
+	"github.com/vfio-ferry/ferry/services/peerauth"
 	"github.com/vfio-ferry/ferry/services/telemetry"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
@@ -126,7 +127,7 @@ func (a *Agent) attachData(raw net.Conn, creds credentials.TransportCredentials)
 		conn.Close()
 		return
 	}
-	caller := wire.AuthIdentity(auth).String()
+	caller := peerauth.AuthIdentity(auth).String()
 	at.inc.mu.Lock()
 	owner := at.inc.peer
 	at.inc.mu.Unlock()

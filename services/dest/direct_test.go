@@ -15,6 +15,8 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/services/peerauth"
+	"github.com/vfio-ferry/ferry/services/peerauth/peerauthtest"
 	"github.com/vfio-ferry/ferry/services/wire"
 	"github.com/vfio-ferry/ferry/services/wire/wiretest"
 )
@@ -249,15 +251,15 @@ func TestDirectData(t *testing.T) {
 }
 
 func TestDirectDataIsBoundToTheSourceIdentity(t *testing.T) {
-	ca := wiretest.NewCA(t, "ferry test CA")
-	screds, _, err := wire.AgentTLS(ca.Issue(t, "localhost", "127.0.0.1", "spiffe://ferry.test/node-dest"))
+	ca := peerauthtest.NewCA(t, "ferry test CA")
+	screds, _, err := peerauth.AgentTLS(ca.Issue(t, "localhost", "127.0.0.1", "spiffe://ferry.test/node-dest"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	addr, agent, _ := serveAgent(t, screds, nil)
 	daddr := serveData(t, agent, screds)
 	tlsAs := func(sans ...string) *tls.Config {
-		c, err := wire.ClientTLS(ca.Issue(t, sans...), "127.0.0.1")
+		c, err := peerauth.ClientTLS(ca.Issue(t, sans...), "127.0.0.1")
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -27,8 +27,10 @@ import (
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/grpcserver"
+	"github.com/vfio-ferry/ferry/services/peerauth"
+	"github.com/vfio-ferry/ferry/services/peerauth/peerauthtest"
 	"github.com/vfio-ferry/ferry/services/wire"
-	"github.com/vfio-ferry/ferry/services/wire/wiretest"
 )
 
 // The tests in this file send a live destination agent what no honest
@@ -39,7 +41,7 @@ import (
 
 // serveAgent runs a destination agent on loopback with creds and access
 // rules, as `ferry dest` wires it.
-func serveAgent(t *testing.T, creds credentials.TransportCredentials, access []wire.AccessRule) (string, *Agent, *vfio.Registry) {
+func serveAgent(t *testing.T, creds credentials.TransportCredentials, access []peerauth.AccessRule) (string, *Agent, *vfio.Registry) {
 	t.Helper()
 	reg := vfio.NewRegistry(vfio.RegistryOptions{AllowSim: true})
 	pool := wire.NewPool()
@@ -47,7 +49,7 @@ func serveAgent(t *testing.T, creds credentials.TransportCredentials, access []w
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := wire.NewServer(wire.ServerConfig{Creds: creds, Pool: pool, Access: access})
+	srv := grpcserver.New(grpcserver.Config{Creds: creds, Pool: pool, Access: access})
 	agent.Register(srv.GRPC)
 	srv.Ready()
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
@@ -70,7 +72,7 @@ func serveAgent(t *testing.T, creds credentials.TransportCredentials, access []w
 
 func dialAgent(t *testing.T, addr string, creds credentials.TransportCredentials) *grpc.ClientConn {
 	t.Helper()
-	conn, err := grpc.NewClient(addr, wire.DialOptions(creds, nil)...)
+	conn, err := grpc.NewClient(addr, grpcserver.DialOptions(creds, nil)...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -351,17 +353,17 @@ const (
 )
 
 func TestSessionIsBoundToItsSourceIdentity(t *testing.T) {
-	ca := wiretest.NewCA(t, "ferry test CA")
-	screds, _, err := wire.AgentTLS(ca.Issue(t, "localhost", "127.0.0.1", "spiffe://ferry.test/node-dest"))
+	ca := peerauthtest.NewCA(t, "ferry test CA")
+	screds, _, err := peerauth.AgentTLS(ca.Issue(t, "localhost", "127.0.0.1", "spiffe://ferry.test/node-dest"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	addr, _, _ := serveAgent(t, screds, []wire.AccessRule{
+	addr, _, _ := serveAgent(t, screds, []peerauth.AccessRule{
 		{Services: []string{ferryv1.DestAgent_ServiceDesc.ServiceName}, Allow: []string{controlPlane}, Flag: "--allow-client"},
 		{Services: []string{ferryv1.Transfer_ServiceDesc.ServiceName}, Allow: []string{sourceA, sourceB}, Flag: "--allow-peer"},
 	})
 	as := func(sans ...string) *grpc.ClientConn {
-		c, err := wire.ClientTLS(ca.Issue(t, sans...), "")
+		c, err := peerauth.ClientTLS(ca.Issue(t, sans...), "")
 		if err != nil {
 			t.Fatal(err)
 		}

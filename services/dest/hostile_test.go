@@ -15,6 +15,7 @@ import (
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/grpcserver"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
 
@@ -44,7 +45,7 @@ func newHarness(t *testing.T) *harness {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := wire.NewServer(wire.ServerConfig{Creds: insecure.NewCredentials(), Pool: pool})
+	srv := grpcserver.New(grpcserver.Config{Creds: insecure.NewCredentials(), Pool: pool})
 	agent.Register(srv.GRPC)
 	srv.Ready()
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
@@ -56,7 +57,7 @@ func newHarness(t *testing.T) *harness {
 		defer close(served)
 		srv.GRPC.Serve(lis)
 	}()
-	conn, err := grpc.NewClient(lis.Addr().String(), wire.DialOptions(insecure.NewCredentials(), wire.NewPool())...)
+	conn, err := grpc.NewClient(lis.Addr().String(), grpcserver.DialOptions(insecure.NewCredentials(), wire.NewPool())...)
 	if err != nil {
 		t.Fatal(err)
 	}

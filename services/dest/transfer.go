@@ -18,6 +18,7 @@ import (
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/flow"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/peerauth"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
 
@@ -49,7 +50,7 @@ func (s *transferServer) Open(ctx context.Context, req *ferryv1.OpenRequest) (*f
 		return nil, wire.Errorf(codes.FailedPrecondition, wire.ReasonSessionState, "incoming migration %s was already opened (the token is single-use)", inc.id)
 	}
 	inc.sessionID = randomID()
-	inc.peer = wire.PeerIdentity(ctx).String()
+	inc.peer = peerauth.PeerIdentity(ctx).String()
 	inc.chunkSize, inc.channels, inc.digestAlg = chunkSize, channels, req.GetDigest()
 	inc.sourceDevices = slices.Clone(req.GetSourceDevices())
 	var dataPort uint32

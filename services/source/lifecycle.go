@@ -15,6 +15,7 @@ import (
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/flow"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/grpcserver"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
 
@@ -159,7 +160,7 @@ func (m *migration) execute() error {
 	ctx := m.ctx
 	a := m.a
 	m.setPhase(ferryv1.MigrationPhase_MIGRATION_PHASE_WAITING)
-	dialOpts := append(wire.DialOptions(a.cfg.PeerCreds, a.cfg.Pool), a.cfg.Metrics.DialOptions()...)
+	dialOpts := append(grpcserver.DialOptions(a.cfg.PeerCreds, a.cfg.Pool), a.cfg.Metrics.DialOptions()...)
 	ctrlConn, err := grpc.NewClient(m.req.GetDestAddress(), dialOpts...)
 	if err != nil {
 		return wire.Errorf(codes.InvalidArgument, wire.ReasonInvalidArgument, "dest_address %q: %v", m.req.GetDestAddress(), err)

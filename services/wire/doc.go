@@ -41,14 +41,4 @@
 // [Errorf] builds a status with a code and a google.rpc.ErrorInfo reason;
 // [Reason] reads the reason back. Each agent translates its domain errors
 // once, at its gRPC edge.
-//
-// # Transport security
-//
-// [ServerTLS], [ClientTLS] and [AgentTLS] build the mutual-TLS
-// configurations (TLS 1.3, client certificates required and verified)
-// from the files of [TLSFiles]. [PeerIdentity] is a caller's identity: the
-// SANs of its verified certificate. [ServerConfig].Access authorizes each
-// call by that identity with go-grpc-middleware's auth and selector
-// interceptors ([AccessRule]); health and reflection stay open, a service
-// no rule names is closed. docs/security.md has the threat model.
 package wire

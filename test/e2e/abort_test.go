@@ -10,6 +10,7 @@ import (
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
 	"github.com/vfio-ferry/ferry/services/dest"
+	"github.com/vfio-ferry/ferry/services/grpcserver"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
 
@@ -48,7 +49,7 @@ func TestOpenAnswerLost(t *testing.T) {
 	a := startAgents(t, dest.Config{})
 	ctx := t.Context()
 	front := &lostOpenFront{dest: a.transfer, served: make(chan struct{})}
-	srv := wire.NewServer(wire.ServerConfig{Creds: insecure.NewCredentials(), Pool: wire.NewPool()})
+	srv := grpcserver.New(grpcserver.Config{Creds: insecure.NewCredentials(), Pool: wire.NewPool()})
 	ferryv1.RegisterTransferServer(srv.GRPC, front)
 	srv.Ready()
 	frontAddr := serveOn(t, srv.GRPC)

@@ -11,6 +11,7 @@ import (
 	"github.com/vfio-ferry/ferry/internal/loopback"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
 	"github.com/vfio-ferry/ferry/services/dest"
+	"github.com/vfio-ferry/ferry/services/grpcserver"
 	"github.com/vfio-ferry/ferry/services/source"
 	"github.com/vfio-ferry/ferry/services/wire"
 	"github.com/vfio-ferry/ferry/services/wire/wiretest"
@@ -101,7 +102,7 @@ func serveOn(t *testing.T, s *grpc.Server) string {
 
 func dial(t *testing.T, addr string) *grpc.ClientConn {
 	t.Helper()
-	conn, err := grpc.NewClient(addr, wire.DialOptions(insecure.NewCredentials(), wire.NewPool())...)
+	conn, err := grpc.NewClient(addr, grpcserver.DialOptions(insecure.NewCredentials(), wire.NewPool())...)
 	if err != nil {
 		t.Fatal(err)
 	}
