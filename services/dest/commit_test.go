@@ -10,6 +10,7 @@ import (
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/deviceapi"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
 
@@ -57,7 +58,7 @@ func (h *harness) get(id string) *ferryv1.Migration {
 // device is the registry's view of spec(seed).
 func (h *harness) device(seed int) vfio.DeviceInfo {
 	h.t.Helper()
-	canon, _ := wire.CanonicalSpec(spec(seed))
+	canon, _ := deviceapi.CanonicalSpec(spec(seed))
 	for _, d := range h.reg.List() {
 		if d.Spec == canon {
 			return d

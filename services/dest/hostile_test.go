@@ -15,6 +15,7 @@ import (
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/deviceapi"
 	"github.com/vfio-ferry/ferry/services/grpcserver"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
@@ -316,7 +317,7 @@ func (h *harness) waitReleased(id, devSpec string) {
 	inc := h.agent.incoming[id]
 	h.agent.mu.Unlock()
 	<-inc.done
-	canon, _ := wire.CanonicalSpec(devSpec)
+	canon, _ := deviceapi.CanonicalSpec(devSpec)
 	for _, d := range h.reg.List() {
 		if d.Spec == canon {
 			if d.State != vfio.StateRunning || d.Owner != "" {

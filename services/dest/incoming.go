@@ -18,6 +18,7 @@ import (
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/flow"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/deviceapi"
 	"github.com/vfio-ferry/ferry/services/telemetry"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
@@ -590,7 +591,7 @@ func (inc *incoming) writeReadyLocked(d *devStream) (end flow.Chunk[payload], at
 		}
 		if werr != nil {
 			// The chunk stays held: the clean-up's Drain frees it.
-			return end, false, wire.DeviceError(d.spec, fmt.Sprintf("write chunk %d at byte %d", c.Seq, c.Offset), werr)
+			return end, false, deviceapi.Error(d.spec, fmt.Sprintf("write chunk %d at byte %d", c.Seq, c.Offset), werr)
 		}
 		c.Payload.data.Free()
 		d.written.Add(uint64(c.Len))
@@ -744,7 +745,7 @@ func (inc *incoming) snapshot() (*ferryv1.Migration, bool, uint64) {
 			p.PeerDevice = srcDevs[i]
 		}
 		if s, err := d.dev.State(); err == nil {
-			p.State = wire.DeviceStateToProto(s)
+			p.State = deviceapi.StateToProto(s)
 		}
 		if e := d.errMsg.Load(); e != nil {
 			p.Error = *e

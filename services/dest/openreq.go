@@ -8,6 +8,7 @@ import (
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/flow"
+	"github.com/vfio-ferry/ferry/services/deviceapi"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
 
@@ -79,7 +80,7 @@ func validateOpen(req *ferryv1.OpenRequest, p prepared, now time.Time) (openPara
 		return openParams{}, wire.Errorf(codes.InvalidArgument, wire.ReasonSpecMismatch, "the session names %d devices, %d were prepared", len(req.GetDevices()), len(p.devices))
 	}
 	for i, raw := range req.GetDevices() {
-		spec, err := wire.CanonicalSpec(raw)
+		spec, err := deviceapi.CanonicalSpec(raw)
 		if err != nil {
 			return openParams{}, err
 		}

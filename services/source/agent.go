@@ -18,6 +18,7 @@ import (
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/deviceapi"
 	"github.com/vfio-ferry/ferry/services/telemetry"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
@@ -113,7 +114,7 @@ func (a *Agent) MemoryBudget() uint64 { return a.cfg.MemoryBudget }
 
 // ListDevices implements SourceAgent.
 func (a *Agent) ListDevices(context.Context, *ferryv1.ListDevicesRequest) (*ferryv1.ListDevicesResponse, error) {
-	return wire.ListDevices(a.cfg.Registry), nil
+	return deviceapi.List(a.cfg.Registry), nil
 }
 
 // StartMigration implements SourceAgent.
@@ -175,11 +176,11 @@ func validateStart(req *ferryv1.StartMigrationRequest) error {
 	}
 	seen := make(map[string]bool)
 	for i, p := range req.GetDevices() {
-		src, err := wire.CanonicalSpec(p.GetSourceDevice())
+		src, err := deviceapi.CanonicalSpec(p.GetSourceDevice())
 		if err != nil {
 			return wire.Errorf(codes.InvalidArgument, wire.ReasonInvalidArgument, "devices[%d].source_device: %s", i, wire.Message(err))
 		}
-		if _, err := wire.CanonicalSpec(p.GetDestDevice()); err != nil {
+		if _, err := deviceapi.CanonicalSpec(p.GetDestDevice()); err != nil {
 			return wire.Errorf(codes.InvalidArgument, wire.ReasonInvalidArgument, "devices[%d].dest_device: %s", i, wire.Message(err))
 		}
 		if seen[src] {
@@ -361,14 +362,14 @@ func (a *Agent) forgetOldLocked() {
 // ReleaseDevice implements SourceAgent: it gives an idle device back for
 // a new VM on this host (vfio.Registry.Recover).
 func (a *Agent) ReleaseDevice(ctx context.Context, req *ferryv1.ReleaseDeviceRequest) (*ferryv1.ReleaseDeviceResponse, error) {
-	spec, err := wire.CanonicalSpec(req.GetDevice())
+	spec, err := deviceapi.CanonicalSpec(req.GetDevice())
 	if err != nil {
 		return nil, err
 	}
 	info, err := a.cfg.Registry.Recover(spec, req.GetReset_())
 	if err != nil {
-		return nil, wire.DeviceError(spec, "release", err)
+		return nil, deviceapi.Error(spec, "release", err)
 	}
 	a.cfg.Logger.Info("device released", "device", spec, "reset", req.GetReset_(), "state", info.State.String())
-	return &ferryv1.ReleaseDeviceResponse{Device: wire.DeviceInfoToProto(info)}, nil
+	return &ferryv1.ReleaseDeviceResponse{Device: deviceapi.ToProto(info)}, nil
 }

@@ -15,6 +15,7 @@ import (
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/flow"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/deviceapi"
 	"github.com/vfio-ferry/ferry/services/grpcserver"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
@@ -422,14 +423,14 @@ func (m *migration) stopDevices() error {
 	if m.allP2P() {
 		for _, d := range m.devs {
 			if _, err := d.dev.SetState(vfio.StateRunningP2P); err != nil {
-				return wire.DeviceError(d.spec, "enter RUNNING_P2P", err)
+				return deviceapi.Error(d.spec, "enter RUNNING_P2P", err)
 			}
 		}
 	}
 	for _, d := range m.devs {
 		s, err := d.dev.SetState(vfio.StateStopCopy)
 		if err != nil {
-			return wire.DeviceError(d.spec, "enter STOP_COPY", err)
+			return deviceapi.Error(d.spec, "enter STOP_COPY", err)
 		}
 		if s == nil {
 			return wire.Errorf(codes.Internal, wire.ReasonDeviceState, "device %s: STOP_COPY opened no data stream", d.spec)

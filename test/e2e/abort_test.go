@@ -10,6 +10,7 @@ import (
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
 	"github.com/vfio-ferry/ferry/services/dest"
+	"github.com/vfio-ferry/ferry/services/deviceapi"
 	"github.com/vfio-ferry/ferry/services/grpcserver"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
@@ -75,7 +76,7 @@ func TestOpenAnswerLost(t *testing.T) {
 	if m := resp.GetMigration(); m.GetPhase() != cancelled {
 		t.Fatalf("source: %v %v, want CANCELLED", m.GetPhase(), m.GetError())
 	}
-	canon, _ := wire.CanonicalSpec(spec)
+	canon, _ := deviceapi.CanonicalSpec(spec)
 	if st := deviceState(t, a.sourceReg, canon); st != vfio.StateRunning {
 		t.Errorf("source device in %v, want RUNNING", st)
 	}
