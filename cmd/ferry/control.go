@@ -16,6 +16,7 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/services/chunkwire"
 	"github.com/vfio-ferry/ferry/services/grpcserver"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
@@ -103,7 +104,7 @@ func newMigrationID() string {
 // for failures of the control plane itself; a migration that ran and
 // failed is a result with Verified false.
 func migrate(ctx context.Context, p plan, progress func(*ferryv1.Migration)) (*result, error) {
-	opts := grpcserver.DialOptions(p.creds, wire.NewPool())
+	opts := grpcserver.DialOptions(p.creds, chunkwire.NewPool())
 	dconn, err := grpc.NewClient(p.destAddr, opts...)
 	if err != nil {
 		return nil, fmt.Errorf("destination %s: %w", p.destAddr, err)

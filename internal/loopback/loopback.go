@@ -14,11 +14,11 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/chunkwire"
 	"github.com/vfio-ferry/ferry/services/dest"
 	"github.com/vfio-ferry/ferry/services/grpcserver"
 	"github.com/vfio-ferry/ferry/services/peerauth"
 	"github.com/vfio-ferry/ferry/services/source"
-	"github.com/vfio-ferry/ferry/services/wire"
 )
 
 // Config configures Start.
@@ -104,7 +104,7 @@ func Start(cfg Config) (*Agents, error) {
 		a.SourceRegistry.Close()
 		a.DestRegistry.Close()
 	}
-	dpool, spool := wire.NewPool(), wire.NewPool()
+	dpool, spool := chunkwire.NewPool(), chunkwire.NewPool()
 	dcfg, scfg := cfg.Dest, cfg.Source
 	dcfg.Registry, dcfg.Pool = a.DestRegistry, dpool
 	scfg.Registry, scfg.Pool, scfg.PeerCreds = a.SourceRegistry, spool, peer

@@ -27,6 +27,7 @@ import (
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/chunkwire"
 	"github.com/vfio-ferry/ferry/services/grpcserver"
 	"github.com/vfio-ferry/ferry/services/peerauth"
 	"github.com/vfio-ferry/ferry/services/peerauth/peerauthtest"
@@ -44,7 +45,7 @@ import (
 func serveAgent(t *testing.T, creds credentials.TransportCredentials, access []peerauth.AccessRule) (string, *Agent, *vfio.Registry) {
 	t.Helper()
 	reg := vfio.NewRegistry(vfio.RegistryOptions{AllowSim: true})
-	pool := wire.NewPool()
+	pool := chunkwire.NewPool()
 	agent, err := New(Config{Registry: reg, Pool: pool, MaxChunks: 8, MaxBytes: 128 << 10, MemoryBudget: 64 << 20})
 	if err != nil {
 		t.Fatal(err)
@@ -110,11 +111,11 @@ func completeHonestly(t *testing.T, ctl ferryv1.DestAgentClient, tr ferryv1.Tran
 	if err != nil {
 		t.Fatal(err)
 	}
-	digest, _ := wire.NewDigest(ferryv1.DigestAlgorithm_DIGEST_ALGORITHM_UNSPECIFIED)
+	digest, _ := chunkwire.NewDigest(ferryv1.DigestAlgorithm_DIGEST_ALGORITHM_UNSPECIFIED)
 	for i := range 4 {
 		c := state[i*testChunk : (i+1)*testChunk]
 		send(t, st, dataChunk(uint64(i), c), c)
-		digest.Add(uint64(i*testChunk), c, wire.CRC32C(c))
+		digest.Add(uint64(i*testChunk), c, chunkwire.CRC32C(c))
 	}
 	send(t, st, &ferryv1.ChannelRequest{Seq: 4, Offset: testSize, Kind: ferryv1.ChunkKind_CHUNK_KIND_END, TotalBytes: testSize, TotalChunks: 4, Digest: digest.Sum()}, nil)
 	last := commitVerified(t, ctl, tr, id, session)

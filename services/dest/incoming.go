@@ -18,16 +18,17 @@ import (
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/flow"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/chunkwire"
 	"github.com/vfio-ferry/ferry/services/deviceapi"
 	"github.com/vfio-ferry/ferry/services/telemetry"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
 
 // payload is what a reassembly slot holds: the chunk's bytes (references
-// to gRPC's receive buffers, see wire.InChunk) and the CRC32C already
+// to gRPC's receive buffers, see chunkwire.InChunk) and the CRC32C already
 // checked on arrival (the digest needs it again).
 type payload struct {
-	data *wire.Payload
+	data *chunkwire.Payload
 	crc  uint32
 }
 
@@ -59,7 +60,7 @@ type devStream struct {
 	peak               uint64
 	// writing is the payload of the chunk being written into the device:
 	// Drain leaves it to the writer, who frees it when the write returns.
-	writing *wire.Payload
+	writing *chunkwire.Payload
 	// orphaned: the clean-up found the device stuck in an operation and
 	// left it to whoever holds the write turn (see putTurn); reset is
 	// whether it must then be reset.
@@ -76,7 +77,7 @@ type devStream struct {
 	// and never gives it back: nobody writes again. The fields below are
 	// the turn holder's.
 	turn   chan struct{}
-	digest *wire.Digest
+	digest *chunkwire.Digest
 	// advSeq and advOff are the frontier when the feedback senders were
 	// last woken, at advTime; fbChunks and fbBytes how far it moves
 	// before they are woken again (see feedbackEvery).
@@ -642,7 +643,7 @@ func feedbackEvery(l flow.Limits, chunkSize uint32) (chunks, bytes uint64) {
 	return chunks, bytes
 }
 
-func writePayload(w vfio.DataStream, p *wire.Payload) error {
+func writePayload(w vfio.DataStream, p *chunkwire.Payload) error {
 	for _, b := range p.Buffers() {
 		if err := writeAll(w, b.ReadOnlyData()); err != nil {
 			return err

@@ -18,6 +18,7 @@ import (
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/flow"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/chunkwire"
 	"github.com/vfio-ferry/ferry/services/peerauth"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
@@ -39,9 +40,9 @@ func (s *transferServer) Open(ctx context.Context, req *ferryv1.OpenRequest) (*f
 		return nil, err
 	}
 	chunkSize, channels := params.chunkSize, params.channels
-	digests := make([]*wire.Digest, len(inc.devs))
+	digests := make([]*chunkwire.Digest, len(inc.devs))
 	for i := range digests {
-		digests[i], _ = wire.NewDigest(req.GetDigest()) // validated
+		digests[i], _ = chunkwire.NewDigest(req.GetDigest()) // validated
 	}
 
 	inc.mu.Lock()
@@ -219,7 +220,7 @@ func (inc *incoming) finalStatus() error {
 // receive reads chunks from a Channel stream until the source closes its
 // side or a chunk breaks the protocol (see receiveChunks).
 func (inc *incoming) receive(stream grpc.BidiStreamingServer[ferryv1.ChannelRequest, ferryv1.ChannelResponse]) error {
-	return inc.receiveChunks(func(in *wire.InChunk) error {
+	return inc.receiveChunks(func(in *chunkwire.InChunk) error {
 		if err := stream.RecvMsg(in); err != nil {
 			return err
 		}
@@ -231,8 +232,8 @@ func (inc *incoming) receive(stream grpc.BidiStreamingServer[ferryv1.ChannelRequ
 // connection, until next returns io.EOF (the source's clean end: nil) or
 // another error (returned). A chunk the session refuses fails the whole
 // migration.
-func (inc *incoming) receiveChunks(next func(*wire.InChunk) error) error {
-	var in wire.InChunk
+func (inc *incoming) receiveChunks(next func(*chunkwire.InChunk) error) error {
+	var in chunkwire.InChunk
 	for {
 		if err := next(&in); err != nil {
 			if errors.Is(err, io.EOF) {
@@ -250,7 +251,7 @@ func (inc *incoming) receiveChunks(next func(*wire.InChunk) error) error {
 
 // accept validates one chunk and hands it to its device's reassembly. It
 // owns in.Data: kept, or freed.
-func (inc *incoming) accept(in *wire.InChunk) (err error) {
+func (inc *incoming) accept(in *chunkwire.InChunk) (err error) {
 	kept := false
 	defer func() {
 		if !kept {

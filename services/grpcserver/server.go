@@ -2,6 +2,7 @@ package grpcserver
 
 import (
 	"context"
+	"github.com/vfio-ferry/ferry/services/chunkwire"
 	"github.com/vfio-ferry/ferry/services/peerauth"
 	"github.com/vfio-ferry/ferry/services/wire"
 	"log/slog"
@@ -32,7 +33,7 @@ type Config struct {
 	// Metrics, when set, counts calls and messages.
 	Metrics *grpcprom.ServerMetrics
 	// Pool receives chunk payloads.
-	Pool *wire.Pool
+	Pool *chunkwire.Pool
 	// Access, when not nil, says which client identities may call which
 	// services (see peerauth.AccessRule); health and reflection stay open, and a
 	// service no rule names is refused to everyone. Nil: no
@@ -59,7 +60,7 @@ func New(cfg Config) *Server {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
 	if cfg.Pool == nil {
-		cfg.Pool = wire.NewPool()
+		cfg.Pool = chunkwire.NewPool()
 	}
 	logOpts := []logging.Option{logging.WithLogOnEvents(logging.FinishCall)}
 	loggable := selector.MatchFunc(func(_ context.Context, c interceptors.CallMeta) bool {
@@ -88,9 +89,9 @@ func New(cfg Config) *Server {
 
 	s := grpc.NewServer(
 		grpc.Creds(peerauth.LogRefusedHandshakes(cfg.Creds, cfg.Logger)),
-		grpc.ForceServerCodecV2(wire.ServerCodec{Codec: wire.NewCodec(cfg.Pool)}),
+		grpc.ForceServerCodecV2(chunkwire.ServerCodec{Codec: chunkwire.NewCodec(cfg.Pool)}),
 		// gRPC reads DATA frames into buffers from the Ferry pool, which
-		// does not zero them; the codec keeps them as the chunk (see wire.Pool
+		// does not zero them; the codec keeps them as the chunk (see chunkwire.Pool
 		// and InChunk).
 		experimental.BufferPool(cfg.Pool),
 		grpc.WriteBufferSize(writeBufferSize),
@@ -155,16 +156,16 @@ const writeBufferSize = 256 << 10
 // DialOptions are the options for a client connection to an agent: the
 // codec (so chunks take the fast path), message limits and keepalives that
 // notice a dead peer on an idle connection.
-func DialOptions(creds credentials.TransportCredentials, pool *wire.Pool) []grpc.DialOption {
+func DialOptions(creds credentials.TransportCredentials, pool *chunkwire.Pool) []grpc.DialOption {
 	if pool == nil {
-		pool = wire.NewPool()
+		pool = chunkwire.NewPool()
 	}
 	return []grpc.DialOption{
 		grpc.WithTransportCredentials(creds),
 		experimental.WithBufferPool(pool),
 		grpc.WithWriteBufferSize(writeBufferSize),
 		grpc.WithDefaultCallOptions(
-			grpc.ForceCodecV2(wire.NewCodec(pool)),
+			grpc.ForceCodecV2(chunkwire.NewCodec(pool)),
 			grpc.MaxCallRecvMsgSize(wire.MaxRecvMsgSize),
 			grpc.MaxCallSendMsgSize(wire.MaxRecvMsgSize),
 		),

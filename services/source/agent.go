@@ -18,6 +18,7 @@ import (
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/chunkwire"
 	"github.com/vfio-ferry/ferry/services/deviceapi"
 	"github.com/vfio-ferry/ferry/services/telemetry"
 	"github.com/vfio-ferry/ferry/services/wire"
@@ -28,7 +29,7 @@ type Config struct {
 	// Registry opens and owns the devices.
 	Registry *vfio.Registry
 	// Pool holds chunk buffers.
-	Pool *wire.Pool
+	Pool *chunkwire.Pool
 	// Logger gets one line per phase change.
 	Logger *slog.Logger
 	// PeerCreds are the transport credentials for dialling destination
@@ -76,7 +77,7 @@ func New(cfg Config) (*Agent, error) {
 		return nil, errors.New("source: peer transport credentials are required")
 	}
 	if cfg.Pool == nil {
-		cfg.Pool = wire.NewPool()
+		cfg.Pool = chunkwire.NewPool()
 	}
 	if cfg.ReconnectTimeout == 0 {
 		cfg.ReconnectTimeout = DefaultReconnectTimeout
@@ -206,7 +207,7 @@ func validateStart(req *ferryv1.StartMigrationRequest) error {
 			return wire.Errorf(codes.InvalidArgument, wire.ReasonInvalidArgument, "switchover_deadline must be more than 0 and at most %s", maxSwitchoverDeadline)
 		}
 	}
-	if _, err := wire.NewDigest(req.GetDigest()); err != nil {
+	if _, err := chunkwire.NewDigest(req.GetDigest()); err != nil {
 		return wire.Errorf(codes.InvalidArgument, wire.ReasonInvalidArgument, "%v", err)
 	}
 	return nil

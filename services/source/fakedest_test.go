@@ -16,6 +16,7 @@ import (
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/chunkwire"
 	"github.com/vfio-ferry/ferry/services/grpcserver"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
@@ -90,7 +91,7 @@ func (f *fakeDest) counts() (aborts, commits int) {
 func serveFake(t *testing.T, f *fakeDest) string {
 	t.Helper()
 	f.aborted = make(chan struct{})
-	srv := grpcserver.New(grpcserver.Config{Creds: insecure.NewCredentials(), Pool: wire.NewPool()})
+	srv := grpcserver.New(grpcserver.Config{Creds: insecure.NewCredentials(), Pool: chunkwire.NewPool()})
 	ferryv1.RegisterTransferServer(srv.GRPC, f)
 	srv.Ready()
 	lis, err := net.Listen("tcp", "127.0.0.1:0")

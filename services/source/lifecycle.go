@@ -15,6 +15,7 @@ import (
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/flow"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/chunkwire"
 	"github.com/vfio-ferry/ferry/services/deviceapi"
 	"github.com/vfio-ferry/ferry/services/grpcserver"
 	"github.com/vfio-ferry/ferry/services/wire"
@@ -230,7 +231,7 @@ func (m *migration) stream(ctx context.Context, transfer ferryv1.TransferClient,
 	for i, d := range m.devs {
 		w := opened.GetWindows()[i]
 		d.gate = flow.NewGate(d.clamp(flow.Window{LimitSeq: w.GetLimitSeq(), LimitOffset: w.GetLimitOffset()}))
-		d.digest, _ = wire.NewDigest(m.req.GetDigest())
+		d.digest, _ = chunkwire.NewDigest(m.req.GetDigest())
 		queueCap += int(min(d.capChunks, 1<<12))
 	}
 	m.mu.Unlock()

@@ -11,8 +11,8 @@ import (
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/chunkwire"
 	"github.com/vfio-ferry/ferry/services/deviceapi"
-	"github.com/vfio-ferry/ferry/services/wire"
 )
 
 // readDevice reads one device's state to its end on a goroutine of its
@@ -60,7 +60,7 @@ func (m *migration) readNext(d *srcDevice, seq, off uint64) (*outChunk, error) {
 		bp := pool.Get(int(m.chunkSize))
 		// The CRC is computed as the device is read, while the bytes
 		// are in cache.
-		n, crc, rerr := wire.ReadCRC32C(d.stream, *bp, wire.DevicePiece)
+		n, crc, rerr := chunkwire.ReadCRC32C(d.stream, *bp, chunkwire.DevicePiece)
 		eof := errors.Is(rerr, io.EOF) || errors.Is(rerr, io.ErrUnexpectedEOF)
 		if rerr != nil && !eof {
 			pool.Put(bp)

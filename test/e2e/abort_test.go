@@ -9,6 +9,7 @@ import (
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/chunkwire"
 	"github.com/vfio-ferry/ferry/services/dest"
 	"github.com/vfio-ferry/ferry/services/deviceapi"
 	"github.com/vfio-ferry/ferry/services/grpcserver"
@@ -50,7 +51,7 @@ func TestOpenAnswerLost(t *testing.T) {
 	a := startAgents(t, dest.Config{})
 	ctx := t.Context()
 	front := &lostOpenFront{dest: a.transfer, served: make(chan struct{})}
-	srv := grpcserver.New(grpcserver.Config{Creds: insecure.NewCredentials(), Pool: wire.NewPool()})
+	srv := grpcserver.New(grpcserver.Config{Creds: insecure.NewCredentials(), Pool: chunkwire.NewPool()})
 	ferryv1.RegisterTransferServer(srv.GRPC, front)
 	srv.Ready()
 	frontAddr := serveOn(t, srv.GRPC)

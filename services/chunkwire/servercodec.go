@@ -1,6 +1,7 @@
-package wire
+package chunkwire
 
 import (
+	"github.com/vfio-ferry/ferry/services/wire"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/mem"
 )
@@ -25,7 +26,7 @@ func (c ServerCodec) Unmarshal(data mem.BufferSlice, v any) error {
 		in.Data.Free()
 		in.Msg.Reset()
 		in.Data = nil
-		in.Err = Errorf(codes.InvalidArgument, ReasonBadChunk, "malformed chunk message (%d bytes): %v", data.Len(), err)
+		in.Err = wire.Errorf(codes.InvalidArgument, wire.ReasonBadChunk, "malformed chunk message (%d bytes): %v", data.Len(), err)
 	}
 	return nil
 }
