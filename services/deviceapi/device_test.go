@@ -93,9 +93,9 @@ func TestListOpensNothing(t *testing.T) {
 	})
 }
 
-// TestDeviceErrorStuck checks that a stuck device's error reads as
+// TestErrorStuck checks that a stuck device's error reads as
 // DEVICE_STUCK, also when it is the reason a device is busy.
-func TestDeviceErrorStuck(t *testing.T) {
+func TestErrorStuck(t *testing.T) {
 	for _, err := range []error{vfio.ErrStuck, fmt.Errorf("held: %w: %w", vfio.ErrBusy, vfio.ErrStuck)} {
 		got := Error("pci:0000:3b:00.2", "acquire", err)
 		if wire.Reason(got) != wire.ReasonDeviceStuck || status.Code(got) != codes.Unavailable {
