@@ -7,7 +7,7 @@ BUF       := $(GO) tool -modfile=tools/go.mod buf
 FUZZTIME  ?= 20000x
 # Packages with fuzz targets, and the targets in each: `pkg:Target`.
 FUZZ      := ./pkg/size:FuzzParse ./pkg/vfio:FuzzParseSpec ./pkg/flow:FuzzWindowDelivery \
-             ./services/wire:FuzzCodecUnmarshal ./services/wire:FuzzDirectReader ./services/wire:FuzzWindowUpdate \
+             ./services/chunkwire:FuzzCodecUnmarshal ./services/chunkwire:FuzzDirectReader ./services/wire:FuzzWindowUpdate \
              ./services/dest:FuzzOpenRequest ./services/dest:FuzzAccept ./services/source:FuzzStartMigration
 
 .PHONY: help
@@ -85,7 +85,7 @@ bench: ## ferry against raw TCP in the same run (docs/performance.md)
 
 .PHONY: bench-go
 bench-go: ## the Go benchmarks of the hot paths
-	$(GO) test -run '^$$' -bench . -benchmem ./services/wire ./services/dest ./services/source ./pkg/flow ./pkg/vfio
+	$(GO) test -run '^$$' -bench . -benchmem ./services/chunkwire ./services/dest ./services/source ./pkg/flow ./pkg/vfio
 
 .PHONY: vm-test
 vm-test: ## boot Debian's 6.1 kernel under QEMU and migrate real VFIO (mdev) device state in it

@@ -25,6 +25,7 @@ import (
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/services/dest"
+	"github.com/vfio-ferry/ferry/services/grpcserver"
 	"github.com/vfio-ferry/ferry/services/wire"
 	"github.com/vfio-ferry/ferry/services/wire/wiretest"
 )
@@ -203,7 +204,7 @@ func (p *agentProc) logText() string {
 
 func dialAgent(t *testing.T, addr string) *grpc.ClientConn {
 	t.Helper()
-	conn, err := grpc.NewClient(addr, wire.DialOptions(insecure.NewCredentials(), nil)...)
+	conn, err := grpc.NewClient(addr, grpcserver.DialOptions(insecure.NewCredentials(), nil)...)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -25,10 +25,11 @@ import (
 	"google.golang.org/grpc/reflection"
 
 	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/chunkwire"
 	"github.com/vfio-ferry/ferry/services/dest"
+	"github.com/vfio-ferry/ferry/services/grpcserver"
 	"github.com/vfio-ferry/ferry/services/source"
 	"github.com/vfio-ferry/ferry/services/telemetry"
-	"github.com/vfio-ferry/ferry/services/wire"
 )
 
 // agentFlags are the flags every agent command takes.
@@ -191,7 +192,7 @@ func runRoles(ctx context.Context, name, synopsis, listen string, r roles, args 
 	regOpts.OpTimeout = af.deviceTimeout
 	reg := vfio.NewRegistry(regOpts)
 	defer reg.Close()
-	pool := wire.NewPool()
+	pool := chunkwire.NewPool()
 	metrics, promReg := af.metrics()
 	var served []servedAgent
 	if r.dest {
@@ -261,13 +262,13 @@ const stopTimeout = 10 * time.Second
 // with UNAVAILABLE, running ones get --drain-timeout to end and are then
 // aborted with the rollback rule, and the servers stop. Agents are closed
 // in the order given.
-func serve(ctx context.Context, af *agentFlags, creds credentials.TransportCredentials, pool *wire.Pool, log *slog.Logger, role string, metrics *telemetry.Metrics, promReg *prometheus.Registry, agents ...servedAgent) error {
+func serve(ctx context.Context, af *agentFlags, creds credentials.TransportCredentials, pool *chunkwire.Pool, log *slog.Logger, role string, metrics *telemetry.Metrics, promReg *prometheus.Registry, agents ...servedAgent) error {
 	tuneAgentGC()
 	var serverMetrics *grpcprom.ServerMetrics
 	if metrics != nil {
 		serverMetrics = metrics.Server
 	}
-	srv := wire.NewServer(wire.ServerConfig{Creds: creds, Logger: log, Metrics: serverMetrics, Pool: pool,
+	srv := grpcserver.New(grpcserver.Config{Creds: creds, Logger: log, Metrics: serverMetrics, Pool: pool,
 		Access: af.sec.access(), NoReflection: !af.sec.reflection})
 	for _, a := range agents {
 		a.Register(srv.GRPC)
@@ -377,7 +378,7 @@ func serve(ctx context.Context, af *agentFlags, creds credentials.TransportCrede
 // drain turns readiness off, refuses new migrations, waits up to timeout
 // (or until a second SIGTERM or interrupt) for the running ones, then
 // closes the agents, which aborts (rolls back) what still runs.
-func drain(log *slog.Logger, srv *wire.Server, timeout time.Duration, agents []servedAgent) {
+func drain(log *slog.Logger, srv *grpcserver.Server, timeout time.Duration, agents []servedAgent) {
 	dctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	// A second signal cuts the wait short. It is caught from here on,

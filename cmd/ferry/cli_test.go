@@ -20,8 +20,9 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/services/peerauth"
+	"github.com/vfio-ferry/ferry/services/peerauth/peerauthtest"
 	"github.com/vfio-ferry/ferry/services/wire"
-	"github.com/vfio-ferry/ferry/services/wire/wiretest"
 )
 
 // fakeSource is a SourceAgent client whose watches follow a script: each
@@ -365,8 +366,8 @@ func TestCodeNames(t *testing.T) {
 // TestPlaintextClientAgainstTLS: the error of a plaintext client at a TLS
 // agent says that the agent expects TLS.
 func TestPlaintextClientAgainstTLS(t *testing.T) {
-	ca := wiretest.NewCA(t, "ferry test CA")
-	server, _, err := wire.AgentTLS(ca.Issue(t, "127.0.0.1", "localhost"))
+	ca := peerauthtest.NewCA(t, "ferry test CA")
+	server, _, err := peerauth.AgentTLS(ca.Issue(t, "127.0.0.1", "localhost"))
 	if err != nil {
 		t.Fatal(err)
 	}

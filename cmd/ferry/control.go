@@ -16,6 +16,8 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/services/chunkwire"
+	"github.com/vfio-ferry/ferry/services/grpcserver"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
 
@@ -102,7 +104,7 @@ func newMigrationID() string {
 // for failures of the control plane itself; a migration that ran and
 // failed is a result with Verified false.
 func migrate(ctx context.Context, p plan, progress func(*ferryv1.Migration)) (*result, error) {
-	opts := wire.DialOptions(p.creds, wire.NewPool())
+	opts := grpcserver.DialOptions(p.creds, chunkwire.NewPool())
 	dconn, err := grpc.NewClient(p.destAddr, opts...)
 	if err != nil {
 		return nil, fmt.Errorf("destination %s: %w", p.destAddr, err)
@@ -178,7 +180,7 @@ func drive(ctx context.Context, p plan, dst ferryv1.DestAgentClient, src ferryv1
 		incoming = resp.GetMigration()
 	}
 	if final.GetPhase() != ferryv1.MigrationPhase_MIGRATION_PHASE_SUCCEEDED &&
-		(incoming == nil || !isFinal(incoming.GetPhase())) {
+		(incoming == nil || !wire.Final(incoming.GetPhase())) {
 		cancelIncoming()
 		if resp, err := dst.GetIncoming(c, &ferryv1.GetIncomingRequest{MigrationId: p.id}); err == nil {
 			incoming = resp.GetMigration()
@@ -233,7 +235,7 @@ func follow(ctx context.Context, src ferryv1.SourceAgentClient, id string, progr
 		resp, gerr := src.GetMigration(cctx, &ferryv1.GetMigrationRequest{MigrationId: id})
 		cancel()
 		switch {
-		case gerr == nil && isFinal(resp.GetMigration().GetPhase()):
+		case gerr == nil && wire.Final(resp.GetMigration().GetPhase()):
 			if progress != nil {
 				progress(resp.GetMigration())
 			}
@@ -269,7 +271,7 @@ func watch(ctx context.Context, src ferryv1.SourceAgentClient, id string, progre
 	for {
 		resp, err := stream.Recv()
 		if errors.Is(err, io.EOF) {
-			if last == nil || !isFinal(last.GetPhase()) {
+			if last == nil || !wire.Final(last.GetPhase()) {
 				return last, wire.Errorf(codes.Unavailable, "", "the watch ended before the migration did")
 			}
 			return last, nil
@@ -281,16 +283,10 @@ func watch(ctx context.Context, src ferryv1.SourceAgentClient, id string, progre
 		if progress != nil {
 			progress(last)
 		}
-		if isFinal(last.GetPhase()) {
+		if wire.Final(last.GetPhase()) {
 			return last, nil
 		}
 	}
-}
-
-func isFinal(p ferryv1.MigrationPhase) bool {
-	return p == ferryv1.MigrationPhase_MIGRATION_PHASE_SUCCEEDED ||
-		p == ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED ||
-		p == ferryv1.MigrationPhase_MIGRATION_PHASE_CANCELLED
 }
 
 // summarize builds the result from the source's and the destination's
@@ -368,7 +364,7 @@ func nextStep(m, incoming *ferryv1.Migration, verified bool) string {
 		// The source committed but the destination did not confirm.
 		return "the source committed the migration, so the destination owns the devices, but the destination did not report them verified " +
 			"(ask it: DestAgent.GetIncoming " + m.GetId() + "); do not run the VM on the source"
-	case !isFinal(phase):
+	case !wire.Final(phase):
 		return "the migration's end is unknown: ask the source (SourceAgent.GetMigration " + m.GetId() + "), which owns the commit. " +
 			"Run the VM on the destination only once the source reports SUCCEEDED"
 	case m.GetOwner() == ferryv1.DeviceOwner_DEVICE_OWNER_DESTINATION:
@@ -379,7 +375,7 @@ func nextStep(m, incoming *ferryv1.Migration, verified bool) string {
 			why = "run it again when wanted"
 		}
 		next := "the VM keeps its devices on the source host (back in RUNNING); " + why + ", with a new --id"
-		if incoming != nil && !isFinal(incoming.GetPhase()) {
+		if incoming != nil && !wire.Final(incoming.GetPhase()) {
 			next += "; the destination still reports " + phaseName(incoming.GetPhase()) + ": cancel it with DestAgent.CancelIncoming " + m.GetId()
 		}
 		return next

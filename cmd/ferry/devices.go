@@ -13,7 +13,8 @@ import (
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/size"
-	"github.com/vfio-ferry/ferry/services/wire"
+	"github.com/vfio-ferry/ferry/services/chunkwire"
+	"github.com/vfio-ferry/ferry/services/grpcserver"
 )
 
 func runDevices(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -36,7 +37,7 @@ func runDevices(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	if err != nil {
 		return usageError(err)
 	}
-	conn, err := grpc.NewClient(*addr, wire.DialOptions(creds, wire.NewPool())...)
+	conn, err := grpc.NewClient(*addr, grpcserver.DialOptions(creds, chunkwire.NewPool())...)
 	if err != nil {
 		return err
 	}

@@ -11,7 +11,8 @@ import (
 	"google.golang.org/protobuf/encoding/protojson"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
-	"github.com/vfio-ferry/ferry/services/wire"
+	"github.com/vfio-ferry/ferry/services/chunkwire"
+	"github.com/vfio-ferry/ferry/services/grpcserver"
 )
 
 // releaseHelp is what `ferry help release` says beyond the flags.
@@ -51,7 +52,7 @@ func runRelease(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	if err != nil {
 		return usageError(err)
 	}
-	conn, err := grpc.NewClient(*addr, wire.DialOptions(creds, wire.NewPool())...)
+	conn, err := grpc.NewClient(*addr, grpcserver.DialOptions(creds, chunkwire.NewPool())...)
 	if err != nil {
 		return fmt.Errorf("source %s: %w", *addr, err)
 	}

@@ -12,7 +12,7 @@ import (
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
-	"github.com/vfio-ferry/ferry/services/wire"
+	"github.com/vfio-ferry/ferry/services/peerauth"
 )
 
 // securityFlags are an agent's transport, authorization and device
@@ -26,7 +26,7 @@ import (
 //
 // An agent refuses to start without either TLS or --insecure.
 type securityFlags struct {
-	tls          wire.TLSFiles
+	tls          peerauth.TLSFiles
 	insecure     bool
 	allowClients csvListFlag
 	allowPeers   csvListFlag
@@ -57,10 +57,10 @@ func (f *securityFlags) check() error {
 			return fmt.Errorf("--devices: %w", err)
 		}
 	}
-	if err := wire.ValidateAllowed("--allow-client", f.allowClients); err != nil {
+	if err := peerauth.ValidateAllowed("--allow-client", f.allowClients); err != nil {
 		return err
 	}
-	if err := wire.ValidateAllowed("--allow-peer", f.allowPeers); err != nil {
+	if err := peerauth.ValidateAllowed("--allow-peer", f.allowPeers); err != nil {
 		return err
 	}
 	switch {
@@ -91,16 +91,16 @@ func (f *securityFlags) transport() (server, client credentials.TransportCredent
 	if f.insecure {
 		return insecure.NewCredentials(), insecure.NewCredentials(), nil
 	}
-	return wire.AgentTLS(f.tls)
+	return peerauth.AgentTLS(f.tls)
 }
 
 // access is the authorization of the agent's server: nil (none) on
 // plaintext.
-func (f *securityFlags) access() []wire.AccessRule {
+func (f *securityFlags) access() []peerauth.AccessRule {
 	if f.insecure {
 		return nil
 	}
-	return []wire.AccessRule{
+	return []peerauth.AccessRule{
 		{
 			Services: []string{ferryv1.SourceAgent_ServiceDesc.ServiceName, ferryv1.DestAgent_ServiceDesc.ServiceName},
 			Allow:    f.allowClients,
@@ -137,7 +137,7 @@ func (f *securityFlags) logSummary(log *slog.Logger, allowSim bool) {
 // command (ferry migrate, ferry devices): its client certificate, or
 // --insecure.
 type clientSecurityFlags struct {
-	tls        wire.TLSFiles
+	tls        peerauth.TLSFiles
 	insecure   bool
 	serverName string
 }
@@ -159,7 +159,7 @@ func (f *clientSecurityFlags) creds() (credentials.TransportCredentials, error) 
 	case !f.tls.Configured():
 		return nil, errors.New("no transport security configured: give --tls-cert, --tls-key and --tls-ca (mutual TLS), or --insecure for agents that serve plaintext")
 	}
-	c, err := wire.ClientTLS(f.tls, f.serverName)
+	c, err := peerauth.ClientTLS(f.tls, f.serverName)
 	if err != nil {
 		return nil, err
 	}

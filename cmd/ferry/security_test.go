@@ -7,7 +7,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/vfio-ferry/ferry/services/wire/wiretest"
+	"github.com/vfio-ferry/ferry/services/peerauth/peerauthtest"
 )
 
 func parseSecurity(t *testing.T, servesTransfer bool, args ...string) (*securityFlags, error) {
@@ -23,7 +23,7 @@ func parseSecurity(t *testing.T, servesTransfer bool, args ...string) (*security
 }
 
 func TestSecurityFlags(t *testing.T) {
-	ca := wiretest.NewCA(t, "ferry test CA")
+	ca := peerauthtest.NewCA(t, "ferry test CA")
 	agent := ca.Issue(t, "localhost", "spiffe://ferry.test/agent")
 	tlsArgs := []string{"--tls-cert", agent.Cert, "--tls-key", agent.Key, "--tls-ca", agent.CA}
 	with := func(extra ...string) []string { return append(slices.Clone(tlsArgs), extra...) }
@@ -75,7 +75,7 @@ func TestSecurityFlagLists(t *testing.T) {
 	if f.access() != nil {
 		t.Fatal("plaintext agents get authorization rules")
 	}
-	ca := wiretest.NewCA(t, "ferry test CA")
+	ca := peerauthtest.NewCA(t, "ferry test CA")
 	agent := ca.Issue(t, "localhost")
 	f, err = parseSecurity(t, true, "--tls-cert", agent.Cert, "--tls-key", agent.Key, "--tls-ca", agent.CA,
 		"--allow-client", "spiffe://a/cp,ops.example", "--allow-peer", "spiffe://a/agent")
@@ -104,7 +104,7 @@ func TestClientSecurityFlags(t *testing.T) {
 		_, err := f.creds()
 		return err
 	}
-	ca := wiretest.NewCA(t, "ferry test CA")
+	ca := peerauthtest.NewCA(t, "ferry test CA")
 	c := ca.Issue(t, "spiffe://ferry.test/cp")
 	if err := parse(); err == nil || !strings.Contains(err.Error(), "--insecure") {
 		t.Errorf("no flags: %v", err)

@@ -43,6 +43,7 @@ import (
 
 	"github.com/vfio-ferry/ferry/pkg/ephemeralca"
 	"github.com/vfio-ferry/ferry/pkg/size"
+	"github.com/vfio-ferry/ferry/services/peerauth"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
 
@@ -63,7 +64,7 @@ type config struct {
 // made for the run: the agents' (also the raw TCP peers') and the control
 // plane's. A nil *certs is a plaintext run; its methods say so.
 type certs struct {
-	agent, client wire.TLSFiles
+	agent, client peerauth.TLSFiles
 }
 
 // The identities in the bench's certificates.
@@ -86,7 +87,7 @@ func newCerts(dir string) (*certs, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &certs{agent: wire.TLSFiles(agent), client: wire.TLSFiles(client)}, nil
+	return &certs{agent: peerauth.TLSFiles(agent), client: peerauth.TLSFiles(client)}, nil
 }
 
 // agentArgs are an agent's security flags: mutual TLS with the run's
@@ -115,7 +116,7 @@ func (t *certs) clientCreds() (credentials.TransportCredentials, error) {
 	if t == nil {
 		return insecure.NewCredentials(), nil
 	}
-	c, err := wire.ClientTLS(t.client, "")
+	c, err := peerauth.ClientTLS(t.client, "")
 	if err != nil {
 		return nil, err
 	}

@@ -17,7 +17,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/vfio-ferry/ferry/pkg/vfio"
-	"github.com/vfio-ferry/ferry/services/wire"
+	"github.com/vfio-ferry/ferry/services/peerauth"
 )
 
 // The raw TCP baseline: the least a transfer of device state over N
@@ -31,7 +31,7 @@ import (
 // the device work Ferry does; what they leave out is everything Ferry adds
 // (gRPC, HTTP/2, protobuf headers, CRC32C, digests, windows,
 // acknowledgements, reassembly). With `ferry bench --tls` every connection
-// carries the agents' TLS 1.3 configuration (wire.ServerTLS, wire.ClientTLS)
+// carries the agents' TLS 1.3 configuration (peerauth.ServerTLS, peerauth.ClientTLS)
 // with the run's certificates, so the ratio still isolates what Ferry adds.
 //
 // Since each side knows the schedule, no sequence number is needed: the
@@ -108,7 +108,7 @@ type rawPeer struct {
 	rate      string
 	// tls, when configured, puts mutual TLS on every connection, as
 	// `ferry bench --tls` does for Ferry's.
-	tls wire.TLSFiles
+	tls peerauth.TLSFiles
 
 	streams []vfio.DataStream
 	devs    []*vfio.SimDevice
@@ -303,7 +303,7 @@ func RunPeer(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	sz := fs.Uint64("size", 1<<30, "bytes per device")
 	chunk := fs.Int("chunk-size", 1<<20, "chunk size")
 	rate := fs.String("rate", "", "device read cap")
-	var files wire.TLSFiles
+	var files peerauth.TLSFiles
 	fs.StringVar(&files.Cert, "tls-cert", "", "certificate (mutual TLS when given)")
 	fs.StringVar(&files.Key, "tls-key", "", "its key")
 	fs.StringVar(&files.CA, "tls-ca", "", "the CA")
@@ -352,7 +352,7 @@ func (p *rawPeer) send(ctx context.Context, addr string) (peerResult, error) {
 	var tlsConf *tls.Config
 	if p.tls.Configured() {
 		var err error
-		if tlsConf, err = wire.ClientTLS(p.tls, "127.0.0.1"); err != nil {
+		if tlsConf, err = peerauth.ClientTLS(p.tls, "127.0.0.1"); err != nil {
 			return res, err
 		}
 	}
@@ -456,7 +456,7 @@ func (p *rawPeer) recv(ctx context.Context, ready func(addr string) error) (peer
 	var tlsConf *tls.Config
 	if p.tls.Configured() {
 		var err error
-		if tlsConf, err = wire.ServerTLS(p.tls); err != nil {
+		if tlsConf, err = peerauth.ServerTLS(p.tls); err != nil {
 			return res, err
 		}
 	}

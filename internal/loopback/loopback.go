@@ -14,9 +14,11 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/chunkwire"
 	"github.com/vfio-ferry/ferry/services/dest"
+	"github.com/vfio-ferry/ferry/services/grpcserver"
+	"github.com/vfio-ferry/ferry/services/peerauth"
 	"github.com/vfio-ferry/ferry/services/source"
-	"github.com/vfio-ferry/ferry/services/wire"
 )
 
 // Config configures Start.
@@ -44,8 +46,8 @@ type Config struct {
 type TLS struct {
 	DestCreds, SourceCreds credentials.TransportCredentials
 	SourcePeerCreds        credentials.TransportCredentials
-	DestAccess             []wire.AccessRule
-	SourceAccess           []wire.AccessRule
+	DestAccess             []peerauth.AccessRule
+	SourceAccess           []peerauth.AccessRule
 }
 
 // Agents are the two running agents.
@@ -57,7 +59,7 @@ type Agents struct {
 	// DestRegistry and SourceRegistry hold the agents' devices.
 	DestRegistry, SourceRegistry *vfio.Registry
 
-	dsrv, ssrv *wire.Server
+	dsrv, ssrv *grpcserver.Server
 	dataLis    net.Listener
 	serving    chan error // one per Serve and ServeData, when it returns
 	serves     int
@@ -71,7 +73,7 @@ func Start(cfg Config) (*Agents, error) {
 		log = slog.New(slog.DiscardHandler)
 	}
 	dcreds, screds, peer := credentials.TransportCredentials(insecure.NewCredentials()), credentials.TransportCredentials(insecure.NewCredentials()), credentials.TransportCredentials(insecure.NewCredentials())
-	var daccess, saccess []wire.AccessRule
+	var daccess, saccess []peerauth.AccessRule
 	if t := cfg.TLS; t != nil {
 		dcreds, screds, peer = t.DestCreds, t.SourceCreds, t.SourcePeerCreds
 		daccess, saccess = t.DestAccess, t.SourceAccess
@@ -102,7 +104,7 @@ func Start(cfg Config) (*Agents, error) {
 		a.SourceRegistry.Close()
 		a.DestRegistry.Close()
 	}
-	dpool, spool := wire.NewPool(), wire.NewPool()
+	dpool, spool := chunkwire.NewPool(), chunkwire.NewPool()
 	dcfg, scfg := cfg.Dest, cfg.Source
 	dcfg.Registry, dcfg.Pool = a.DestRegistry, dpool
 	scfg.Registry, scfg.Pool, scfg.PeerCreds = a.SourceRegistry, spool, peer
@@ -124,10 +126,10 @@ func Start(cfg Config) (*Agents, error) {
 		return fail(err)
 	}
 	a.Dest, a.Source = da, sa
-	a.dsrv = wire.NewServer(wire.ServerConfig{Creds: dcreds, Logger: log, Pool: dpool, Access: daccess})
+	a.dsrv = grpcserver.New(grpcserver.Config{Creds: dcreds, Logger: log, Pool: dpool, Access: daccess})
 	da.Register(a.dsrv.GRPC)
 	a.dsrv.Ready()
-	a.ssrv = wire.NewServer(wire.ServerConfig{Creds: screds, Logger: log, Pool: spool, Access: saccess})
+	a.ssrv = grpcserver.New(grpcserver.Config{Creds: screds, Logger: log, Pool: spool, Access: saccess})
 	sa.Register(a.ssrv.GRPC)
 	a.ssrv.Ready()
 	a.DestAddr, a.SourceAddr = lis[0].Addr().String(), lis[1].Addr().String()

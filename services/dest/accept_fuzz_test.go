@@ -13,6 +13,7 @@ import (
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/chunkwire"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
 
@@ -92,11 +93,11 @@ func (s *fuzzStates) streamRecords(src, dev int) [][]byte {
 	if src == 2 {
 		sel = 0x80
 	}
-	digest, _ := wire.NewDigest(ferryv1.DigestAlgorithm_DIGEST_ALGORITHM_UNSPECIFIED)
+	digest, _ := chunkwire.NewDigest(ferryv1.DigestAlgorithm_DIGEST_ALGORITHM_UNSPECIFIED)
 	var recs [][]byte
 	for k := range fuzzChunks {
 		c := s.payloadOf(sel | byte(k))
-		digest.Add(uint64(k*fuzzChunk), c, wire.CRC32C(c))
+		digest.Add(uint64(k*fuzzChunk), c, chunkwire.CRC32C(c))
 		recs = append(recs, record(sel|byte(k), &ferryv1.ChannelRequest{Device: uint32(dev), Seq: uint64(k), Offset: uint64(k * fuzzChunk), Kind: ferryv1.ChunkKind_CHUNK_KIND_DATA}))
 	}
 	return append(recs, record(0x0f, &ferryv1.ChannelRequest{Device: uint32(dev), Seq: fuzzChunks, Offset: fuzzDevSize, Kind: ferryv1.ChunkKind_CHUNK_KIND_END,
@@ -195,7 +196,7 @@ func play(t *testing.T, s *fuzzStates, b []byte, wait bool) *ferryv1.Migration {
 		t.Fatal(err)
 	}
 	inc, _ := a.lookup("fuzz")
-	codec := wire.NewCodec(wire.NewPool())
+	codec := chunkwire.NewCodec(chunkwire.NewPool())
 	for len(b) >= 2 {
 		sel, n := b[0], int(b[1])
 		b = b[2:]
@@ -211,9 +212,9 @@ func play(t *testing.T, s *fuzzStates, b []byte, wait bool) *ferryv1.Migration {
 		} else {
 			payload := s.payloadOf(sel)
 			if hdr.Crc32C == 0 && payload != nil {
-				hdr.Crc32C = wire.CRC32C(payload)
+				hdr.Crc32C = chunkwire.CRC32C(payload)
 			}
-			out := &wire.OutChunk{Header: &hdr}
+			out := &chunkwire.OutChunk{Header: &hdr}
 			if payload != nil {
 				out.Payload = mem.SliceBuffer(payload)
 			}
@@ -224,7 +225,7 @@ func play(t *testing.T, s *fuzzStates, b []byte, wait bool) *ferryv1.Migration {
 			msg = enc.Materialize()
 			enc.Free()
 		}
-		var in wire.InChunk
+		var in chunkwire.InChunk
 		err := codec.Unmarshal(mem.BufferSlice{mem.SliceBuffer(msg)}, &in)
 		if err != nil {
 			// The agents' server codec refuses it so (wire.serverCodec).

@@ -18,6 +18,7 @@ import (
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/flow"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/chunkwire"
 	"github.com/vfio-ferry/ferry/services/telemetry"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
@@ -28,7 +29,7 @@ type Config struct {
 	Registry *vfio.Registry
 	// Pool holds chunk buffers (the same pool the server's codec receives
 	// into).
-	Pool *wire.Pool
+	Pool *chunkwire.Pool
 	// Logger gets one line per phase change.
 	Logger *slog.Logger
 	// MaxChunks is the default and largest per-device window in chunks
@@ -69,7 +70,7 @@ func (c *Config) setDefaults() error {
 		return errors.New("dest: a device registry is required")
 	}
 	if c.Pool == nil {
-		c.Pool = wire.NewPool()
+		c.Pool = chunkwire.NewPool()
 	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
@@ -114,7 +115,7 @@ type Agent struct {
 	draining   bool // set by Drain: new migrations are refused
 	// dataKeys are the Channel streams waiting for their direct data
 	// connection, by key (direct.go).
-	dataKeys map[[wire.DataKeyLen]byte]*dataAttach
+	dataKeys map[[chunkwire.DataKeyLen]byte]*dataAttach
 	// dataPort is the direct data listener's port while ServeData runs.
 	dataPort atomic.Uint32
 
@@ -141,7 +142,7 @@ func New(cfg Config) (*Agent, error) {
 		sessions:  make(map[string]*incoming),
 		preparing: make(map[string]*pendingPrepare),
 		acquire:   cfg.Registry.Acquire,
-		dataKeys:  make(map[[wire.DataKeyLen]byte]*dataAttach),
+		dataKeys:  make(map[[chunkwire.DataKeyLen]byte]*dataAttach),
 		ctx:       ctx,
 		cancel:    cancel,
 	}, nil

@@ -8,11 +8,12 @@ import (
 	"google.golang.org/grpc/codes"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/services/peerauth"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
 
 // A prepared migration's token admits one Open; the session it opens is
-// bound to the source identity that opened it (wire.PeerIdentity: the
+// bound to the source identity that opened it (peerauth.PeerIdentity: the
 // SANs of the verified client certificate), so a session id that leaks
 // is of no use to another agent. On plaintext connections every caller
 // has the empty identity and the binding checks nothing: TLS is what
@@ -58,7 +59,7 @@ func (a *Agent) tokenIncoming(ctx context.Context, id, token string) (*incoming,
 // checkPeer refuses a caller that is not the identity that opened the
 // session. The refusal does not name the owner; the log does.
 func (inc *incoming) checkPeer(ctx context.Context) error {
-	caller := wire.PeerIdentity(ctx).String()
+	caller := peerauth.PeerIdentity(ctx).String()
 	inc.mu.Lock()
 	owner := inc.peer
 	inc.mu.Unlock()

@@ -10,6 +10,8 @@ import (
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/chunkwire"
+	"github.com/vfio-ferry/ferry/services/deviceapi"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
 
@@ -35,11 +37,11 @@ func (h *harness) verified(id string, seed int) string {
 func streamState(t *testing.T, st channel, seed int) {
 	t.Helper()
 	state := sourceState(t, seed)
-	digest, _ := wire.NewDigest(ferryv1.DigestAlgorithm_DIGEST_ALGORITHM_UNSPECIFIED)
+	digest, _ := chunkwire.NewDigest(ferryv1.DigestAlgorithm_DIGEST_ALGORITHM_UNSPECIFIED)
 	for i := range testSize / testChunk {
 		c := state[i*testChunk : (i+1)*testChunk]
 		send(t, st, dataChunk(uint64(i), c), c)
-		digest.Add(uint64(i*testChunk), c, wire.CRC32C(c))
+		digest.Add(uint64(i*testChunk), c, chunkwire.CRC32C(c))
 	}
 	send(t, st, &ferryv1.ChannelRequest{Seq: testSize / testChunk, Offset: testSize, Kind: ferryv1.ChunkKind_CHUNK_KIND_END,
 		TotalBytes: testSize, TotalChunks: testSize / testChunk, Digest: digest.Sum()}, nil)
@@ -57,7 +59,7 @@ func (h *harness) get(id string) *ferryv1.Migration {
 // device is the registry's view of spec(seed).
 func (h *harness) device(seed int) vfio.DeviceInfo {
 	h.t.Helper()
-	canon, _ := wire.CanonicalSpec(spec(seed))
+	canon, _ := deviceapi.CanonicalSpec(spec(seed))
 	for _, d := range h.reg.List() {
 		if d.Spec == canon {
 			return d
@@ -239,15 +241,15 @@ func TestVerifiedIsNeverResolvedByTheDestination(t *testing.T) {
 		}
 		inc := openSession(t, a, "alone", spec(1), testChunk, 1)
 		state := sourceState(t, 1)
-		digest, _ := wire.NewDigest(ferryv1.DigestAlgorithm_DIGEST_ALGORITHM_UNSPECIFIED)
+		digest, _ := chunkwire.NewDigest(ferryv1.DigestAlgorithm_DIGEST_ALGORITHM_UNSPECIFIED)
 		for i := range testSize / testChunk {
 			c := state[i*testChunk : (i+1)*testChunk]
-			digest.Add(uint64(i*testChunk), c, wire.CRC32C(c))
+			digest.Add(uint64(i*testChunk), c, chunkwire.CRC32C(c))
 			if err := inc.accept(inChunk(t, dataChunk(uint64(i), c), c)); err != nil {
 				t.Fatal(err)
 			}
 		}
-		end := &wire.InChunk{}
+		end := &chunkwire.InChunk{}
 		end.Msg = ferryv1.ChannelRequest{Seq: 4, Offset: testSize, Kind: ferryv1.ChunkKind_CHUNK_KIND_END, TotalBytes: testSize, TotalChunks: 4, Digest: digest.Sum()}
 		if err := inc.accept(end); err != nil {
 			t.Fatal(err)
@@ -293,14 +295,14 @@ func TestVerifiedIsNeverResolvedByTheDestination(t *testing.T) {
 }
 
 // inChunk is hdr and data as the codec decodes them.
-func inChunk(t *testing.T, hdr *ferryv1.ChannelRequest, data []byte) *wire.InChunk {
+func inChunk(t *testing.T, hdr *ferryv1.ChannelRequest, data []byte) *chunkwire.InChunk {
 	t.Helper()
-	codec := wire.NewCodec(wire.NewPool())
-	out, err := codec.Marshal(&wire.OutChunk{Header: hdr, Payload: mem.SliceBuffer(data)})
+	codec := chunkwire.NewCodec(chunkwire.NewPool())
+	out, err := codec.Marshal(&chunkwire.OutChunk{Header: hdr, Payload: mem.SliceBuffer(data)})
 	if err != nil {
 		t.Fatal(err)
 	}
-	in := &wire.InChunk{}
+	in := &chunkwire.InChunk{}
 	if err := codec.Unmarshal(out, in); err != nil {
 		t.Fatal(err)
 	}

@@ -17,6 +17,7 @@ import (
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/flow"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/deviceapi"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
 
@@ -27,7 +28,7 @@ type controlServer struct {
 }
 
 func (s *controlServer) ListDevices(context.Context, *ferryv1.ListDevicesRequest) (*ferryv1.ListDevicesResponse, error) {
-	return wire.ListDevices(s.a.cfg.Registry), nil
+	return deviceapi.List(s.a.cfg.Registry), nil
 }
 
 func (s *controlServer) PrepareIncoming(ctx context.Context, req *ferryv1.PrepareIncomingRequest) (*ferryv1.PrepareIncomingResponse, error) {
@@ -138,7 +139,7 @@ func (a *Agent) prepare(ctx context.Context, req *ferryv1.PrepareIncomingRequest
 	specs := make([]string, len(req.GetDevices()))
 	seen := make(map[string]bool, len(specs))
 	for i, raw := range req.GetDevices() {
-		spec, err := wire.CanonicalSpec(raw)
+		spec, err := deviceapi.CanonicalSpec(raw)
 		if err != nil {
 			return nil, err
 		}
@@ -300,7 +301,7 @@ func (a *Agent) openDevices(req *ferryv1.PrepareIncomingRequest, specs []string,
 		dev, release, err := a.acquire(spec, inc.id)
 		if err != nil {
 			undo()
-			return nil, wire.DeviceError(spec, "open", err)
+			return nil, deviceapi.Error(spec, "open", err)
 		}
 		d := &devStream{index: i, spec: spec, dev: dev, release: release, notify: make(chan struct{}, 1), turn: make(chan struct{}, 1)}
 		inc.devs = append(inc.devs, d)
@@ -311,7 +312,7 @@ func (a *Agent) openDevices(req *ferryv1.PrepareIncomingRequest, specs []string,
 		stream, err := dev.SetState(vfio.StateResuming)
 		if err != nil {
 			undo()
-			return nil, wire.DeviceError(spec, "enter RESUMING", err)
+			return nil, deviceapi.Error(spec, "enter RESUMING", err)
 		}
 		if stream == nil {
 			undo()

@@ -12,11 +12,13 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/status"
 
+	"github.com/vfio-ferry/ferry/services/chunkwire"
+	"github.com/vfio-ferry/ferry/services/peerauth"
 	"github.com/vfio-ferry/ferry/services/telemetry"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
 
-// Direct data connections (wire.DirectMagic) carry a channel's chunks
+// Direct data connections (chunkwire.DirectMagic) carry a channel's chunks
 // beside its Channel stream, without HTTP/2. The agent offers them in
 // OpenResponse.data_port when it serves a data listener (ServeData) and
 // the source asks for them. Each Channel stream of such a session hands
@@ -38,7 +40,7 @@ const maxDataHandshakes = 64
 // dataAttach is a Channel stream waiting for its data connection.
 type dataAttach struct {
 	inc  *incoming
-	key  [wire.DataKeyLen]byte
+	key  [chunkwire.DataKeyLen]byte
 	conn chan net.Conn // 1-buffered; receives the attached connection
 	// dropped is set, under Agent.mu, once the stream has ended: a
 	// connection that spent the key just before is closed, not handed on.
@@ -111,7 +113,7 @@ func (a *Agent) attachData(raw net.Conn, creds credentials.TransportCredentials)
 		raw.Close()
 		return
 	}
-	key, err := wire.ReadDirectPreamble(conn)
+	key, err := chunkwire.ReadDirectPreamble(conn)
 	if err != nil {
 		log.Warn("direct data connection refused", "error", err)
 		a.cfg.Metrics.DataConnection(telemetry.RoleDest, telemetry.DataRefusedPreamble)
@@ -126,7 +128,7 @@ func (a *Agent) attachData(raw net.Conn, creds credentials.TransportCredentials)
 		conn.Close()
 		return
 	}
-	caller := wire.AuthIdentity(auth).String()
+	caller := peerauth.AuthIdentity(auth).String()
 	at.inc.mu.Lock()
 	owner := at.inc.peer
 	at.inc.mu.Unlock()
@@ -169,7 +171,7 @@ func (a *Agent) newDataKey(inc *incoming) *dataAttach {
 
 // takeDataKey spends key: it returns the stream it attaches to (nil for
 // an unknown or spent key) and forgets it.
-func (a *Agent) takeDataKey(key [wire.DataKeyLen]byte) *dataAttach {
+func (a *Agent) takeDataKey(key [chunkwire.DataKeyLen]byte) *dataAttach {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	at := a.dataKeys[key]
@@ -196,12 +198,12 @@ func (a *Agent) dropDataKey(at *dataAttach) {
 
 // receiveDirect reads chunks from a channel's data connection and accepts
 // them, until the connection ends (see receiveChunks).
-func (inc *incoming) receiveDirect(conn net.Conn, pool *wire.Pool) error {
+func (inc *incoming) receiveDirect(conn net.Conn, pool *chunkwire.Pool) error {
 	inc.mu.Lock()
 	chunkSize := inc.chunkSize
 	inc.mu.Unlock()
-	r := wire.NewDirectReader(conn, pool, int(chunkSize))
-	return inc.receiveChunks(func(in *wire.InChunk) error {
+	r := chunkwire.NewDirectReader(conn, pool, int(chunkSize))
+	return inc.receiveChunks(func(in *chunkwire.InChunk) error {
 		err := r.Read(in)
 		if err == nil || errors.Is(err, io.EOF) || wire.Reason(err) != "" {
 			return err // a chunk, the end, or a frame that breaks the protocol

@@ -15,6 +15,9 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/services/chunkwire"
+	"github.com/vfio-ferry/ferry/services/peerauth"
+	"github.com/vfio-ferry/ferry/services/peerauth/peerauthtest"
 	"github.com/vfio-ferry/ferry/services/wire"
 	"github.com/vfio-ferry/ferry/services/wire/wiretest"
 )
@@ -66,7 +69,7 @@ func openDirect(t *testing.T, ctl ferryv1.DestAgentClient, tr ferryv1.TransferCl
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(first.GetDataKey()) != wire.DataKeyLen {
+	if len(first.GetDataKey()) != chunkwire.DataKeyLen {
 		t.Fatalf("first response: a data key of %d bytes", len(first.GetDataKey()))
 	}
 	return st, first.GetDataKey()
@@ -100,16 +103,16 @@ func closedByPeer(conn net.Conn) bool {
 }
 
 // sendState sends spec(seed)'s whole state and END on w.
-func sendState(t *testing.T, w *wire.DirectWriter, seed int) {
+func sendState(t *testing.T, w *chunkwire.DirectWriter, seed int) {
 	t.Helper()
 	state := sourceState(t, seed)
-	digest, _ := wire.NewDigest(ferryv1.DigestAlgorithm_DIGEST_ALGORITHM_UNSPECIFIED)
+	digest, _ := chunkwire.NewDigest(ferryv1.DigestAlgorithm_DIGEST_ALGORITHM_UNSPECIFIED)
 	for i := range testSize / testChunk {
 		c := state[i*testChunk : (i+1)*testChunk]
 		if err := w.Write(dataChunk(uint64(i), c), c); err != nil {
 			t.Fatal(err)
 		}
-		digest.Add(uint64(i*testChunk), c, wire.CRC32C(c))
+		digest.Add(uint64(i*testChunk), c, chunkwire.CRC32C(c))
 	}
 	n := uint64(testSize / testChunk)
 	if err := w.Write(&ferryv1.ChannelRequest{Seq: n, Offset: testSize, Kind: ferryv1.ChunkKind_CHUNK_KIND_END, TotalBytes: testSize, TotalChunks: n, Digest: digest.Sum()}, nil); err != nil {
@@ -191,17 +194,17 @@ func TestDirectData(t *testing.T) {
 	if c := dataConn(t, daddr, nil, "NOTFERRY", key); !closedByPeer(c) {
 		t.Error("a connection with another magic stays open")
 	}
-	other := make([]byte, wire.DataKeyLen)
-	if c := dataConn(t, daddr, nil, wire.DirectMagic, other); !closedByPeer(c) {
+	other := make([]byte, chunkwire.DataKeyLen)
+	if c := dataConn(t, daddr, nil, chunkwire.DirectMagic, other); !closedByPeer(c) {
 		t.Error("a connection with an unknown key stays open")
 	}
 	// The right key (still unspent: the refused connections did not spend
 	// it) carries the whole migration.
-	sendState(t, wire.NewDirectWriter(dataConn(t, daddr, nil, wire.DirectMagic, key)), 1)
+	sendState(t, chunkwire.NewDirectWriter(dataConn(t, daddr, nil, chunkwire.DirectMagic, key)), 1)
 	if m := commitVerified(t, ctl, tr, "honest", sessionOf(t, agent, "honest")); m.GetPhase() != ferryv1.MigrationPhase_MIGRATION_PHASE_SUCCEEDED || !m.GetDevices()[0].GetVerified() {
 		t.Fatalf("the honest session ended %v: %v", m.GetPhase(), m.GetError())
 	}
-	if c := dataConn(t, daddr, nil, wire.DirectMagic, key); !closedByPeer(c) {
+	if c := dataConn(t, daddr, nil, chunkwire.DirectMagic, key); !closedByPeer(c) {
 		t.Error("a spent key attaches a second connection")
 	}
 
@@ -222,7 +225,7 @@ func TestDirectData(t *testing.T) {
 	} {
 		id := "bad-frame-" + strconv.Itoa(i)
 		st, key := openDirect(t, ctl, tr, id, 10+i)
-		c := dataConn(t, daddr, nil, wire.DirectMagic, key)
+		c := dataConn(t, daddr, nil, chunkwire.DirectMagic, key)
 		if _, err := c.Write(tc.frame); err != nil {
 			t.Fatal(err)
 		}
@@ -233,7 +236,7 @@ func TestDirectData(t *testing.T) {
 
 	// A chunk whose bytes do not match its CRC fails the migration.
 	st, key := openDirect(t, ctl, tr, "bad-crc", 20)
-	w := wire.NewDirectWriter(dataConn(t, daddr, nil, wire.DirectMagic, key))
+	w := chunkwire.NewDirectWriter(dataConn(t, daddr, nil, chunkwire.DirectMagic, key))
 	state := sourceState(t, 20)[:testChunk]
 	hdr := dataChunk(0, state)
 	hdr.Crc32C++
@@ -249,15 +252,15 @@ func TestDirectData(t *testing.T) {
 }
 
 func TestDirectDataIsBoundToTheSourceIdentity(t *testing.T) {
-	ca := wiretest.NewCA(t, "ferry test CA")
-	screds, _, err := wire.AgentTLS(ca.Issue(t, "localhost", "127.0.0.1", "spiffe://ferry.test/node-dest"))
+	ca := peerauthtest.NewCA(t, "ferry test CA")
+	screds, _, err := peerauth.AgentTLS(ca.Issue(t, "localhost", "127.0.0.1", "spiffe://ferry.test/node-dest"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	addr, agent, _ := serveAgent(t, screds, nil)
 	daddr := serveData(t, agent, screds)
 	tlsAs := func(sans ...string) *tls.Config {
-		c, err := wire.ClientTLS(ca.Issue(t, sans...), "127.0.0.1")
+		c, err := peerauth.ClientTLS(ca.Issue(t, sans...), "127.0.0.1")
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -269,11 +272,11 @@ func TestDirectDataIsBoundToTheSourceIdentity(t *testing.T) {
 
 	st, key := openDirect(t, ctl, tr, "bound", 1)
 	// Another identity with the stream's key is refused (and spends it).
-	if c := dataConn(t, daddr, tlsAs(sourceB), wire.DirectMagic, key); !closedByPeer(c) {
+	if c := dataConn(t, daddr, tlsAs(sourceB), chunkwire.DirectMagic, key); !closedByPeer(c) {
 		t.Error("another identity's data connection stays open")
 	}
 	// Plaintext is no way in either.
-	if c := dataConn(t, daddr, nil, wire.DirectMagic, key); !closedByPeer(c) {
+	if c := dataConn(t, daddr, nil, chunkwire.DirectMagic, key); !closedByPeer(c) {
 		t.Error("a plaintext data connection stays open on a TLS agent")
 	}
 	// The source itself, on a new stream of the session (its own key),
@@ -288,7 +291,7 @@ func TestDirectDataIsBoundToTheSourceIdentity(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	sendState(t, wire.NewDirectWriter(dataConn(t, daddr, a, wire.DirectMagic, first.GetDataKey())), 1)
+	sendState(t, chunkwire.NewDirectWriter(dataConn(t, daddr, a, chunkwire.DirectMagic, first.GetDataKey())), 1)
 	if m := commitVerified(t, ctl, tr, "bound", session); m.GetPhase() != ferryv1.MigrationPhase_MIGRATION_PHASE_SUCCEEDED {
 		t.Fatalf("the source's own connection: the migration ended %v: %v", m.GetPhase(), m.GetError())
 	}

@@ -27,8 +27,11 @@ import (
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/chunkwire"
+	"github.com/vfio-ferry/ferry/services/grpcserver"
+	"github.com/vfio-ferry/ferry/services/peerauth"
+	"github.com/vfio-ferry/ferry/services/peerauth/peerauthtest"
 	"github.com/vfio-ferry/ferry/services/wire"
-	"github.com/vfio-ferry/ferry/services/wire/wiretest"
 )
 
 // The tests in this file send a live destination agent what no honest
@@ -39,15 +42,15 @@ import (
 
 // serveAgent runs a destination agent on loopback with creds and access
 // rules, as `ferry dest` wires it.
-func serveAgent(t *testing.T, creds credentials.TransportCredentials, access []wire.AccessRule) (string, *Agent, *vfio.Registry) {
+func serveAgent(t *testing.T, creds credentials.TransportCredentials, access []peerauth.AccessRule) (string, *Agent, *vfio.Registry) {
 	t.Helper()
 	reg := vfio.NewRegistry(vfio.RegistryOptions{AllowSim: true})
-	pool := wire.NewPool()
+	pool := chunkwire.NewPool()
 	agent, err := New(Config{Registry: reg, Pool: pool, MaxChunks: 8, MaxBytes: 128 << 10, MemoryBudget: 64 << 20})
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := wire.NewServer(wire.ServerConfig{Creds: creds, Pool: pool, Access: access})
+	srv := grpcserver.New(grpcserver.Config{Creds: creds, Pool: pool, Access: access})
 	agent.Register(srv.GRPC)
 	srv.Ready()
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
@@ -70,7 +73,7 @@ func serveAgent(t *testing.T, creds credentials.TransportCredentials, access []w
 
 func dialAgent(t *testing.T, addr string, creds credentials.TransportCredentials) *grpc.ClientConn {
 	t.Helper()
-	conn, err := grpc.NewClient(addr, wire.DialOptions(creds, nil)...)
+	conn, err := grpc.NewClient(addr, grpcserver.DialOptions(creds, nil)...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -94,7 +97,7 @@ func openOne(t *testing.T, ctl ferryv1.DestAgentClient, tr ferryv1.TransferClien
 }
 
 func channelCtx(ctx context.Context, session string, index int) context.Context {
-	return metadata.AppendToOutgoingContext(ctx, HeaderSession, session, HeaderChannel, strconv.Itoa(index))
+	return metadata.AppendToOutgoingContext(ctx, wire.HeaderSession, session, wire.HeaderChannel, strconv.Itoa(index))
 }
 
 // completeHonestly sends the whole state of spec(seed) and its END on a
@@ -108,11 +111,11 @@ func completeHonestly(t *testing.T, ctl ferryv1.DestAgentClient, tr ferryv1.Tran
 	if err != nil {
 		t.Fatal(err)
 	}
-	digest, _ := wire.NewDigest(ferryv1.DigestAlgorithm_DIGEST_ALGORITHM_UNSPECIFIED)
+	digest, _ := chunkwire.NewDigest(ferryv1.DigestAlgorithm_DIGEST_ALGORITHM_UNSPECIFIED)
 	for i := range 4 {
 		c := state[i*testChunk : (i+1)*testChunk]
 		send(t, st, dataChunk(uint64(i), c), c)
-		digest.Add(uint64(i*testChunk), c, wire.CRC32C(c))
+		digest.Add(uint64(i*testChunk), c, chunkwire.CRC32C(c))
 	}
 	send(t, st, &ferryv1.ChannelRequest{Seq: 4, Offset: testSize, Kind: ferryv1.ChunkKind_CHUNK_KIND_END, TotalBytes: testSize, TotalChunks: 4, Digest: digest.Sum()}, nil)
 	last := commitVerified(t, ctl, tr, id, session)
@@ -284,7 +287,7 @@ func rawFrameStatus(t *testing.T, addr, session string, index int, frame []byte)
 	enc := hpack.NewEncoder(&block)
 	for _, f := range [][2]string{
 		{":method", "POST"}, {":scheme", "http"}, {":path", ferryv1.Transfer_Channel_FullMethodName}, {":authority", addr},
-		{"content-type", "application/grpc"}, {"te", "trailers"}, {HeaderSession, session}, {HeaderChannel, strconv.Itoa(index)},
+		{"content-type", "application/grpc"}, {"te", "trailers"}, {wire.HeaderSession, session}, {wire.HeaderChannel, strconv.Itoa(index)},
 	} {
 		enc.WriteField(hpack.HeaderField{Name: f[0], Value: f[1]})
 	}
@@ -351,17 +354,17 @@ const (
 )
 
 func TestSessionIsBoundToItsSourceIdentity(t *testing.T) {
-	ca := wiretest.NewCA(t, "ferry test CA")
-	screds, _, err := wire.AgentTLS(ca.Issue(t, "localhost", "127.0.0.1", "spiffe://ferry.test/node-dest"))
+	ca := peerauthtest.NewCA(t, "ferry test CA")
+	screds, _, err := peerauth.AgentTLS(ca.Issue(t, "localhost", "127.0.0.1", "spiffe://ferry.test/node-dest"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	addr, _, _ := serveAgent(t, screds, []wire.AccessRule{
+	addr, _, _ := serveAgent(t, screds, []peerauth.AccessRule{
 		{Services: []string{ferryv1.DestAgent_ServiceDesc.ServiceName}, Allow: []string{controlPlane}, Flag: "--allow-client"},
 		{Services: []string{ferryv1.Transfer_ServiceDesc.ServiceName}, Allow: []string{sourceA, sourceB}, Flag: "--allow-peer"},
 	})
 	as := func(sans ...string) *grpc.ClientConn {
-		c, err := wire.ClientTLS(ca.Issue(t, sans...), "")
+		c, err := peerauth.ClientTLS(ca.Issue(t, sans...), "")
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -15,6 +15,9 @@ import (
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/chunkwire"
+	"github.com/vfio-ferry/ferry/services/deviceapi"
+	"github.com/vfio-ferry/ferry/services/grpcserver"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
 
@@ -39,12 +42,12 @@ type harness struct {
 func newHarness(t *testing.T) *harness {
 	t.Helper()
 	reg := vfio.NewRegistry(vfio.RegistryOptions{AllowSim: true})
-	pool := wire.NewPool()
+	pool := chunkwire.NewPool()
 	agent, err := New(Config{Registry: reg, Pool: pool, MaxChunks: 8, MaxBytes: 128 << 10, MemoryBudget: 64 << 20})
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := wire.NewServer(wire.ServerConfig{Creds: insecure.NewCredentials(), Pool: pool})
+	srv := grpcserver.New(grpcserver.Config{Creds: insecure.NewCredentials(), Pool: pool})
 	agent.Register(srv.GRPC)
 	srv.Ready()
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
@@ -56,7 +59,7 @@ func newHarness(t *testing.T) *harness {
 		defer close(served)
 		srv.GRPC.Serve(lis)
 	}()
-	conn, err := grpc.NewClient(lis.Addr().String(), wire.DialOptions(insecure.NewCredentials(), wire.NewPool())...)
+	conn, err := grpc.NewClient(lis.Addr().String(), grpcserver.DialOptions(insecure.NewCredentials(), chunkwire.NewPool())...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -125,7 +128,7 @@ func stateOf(tb testing.TB, devSpec string) []byte {
 
 func send(t *testing.T, st channel, hdr *ferryv1.ChannelRequest, data []byte) {
 	t.Helper()
-	out := &wire.OutChunk{Header: hdr}
+	out := &chunkwire.OutChunk{Header: hdr}
 	if data != nil {
 		out.Payload = mem.SliceBuffer(data)
 	}
@@ -135,7 +138,7 @@ func send(t *testing.T, st channel, hdr *ferryv1.ChannelRequest, data []byte) {
 }
 
 func dataChunk(seq uint64, b []byte) *ferryv1.ChannelRequest {
-	return &ferryv1.ChannelRequest{Seq: seq, Offset: seq * testChunk, Kind: ferryv1.ChunkKind_CHUNK_KIND_DATA, Crc32C: wire.CRC32C(b)}
+	return &ferryv1.ChannelRequest{Seq: seq, Offset: seq * testChunk, Kind: ferryv1.ChunkKind_CHUNK_KIND_DATA, Crc32C: chunkwire.CRC32C(b)}
 }
 
 // streamError reads window updates until the stream fails.
@@ -291,9 +294,9 @@ func TestMisbehavingSource(t *testing.T) {
 	send(t, hc, dataChunk(3, chunk(3)), chunk(3))
 	send(t, hc, dataChunk(2, chunk(2)), chunk(2))
 	send(t, hc, dataChunk(1, chunk(1)), chunk(1)) // a resend: dropped
-	digest, _ := wire.NewDigest(ferryv1.DigestAlgorithm_DIGEST_ALGORITHM_UNSPECIFIED)
+	digest, _ := chunkwire.NewDigest(ferryv1.DigestAlgorithm_DIGEST_ALGORITHM_UNSPECIFIED)
 	for i := range 4 {
-		digest.Add(uint64(i*testChunk), chunk(i), wire.CRC32C(chunk(i)))
+		digest.Add(uint64(i*testChunk), chunk(i), chunkwire.CRC32C(chunk(i)))
 	}
 	send(t, hc, &ferryv1.ChannelRequest{Seq: 4, Offset: testSize, Kind: ferryv1.ChunkKind_CHUNK_KIND_END, TotalBytes: testSize, TotalChunks: 4, Digest: digest.Sum()}, nil)
 	verdict, err := h.transfer.Finish(t.Context(), &ferryv1.FinishRequest{SessionId: honest})
@@ -315,7 +318,7 @@ func (h *harness) waitReleased(id, devSpec string) {
 	inc := h.agent.incoming[id]
 	h.agent.mu.Unlock()
 	<-inc.done
-	canon, _ := wire.CanonicalSpec(devSpec)
+	canon, _ := deviceapi.CanonicalSpec(devSpec)
 	for _, d := range h.reg.List() {
 		if d.Spec == canon {
 			if d.State != vfio.StateRunning || d.Owner != "" {

@@ -18,15 +18,17 @@ import (
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/flow"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/chunkwire"
+	"github.com/vfio-ferry/ferry/services/deviceapi"
 	"github.com/vfio-ferry/ferry/services/telemetry"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
 
 // payload is what a reassembly slot holds: the chunk's bytes (references
-// to gRPC's receive buffers, see wire.InChunk) and the CRC32C already
+// to gRPC's receive buffers, see chunkwire.InChunk) and the CRC32C already
 // checked on arrival (the digest needs it again).
 type payload struct {
-	data *wire.Payload
+	data *chunkwire.Payload
 	crc  uint32
 }
 
@@ -58,7 +60,7 @@ type devStream struct {
 	peak               uint64
 	// writing is the payload of the chunk being written into the device:
 	// Drain leaves it to the writer, who frees it when the write returns.
-	writing *wire.Payload
+	writing *chunkwire.Payload
 	// orphaned: the clean-up found the device stuck in an operation and
 	// left it to whoever holds the write turn (see putTurn); reset is
 	// whether it must then be reset.
@@ -75,7 +77,7 @@ type devStream struct {
 	// and never gives it back: nobody writes again. The fields below are
 	// the turn holder's.
 	turn   chan struct{}
-	digest *wire.Digest
+	digest *chunkwire.Digest
 	// advSeq and advOff are the frontier when the feedback senders were
 	// last woken, at advTime; fbChunks and fbBytes how far it moves
 	// before they are woken again (see feedbackEvery).
@@ -206,15 +208,9 @@ func (inc *incoming) setPhase(p ferryv1.MigrationPhase) {
 	}
 }
 
-func final(p ferryv1.MigrationPhase) bool {
-	return p == ferryv1.MigrationPhase_MIGRATION_PHASE_SUCCEEDED ||
-		p == ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED ||
-		p == ferryv1.MigrationPhase_MIGRATION_PHASE_CANCELLED
-}
-
 // settled reports whether the verdict is in: VERIFIED or final.
 func settled(p ferryv1.MigrationPhase) bool {
-	return p == ferryv1.MigrationPhase_MIGRATION_PHASE_VERIFIED || final(p)
+	return p == ferryv1.MigrationPhase_MIGRATION_PHASE_VERIFIED || wire.Final(p)
 }
 
 // owner is which host holds the runnable copy of the devices in phase p
@@ -254,9 +250,9 @@ const (
 func (inc *incoming) fail(err error, phase ferryv1.MigrationPhase, kind failKind) ferryv1.MigrationPhase {
 	inc.mu.Lock()
 	cur := inc.phase
-	if final(cur) || (cur == ferryv1.MigrationPhase_MIGRATION_PHASE_VERIFIED && kind == failFound) {
+	if wire.Final(cur) || (cur == ferryv1.MigrationPhase_MIGRATION_PHASE_VERIFIED && kind == failFound) {
 		inc.mu.Unlock()
-		if !final(cur) {
+		if !wire.Final(cur) {
 			inc.log.Warn("failure ignored: the migration is verified and waits for the source's commit or abort", "error", wire.Message(err), "reason", wire.Reason(err))
 		}
 		return cur
@@ -596,7 +592,7 @@ func (inc *incoming) writeReadyLocked(d *devStream) (end flow.Chunk[payload], at
 		}
 		if werr != nil {
 			// The chunk stays held: the clean-up's Drain frees it.
-			return end, false, wire.DeviceError(d.spec, fmt.Sprintf("write chunk %d at byte %d", c.Seq, c.Offset), werr)
+			return end, false, deviceapi.Error(d.spec, fmt.Sprintf("write chunk %d at byte %d", c.Seq, c.Offset), werr)
 		}
 		c.Payload.data.Free()
 		d.written.Add(uint64(c.Len))
@@ -648,7 +644,7 @@ func feedbackEvery(l flow.Limits, chunkSize uint32) (chunks, bytes uint64) {
 	return chunks, bytes
 }
 
-func writePayload(w vfio.DataStream, p *wire.Payload) error {
+func writePayload(w vfio.DataStream, p *chunkwire.Payload) error {
 	for _, b := range p.Buffers() {
 		if err := writeAll(w, b.ReadOnlyData()); err != nil {
 			return err
@@ -751,7 +747,7 @@ func (inc *incoming) snapshot() (*ferryv1.Migration, bool, uint64) {
 			p.PeerDevice = srcDevs[i]
 		}
 		if s, err := d.dev.State(); err == nil {
-			p.State = wire.DeviceStateToProto(s)
+			p.State = deviceapi.StateToProto(s)
 		}
 		if e := d.errMsg.Load(); e != nil {
 			p.Error = *e
@@ -782,7 +778,7 @@ func (inc *incoming) snapshot() (*ferryv1.Migration, bool, uint64) {
 	if !sw.IsZero() && !verdict.IsZero() {
 		m.Downtime = durationpb.New(verdict.Sub(sw))
 	}
-	return m, final(m.Phase) && isClosed(inc.done), total
+	return m, wire.Final(m.Phase) && isClosed(inc.done), total
 }
 
 // touch records that the source sent something now.

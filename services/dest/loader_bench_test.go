@@ -9,7 +9,7 @@ import (
 	"google.golang.org/grpc/mem"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
-	"github.com/vfio-ferry/ferry/services/wire"
+	"github.com/vfio-ferry/ferry/services/chunkwire"
 )
 
 // framePool is a mem.BufferPool that never recycles: the benchmark wraps
@@ -77,28 +77,28 @@ type acceptRig struct {
 	tb       testing.TB
 	a        *Agent
 	spec     string
-	codec    *wire.Codec
+	codec    *chunkwire.Codec
 	frames   [][]*[]byte
 	sum      []byte
 	sessions int
 	inc      *incoming
-	in       *wire.InChunk
+	in       *chunkwire.InChunk
 	slice    mem.BufferSlice
 	next     int
 }
 
 func newAcceptRig(tb testing.TB) *acceptRig {
 	spec := fmt.Sprintf("sim:size=%d,seed=9", rigSize)
-	pool := wire.NewPool()
-	r := &acceptRig{tb: tb, a: simAgent(tb, pool, rigChunks, rigSize), spec: spec, codec: wire.NewCodec(pool), in: &wire.InChunk{}}
+	pool := chunkwire.NewPool()
+	r := &acceptRig{tb: tb, a: simAgent(tb, pool, rigChunks, rigSize), spec: spec, codec: chunkwire.NewCodec(pool), in: &chunkwire.InChunk{}}
 	state := stateOf(tb, spec)
-	digest, _ := wire.NewDigest(ferryv1.DigestAlgorithm_DIGEST_ALGORITHM_UNSPECIFIED)
+	digest, _ := chunkwire.NewDigest(ferryv1.DigestAlgorithm_DIGEST_ALGORITHM_UNSPECIFIED)
 	r.frames = make([][]*[]byte, rigChunks)
 	for i := range r.frames {
 		b := state[i*rigChunk : (i+1)*rigChunk]
-		crc := wire.CRC32C(b)
+		crc := chunkwire.CRC32C(b)
 		digest.Add(uint64(i*rigChunk), b, crc)
-		out, err := r.codec.Marshal(&wire.OutChunk{
+		out, err := r.codec.Marshal(&chunkwire.OutChunk{
 			Header:  &ferryv1.ChannelRequest{Seq: uint64(i), Offset: uint64(i * rigChunk), Kind: ferryv1.ChunkKind_CHUNK_KIND_DATA, Crc32C: crc},
 			Payload: mem.SliceBuffer(b),
 		})
@@ -147,7 +147,7 @@ func (r *acceptRig) chunk() {
 // renew ends the session with END, waits for its verdict and opens the
 // next.
 func (r *acceptRig) renew() {
-	end := &wire.InChunk{}
+	end := &chunkwire.InChunk{}
 	end.Msg = ferryv1.ChannelRequest{Seq: rigChunks, Offset: rigSize, Kind: ferryv1.ChunkKind_CHUNK_KIND_END, TotalBytes: rigSize, TotalChunks: rigChunks, Digest: r.sum}
 	if err := r.inc.accept(end); err != nil {
 		r.tb.Fatal(err)

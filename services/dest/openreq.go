@@ -8,6 +8,8 @@ import (
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/flow"
+	"github.com/vfio-ferry/ferry/services/chunkwire"
+	"github.com/vfio-ferry/ferry/services/deviceapi"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
 
@@ -79,7 +81,7 @@ func validateOpen(req *ferryv1.OpenRequest, p prepared, now time.Time) (openPara
 		return openParams{}, wire.Errorf(codes.InvalidArgument, wire.ReasonSpecMismatch, "the session names %d devices, %d were prepared", len(req.GetDevices()), len(p.devices))
 	}
 	for i, raw := range req.GetDevices() {
-		spec, err := wire.CanonicalSpec(raw)
+		spec, err := deviceapi.CanonicalSpec(raw)
 		if err != nil {
 			return openParams{}, err
 		}
@@ -95,7 +97,7 @@ func validateOpen(req *ferryv1.OpenRequest, p prepared, now time.Time) (openPara
 			return openParams{}, err
 		}
 	}
-	if _, err := wire.NewDigest(req.GetDigest()); err != nil {
+	if _, err := chunkwire.NewDigest(req.GetDigest()); err != nil {
 		return openParams{}, wire.Errorf(codes.InvalidArgument, wire.ReasonInvalidArgument, "%v", err)
 	}
 	return openParams{chunkSize: chunkSize, channels: channels}, nil

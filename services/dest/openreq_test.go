@@ -9,6 +9,7 @@ import (
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/flow"
+	"github.com/vfio-ferry/ferry/services/chunkwire"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
 
@@ -117,7 +118,7 @@ func FuzzOpenRequest(f *testing.F) {
 		if len(req.GetDevices()) != len(fuzzPrepared.devices) || len(req.GetSourceDevices()) > wire.MaxDevices {
 			t.Fatalf("accepted %d devices, %d source devices", len(req.GetDevices()), len(req.GetSourceDevices()))
 		}
-		if _, err := wire.NewDigest(req.GetDigest()); err != nil {
+		if _, err := chunkwire.NewDigest(req.GetDigest()); err != nil {
 			t.Fatalf("accepted digest %v", req.GetDigest())
 		}
 	})

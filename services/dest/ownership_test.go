@@ -9,6 +9,7 @@ import (
 	"google.golang.org/grpc/mem"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/services/chunkwire"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
 
@@ -21,7 +22,7 @@ func (p *countingPool) Put(*[]byte)     { p.puts.Add(1) }
 // A chunk that arrives after the clean-up drained the reassembly is
 // freed, not held where nobody will free it.
 func TestChunkAfterTheCleanupIsFreed(t *testing.T) {
-	pool := wire.NewPool()
+	pool := chunkwire.NewPool()
 	a := simAgent(t, pool, 8, 128<<10)
 	inc := openSession(t, a, "late-chunk", spec(1), testChunk, 1)
 	inc.fail(wire.Errorf(codes.Canceled, wire.ReasonCancelled, "cancelled"), ferryv1.MigrationPhase_MIGRATION_PHASE_CANCELLED, failAsked)
@@ -31,8 +32,8 @@ func TestChunkAfterTheCleanupIsFreed(t *testing.T) {
 	// that counts its return, as gRPC hands it over.
 	state := sourceState(t, 1)
 	b := state[testChunk : 2*testChunk]
-	codec := wire.NewCodec(pool)
-	out, err := codec.Marshal(&wire.OutChunk{Header: dataChunk(1, b), Payload: mem.SliceBuffer(b)})
+	codec := chunkwire.NewCodec(pool)
+	out, err := codec.Marshal(&chunkwire.OutChunk{Header: dataChunk(1, b), Payload: mem.SliceBuffer(b)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -40,7 +41,7 @@ func TestChunkAfterTheCleanupIsFreed(t *testing.T) {
 	out.Free()
 	var counting countingPool
 	slice := mem.BufferSlice{mem.NewBuffer(&msg, &counting)}
-	in := &wire.InChunk{}
+	in := &chunkwire.InChunk{}
 	if err := codec.Unmarshal(slice, in); err != nil {
 		t.Fatal(err)
 	}
@@ -58,7 +59,7 @@ func TestChunkAfterTheCleanupIsFreed(t *testing.T) {
 // devices held. Under the race detector a loader counted after the
 // clean-up's wait began was reported.
 func TestOpenRacingTheEnd(t *testing.T) {
-	a := simAgent(t, wire.NewPool(), 8, 128<<10)
+	a := simAgent(t, chunkwire.NewPool(), 8, 128<<10)
 	tr := &transferServer{a: a}
 	for i := range 200 {
 		id := "race-" + string(rune('A'+i%26)) + string(rune('a'+i/26))

@@ -11,6 +11,7 @@ import (
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/chunkwire"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
 
@@ -18,7 +19,7 @@ import (
 // first is still opening the devices, all get the first's answer: the
 // same migration and token, not DEVICE_BUSY.
 func TestConcurrentIdenticalPrepares(t *testing.T) {
-	a := simAgent(t, wire.NewPool(), 8, 128<<10)
+	a := simAgent(t, chunkwire.NewPool(), 8, 128<<10)
 	const retries = 8
 	for round := range 4 {
 		id := "concurrent-" + string(rune('a'+round))

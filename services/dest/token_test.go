@@ -13,6 +13,7 @@ import (
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/deviceapi"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
 
@@ -144,7 +145,7 @@ func TestTokenCompare(t *testing.T) {
 
 func canonical(t *testing.T, spec string) string {
 	t.Helper()
-	c, err := wire.CanonicalSpec(spec)
+	c, err := deviceapi.CanonicalSpec(spec)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -18,13 +18,9 @@ import (
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/flow"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/chunkwire"
+	"github.com/vfio-ferry/ferry/services/peerauth"
 	"github.com/vfio-ferry/ferry/services/wire"
-)
-
-// Metadata headers of a Channel stream.
-const (
-	HeaderSession = "ferry-session-id"
-	HeaderChannel = "ferry-channel"
 )
 
 // transferServer is the Transfer service.
@@ -44,18 +40,18 @@ func (s *transferServer) Open(ctx context.Context, req *ferryv1.OpenRequest) (*f
 		return nil, err
 	}
 	chunkSize, channels := params.chunkSize, params.channels
-	digests := make([]*wire.Digest, len(inc.devs))
+	digests := make([]*chunkwire.Digest, len(inc.devs))
 	for i := range digests {
-		digests[i], _ = wire.NewDigest(req.GetDigest()) // validated
+		digests[i], _ = chunkwire.NewDigest(req.GetDigest()) // validated
 	}
 
 	inc.mu.Lock()
-	if inc.sessionID != "" || final(inc.phase) {
+	if inc.sessionID != "" || wire.Final(inc.phase) {
 		inc.mu.Unlock()
 		return nil, wire.Errorf(codes.FailedPrecondition, wire.ReasonSessionState, "incoming migration %s was already opened (the token is single-use)", inc.id)
 	}
 	inc.sessionID = randomID()
-	inc.peer = wire.PeerIdentity(ctx).String()
+	inc.peer = peerauth.PeerIdentity(ctx).String()
 	inc.chunkSize, inc.channels, inc.digestAlg = chunkSize, channels, req.GetDigest()
 	inc.sourceDevices = slices.Clone(req.GetSourceDevices())
 	var dataPort uint32
@@ -102,16 +98,16 @@ func (s *transferServer) Open(ctx context.Context, req *ferryv1.OpenRequest) (*f
 func (s *transferServer) Channel(stream grpc.BidiStreamingServer[ferryv1.ChannelRequest, ferryv1.ChannelResponse]) error {
 	a := s.a
 	md, _ := metadata.FromIncomingContext(stream.Context())
-	inc, err := a.boundSession(stream.Context(), first(md.Get(HeaderSession)))
+	inc, err := a.boundSession(stream.Context(), first(md.Get(wire.HeaderSession)))
 	if err != nil {
 		return err
 	}
-	index, err := strconv.Atoi(first(md.Get(HeaderChannel)))
+	index, err := strconv.Atoi(first(md.Get(wire.HeaderChannel)))
 	inc.mu.Lock()
 	channels := int(inc.channels)
 	inc.mu.Unlock()
 	if err != nil || index < 0 || index >= channels {
-		return wire.Errorf(codes.InvalidArgument, wire.ReasonInvalidArgument, "header %s must be a channel index below %d", HeaderChannel, channels)
+		return wire.Errorf(codes.InvalidArgument, wire.ReasonInvalidArgument, "header %s must be a channel index below %d", wire.HeaderChannel, channels)
 	}
 	// A channel that connects again replaces its old stream, which may
 	// still look alive here (a connection that broke without a FIN).
@@ -224,7 +220,7 @@ func (inc *incoming) finalStatus() error {
 // receive reads chunks from a Channel stream until the source closes its
 // side or a chunk breaks the protocol (see receiveChunks).
 func (inc *incoming) receive(stream grpc.BidiStreamingServer[ferryv1.ChannelRequest, ferryv1.ChannelResponse]) error {
-	return inc.receiveChunks(func(in *wire.InChunk) error {
+	return inc.receiveChunks(func(in *chunkwire.InChunk) error {
 		if err := stream.RecvMsg(in); err != nil {
 			return err
 		}
@@ -236,8 +232,8 @@ func (inc *incoming) receive(stream grpc.BidiStreamingServer[ferryv1.ChannelRequ
 // connection, until next returns io.EOF (the source's clean end: nil) or
 // another error (returned). A chunk the session refuses fails the whole
 // migration.
-func (inc *incoming) receiveChunks(next func(*wire.InChunk) error) error {
-	var in wire.InChunk
+func (inc *incoming) receiveChunks(next func(*chunkwire.InChunk) error) error {
+	var in chunkwire.InChunk
 	for {
 		if err := next(&in); err != nil {
 			if errors.Is(err, io.EOF) {
@@ -255,7 +251,7 @@ func (inc *incoming) receiveChunks(next func(*wire.InChunk) error) error {
 
 // accept validates one chunk and hands it to its device's reassembly. It
 // owns in.Data: kept, or freed.
-func (inc *incoming) accept(in *wire.InChunk) (err error) {
+func (inc *incoming) accept(in *chunkwire.InChunk) (err error) {
 	kept := false
 	defer func() {
 		if !kept {
@@ -366,7 +362,7 @@ func (s *transferServer) SwitchoverStart(ctx context.Context, req *ferryv1.Switc
 	case phase == ferryv1.MigrationPhase_MIGRATION_PHASE_STOPCOPY || phase == ferryv1.MigrationPhase_MIGRATION_PHASE_FINISHING ||
 		phase == ferryv1.MigrationPhase_MIGRATION_PHASE_VERIFIED:
 		return &ferryv1.SwitchoverStartResponse{}, nil
-	case final(phase):
+	case wire.Final(phase):
 		return nil, inc.finalStatusOr(codes.FailedPrecondition)
 	}
 	inc.fbMu.Lock()

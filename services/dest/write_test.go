@@ -9,7 +9,7 @@ import (
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
-	"github.com/vfio-ferry/ferry/services/wire"
+	"github.com/vfio-ferry/ferry/services/chunkwire"
 )
 
 // The receiver whose chunk completes the frontier writes it into the
@@ -24,7 +24,7 @@ func TestReceiverWritesTheFrontier(t *testing.T) {
 			size    = nChunks * chunk
 		)
 		spec := fmt.Sprintf("sim:size=%d,seed=21", size)
-		pool := wire.NewPool()
+		pool := chunkwire.NewPool()
 		a := simAgent(t, pool, nChunks, size)
 		inc := openSession(t, a, "write", spec, chunk, 2)
 		d := inc.devs[0]
@@ -32,28 +32,28 @@ func TestReceiverWritesTheFrontier(t *testing.T) {
 		// The source's side: the device's state, chunk by chunk, as the
 		// codec decodes it.
 		state := stateOf(t, spec)
-		codec := wire.NewCodec(pool)
-		digest, _ := wire.NewDigest(ferryv1.DigestAlgorithm_DIGEST_ALGORITHM_UNSPECIFIED)
-		next := func(seq uint64) *wire.InChunk {
+		codec := chunkwire.NewCodec(pool)
+		digest, _ := chunkwire.NewDigest(ferryv1.DigestAlgorithm_DIGEST_ALGORITHM_UNSPECIFIED)
+		next := func(seq uint64) *chunkwire.InChunk {
 			t.Helper()
 			b := state[seq*chunk : (seq+1)*chunk]
-			crc := wire.CRC32C(b)
+			crc := chunkwire.CRC32C(b)
 			digest.Add(seq*chunk, b, crc)
-			out, err := codec.Marshal(&wire.OutChunk{
+			out, err := codec.Marshal(&chunkwire.OutChunk{
 				Header:  &ferryv1.ChannelRequest{Seq: seq, Offset: seq * chunk, Kind: ferryv1.ChunkKind_CHUNK_KIND_DATA, Crc32C: crc},
 				Payload: mem.SliceBuffer(b),
 			})
 			if err != nil {
 				t.Fatal(err)
 			}
-			in := &wire.InChunk{}
+			in := &chunkwire.InChunk{}
 			if err := codec.Unmarshal(out, in); err != nil {
 				t.Fatal(err)
 			}
 			out.Free()
 			return in
 		}
-		accept := func(in *wire.InChunk) {
+		accept := func(in *chunkwire.InChunk) {
 			t.Helper()
 			if err := inc.accept(in); err != nil {
 				t.Fatal(err)
@@ -94,7 +94,7 @@ func TestReceiverWritesTheFrontier(t *testing.T) {
 			t.Fatalf("%d chunks written once the frontier arrived, want 4", n)
 		}
 
-		end := &wire.InChunk{}
+		end := &chunkwire.InChunk{}
 		end.Msg = ferryv1.ChannelRequest{Seq: nChunks, Offset: size, Kind: ferryv1.ChunkKind_CHUNK_KIND_END, TotalBytes: size, TotalChunks: nChunks, Digest: digest.Sum()}
 		if err := inc.accept(end); err != nil {
 			t.Fatal(err)
@@ -121,7 +121,7 @@ func TestReceiverWritesTheFrontier(t *testing.T) {
 // simAgent is a destination agent on pool that takes simulated devices,
 // with windows of at most maxChunks chunks and maxBytes bytes, closed
 // when tb ends.
-func simAgent(tb testing.TB, pool *wire.Pool, maxChunks uint32, maxBytes uint64) *Agent {
+func simAgent(tb testing.TB, pool *chunkwire.Pool, maxChunks uint32, maxBytes uint64) *Agent {
 	tb.Helper()
 	reg := vfio.NewRegistry(vfio.RegistryOptions{AllowSim: true})
 	tb.Cleanup(func() { reg.Close() })

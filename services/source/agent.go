@@ -18,6 +18,8 @@ import (
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/chunkwire"
+	"github.com/vfio-ferry/ferry/services/deviceapi"
 	"github.com/vfio-ferry/ferry/services/telemetry"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
@@ -27,7 +29,7 @@ type Config struct {
 	// Registry opens and owns the devices.
 	Registry *vfio.Registry
 	// Pool holds chunk buffers.
-	Pool *wire.Pool
+	Pool *chunkwire.Pool
 	// Logger gets one line per phase change.
 	Logger *slog.Logger
 	// PeerCreds are the transport credentials for dialling destination
@@ -75,7 +77,7 @@ func New(cfg Config) (*Agent, error) {
 		return nil, errors.New("source: peer transport credentials are required")
 	}
 	if cfg.Pool == nil {
-		cfg.Pool = wire.NewPool()
+		cfg.Pool = chunkwire.NewPool()
 	}
 	if cfg.ReconnectTimeout == 0 {
 		cfg.ReconnectTimeout = DefaultReconnectTimeout
@@ -113,7 +115,7 @@ func (a *Agent) MemoryBudget() uint64 { return a.cfg.MemoryBudget }
 
 // ListDevices implements SourceAgent.
 func (a *Agent) ListDevices(context.Context, *ferryv1.ListDevicesRequest) (*ferryv1.ListDevicesResponse, error) {
-	return wire.ListDevices(a.cfg.Registry), nil
+	return deviceapi.List(a.cfg.Registry), nil
 }
 
 // StartMigration implements SourceAgent.
@@ -175,11 +177,11 @@ func validateStart(req *ferryv1.StartMigrationRequest) error {
 	}
 	seen := make(map[string]bool)
 	for i, p := range req.GetDevices() {
-		src, err := wire.CanonicalSpec(p.GetSourceDevice())
+		src, err := deviceapi.CanonicalSpec(p.GetSourceDevice())
 		if err != nil {
 			return wire.Errorf(codes.InvalidArgument, wire.ReasonInvalidArgument, "devices[%d].source_device: %s", i, wire.Message(err))
 		}
-		if _, err := wire.CanonicalSpec(p.GetDestDevice()); err != nil {
+		if _, err := deviceapi.CanonicalSpec(p.GetDestDevice()); err != nil {
 			return wire.Errorf(codes.InvalidArgument, wire.ReasonInvalidArgument, "devices[%d].dest_device: %s", i, wire.Message(err))
 		}
 		if seen[src] {
@@ -205,7 +207,7 @@ func validateStart(req *ferryv1.StartMigrationRequest) error {
 			return wire.Errorf(codes.InvalidArgument, wire.ReasonInvalidArgument, "switchover_deadline must be more than 0 and at most %s", maxSwitchoverDeadline)
 		}
 	}
-	if _, err := wire.NewDigest(req.GetDigest()); err != nil {
+	if _, err := chunkwire.NewDigest(req.GetDigest()); err != nil {
 		return wire.Errorf(codes.InvalidArgument, wire.ReasonInvalidArgument, "%v", err)
 	}
 	return nil
@@ -361,14 +363,14 @@ func (a *Agent) forgetOldLocked() {
 // ReleaseDevice implements SourceAgent: it gives an idle device back for
 // a new VM on this host (vfio.Registry.Recover).
 func (a *Agent) ReleaseDevice(ctx context.Context, req *ferryv1.ReleaseDeviceRequest) (*ferryv1.ReleaseDeviceResponse, error) {
-	spec, err := wire.CanonicalSpec(req.GetDevice())
+	spec, err := deviceapi.CanonicalSpec(req.GetDevice())
 	if err != nil {
 		return nil, err
 	}
 	info, err := a.cfg.Registry.Recover(spec, req.GetReset_())
 	if err != nil {
-		return nil, wire.DeviceError(spec, "release", err)
+		return nil, deviceapi.Error(spec, "release", err)
 	}
 	a.cfg.Logger.Info("device released", "device", spec, "reset", req.GetReset_(), "state", info.State.String())
-	return &ferryv1.ReleaseDeviceResponse{Device: wire.DeviceInfoToProto(info)}, nil
+	return &ferryv1.ReleaseDeviceResponse{Device: deviceapi.ToProto(info)}, nil
 }

@@ -16,6 +16,7 @@ import (
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/flow"
+	"github.com/vfio-ferry/ferry/services/chunkwire"
 	"github.com/vfio-ferry/ferry/services/telemetry"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
@@ -106,7 +107,7 @@ func (c *channel) run(ctx context.Context) error {
 func (c *channel) serve(ctx context.Context) (up bool, err error) {
 	sctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	sctx = metadata.AppendToOutgoingContext(sctx, headerSession, c.session, headerChannel, strconv.Itoa(int(c.index)))
+	sctx = metadata.AppendToOutgoingContext(sctx, wire.HeaderSession, c.session, wire.HeaderChannel, strconv.Itoa(int(c.index)))
 	st, err := c.client.Channel(sctx)
 	if err != nil {
 		return false, err
@@ -173,7 +174,7 @@ type sender struct {
 // reports why the stream ended.
 func (s *sender) run(ctx context.Context, st channelStream) {
 	c := s.c
-	out := &wire.OutChunk{}
+	out := &chunkwire.OutChunk{}
 	send := func(ch *outChunk) error {
 		out.Header, out.Payload = &ch.hdr, ch.payload
 		return st.SendMsg(out)
@@ -212,7 +213,7 @@ func (s *sender) run(ctx context.Context, st channelStream) {
 		// the stream.
 		stop := context.AfterFunc(ctx, func() { conn.Close() })
 		defer stop()
-		w := wire.NewDirectWriter(conn)
+		w := chunkwire.NewDirectWriter(conn)
 		send = func(ch *outChunk) error {
 			var payload []byte
 			if ch.payload != nil {
@@ -485,7 +486,7 @@ func (c *channel) dialData(ctx context.Context, key []byte) (net.Conn, error) {
 		raw.Close()
 		return nil, err
 	}
-	if err := wire.WriteDirectPreamble(conn, key); err != nil {
+	if err := chunkwire.WriteDirectPreamble(conn, key); err != nil {
 		conn.Close()
 		return nil, err
 	}
@@ -508,7 +509,7 @@ func (c *channel) receive(st channelStream, up *atomic.Bool, prog *progress, key
 		}
 		if key != nil && !up.Load() {
 			k := resp.GetDataKey()
-			if len(k) != wire.DataKeyLen {
+			if len(k) != chunkwire.DataKeyLen {
 				return wire.Errorf(codes.FailedPrecondition, wire.ReasonSessionState, "channel %d: the destination offered direct data but gave the stream a data key of %d bytes", c.index, len(k))
 			}
 			key <- k

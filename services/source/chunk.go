@@ -9,6 +9,7 @@ import (
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/flow"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/chunkwire"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
 
@@ -50,7 +51,7 @@ type srcDevice struct {
 	// The reading side, the device's reader's alone (see readNext):
 	// digest covers what was read; atEnd is set once a read reached the
 	// end of the state, so END comes next; finished once END is made.
-	digest          *wire.Digest
+	digest          *chunkwire.Digest
 	atEnd, finished bool
 }
 

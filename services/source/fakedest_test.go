@@ -16,6 +16,8 @@ import (
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/chunkwire"
+	"github.com/vfio-ferry/ferry/services/grpcserver"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
 
@@ -96,7 +98,7 @@ func serveFake(t *testing.T, f *fakeDest) string {
 // the test and returns its address.
 func serveTransfer(t *testing.T, f ferryv1.TransferServer) string {
 	t.Helper()
-	srv := wire.NewServer(wire.ServerConfig{Creds: insecure.NewCredentials(), Pool: wire.NewPool()})
+	srv := grpcserver.New(grpcserver.Config{Creds: insecure.NewCredentials(), Pool: chunkwire.NewPool()})
 	ferryv1.RegisterTransferServer(srv.GRPC, f)
 	srv.Ready()
 	lis, err := net.Listen("tcp", "127.0.0.1:0")

@@ -15,6 +15,9 @@ import (
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/flow"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/chunkwire"
+	"github.com/vfio-ferry/ferry/services/deviceapi"
+	"github.com/vfio-ferry/ferry/services/grpcserver"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
 
@@ -159,7 +162,7 @@ func (m *migration) execute() error {
 	ctx := m.ctx
 	a := m.a
 	m.setPhase(ferryv1.MigrationPhase_MIGRATION_PHASE_WAITING)
-	dialOpts := append(wire.DialOptions(a.cfg.PeerCreds, a.cfg.Pool), a.cfg.Metrics.DialOptions()...)
+	dialOpts := append(grpcserver.DialOptions(a.cfg.PeerCreds, a.cfg.Pool), a.cfg.Metrics.DialOptions()...)
 	ctrlConn, err := grpc.NewClient(m.req.GetDestAddress(), dialOpts...)
 	if err != nil {
 		return wire.Errorf(codes.InvalidArgument, wire.ReasonInvalidArgument, "dest_address %q: %v", m.req.GetDestAddress(), err)
@@ -228,7 +231,7 @@ func (m *migration) stream(ctx context.Context, transfer ferryv1.TransferClient,
 	for i, d := range m.devs {
 		w := opened.GetWindows()[i]
 		d.gate = flow.NewGate(d.clamp(flow.Window{LimitSeq: w.GetLimitSeq(), LimitOffset: w.GetLimitOffset()}))
-		d.digest, _ = wire.NewDigest(m.req.GetDigest())
+		d.digest, _ = chunkwire.NewDigest(m.req.GetDigest())
 		queueCap += int(min(d.capChunks, 1<<12))
 	}
 	m.mu.Unlock()
@@ -421,14 +424,14 @@ func (m *migration) stopDevices() error {
 	if m.allP2P() {
 		for _, d := range m.devs {
 			if _, err := d.dev.SetState(vfio.StateRunningP2P); err != nil {
-				return wire.DeviceError(d.spec, "enter RUNNING_P2P", err)
+				return deviceapi.Error(d.spec, "enter RUNNING_P2P", err)
 			}
 		}
 	}
 	for _, d := range m.devs {
 		s, err := d.dev.SetState(vfio.StateStopCopy)
 		if err != nil {
-			return wire.DeviceError(d.spec, "enter STOP_COPY", err)
+			return deviceapi.Error(d.spec, "enter STOP_COPY", err)
 		}
 		if s == nil {
 			return wire.Errorf(codes.Internal, wire.ReasonDeviceState, "device %s: STOP_COPY opened no data stream", d.spec)

@@ -12,6 +12,7 @@ import (
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/chunkwire"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
 
@@ -77,7 +78,7 @@ func TestDataConnectionsAreDialledBeforeSwitchover(t *testing.T) {
 	lis.Close() // nothing listens there now
 	base := &fakeDest{windows: openWindow}
 	base.channel = func(_ int, st grpc.BidiStreamingServer[ferryv1.ChannelRequest, ferryv1.ChannelResponse]) error {
-		key := make([]byte, wire.DataKeyLen)
+		key := make([]byte, chunkwire.DataKeyLen)
 		if err := st.Send(&ferryv1.ChannelResponse{DataKey: key}); err != nil {
 			return err
 		}

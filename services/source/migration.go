@@ -19,14 +19,9 @@ import (
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/flow"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/deviceapi"
 	"github.com/vfio-ferry/ferry/services/telemetry"
 	"github.com/vfio-ferry/ferry/services/wire"
-)
-
-// Channel metadata headers, as the destination reads them.
-const (
-	headerSession = "ferry-session-id"
-	headerChannel = "ferry-channel"
 )
 
 // errCancelled is the cancel cause of a migration cancelled by the control
@@ -167,12 +162,12 @@ func (m *migration) acquire() error {
 		}
 	}
 	for i, p := range m.req.GetDevices() {
-		spec, _ := wire.CanonicalSpec(p.GetSourceDevice())
-		peer, _ := wire.CanonicalSpec(p.GetDestDevice())
+		spec, _ := deviceapi.CanonicalSpec(p.GetSourceDevice())
+		peer, _ := deviceapi.CanonicalSpec(p.GetDestDevice())
 		dev, release, err := m.a.cfg.Registry.Acquire(spec, m.id)
 		if err != nil {
 			releaseAll()
-			return wire.DeviceError(spec, "open", err)
+			return deviceapi.Error(spec, "open", err)
 		}
 		d := &srcDevice{index: i, spec: spec, peer: peer, dev: dev, release: release}
 		devs = append(devs, d)
@@ -184,7 +179,7 @@ func (m *migration) acquire() error {
 		switch {
 		case err != nil:
 			releaseAll()
-			return wire.DeviceError(spec, "read the state", err)
+			return deviceapi.Error(spec, "read the state", err)
 		case st == vfio.StateStop:
 			releaseAll()
 			return wire.Errorf(codes.FailedPrecondition, wire.ReasonDeviceState,
@@ -263,7 +258,7 @@ func (m *migration) snapshot() (*ferryv1.Migration, bool, uint64) {
 			Verified:            s.Phase == ferryv1.MigrationPhase_MIGRATION_PHASE_SUCCEEDED,
 		}
 		if st, err := d.dev.State(); err == nil {
-			p.State = wire.DeviceStateToProto(st)
+			p.State = deviceapi.StateToProto(st)
 		}
 		if g := gates[d.index]; g != nil {
 			n, dur := g.Stalls()
@@ -284,14 +279,8 @@ func (m *migration) snapshot() (*ferryv1.Migration, bool, uint64) {
 	if !sw.IsZero() && !end.IsZero() {
 		s.Downtime = durationpb.New(end.Sub(sw))
 	}
-	fin := final(s.Phase)
+	fin := wire.Final(s.Phase)
 	return s, fin, total
-}
-
-func final(p ferryv1.MigrationPhase) bool {
-	return p == ferryv1.MigrationPhase_MIGRATION_PHASE_SUCCEEDED ||
-		p == ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED ||
-		p == ferryv1.MigrationPhase_MIGRATION_PHASE_CANCELLED
 }
 
 // dataHost takes the destination's host (to dial its direct data port on)

@@ -10,6 +10,7 @@ import (
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/flow"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/chunkwire"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
 
@@ -33,12 +34,12 @@ func readingDevice(tb testing.TB, spec string, chunk uint32, window flow.Window)
 		tb.Fatal(err)
 	}
 	m := &migration{
-		a:         &Agent{cfg: Config{Pool: wire.NewPool(), Logger: slog.New(slog.DiscardHandler)}},
+		a:         &Agent{cfg: Config{Pool: chunkwire.NewPool(), Logger: slog.New(slog.DiscardHandler)}},
 		req:       &ferryv1.StartMigrationRequest{},
 		chunkSize: chunk,
 		log:       slog.New(slog.DiscardHandler),
 	}
-	digest, err := wire.NewDigest(m.req.GetDigest())
+	digest, err := chunkwire.NewDigest(m.req.GetDigest())
 	if err != nil {
 		tb.Fatal(err)
 	}

@@ -11,7 +11,8 @@ import (
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
-	"github.com/vfio-ferry/ferry/services/wire"
+	"github.com/vfio-ferry/ferry/services/chunkwire"
+	"github.com/vfio-ferry/ferry/services/deviceapi"
 )
 
 // readDevice reads one device's state to its end on a goroutine of its
@@ -59,11 +60,11 @@ func (m *migration) readNext(d *srcDevice, seq, off uint64) (*outChunk, error) {
 		bp := pool.Get(int(m.chunkSize))
 		// The CRC is computed as the device is read, while the bytes
 		// are in cache.
-		n, crc, rerr := wire.ReadCRC32C(d.stream, *bp, wire.DevicePiece)
+		n, crc, rerr := chunkwire.ReadCRC32C(d.stream, *bp, chunkwire.DevicePiece)
 		eof := errors.Is(rerr, io.EOF) || errors.Is(rerr, io.ErrUnexpectedEOF)
 		if rerr != nil && !eof {
 			pool.Put(bp)
-			return nil, wire.DeviceError(d.spec, fmt.Sprintf("read the state at byte %d", off), rerr)
+			return nil, deviceapi.Error(d.spec, fmt.Sprintf("read the state at byte %d", off), rerr)
 		}
 		if n > 0 {
 			m.markStart()
@@ -100,7 +101,7 @@ func (m *migration) leaveStopCopy(d *srcDevice) error {
 	d.stream.Close()
 	d.stream = nil
 	if _, err := d.dev.SetState(vfio.StateStop); err != nil {
-		return wire.DeviceError(d.spec, "leave STOP_COPY", err)
+		return deviceapi.Error(d.spec, "leave STOP_COPY", err)
 	}
 	return nil
 }

@@ -13,6 +13,7 @@ import (
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/chunkwire"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
 
@@ -40,7 +41,7 @@ func stoppedMigration(t *testing.T, specs ...string) (*migration, *recorder) {
 	t.Helper()
 	r := &recorder{}
 	m := &migration{
-		a:   &Agent{cfg: Config{Pool: wire.NewPool(), Logger: slog.New(slog.DiscardHandler)}},
+		a:   &Agent{cfg: Config{Pool: chunkwire.NewPool(), Logger: slog.New(slog.DiscardHandler)}},
 		req: &ferryv1.StartMigrationRequest{},
 		log: slog.New(slog.DiscardHandler),
 	}

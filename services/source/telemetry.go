@@ -4,8 +4,8 @@ import (
 	"time"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/services/deviceapi"
 	"github.com/vfio-ferry/ferry/services/telemetry"
-	"github.com/vfio-ferry/ferry/services/wire"
 )
 
 // deviceCounters reads the devices' counters for the metrics; a scrape
@@ -60,7 +60,7 @@ func outcome(p ferryv1.MigrationPhase) telemetry.Outcome {
 func sourceSpecs(req *ferryv1.StartMigrationRequest) []string {
 	specs := make([]string, len(req.GetDevices()))
 	for i, p := range req.GetDevices() {
-		specs[i], _ = wire.CanonicalSpec(p.GetSourceDevice())
+		specs[i], _ = deviceapi.CanonicalSpec(p.GetSourceDevice())
 	}
 	return specs
 }

@@ -7,6 +7,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/services/deviceapi"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
 
@@ -51,8 +52,8 @@ func FuzzStartMigration(f *testing.F) {
 		}
 		seen := map[string]bool{}
 		for _, p := range req.GetDevices() {
-			src, err1 := wire.CanonicalSpec(p.GetSourceDevice())
-			_, err2 := wire.CanonicalSpec(p.GetDestDevice())
+			src, err1 := deviceapi.CanonicalSpec(p.GetSourceDevice())
+			_, err2 := deviceapi.CanonicalSpec(p.GetDestDevice())
 			if err1 != nil || err2 != nil || seen[src] {
 				t.Fatalf("accepted pair %v", p)
 			}

@@ -1,54 +1,34 @@
-// Package wire is what both Ferry agents need on the wire, kept in one
-// place so the source and the destination meet only through it: the chunk
-// codec, the direct data framing, the chunk buffer pool, the stream
-// digest, message limits and validation, error translation with
-// google.rpc.ErrorInfo, and the server and dial options.
-//
-// # The chunk codec
-//
-// A ChannelRequest carries up to 16 MiB of device state. Marshalled as a
-// plain protobuf message, its bytes field is copied by the protobuf library
-// on both sides, which costs 4-5 times the CPU of the TCP transfer itself.
-// [Codec] instead writes the small header fields with protobuf and puts
-// the payload beside them as its own buffer, with the data field's tag and
-// length between: the bytes on the wire are an ordinary ChannelRequest
-// (data is field 15 and comes last), so grpcurl and any protobuf decoder
-// read them, but the payload is never copied on the way out. On the way in
-// it is not copied either: the [Payload] of an [InChunk] holds references
-// to the 16 KiB buffers gRPC read the frames into (from the [Pool], which
-// gRPC is given as its buffer pool), and the destination writes those
-// pieces into the device and frees them.
-//
-// Senders use [OutChunk] with a reference-counted mem.Buffer payload that
-// gRPC frees once written, receivers [InChunk]; any other message goes
-// through the standard protobuf codec.
-//
-// # Direct data connections
-//
-// Even without copies in Ferry's code, grpc-go cuts each message into
-// 16 KiB HTTP/2 frames and copies them on both sides. A destination that
-// serves direct data connections takes a channel's chunks on a TCP
-// connection beside its Channel stream instead: [WriteDirectPreamble] and
-// [ReadDirectPreamble] attach it to the stream with the stream's key,
-// [DirectWriter] sends each chunk's ChannelRequest header and bytes with
-// one vectored write, [DirectReader] reads them into a pooled buffer,
-// refusing what breaks the framing before it allocates, and
-// [ReadCRC32C] checksums the bytes as they arrive.
-// direct.go documents the framing.
+// Package wire is the contract both Ferry agents speak, kept in one place
+// so the source and the destination meet only through it: the error
+// reasons and their translation, the limits every request is checked
+// against, the window checks, the final phases, the metadata of a Channel
+// stream, the migration watch and the refusal of a draining agent. How
+// the chunk bytes travel is package chunkwire, TLS and authorization
+// package peerauth, the gRPC server and dial set-up package grpcserver.
 //
 // # Errors
 //
-// [Errorf] builds a status with a code and a google.rpc.ErrorInfo reason;
-// [Reason] reads the reason back. Each agent translates its domain errors
-// once, at its gRPC edge.
+// [Errorf] builds a status with a code and a google.rpc.ErrorInfo reason
+// (the Reason constants, domain [ErrorDomain]); [Reason], [Code] and
+// [Message] read them back. Each agent translates its domain errors once,
+// at its gRPC edge.
 //
-// # Transport security
+// # Limits and validation
 //
-// [ServerTLS], [ClientTLS] and [AgentTLS] build the mutual-TLS
-// configurations (TLS 1.3, client certificates required and verified)
-// from the files of [TLSFiles]. [PeerIdentity] is a caller's identity: the
-// SANs of its verified certificate. [ServerConfig].Access authorizes each
-// call by that identity with go-grpc-middleware's auth and selector
-// interceptors ([AccessRule]); health and reflection stay open, a service
-// no rule names is closed. docs/security.md has the threat model.
+// The limit constants bound what a peer or a control plane may ask for
+// (ids, specs, tokens, devices, channels, chunk sizes, windows, messages);
+// [ValidateID], [ValidateSpecLength], [ValidateDeviceCount], [Channels]
+// and [ChunkSize] check a request against them before anything is
+// allocated for it. [CheckWindowUpdate] and [CheckOpenWindows] check the
+// destination's windows against what the source has sent ([Frontier]).
+//
+// # Migrations
+//
+// [Final] says whether a phase ends a migration. [HeaderSession] and
+// [HeaderChannel] bind a Channel stream to its session and channel.
+// [Broadcast] and [Watch] serve a migration watch: a snapshot at once, on
+// every phase change, and every [WatchInterval] while bytes move, until
+// the migration is final. [ErrDraining] refuses a
+// new migration on an agent shutting down; [WaitDone] and [CountOpen]
+// wait for and count the migrations it still runs.
 package wire

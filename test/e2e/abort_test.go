@@ -9,7 +9,10 @@ import (
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/chunkwire"
 	"github.com/vfio-ferry/ferry/services/dest"
+	"github.com/vfio-ferry/ferry/services/deviceapi"
+	"github.com/vfio-ferry/ferry/services/grpcserver"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
 
@@ -48,7 +51,7 @@ func TestOpenAnswerLost(t *testing.T) {
 	a := startAgents(t, dest.Config{})
 	ctx := t.Context()
 	front := &lostOpenFront{dest: a.transfer, served: make(chan struct{})}
-	srv := wire.NewServer(wire.ServerConfig{Creds: insecure.NewCredentials(), Pool: wire.NewPool()})
+	srv := grpcserver.New(grpcserver.Config{Creds: insecure.NewCredentials(), Pool: chunkwire.NewPool()})
 	ferryv1.RegisterTransferServer(srv.GRPC, front)
 	srv.Ready()
 	frontAddr := serveOn(t, srv.GRPC)
@@ -74,7 +77,7 @@ func TestOpenAnswerLost(t *testing.T) {
 	if m := resp.GetMigration(); m.GetPhase() != cancelled {
 		t.Fatalf("source: %v %v, want CANCELLED", m.GetPhase(), m.GetError())
 	}
-	canon, _ := wire.CanonicalSpec(spec)
+	canon, _ := deviceapi.CanonicalSpec(spec)
 	if st := deviceState(t, a.sourceReg, canon); st != vfio.StateRunning {
 		t.Errorf("source device in %v, want RUNNING", st)
 	}

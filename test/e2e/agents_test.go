@@ -10,6 +10,7 @@ import (
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
 	"github.com/vfio-ferry/ferry/services/dest"
+	"github.com/vfio-ferry/ferry/services/deviceapi"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
 
@@ -67,7 +68,7 @@ func testMigrationIsBitExact(t *testing.T, direct bool, src []string, want uint6
 		}
 	}
 	for _, spec := range src {
-		canon, _ := wire.CanonicalSpec(spec)
+		canon, _ := deviceapi.CanonicalSpec(spec)
 		// The destination device validated its state at RESUMING->STOP;
 		// the source device left STOP_COPY once read to its end.
 		if st := deviceState(t, a.destReg, canon); st != vfio.StateStop {
@@ -135,7 +136,7 @@ func TestSourceDeviceFaultRollsBack(t *testing.T) {
 	if r := s.GetError().GetReason(); r != wire.ReasonSourceDeviceFailed {
 		t.Errorf("reason %q, want %s", r, wire.ReasonSourceDeviceFailed)
 	}
-	canon, _ := wire.CanonicalSpec(src)
+	canon, _ := deviceapi.CanonicalSpec(src)
 	if st := deviceState(t, a.sourceReg, canon); st != vfio.StateRunning {
 		t.Errorf("source device in %v, want RUNNING", st)
 	}
@@ -166,7 +167,7 @@ func TestCancelWhileStreaming(t *testing.T) {
 	if m.GetPhase() != cancelled || codes.Code(m.GetError().GetCode()) != codes.Canceled {
 		t.Fatalf("after cancel: %v %v", m.GetPhase(), m.GetError())
 	}
-	canon, _ := wire.CanonicalSpec(src)
+	canon, _ := deviceapi.CanonicalSpec(src)
 	if st := deviceState(t, a.sourceReg, canon); st != vfio.StateRunning {
 		t.Errorf("source device in %v, want RUNNING", st)
 	}

@@ -14,7 +14,10 @@ import (
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/chunkwire"
 	"github.com/vfio-ferry/ferry/services/dest"
+	"github.com/vfio-ferry/ferry/services/deviceapi"
+	"github.com/vfio-ferry/ferry/services/grpcserver"
 	"github.com/vfio-ferry/ferry/services/source"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
@@ -106,7 +109,7 @@ func startPartitioned(t *testing.T, f *partitionFront, id, spec string) *agents 
 	t.Helper()
 	a := startAgentsOn(t, dest.Config{}, source.Config{ReconnectTimeout: 300 * time.Millisecond, ProgressTimeout: 300 * time.Millisecond}, nil)
 	f.dest = a.transfer
-	srv := wire.NewServer(wire.ServerConfig{Creds: insecure.NewCredentials(), Pool: wire.NewPool()})
+	srv := grpcserver.New(grpcserver.Config{Creds: insecure.NewCredentials(), Pool: chunkwire.NewPool()})
 	ferryv1.RegisterTransferServer(srv.GRPC, f)
 	srv.Ready()
 	front := serveOn(t, srv.GRPC)
@@ -147,7 +150,7 @@ func TestVerifiedDestinationTakesTheAbort(t *testing.T) {
 	a := startPartitioned(t, &partitionFront{loseVerdict: true}, "lost-verdict", spec)
 	src := a.waitSource(t, "lost-verdict")
 	wantOwned(t, "source", src, failed, ferryv1.DeviceOwner_DEVICE_OWNER_SOURCE)
-	canon, _ := wire.CanonicalSpec(spec)
+	canon, _ := deviceapi.CanonicalSpec(spec)
 	if st := deviceState(t, a.sourceReg, canon); st != vfio.StateRunning {
 		t.Errorf("source device in %v, want RUNNING", st)
 	}
@@ -176,7 +179,7 @@ func TestPartitionOutlastsTheAbort(t *testing.T) {
 		t.Fatal(err)
 	}
 	wantOwned(t, "destination after CancelIncoming", resp.GetMigration(), cancelled, ferryv1.DeviceOwner_DEVICE_OWNER_SOURCE)
-	canon, _ := wire.CanonicalSpec(spec)
+	canon, _ := deviceapi.CanonicalSpec(spec)
 	if st := deviceState(t, a.destReg, canon); st != vfio.StateRunning {
 		t.Errorf("destination device in %v, want RUNNING (reset)", st)
 	}

@@ -10,7 +10,9 @@ import (
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/internal/loopback"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/chunkwire"
 	"github.com/vfio-ferry/ferry/services/dest"
+	"github.com/vfio-ferry/ferry/services/grpcserver"
 	"github.com/vfio-ferry/ferry/services/source"
 	"github.com/vfio-ferry/ferry/services/wire"
 	"github.com/vfio-ferry/ferry/services/wire/wiretest"
@@ -101,7 +103,7 @@ func serveOn(t *testing.T, s *grpc.Server) string {
 
 func dial(t *testing.T, addr string) *grpc.ClientConn {
 	t.Helper()
-	conn, err := grpc.NewClient(addr, wire.DialOptions(insecure.NewCredentials(), wire.NewPool())...)
+	conn, err := grpc.NewClient(addr, grpcserver.DialOptions(insecure.NewCredentials(), chunkwire.NewPool())...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -191,16 +193,10 @@ func inPhase(p ferryv1.MigrationPhase) func(*ferryv1.Migration) bool {
 func toFinal[R wiretest.Watched](t *testing.T, recv func() (R, error)) *ferryv1.Migration {
 	t.Helper()
 	last, err := wiretest.LastMigration(recv)
-	if last == nil || !final(last.GetPhase()) {
+	if last == nil || !wire.Final(last.GetPhase()) {
 		t.Fatalf("watch ended at %v: %v", last.GetPhase(), err)
 	}
 	return last
-}
-
-func final(p ferryv1.MigrationPhase) bool {
-	return p == ferryv1.MigrationPhase_MIGRATION_PHASE_SUCCEEDED ||
-		p == ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED ||
-		p == ferryv1.MigrationPhase_MIGRATION_PHASE_CANCELLED
 }
 
 // deviceState reads a device's state from an agent's registry.

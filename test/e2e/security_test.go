@@ -15,8 +15,10 @@ import (
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/internal/loopback"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/grpcserver"
+	"github.com/vfio-ferry/ferry/services/peerauth"
+	"github.com/vfio-ferry/ferry/services/peerauth/peerauthtest"
 	"github.com/vfio-ferry/ferry/services/wire"
-	"github.com/vfio-ferry/ferry/services/wire/wiretest"
 )
 
 // The tests in this file run the agents as they run in production: mutual
@@ -45,7 +47,7 @@ type secureSetup struct {
 // plane with its own certificate.
 type securePair struct {
 	*agents
-	ca *wiretest.CA
+	ca *peerauthtest.CA
 }
 
 func startSecureAgents(t *testing.T, s secureSetup) *securePair {
@@ -56,12 +58,12 @@ func startSecureAgents(t *testing.T, s secureSetup) *securePair {
 	if s.allowPeers == nil {
 		s.allowPeers = []string{idSourceAgent}
 	}
-	ca := wiretest.NewCA(t, "ferry e2e CA")
-	dcreds, _, err := wire.AgentTLS(ca.Issue(t, "localhost", "127.0.0.1", idDestAgent))
+	ca := peerauthtest.NewCA(t, "ferry e2e CA")
+	dcreds, _, err := peerauth.AgentTLS(ca.Issue(t, "localhost", "127.0.0.1", idDestAgent))
 	if err != nil {
 		t.Fatal(err)
 	}
-	screds, speer, err := wire.AgentTLS(ca.Issue(t, "localhost", "127.0.0.1", s.sourceIdentity))
+	screds, speer, err := peerauth.AgentTLS(ca.Issue(t, "localhost", "127.0.0.1", s.sourceIdentity))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -76,11 +78,11 @@ func startSecureAgents(t *testing.T, s secureSetup) *securePair {
 		DataListener:  dataLis,
 		TLS: &loopback.TLS{
 			DestCreds: dcreds, SourceCreds: screds, SourcePeerCreds: speer,
-			DestAccess: []wire.AccessRule{
+			DestAccess: []peerauth.AccessRule{
 				{Services: control, Allow: []string{idControlPlane}, Flag: "--allow-client"},
 				{Services: transfer, Allow: s.allowPeers, Flag: "--allow-peer"},
 			},
-			SourceAccess: []wire.AccessRule{
+			SourceAccess: []peerauth.AccessRule{
 				{Services: control, Allow: []string{idControlPlane}, Flag: "--allow-client"},
 				{Services: transfer, Flag: "--allow-peer"},
 			},
@@ -97,11 +99,11 @@ func startSecureAgents(t *testing.T, s secureSetup) *securePair {
 // dial connects to addr with a client certificate naming sans.
 func (p *securePair) dial(t *testing.T, addr string, sans ...string) *grpc.ClientConn {
 	t.Helper()
-	c, err := wire.ClientTLS(p.ca.Issue(t, sans...), "")
+	c, err := peerauth.ClientTLS(p.ca.Issue(t, sans...), "")
 	if err != nil {
 		t.Fatal(err)
 	}
-	conn, err := grpc.NewClient(addr, wire.DialOptions(credentials.NewTLS(c), nil)...)
+	conn, err := grpc.NewClient(addr, grpcserver.DialOptions(credentials.NewTLS(c), nil)...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -263,8 +265,8 @@ func TestHostileStartMigration(t *testing.T) {
 }
 
 func TestProcessesWithMutualTLS(t *testing.T) {
-	ca := wiretest.NewCA(t, "ferry e2e CA")
-	flags := func(f wire.TLSFiles) []string {
+	ca := peerauthtest.NewCA(t, "ferry e2e CA")
+	flags := func(f peerauth.TLSFiles) []string {
 		return []string{"--tls-cert", f.Cert, "--tls-key", f.Key, "--tls-ca", f.CA}
 	}
 	dest := flags(ca.Issue(t, "localhost", "127.0.0.1", idDestAgent))

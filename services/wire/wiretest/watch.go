@@ -1,3 +1,7 @@
+// Package wiretest holds what tests of the agents share on the wire: it
+// follows a migration watch to its end (LastMigration).
+//
+// It is imported by tests only.
 package wiretest
 
 import ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"

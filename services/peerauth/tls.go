@@ -1,4 +1,4 @@
-package wire
+package peerauth
 
 import (
 	"context"
@@ -133,13 +133,13 @@ func AgentTLS(f TLSFiles) (server, client credentials.TransportCredentials, err 
 	return credentials.NewTLS(s), credentials.NewTLS(c), nil
 }
 
-// logRefusedHandshakes wraps the credentials of an agent's listener so
+// LogRefusedHandshakes wraps the credentials of an agent's listener so
 // that a connection whose handshake fails is logged, once, with the
 // client's address and why: at warn level when the client spoke plaintext
 // to a TLS listener (the usual cause is a client without its TLS flags) or
 // failed verification, at debug level when it closed the connection
 // without a handshake (a TCP probe, a port scan).
-func logRefusedHandshakes(creds credentials.TransportCredentials, log *slog.Logger) credentials.TransportCredentials {
+func LogRefusedHandshakes(creds credentials.TransportCredentials, log *slog.Logger) credentials.TransportCredentials {
 	if creds == nil || creds.Info().SecurityProtocol != "tls" {
 		return creds
 	}

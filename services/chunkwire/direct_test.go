@@ -1,9 +1,10 @@
-package wire
+package chunkwire
 
 import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"github.com/vfio-ferry/ferry/services/wire"
 	"hash/crc32"
 	"io"
 	"math/rand/v2"
@@ -29,7 +30,7 @@ func TestDirectFramesRoundTrip(t *testing.T) {
 	}{
 		{&ferryv1.ChannelRequest{Device: 2, Seq: 0, Offset: 0, Kind: ferryv1.ChunkKind_CHUNK_KIND_DATA, Crc32C: CRC32C(payload)}, payload},
 		{&ferryv1.ChannelRequest{Seq: 1, Offset: 1 << 20, Kind: ferryv1.ChunkKind_CHUNK_KIND_DATA, Crc32C: CRC32C(payload[:1])}, payload[:1]},
-		{&ferryv1.ChannelRequest{Seq: 2, Offset: 1<<20 + 1, Kind: ferryv1.ChunkKind_CHUNK_KIND_END, TotalBytes: 1<<20 + 1, TotalChunks: 2, Digest: bytes.Repeat([]byte{9}, MaxDigestLength)}, nil},
+		{&ferryv1.ChannelRequest{Seq: 2, Offset: 1<<20 + 1, Kind: ferryv1.ChunkKind_CHUNK_KIND_END, TotalBytes: 1<<20 + 1, TotalChunks: 2, Digest: bytes.Repeat([]byte{9}, wire.MaxDigestLength)}, nil},
 	}
 	for _, c := range chunks {
 		if err := w.Write(c.hdr, c.data); err != nil {
@@ -101,12 +102,12 @@ func TestDirectReaderRefusesBadFrames(t *testing.T) {
 		// (io.ErrUnexpectedEOF).
 		reason string
 	}{
-		{"a header of 2^32-1 bytes", frame(1<<32-1, 0), ReasonBadChunk},
-		{"a header over the limit", frame(MaxDirectHeader+1, 0), ReasonBadChunk},
-		{"a payload over the chunk size", frame(2, 4097, 0x10, 1), ReasonBadChunk},
-		{"a payload of 2^32-1 bytes", frame(2, 1<<32-1, 0x10, 1), ReasonBadChunk},
-		{"a header that does not decode", frame(2, 0, 0xff, 0xff), ReasonBadChunk},
-		{"data inside the header", frame(uint32(len(withData)), 0, withData...), ReasonBadChunk},
+		{"a header of 2^32-1 bytes", frame(1<<32-1, 0), wire.ReasonBadChunk},
+		{"a header over the limit", frame(MaxDirectHeader+1, 0), wire.ReasonBadChunk},
+		{"a payload over the chunk size", frame(2, 4097, 0x10, 1), wire.ReasonBadChunk},
+		{"a payload of 2^32-1 bytes", frame(2, 1<<32-1, 0x10, 1), wire.ReasonBadChunk},
+		{"a header that does not decode", frame(2, 0, 0xff, 0xff), wire.ReasonBadChunk},
+		{"data inside the header", frame(uint32(len(withData)), 0, withData...), wire.ReasonBadChunk},
 		{"a truncated length", frame(2, 0)[:5], ""},
 		{"a truncated header", frame(8, 0, 0x10), ""},
 		{"a truncated payload", frame(2, 100, 0x10, 1, 0xaa), ""},
@@ -116,8 +117,8 @@ func TestDirectReaderRefusesBadFrames(t *testing.T) {
 		switch {
 		case tc.reason == "" && !errors.Is(err, io.ErrUnexpectedEOF):
 			t.Errorf("%s: %v, want an unexpected EOF", tc.name, err)
-		case tc.reason != "" && (Code(err) != codes.InvalidArgument || Reason(err) != tc.reason):
-			t.Errorf("%s: %v (reason %q), want INVALID_ARGUMENT %s", tc.name, err, Reason(err), tc.reason)
+		case tc.reason != "" && (wire.Code(err) != codes.InvalidArgument || wire.Reason(err) != tc.reason):
+			t.Errorf("%s: %v (reason %q), want INVALID_ARGUMENT %s", tc.name, err, wire.Reason(err), tc.reason)
 		}
 		if in.Data != nil {
 			t.Errorf("%s: data handed out with an error", tc.name)

@@ -1,6 +1,7 @@
-package wire
+package chunkwire
 
 import (
+	"github.com/vfio-ferry/ferry/services/wire"
 	"runtime"
 	"testing"
 
@@ -33,7 +34,7 @@ func frames(b []byte, n int) mem.BufferSlice {
 
 func TestCodecRefusesHugeDeclaredLength(t *testing.T) {
 	c := NewCodec(NewPool())
-	for _, declared := range []uint64{1 << 40, 1<<63 - 1, 1<<64 - 1, MaxRecvMsgSize + 1} {
+	for _, declared := range []uint64{1 << 40, 1<<63 - 1, 1<<64 - 1, wire.MaxRecvMsgSize + 1} {
 		msg := hugeDeclaredChunk(declared)
 		for _, frame := range []int{1, 7, 16 << 10} {
 			var before, after runtime.MemStats

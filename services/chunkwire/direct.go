@@ -1,10 +1,11 @@
-package wire
+package chunkwire
 
 import (
 	"bufio"
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"github.com/vfio-ferry/ferry/services/wire"
 	"hash/crc32"
 	"io"
 	"net"
@@ -159,20 +160,20 @@ func (dr *DirectReader) Read(in *InChunk) error {
 	h := binary.BigEndian.Uint32(dr.lens[0:4])
 	p := binary.BigEndian.Uint32(dr.lens[4:8])
 	if h > MaxDirectHeader {
-		return Errorf(codes.InvalidArgument, ReasonBadChunk, "direct data frame with a header of %d bytes, want at most %d", h, MaxDirectHeader)
+		return wire.Errorf(codes.InvalidArgument, wire.ReasonBadChunk, "direct data frame with a header of %d bytes, want at most %d", h, MaxDirectHeader)
 	}
 	if uint64(p) > uint64(dr.maxPayload) {
-		return Errorf(codes.InvalidArgument, ReasonBadChunk, "direct data frame with %d bytes of data, the session's chunk size is %d", p, dr.maxPayload)
+		return wire.Errorf(codes.InvalidArgument, wire.ReasonBadChunk, "direct data frame with %d bytes of data, the session's chunk size is %d", p, dr.maxPayload)
 	}
 	if _, err := io.ReadFull(dr.r, dr.hdr[:h]); err != nil {
 		return unexpected(err)
 	}
 	if err := proto.Unmarshal(dr.hdr[:h], &in.Msg); err != nil {
-		return Errorf(codes.InvalidArgument, ReasonBadChunk, "direct data frame header: %v", err)
+		return wire.Errorf(codes.InvalidArgument, wire.ReasonBadChunk, "direct data frame header: %v", err)
 	}
 	if in.Msg.Data != nil {
 		in.Msg.Data = nil
-		return Errorf(codes.InvalidArgument, ReasonBadChunk, "direct data frame header carries data; the bytes follow the header")
+		return wire.Errorf(codes.InvalidArgument, wire.ReasonBadChunk, "direct data frame header carries data; the bytes follow the header")
 	}
 	if p == 0 {
 		return nil

@@ -1,4 +1,4 @@
-package wire
+package chunkwire
 
 import (
 	"errors"
@@ -48,7 +48,7 @@ type InChunk struct {
 	Msg  ferryv1.ChannelRequest
 	Data *Payload
 	// Err is set by a server's codec, instead of failing RecvMsg, when the
-	// message does not decode (see serverCodec); Msg and Data are then
+	// message does not decode (see ServerCodec); Msg and Data are then
 	// empty.
 	Err error
 	// scratch holds the header when gRPC's first buffer does not.

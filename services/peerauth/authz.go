@@ -1,8 +1,9 @@
-package wire
+package peerauth
 
 import (
 	"context"
 	"fmt"
+	"github.com/vfio-ferry/ferry/services/wire"
 	"slices"
 	"strings"
 
@@ -57,12 +58,12 @@ func ValidateAllowed(flag string, names []string) error {
 	return nil
 }
 
-// accessInterceptors are the authorization interceptors for rules: one
+// Interceptors are the authorization interceptors for rules: one
 // auth interceptor per rule, each behind a selector that matches its
 // services, then one that refuses every service no rule names (but the
 // open ones). Without rules there is no authorization (plaintext agents
 // and tests).
-func accessInterceptors(rules []AccessRule) ([]grpc.UnaryServerInterceptor, []grpc.StreamServerInterceptor) {
+func Interceptors(rules []AccessRule) ([]grpc.UnaryServerInterceptor, []grpc.StreamServerInterceptor) {
 	if rules == nil {
 		return nil, nil
 	}
@@ -92,7 +93,7 @@ func allowFunc(r AccessRule) auth.AuthFunc {
 	return func(ctx context.Context) (context.Context, error) {
 		id := PeerIdentity(ctx)
 		if !id.Authenticated() {
-			return nil, Errorf(codes.Unauthenticated, ReasonUnauthenticated,
+			return nil, wire.Errorf(codes.Unauthenticated, wire.ReasonUnauthenticated,
 				"%s needs a client certificate signed by the agent's CA", method(ctx))
 		}
 		for _, name := range r.Allow {
@@ -104,13 +105,13 @@ func allowFunc(r AccessRule) auth.AuthFunc {
 		if flag == "" {
 			flag = "the agent's allowlist"
 		}
-		return nil, Errorf(codes.PermissionDenied, ReasonClientNotAllowed,
+		return nil, wire.Errorf(codes.PermissionDenied, wire.ReasonClientNotAllowed,
 			"client %q may not call %s: it is not in %s", id.String(), method(ctx), flag)
 	}
 }
 
 func denyUnlisted(ctx context.Context) (context.Context, error) {
-	return nil, Errorf(codes.PermissionDenied, ReasonClientNotAllowed, "%s is open to no client", method(ctx))
+	return nil, wire.Errorf(codes.PermissionDenied, wire.ReasonClientNotAllowed, "%s is open to no client", method(ctx))
 }
 
 func method(ctx context.Context) string {

@@ -1,4 +1,4 @@
-package wire
+package chunkwire
 
 import (
 	"math/bits"
@@ -13,7 +13,7 @@ import (
 // Ferry have both released it.
 //
 // Ferry gives the same Pool to gRPC (experimental.BufferPool and
-// WithBufferPool in grpc.go), so the 16 KiB buffers gRPC reads DATA frames
+// WithBufferPool in services/grpcserver), so the 16 KiB buffers gRPC reads DATA frames
 // into come from here too: gRPC's default pool zeroes every buffer it
 // hands out (6% of both agents' CPU in BenchmarkMigration's profile),
 // which a buffer that is read into in full does not need.

@@ -1,7 +1,10 @@
-package wire
+package grpcserver
 
 import (
 	"context"
+	"github.com/vfio-ferry/ferry/services/chunkwire"
+	"github.com/vfio-ferry/ferry/services/peerauth"
+	"github.com/vfio-ferry/ferry/services/wire"
 	"log/slog"
 	"time"
 
@@ -20,8 +23,8 @@ import (
 	"google.golang.org/grpc/reflection"
 )
 
-// ServerConfig configures an agent's gRPC server.
-type ServerConfig struct {
+// Config configures an agent's gRPC server.
+type Config struct {
 	// Creds are the transport credentials (insecure.NewCredentials() only
 	// with --insecure).
 	Creds credentials.TransportCredentials
@@ -30,12 +33,12 @@ type ServerConfig struct {
 	// Metrics, when set, counts calls and messages.
 	Metrics *grpcprom.ServerMetrics
 	// Pool receives chunk payloads.
-	Pool *Pool
+	Pool *chunkwire.Pool
 	// Access, when not nil, says which client identities may call which
-	// services (see AccessRule); health and reflection stay open, and a
+	// services (see peerauth.AccessRule); health and reflection stay open, and a
 	// service no rule names is refused to everyone. Nil: no
 	// authorization (plaintext agents, tests).
-	Access []AccessRule
+	Access []peerauth.AccessRule
 	// NoReflection leaves gRPC reflection unregistered.
 	NoReflection bool
 }
@@ -45,19 +48,19 @@ type ServerConfig struct {
 type Server struct {
 	GRPC   *grpc.Server
 	Health *health.Server
-	cfg    ServerConfig
+	cfg    Config
 }
 
-// NewServer builds the server. The interceptor chain, outermost first:
+// New builds the server. The interceptor chain, outermost first:
 // metrics, logging (skipping health and reflection), authorization (when
 // cfg.Access is set), recovery (innermost, so a panic becomes INTERNAL and
 // is still counted and logged).
-func NewServer(cfg ServerConfig) *Server {
+func New(cfg Config) *Server {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
 	if cfg.Pool == nil {
-		cfg.Pool = NewPool()
+		cfg.Pool = chunkwire.NewPool()
 	}
 	logOpts := []logging.Option{logging.WithLogOnEvents(logging.FinishCall)}
 	loggable := selector.MatchFunc(func(_ context.Context, c interceptors.CallMeta) bool {
@@ -68,7 +71,7 @@ func NewServer(cfg ServerConfig) *Server {
 	logger := interceptorLogger(cfg.Logger)
 	recover := recovery.WithRecoveryHandler(func(p any) error {
 		cfg.Logger.Error("panic in handler", "panic", p)
-		return Errorf(codes.Internal, ReasonInternal, "internal error")
+		return wire.Errorf(codes.Internal, wire.ReasonInternal, "internal error")
 	})
 	var unary []grpc.UnaryServerInterceptor
 	var stream []grpc.StreamServerInterceptor
@@ -76,7 +79,7 @@ func NewServer(cfg ServerConfig) *Server {
 		unary = append(unary, cfg.Metrics.UnaryServerInterceptor())
 		stream = append(stream, cfg.Metrics.StreamServerInterceptor())
 	}
-	authUnary, authStream := accessInterceptors(cfg.Access)
+	authUnary, authStream := peerauth.Interceptors(cfg.Access)
 	unary = append(unary, selector.UnaryServerInterceptor(logging.UnaryServerInterceptor(logger, logOpts...), loggable))
 	unary = append(unary, authUnary...)
 	unary = append(unary, recovery.UnaryServerInterceptor(recover))
@@ -85,14 +88,14 @@ func NewServer(cfg ServerConfig) *Server {
 	stream = append(stream, recovery.StreamServerInterceptor(recover))
 
 	s := grpc.NewServer(
-		grpc.Creds(logRefusedHandshakes(cfg.Creds, cfg.Logger)),
-		grpc.ForceServerCodecV2(serverCodec{NewCodec(cfg.Pool)}),
+		grpc.Creds(peerauth.LogRefusedHandshakes(cfg.Creds, cfg.Logger)),
+		grpc.ForceServerCodecV2(chunkwire.ServerCodec{Codec: chunkwire.NewCodec(cfg.Pool)}),
 		// gRPC reads DATA frames into buffers from the Ferry pool, which
-		// does not zero them; the codec keeps them as the chunk (see Pool
+		// does not zero them; the codec keeps them as the chunk (see chunkwire.Pool
 		// and InChunk).
 		experimental.BufferPool(cfg.Pool),
 		grpc.WriteBufferSize(writeBufferSize),
-		grpc.MaxRecvMsgSize(MaxRecvMsgSize),
+		grpc.MaxRecvMsgSize(wire.MaxRecvMsgSize),
 		grpc.ChainUnaryInterceptor(unary...),
 		grpc.ChainStreamInterceptor(stream...),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 5 * time.Second, PermitWithoutStream: true}),
@@ -153,18 +156,18 @@ const writeBufferSize = 256 << 10
 // DialOptions are the options for a client connection to an agent: the
 // codec (so chunks take the fast path), message limits and keepalives that
 // notice a dead peer on an idle connection.
-func DialOptions(creds credentials.TransportCredentials, pool *Pool) []grpc.DialOption {
+func DialOptions(creds credentials.TransportCredentials, pool *chunkwire.Pool) []grpc.DialOption {
 	if pool == nil {
-		pool = NewPool()
+		pool = chunkwire.NewPool()
 	}
 	return []grpc.DialOption{
 		grpc.WithTransportCredentials(creds),
 		experimental.WithBufferPool(pool),
 		grpc.WithWriteBufferSize(writeBufferSize),
 		grpc.WithDefaultCallOptions(
-			grpc.ForceCodecV2(NewCodec(pool)),
-			grpc.MaxCallRecvMsgSize(MaxRecvMsgSize),
-			grpc.MaxCallSendMsgSize(MaxRecvMsgSize),
+			grpc.ForceCodecV2(chunkwire.NewCodec(pool)),
+			grpc.MaxCallRecvMsgSize(wire.MaxRecvMsgSize),
+			grpc.MaxCallSendMsgSize(wire.MaxRecvMsgSize),
 		),
 		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 10 * time.Second, Timeout: 10 * time.Second, PermitWithoutStream: true}),
 	}

@@ -1,4 +1,4 @@
-package wire_test
+package peerauth_test
 
 import (
 	"context"
@@ -18,8 +18,10 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/services/grpcserver"
+	"github.com/vfio-ferry/ferry/services/peerauth"
+	"github.com/vfio-ferry/ferry/services/peerauth/peerauthtest"
 	"github.com/vfio-ferry/ferry/services/wire"
-	"github.com/vfio-ferry/ferry/services/wire/wiretest"
 )
 
 const (
@@ -30,9 +32,9 @@ const (
 // serve starts a server with every Ferry service registered unimplemented:
 // a call the authorization admits ends UNIMPLEMENTED, one it refuses
 // PERMISSION_DENIED or UNAUTHENTICATED.
-func serve(t *testing.T, cfg wire.ServerConfig) string {
+func serve(t *testing.T, cfg grpcserver.Config) string {
 	t.Helper()
-	srv := wire.NewServer(cfg)
+	srv := grpcserver.New(cfg)
 	ferryv1.RegisterSourceAgentServer(srv.GRPC, ferryv1.UnimplementedSourceAgentServer{})
 	ferryv1.RegisterDestAgentServer(srv.GRPC, ferryv1.UnimplementedDestAgentServer{})
 	ferryv1.RegisterTransferServer(srv.GRPC, ferryv1.UnimplementedTransferServer{})
@@ -55,7 +57,7 @@ func serve(t *testing.T, cfg wire.ServerConfig) string {
 
 func dialWith(t *testing.T, addr string, creds credentials.TransportCredentials) *grpc.ClientConn {
 	t.Helper()
-	conn, err := grpc.NewClient(addr, wire.DialOptions(creds, nil)...)
+	conn, err := grpc.NewClient(addr, grpcserver.DialOptions(creds, nil)...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -63,9 +65,9 @@ func dialWith(t *testing.T, addr string, creds credentials.TransportCredentials)
 	return conn
 }
 
-func clientCreds(t *testing.T, f wire.TLSFiles) credentials.TransportCredentials {
+func clientCreds(t *testing.T, f peerauth.TLSFiles) credentials.TransportCredentials {
 	t.Helper()
-	c, err := wire.ClientTLS(f, "")
+	c, err := peerauth.ClientTLS(f, "")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -74,21 +76,21 @@ func clientCreds(t *testing.T, f wire.TLSFiles) credentials.TransportCredentials
 
 // rules is the policy of a destination agent: the control plane may call
 // DestAgent, the agents may call Transfer. SourceAgent has no rule.
-func rules() []wire.AccessRule {
-	return []wire.AccessRule{
+func rules() []peerauth.AccessRule {
+	return []peerauth.AccessRule{
 		{Services: []string{ferryv1.DestAgent_ServiceDesc.ServiceName}, Allow: []string{controlPlane, "ops.ferry.test"}, Flag: "--allow-client"},
 		{Services: []string{ferryv1.Transfer_ServiceDesc.ServiceName}, Allow: []string{agentID}, Flag: "--allow-peer"},
 	}
 }
 
 func TestMutualTLSAuthorization(t *testing.T) {
-	ca := wiretest.NewCA(t, "ferry test CA")
+	ca := peerauthtest.NewCA(t, "ferry test CA")
 	server := ca.Issue(t, "localhost", "127.0.0.1", agentID)
-	screds, _, err := wire.AgentTLS(server)
+	screds, _, err := peerauth.AgentTLS(server)
 	if err != nil {
 		t.Fatal(err)
 	}
-	addr := serve(t, wire.ServerConfig{Creds: screds, Access: rules()})
+	addr := serve(t, grpcserver.Config{Creds: screds, Access: rules()})
 
 	cpConn := dialWith(t, addr, clientCreds(t, ca.Issue(t, controlPlane)))
 	cp := ferryv1.NewDestAgentClient(cpConn)
@@ -136,7 +138,7 @@ func TestMutualTLSAuthorization(t *testing.T) {
 	}
 
 	// The transport refuses what it cannot verify, before any RPC.
-	otherCA := wiretest.NewCA(t, "another CA")
+	otherCA := peerauthtest.NewCA(t, "another CA")
 	// It trusts the server; the server does not trust it. (A client sends
 	// only a certificate the server's CAs signed unless forced.)
 	foreign := keyPair(t, otherCA.Issue(t, controlPlane))
@@ -152,7 +154,7 @@ func TestMutualTLSAuthorization(t *testing.T) {
 		{"TLS 1.2", credentials.NewTLS(&tls.Config{RootCAs: pool(t, ca), MaxVersion: tls.VersionTLS12,
 			Certificates: []tls.Certificate{keyPair(t, ca.Issue(t, controlPlane))}}), "protocol version"},
 		{"expired certificate", credentials.NewTLS(&tls.Config{RootCAs: pool(t, ca), MinVersion: tls.VersionTLS13,
-			Certificates: []tls.Certificate{keyPair(t, ca.IssueWith(t, wiretest.Options{NotBefore: time.Now().Add(-48 * time.Hour), NotAfter: time.Now().Add(-24 * time.Hour)}, controlPlane))}}), ""},
+			Certificates: []tls.Certificate{keyPair(t, ca.IssueWith(t, peerauthtest.Options{NotBefore: time.Now().Add(-48 * time.Hour), NotAfter: time.Now().Add(-24 * time.Hour)}, controlPlane))}}), ""},
 	}
 	// (The server refuses a client certificate after the client has
 	// finished its side of the handshake: the client may see the alert or
@@ -172,22 +174,22 @@ func TestMutualTLSAuthorization(t *testing.T) {
 	}
 }
 
-func serveTLS(t *testing.T, f wire.TLSFiles) string {
+func serveTLS(t *testing.T, f peerauth.TLSFiles) string {
 	t.Helper()
-	s, err := wire.ServerTLS(f)
+	s, err := peerauth.ServerTLS(f)
 	if err != nil {
 		t.Fatal(err)
 	}
-	return serve(t, wire.ServerConfig{Creds: credentials.NewTLS(s), Access: rules()})
+	return serve(t, grpcserver.Config{Creds: credentials.NewTLS(s), Access: rules()})
 }
 
-func pool(t *testing.T, ca *wiretest.CA) *x509.CertPool {
+func pool(t *testing.T, ca *peerauthtest.CA) *x509.CertPool {
 	p := x509.NewCertPool()
 	p.AddCert(ca.Cert)
 	return p
 }
 
-func keyPair(t *testing.T, f wire.TLSFiles) tls.Certificate {
+func keyPair(t *testing.T, f peerauth.TLSFiles) tls.Certificate {
 	t.Helper()
 	c, err := tls.LoadX509KeyPair(f.Cert, f.Key)
 	if err != nil {
@@ -199,7 +201,7 @@ func keyPair(t *testing.T, f wire.TLSFiles) tls.Certificate {
 func TestAuthorizationWithoutCertificateIsUnauthenticated(t *testing.T) {
 	// A server configured with rules but plaintext transport (the agents
 	// refuse this combination; the interceptor must still fail closed).
-	addr := serve(t, wire.ServerConfig{Creds: insecure.NewCredentials(), Access: rules()})
+	addr := serve(t, grpcserver.Config{Creds: insecure.NewCredentials(), Access: rules()})
 	conn := dialWith(t, addr, insecure.NewCredentials())
 	_, err := ferryv1.NewTransferClient(conn).Open(t.Context(), &ferryv1.OpenRequest{})
 	if wire.Code(err) != codes.Unauthenticated || wire.Reason(err) != wire.ReasonUnauthenticated {
@@ -213,19 +215,19 @@ func TestAuthorizationWithoutCertificateIsUnauthenticated(t *testing.T) {
 		t.Fatalf("health: %v", err)
 	}
 	// Without rules, no authorization at all.
-	open := dialWith(t, serve(t, wire.ServerConfig{Creds: insecure.NewCredentials()}), insecure.NewCredentials())
+	open := dialWith(t, serve(t, grpcserver.Config{Creds: insecure.NewCredentials()}), insecure.NewCredentials())
 	if _, err := ferryv1.NewTransferClient(open).Open(t.Context(), &ferryv1.OpenRequest{}); wire.Code(err) != codes.Unimplemented {
 		t.Fatalf("no rules: %v, want UNIMPLEMENTED", err)
 	}
 }
 
 func TestStarAdmitsAnyVerifiedClient(t *testing.T) {
-	ca := wiretest.NewCA(t, "ferry test CA")
-	screds, _, err := wire.AgentTLS(ca.Issue(t, "localhost", "127.0.0.1"))
+	ca := peerauthtest.NewCA(t, "ferry test CA")
+	screds, _, err := peerauth.AgentTLS(ca.Issue(t, "localhost", "127.0.0.1"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	addr := serve(t, wire.ServerConfig{Creds: screds, Access: []wire.AccessRule{
+	addr := serve(t, grpcserver.Config{Creds: screds, Access: []peerauth.AccessRule{
 		{Services: []string{ferryv1.Transfer_ServiceDesc.ServiceName}, Allow: []string{"*"}},
 	}})
 	conn := dialWith(t, addr, clientCreds(t, ca.Issue(t, "anyone.ferry.test")))
@@ -235,66 +237,66 @@ func TestStarAdmitsAnyVerifiedClient(t *testing.T) {
 }
 
 func TestReflectionCanBeOff(t *testing.T) {
-	srv := wire.NewServer(wire.ServerConfig{Creds: insecure.NewCredentials(), NoReflection: true})
+	srv := grpcserver.New(grpcserver.Config{Creds: insecure.NewCredentials(), NoReflection: true})
 	for name := range srv.GRPC.GetServiceInfo() {
 		if strings.Contains(name, "reflection") {
 			t.Fatalf("%s registered with NoReflection", name)
 		}
 	}
-	srv = wire.NewServer(wire.ServerConfig{Creds: insecure.NewCredentials()})
+	srv = grpcserver.New(grpcserver.Config{Creds: insecure.NewCredentials()})
 	if _, ok := srv.GRPC.GetServiceInfo()["grpc.reflection.v1.ServerReflection"]; !ok {
 		t.Fatal("reflection not registered by default")
 	}
 }
 
 func TestTLSFilesAreChecked(t *testing.T) {
-	ca := wiretest.NewCA(t, "ferry test CA")
+	ca := peerauthtest.NewCA(t, "ferry test CA")
 	good := ca.Issue(t, agentID)
-	clientOnly := ca.IssueWith(t, wiretest.Options{Usages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}, controlPlane)
+	clientOnly := ca.IssueWith(t, peerauthtest.Options{Usages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}, controlPlane)
 	noSAN := ca.Issue(t)
-	expired := ca.IssueWith(t, wiretest.Options{NotBefore: time.Now().Add(-48 * time.Hour), NotAfter: time.Now().Add(-time.Hour)}, agentID)
+	expired := ca.IssueWith(t, peerauthtest.Options{NotBefore: time.Now().Add(-48 * time.Hour), NotAfter: time.Now().Add(-time.Hour)}, agentID)
 	cases := []struct {
 		name  string
-		f     wire.TLSFiles
+		f     peerauth.TLSFiles
 		agent bool
 		want  string
 	}{
-		{"no CA", wire.TLSFiles{Cert: good.Cert, Key: good.Key}, true, "--tls-ca"},
-		{"missing cert file", wire.TLSFiles{Cert: good.Cert + ".missing", Key: good.Key, CA: good.CA}, true, "--tls-cert"},
-		{"key of another cert", wire.TLSFiles{Cert: good.Cert, Key: clientOnly.Key, CA: good.CA}, true, "--tls-key"},
-		{"CA file without certificates", wire.TLSFiles{Cert: good.Cert, Key: good.Key, CA: good.Key}, true, "no PEM certificate"},
+		{"no CA", peerauth.TLSFiles{Cert: good.Cert, Key: good.Key}, true, "--tls-ca"},
+		{"missing cert file", peerauth.TLSFiles{Cert: good.Cert + ".missing", Key: good.Key, CA: good.CA}, true, "--tls-cert"},
+		{"key of another cert", peerauth.TLSFiles{Cert: good.Cert, Key: clientOnly.Key, CA: good.CA}, true, "--tls-key"},
+		{"CA file without certificates", peerauth.TLSFiles{Cert: good.Cert, Key: good.Key, CA: good.Key}, true, "no PEM certificate"},
 		{"agent certificate without serverAuth", clientOnly, true, "serverAuth"},
 		{"certificate without SAN", noSAN, true, "subject alternative name"},
 		{"expired certificate", expired, true, "expired"},
 	}
 	for _, tc := range cases {
-		_, _, err := wire.AgentTLS(tc.f)
+		_, _, err := peerauth.AgentTLS(tc.f)
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%s: %v, want an error naming %q", tc.name, err, tc.want)
 		}
 	}
-	if _, _, err := wire.AgentTLS(good); err != nil {
+	if _, _, err := peerauth.AgentTLS(good); err != nil {
 		t.Fatal(err)
 	}
 	// A control-plane client needs clientAuth only.
-	if _, err := wire.ClientTLS(clientOnly, ""); err != nil {
+	if _, err := peerauth.ClientTLS(clientOnly, ""); err != nil {
 		t.Fatal(err)
 	}
-	s, _ := wire.ServerTLS(good)
+	s, _ := peerauth.ServerTLS(good)
 	if s.MinVersion != tls.VersionTLS13 || s.ClientAuth != tls.RequireAndVerifyClientCert {
 		t.Fatalf("server TLS: min version %x, client auth %v", s.MinVersion, s.ClientAuth)
 	}
 }
 
 func TestIdentityMatches(t *testing.T) {
-	ca := wiretest.NewCA(t, "ferry test CA")
+	ca := peerauthtest.NewCA(t, "ferry test CA")
 	f := ca.Issue(t, "spiffe://ferry.test/ns/ferry/sa/Agent", "Node-1.Ferry.Test", "10.0.0.7", "fd00::7")
 	c := keyPair(t, f)
 	leaf, err := x509.ParseCertificate(c.Certificate[0])
 	if err != nil {
 		t.Fatal(err)
 	}
-	id := wire.CertIdentity(leaf)
+	id := peerauth.CertIdentity(leaf)
 	// A certificate whose DNS SANs are spelled like an IP address and
 	// like a URI, and whose URI SAN is spelled like a host name: a CA
 	// that signs what it is asked may issue one.
@@ -302,13 +304,13 @@ func TestIdentityMatches(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	spoof := wire.CertIdentity(&x509.Certificate{
+	spoof := peerauth.CertIdentity(&x509.Certificate{
 		DNSNames: []string{"10.0.0.7", "::ffff:10.0.0.8", "spiffe://ferry.test/ns/ferry/sa/agent"},
 		URIs:     []*url.URL{spoofURI},
 	})
-	mapped := wire.CertIdentity(&x509.Certificate{IPAddresses: []net.IP{net.ParseIP("10.0.0.9")}}) // 16-byte form
+	mapped := peerauth.CertIdentity(&x509.Certificate{IPAddresses: []net.IP{net.ParseIP("10.0.0.9")}}) // 16-byte form
 	for _, tc := range []struct {
-		id   wire.Identity
+		id   peerauth.Identity
 		name string
 		want bool
 	}{
@@ -338,18 +340,18 @@ func TestIdentityMatches(t *testing.T) {
 			t.Errorf("%s: Matches(%q) = %v, want %v", tc.id, tc.name, got, tc.want)
 		}
 	}
-	if (wire.Identity{}).Matches("*") {
+	if (peerauth.Identity{}).Matches("*") {
 		t.Error("an unauthenticated caller matches *")
 	}
 	if got := id.String(); got != "spiffe://ferry.test/ns/ferry/sa/Agent,node-1.ferry.test,10.0.0.7,fd00::7" {
 		t.Errorf("String() = %q", got)
 	}
 	for _, bad := range [][]string{{""}, {"a b"}, {"a,b"}, {"spiffe://ferry.test/*"}} {
-		if err := wire.ValidateAllowed("--allow-client", bad); err == nil {
+		if err := peerauth.ValidateAllowed("--allow-client", bad); err == nil {
 			t.Errorf("ValidateAllowed(%q) accepted", bad)
 		}
 	}
-	if err := wire.ValidateAllowed("--allow-client", []string{"*", controlPlane, "ops.ferry.test"}); err != nil {
+	if err := peerauth.ValidateAllowed("--allow-client", []string{"*", controlPlane, "ops.ferry.test"}); err != nil {
 		t.Error(err)
 	}
 }
@@ -369,13 +371,13 @@ func (r records) WithAttrs([]slog.Attr) slog.Handler { return r }
 func (r records) WithGroup(string) slog.Handler      { return r }
 
 func TestRefusedHandshakesAreLogged(t *testing.T) {
-	ca := wiretest.NewCA(t, "ferry test CA")
-	screds, _, err := wire.AgentTLS(ca.Issue(t, "localhost", "127.0.0.1"))
+	ca := peerauthtest.NewCA(t, "ferry test CA")
+	screds, _, err := peerauth.AgentTLS(ca.Issue(t, "localhost", "127.0.0.1"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	logs := make(records, 16)
-	addr := serve(t, wire.ServerConfig{Creds: screds, Access: rules(), Logger: slog.New(logs)})
+	addr := serve(t, grpcserver.Config{Creds: screds, Access: rules(), Logger: slog.New(logs)})
 	next := func() slog.Record {
 		t.Helper()
 		select {
@@ -407,7 +409,7 @@ func TestRefusedHandshakesAreLogged(t *testing.T) {
 	}
 
 	// A client certificate of another CA: a warning.
-	other := wiretest.NewCA(t, "another CA")
+	other := peerauthtest.NewCA(t, "another CA")
 	foreign := keyPair(t, other.Issue(t, controlPlane))
 	creds := credentials.NewTLS(&tls.Config{RootCAs: pool(t, ca), MinVersion: tls.VersionTLS13,
 		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return &foreign, nil }})

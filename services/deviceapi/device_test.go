@@ -1,7 +1,8 @@
-package wire
+package deviceapi
 
 import (
 	"fmt"
+	"github.com/vfio-ferry/ferry/services/wire"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -31,12 +32,12 @@ func (d *hostDevice) SetState(vfio.State) (vfio.DataStream, error) {
 	return nil, nil
 }
 
-// TestListDevicesOpensNothing lists a host whose sysfs shows three VFIO
+// TestListOpensNothing lists a host whose sysfs shows three VFIO
 // devices, one of which the agent holds and is stuck: the listing goes
 // through the registry's opener, which it never calls, shows the idle
 // devices the allowlist admits with their spec alone (flags 0, state
 // UNSPECIFIED), and the stuck one as stuck, without waiting for it.
-func TestListDevicesOpensNothing(t *testing.T) {
+func TestListOpensNothing(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		hang := make(chan struct{})
 		defer close(hang)
@@ -70,15 +71,15 @@ func TestListDevicesOpensNothing(t *testing.T) {
 		}
 		opens = 0
 		before := time.Now()
-		got := ListDevices(reg).GetDevices()
+		got := List(reg).GetDevices()
 		if time.Since(before) != 0 {
-			t.Errorf("ListDevices waited %v on a stuck device", time.Since(before))
+			t.Errorf("List waited %v on a stuck device", time.Since(before))
 		}
 		if opens != 0 {
-			t.Errorf("ListDevices opened %d devices", opens)
+			t.Errorf("List opened %d devices", opens)
 		}
 		if len(got) != 2 {
-			t.Fatalf("ListDevices = %v, want the two devices the allowlist admits", got)
+			t.Fatalf("List = %v, want the two devices the allowlist admits", got)
 		}
 		idle, held := got[0], got[1]
 		if idle.GetSpec() != "pci:0000:3b:00.2" || idle.GetMigrationFlags() != 0 ||
@@ -92,13 +93,13 @@ func TestListDevicesOpensNothing(t *testing.T) {
 	})
 }
 
-// TestDeviceErrorStuck checks that a stuck device's error reads as
+// TestErrorStuck checks that a stuck device's error reads as
 // DEVICE_STUCK, also when it is the reason a device is busy.
-func TestDeviceErrorStuck(t *testing.T) {
+func TestErrorStuck(t *testing.T) {
 	for _, err := range []error{vfio.ErrStuck, fmt.Errorf("held: %w: %w", vfio.ErrBusy, vfio.ErrStuck)} {
-		got := DeviceError("pci:0000:3b:00.2", "acquire", err)
-		if Reason(got) != ReasonDeviceStuck || status.Code(got) != codes.Unavailable {
-			t.Errorf("DeviceError(%v) = %v, reason %q; want UNAVAILABLE, DEVICE_STUCK", err, got, Reason(got))
+		got := Error("pci:0000:3b:00.2", "acquire", err)
+		if wire.Reason(got) != wire.ReasonDeviceStuck || status.Code(got) != codes.Unavailable {
+			t.Errorf("Error(%v) = %v, reason %q; want UNAVAILABLE, DEVICE_STUCK", err, got, wire.Reason(got))
 		}
 	}
 }
