@@ -1,20 +1,15 @@
 package main
 
 import (
-	"bufio"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net/http"
 	"os"
-	"os/exec"
-	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 
@@ -24,6 +19,7 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/internal/agentproc"
 	"github.com/vfio-ferry/ferry/services/dest"
 	"github.com/vfio-ferry/ferry/services/grpcserver"
 	"github.com/vfio-ferry/ferry/services/wire"
@@ -33,173 +29,36 @@ import (
 // These tests run `ferry agent` as real processes on loopback, drive them
 // as a control plane would, and stop them with real signals.
 
-// ferryBinary is this command, built once per run of the package's tests
+// ferryBuild is this command, built once per run of the package's tests
 // (by the first test that needs it) into a directory TestMain removes.
-var ferryBinary struct {
-	dir  string
-	once sync.Once
-	path string
-	err  error
-}
+var ferryBuild = agentproc.NewBuild("github.com/vfio-ferry/ferry/cmd/ferry")
 
-func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "ferry-cmd-test-")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	ferryBinary.dir = dir
-	code := m.Run()
-	os.RemoveAll(dir)
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { os.Exit(ferryBuild.Run(m)) }
 
 // buildFerry returns the path of this command's binary, building it the
 // first time.
 func buildFerry(t *testing.T) string {
 	t.Helper()
-	ferryBinary.once.Do(func() {
-		bin := filepath.Join(ferryBinary.dir, "ferry")
-		cmd := exec.Command("go", "build", "-o", bin, ".")
-		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-		if out, err := cmd.CombinedOutput(); err != nil {
-			ferryBinary.err = fmt.Errorf("go build: %v\n%s", err, out)
-			return
-		}
-		ferryBinary.path = bin
-	})
-	if ferryBinary.err != nil {
-		t.Fatal(ferryBinary.err)
-	}
-	return ferryBinary.path
-}
-
-// agentProc is one running `ferry agent`.
-type agentProc struct {
-	cmd                           *exec.Cmd
-	addr, healthAddr, metricsAddr string
-	exited                        chan struct{}
-
-	mu    sync.Mutex
-	lines []map[string]any // its JSON log lines so far
+	return ferryBuild.Binary(t)
 }
 
 // startAgent starts `ferry agent` on loopback ports chosen by the kernel,
 // with health and metrics endpoints, and waits until it listens.
-func startAgent(t *testing.T, bin string, extra ...string) *agentProc {
+func startAgent(t *testing.T, bin string, extra ...string) *agentproc.Agent {
 	t.Helper()
 	return startRole(t, bin, "agent", extra...)
 }
 
 // startSource is startAgent for `ferry source`.
-func startSource(t *testing.T, bin string, extra ...string) *agentProc {
+func startSource(t *testing.T, bin string, extra ...string) *agentproc.Agent {
 	t.Helper()
 	return startRole(t, bin, "source", extra...)
 }
 
-func startRole(t *testing.T, bin, role string, extra ...string) *agentProc {
+func startRole(t *testing.T, bin, role string, extra ...string) *agentproc.Agent {
 	t.Helper()
-	args := append([]string{role, "--insecure", "--allow-sim", "--log-format=json",
-		"--listen=127.0.0.1:0", "--health-listen=127.0.0.1:0", "--metrics-listen=127.0.0.1:0"}, extra...)
-	cmd := exec.Command(bin, args...)
-	stderr, err := cmd.StderrPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	p := &agentProc{cmd: cmd, exited: make(chan struct{})}
-	listening := make(chan struct{})
-	readDone := make(chan struct{})
-	go func() {
-		defer close(readDone)
-		sc := bufio.NewScanner(stderr)
-		for sc.Scan() {
-			var l map[string]any
-			if json.Unmarshal(sc.Bytes(), &l) != nil {
-				l = map[string]any{"msg": "not JSON: " + sc.Text()}
-			}
-			p.mu.Lock()
-			p.lines = append(p.lines, l)
-			p.mu.Unlock()
-			addr, _ := l["address"].(string)
-			switch l["msg"] {
-			case "health listening":
-				p.healthAddr = addr
-			case "metrics listening":
-				p.metricsAddr = addr
-			case "agent listening":
-				p.addr = addr
-				close(listening)
-			}
-		}
-		io.Copy(io.Discard, stderr)
-	}()
-	// Wait only once the log is read to its end (Wait closes the pipe).
-	go func() {
-		<-readDone
-		cmd.Wait()
-		close(p.exited)
-	}()
-	t.Cleanup(func() {
-		cmd.Process.Kill()
-		<-p.exited
-	})
-	select {
-	case <-listening:
-	case <-p.exited:
-		t.Fatalf("ferry %s exited before listening:\n%s", role, p.logText())
-	}
-	return p
-}
-
-// wait waits for the process to exit and returns its exit code.
-func (p *agentProc) wait(t *testing.T) int {
-	t.Helper()
-	<-p.exited
-	return p.cmd.ProcessState.ExitCode()
-}
-
-func (p *agentProc) signal(t *testing.T, sig syscall.Signal) {
-	t.Helper()
-	if err := p.cmd.Process.Signal(sig); err != nil {
-		t.Fatal(err)
-	}
-}
-
-// logged reports whether the process logged a line with this msg.
-func (p *agentProc) logged(msg string) bool {
-	return p.loggedMsg(func(m string) bool { return m == msg })
-}
-
-// loggedPrefix reports whether the process logged a line whose msg starts
-// with prefix.
-func (p *agentProc) loggedPrefix(prefix string) bool {
-	return p.loggedMsg(func(m string) bool { return strings.HasPrefix(m, prefix) })
-}
-
-func (p *agentProc) loggedMsg(match func(string) bool) bool {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	for _, l := range p.lines {
-		if m, ok := l["msg"].(string); ok && match(m) {
-			return true
-		}
-	}
-	return false
-}
-
-func (p *agentProc) logText() string {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	var b strings.Builder
-	for _, l := range p.lines {
-		j, _ := json.Marshal(l)
-		b.Write(j)
-		b.WriteByte('\n')
-	}
-	return b.String()
+	return agentproc.Start(t, bin, append([]string{role, "--insecure", "--allow-sim", "--log-format=json",
+		"--listen=127.0.0.1:0", "--health-listen=127.0.0.1:0", "--metrics-listen=127.0.0.1:0"}, extra...)...)
 }
 
 func dialAgent(t *testing.T, addr string) *grpc.ClientConn {
@@ -213,9 +72,9 @@ func dialAgent(t *testing.T, addr string) *grpc.ClientConn {
 }
 
 // scrape returns the agent's /metrics page.
-func (p *agentProc) scrape(t *testing.T) string {
+func scrape(t *testing.T, p *agentproc.Agent) string {
 	t.Helper()
-	resp, err := http.Get("http://" + p.metricsAddr + "/metrics")
+	resp, err := http.Get("http://" + p.MetricsAddr() + "/metrics")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -271,17 +130,17 @@ func mustMetric(t *testing.T, page, name string, labels map[string]string) float
 func TestAgentSaysHowChunksTravel(t *testing.T) {
 	bin := buildFerry(t)
 	off := startAgent(t, bin)
-	if !off.loggedPrefix("direct data connections off (no --data-listen)") || off.logged("direct data listening") {
-		t.Errorf("an agent without --data-listen logged:\n%s", off.logText())
+	if !off.LoggedPrefix("direct data connections off (no --data-listen)") || off.Logged("direct data listening") {
+		t.Errorf("an agent without --data-listen logged:\n%s", off.Log())
 	}
 	on := startAgent(t, bin, "--data-listen=127.0.0.1:0")
-	if !on.logged("direct data listening") || on.loggedPrefix("direct data connections off") {
-		t.Errorf("an agent with --data-listen logged:\n%s", on.logText())
+	if !on.Logged("direct data listening") || on.LoggedPrefix("direct data connections off") {
+		t.Errorf("an agent with --data-listen logged:\n%s", on.Log())
 	}
 	// The source role alone takes no chunks: it says nothing of them.
 	src := startSource(t, bin)
-	if src.loggedPrefix("direct data") {
-		t.Errorf("a source agent logged:\n%s", src.logText())
+	if src.LoggedPrefix("direct data") {
+		t.Errorf("a source agent logged:\n%s", src.Log())
 	}
 }
 
@@ -293,7 +152,7 @@ func TestAgentMetrics(t *testing.T) {
 	src, dst := startAgent(t, bin), startAgent(t, bin, "--memory-budget=512MiB")
 	const chunk = 1 << 20
 	sizes := []uint64{48 << 20, 16<<20 + 4097} // the second ends in a short chunk
-	p := plan{id: "metrics-1", sourceAddr: src.addr, destAddr: dst.addr, transfer: dst.addr,
+	p := plan{id: "metrics-1", sourceAddr: src.Addr(), destAddr: dst.Addr(), transfer: dst.Addr(),
 		channels: 3, chunkSize: chunk, creds: insecure.NewCredentials()}
 	for i, n := range sizes {
 		spec := fmt.Sprintf("sim:size=%d,seed=%d", n, i+11)
@@ -307,7 +166,7 @@ func TestAgentMetrics(t *testing.T) {
 		// During the migration: the families are there, and no counter
 		// exceeds what there is to send.
 		scrapedDuring = true
-		page := src.scrape(t)
+		page := scrape(t, src)
 		for i, d := range m.GetDevices() {
 			if v, ok := metric(page, "ferry_source_sent_bytes_total", map[string]string{"device": d.GetDevice()}); ok && v > float64(sizes[i]) {
 				t.Errorf("during: %s sent %v bytes of %d", d.GetDevice(), v, sizes[i])
@@ -326,7 +185,7 @@ func TestAgentMetrics(t *testing.T) {
 		t.Error("the watch never reported STOPCOPY, so nothing was scraped during the migration")
 	}
 
-	sp, dp := src.scrape(t), dst.scrape(t)
+	sp, dp := scrape(t, src), scrape(t, dst)
 	for i, d := range r.DeviceResults {
 		n := sizes[i]
 		chunks := float64((n + chunk - 1) / chunk)
@@ -372,12 +231,12 @@ func TestAgentMetrics(t *testing.T) {
 			t.Errorf("%s%v = %v, want %v", c.name, c.labels, got, c.want)
 		}
 	}
-	src.signal(t, syscall.SIGTERM)
-	dst.signal(t, syscall.SIGTERM)
-	if code := src.wait(t); code != 0 {
+	src.Signal(t, syscall.SIGTERM)
+	dst.Signal(t, syscall.SIGTERM)
+	if code := src.Wait(); code != 0 {
 		t.Errorf("source exited %d", code)
 	}
-	if code := dst.wait(t); code != 0 {
+	if code := dst.Wait(); code != 0 {
 		t.Errorf("destination exited %d", code)
 	}
 }
@@ -412,7 +271,7 @@ func healthWatch(t *testing.T, ctx context.Context, addr, service string) func()
 func TestAgentDrainLetsRunningMigrationFinish(t *testing.T) {
 	bin := buildFerry(t)
 	src, dst := startAgent(t, bin), startAgent(t, bin, "--drain-timeout=1h")
-	dconn := dialAgent(t, dst.addr)
+	dconn := dialAgent(t, dst.Addr())
 	dagent := ferryv1.NewDestAgentClient(dconn)
 	ctx := t.Context()
 	const spec = "sim:size=24MiB,seed=21"
@@ -422,16 +281,16 @@ func TestAgentDrainLetsRunningMigrationFinish(t *testing.T) {
 	}
 
 	wctx, stopWatch := context.WithCancel(ctx)
-	ready := healthWatch(t, wctx, dst.healthAddr, healthReadiness)
+	ready := healthWatch(t, wctx, dst.HealthAddr(), healthReadiness)
 	if s := ready(); s != healthpb.HealthCheckResponse_SERVING {
 		t.Fatalf("readiness before SIGTERM: %v", s)
 	}
-	dst.signal(t, syscall.SIGTERM)
+	dst.Signal(t, syscall.SIGTERM)
 	if s := ready(); s != healthpb.HealthCheckResponse_NOT_SERVING {
 		t.Fatalf("readiness after SIGTERM: %v", s)
 	}
 	stopWatch()
-	hconn, err := grpc.NewClient(dst.healthAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	hconn, err := grpc.NewClient(dst.HealthAddr(), grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -453,8 +312,8 @@ func TestAgentDrainLetsRunningMigrationFinish(t *testing.T) {
 	}
 
 	// The migration prepared before SIGTERM still runs to its end.
-	sagent := ferryv1.NewSourceAgentClient(dialAgent(t, src.addr))
-	_, err = sagent.StartMigration(ctx, &ferryv1.StartMigrationRequest{MigrationId: "drain-1", DestAddress: dst.addr, Token: prep.GetToken(),
+	sagent := ferryv1.NewSourceAgentClient(dialAgent(t, src.Addr()))
+	_, err = sagent.StartMigration(ctx, &ferryv1.StartMigrationRequest{MigrationId: "drain-1", DestAddress: dst.Addr(), Token: prep.GetToken(),
 		Devices: []*ferryv1.DevicePair{{SourceDevice: spec, DestDevice: spec}}})
 	if err != nil {
 		t.Fatal(err)
@@ -466,14 +325,14 @@ func TestAgentDrainLetsRunningMigrationFinish(t *testing.T) {
 	if final.GetPhase() != ferryv1.MigrationPhase_MIGRATION_PHASE_SUCCEEDED {
 		t.Fatalf("the migration running at SIGTERM ended %v: %v", final.GetPhase(), final.GetError())
 	}
-	if code := dst.wait(t); code != 0 {
-		t.Errorf("destination exited %d\n%s", code, dst.logText())
+	if code := dst.Wait(); code != 0 {
+		t.Errorf("destination exited %d\n%s", code, dst.Log())
 	}
-	if !dst.logged("drained: no migration running") || dst.logged("drain timeout passed: aborting the running migrations with the rollback rule") {
-		t.Errorf("the destination's log does not show a clean drain:\n%s", dst.logText())
+	if !dst.Logged("drained: no migration running") || dst.Logged("drain timeout passed: aborting the running migrations with the rollback rule") {
+		t.Errorf("the destination's log does not show a clean drain:\n%s", dst.Log())
 	}
-	src.signal(t, syscall.SIGTERM)
-	if code := src.wait(t); code != 0 {
+	src.Signal(t, syscall.SIGTERM)
+	if code := src.Wait(); code != 0 {
 		t.Errorf("source exited %d", code)
 	}
 }
@@ -484,16 +343,16 @@ const slowSrc, slowDst = "sim:size=1GiB,seed=31,rate=4MB/s", "sim:size=1GiB,seed
 
 // startSlowMigration prepares and starts migration id of the slow device
 // from src to dst and returns a watch on the source, past its first state.
-func startSlowMigration(t *testing.T, src, dst *agentProc, id string) (ferryv1.SourceAgentClient, ferryv1.DestAgentClient, grpc.ServerStreamingClient[ferryv1.WatchMigrationResponse]) {
+func startSlowMigration(t *testing.T, src, dst *agentproc.Agent, id string) (ferryv1.SourceAgentClient, ferryv1.DestAgentClient, grpc.ServerStreamingClient[ferryv1.WatchMigrationResponse]) {
 	t.Helper()
 	ctx := t.Context()
-	dagent := ferryv1.NewDestAgentClient(dialAgent(t, dst.addr))
+	dagent := ferryv1.NewDestAgentClient(dialAgent(t, dst.Addr()))
 	prep, err := dagent.PrepareIncoming(ctx, &ferryv1.PrepareIncomingRequest{MigrationId: id, Devices: []string{slowDst}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	sagent := ferryv1.NewSourceAgentClient(dialAgent(t, src.addr))
-	_, err = sagent.StartMigration(ctx, &ferryv1.StartMigrationRequest{MigrationId: id, DestAddress: dst.addr, Token: prep.GetToken(),
+	sagent := ferryv1.NewSourceAgentClient(dialAgent(t, src.Addr()))
+	_, err = sagent.StartMigration(ctx, &ferryv1.StartMigrationRequest{MigrationId: id, DestAddress: dst.Addr(), Token: prep.GetToken(),
 		Devices: []*ferryv1.DevicePair{{SourceDevice: slowSrc, DestDevice: slowDst}}})
 	if err != nil {
 		t.Fatal(err)
@@ -547,16 +406,16 @@ func TestAgentDrainTimeoutRollsBack(t *testing.T) {
 	bin := buildFerry(t)
 	src, dst := startAgent(t, bin, "--drain-timeout=200ms"), startAgent(t, bin)
 	_, dagent, stream := startSlowMigration(t, src, dst, "deadline-1")
-	src.signal(t, syscall.SIGTERM)
+	src.Signal(t, syscall.SIGTERM)
 	checkRolledBack(t, stream, dagent, "deadline-1")
-	if code := src.wait(t); code != 0 {
+	if code := src.Wait(); code != 0 {
 		t.Errorf("source exited %d", code)
 	}
-	if !src.logged("drain timeout passed: aborting the running migrations with the rollback rule") {
-		t.Errorf("the source's log does not show the drain deadline:\n%s", src.logText())
+	if !src.Logged("drain timeout passed: aborting the running migrations with the rollback rule") {
+		t.Errorf("the source's log does not show the drain deadline:\n%s", src.Log())
 	}
-	dst.signal(t, syscall.SIGTERM)
-	if code := dst.wait(t); code != 0 {
+	dst.Signal(t, syscall.SIGTERM)
+	if code := dst.Wait(); code != 0 {
 		t.Errorf("destination exited %d", code)
 	}
 }
@@ -573,17 +432,17 @@ func TestAgentSecondSignalAborts(t *testing.T) {
 	ctx := t.Context()
 
 	wctx, stopWatch := context.WithCancel(ctx)
-	ready := healthWatch(t, wctx, src.healthAddr, healthReadiness)
+	ready := healthWatch(t, wctx, src.HealthAddr(), healthReadiness)
 	if s := ready(); s != healthpb.HealthCheckResponse_SERVING {
 		t.Fatalf("readiness before SIGTERM: %v", s)
 	}
-	src.signal(t, syscall.SIGTERM)
+	src.Signal(t, syscall.SIGTERM)
 	if s := ready(); s != healthpb.HealthCheckResponse_NOT_SERVING {
 		t.Fatalf("readiness after SIGTERM: %v", s)
 	}
 	stopWatch()
 
-	_, err := sagent.StartMigration(ctx, &ferryv1.StartMigrationRequest{MigrationId: "second-2", DestAddress: dst.addr, Token: "t",
+	_, err := sagent.StartMigration(ctx, &ferryv1.StartMigrationRequest{MigrationId: "second-2", DestAddress: dst.Addr(), Token: "t",
 		Devices: []*ferryv1.DevicePair{{SourceDevice: "sim:size=4MiB,seed=32", DestDevice: "sim:size=4MiB,seed=32"}}})
 	if wire.Code(err) != codes.Unavailable || wire.Reason(err) != wire.ReasonDraining {
 		t.Errorf("StartMigration while draining: %v (%s), want UNAVAILABLE %s", err, wire.Reason(err), wire.ReasonDraining)
@@ -592,16 +451,16 @@ func TestAgentSecondSignalAborts(t *testing.T) {
 		t.Errorf("GetMigration while draining: %v", err)
 	}
 
-	src.signal(t, syscall.SIGTERM)
+	src.Signal(t, syscall.SIGTERM)
 	checkRolledBack(t, stream, dagent, "second-1")
-	if code := src.wait(t); code != 0 {
+	if code := src.Wait(); code != 0 {
 		t.Errorf("source exited %d", code)
 	}
-	if !src.logged("second signal: aborting the running migrations with the rollback rule") {
-		t.Errorf("the source's log does not show the second signal:\n%s", src.logText())
+	if !src.Logged("second signal: aborting the running migrations with the rollback rule") {
+		t.Errorf("the source's log does not show the second signal:\n%s", src.Log())
 	}
-	dst.signal(t, syscall.SIGTERM)
-	if code := dst.wait(t); code != 0 {
+	dst.Signal(t, syscall.SIGTERM)
+	if code := dst.Wait(); code != 0 {
 		t.Errorf("destination exited %d", code)
 	}
 }
@@ -611,7 +470,7 @@ func TestAgentSecondSignalAborts(t *testing.T) {
 func TestAgentBudgetGaugeDefault(t *testing.T) {
 	bin := buildFerry(t)
 	a := startAgent(t, bin, "--memory-budget=0")
-	if got := mustMetric(t, a.scrape(t), "ferry_dest_memory_budget_bytes", nil); got != dest.DefaultMemoryBudget {
+	if got := mustMetric(t, scrape(t, a), "ferry_dest_memory_budget_bytes", nil); got != dest.DefaultMemoryBudget {
 		t.Errorf("ferry_dest_memory_budget_bytes %v with --memory-budget 0, want the default %d", got, dest.DefaultMemoryBudget)
 	}
 }

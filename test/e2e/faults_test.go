@@ -13,6 +13,7 @@ import (
 	"github.com/vfio-ferry/ferry/services/source"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/internal/agentproc"
 	"github.com/vfio-ferry/ferry/services/wire"
 	"github.com/vfio-ferry/ferry/test/tcpproxy"
 )
@@ -34,7 +35,7 @@ var (
 // pair is a destination and a source agent process with clients, and a
 // proxy in front of the destination's Transfer port.
 type pair struct {
-	dst, src *proc
+	dst, src *agentproc.Agent
 	proxy    *tcpproxy.Proxy
 	dest     ferryv1.DestAgentClient
 	source   ferryv1.SourceAgentClient
@@ -46,14 +47,14 @@ func startPair(t *testing.T, destArgs ...string) *pair {
 		dst: startAgent(t, "dest", append(destFaultFlags, destArgs...)...),
 		src: startAgent(t, "source", sourceFaultFlags...),
 	}
-	proxy, err := tcpproxy.New(p.dst.addr)
+	proxy, err := tcpproxy.New(p.dst.Addr())
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(proxy.Close)
 	p.proxy = proxy
-	p.dest = ferryv1.NewDestAgentClient(dial(t, p.dst.addr))
-	p.source = ferryv1.NewSourceAgentClient(dial(t, p.src.addr))
+	p.dest = ferryv1.NewDestAgentClient(dial(t, p.dst.Addr()))
+	p.source = ferryv1.NewSourceAgentClient(dial(t, p.src.Addr()))
 	return p
 }
 
@@ -289,7 +290,7 @@ func TestDestinationKilled(t *testing.T) {
 	dst := "sim:size=4GiB,seed=45"
 	p.start(t, "dest-killed", []string{src}, []string{dst}, 4)
 	p.agents().sourceUntil(t, "dest-killed", moving)
-	p.dst.kill(t)
+	p.dst.Kill()
 	s := p.agents().waitSource(t, "dest-killed")
 	if s.GetPhase() != failed || s.GetError().GetReason() == "" {
 		t.Fatalf("phase %v, error %v; want FAILED with a reason", s.GetPhase(), s.GetError())
@@ -299,7 +300,7 @@ func TestDestinationKilled(t *testing.T) {
 	}
 	// A restarted destination accepts a new migration.
 	dst2 := startAgent(t, "dest", destFaultFlags...)
-	a := &agents{source: p.source, dest: ferryv1.NewDestAgentClient(dial(t, dst2.addr)), destAddr: dst2.addr}
+	a := &agents{source: p.source, dest: ferryv1.NewDestAgentClient(dial(t, dst2.Addr())), destAddr: dst2.Addr()}
 	spec := []string{"sim:size=32MiB,seed=46"}
 	if s, _ := a.run(t, migration{id: "after-restart", src: spec, dst: spec, channels: 4}); s.GetPhase() != succeeded {
 		t.Fatalf("after the restart: %v %v", s.GetPhase(), s.GetError())
@@ -312,7 +313,7 @@ func TestSourceKilled(t *testing.T) {
 	dst := "sim:size=4GiB,seed=47"
 	p.start(t, "source-killed", []string{src}, []string{dst}, 4)
 	p.agents().sourceUntil(t, "source-killed", moving)
-	p.src.kill(t)
+	p.src.Kill()
 	d := p.agents().waitDest(t, "source-killed")
 	if d.GetPhase() != failed || d.GetError().GetReason() == "" {
 		t.Fatalf("destination %v %v, want FAILED with a reason", d.GetPhase(), d.GetError())

@@ -1,128 +1,44 @@
 package e2e
 
 import (
-	"bufio"
 	"bytes"
 	"encoding/json"
-	"fmt"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
+
+	"github.com/vfio-ferry/ferry/internal/agentproc"
 )
 
 // The tests in this file run `ferry dest`, `ferry source` and
 // `ferry migrate` as separate processes, as an operator would.
 
-// The ferry binary, built once per test run (when a test needs it) into
-// a directory TestMain removes at the end.
-var (
-	buildOnce sync.Once
-	binDir    string
-	ferryBin  string
-	buildErr  error
-)
+// ferryBuild is the ferry binary, built once per test run (when a test
+// needs it) into a directory TestMain removes at the end.
+var ferryBuild = agentproc.NewBuild("github.com/vfio-ferry/ferry/cmd/ferry")
 
-func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "ferry-e2e")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	binDir = dir
-	code := m.Run()
-	os.RemoveAll(dir)
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { os.Exit(ferryBuild.Run(m)) }
 
-// ferry builds the ferry binary once per test run.
+// ferry returns the path of the ferry binary.
 func ferry(t *testing.T) string {
 	t.Helper()
-	buildOnce.Do(func() {
-		ferryBin = filepath.Join(binDir, "ferry")
-		out, err := exec.Command("go", "build", "-o", ferryBin, "github.com/vfio-ferry/ferry/cmd/ferry").CombinedOutput()
-		if err != nil {
-			buildErr = &buildError{err: err, out: string(out)}
-		}
-	})
-	if buildErr != nil {
-		t.Fatal(buildErr)
-	}
-	return ferryBin
-}
-
-type buildError struct {
-	err error
-	out string
-}
-
-func (e *buildError) Error() string { return "go build ferry: " + e.err.Error() + "\n" + e.out }
-
-// proc is a running agent process.
-type proc struct {
-	cmd  *exec.Cmd
-	addr string
-	done chan struct{}
-}
-
-// kill ends the process with SIGKILL, as a crash would.
-func (p *proc) kill(t *testing.T) {
-	t.Helper()
-	p.cmd.Process.Kill()
-	<-p.done
+	return ferryBuild.Binary(t)
 }
 
 // startAgent starts `ferry <role> --listen 127.0.0.1:0 --insecure
 // --allow-sim ...`, as the fault tests run it.
-func startAgent(t *testing.T, role string, args ...string) *proc {
+func startAgent(t *testing.T, role string, args ...string) *agentproc.Agent {
 	t.Helper()
 	return runAgent(t, role, append([]string{"--insecure", "--allow-sim"}, args...)...)
 }
 
 // runAgent starts `ferry <role> --listen 127.0.0.1:0 --log-format json
 // ...` and waits until it logs the address it listens on. The process is
-// stopped with SIGINT at the end of the test.
-func runAgent(t *testing.T, role string, args ...string) *proc {
+// killed at the end of the test.
+func runAgent(t *testing.T, role string, args ...string) *agentproc.Agent {
 	t.Helper()
-	cmd := exec.Command(ferry(t), append([]string{role, "--listen", "127.0.0.1:0", "--log-format", "json"}, args...)...)
-	stderr, err := cmd.StderrPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	p := &proc{cmd: cmd, done: make(chan struct{})}
-	sc := bufio.NewScanner(stderr)
-	var lines []string
-	for sc.Scan() {
-		lines = append(lines, sc.Text())
-		var line struct {
-			Msg     string `json:"msg"`
-			Address string `json:"address"`
-		}
-		if json.Unmarshal(sc.Bytes(), &line) == nil && line.Msg == "agent listening" {
-			p.addr = line.Address
-			break
-		}
-	}
-	go func() {
-		for sc.Scan() { // keep draining the log
-		}
-		cmd.Wait()
-		close(p.done)
-	}()
-	t.Cleanup(func() {
-		cmd.Process.Signal(os.Interrupt)
-		<-p.done
-	})
-	if p.addr == "" {
-		<-p.done
-		t.Fatalf("ferry %s exited before listening:\n%s", role, strings.Join(lines, "\n"))
-	}
-	return p
+	return agentproc.Start(t, ferry(t), append([]string{role, "--listen", "127.0.0.1:0", "--log-format", "json"}, args...)...)
 }
 
 type migrateResult struct {
@@ -163,8 +79,8 @@ func ferryMigrate(t *testing.T, src, dst, srcDev, dstDev string) (migrateResult,
 }
 
 func TestSeparateProcesses(t *testing.T) {
-	dst := startAgent(t, "dest", "--data-listen", "127.0.0.1:0").addr
-	src := startAgent(t, "source").addr
+	dst := startAgent(t, "dest", "--data-listen", "127.0.0.1:0").Addr()
+	src := startAgent(t, "source").Addr()
 
 	t.Run("512MiB bit-exact", func(t *testing.T) {
 		spec := "sim:size=512MiB,seed=21"
@@ -213,8 +129,8 @@ func TestSeparateProcesses(t *testing.T) {
 }
 
 func TestSmallDestinationWindow(t *testing.T) {
-	dst := startAgent(t, "dest", "--max-buffers", "4", "--max-buffer-bytes", "8MiB").addr
-	src := startAgent(t, "source").addr
+	dst := startAgent(t, "dest", "--max-buffers", "4", "--max-buffer-bytes", "8MiB").Addr()
+	src := startAgent(t, "source").Addr()
 	spec := "sim:size=512MiB,seed=31"
 	r, code := ferryMigrate(t, src, dst, spec, spec)
 	if code != 0 || !r.Verified {

@@ -295,8 +295,8 @@ func TestProcessesWithMutualTLS(t *testing.T) {
 		}
 	})
 
-	dstAddr := runAgent(t, "dest", append(dest, "--allow-client", idControlPlane, "--allow-peer", idSourceAgent, "--allow-sim", "--data-listen", "127.0.0.1:0")...).addr
-	srcAddr := runAgent(t, "source", append(src, "--allow-client", idControlPlane, "--allow-sim", "--devices", "pci:0000:3b:*")...).addr
+	dstAddr := runAgent(t, "dest", append(dest, "--allow-client", idControlPlane, "--allow-peer", idSourceAgent, "--allow-sim", "--data-listen", "127.0.0.1:0")...).Addr()
+	srcAddr := runAgent(t, "source", append(src, "--allow-client", idControlPlane, "--allow-sim", "--devices", "pci:0000:3b:*")...).Addr()
 
 	migrate := func(client []string, srcDev string) (migrateResult, int, string) {
 		t.Helper()
