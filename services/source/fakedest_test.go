@@ -460,3 +460,35 @@ func TestConflictingStartIsRefused(t *testing.T) {
 		t.Errorf("the first migration ended %v %v, want SUCCEEDED", m.GetPhase(), m.GetError())
 	}
 }
+
+// A destination that acknowledges chunks the source never sent is refused
+// (BAD_WINDOW_UPDATE): its word cannot free what the source holds, and
+// the device returns to RUNNING.
+func TestAckPastWhatWasSentIsRefused(t *testing.T) {
+	f := &fakeDest{windows: openWindow}
+	f.channel = func(_ int, st grpc.BidiStreamingServer[ferryv1.ChannelRequest, ferryv1.ChannelResponse]) error {
+		if err := st.Send(&ferryv1.ChannelResponse{}); err != nil {
+			return err
+		}
+		if _, err := st.Recv(); err != nil {
+			return err
+		}
+		lie := &ferryv1.WindowUpdate{AckedSeq: 1000, AckedOffset: 1 << 30, LimitSeq: 1064, LimitOffset: 1<<30 + 64<<20}
+		if err := st.Send(&ferryv1.ChannelResponse{Windows: []*ferryv1.WindowUpdate{lie}}); err != nil {
+			return err
+		}
+		return recvAll(st)
+	}
+	a, reg := sourceAgent(t, Config{})
+	start(t, a, "liar", serveFake(t, f), verdictSpec, 64<<10, time.Hour)
+	m := waitEnd(t, a, "liar")
+	if m.GetPhase() != ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED || m.GetError().GetReason() != wire.ReasonBadWindow {
+		t.Errorf("ended %v %v, want FAILED %s", m.GetPhase(), m.GetError(), wire.ReasonBadWindow)
+	}
+	if st := deviceState(t, reg, verdictSpec); st != vfio.StateRunning {
+		t.Errorf("device in %v, want RUNNING", st)
+	}
+	if _, err := a.ListDevices(t.Context(), &ferryv1.ListDevicesRequest{}); err != nil {
+		t.Errorf("the agent stopped serving: %v", err)
+	}
+}
