@@ -303,7 +303,7 @@ func (a *Agent) openDevices(req *ferryv1.PrepareIncomingRequest, specs []string,
 			undo()
 			return nil, deviceapi.Error(spec, "open", err)
 		}
-		d := &devStream{index: i, spec: spec, dev: dev, release: release, notify: make(chan struct{}, 1), turn: make(chan struct{}, 1)}
+		d := &devStream{index: i, spec: spec, dev: dev, release: release, notify: make(chan struct{}, 1), turn: make(chan struct{}, 1), freed: make(chan struct{}, 1)}
 		inc.devs = append(inc.devs, d)
 		if dev.Flags()&vfio.FlagStopCopy == 0 {
 			undo()

@@ -68,6 +68,9 @@ type devStream struct {
 
 	// notify wakes the loader when a chunk arrived (1-buffered).
 	notify chan struct{}
+	// freed is signalled when the write turn is given back (1-buffered;
+	// see takeTurn).
+	freed chan struct{}
 
 	// turn is the device's write turn (a token in a 1-buffered channel,
 	// so the clean-up can wait for it or for the device to be declared
@@ -76,6 +79,13 @@ type devStream struct {
 	// just completed the frontier (see writeReady). The clean-up takes it
 	// and never gives it back: nobody writes again. The fields below are
 	// the turn holder's.
+	//
+	// Only the clean-up waits for the turn by sending into turn. A
+	// blocked sender is handed the token by the holder's release, before
+	// it runs: a loader waiting so would hold the turn while it waits for
+	// a core, and the receivers behind it would leave their chunks, with
+	// their buffers, in the reassembly until it ran. The loader waits for
+	// freed instead and takes the turn itself (see takeTurn).
 	turn   chan struct{}
 	digest *chunkwire.Digest
 	// advSeq and advOff are the frontier when the feedback senders were
@@ -100,6 +110,26 @@ func (d *devStream) tryTurn() bool {
 		return true
 	default:
 		return false
+	}
+}
+
+// takeTurn takes the write turn for the loader once it is free: it
+// waits for a release and tries again, so the turn is never handed to it
+// before it runs (see turn). It reports false if ctx ended first.
+func (d *devStream) takeTurn(ctx context.Context) bool {
+	for {
+		select {
+		case <-d.freed: // a release before this try: the try sees it
+		default:
+		}
+		if d.tryTurn() {
+			return true
+		}
+		select {
+		case <-d.freed:
+		case <-ctx.Done():
+			return false
+		}
 	}
 }
 
@@ -402,6 +432,10 @@ func (inc *incoming) closeDevice(d *devStream, reset bool) {
 // the turn's holder meanwhile (closeDevice), the holder finishes it.
 func (inc *incoming) putTurn(d *devStream) {
 	<-d.turn
+	select {
+	case d.freed <- struct{}{}:
+	default:
+	}
 	d.mu.Lock()
 	orphaned, reset := d.orphaned, d.reset
 	d.mu.Unlock()
@@ -483,12 +517,16 @@ func (inc *incoming) fillWindows(dst []*ferryv1.WindowUpdate) {
 // load is a device's loader: it writes the chunks at the frontier into
 // the device, in order, whenever a receiver left them (see writeReady),
 // until END; then it checks the stream and moves the device
-// RESUMING->STOP.
+// RESUMING->STOP. It looks only when woken: a receiver that accepts a
+// chunk either writes it or wakes the loader.
 func (inc *incoming) load(d *devStream) {
 	for {
 		select {
-		case d.turn <- struct{}{}:
+		case <-d.notify:
 		case <-inc.ctx.Done():
+			return
+		}
+		if !d.takeTurn(inc.ctx) {
 			return
 		}
 		end, atEnd, err := inc.writeReadyLocked(d)
@@ -513,11 +551,6 @@ func (inc *incoming) load(d *devStream) {
 			return
 		}
 		inc.putTurn(d)
-		select {
-		case <-d.notify:
-		case <-inc.ctx.Done():
-			return
-		}
 	}
 }
 
