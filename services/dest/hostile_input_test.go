@@ -32,6 +32,7 @@ import (
 	"github.com/vfio-ferry/ferry/services/peerauth"
 	"github.com/vfio-ferry/ferry/services/peerauth/peerauthtest"
 	"github.com/vfio-ferry/ferry/services/wire"
+	"github.com/vfio-ferry/ferry/services/wire/wiretest"
 )
 
 // The tests in this file send a live destination agent what no honest
@@ -50,25 +51,13 @@ func serveAgent(t *testing.T, creds credentials.TransportCredentials, access []p
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { reg.Close() })
 	srv := grpcserver.New(grpcserver.Config{Creds: creds, Pool: pool, Access: access})
 	agent.Register(srv.GRPC)
 	srv.Ready()
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	served := make(chan struct{})
-	go func() {
-		defer close(served)
-		srv.GRPC.Serve(lis)
-	}()
-	t.Cleanup(func() {
-		agent.Close()
-		srv.GRPC.Stop()
-		<-served
-		reg.Close()
-	})
-	return lis.Addr().String(), agent, reg
+	addr := wiretest.Serve(t, srv.GRPC)
+	t.Cleanup(agent.Close)
+	return addr, agent, reg
 }
 
 func dialAgent(t *testing.T, addr string, creds credentials.TransportCredentials) *grpc.ClientConn {

@@ -3,7 +3,6 @@ package dest
 import (
 	"errors"
 	"io"
-	"net"
 	"strconv"
 	"testing"
 
@@ -19,6 +18,7 @@ import (
 	"github.com/vfio-ferry/ferry/services/deviceapi"
 	"github.com/vfio-ferry/ferry/services/grpcserver"
 	"github.com/vfio-ferry/ferry/services/wire"
+	"github.com/vfio-ferry/ferry/services/wire/wiretest"
 )
 
 // The tests in this file play a misbehaving source against a live
@@ -47,28 +47,18 @@ func newHarness(t *testing.T) *harness {
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { reg.Close() })
 	srv := grpcserver.New(grpcserver.Config{Creds: insecure.NewCredentials(), Pool: pool})
 	agent.Register(srv.GRPC)
 	srv.Ready()
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	served := make(chan struct{})
-	go func() {
-		defer close(served)
-		srv.GRPC.Serve(lis)
-	}()
-	conn, err := grpc.NewClient(lis.Addr().String(), grpcserver.DialOptions(insecure.NewCredentials(), chunkwire.NewPool())...)
+	addr := wiretest.Serve(t, srv.GRPC)
+	conn, err := grpc.NewClient(addr, grpcserver.DialOptions(insecure.NewCredentials(), chunkwire.NewPool())...)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
 		conn.Close()
 		agent.Close()
-		srv.GRPC.Stop()
-		<-served
-		reg.Close()
 	})
 	return &harness{t: t, agent: agent, reg: reg, dest: ferryv1.NewDestAgentClient(conn), transfer: ferryv1.NewTransferClient(conn)}
 }

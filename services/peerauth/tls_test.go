@@ -22,6 +22,7 @@ import (
 	"github.com/vfio-ferry/ferry/services/peerauth"
 	"github.com/vfio-ferry/ferry/services/peerauth/peerauthtest"
 	"github.com/vfio-ferry/ferry/services/wire"
+	"github.com/vfio-ferry/ferry/services/wire/wiretest"
 )
 
 const (
@@ -39,20 +40,7 @@ func serve(t *testing.T, cfg grpcserver.Config) string {
 	ferryv1.RegisterDestAgentServer(srv.GRPC, ferryv1.UnimplementedDestAgentServer{})
 	ferryv1.RegisterTransferServer(srv.GRPC, ferryv1.UnimplementedTransferServer{})
 	srv.Ready()
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		srv.GRPC.Serve(lis)
-	}()
-	t.Cleanup(func() {
-		srv.GRPC.Stop()
-		<-done
-	})
-	return lis.Addr().String()
+	return wiretest.Serve(t, srv.GRPC)
 }
 
 func dialWith(t *testing.T, addr string, creds credentials.TransportCredentials) *grpc.ClientConn {

@@ -3,7 +3,6 @@ package source
 import (
 	"context"
 	"log/slog"
-	"net"
 	"strings"
 	"sync"
 	"testing"
@@ -19,6 +18,7 @@ import (
 	"github.com/vfio-ferry/ferry/services/chunkwire"
 	"github.com/vfio-ferry/ferry/services/grpcserver"
 	"github.com/vfio-ferry/ferry/services/wire"
+	"github.com/vfio-ferry/ferry/services/wire/wiretest"
 )
 
 // fakeDest is a destination agent's Transfer service whose every answer a
@@ -101,20 +101,7 @@ func serveTransfer(t *testing.T, f ferryv1.TransferServer) string {
 	srv := grpcserver.New(grpcserver.Config{Creds: insecure.NewCredentials(), Pool: chunkwire.NewPool()})
 	ferryv1.RegisterTransferServer(srv.GRPC, f)
 	srv.Ready()
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	served := make(chan struct{})
-	go func() {
-		defer close(served)
-		srv.GRPC.Serve(lis)
-	}()
-	t.Cleanup(func() {
-		srv.GRPC.Stop()
-		<-served
-	})
-	return lis.Addr().String()
+	return wiretest.Serve(t, srv.GRPC)
 }
 
 // sourceAgent is a source agent on a registry of simulated devices.

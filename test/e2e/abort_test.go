@@ -14,6 +14,7 @@ import (
 	"github.com/vfio-ferry/ferry/services/deviceapi"
 	"github.com/vfio-ferry/ferry/services/grpcserver"
 	"github.com/vfio-ferry/ferry/services/wire"
+	"github.com/vfio-ferry/ferry/services/wire/wiretest"
 )
 
 // lostOpenFront serves Transfer in front of a destination agent and loses
@@ -54,7 +55,7 @@ func TestOpenAnswerLost(t *testing.T) {
 	srv := grpcserver.New(grpcserver.Config{Creds: insecure.NewCredentials(), Pool: chunkwire.NewPool()})
 	ferryv1.RegisterTransferServer(srv.GRPC, front)
 	srv.Ready()
-	frontAddr := serveOn(t, srv.GRPC)
+	frontAddr := wiretest.Serve(t, srv.GRPC)
 
 	spec := "sim:size=4MiB,seed=61"
 	prep, err := a.dest.PrepareIncoming(ctx, &ferryv1.PrepareIncomingRequest{MigrationId: "lost-open", Devices: []string{spec}})

@@ -20,6 +20,7 @@ import (
 	"github.com/vfio-ferry/ferry/services/grpcserver"
 	"github.com/vfio-ferry/ferry/services/source"
 	"github.com/vfio-ferry/ferry/services/wire"
+	"github.com/vfio-ferry/ferry/services/wire/wiretest"
 )
 
 // partitionFront serves Transfer in front of a destination agent and
@@ -112,7 +113,7 @@ func startPartitioned(t *testing.T, f *partitionFront, id, spec string) *agents 
 	srv := grpcserver.New(grpcserver.Config{Creds: insecure.NewCredentials(), Pool: chunkwire.NewPool()})
 	ferryv1.RegisterTransferServer(srv.GRPC, f)
 	srv.Ready()
-	front := serveOn(t, srv.GRPC)
+	front := wiretest.Serve(t, srv.GRPC)
 	ctx := t.Context()
 	prep, err := a.dest.PrepareIncoming(ctx, &ferryv1.PrepareIncomingRequest{MigrationId: id, Devices: []string{spec}})
 	if err != nil {

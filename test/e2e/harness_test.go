@@ -83,24 +83,6 @@ func startLoopback(t *testing.T, cfg loopback.Config) *agents {
 	return &agents{destAddr: l.DestAddr, sourceAddr: l.SourceAddr, destAgent: l.Dest, destReg: l.DestRegistry, sourceReg: l.SourceRegistry}
 }
 
-func serveOn(t *testing.T, s *grpc.Server) string {
-	t.Helper()
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		s.Serve(lis)
-	}()
-	t.Cleanup(func() {
-		s.Stop()
-		<-done
-	})
-	return lis.Addr().String()
-}
-
 func dial(t *testing.T, addr string) *grpc.ClientConn {
 	t.Helper()
 	conn, err := grpc.NewClient(addr, grpcserver.DialOptions(insecure.NewCredentials(), chunkwire.NewPool())...)

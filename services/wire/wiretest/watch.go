@@ -1,5 +1,6 @@
 // Package wiretest holds what tests of the agents share on the wire: it
-// follows a migration watch to its end (LastMigration).
+// follows a migration watch to its end (LastMigration) and serves a gRPC
+// server on loopback for the length of a test (Serve).
 //
 // It is imported by tests only.
 package wiretest
