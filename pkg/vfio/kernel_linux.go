@@ -76,7 +76,7 @@ type kernelDevice struct {
 	// infoV2: the opt-in to VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2
 	// succeeded at open, so vfio_precopy_info.flags (REINIT) is valid.
 	infoV2 bool
-	last  atomic.Uint32 // the state last read or set
+	last   atomic.Uint32 // the state last read or set
 
 	pmu          sync.Mutex // guards busy and closePending; held by unlock across mu.Unlock
 	busy         bool       // a method holds mu
