@@ -132,6 +132,8 @@
 //	reinit=OFFSET    once the initial data was read up to OFFSET, new
 //	                 initial data appears: the whole state is rewritten,
 //	                 InitialBytes starts again and Reinit is reported once
+//	precopyinfo=v1   answer PrecopyInfo as a kernel without PRECOPY_INFOv2:
+//	                 Reinit is never reported (default v2)
 //
 // Its streams then carry records, so later bytes can overwrite earlier
 // ones: each record is a 24-byte header of little-endian uint64s

@@ -110,6 +110,7 @@ type recSaver struct {
 	reinitAt   uint64 // page-rounded offset of the reinit; valid with hasReinit
 	hasReinit  bool
 	reinitSeen bool // not yet reported by PrecopyInfo
+	infoV1     bool // never report Reinit ("precopyinfo=v1")
 
 	buf     []byte  // the record being read: header and data
 	bufOff  int     // bytes of buf read
@@ -127,6 +128,7 @@ func newRecSaver(d *SimDevice) *recSaver {
 		rate:    cfg.DirtyRate,
 		key:     dirtyKey(cfg.Seed),
 		buf:     make([]byte, 0, recHeaderLen+recMaxData),
+		infoV1:  cfg.PrecopyInfoV1,
 	}
 	if cfg.HasReinit {
 		r.hasReinit = true
@@ -217,7 +219,7 @@ func (r *recSaver) info() PrecopyInfo {
 		in.DirtyBytes += unread
 	}
 	if r.reinitSeen {
-		in.Reinit, r.reinitSeen = true, false
+		in.Reinit, r.reinitSeen = !r.infoV1, false
 	}
 	return in
 }

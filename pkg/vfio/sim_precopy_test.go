@@ -181,6 +181,13 @@ func TestSimPrecopyRules(t *testing.T) {
 				t.Error("reinit reported twice")
 			}
 		}},
+		{"reinit without the v2 info", "sim:size=64KiB,seed=9,flags=stopcopy|precopy,precopy=32KiB,reinit=8000,precopyinfo=v1", func(t *testing.T, d *SimDevice) {
+			ds := setState(t, d, StatePreCopy)
+			readN(t, ds, recHeaderLen+8<<10)
+			if got := precopyInfo(t, ds); got != (PrecopyInfo{InitialBytes: 32 << 10}) {
+				t.Errorf("at the reinit offset info = %+v, want 32KiB initial, no reinit", got)
+			}
+		}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) { tt.run(t, newSim(t, tt.spec)) })

@@ -111,6 +111,11 @@ type SimConfig struct {
 	// PrecopyInfo reports Reinit. Key "reinit", an offset; needs precopy.
 	HasReinit    bool
 	ReinitOffset uint64
+	// PrecopyInfoV1 makes the device answer PrecopyInfo as kernels without
+	// VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2 do: Reinit is never reported
+	// (a reinit shows only as InitialBytes growing again). Key
+	// "precopyinfo", v1 or v2 (the default); needs precopy.
+	PrecopyInfoV1 bool
 	// Hang makes one operation of the device block until the device is
 	// closed, as a driver that never answers would: a read or a write that
 	// reaches a byte offset of its stream, the arc into a state, or a
@@ -168,7 +173,7 @@ var simFlagNames = [...]struct {
 //	mdev:UUID            a mediated device (8-4-4-4-12 hex)
 //	sim:size=SIZE,seed=N[,rate=RATE][,wrate=RATE][,zero=FRACTION]
 //	    [,fault=OFFSET][,flags=stopcopy|p2p|precopy][,precopy=SIZE][,dirty=RATE]
-//	    [,reinit=OFFSET]
+//	    [,reinit=OFFSET][,precopyinfo=v1|v2]
 //	    [,hang=read@OFFSET|write@OFFSET|state:STATE|reset][,fail=state:STATE|reset]
 //	                     the simulated device (see SimConfig)
 //
@@ -309,6 +314,17 @@ var simKeys = [...]struct {
 		c.ReinitOffset, err = size.Parse(v)
 		return
 	}},
+	{"precopyinfo", func(c *SimConfig, v string) error {
+		switch v {
+		case "v1":
+			c.PrecopyInfoV1 = true
+		case "v2":
+			c.PrecopyInfoV1 = false
+		default:
+			return errors.New("want v1 or v2")
+		}
+		return nil
+	}},
 	{"hang", func(c *SimConfig, v string) (err error) { c.Hang, err = parseHang(v); return }},
 	{"fail", parseFail},
 }
@@ -369,8 +385,8 @@ func (c SimConfig) validate() error {
 		return fmt.Errorf("flags %v: want stopcopy with optional p2p and precopy", c.Flags)
 	case c.HasFault && c.FaultOffset >= c.Size:
 		return fmt.Errorf("fault offset %d is not below the size %d", c.FaultOffset, c.Size)
-	case c.Flags&FlagPreCopy == 0 && (c.PreCopy != 0 || c.DirtyRate != 0 || c.HasReinit):
-		return errors.New("precopy, dirty and reinit need flags to include precopy")
+	case c.Flags&FlagPreCopy == 0 && (c.PreCopy != 0 || c.DirtyRate != 0 || c.HasReinit || c.PrecopyInfoV1):
+		return errors.New("precopy, dirty, reinit and precopyinfo need flags to include precopy")
 	case c.PreCopy > c.Size:
 		return fmt.Errorf("precopy %d is above the size %d", c.PreCopy, c.Size)
 	case c.HasReinit && c.ReinitOffset >= c.PreCopy:
@@ -556,6 +572,9 @@ func (c SimConfig) String() string {
 	}
 	if c.HasReinit {
 		b.WriteString(",reinit=" + formatSize(c.ReinitOffset))
+	}
+	if c.PrecopyInfoV1 {
+		b.WriteString(",precopyinfo=v1")
 	}
 	switch c.Hang.Op {
 	case HangRead:
