@@ -448,6 +448,18 @@ func (l *recLoader) verify() error {
 	case l.gens == nil:
 		return fmt.Errorf("short stream: no page of the state was written")
 	}
+	// The generations applied above the epoch must add up to the events
+	// (which also bounds the replay below by what the stream carried).
+	var above uint64
+	for p, g := range l.gens {
+		if g < uint32(l.epoch)+1 {
+			return fmt.Errorf("page at %d is not at its final generation: stream incomplete", uint64(p)*simPageSize)
+		}
+		above += uint64(g) - 1 - l.epoch
+	}
+	if above != l.events {
+		return fmt.Errorf("pages rewritten %d times, the source made %d dirty events: stream incomplete", above, l.events)
+	}
 	// Replay the events on a copy: subtract them from what was applied;
 	// every page must come out at 1 + epoch.
 	left := make([]uint32, len(l.gens))
