@@ -46,7 +46,41 @@ var (
 	// ErrStreamEnded: the data stream's session has ended (the kernel's
 	// ENODEV after the saving/resuming state was left).
 	ErrStreamEnded = errors.New("data stream ended")
+	// ErrNoData: a saving stream in PRE_COPY(_P2P) has no new data now
+	// (the kernel's ENOMSG); read again later, or move on to STOP_COPY.
+	ErrNoData = errors.New("no pre-copy data now")
+	// ErrNotPreCopy: PrecopyInfo was asked of a stream whose device is not
+	// in PRE_COPY or PRE_COPY_P2P (the kernel's EINVAL).
+	ErrNotPreCopy = errors.New("data stream is not in a pre-copy state")
 )
+
+// PrecopyInfo is what a saving stream in PRE_COPY(_P2P) reports about
+// the data still to read (struct vfio_precopy_info). Both counts are the
+// device's estimates, never a promise: a device may report anything.
+type PrecopyInfo struct {
+	// InitialBytes is the initial pre-copy data not yet read; it counts
+	// down as the stream is read. Leave PRE_COPY for STOP_COPY only once
+	// it is zero, or the stop-copy phase carries it.
+	InitialBytes uint64
+	// DirtyBytes estimates the state changed since it was read: data the
+	// stream will carry again. It may grow and shrink; it is no estimate
+	// of the stop-copy size (DataSize is).
+	DirtyBytes uint64
+	// Reinit says new initial data appeared since the last report and
+	// InitialBytes was reset (VFIO_PRECOPY_INFO_REINIT). Only devices
+	// whose kernel has VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2 report it;
+	// elsewhere it is always false and InitialBytes may simply grow.
+	Reinit bool
+}
+
+// PrecopyInfoer is implemented by saving streams that answer
+// VFIO_MIG_GET_PRECOPY_INFO: the kernel's, the simulated device's and a
+// GuardedDevice's streams over either. PrecopyInfo is valid only while
+// the device is in PRE_COPY or PRE_COPY_P2P; elsewhere it fails with
+// ErrNotPreCopy. When both counts are zero a read fails with ErrNoData.
+type PrecopyInfoer interface {
+	PrecopyInfo() (PrecopyInfo, error)
+}
 
 // DataStream is the migration data stream of a device in a saving or
 // resuming state: the kernel's data_fd. Reads in STOP_COPY return io.EOF at

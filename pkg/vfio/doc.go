@@ -11,6 +11,8 @@
 //	pci:0000:3b:00.2                           a VFIO-bound PCI function
 //	mdev:83b8f4f2-509f-382f-3c1e-e6bfe0fa1001  a mediated device
 //	sim:size=1GiB,seed=7,rate=2GB/s            the simulated device (SimConfig)
+//	sim:size=4GiB,flags=stopcopy|p2p|precopy,precopy=4GiB,dirty=32MB/s
+//	                                           one that pre-copies
 //
 // Spec.String is the canonical form: lowercase hex, sim keys in a fixed
 // order, sizes printed exactly, defaults left out. Two strings name the
@@ -60,7 +62,20 @@
 //
 // Reads of a saving stream in STOP_COPY return io.EOF once the whole state
 // was read, and forever after: read to io.EOF before leaving STOP_COPY. In
-// PRE_COPY io.EOF (or a read of 0) only means "no data now". A resuming
+// PRE_COPY(_P2P) a read fails with ErrNoData (the kernel's ENOMSG) when
+// nothing is new, and io.EOF (a read of 0, as mtty answers) means the
+// same: read again later, or move on to STOP_COPY, where the same stream
+// carries the rest. Never request STOP_COPY -> PRE_COPY.
+//
+// Saving streams in PRE_COPY(_P2P) answer VFIO_MIG_GET_PRECOPY_INFO
+// through the optional PrecopyInfoer: InitialBytes (the initial data not
+// yet read, counting down), DirtyBytes (the estimate of state rewritten
+// since it was read) and Reinit (new initial data appeared and
+// InitialBytes was reset). Elsewhere it fails with ErrNotPreCopy. The
+// kernel backend opts a PRE_COPY device in to
+// VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2 at open, which makes Reinit
+// reportable; where the kernel lacks it Reinit is always false. A
+// resuming
 // stream accepts any chunking of the saved stream, in order; the device
 // validates what it got at RESUMING -> STOP, which fails with ErrVerify on
 // an incomplete or foreign stream and leaves the device in RESUMING until
@@ -101,9 +116,42 @@
 //	fail=state:RUNNING|reset  both
 //
 // State names are the kernel's, in either case; the state must be one
-// the flags support, and not ERROR. With precopy the
-// device supports the PRE_COPY states, but its pre-copy phase carries no
-// data yet; "precopy" and "dirty" are parsed for that model.
+// the flags support, and not ERROR.
+//
+// # The simulated device's pre-copy
+//
+// With flags including precopy the device supports the PRE_COPY states
+// and models a device that runs while it is saved:
+//
+//	precopy=SIZE     its initial data: the first SIZE bytes of the state
+//	                 (rounded up to 4 KiB pages), read in PRE_COPY
+//	dirty=RATE       while in PRE_COPY(_P2P) it rewrites 4 KiB pages of its
+//	                 state at RATE, on the clock (time.Now: tests use
+//	                 testing/synctest); a page rewritten after it was read
+//	                 is sent again
+//	reinit=OFFSET    once the initial data was read up to OFFSET, new
+//	                 initial data appears: the whole state is rewritten,
+//	                 InitialBytes starts again and Reinit is reported once
+//	precopyinfo=v1   answer PrecopyInfo as a kernel without PRECOPY_INFOv2:
+//	                 Reinit is never reported (default v2)
+//
+// Its streams then carry records, so later bytes can overwrite earlier
+// ones: each record is a 24-byte header of little-endian uint64s
+// (offset, length, generation) and length bytes of whole pages at that
+// generation; the last record is a trailer (offset 2^64-1, length 16,
+// generation 0; the number of dirty events and the reinit epoch). In
+// PRE_COPY the stream carries the initial data in order, then the pages
+// dirtied since they were read; PRE_COPY -> STOP_COPY continues it with
+// the pages not yet sent and the dirty ones, then the trailer, then
+// io.EOF. PrecopyInfo follows the kernel's rules: InitialBytes counts the
+// initial pages not yet read (record headers left out), DirtyBytes the
+// dirty pages pending, and both are zero exactly when a read fails with
+// ErrNoData. The resuming instance checks every byte against the page's
+// content at the record's generation and, at RESUMING -> STOP, that every
+// page holds the generation the source had when STOP_COPY ended: a
+// stream that lost a record or its trailer fails with ErrVerify. Without
+// precopy in the flags, streams are the raw state, byte for byte as
+// before.
 //
 // # Devices that do not answer
 //
@@ -116,7 +164,9 @@
 // allocation) and a watchdog marks the device stuck when one has run for
 // the timeout. While stuck, every operation fails at once with ErrStuck
 // and State answers the state last known; the mark clears when the
-// operation returns at last. Consumers find out through StuckReporter,
+// operation returns at last. A guarded stream over one that answers
+// PrecopyInfo answers it too, as a control operation ("PRECOPY_INFO")
+// under the timeout: it is an ioctl that may hang, polled between reads. Consumers find out through StuckReporter,
 // which every device a Registry hands out implements:
 //
 //	if sr, ok := dev.(vfio.StuckReporter); ok {

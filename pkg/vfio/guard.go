@@ -96,6 +96,7 @@ type guardOp struct {
 	err    error
 	state  State
 	size   uint64
+	info   PrecopyInfo
 	stream DataStream
 	// abandoned (under the guard's mu): the caller stopped waiting, so
 	// nobody takes stream.
@@ -214,7 +215,11 @@ func (g *GuardedDevice) SetState(target State) (DataStream, error) {
 	if o.stream == nil {
 		return nil, nil
 	}
-	return &guardedStream{g: g, s: o.stream}, nil
+	gs := &guardedStream{g: g, s: o.stream}
+	if pi, ok := o.stream.(PrecopyInfoer); ok {
+		return &guardedPrecopyStream{guardedStream: gs, pi: pi}, nil
+	}
+	return gs, nil
 }
 
 // DataSize asks the device for its stop-copy size estimate under the
@@ -579,3 +584,29 @@ func (s *guardedStream) transfer(write bool, p []byte) (int, error) {
 
 // Close closes the wrapped stream; it never waits for the device.
 func (s *guardedStream) Close() error { return s.s.Close() }
+
+// guardedPrecopyStream is a guardedStream over a stream that answers
+// PrecopyInfo, so the guarded stream answers it too: a caller that finds
+// PrecopyInfoer on the device's stream finds it on the guard's.
+type guardedPrecopyStream struct {
+	*guardedStream
+	pi PrecopyInfoer
+}
+
+// PrecopyInfo asks the wrapped stream as a control operation under the
+// deadline ("PRECOPY_INFO"): it is an ioctl that may not answer, like a
+// SET_STATE, not a transfer, and a caller polls it between reads, so one
+// goroutine per call costs nothing that matters. It waits for a control
+// operation in progress, and fails at once with ErrStuck while the device
+// is stuck.
+func (s *guardedPrecopyStream) PrecopyInfo() (PrecopyInfo, error) {
+	o, err := s.g.do("PRECOPY_INFO", func(o *guardOp) error {
+		info, err := s.pi.PrecopyInfo()
+		o.info = info
+		return err
+	})
+	if err != nil {
+		return PrecopyInfo{}, err
+	}
+	return o.info, nil
+}

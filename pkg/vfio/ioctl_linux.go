@@ -187,6 +187,18 @@ func deviceGetMigDataSize(dev *fdOwner) (uint64, error) {
 	return arg.Size.StopCopyLength, err
 }
 
+// deviceSetPrecopyInfoV2 issues VFIO_DEVICE_FEATURE SET
+// MIG_PRECOPY_INFOv2, which carries no payload: the header alone. Kernels
+// without the feature answer ENOTTY or EINVAL.
+func deviceSetPrecopyInfoV2(dev *fdOwner) error {
+	hdr := vfioDeviceFeature{
+		Argsz: uint32(unsafe.Sizeof(vfioDeviceFeature{})),
+		Flags: featureSet | featureMigPrecopyInfoV2,
+	}
+	_, err := ioctl(dev, reqDeviceFeature, unsafe.Pointer(&hdr))
+	return err
+}
+
 // migGetPrecopyInfo issues VFIO_MIG_GET_PRECOPY_INFO on a data_fd (6.2+).
 func migGetPrecopyInfo(dataFD uintptr) (vfioPrecopyInfo, error) {
 	info := vfioPrecopyInfo{Argsz: uint32(unsafe.Sizeof(vfioPrecopyInfo{}))}

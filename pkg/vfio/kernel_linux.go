@@ -36,7 +36,10 @@
 // Kernel features by version: Linux 6.1 has STOP_COPY and P2P only;
 // VFIO_DEVICE_FEATURE_MIG_DATA_SIZE, PRE_COPY and VFIO_MIG_GET_PRECOPY_INFO
 // arrived in 6.2 (older kernels answer ENOTTY: ErrNotSupported), the
-// device cdev in 6.6.
+// device cdev in 6.6, VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2 (REINIT) in
+// 2026. A device with PRE_COPY is opted in to PRECOPY_INFOv2 at open;
+// where the kernel lacks it (ENOTTY, EINVAL) PrecopyInfo never reports
+// Reinit, as older kernels require.
 
 package vfio
 
@@ -70,7 +73,10 @@ func openKernel(s Spec) (Device, error) {
 type kernelDevice struct {
 	spec  string
 	flags Flags
-	last  atomic.Uint32 // the state last read or set
+	// infoV2: the opt-in to VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2
+	// succeeded at open, so vfio_precopy_info.flags (REINIT) is valid.
+	infoV2 bool
+	last   atomic.Uint32 // the state last read or set
 
 	pmu          sync.Mutex // guards busy and closePending; held by unlock across mu.Unlock
 	busy         bool       // a method holds mu
@@ -123,6 +129,12 @@ func openKernelDevice(h hostPaths, s Spec) (*kernelDevice, error) {
 	if !d.flags.Supports(StateStopCopy) {
 		d.closeFDs()
 		return nil, fmt.Errorf("migration flags %v lack STOP_COPY: %w", d.flags, ErrNotSupported)
+	}
+	if d.flags&FlagPreCopy != 0 {
+		// Opt in to REINIT reports. A kernel without the feature answers
+		// ENOTTY or EINVAL; on any failure the flags stay unused, as
+		// kernels before it require.
+		d.infoV2 = deviceSetPrecopyInfoV2(d.dev) == nil
 	}
 	return d, nil
 }
@@ -300,7 +312,7 @@ func (d *kernelDevice) SetState(target State) (DataStream, error) {
 	if fd < 0 {
 		return nil, nil
 	}
-	return newKernelStream(fd, d.spec, target), nil
+	return newKernelStream(fd, d.spec, target, d.infoV2), nil
 }
 
 // setFailed reads the state back after a failed SET and builds the error.
@@ -390,15 +402,16 @@ func (d *kernelDevice) Close() error {
 
 // kernelStream is a data_fd: an *os.File it owns, with the kernel's errors
 // translated (see streamErr). Read returns io.EOF at the end of a
-// STOP_COPY stream, and for "no data now" in PRE_COPY, like the simulated
-// device. It is safe to Close while another goroutine reads or writes.
+// STOP_COPY stream; in PRE_COPY "no data now" is ErrNoData (ENOMSG) or
+// io.EOF (a read of 0), as with the simulated device. It is safe to Close while another goroutine reads or writes.
 type kernelStream struct {
 	f      *os.File
+	infoV2 bool // the device opted in to PRECOPY_INFOv2: REINIT is valid
 	closed atomic.Bool
 }
 
-func newKernelStream(fd int, spec string, state State) *kernelStream {
-	return &kernelStream{f: os.NewFile(uintptr(fd), fmt.Sprintf("%s %v data", spec, state))}
+func newKernelStream(fd int, spec string, state State, infoV2 bool) *kernelStream {
+	return &kernelStream{f: os.NewFile(uintptr(fd), fmt.Sprintf("%s %v data", spec, state)), infoV2: infoV2}
 }
 
 // Read reads the saving stream.
@@ -425,36 +438,60 @@ func (s *kernelStream) Close() error {
 func (s *kernelStream) File() *os.File { return s.f }
 
 // PrecopyInfo issues VFIO_MIG_GET_PRECOPY_INFO on the stream: how many
-// initial bytes are still to be read and how many bytes were dirtied since.
-// Only in PRE_COPY and PRE_COPY_P2P (the kernel answers EINVAL elsewhere);
-// ErrNotSupported before Linux 6.2.
-func (s *kernelStream) PrecopyInfo() (initialBytes, dirtyBytes uint64, err error) {
+// initial bytes are still to be read and how many bytes were dirtied
+// since, and, where the device opted in to PRECOPY_INFOv2, whether new
+// initial data appeared (Reinit). Only in PRE_COPY and PRE_COPY_P2P: the
+// kernel answers EINVAL elsewhere (ErrNotPreCopy); ErrNotSupported before
+// Linux 6.2.
+func (s *kernelStream) PrecopyInfo() (PrecopyInfo, error) {
 	rc, err := s.f.SyscallConn()
 	if err != nil {
-		return 0, 0, fmt.Errorf("precopy info: %w", err)
+		return PrecopyInfo{}, fmt.Errorf("precopy info: %w", err)
 	}
 	var info vfioPrecopyInfo
 	var ierr error
 	if err := rc.Control(func(fd uintptr) { info, ierr = migGetPrecopyInfo(fd) }); err != nil {
-		return 0, 0, fmt.Errorf("precopy info: %w", err)
+		return PrecopyInfo{}, fmt.Errorf("precopy info: %w", err)
 	}
+	if err := precopyInfoErr(ierr); err != nil {
+		return PrecopyInfo{}, fmt.Errorf("precopy info: %w", err)
+	}
+	return precopyInfoOf(info, s.infoV2), nil
+}
+
+// precopyInfoErr translates the errno of VFIO_MIG_GET_PRECOPY_INFO,
+// keeping it in the chain.
+func precopyInfoErr(errno error) error {
 	switch {
-	case errors.Is(ierr, unix.ENOTTY):
-		return 0, 0, fmt.Errorf("precopy info: %w: %w", ErrNotSupported, ierr)
-	case errors.Is(ierr, unix.ENODEV):
-		return 0, 0, fmt.Errorf("precopy info: %w: %w", ErrStreamEnded, ierr)
-	case ierr != nil:
-		return 0, 0, fmt.Errorf("precopy info: %w", ierr)
+	case errno == nil:
+		return nil
+	case errors.Is(errno, unix.ENOTTY):
+		return fmt.Errorf("%w: %w", ErrNotSupported, errno)
+	case errors.Is(errno, unix.EINVAL):
+		return fmt.Errorf("%w: %w", ErrNotPreCopy, errno)
+	case errors.Is(errno, unix.ENODEV):
+		return fmt.Errorf("%w: %w", ErrStreamEnded, errno)
 	}
-	return info.InitialBytes, info.DirtyBytes, nil
+	return errno
+}
+
+// precopyInfoOf converts the kernel's struct; its flags count only after
+// the PRECOPY_INFOv2 opt-in (before it drivers echo what was passed in).
+func precopyInfoOf(info vfioPrecopyInfo, infoV2 bool) PrecopyInfo {
+	return PrecopyInfo{
+		InitialBytes: info.InitialBytes,
+		DirtyBytes:   info.DirtyBytes,
+		Reinit:       infoV2 && info.Flags&vfioPrecopyInfoReinit != 0,
+	}
 }
 
 // streamErr translates the kernel's data_fd errors into the package's:
 //
 //   - ENODEV: the session ended (the device left the saving or resuming
 //     state, or was reset): ErrStreamEnded;
-//   - ENOMSG: "no data now" in PRE_COPY(_P2P): io.EOF, as a 0-byte read
-//     there already is (the stream carries on once the device moves on);
+//   - ENOMSG: "no data now" in PRE_COPY(_P2P): ErrNoData (a 0-byte read
+//     there, as mtty answers, is io.EOF and means the same; the stream
+//     carries on once the device moves on);
 //   - ENOMEM on a write: more than a whole state was written (mlx5, mtty):
 //     ErrStreamTooLong.
 //
@@ -464,7 +501,7 @@ func streamErr(err error) error {
 	case err == nil || err == io.EOF:
 		return err
 	case errors.Is(err, unix.ENOMSG):
-		return io.EOF
+		return fmt.Errorf("%w: %w", ErrNoData, err)
 	case errors.Is(err, unix.ENODEV):
 		return fmt.Errorf("%w: %w", ErrStreamEnded, err)
 	case errors.Is(err, unix.ENOMEM):

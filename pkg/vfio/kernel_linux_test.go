@@ -118,7 +118,7 @@ func TestStreamErr(t *testing.T) {
 		{nil, nil},
 		{io.EOF, []error{io.EOF}},
 		{pe("read", unix.ENODEV), []error{ErrStreamEnded, unix.ENODEV}},
-		{pe("read", unix.ENOMSG), []error{io.EOF}},
+		{pe("read", unix.ENOMSG), []error{ErrNoData, unix.ENOMSG}},
 		{pe("write", unix.ENOMEM), []error{ErrStreamTooLong, unix.ENOMEM}},
 		{pe("read", unix.EIO), []error{unix.EIO}},
 	} {
@@ -131,6 +131,38 @@ func TestStreamErr(t *testing.T) {
 				t.Errorf("streamErr(%v) = %v, want it to match %v", tc.in, got, w)
 			}
 		}
+	}
+}
+
+// TestPrecopyInfoTranslation checks the errno translation of
+// VFIO_MIG_GET_PRECOPY_INFO and that REINIT counts only after the
+// PRECOPY_INFOv2 opt-in (before it drivers echo the flags passed in).
+func TestPrecopyInfoTranslation(t *testing.T) {
+	for _, tc := range []struct {
+		in   error
+		want []error
+	}{
+		{wrappedErrno{unix.ENOTTY}, []error{ErrNotSupported, unix.ENOTTY}},
+		{wrappedErrno{unix.EINVAL}, []error{ErrNotPreCopy, unix.EINVAL}},
+		{wrappedErrno{unix.ENODEV}, []error{ErrStreamEnded, unix.ENODEV}},
+		{wrappedErrno{unix.EIO}, []error{unix.EIO}},
+	} {
+		got := precopyInfoErr(tc.in)
+		for _, w := range tc.want {
+			if !errors.Is(got, w) {
+				t.Errorf("precopyInfoErr(%v) = %v, want it to match %v", tc.in, got, w)
+			}
+		}
+	}
+	if err := precopyInfoErr(nil); err != nil {
+		t.Errorf("precopyInfoErr(nil) = %v", err)
+	}
+	raw := vfioPrecopyInfo{Flags: vfioPrecopyInfoReinit, InitialBytes: 7, DirtyBytes: 3}
+	if got := precopyInfoOf(raw, false); got != (PrecopyInfo{InitialBytes: 7, DirtyBytes: 3}) {
+		t.Errorf("v1: %+v, want no Reinit", got)
+	}
+	if got := precopyInfoOf(raw, true); got != (PrecopyInfo{InitialBytes: 7, DirtyBytes: 3, Reinit: true}) {
+		t.Errorf("v2: %+v, want Reinit", got)
 	}
 }
 
@@ -161,7 +193,7 @@ func TestKernelDevice(t *testing.T) {
 				t.Errorf("read after STOP_COPY -> STOP: %v, want ErrStreamEnded wrapping ENODEV", err)
 			}
 			if ks, ok := st.(*kernelStream); ok {
-				if _, _, err := ks.PrecopyInfo(); err == nil {
+				if _, err := ks.PrecopyInfo(); err == nil {
 					t.Error("PrecopyInfo outside PRE_COPY succeeded")
 				}
 			}

@@ -257,6 +257,11 @@ type simStream struct {
 	mismatched bool       // a written byte differed from the device's state
 	mismatchAt uint64     // offset of the first such byte
 	pace       pacer      // rate cap of this stream's direction
+	// With flags including precopy the stream carries records (see
+	// sim_precopy.go): saver produces a saving stream's, loader applies a
+	// resuming stream's. Both nil otherwise: the raw state.
+	saver  *recSaver
+	loader *recLoader
 }
 
 func newSimStream(d *SimDevice, state State) *simStream {
@@ -266,13 +271,22 @@ func newSimStream(d *SimDevice, state State) *simStream {
 	if s.resume {
 		s.pace.rate = d.spec.Sim.WriteRate
 	}
+	if d.spec.Sim.Flags&FlagPreCopy != 0 {
+		if s.resume {
+			s.loader = newRecLoader(d)
+		} else {
+			s.saver = newRecSaver(d)
+			s.saver.run(s.precopy)
+		}
+	}
 	return s
 }
 
 // Read reads the device state in STOP_COPY: the content from offset 0 to
-// the size, then io.EOF forever. In PRE_COPY(_P2P) it returns io.EOF for
-// "no data now" (the kernel's ENOMSG or mtty's 0); the stream carries on
-// in STOP_COPY. With a rate cap a read carries at most paceStep's worth
+// the size, then io.EOF forever. With flags including precopy the stream
+// carries records instead (see sim_precopy.go), and in PRE_COPY(_P2P) a
+// read with nothing new fails with ErrNoData (the kernel's ENOMSG); the
+// stream carries on in STOP_COPY. With a rate cap a read carries at most paceStep's worth
 // of data and returns when the cap allows it. At an injected fault the
 // read that would cross it stops short, and every later read fails with
 // ErrInjectedFault.
@@ -299,19 +313,33 @@ func (s *simStream) readStep(p []byte) (int, time.Time, error) {
 	switch {
 	case s.resume:
 		return 0, time.Time{}, fmt.Errorf("%s: read on a resuming stream: %w", s.dev.name, ErrNotSupported)
-	case s.precopy, s.pos == cfg.Size:
+	case s.saver == nil && s.pos == cfg.Size:
 		return 0, time.Time{}, io.EOF
 	case cfg.HasFault && s.pos == cfg.FaultOffset:
 		return 0, time.Time{}, fmt.Errorf("%s: read at byte %d: %w", s.dev.name, s.pos, ErrInjectedFault)
 	case cfg.Hang.Op == HangRead && s.pos == cfg.Hang.Offset && len(p) > 0:
 		return 0, time.Time{}, errHang
 	}
-	n := min(uint64(len(p)), cfg.Size-s.pos, s.pace.stepBytes())
+	n := min(uint64(len(p)), s.pace.stepBytes())
+	if s.saver == nil {
+		n = min(n, cfg.Size-s.pos)
+	}
 	if cfg.HasFault && s.pos < cfg.FaultOffset && cfg.FaultOffset < s.pos+n {
 		n = cfg.FaultOffset - s.pos
 	}
 	if cfg.Hang.Op == HangRead && s.pos < cfg.Hang.Offset && cfg.Hang.Offset < s.pos+n {
 		n = cfg.Hang.Offset - s.pos
+	}
+	if s.saver != nil {
+		m, err := s.saver.read(p[:n])
+		if err == io.EOF {
+			return 0, time.Time{}, io.EOF
+		}
+		if err != nil {
+			return 0, time.Time{}, fmt.Errorf("%s: read at byte %d: %w", s.dev.name, s.pos, err)
+		}
+		s.pos += uint64(m)
+		return m, s.pace.admitNow(uint64(m)), nil
 	}
 	s.dev.content.fill(p[:n], s.pos)
 	s.pos += n
@@ -354,7 +382,7 @@ func (s *simStream) writeStep(p []byte) (int, time.Time, error) {
 	switch {
 	case !s.resume:
 		return 0, time.Time{}, fmt.Errorf("%s: write on a saving stream: %w", s.dev.name, ErrNotSupported)
-	case uint64(len(p)) > size-s.pos:
+	case s.loader == nil && uint64(len(p)) > size-s.pos:
 		return 0, time.Time{}, fmt.Errorf("%s: write of %d bytes at byte %d passes the state size %d: %w",
 			s.dev.name, len(p), s.pos, size, ErrStreamTooLong)
 	}
@@ -367,7 +395,11 @@ func (s *simStream) writeStep(p []byte) (int, time.Time, error) {
 			n = h.Offset - s.pos
 		}
 	}
-	if !s.mismatched {
+	if s.loader != nil {
+		if err := s.loader.write(p[:n]); err != nil {
+			return 0, time.Time{}, fmt.Errorf("%s: write at byte %d: %w", s.dev.name, s.pos, err)
+		}
+	} else if !s.mismatched {
 		if i := s.dev.content.mismatch(p[:n], s.pos); i >= 0 {
 			s.mismatched, s.mismatchAt = true, s.pos+uint64(i)
 		}
@@ -438,11 +470,33 @@ func (s *simStream) end() {
 	s.ended = true
 }
 
-// stopCopy moves a saving stream from PRE_COPY to STOP_COPY.
+// stopCopy moves a saving stream from PRE_COPY to STOP_COPY: the device
+// stops, and dirties nothing more.
 func (s *simStream) stopCopy() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.precopy = false
+	if s.saver != nil {
+		s.saver.run(false)
+	}
+}
+
+// PrecopyInfo answers VFIO_MIG_GET_PRECOPY_INFO: valid only while the
+// device is in PRE_COPY(_P2P) (ErrNotPreCopy elsewhere, on a resuming
+// stream too). InitialBytes counts the initial data not yet read (its
+// pages, without the record headers), DirtyBytes the pages dirtied
+// after they were read; Reinit is reported once, by the first answer
+// after new initial data appeared.
+func (s *simStream) PrecopyInfo() (PrecopyInfo, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err := s.usable(); err != nil {
+		return PrecopyInfo{}, err
+	}
+	if !s.precopy || s.saver == nil {
+		return PrecopyInfo{}, fmt.Errorf("%s: precopy info: %w", s.dev.name, ErrNotPreCopy)
+	}
+	return s.saver.info(), nil
 }
 
 func (s *simStream) written() uint64 {
@@ -457,6 +511,13 @@ func (s *simStream) written() uint64 {
 func (s *simStream) verifyAndEnd() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.loader != nil {
+		if err := s.loader.verify(); err != nil {
+			return fmt.Errorf("%s: %v: %w", s.dev.name, err, ErrVerify)
+		}
+		s.ended = true
+		return nil
+	}
 	size := s.dev.spec.Sim.Size
 	switch {
 	case s.mismatched && s.mismatchAt == 0:

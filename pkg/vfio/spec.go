@@ -97,13 +97,25 @@ type SimConfig struct {
 	// include FlagStopCopy. Key "flags", "|"-separated names from
 	// stopcopy, p2p and precopy; default "stopcopy|p2p".
 	Flags Flags
-	// PreCopy is the pre-copy initial_bytes, and DirtyRate the rate in
-	// bytes per second at which a running device dirties its state. Keys
-	// "precopy" and "dirty"; both need flags to include precopy. They are
-	// parsed and kept for the pre-copy model; the device does not produce
-	// pre-copy data yet.
+	// PreCopy is the pre-copy initial data: the first PreCopy bytes of
+	// the state (rounded up to whole 4 KiB pages), read in PRE_COPY; at
+	// most Size. DirtyRate is the rate in bytes per second at which the
+	// device rewrites 4 KiB pages of its state while in PRE_COPY(_P2P).
+	// Keys "precopy" and "dirty"; both need flags to include precopy (see
+	// the package documentation for the model and its stream).
 	PreCopy   uint64
 	DirtyRate uint64
+	// HasReinit says new initial data appears once the initial data was
+	// read up to ReinitOffset (rounded up to a page; below PreCopy): the
+	// whole state is rewritten, the initial data is read again from 0 and
+	// PrecopyInfo reports Reinit. Key "reinit", an offset; needs precopy.
+	HasReinit    bool
+	ReinitOffset uint64
+	// PrecopyInfoV1 makes the device answer PrecopyInfo as kernels without
+	// VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2 do: Reinit is never reported
+	// (a reinit shows only as InitialBytes growing again). Key
+	// "precopyinfo", v1 or v2 (the default); needs precopy.
+	PrecopyInfoV1 bool
 	// Hang makes one operation of the device block until the device is
 	// closed, as a driver that never answers would: a read or a write that
 	// reaches a byte offset of its stream, the arc into a state, or a
@@ -161,6 +173,7 @@ var simFlagNames = [...]struct {
 //	mdev:UUID            a mediated device (8-4-4-4-12 hex)
 //	sim:size=SIZE,seed=N[,rate=RATE][,wrate=RATE][,zero=FRACTION]
 //	    [,fault=OFFSET][,flags=stopcopy|p2p|precopy][,precopy=SIZE][,dirty=RATE]
+//	    [,reinit=OFFSET][,precopyinfo=v1|v2]
 //	    [,hang=read@OFFSET|write@OFFSET|state:STATE|reset][,fail=state:STATE|reset]
 //	                     the simulated device (see SimConfig)
 //
@@ -296,6 +309,22 @@ var simKeys = [...]struct {
 	{"flags", func(c *SimConfig, v string) (err error) { c.Flags, err = parseSimFlags(v); return }},
 	{"precopy", func(c *SimConfig, v string) (err error) { c.PreCopy, err = parseSize(v); return }},
 	{"dirty", func(c *SimConfig, v string) (err error) { c.DirtyRate, err = parseRate(v); return }},
+	{"reinit", func(c *SimConfig, v string) (err error) {
+		c.HasReinit = true
+		c.ReinitOffset, err = size.Parse(v)
+		return
+	}},
+	{"precopyinfo", func(c *SimConfig, v string) error {
+		switch v {
+		case "v1":
+			c.PrecopyInfoV1 = true
+		case "v2":
+			c.PrecopyInfoV1 = false
+		default:
+			return errors.New("want v1 or v2")
+		}
+		return nil
+	}},
 	{"hang", func(c *SimConfig, v string) (err error) { c.Hang, err = parseHang(v); return }},
 	{"fail", parseFail},
 }
@@ -356,8 +385,14 @@ func (c SimConfig) validate() error {
 		return fmt.Errorf("flags %v: want stopcopy with optional p2p and precopy", c.Flags)
 	case c.HasFault && c.FaultOffset >= c.Size:
 		return fmt.Errorf("fault offset %d is not below the size %d", c.FaultOffset, c.Size)
-	case c.Flags&FlagPreCopy == 0 && (c.PreCopy != 0 || c.DirtyRate != 0):
-		return errors.New("precopy and dirty need flags to include precopy")
+	case c.Flags&FlagPreCopy == 0 && (c.PreCopy != 0 || c.DirtyRate != 0 || c.HasReinit || c.PrecopyInfoV1):
+		return errors.New("precopy, dirty, reinit and precopyinfo need flags to include precopy")
+	case c.PreCopy > c.Size:
+		return fmt.Errorf("precopy %d is above the size %d", c.PreCopy, c.Size)
+	case c.HasReinit && c.ReinitOffset >= c.PreCopy:
+		return fmt.Errorf("reinit offset %d is not below the precopy size %d", c.ReinitOffset, c.PreCopy)
+	case !c.HasReinit && c.ReinitOffset != 0:
+		return errors.New("reinit offset set without reinit")
 	case c.Hang.Op > HangReset:
 		return fmt.Errorf("hang op %d is not known", c.Hang.Op)
 	case (c.Hang.Op == HangRead || c.Hang.Op == HangWrite) && c.Hang.Offset >= c.Size:
@@ -534,6 +569,12 @@ func (c SimConfig) String() string {
 	}
 	if c.DirtyRate != 0 {
 		b.WriteString(",dirty=" + formatSize(c.DirtyRate) + "/s")
+	}
+	if c.HasReinit {
+		b.WriteString(",reinit=" + formatSize(c.ReinitOffset))
+	}
+	if c.PrecopyInfoV1 {
+		b.WriteString(",precopyinfo=v1")
 	}
 	switch c.Hang.Op {
 	case HangRead:

@@ -64,7 +64,14 @@ const (
 	featureMigration      = 1 // VFIO_DEVICE_FEATURE_MIGRATION
 	featureMigDeviceState = 2 // VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE
 	featureMigDataSize    = 9 // VFIO_DEVICE_FEATURE_MIG_DATA_SIZE (6.2+)
+	// VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2 (2026): a SET with no payload
+	// opts in to vfio_precopy_info.flags as an output field.
+	featureMigPrecopyInfoV2 = 12
 )
+
+// vfio_precopy_info.flags bits, valid only after the PRECOPY_INFOv2 opt-in
+// (before it drivers echo the caller's flags back).
+const vfioPrecopyInfoReinit = 1 << 0 // VFIO_PRECOPY_INFO_REINIT
 
 // vfioGroupStatus is struct vfio_group_status (VFIO_GROUP_GET_STATUS).
 type vfioGroupStatus struct {

@@ -60,6 +60,9 @@ func TestUAPIConstants(t *testing.T) {
 		{"GET MIG_DEVICE_STATE flags", featureGet | featureMigDeviceState, 0x10002},
 		{"SET MIG_DEVICE_STATE flags", featureSet | featureMigDeviceState, 0x20002},
 		{"GET MIG_DATA_SIZE flags", featureGet | featureMigDataSize, 0x10009},
+		{"VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2", featureMigPrecopyInfoV2, 12},
+		{"SET MIG_PRECOPY_INFOv2 flags", featureSet | featureMigPrecopyInfoV2, 0x2000c},
+		{"VFIO_PRECOPY_INFO_REINIT", vfioPrecopyInfoReinit, 1},
 	} {
 		if tc.got != tc.want {
 			t.Errorf("%s = %#x, want %#x", tc.name, tc.got, tc.want)
