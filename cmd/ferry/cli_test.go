@@ -199,6 +199,26 @@ func TestDriveCancelsOnlyWhenAsked(t *testing.T) {
 	})
 }
 
+// TestDriveAsksForPrecopy: --mode precopy starts the migration in
+// pre-copy mode; the default is stop-copy.
+func TestDriveAsksForPrecopy(t *testing.T) {
+	for _, precopy := range []bool{false, true} {
+		src := &fakeSource{watches: [][]*ferryv1.Migration{{phase(ferryv1.MigrationPhase_MIGRATION_PHASE_SUCCEEDED)}}, errs: []error{io.EOF}}
+		p := testPlan
+		p.precopy = precopy
+		if _, err := drive(t.Context(), p, &fakeDest{}, src, nil); err != nil {
+			t.Fatal(err)
+		}
+		want := ferryv1.MigrationMode_MIGRATION_MODE_STOP_COPY
+		if precopy {
+			want = ferryv1.MigrationMode_MIGRATION_MODE_PRECOPY
+		}
+		if got := src.start.GetMode(); got != want {
+			t.Errorf("precopy %v: StartMigration mode %v, want %v", precopy, got, want)
+		}
+	}
+}
+
 // TestDriveStopsOnAnUnknownMigration: a source that no longer knows the
 // id cannot be watched again, and nothing is cancelled on a guess.
 func TestDriveStopsOnAnUnknownMigration(t *testing.T) {

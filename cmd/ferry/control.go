@@ -35,7 +35,10 @@ type plan struct {
 	// switchoverDeadline bounds the time the source devices may stay
 	// stopped without a verdict; 0 leaves the source's default.
 	switchoverDeadline time.Duration
-	creds              credentials.TransportCredentials
+	// precopy asks for a pre-copy migration, which waits for a
+	// Switchover (ferry switchover).
+	precopy bool
+	creds   credentials.TransportCredentials
 	// lost, when set, hears of every broken watch that is opened again.
 	lost func(error)
 }
@@ -143,6 +146,9 @@ func drive(ctx context.Context, p plan, dst ferryv1.DestAgentClient, src ferryv1
 		Channels:    p.channels,
 		ChunkSize:   p.chunkSize,
 		Mode:        ferryv1.MigrationMode_MIGRATION_MODE_STOP_COPY,
+	}
+	if p.precopy {
+		start.Mode = ferryv1.MigrationMode_MIGRATION_MODE_PRECOPY
 	}
 	if p.switchoverDeadline > 0 {
 		start.SwitchoverDeadline = durationpb.New(p.switchoverDeadline)

@@ -38,6 +38,7 @@ func commands() []command {
 		{"migrate", "drive one migration between a source and a destination agent", runMigrate},
 		{"demo", "migrate simulated devices between two agents in this process", runDemo},
 		{"devices", "list the devices an agent serves", runDevices},
+		{"switchover", "switch a pre-copy migration over: its devices stop and the rest of their state streams", runSwitchover},
 		{"release", "give a source device back to its host after a migration (STOP or ERROR to RUNNING, or a reset)", runRelease},
 		{"bench", "measure a migration against raw TCP on loopback, in the same run", runBench},
 	}

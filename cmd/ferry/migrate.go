@@ -12,7 +12,7 @@ import (
 )
 
 func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("migrate", stderr, "--source ADDR --dest ADDR --src-device SPEC --dest-device SPEC [--src-device SPEC --dest-device SPEC ...] [--channels N] [--chunk-size SIZE] [--switchover-deadline D] [--timeout D] (--insecure | --tls-cert FILE --tls-key FILE --tls-ca FILE) [--json]")
+	fs := newFlagSet("migrate", stderr, "--source ADDR --dest ADDR --src-device SPEC --dest-device SPEC [--src-device SPEC --dest-device SPEC ...] [--channels N] [--chunk-size SIZE] [--mode stopcopy|precopy] [--switchover-deadline D] [--timeout D] (--insecure | --tls-cert FILE --tls-key FILE --tls-ca FILE) [--json]")
 	sourceAddr := fs.String("source", "", "the source agent's address (host:port)")
 	destAddr := fs.String("dest", "", "the destination agent's address (host:port)")
 	transfer := fs.String("dest-transfer", "", "the destination's address as the source agent reaches it (default: --dest)")
@@ -23,6 +23,7 @@ func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	chunk := sizeFlag(wire.DefaultChunkSize)
 	fs.Var(&chunk, "chunk-size", "chunk size")
 	id := fs.String("id", "", "migration id (default: a random one)")
+	mode := fs.String("mode", "stopcopy", "stopcopy: stop the devices at once and stream their state; precopy: stream what devices with PRE_COPY offer while the VM runs, until 'ferry switchover' (devices without PRE_COPY stream at the switchover)")
 	switchover := fs.Duration("switchover-deadline", 0, "the longest the source devices may stay stopped without a verdict; past it the source rolls back (0: the source agent's default, 60s)")
 	timeout := fs.Duration("timeout", 0, "cancel the migration (and roll it back) if it has not ended after this long (0: wait until it ends or ferry migrate is interrupted)")
 	var sec clientSecurityFlags
@@ -40,6 +41,8 @@ func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) er
 		return usageError(fmt.Errorf("--channels must be 1 to %d", wire.MaxChannels))
 	case chunk < wire.MinChunkSize || chunk > wire.MaxChunkSize:
 		return usageError(errors.New("--chunk-size must be 4KiB to 16MiB"))
+	case *mode != "stopcopy" && *mode != "precopy":
+		return usageError(fmt.Errorf("--mode %q: want stopcopy or precopy", *mode))
 	case *switchover < 0:
 		return usageError(errors.New("--switchover-deadline must not be negative"))
 	case *timeout < 0:
@@ -53,6 +56,7 @@ func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	p := plan{
 		id: *id, sourceAddr: *sourceAddr, destAddr: *destAddr, transfer: *transfer,
 		channels: uint32(*channels), chunkSize: uint32(chunk), switchoverDeadline: *switchover, creds: creds,
+		precopy: *mode == "precopy",
 		lost: func(err error) {
 			view.note(fmt.Sprintf("ferry migrate: the watch broke (%s); watching again, the migration goes on", describe(err, sec.insecure)))
 		},

@@ -71,9 +71,10 @@ func validateOpen(req *ferryv1.OpenRequest, p prepared, now time.Time) (openPara
 		return openParams{}, err
 	}
 	switch req.GetMode() {
-	case ferryv1.MigrationMode_MIGRATION_MODE_UNSPECIFIED, ferryv1.MigrationMode_MIGRATION_MODE_STOP_COPY:
-	case ferryv1.MigrationMode_MIGRATION_MODE_PRECOPY:
-		return openParams{}, wire.Errorf(codes.Unimplemented, wire.ReasonNotImplemented, "pre-copy migrations are not served yet")
+	case ferryv1.MigrationMode_MIGRATION_MODE_UNSPECIFIED, ferryv1.MigrationMode_MIGRATION_MODE_STOP_COPY,
+		ferryv1.MigrationMode_MIGRATION_MODE_PRECOPY:
+		// Pre-copy chunks are the device's stream like any: the
+		// destination writes them in order as they come.
 	default:
 		return openParams{}, wire.Errorf(codes.InvalidArgument, wire.ReasonInvalidArgument, "unknown mode %d", req.GetMode())
 	}

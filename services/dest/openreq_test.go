@@ -48,7 +48,6 @@ func TestValidateOpen(t *testing.T) {
 		{"chunk size beyond the window", func(r *ferryv1.OpenRequest) { r.ChunkSize = 1 << 20 }, codes.InvalidArgument, wire.ReasonInvalidArgument},
 		{"default chunk size beyond the window", func(r *ferryv1.OpenRequest) { r.ChunkSize = 0 }, codes.InvalidArgument, wire.ReasonInvalidArgument},
 		{"absurd channels", func(r *ferryv1.OpenRequest) { r.Channels = 1 << 31 }, codes.InvalidArgument, wire.ReasonInvalidArgument},
-		{"pre-copy", func(r *ferryv1.OpenRequest) { r.Mode = ferryv1.MigrationMode_MIGRATION_MODE_PRECOPY }, codes.Unimplemented, wire.ReasonNotImplemented},
 		{"unknown mode", func(r *ferryv1.OpenRequest) { r.Mode = 99 }, codes.InvalidArgument, wire.ReasonInvalidArgument},
 		{"fewer devices", func(r *ferryv1.OpenRequest) { r.Devices = r.Devices[:1] }, codes.InvalidArgument, wire.ReasonSpecMismatch},
 		{"devices swapped", func(r *ferryv1.OpenRequest) { r.Devices[0], r.Devices[1] = r.Devices[1], r.Devices[0] }, codes.InvalidArgument, wire.ReasonSpecMismatch},

@@ -196,9 +196,8 @@ func validateStart(req *ferryv1.StartMigrationRequest) error {
 		return err
 	}
 	switch req.GetMode() {
-	case ferryv1.MigrationMode_MIGRATION_MODE_UNSPECIFIED, ferryv1.MigrationMode_MIGRATION_MODE_STOP_COPY:
-	case ferryv1.MigrationMode_MIGRATION_MODE_PRECOPY:
-		return wire.Errorf(codes.Unimplemented, wire.ReasonNotImplemented, "pre-copy migrations are not served yet")
+	case ferryv1.MigrationMode_MIGRATION_MODE_UNSPECIFIED, ferryv1.MigrationMode_MIGRATION_MODE_STOP_COPY,
+		ferryv1.MigrationMode_MIGRATION_MODE_PRECOPY:
 	default:
 		return wire.Errorf(codes.InvalidArgument, wire.ReasonInvalidArgument, "unknown mode %d", req.GetMode())
 	}
@@ -301,13 +300,15 @@ func (a *Agent) WatchMigration(req *ferryv1.WatchMigrationRequest, stream grpc.S
 	})
 }
 
-// Switchover implements SourceAgent. Stop-copy migrations switch over by
-// themselves, so it reports the current state.
+// Switchover implements SourceAgent: a pre-copy migration starts its
+// switchover (precopy.go); stop-copy migrations switch over by themselves.
+// It reports the current state.
 func (a *Agent) Switchover(ctx context.Context, req *ferryv1.SwitchoverRequest) (*ferryv1.SwitchoverResponse, error) {
 	m, err := a.lookup(req.GetMigrationId())
 	if err != nil {
 		return nil, err
 	}
+	m.switchover()
 	snap, _, _ := m.snapshot()
 	return &ferryv1.SwitchoverResponse{Migration: snap}, nil
 }

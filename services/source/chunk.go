@@ -51,7 +51,12 @@ type srcDevice struct {
 	// The reading side, the device's reader's alone (see readNext):
 	// digest covers what was read; atEnd is set once a read reached the
 	// end of the state, so END comes next; finished once END is made.
-	digest          *chunkwire.Digest
+	digest *chunkwire.Digest
+	// precopyDev is set for a device of a pre-copy migration that has
+	// PRE_COPY (before its reader starts); inPrecopy while it is in
+	// PRE_COPY(_P2P), so a read that finds nothing new is not the end.
+	precopyDev      bool
+	inPrecopy       atomic.Bool
 	atEnd, finished bool
 }
 

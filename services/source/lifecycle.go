@@ -235,7 +235,7 @@ func (m *migration) stream(ctx context.Context, transfer ferryv1.TransferClient,
 		queueCap += int(min(d.capChunks, 1<<12))
 	}
 	m.mu.Unlock()
-	if len(m.devs) == 1 {
+	if len(m.devs) == 1 && m.precopy == nil {
 		m.pull = newPuller(m.devs[0])
 	}
 	// Every chunk in the queue is inside its device's window; a reader
@@ -287,13 +287,47 @@ func (m *migration) stream(ctx context.Context, transfer ferryv1.TransferClient,
 		}
 	}
 
+	// Pre-copy: the devices stream while the VM runs, until the control
+	// plane asks for the switchover.
+	var precopyRead chan error
+	if p := m.precopy; p != nil {
+		if err := m.startPrecopy(); err != nil {
+			return fail(err)
+		}
+		rctx, rcancel := context.WithCancel(gctx)
+		defer rcancel()
+		precopyRead = make(chan error, 1)
+		go func() { precopyRead <- m.readAll(rctx, queue) }()
+		// The readers are waited for before anything returns: rollback
+		// touches what they hold.
+		fail = func(fail func(error) error) func(error) error {
+			return func(err error) error {
+				rcancel()
+				if precopyRead != nil {
+					if rerr := <-precopyRead; err == nil {
+						err = rerr
+					}
+					precopyRead = nil
+				}
+				return fail(err)
+			}
+		}(fail)
+		m.setPhase(ferryv1.MigrationPhase_MIGRATION_PHASE_PRECOPY)
+		select {
+		case <-p.asked:
+		case err := <-precopyRead:
+			precopyRead = nil
+			if err == nil {
+				err = wire.Errorf(codes.Internal, wire.ReasonInternal, "pre-copy reading ended before the switchover")
+			}
+			return fail(err)
+		case <-gctx.Done():
+			return fail(gctx.Err())
+		}
+	}
+
 	// Switchover: the destination must accept before any device stops.
-	err := m.retry(gctx, func(ctx context.Context) error {
-		ctx, cancel := context.WithTimeout(ctx, rpcTimeout)
-		defer cancel()
-		_, err := transfer.SwitchoverStart(ctx, &ferryv1.SwitchoverStartRequest{SessionId: session, SentChunks: m.sentChunks()})
-		return err
-	})
+	err := m.switchoverStart(gctx, transfer, session)
 	if err != nil {
 		return fail(peerError("switchover start", err))
 	}
@@ -315,7 +349,18 @@ func (m *migration) stream(ctx context.Context, transfer ferryv1.TransferClient,
 	}
 	m.setPhase(ferryv1.MigrationPhase_MIGRATION_PHASE_STOPCOPY)
 
-	if p := m.pull; p != nil {
+	if p := m.precopy; p != nil {
+		p.stoppedOnce.Do(func() { close(p.stopped) })
+		select {
+		case err := <-precopyRead:
+			precopyRead = nil
+			if err != nil {
+				return fail(deadlineErr(err))
+			}
+		case <-stopped.Done():
+			return fail(deadlineErr(stopped.Err()))
+		}
+	} else if p := m.pull; p != nil {
 		// The senders may read now.
 		p.turn <- struct{}{}
 		select {
@@ -420,11 +465,18 @@ func (m *migration) allP2P() bool {
 // stopDevices moves every device to STOP_COPY, all through RUNNING_P2P
 // first when every device supports P2P (no device stops while another
 // may still send it peer-to-peer DMA).
+//
+// A device in PRE_COPY goes through PRE_COPY_P2P and keeps its data
+// stream: STOP_COPY continues it.
 func (m *migration) stopDevices() error {
 	if m.allP2P() {
 		for _, d := range m.devs {
-			if _, err := d.dev.SetState(vfio.StateRunningP2P); err != nil {
-				return deviceapi.Error(d.spec, "enter RUNNING_P2P", err)
+			target := vfio.StateRunningP2P
+			if d.precopyDev {
+				target = vfio.StatePreCopyP2P
+			}
+			if _, err := d.dev.SetState(target); err != nil {
+				return deviceapi.Error(d.spec, "enter "+target.String(), err)
 			}
 		}
 	}
@@ -432,6 +484,10 @@ func (m *migration) stopDevices() error {
 		s, err := d.dev.SetState(vfio.StateStopCopy)
 		if err != nil {
 			return deviceapi.Error(d.spec, "enter STOP_COPY", err)
+		}
+		if d.precopyDev {
+			d.inPrecopy.Store(false)
+			continue
 		}
 		if s == nil {
 			return wire.Errorf(codes.Internal, wire.ReasonDeviceState, "device %s: STOP_COPY opened no data stream", d.spec)

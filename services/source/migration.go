@@ -92,6 +92,9 @@ type migration struct {
 
 	track *telemetry.Tracker // set before run starts
 
+	// precopy is set for a pre-copy migration (precopy.go).
+	precopy *precopy
+
 	// pull is set when the channels' senders read the device themselves
 	// (a one-device migration; see puller), before the channels start.
 	pull *puller
@@ -121,6 +124,7 @@ func (a *Agent) newMigration(req *ferryv1.StartMigrationRequest) *migration {
 	}
 	return &migration{
 		switchoverDeadline: deadline,
+		precopy:            precopyOf(req),
 		stuck:              make(chan struct{}),
 		stuckMore:          make(chan struct{}, 1),
 		a:                  a,

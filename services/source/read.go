@@ -20,6 +20,14 @@ import (
 // END for the channels. A migration of several devices reads each so,
 // whatever the number of channels: slow devices are read in parallel.
 func (m *migration) readDevice(ctx context.Context, d *srcDevice, queue chan<- *outChunk) error {
+	if m.precopy != nil && !d.precopyDev {
+		// A device without PRE_COPY stays RUNNING until the switchover.
+		select {
+		case <-m.precopy.stopped:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
 	for !d.finished {
 		seq, off, err := d.gate.Wait(ctx, d.want(m.chunkSize))
 		if err != nil {
@@ -28,6 +36,14 @@ func (m *migration) readDevice(ctx context.Context, d *srcDevice, queue chan<- *
 		c, err := m.readNext(d, seq, off)
 		if err != nil {
 			return err
+		}
+		if c == nil {
+			// PRE_COPY has nothing new now: look again soon, or at once
+			// when the device stops.
+			if err := m.precopy.idle(ctx); err != nil {
+				return err
+			}
+			continue
 		}
 		select {
 		case queue <- c:
@@ -60,8 +76,18 @@ func (m *migration) readNext(d *srcDevice, seq, off uint64) (*outChunk, error) {
 		bp := pool.Get(int(m.chunkSize))
 		// The CRC is computed as the device is read, while the bytes
 		// are in cache.
+		// A read that starts in PRE_COPY may find nothing new (ENOMSG,
+		// or 0 as some drivers answer): that is no end of the state.
+		pre := d.inPrecopy.Load()
 		n, crc, rerr := chunkwire.ReadCRC32C(d.stream, *bp, chunkwire.DevicePiece)
 		eof := errors.Is(rerr, io.EOF) || errors.Is(rerr, io.ErrUnexpectedEOF)
+		if pre && (eof || errors.Is(rerr, vfio.ErrNoData)) {
+			if n == 0 {
+				pool.Put(bp)
+				return nil, nil
+			}
+			rerr, eof = nil, false
+		}
 		if rerr != nil && !eof {
 			pool.Put(bp)
 			return nil, deviceapi.Error(d.spec, fmt.Sprintf("read the state at byte %d", off), rerr)

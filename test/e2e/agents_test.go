@@ -267,7 +267,7 @@ func TestStartMigrationRejectsBadRequests(t *testing.T) {
 		{"malformed spec", func(r *ferryv1.StartMigrationRequest) { r.Devices[0].SourceDevice = "sim:sise=1" }, codes.InvalidArgument, wire.ReasonInvalidArgument},
 		{"device twice", func(r *ferryv1.StartMigrationRequest) { r.Devices = append(r.Devices, r.Devices[0]) }, codes.InvalidArgument, wire.ReasonInvalidArgument},
 		{"host device outside --devices", func(r *ferryv1.StartMigrationRequest) { r.Devices[0].SourceDevice = "pci:0000:3b:00.2" }, codes.PermissionDenied, wire.ReasonDeviceNotAllowed},
-		{"pre-copy", func(r *ferryv1.StartMigrationRequest) { r.Mode = ferryv1.MigrationMode_MIGRATION_MODE_PRECOPY }, codes.Unimplemented, wire.ReasonNotImplemented},
+		{"unknown mode", func(r *ferryv1.StartMigrationRequest) { r.Mode = 42 }, codes.InvalidArgument, wire.ReasonInvalidArgument},
 		{"unknown digest", func(r *ferryv1.StartMigrationRequest) { r.Digest = 42 }, codes.InvalidArgument, wire.ReasonInvalidArgument},
 	}
 	for _, tc := range cases {

@@ -1,0 +1,49 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"time"
+
+	"google.golang.org/grpc"
+
+	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/services/chunkwire"
+	"github.com/vfio-ferry/ferry/services/grpcserver"
+)
+
+// runSwitchover asks the source agent to switch a pre-copy migration over
+// (SourceAgent.Switchover): `ferry migrate --mode precopy` streams while
+// the VM runs until then.
+func runSwitchover(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := newFlagSet("switchover", stderr, "--source ADDR --id ID (--insecure | --tls-cert FILE --tls-key FILE --tls-ca FILE)")
+	addr := fs.String("source", "", "the source agent's address (host:port)")
+	id := fs.String("id", "", "the migration id")
+	var sec clientSecurityFlags
+	sec.register(fs)
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if *addr == "" || *id == "" {
+		return usageError(errors.New("--source and --id are required"))
+	}
+	creds, err := sec.creds()
+	if err != nil {
+		return usageError(err)
+	}
+	conn, err := grpc.NewClient(*addr, grpcserver.DialOptions(creds, chunkwire.NewPool())...)
+	if err != nil {
+		return fmt.Errorf("source %s: %w", *addr, err)
+	}
+	defer conn.Close()
+	cctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	resp, err := ferryv1.NewSourceAgentClient(conn).Switchover(cctx, &ferryv1.SwitchoverRequest{MigrationId: *id})
+	if err != nil {
+		return newCallError("switch "+*id+" over at "+*addr, err, creds)
+	}
+	_, err = fmt.Fprintf(stdout, "migration %s: switchover asked (%s)\n", *id, phaseName(resp.GetMigration().GetPhase()))
+	return err
+}

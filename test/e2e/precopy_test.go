@@ -1,0 +1,88 @@
+package e2e
+
+import (
+	"testing"
+
+	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/dest"
+	"github.com/vfio-ferry/ferry/services/deviceapi"
+)
+
+// startPrecopy prepares and starts a pre-copy migration of the pairs.
+func (a *agents) startPrecopy(t *testing.T, id string, src, dst []string) {
+	t.Helper()
+	ctx := t.Context()
+	prep, err := a.dest.PrepareIncoming(ctx, &ferryv1.PrepareIncomingRequest{MigrationId: id, Devices: dst})
+	if err != nil {
+		t.Fatal(err)
+	}
+	req := &ferryv1.StartMigrationRequest{MigrationId: id, DestAddress: a.destAddr, Token: prep.GetToken(), Channels: 4,
+		Mode: ferryv1.MigrationMode_MIGRATION_MODE_PRECOPY}
+	for i := range src {
+		req.Devices = append(req.Devices, &ferryv1.DevicePair{SourceDevice: src[i], DestDevice: dst[i]})
+	}
+	if _, err := a.source.StartMigration(ctx, req); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// A pre-copy migration streams the device's initial data while it runs,
+// switches over when asked, and verifies; far fewer bytes move after the
+// switchover than before it. A device without PRE_COPY in the same
+// migration streams at the switchover.
+func TestPrecopyMigration(t *testing.T) {
+	const pre = "sim:size=64MiB,seed=81,flags=stopcopy|p2p|precopy,precopy=48MiB,dirty=4MB/s"
+	const plain = "sim:size=4MiB,seed=82,flags=stopcopy|p2p"
+	a := startAgents(t, dest.Config{})
+	a.startPrecopy(t, "precopy", []string{pre, plain}, []string{pre, plain})
+	running := a.sourceUntil(t, "precopy", func(m *ferryv1.Migration) bool {
+		return m.GetPhase() == ferryv1.MigrationPhase_MIGRATION_PHASE_PRECOPY && m.GetDevices()[0].GetBytes() >= 48<<20
+	})
+	if st := running.GetDevices()[1].GetState(); st != ferryv1.DeviceState_DEVICE_STATE_RUNNING || running.GetDevices()[1].GetBytes() != 0 {
+		t.Errorf("the device without PRE_COPY is %v with %d bytes sent during pre-copy, want RUNNING and none", st, running.GetDevices()[1].GetBytes())
+	}
+	before := running.GetDevices()[0].GetBytes()
+	if _, err := a.source.Switchover(t.Context(), &ferryv1.SwitchoverRequest{MigrationId: "precopy"}); err != nil {
+		t.Fatal(err)
+	}
+	src := a.waitSource(t, "precopy")
+	if src.GetPhase() != succeeded {
+		t.Fatalf("source %v %v, want SUCCEEDED", src.GetPhase(), src.GetError())
+	}
+	if d := a.waitDest(t, "precopy"); d.GetPhase() != succeeded || !d.GetDevices()[0].GetVerified() || !d.GetDevices()[1].GetVerified() {
+		t.Fatalf("destination %v %v, want both devices verified", d.GetPhase(), d.GetError())
+	}
+	after := src.GetDevices()[0].GetBytes() - before
+	if after >= before {
+		t.Errorf("%d bytes sent after the switchover against %d before it: pre-copy moved too little", after, before)
+	}
+}
+
+// A cancel during pre-copy returns the devices to RUNNING (the VM never
+// stopped) and resets the destination's.
+func TestCancelDuringPrecopy(t *testing.T) {
+	const pre = "sim:size=16MiB,seed=83,flags=stopcopy|p2p|precopy,precopy=8MiB,dirty=1MB/s"
+	a := startAgents(t, dest.Config{})
+	a.startPrecopy(t, "precopy-cancel", []string{pre}, []string{pre})
+	a.sourceUntil(t, "precopy-cancel", func(m *ferryv1.Migration) bool {
+		return m.GetPhase() == ferryv1.MigrationPhase_MIGRATION_PHASE_PRECOPY && m.GetBytes() > 0
+	})
+	resp, err := a.source.CancelMigration(t.Context(), &ferryv1.CancelMigrationRequest{MigrationId: "precopy-cancel"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m := resp.GetMigration(); m.GetPhase() != cancelled {
+		t.Fatalf("source %v %v, want CANCELLED", m.GetPhase(), m.GetError())
+	}
+	canon, _ := deviceapi.CanonicalSpec(pre)
+	if st := deviceState(t, a.sourceReg, canon); st != vfio.StateRunning {
+		t.Errorf("source device in %v, want RUNNING", st)
+	}
+	if d := a.waitDest(t, "precopy-cancel"); d.GetPhase() != failed {
+		t.Errorf("destination %v, want FAILED", d.GetPhase())
+	}
+	if st := deviceState(t, a.destReg, canon); st != vfio.StateRunning {
+		t.Errorf("destination device in %v, want RUNNING (reset)", st)
+	}
+}
