@@ -25,7 +25,7 @@ import (
 // PRE_COPY_P2P / RUNNING_P2P when all have P2P), and the readers go on to
 // the end of the state. A rollback returns PRE_COPY devices to RUNNING.
 //
-// Not built yet (issue 13): READY and the destination's per-device
+// Not built yet: READY and the destination's per-device
 // acknowledgement of the initial data, the predicted downtime,
 // downtime_limit, precopy_timeout and the convergence rule, REINIT.
 
