@@ -8,13 +8,10 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"google.golang.org/grpc"
 	"google.golang.org/protobuf/encoding/protojson"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/size"
-	"github.com/vfio-ferry/ferry/services/chunkwire"
-	"github.com/vfio-ferry/ferry/services/grpcserver"
 )
 
 func runDevices(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -33,11 +30,7 @@ func runDevices(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	if *role != "source" && *role != "dest" {
 		return usageError(errors.New("--role must be source or dest"))
 	}
-	creds, err := sec.creds()
-	if err != nil {
-		return usageError(err)
-	}
-	conn, err := grpc.NewClient(*addr, grpcserver.DialOptions(creds, chunkwire.NewPool())...)
+	conn, creds, err := sec.dial(*addr)
 	if err != nil {
 		return err
 	}

@@ -7,12 +7,9 @@ import (
 	"io"
 	"time"
 
-	"google.golang.org/grpc"
 	"google.golang.org/protobuf/encoding/protojson"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
-	"github.com/vfio-ferry/ferry/services/chunkwire"
-	"github.com/vfio-ferry/ferry/services/grpcserver"
 )
 
 // releaseHelp is what `ferry help release` says beyond the flags.
@@ -48,13 +45,9 @@ func runRelease(ctx context.Context, args []string, stdout, stderr io.Writer) er
 		return usageError(fmt.Errorf("give one DEVICE, the spec of the source device (got %d arguments)", len(rest)))
 	}
 	device := rest[0]
-	creds, err := sec.creds()
+	conn, creds, err := sec.dial(*addr)
 	if err != nil {
-		return usageError(err)
-	}
-	conn, err := grpc.NewClient(*addr, grpcserver.DialOptions(creds, chunkwire.NewPool())...)
-	if err != nil {
-		return fmt.Errorf("source %s: %w", *addr, err)
+		return err
 	}
 	defer conn.Close()
 	// A reset may take a while on real hardware; the agent bounds it with

@@ -7,11 +7,14 @@ import (
 	"log/slog"
 	"strings"
 
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/chunkwire"
+	"github.com/vfio-ferry/ferry/services/grpcserver"
 	"github.com/vfio-ferry/ferry/services/peerauth"
 )
 
@@ -179,4 +182,19 @@ func (l *csvListFlag) Set(v string) error {
 		}
 	}
 	return nil
+}
+
+// dial opens a client connection to the agent at addr with the flags'
+// credentials; creds is nil and err a usage error when the flags do not
+// make sense.
+func (f *clientSecurityFlags) dial(addr string) (*grpc.ClientConn, credentials.TransportCredentials, error) {
+	creds, err := f.creds()
+	if err != nil {
+		return nil, nil, usageError(err)
+	}
+	conn, err := grpc.NewClient(addr, grpcserver.DialOptions(creds, chunkwire.NewPool())...)
+	if err != nil {
+		return nil, nil, fmt.Errorf("agent %s: %w", addr, err)
+	}
+	return conn, creds, nil
 }

@@ -7,11 +7,7 @@ import (
 	"io"
 	"time"
 
-	"google.golang.org/grpc"
-
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
-	"github.com/vfio-ferry/ferry/services/chunkwire"
-	"github.com/vfio-ferry/ferry/services/grpcserver"
 )
 
 // runSwitchover asks the source agent to switch a pre-copy migration over
@@ -29,13 +25,9 @@ func runSwitchover(ctx context.Context, args []string, stdout, stderr io.Writer)
 	if *addr == "" || *id == "" {
 		return usageError(errors.New("--source and --id are required"))
 	}
-	creds, err := sec.creds()
+	conn, creds, err := sec.dial(*addr)
 	if err != nil {
-		return usageError(err)
-	}
-	conn, err := grpc.NewClient(*addr, grpcserver.DialOptions(creds, chunkwire.NewPool())...)
-	if err != nil {
-		return fmt.Errorf("source %s: %w", *addr, err)
+		return err
 	}
 	defer conn.Close()
 	cctx, cancel := context.WithTimeout(ctx, time.Minute)
