@@ -86,3 +86,37 @@ func TestCancelDuringPrecopy(t *testing.T) {
 		t.Errorf("destination device in %v, want RUNNING (reset)", st)
 	}
 }
+
+// A channel cut while pre-copy streams is re-dialled and its chunks sent
+// again, as in stop-copy; the migration then switches over and verifies.
+func TestChannelCutDuringPrecopy(t *testing.T) {
+	const pre = "sim:size=64MiB,seed=84,flags=stopcopy|p2p|precopy,precopy=48MiB,dirty=2MB/s"
+	p := startPair(t)
+	// Connection 0 carries Open; 1-4 are the channels.
+	p.proxy.CutFirstAfter(8<<20, 1, 4)
+	prep, err := p.dest.PrepareIncoming(t.Context(), &ferryv1.PrepareIncomingRequest{MigrationId: "precopy-cut", Devices: []string{pre}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.source.StartMigration(t.Context(), &ferryv1.StartMigrationRequest{MigrationId: "precopy-cut", DestAddress: p.proxy.Addr(), Token: prep.GetToken(),
+		Channels: 4, Mode: ferryv1.MigrationMode_MIGRATION_MODE_PRECOPY, Devices: []*ferryv1.DevicePair{{SourceDevice: pre, DestDevice: pre}}}); err != nil {
+		t.Fatal(err)
+	}
+	a := p.agents()
+	a.sourceUntil(t, "precopy-cut", func(m *ferryv1.Migration) bool {
+		return m.GetPhase() == ferryv1.MigrationPhase_MIGRATION_PHASE_PRECOPY && m.GetBytes() >= 48<<20
+	})
+	if _, err := p.source.Switchover(t.Context(), &ferryv1.SwitchoverRequest{MigrationId: "precopy-cut"}); err != nil {
+		t.Fatal(err)
+	}
+	s := a.waitSource(t, "precopy-cut")
+	if s.GetPhase() != succeeded {
+		t.Fatalf("source %v %v, want SUCCEEDED", s.GetPhase(), s.GetError())
+	}
+	if s.GetRetransmittedChunks() == 0 {
+		t.Error("no chunk was re-sent after the cut")
+	}
+	if d := a.waitDest(t, "precopy-cut"); !d.GetDevices()[0].GetVerified() {
+		t.Error("destination device not verified")
+	}
+}
