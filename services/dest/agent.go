@@ -227,18 +227,6 @@ func (a *Agent) session(id string) (*incoming, error) {
 	return inc, nil
 }
 
-// list returns the incoming migrations, newest first.
-func (a *Agent) list() []*incoming {
-	a.mu.Lock()
-	all := make([]*incoming, 0, len(a.incoming))
-	for _, inc := range a.incoming {
-		all = append(all, inc)
-	}
-	a.mu.Unlock()
-	slices.SortFunc(all, func(x, y *incoming) int { return y.createTime.Compare(x.createTime) })
-	return all
-}
-
 // randomID returns 128 random bits in hex.
 func randomID() string {
 	var b [16]byte

@@ -110,9 +110,6 @@ func (a *Agent) Close() {
 	}
 }
 
-// MemoryBudget is the memory budget in force.
-func (a *Agent) MemoryBudget() uint64 { return a.cfg.MemoryBudget }
-
 // ListDevices implements SourceAgent.
 func (a *Agent) ListDevices(context.Context, *ferryv1.ListDevicesRequest) (*ferryv1.ListDevicesResponse, error) {
 	return deviceapi.List(a.cfg.Registry), nil

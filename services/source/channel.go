@@ -593,22 +593,22 @@ func retryable(err error) bool {
 // verdict as long as the destination needs (the switchover deadline
 // bounds that).
 func (m *migration) retry(ctx context.Context, f func(context.Context) error) error {
-	return retryLoop(ctx, time.Now().Add(m.a.cfg.ReconnectTimeout), f)
+	return retryLoop(ctx, time.Now().Add(m.a.cfg.ReconnectTimeout), retryable, f)
 }
 
 // retryUntil calls f until it succeeds, fails for a reason other than the
 // transport, or ctx ends.
 func (m *migration) retryUntil(ctx context.Context, f func(context.Context) error) error {
-	return retryLoop(ctx, time.Time{}, f)
+	return retryLoop(ctx, time.Time{}, retryable, f)
 }
 
-// retryLoop calls f until it succeeds, fails for a reason other than the
-// transport, ctx ends, or (when deadline is set) deadline passes.
-func retryLoop(ctx context.Context, deadline time.Time, f func(context.Context) error) error {
+// retryLoop calls f until it succeeds, fails with an error again does
+// not retry, ctx ends, or (when deadline is set) deadline passes.
+func retryLoop(ctx context.Context, deadline time.Time, again func(error) bool, f func(context.Context) error) error {
 	backoff := 50 * time.Millisecond
 	for {
 		err := f(ctx)
-		if err == nil || !retryable(err) || ctx.Err() != nil || (!deadline.IsZero() && time.Now().After(deadline)) {
+		if err == nil || !again(err) || ctx.Err() != nil || (!deadline.IsZero() && time.Now().After(deadline)) {
 			return err
 		}
 		t := time.NewTimer(backoff)

@@ -255,8 +255,15 @@ func (m *migration) stream(ctx context.Context, transfer ferryv1.TransferClient,
 	g, gctx := errgroup.WithContext(chCtx)
 	// fail ends the channels and returns err, or the error a channel
 	// failed the migration with first.
+	// precopyRead is set while the pre-copy readers run (precopy.go):
+	// fail waits for them, since rollback touches what they hold.
+	var precopyRead chan error
 	fail := func(err error) error {
 		chCancel()
+		if precopyRead != nil {
+			<-precopyRead
+			precopyRead = nil
+		}
 		if gerr := m.await(g.Wait); gerr != nil && wire.Code(gerr) != codes.Canceled {
 			return gerr
 		}
@@ -289,29 +296,12 @@ func (m *migration) stream(ctx context.Context, transfer ferryv1.TransferClient,
 
 	// Pre-copy: the devices stream while the VM runs, until the control
 	// plane asks for the switchover.
-	var precopyRead chan error
 	if p := m.precopy; p != nil {
 		if err := m.startPrecopy(); err != nil {
 			return fail(err)
 		}
-		rctx, rcancel := context.WithCancel(gctx)
-		defer rcancel()
 		precopyRead = make(chan error, 1)
-		go func() { precopyRead <- m.readAll(rctx, queue) }()
-		// The readers are waited for before anything returns: rollback
-		// touches what they hold.
-		fail = func(fail func(error) error) func(error) error {
-			return func(err error) error {
-				rcancel()
-				if precopyRead != nil {
-					if rerr := <-precopyRead; err == nil {
-						err = rerr
-					}
-					precopyRead = nil
-				}
-				return fail(err)
-			}
-		}(fail)
+		go func() { precopyRead <- m.readAll(gctx, queue) }()
 		m.setPhase(ferryv1.MigrationPhase_MIGRATION_PHASE_PRECOPY)
 		select {
 		case <-p.asked:

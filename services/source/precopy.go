@@ -92,29 +92,18 @@ func (m *migration) startPrecopy() error {
 	return nil
 }
 
-// switchoverStart asks the destination to accept the switchover, again
-// while it has not yet written every chunk sent before it (pre-copy
-// chunks are in flight as it is asked), within the reconnect timeout.
+// switchoverStart asks the destination to accept the switchover, within
+// the reconnect timeout, again on transport errors and while it has not
+// yet written every chunk sent before it (pre-copy chunks are in flight as
+// it is asked).
 func (m *migration) switchoverStart(ctx context.Context, transfer ferryv1.TransferClient, session string) error {
-	deadline := time.Now().Add(m.a.cfg.ReconnectTimeout)
-	for {
-		err := m.retry(ctx, func(ctx context.Context) error {
-			ctx, cancel := context.WithTimeout(ctx, rpcTimeout)
-			defer cancel()
-			_, err := transfer.SwitchoverStart(ctx, &ferryv1.SwitchoverStartRequest{SessionId: session, SentChunks: m.sentChunks()})
-			return err
-		})
-		if err == nil || wire.Reason(err) != wire.ReasonNotReady || time.Now().After(deadline) {
-			return err
-		}
-		t := time.NewTimer(precopyPoll)
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return err
-		case <-t.C:
-		}
-	}
+	again := func(err error) bool { return retryable(err) || wire.Reason(err) == wire.ReasonNotReady }
+	return retryLoop(ctx, time.Now().Add(m.a.cfg.ReconnectTimeout), again, func(ctx context.Context) error {
+		ctx, cancel := context.WithTimeout(ctx, rpcTimeout)
+		defer cancel()
+		_, err := transfer.SwitchoverStart(ctx, &ferryv1.SwitchoverStartRequest{SessionId: session, SentChunks: m.sentChunks()})
+		return err
+	})
 }
 
 // Switchover asks a pre-copy migration to switch over.
