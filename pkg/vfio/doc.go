@@ -129,9 +129,11 @@
 //	                 state at RATE, on the clock (time.Now: tests use
 //	                 testing/synctest); a page rewritten after it was read
 //	                 is sent again
-//	reinit=OFFSET    once the initial data was read up to OFFSET, new
+//	reinit=OFFSET    once the initial data was read up to OFFSET (at most
+//	                 the precopy size; at it, with the next read), new
 //	                 initial data appears: the whole state is rewritten,
 //	                 InitialBytes starts again and Reinit is reported once
+//	datasize=none    DataSize fails, as a kernel without MIG_DATA_SIZE
 //	precopyinfo=v1   answer PrecopyInfo as a kernel without PRECOPY_INFOv2:
 //	                 Reinit is never reported (default v2)
 //

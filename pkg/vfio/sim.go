@@ -92,8 +92,25 @@ func (d *SimDevice) State() (State, error) {
 	return d.state, nil
 }
 
-// DataSize returns the size of the stop-copy state: the spec's "size".
+// DataSize answers MIG_DATA_SIZE: what an immediate STOP_COPY would
+// return. That is the spec's "size", but while a pre-copy saving session
+// is open what it has not yet sent (see recSaver.remaining). With
+// "datasize=none" it fails with ErrNotSupported, as a kernel without the
+// feature.
 func (d *SimDevice) DataSize() (uint64, error) {
+	if d.spec.Sim.NoDataSize {
+		return 0, fmt.Errorf("%s: MIG_DATA_SIZE: %w", d.name, ErrNotSupported)
+	}
+	d.mu.Lock()
+	s := d.stream
+	d.mu.Unlock()
+	if s != nil && !s.resume {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		if s.saver != nil && !s.ended {
+			return s.saver.remaining(), nil
+		}
+	}
 	return d.spec.Sim.Size, nil
 }
 

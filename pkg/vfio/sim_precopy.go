@@ -150,7 +150,7 @@ func (r *recSaver) run(on bool) {
 		}
 		return
 	}
-	r.advance()
+	r.advance(false)
 	if r.rate != 0 {
 		r.ranBefore += time.Since(r.runSince)
 	}
@@ -158,7 +158,9 @@ func (r *recSaver) run(on bool) {
 }
 
 // advance applies the dirty events due by now and a reinit that is due.
-func (r *recSaver) advance() {
+// A reinit at the end of the initial data waits for a read (fromRead), so
+// PrecopyInfo first reports the initial data read whole.
+func (r *recSaver) advance(fromRead bool) {
 	if r.running && r.rate != 0 {
 		ran := r.ranBefore + time.Since(r.runSince)
 		sec, ns := uint64(ran/time.Second), uint64(ran%time.Second)
@@ -167,7 +169,8 @@ func (r *recSaver) advance() {
 			r.dirtyPage(dirtyPage(r.key, r.events, r.pages))
 		}
 	}
-	if r.hasReinit && !r.reinitSeen && r.epoch == 0 && r.cursor >= r.reinitAt && r.bufOff == len(r.buf) {
+	if r.hasReinit && !r.reinitSeen && r.epoch == 0 && r.cursor >= r.reinitAt && r.bufOff == len(r.buf) &&
+		(fromRead || r.reinitAt < r.initEnd) {
 		// New initial data: the whole state is rewritten and sent again.
 		r.epoch++
 		r.cursor = 0
@@ -202,7 +205,7 @@ func (r *recSaver) gen(p uint64) uint64 {
 
 // info is PrecopyInfo's answer; the caller checked the state.
 func (r *recSaver) info() PrecopyInfo {
-	r.advance()
+	r.advance(false)
 	unread := uint64(0)
 	if r.bufOff < len(r.buf) {
 		unread = uint64(min(len(r.buf)-r.bufOff, len(r.buf)-recHeaderLen))
@@ -222,6 +225,22 @@ func (r *recSaver) info() PrecopyInfo {
 		in.Reinit, r.reinitSeen = !r.infoV1, false
 	}
 	return in
+}
+
+// remaining is what an immediate STOP_COPY would still return, as
+// MIG_DATA_SIZE reports it: the pages the sequential pass has not sent,
+// the dirty ones pending and the rest of the record being read (record
+// headers left out, as PrecopyInfo leaves them out).
+func (r *recSaver) remaining() uint64 {
+	r.advance(false)
+	n := r.pendingLen
+	if r.cursor < r.size {
+		n += r.size - r.cursor
+	}
+	if r.bufOff < len(r.buf) {
+		n += uint64(min(len(r.buf)-r.bufOff, len(r.buf)-recHeaderLen))
+	}
+	return n
 }
 
 // read fills p with the next bytes of the stream: in PRE_COPY it fails
@@ -248,7 +267,7 @@ func (r *recSaver) read(p []byte) (int, error) {
 
 // next builds the next record into buf and reports whether there is one.
 func (r *recSaver) next() bool {
-	r.advance()
+	r.advance(true)
 	r.buf, r.bufOff, r.bufKind = r.buf[:0], 0, recNone
 	end := r.size
 	if r.running {

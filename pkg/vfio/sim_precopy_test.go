@@ -181,6 +181,36 @@ func TestSimPrecopyRules(t *testing.T) {
 				t.Error("reinit reported twice")
 			}
 		}},
+		{"reinit at the end of the initial data", "sim:size=64KiB,seed=9,flags=stopcopy|precopy,precopy=32KiB,reinit=32KiB", func(t *testing.T, d *SimDevice) {
+			ds := setState(t, d, StatePreCopy)
+			readN(t, ds, recHeaderLen+32<<10)
+			// The initial data is read whole before the new one appears.
+			if got := precopyInfo(t, ds); got != (PrecopyInfo{}) {
+				t.Fatalf("after the initial data info = %+v, want all zero", got)
+			}
+			readN(t, ds, 1)
+			if got := precopyInfo(t, ds); !got.Reinit || got.InitialBytes != 32<<10 {
+				t.Errorf("after the next read info = %+v, want a reinit and the new initial data", got)
+			}
+		}},
+		{"data size counts what stop-copy would still return", "sim:size=64KiB,seed=9,flags=stopcopy|precopy,precopy=16KiB", func(t *testing.T, d *SimDevice) {
+			if n, err := d.DataSize(); err != nil || n != 64<<10 {
+				t.Fatalf("before pre-copy DataSize = %d, %v; want the size", n, err)
+			}
+			ds := setState(t, d, StatePreCopy)
+			readN(t, ds, recHeaderLen+16<<10)
+			if n, err := d.DataSize(); err != nil || n != 48<<10 {
+				t.Errorf("after the initial data DataSize = %d, %v; want the 48KiB not sent", n, err)
+			}
+			if got := precopyInfo(t, ds); got != (PrecopyInfo{}) {
+				t.Errorf("info = %+v, want nothing left of pre-copy", got)
+			}
+		}},
+		{"no data size", "sim:size=64KiB,flags=stopcopy|precopy,precopy=16KiB,datasize=none", func(t *testing.T, d *SimDevice) {
+			if _, err := d.DataSize(); !errors.Is(err, ErrNotSupported) {
+				t.Errorf("DataSize: %v, want ErrNotSupported", err)
+			}
+		}},
 		{"reinit without the v2 info", "sim:size=64KiB,seed=9,flags=stopcopy|precopy,precopy=32KiB,reinit=8000,precopyinfo=v1", func(t *testing.T, d *SimDevice) {
 			ds := setState(t, d, StatePreCopy)
 			readN(t, ds, recHeaderLen+8<<10)

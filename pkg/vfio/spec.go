@@ -106,9 +106,12 @@ type SimConfig struct {
 	PreCopy   uint64
 	DirtyRate uint64
 	// HasReinit says new initial data appears once the initial data was
-	// read up to ReinitOffset (rounded up to a page; below PreCopy): the
+	// read up to ReinitOffset (rounded up to a page; at most PreCopy): the
 	// whole state is rewritten, the initial data is read again from 0 and
-	// PrecopyInfo reports Reinit. Key "reinit", an offset; needs precopy.
+	// PrecopyInfo reports Reinit. At PreCopy itself the reinit comes with
+	// the first read after the initial data was read whole, so PrecopyInfo
+	// reports that first (a device whose initial data changes after the
+	// destination loaded it). Key "reinit", an offset; needs precopy.
 	HasReinit    bool
 	ReinitOffset uint64
 	// PrecopyInfoV1 makes the device answer PrecopyInfo as kernels without
@@ -116,6 +119,10 @@ type SimConfig struct {
 	// (a reinit shows only as InitialBytes growing again). Key
 	// "precopyinfo", v1 or v2 (the default); needs precopy.
 	PrecopyInfoV1 bool
+	// NoDataSize makes DataSize fail, as on a kernel or driver without
+	// VFIO_DEVICE_FEATURE_MIG_DATA_SIZE. Key "datasize", none or
+	// supported (the default).
+	NoDataSize bool
 	// Hang makes one operation of the device block until the device is
 	// closed, as a driver that never answers would: a read or a write that
 	// reaches a byte offset of its stream, the arc into a state, or a
@@ -325,6 +332,17 @@ var simKeys = [...]struct {
 		}
 		return nil
 	}},
+	{"datasize", func(c *SimConfig, v string) error {
+		switch v {
+		case "none":
+			c.NoDataSize = true
+		case "supported":
+			c.NoDataSize = false
+		default:
+			return errors.New("want none or supported")
+		}
+		return nil
+	}},
 	{"hang", func(c *SimConfig, v string) (err error) { c.Hang, err = parseHang(v); return }},
 	{"fail", parseFail},
 }
@@ -389,8 +407,10 @@ func (c SimConfig) validate() error {
 		return errors.New("precopy, dirty, reinit and precopyinfo need flags to include precopy")
 	case c.PreCopy > c.Size:
 		return fmt.Errorf("precopy %d is above the size %d", c.PreCopy, c.Size)
-	case c.HasReinit && c.ReinitOffset >= c.PreCopy:
-		return fmt.Errorf("reinit offset %d is not below the precopy size %d", c.ReinitOffset, c.PreCopy)
+	case c.HasReinit && c.PreCopy == 0:
+		return errors.New("reinit needs precopy initial data")
+	case c.HasReinit && c.ReinitOffset > c.PreCopy:
+		return fmt.Errorf("reinit offset %d is past the precopy size %d", c.ReinitOffset, c.PreCopy)
 	case !c.HasReinit && c.ReinitOffset != 0:
 		return errors.New("reinit offset set without reinit")
 	case c.Hang.Op > HangReset:
@@ -575,6 +595,9 @@ func (c SimConfig) String() string {
 	}
 	if c.PrecopyInfoV1 {
 		b.WriteString(",precopyinfo=v1")
+	}
+	if c.NoDataSize {
+		b.WriteString(",datasize=none")
 	}
 	switch c.Hang.Op {
 	case HangRead:

@@ -36,6 +36,12 @@ const (
 	ReasonStreamLength       = "STREAM_LENGTH_MISMATCH"
 	ReasonVerifyFailed       = "DEVICE_VERIFY_FAILED"
 	ReasonNotReady           = "DESTINATION_NOT_READY"
+	// ReasonInitialDataPending: a pre-copy destination has not loaded
+	// every device's initial data, so it refuses an unforced switchover.
+	ReasonInitialDataPending = "INITIAL_DATA_PENDING"
+	// ReasonNotConverged: pre-copy ran to its timeout without the
+	// predicted downtime meeting the limit (or without a switchover).
+	ReasonNotConverged = "PRECOPY_NOT_CONVERGED"
 	ReasonAborted            = "MIGRATION_ABORTED"
 	ReasonCancelled          = "MIGRATION_CANCELLED"
 	ReasonPeerUnavailable    = "PEER_UNAVAILABLE"

@@ -115,7 +115,8 @@ const (
 	// The destination is ready in RESUMING and waits for the source (on the
 	// source: the session is being opened and the channels dialled).
 	MigrationPhase_MIGRATION_PHASE_WAITING MigrationPhase = 2
-	// Pre-copy: chunks flow while the VM runs.
+	// Pre-copy: chunks flow while the VM runs; the destination has not yet
+	// loaded every device's initial data.
 	MigrationPhase_MIGRATION_PHASE_PRECOPY MigrationPhase = 3
 	// SwitchoverStart was accepted: the devices are stopped and their
 	// stop-copy state streams over the channels.
@@ -138,21 +139,28 @@ const (
 	// or Abort does, or the control plane's CommitIncoming or CancelIncoming
 	// once it has read the source.
 	MigrationPhase_MIGRATION_PHASE_VERIFIED MigrationPhase = 9
+	// Pre-copy, between PRECOPY and STOPCOPY (the number is not its place):
+	// the destination has loaded every device's initial data, so it accepts
+	// a switchover; the VM still runs. A device whose kernel reports new
+	// initial data (VFIO_PRECOPY_INFO_REINIT) takes the migration back to
+	// PRECOPY until that is loaded too.
+	MigrationPhase_MIGRATION_PHASE_READY MigrationPhase = 10
 )
 
 // Enum value maps for MigrationPhase.
 var (
 	MigrationPhase_name = map[int32]string{
-		0: "MIGRATION_PHASE_UNSPECIFIED",
-		1: "MIGRATION_PHASE_PREPARING",
-		2: "MIGRATION_PHASE_WAITING",
-		3: "MIGRATION_PHASE_PRECOPY",
-		4: "MIGRATION_PHASE_STOPCOPY",
-		5: "MIGRATION_PHASE_FINISHING",
-		6: "MIGRATION_PHASE_SUCCEEDED",
-		7: "MIGRATION_PHASE_FAILED",
-		8: "MIGRATION_PHASE_CANCELLED",
-		9: "MIGRATION_PHASE_VERIFIED",
+		0:  "MIGRATION_PHASE_UNSPECIFIED",
+		1:  "MIGRATION_PHASE_PREPARING",
+		2:  "MIGRATION_PHASE_WAITING",
+		3:  "MIGRATION_PHASE_PRECOPY",
+		4:  "MIGRATION_PHASE_STOPCOPY",
+		5:  "MIGRATION_PHASE_FINISHING",
+		6:  "MIGRATION_PHASE_SUCCEEDED",
+		7:  "MIGRATION_PHASE_FAILED",
+		8:  "MIGRATION_PHASE_CANCELLED",
+		9:  "MIGRATION_PHASE_VERIFIED",
+		10: "MIGRATION_PHASE_READY",
 	}
 	MigrationPhase_value = map[string]int32{
 		"MIGRATION_PHASE_UNSPECIFIED": 0,
@@ -165,6 +173,7 @@ var (
 		"MIGRATION_PHASE_FAILED":      7,
 		"MIGRATION_PHASE_CANCELLED":   8,
 		"MIGRATION_PHASE_VERIFIED":    9,
+		"MIGRATION_PHASE_READY":       10,
 	}
 )
 
@@ -552,7 +561,24 @@ type DeviceProgress struct {
 	// The device did not answer an operation within the agent's device
 	// timeout. It is left to its driver, held by the agent until the
 	// operation returns, and error says which operation it was.
-	Stuck         bool `protobuf:"varint,14,opt,name=stuck,proto3" json:"stuck,omitempty"`
+	Stuck bool `protobuf:"varint,14,opt,name=stuck,proto3" json:"stuck,omitempty"`
+	// Pre-copy: the destination has loaded the device's initial data (its
+	// switchover acknowledgement; for a device without PRE_COPY, at once).
+	// False again after a REINIT until the new initial data is loaded.
+	InitialDataLoaded bool `protobuf:"varint,15,opt,name=initial_data_loaded,json=initialDataLoaded,proto3" json:"initial_data_loaded,omitempty"`
+	// Source, pre-copy: the initial bytes the device still offers and the
+	// dirty bytes it holds, as its last VFIO_MIG_GET_PRECOPY_INFO said.
+	InitialBytes uint64 `protobuf:"varint,16,opt,name=initial_bytes,json=initialBytes,proto3" json:"initial_bytes,omitempty"`
+	DirtyBytes   uint64 `protobuf:"varint,17,opt,name=dirty_bytes,json=dirtyBytes,proto3" json:"dirty_bytes,omitempty"`
+	// Source, pre-copy: bytes read before the switchover (the rest of bytes
+	// was read after it, the devices stopped).
+	PrecopyBytes uint64 `protobuf:"varint,18,opt,name=precopy_bytes,json=precopyBytes,proto3" json:"precopy_bytes,omitempty"`
+	// Source, pre-copy: the device gave no usable estimate of what remains
+	// for stop-copy (MIG_DATA_SIZE failed or made no sense); the prediction
+	// then counts only what VFIO_MIG_GET_PRECOPY_INFO reports.
+	NoSizeEstimate bool `protobuf:"varint,19,opt,name=no_size_estimate,json=noSizeEstimate,proto3" json:"no_size_estimate,omitempty"`
+	// Times the device reported new initial data (VFIO_PRECOPY_INFO_REINIT).
+	Reinits       uint32 `protobuf:"varint,20,opt,name=reinits,proto3" json:"reinits,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -685,6 +711,48 @@ func (x *DeviceProgress) GetStuck() bool {
 	return false
 }
 
+func (x *DeviceProgress) GetInitialDataLoaded() bool {
+	if x != nil {
+		return x.InitialDataLoaded
+	}
+	return false
+}
+
+func (x *DeviceProgress) GetInitialBytes() uint64 {
+	if x != nil {
+		return x.InitialBytes
+	}
+	return 0
+}
+
+func (x *DeviceProgress) GetDirtyBytes() uint64 {
+	if x != nil {
+		return x.DirtyBytes
+	}
+	return 0
+}
+
+func (x *DeviceProgress) GetPrecopyBytes() uint64 {
+	if x != nil {
+		return x.PrecopyBytes
+	}
+	return 0
+}
+
+func (x *DeviceProgress) GetNoSizeEstimate() bool {
+	if x != nil {
+		return x.NoSizeEstimate
+	}
+	return false
+}
+
+func (x *DeviceProgress) GetReinits() uint32 {
+	if x != nil {
+		return x.Reinits
+	}
+	return 0
+}
+
 // Migration is a migration as one agent sees it.
 type Migration struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -735,8 +803,35 @@ type Migration struct {
 	// Source: the switchover deadline in force, from the devices' stop to
 	// the verdict.
 	SwitchoverDeadline *durationpb.Duration `protobuf:"bytes,21,opt,name=switchover_deadline,json=switchoverDeadline,proto3" json:"switchover_deadline,omitempty"`
-	unknownFields      protoimpl.UnknownFields
-	sizeCache          protoimpl.SizeCache
+	// Source, pre-copy: bytes read before the switchover, over all devices;
+	// stopcopy_bytes those read after the devices stopped.
+	PrecopyBytes  uint64 `protobuf:"varint,22,opt,name=precopy_bytes,json=precopyBytes,proto3" json:"precopy_bytes,omitempty"`
+	StopcopyBytes uint64 `protobuf:"varint,23,opt,name=stopcopy_bytes,json=stopcopyBytes,proto3" json:"stopcopy_bytes,omitempty"`
+	// Source, pre-copy: the downtime the source predicts if it switched
+	// over now (docs/design.md, the prediction); from the switchover on,
+	// the last prediction before it, to stand beside downtime. Unset while
+	// no prediction can be made: prediction_note says why.
+	PredictedDowntime *durationpb.Duration `protobuf:"bytes,24,opt,name=predicted_downtime,json=predictedDowntime,proto3" json:"predicted_downtime,omitempty"`
+	// Source, pre-copy: why there is no prediction, or what it leaves out
+	// (a device that gave no size estimate). Empty when nothing is missing.
+	PredictionNote string `protobuf:"bytes,25,opt,name=prediction_note,json=predictionNote,proto3" json:"prediction_note,omitempty"`
+	// Source, pre-copy: the bytes the prediction expects to move after the
+	// switchover, the throughput it divides them by (bytes per second, as
+	// measured over the last seconds in which the channels were busy), and
+	// the rate at which the devices dirty their state.
+	RemainingBytes                  uint64  `protobuf:"varint,26,opt,name=remaining_bytes,json=remainingBytes,proto3" json:"remaining_bytes,omitempty"`
+	PrecopyThroughputBytesPerSecond float64 `protobuf:"fixed64,27,opt,name=precopy_throughput_bytes_per_second,json=precopyThroughputBytesPerSecond,proto3" json:"precopy_throughput_bytes_per_second,omitempty"`
+	DirtyBytesPerSecond             float64 `protobuf:"fixed64,28,opt,name=dirty_bytes_per_second,json=dirtyBytesPerSecond,proto3" json:"dirty_bytes_per_second,omitempty"`
+	// Source, pre-copy: what switched the migration over: "requested" (the
+	// control plane's Switchover), "forced" (Switchover with force),
+	// "downtime_limit" (the prediction met it), "precopy_timeout" (the
+	// timeout, with PRECOPY_TIMEOUT_ACTION_SWITCHOVER). Empty before.
+	SwitchoverTrigger string `protobuf:"bytes,29,opt,name=switchover_trigger,json=switchoverTrigger,proto3" json:"switchover_trigger,omitempty"`
+	// Source: the request's pre-copy limits in force (0 when unset).
+	DowntimeLimit  *durationpb.Duration `protobuf:"bytes,30,opt,name=downtime_limit,json=downtimeLimit,proto3" json:"downtime_limit,omitempty"`
+	PrecopyTimeout *durationpb.Duration `protobuf:"bytes,31,opt,name=precopy_timeout,json=precopyTimeout,proto3" json:"precopy_timeout,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *Migration) Reset() {
@@ -916,6 +1011,76 @@ func (x *Migration) GetSwitchoverDeadline() *durationpb.Duration {
 	return nil
 }
 
+func (x *Migration) GetPrecopyBytes() uint64 {
+	if x != nil {
+		return x.PrecopyBytes
+	}
+	return 0
+}
+
+func (x *Migration) GetStopcopyBytes() uint64 {
+	if x != nil {
+		return x.StopcopyBytes
+	}
+	return 0
+}
+
+func (x *Migration) GetPredictedDowntime() *durationpb.Duration {
+	if x != nil {
+		return x.PredictedDowntime
+	}
+	return nil
+}
+
+func (x *Migration) GetPredictionNote() string {
+	if x != nil {
+		return x.PredictionNote
+	}
+	return ""
+}
+
+func (x *Migration) GetRemainingBytes() uint64 {
+	if x != nil {
+		return x.RemainingBytes
+	}
+	return 0
+}
+
+func (x *Migration) GetPrecopyThroughputBytesPerSecond() float64 {
+	if x != nil {
+		return x.PrecopyThroughputBytesPerSecond
+	}
+	return 0
+}
+
+func (x *Migration) GetDirtyBytesPerSecond() float64 {
+	if x != nil {
+		return x.DirtyBytesPerSecond
+	}
+	return 0
+}
+
+func (x *Migration) GetSwitchoverTrigger() string {
+	if x != nil {
+		return x.SwitchoverTrigger
+	}
+	return ""
+}
+
+func (x *Migration) GetDowntimeLimit() *durationpb.Duration {
+	if x != nil {
+		return x.DowntimeLimit
+	}
+	return nil
+}
+
+func (x *Migration) GetPrecopyTimeout() *durationpb.Duration {
+	if x != nil {
+		return x.PrecopyTimeout
+	}
+	return nil
+}
+
 var File_ferry_v1_common_proto protoreflect.FileDescriptor
 
 const file_ferry_v1_common_proto_rawDesc = "" +
@@ -936,7 +1101,7 @@ const file_ferry_v1_common_proto_rawDesc = "" +
 	"\x0eMigrationError\x12\x12\n" +
 	"\x04code\x18\x01 \x01(\x05R\x04code\x12\x16\n" +
 	"\x06reason\x18\x02 \x01(\tR\x06reason\x12\x18\n" +
-	"\amessage\x18\x03 \x01(\tR\amessage\"\x87\x04\n" +
+	"\amessage\x18\x03 \x01(\tR\amessage\"\xe6\x05\n" +
 	"\x0eDeviceProgress\x12\x16\n" +
 	"\x06device\x18\x01 \x01(\tR\x06device\x12\x1f\n" +
 	"\vpeer_device\x18\x02 \x01(\tR\n" +
@@ -954,7 +1119,14 @@ const file_ferry_v1_common_proto_rawDesc = "" +
 	"\x11window_stall_time\x18\v \x01(\v2\x19.google.protobuf.DurationR\x0fwindowStallTime\x12.\n" +
 	"\x13peak_buffered_bytes\x18\f \x01(\x04R\x11peakBufferedBytes\x12)\n" +
 	"\x10duplicate_chunks\x18\r \x01(\x04R\x0fduplicateChunks\x12\x14\n" +
-	"\x05stuck\x18\x0e \x01(\bR\x05stuck\"\xf2\a\n" +
+	"\x05stuck\x18\x0e \x01(\bR\x05stuck\x12.\n" +
+	"\x13initial_data_loaded\x18\x0f \x01(\bR\x11initialDataLoaded\x12#\n" +
+	"\rinitial_bytes\x18\x10 \x01(\x04R\finitialBytes\x12\x1f\n" +
+	"\vdirty_bytes\x18\x11 \x01(\x04R\n" +
+	"dirtyBytes\x12#\n" +
+	"\rprecopy_bytes\x18\x12 \x01(\x04R\fprecopyBytes\x12(\n" +
+	"\x10no_size_estimate\x18\x13 \x01(\bR\x0enoSizeEstimate\x12\x18\n" +
+	"\areinits\x18\x14 \x01(\rR\areinits\"\x92\f\n" +
 	"\tMigration\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12.\n" +
 	"\x05phase\x18\x02 \x01(\x0e2\x18.ferry.v1.MigrationPhaseR\x05phase\x122\n" +
@@ -981,7 +1153,17 @@ const file_ferry_v1_common_proto_rawDesc = "" +
 	"\x10duplicate_chunks\x18\x12 \x01(\x04R\x0fduplicateChunks\x12-\n" +
 	"\x12connected_channels\x18\x13 \x01(\rR\x11connectedChannels\x12Q\n" +
 	"\x17last_peer_activity_time\x18\x14 \x01(\v2\x1a.google.protobuf.TimestampR\x14lastPeerActivityTime\x12J\n" +
-	"\x13switchover_deadline\x18\x15 \x01(\v2\x19.google.protobuf.DurationR\x12switchoverDeadline*\x83\x02\n" +
+	"\x13switchover_deadline\x18\x15 \x01(\v2\x19.google.protobuf.DurationR\x12switchoverDeadline\x12#\n" +
+	"\rprecopy_bytes\x18\x16 \x01(\x04R\fprecopyBytes\x12%\n" +
+	"\x0estopcopy_bytes\x18\x17 \x01(\x04R\rstopcopyBytes\x12H\n" +
+	"\x12predicted_downtime\x18\x18 \x01(\v2\x19.google.protobuf.DurationR\x11predictedDowntime\x12'\n" +
+	"\x0fprediction_note\x18\x19 \x01(\tR\x0epredictionNote\x12'\n" +
+	"\x0fremaining_bytes\x18\x1a \x01(\x04R\x0eremainingBytes\x12L\n" +
+	"#precopy_throughput_bytes_per_second\x18\x1b \x01(\x01R\x1fprecopyThroughputBytesPerSecond\x123\n" +
+	"\x16dirty_bytes_per_second\x18\x1c \x01(\x01R\x13dirtyBytesPerSecond\x12-\n" +
+	"\x12switchover_trigger\x18\x1d \x01(\tR\x11switchoverTrigger\x12@\n" +
+	"\x0edowntime_limit\x18\x1e \x01(\v2\x19.google.protobuf.DurationR\rdowntimeLimit\x12B\n" +
+	"\x0fprecopy_timeout\x18\x1f \x01(\v2\x19.google.protobuf.DurationR\x0eprecopyTimeout*\x83\x02\n" +
 	"\vDeviceState\x12\x1c\n" +
 	"\x18DEVICE_STATE_UNSPECIFIED\x10\x00\x12\x16\n" +
 	"\x12DEVICE_STATE_ERROR\x10\x01\x12\x15\n" +
@@ -991,7 +1173,7 @@ const file_ferry_v1_common_proto_rawDesc = "" +
 	"\x15DEVICE_STATE_RESUMING\x10\x05\x12\x1c\n" +
 	"\x18DEVICE_STATE_RUNNING_P2P\x10\x06\x12\x19\n" +
 	"\x15DEVICE_STATE_PRE_COPY\x10\a\x12\x1d\n" +
-	"\x19DEVICE_STATE_PRE_COPY_P2P\x10\b*\xbf\x02\n" +
+	"\x19DEVICE_STATE_PRE_COPY_P2P\x10\b*\xda\x02\n" +
 	"\x0eMigrationPhase\x12\x1f\n" +
 	"\x1bMIGRATION_PHASE_UNSPECIFIED\x10\x00\x12\x1d\n" +
 	"\x19MIGRATION_PHASE_PREPARING\x10\x01\x12\x1b\n" +
@@ -1002,7 +1184,9 @@ const file_ferry_v1_common_proto_rawDesc = "" +
 	"\x19MIGRATION_PHASE_SUCCEEDED\x10\x06\x12\x1a\n" +
 	"\x16MIGRATION_PHASE_FAILED\x10\a\x12\x1d\n" +
 	"\x19MIGRATION_PHASE_CANCELLED\x10\b\x12\x1c\n" +
-	"\x18MIGRATION_PHASE_VERIFIED\x10\t*}\n" +
+	"\x18MIGRATION_PHASE_VERIFIED\x10\t\x12\x19\n" +
+	"\x15MIGRATION_PHASE_READY\x10\n" +
+	"*}\n" +
 	"\vDeviceOwner\x12\x1c\n" +
 	"\x18DEVICE_OWNER_UNSPECIFIED\x10\x00\x12\x17\n" +
 	"\x13DEVICE_OWNER_SOURCE\x10\x01\x12\x1c\n" +
@@ -1051,11 +1235,14 @@ var file_ferry_v1_common_proto_depIdxs = []int32{
 	2,  // 11: ferry.v1.Migration.owner:type_name -> ferry.v1.DeviceOwner
 	10, // 12: ferry.v1.Migration.last_peer_activity_time:type_name -> google.protobuf.Timestamp
 	9,  // 13: ferry.v1.Migration.switchover_deadline:type_name -> google.protobuf.Duration
-	14, // [14:14] is the sub-list for method output_type
-	14, // [14:14] is the sub-list for method input_type
-	14, // [14:14] is the sub-list for extension type_name
-	14, // [14:14] is the sub-list for extension extendee
-	0,  // [0:14] is the sub-list for field type_name
+	9,  // 14: ferry.v1.Migration.predicted_downtime:type_name -> google.protobuf.Duration
+	9,  // 15: ferry.v1.Migration.downtime_limit:type_name -> google.protobuf.Duration
+	9,  // 16: ferry.v1.Migration.precopy_timeout:type_name -> google.protobuf.Duration
+	17, // [17:17] is the sub-list for method output_type
+	17, // [17:17] is the sub-list for method input_type
+	17, // [17:17] is the sub-list for extension type_name
+	17, // [17:17] is the sub-list for extension extendee
+	0,  // [0:17] is the sub-list for field type_name
 }
 
 func init() { file_ferry_v1_common_proto_init() }

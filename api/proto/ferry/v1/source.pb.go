@@ -30,8 +30,9 @@ const (
 	MigrationMode_MIGRATION_MODE_UNSPECIFIED MigrationMode = 0
 	// Stop the devices at once and stream their whole state.
 	MigrationMode_MIGRATION_MODE_STOP_COPY MigrationMode = 1
-	// Stream pre-copy data while the VM runs, then switch over on Switchover.
-	// Not served yet: StartMigration answers UNIMPLEMENTED.
+	// Stream pre-copy data while the VM runs, then switch over on
+	// Switchover or when the predicted downtime meets downtime_limit.
+	// Devices without PRE_COPY stay RUNNING and stream at the switchover.
 	MigrationMode_MIGRATION_MODE_PRECOPY MigrationMode = 2
 )
 
@@ -76,6 +77,63 @@ func (MigrationMode) EnumDescriptor() ([]byte, []int) {
 	return file_ferry_v1_source_proto_rawDescGZIP(), []int{0}
 }
 
+// PrecopyTimeoutAction is what a pre-copy migration does when
+// precopy_timeout passes before it switched over.
+type PrecopyTimeoutAction int32
+
+const (
+	// FAIL.
+	PrecopyTimeoutAction_PRECOPY_TIMEOUT_ACTION_UNSPECIFIED PrecopyTimeoutAction = 0
+	// Roll back (devices PRE_COPY->RUNNING; the VM never stopped) and fail
+	// with DEADLINE_EXCEEDED, reason PRECOPY_NOT_CONVERGED, the measured
+	// dirty rate and throughput in the message.
+	PrecopyTimeoutAction_PRECOPY_TIMEOUT_ACTION_FAIL PrecopyTimeoutAction = 1
+	// Switch over anyway, forced: the destination accepts it whether or
+	// not it has loaded the initial data.
+	PrecopyTimeoutAction_PRECOPY_TIMEOUT_ACTION_SWITCHOVER PrecopyTimeoutAction = 2
+)
+
+// Enum value maps for PrecopyTimeoutAction.
+var (
+	PrecopyTimeoutAction_name = map[int32]string{
+		0: "PRECOPY_TIMEOUT_ACTION_UNSPECIFIED",
+		1: "PRECOPY_TIMEOUT_ACTION_FAIL",
+		2: "PRECOPY_TIMEOUT_ACTION_SWITCHOVER",
+	}
+	PrecopyTimeoutAction_value = map[string]int32{
+		"PRECOPY_TIMEOUT_ACTION_UNSPECIFIED": 0,
+		"PRECOPY_TIMEOUT_ACTION_FAIL":        1,
+		"PRECOPY_TIMEOUT_ACTION_SWITCHOVER":  2,
+	}
+)
+
+func (x PrecopyTimeoutAction) Enum() *PrecopyTimeoutAction {
+	p := new(PrecopyTimeoutAction)
+	*p = x
+	return p
+}
+
+func (x PrecopyTimeoutAction) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (PrecopyTimeoutAction) Descriptor() protoreflect.EnumDescriptor {
+	return file_ferry_v1_source_proto_enumTypes[1].Descriptor()
+}
+
+func (PrecopyTimeoutAction) Type() protoreflect.EnumType {
+	return &file_ferry_v1_source_proto_enumTypes[1]
+}
+
+func (x PrecopyTimeoutAction) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use PrecopyTimeoutAction.Descriptor instead.
+func (PrecopyTimeoutAction) EnumDescriptor() ([]byte, []int) {
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{1}
+}
+
 // DigestAlgorithm is the end-to-end digest of a device stream, computed by
 // the source over what it read and by the destination over what it wrote,
 // compared before the destination device leaves RESUMING.
@@ -116,11 +174,11 @@ func (x DigestAlgorithm) String() string {
 }
 
 func (DigestAlgorithm) Descriptor() protoreflect.EnumDescriptor {
-	return file_ferry_v1_source_proto_enumTypes[1].Descriptor()
+	return file_ferry_v1_source_proto_enumTypes[2].Descriptor()
 }
 
 func (DigestAlgorithm) Type() protoreflect.EnumType {
-	return &file_ferry_v1_source_proto_enumTypes[1]
+	return &file_ferry_v1_source_proto_enumTypes[2]
 }
 
 func (x DigestAlgorithm) Number() protoreflect.EnumNumber {
@@ -129,7 +187,7 @@ func (x DigestAlgorithm) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use DigestAlgorithm.Descriptor instead.
 func (DigestAlgorithm) EnumDescriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{1}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{2}
 }
 
 // ReleaseDeviceRequest names the device to give back.
@@ -314,8 +372,16 @@ type StartMigrationRequest struct {
 	// it the source rolls back (devices RUNNING, destination aborted) with
 	// DEADLINE_EXCEEDED, reason SWITCHOVER_DEADLINE. 0 means 60 s.
 	SwitchoverDeadline *durationpb.Duration `protobuf:"bytes,9,opt,name=switchover_deadline,json=switchoverDeadline,proto3" json:"switchover_deadline,omitempty"`
-	unknownFields      protoimpl.UnknownFields
-	sizeCache          protoimpl.SizeCache
+	// Pre-copy: switch over by itself once the destination is READY and the
+	// predicted downtime is at most this. Unset or 0: only on Switchover.
+	DowntimeLimit *durationpb.Duration `protobuf:"bytes,10,opt,name=downtime_limit,json=downtimeLimit,proto3" json:"downtime_limit,omitempty"`
+	// Pre-copy: the longest pre-copy may run before it switches over; then
+	// on_precopy_timeout applies. 0 means 10 minutes.
+	PrecopyTimeout *durationpb.Duration `protobuf:"bytes,11,opt,name=precopy_timeout,json=precopyTimeout,proto3" json:"precopy_timeout,omitempty"`
+	// Pre-copy: what happens at precopy_timeout.
+	OnPrecopyTimeout PrecopyTimeoutAction `protobuf:"varint,12,opt,name=on_precopy_timeout,json=onPrecopyTimeout,proto3,enum=ferry.v1.PrecopyTimeoutAction" json:"on_precopy_timeout,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *StartMigrationRequest) Reset() {
@@ -409,6 +475,27 @@ func (x *StartMigrationRequest) GetSwitchoverDeadline() *durationpb.Duration {
 		return x.SwitchoverDeadline
 	}
 	return nil
+}
+
+func (x *StartMigrationRequest) GetDowntimeLimit() *durationpb.Duration {
+	if x != nil {
+		return x.DowntimeLimit
+	}
+	return nil
+}
+
+func (x *StartMigrationRequest) GetPrecopyTimeout() *durationpb.Duration {
+	if x != nil {
+		return x.PrecopyTimeout
+	}
+	return nil
+}
+
+func (x *StartMigrationRequest) GetOnPrecopyTimeout() PrecopyTimeoutAction {
+	if x != nil {
+		return x.OnPrecopyTimeout
+	}
+	return PrecopyTimeoutAction_PRECOPY_TIMEOUT_ACTION_UNSPECIFIED
 }
 
 // StartMigrationResponse holds the accepted migration.
@@ -728,7 +815,11 @@ func (x *WatchMigrationResponse) GetMigration() *Migration {
 type SwitchoverRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The migration id.
-	MigrationId   string `protobuf:"bytes,1,opt,name=migration_id,json=migrationId,proto3" json:"migration_id,omitempty"`
+	MigrationId string `protobuf:"bytes,1,opt,name=migration_id,json=migrationId,proto3" json:"migration_id,omitempty"`
+	// Switch over now, even before the destination has loaded every
+	// device's initial data (READY). Without it the source switches over
+	// once the migration is READY.
+	Force         bool `protobuf:"varint,2,opt,name=force,proto3" json:"force,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -768,6 +859,13 @@ func (x *SwitchoverRequest) GetMigrationId() string {
 		return x.MigrationId
 	}
 	return ""
+}
+
+func (x *SwitchoverRequest) GetForce() bool {
+	if x != nil {
+		return x.Force
+	}
+	return false
 }
 
 // SwitchoverResponse holds the migration after the request.
@@ -922,7 +1020,7 @@ const file_ferry_v1_source_proto_rawDesc = "" +
 	"DevicePair\x12#\n" +
 	"\rsource_device\x18\x01 \x01(\tR\fsourceDevice\x12\x1f\n" +
 	"\vdest_device\x18\x02 \x01(\tR\n" +
-	"destDevice\"\x8a\x03\n" +
+	"destDevice\"\xde\x04\n" +
 	"\x15StartMigrationRequest\x12!\n" +
 	"\fmigration_id\x18\x01 \x01(\tR\vmigrationId\x12!\n" +
 	"\fdest_address\x18\x02 \x01(\tR\vdestAddress\x12\x14\n" +
@@ -933,7 +1031,11 @@ const file_ferry_v1_source_proto_rawDesc = "" +
 	"chunk_size\x18\x06 \x01(\rR\tchunkSize\x12+\n" +
 	"\x04mode\x18\a \x01(\x0e2\x17.ferry.v1.MigrationModeR\x04mode\x121\n" +
 	"\x06digest\x18\b \x01(\x0e2\x19.ferry.v1.DigestAlgorithmR\x06digest\x12J\n" +
-	"\x13switchover_deadline\x18\t \x01(\v2\x19.google.protobuf.DurationR\x12switchoverDeadline\"K\n" +
+	"\x13switchover_deadline\x18\t \x01(\v2\x19.google.protobuf.DurationR\x12switchoverDeadline\x12@\n" +
+	"\x0edowntime_limit\x18\n" +
+	" \x01(\v2\x19.google.protobuf.DurationR\rdowntimeLimit\x12B\n" +
+	"\x0fprecopy_timeout\x18\v \x01(\v2\x19.google.protobuf.DurationR\x0eprecopyTimeout\x12L\n" +
+	"\x12on_precopy_timeout\x18\f \x01(\x0e2\x1e.ferry.v1.PrecopyTimeoutActionR\x10onPrecopyTimeout\"K\n" +
 	"\x16StartMigrationResponse\x121\n" +
 	"\tmigration\x18\x01 \x01(\v2\x13.ferry.v1.MigrationR\tmigration\"8\n" +
 	"\x13GetMigrationRequest\x12!\n" +
@@ -948,9 +1050,10 @@ const file_ferry_v1_source_proto_rawDesc = "" +
 	"\x15WatchMigrationRequest\x12!\n" +
 	"\fmigration_id\x18\x01 \x01(\tR\vmigrationId\"K\n" +
 	"\x16WatchMigrationResponse\x121\n" +
-	"\tmigration\x18\x01 \x01(\v2\x13.ferry.v1.MigrationR\tmigration\"6\n" +
+	"\tmigration\x18\x01 \x01(\v2\x13.ferry.v1.MigrationR\tmigration\"L\n" +
 	"\x11SwitchoverRequest\x12!\n" +
-	"\fmigration_id\x18\x01 \x01(\tR\vmigrationId\"G\n" +
+	"\fmigration_id\x18\x01 \x01(\tR\vmigrationId\x12\x14\n" +
+	"\x05force\x18\x02 \x01(\bR\x05force\"G\n" +
 	"\x12SwitchoverResponse\x121\n" +
 	"\tmigration\x18\x01 \x01(\v2\x13.ferry.v1.MigrationR\tmigration\";\n" +
 	"\x16CancelMigrationRequest\x12!\n" +
@@ -960,7 +1063,11 @@ const file_ferry_v1_source_proto_rawDesc = "" +
 	"\rMigrationMode\x12\x1e\n" +
 	"\x1aMIGRATION_MODE_UNSPECIFIED\x10\x00\x12\x1c\n" +
 	"\x18MIGRATION_MODE_STOP_COPY\x10\x01\x12\x1a\n" +
-	"\x16MIGRATION_MODE_PRECOPY\x10\x02*s\n" +
+	"\x16MIGRATION_MODE_PRECOPY\x10\x02*\x86\x01\n" +
+	"\x14PrecopyTimeoutAction\x12&\n" +
+	"\"PRECOPY_TIMEOUT_ACTION_UNSPECIFIED\x10\x00\x12\x1f\n" +
+	"\x1bPRECOPY_TIMEOUT_ACTION_FAIL\x10\x01\x12%\n" +
+	"!PRECOPY_TIMEOUT_ACTION_SWITCHOVER\x10\x02*s\n" +
 	"\x0fDigestAlgorithm\x12 \n" +
 	"\x1cDIGEST_ALGORITHM_UNSPECIFIED\x10\x00\x12!\n" +
 	"\x1dDIGEST_ALGORITHM_CRC32C_CHAIN\x10\x01\x12\x1b\n" +
@@ -988,65 +1095,69 @@ func file_ferry_v1_source_proto_rawDescGZIP() []byte {
 	return file_ferry_v1_source_proto_rawDescData
 }
 
-var file_ferry_v1_source_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
+var file_ferry_v1_source_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
 var file_ferry_v1_source_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
 var file_ferry_v1_source_proto_goTypes = []any{
 	(MigrationMode)(0),              // 0: ferry.v1.MigrationMode
-	(DigestAlgorithm)(0),            // 1: ferry.v1.DigestAlgorithm
-	(*ReleaseDeviceRequest)(nil),    // 2: ferry.v1.ReleaseDeviceRequest
-	(*ReleaseDeviceResponse)(nil),   // 3: ferry.v1.ReleaseDeviceResponse
-	(*DevicePair)(nil),              // 4: ferry.v1.DevicePair
-	(*StartMigrationRequest)(nil),   // 5: ferry.v1.StartMigrationRequest
-	(*StartMigrationResponse)(nil),  // 6: ferry.v1.StartMigrationResponse
-	(*GetMigrationRequest)(nil),     // 7: ferry.v1.GetMigrationRequest
-	(*GetMigrationResponse)(nil),    // 8: ferry.v1.GetMigrationResponse
-	(*ListMigrationsRequest)(nil),   // 9: ferry.v1.ListMigrationsRequest
-	(*ListMigrationsResponse)(nil),  // 10: ferry.v1.ListMigrationsResponse
-	(*WatchMigrationRequest)(nil),   // 11: ferry.v1.WatchMigrationRequest
-	(*WatchMigrationResponse)(nil),  // 12: ferry.v1.WatchMigrationResponse
-	(*SwitchoverRequest)(nil),       // 13: ferry.v1.SwitchoverRequest
-	(*SwitchoverResponse)(nil),      // 14: ferry.v1.SwitchoverResponse
-	(*CancelMigrationRequest)(nil),  // 15: ferry.v1.CancelMigrationRequest
-	(*CancelMigrationResponse)(nil), // 16: ferry.v1.CancelMigrationResponse
-	(*Device)(nil),                  // 17: ferry.v1.Device
-	(*durationpb.Duration)(nil),     // 18: google.protobuf.Duration
-	(*Migration)(nil),               // 19: ferry.v1.Migration
-	(*ListDevicesRequest)(nil),      // 20: ferry.v1.ListDevicesRequest
-	(*ListDevicesResponse)(nil),     // 21: ferry.v1.ListDevicesResponse
+	(PrecopyTimeoutAction)(0),       // 1: ferry.v1.PrecopyTimeoutAction
+	(DigestAlgorithm)(0),            // 2: ferry.v1.DigestAlgorithm
+	(*ReleaseDeviceRequest)(nil),    // 3: ferry.v1.ReleaseDeviceRequest
+	(*ReleaseDeviceResponse)(nil),   // 4: ferry.v1.ReleaseDeviceResponse
+	(*DevicePair)(nil),              // 5: ferry.v1.DevicePair
+	(*StartMigrationRequest)(nil),   // 6: ferry.v1.StartMigrationRequest
+	(*StartMigrationResponse)(nil),  // 7: ferry.v1.StartMigrationResponse
+	(*GetMigrationRequest)(nil),     // 8: ferry.v1.GetMigrationRequest
+	(*GetMigrationResponse)(nil),    // 9: ferry.v1.GetMigrationResponse
+	(*ListMigrationsRequest)(nil),   // 10: ferry.v1.ListMigrationsRequest
+	(*ListMigrationsResponse)(nil),  // 11: ferry.v1.ListMigrationsResponse
+	(*WatchMigrationRequest)(nil),   // 12: ferry.v1.WatchMigrationRequest
+	(*WatchMigrationResponse)(nil),  // 13: ferry.v1.WatchMigrationResponse
+	(*SwitchoverRequest)(nil),       // 14: ferry.v1.SwitchoverRequest
+	(*SwitchoverResponse)(nil),      // 15: ferry.v1.SwitchoverResponse
+	(*CancelMigrationRequest)(nil),  // 16: ferry.v1.CancelMigrationRequest
+	(*CancelMigrationResponse)(nil), // 17: ferry.v1.CancelMigrationResponse
+	(*Device)(nil),                  // 18: ferry.v1.Device
+	(*durationpb.Duration)(nil),     // 19: google.protobuf.Duration
+	(*Migration)(nil),               // 20: ferry.v1.Migration
+	(*ListDevicesRequest)(nil),      // 21: ferry.v1.ListDevicesRequest
+	(*ListDevicesResponse)(nil),     // 22: ferry.v1.ListDevicesResponse
 }
 var file_ferry_v1_source_proto_depIdxs = []int32{
-	17, // 0: ferry.v1.ReleaseDeviceResponse.device:type_name -> ferry.v1.Device
-	4,  // 1: ferry.v1.StartMigrationRequest.devices:type_name -> ferry.v1.DevicePair
+	18, // 0: ferry.v1.ReleaseDeviceResponse.device:type_name -> ferry.v1.Device
+	5,  // 1: ferry.v1.StartMigrationRequest.devices:type_name -> ferry.v1.DevicePair
 	0,  // 2: ferry.v1.StartMigrationRequest.mode:type_name -> ferry.v1.MigrationMode
-	1,  // 3: ferry.v1.StartMigrationRequest.digest:type_name -> ferry.v1.DigestAlgorithm
-	18, // 4: ferry.v1.StartMigrationRequest.switchover_deadline:type_name -> google.protobuf.Duration
-	19, // 5: ferry.v1.StartMigrationResponse.migration:type_name -> ferry.v1.Migration
-	19, // 6: ferry.v1.GetMigrationResponse.migration:type_name -> ferry.v1.Migration
-	19, // 7: ferry.v1.ListMigrationsResponse.migrations:type_name -> ferry.v1.Migration
-	19, // 8: ferry.v1.WatchMigrationResponse.migration:type_name -> ferry.v1.Migration
-	19, // 9: ferry.v1.SwitchoverResponse.migration:type_name -> ferry.v1.Migration
-	19, // 10: ferry.v1.CancelMigrationResponse.migration:type_name -> ferry.v1.Migration
-	20, // 11: ferry.v1.SourceAgent.ListDevices:input_type -> ferry.v1.ListDevicesRequest
-	5,  // 12: ferry.v1.SourceAgent.StartMigration:input_type -> ferry.v1.StartMigrationRequest
-	7,  // 13: ferry.v1.SourceAgent.GetMigration:input_type -> ferry.v1.GetMigrationRequest
-	9,  // 14: ferry.v1.SourceAgent.ListMigrations:input_type -> ferry.v1.ListMigrationsRequest
-	11, // 15: ferry.v1.SourceAgent.WatchMigration:input_type -> ferry.v1.WatchMigrationRequest
-	13, // 16: ferry.v1.SourceAgent.Switchover:input_type -> ferry.v1.SwitchoverRequest
-	15, // 17: ferry.v1.SourceAgent.CancelMigration:input_type -> ferry.v1.CancelMigrationRequest
-	2,  // 18: ferry.v1.SourceAgent.ReleaseDevice:input_type -> ferry.v1.ReleaseDeviceRequest
-	21, // 19: ferry.v1.SourceAgent.ListDevices:output_type -> ferry.v1.ListDevicesResponse
-	6,  // 20: ferry.v1.SourceAgent.StartMigration:output_type -> ferry.v1.StartMigrationResponse
-	8,  // 21: ferry.v1.SourceAgent.GetMigration:output_type -> ferry.v1.GetMigrationResponse
-	10, // 22: ferry.v1.SourceAgent.ListMigrations:output_type -> ferry.v1.ListMigrationsResponse
-	12, // 23: ferry.v1.SourceAgent.WatchMigration:output_type -> ferry.v1.WatchMigrationResponse
-	14, // 24: ferry.v1.SourceAgent.Switchover:output_type -> ferry.v1.SwitchoverResponse
-	16, // 25: ferry.v1.SourceAgent.CancelMigration:output_type -> ferry.v1.CancelMigrationResponse
-	3,  // 26: ferry.v1.SourceAgent.ReleaseDevice:output_type -> ferry.v1.ReleaseDeviceResponse
-	19, // [19:27] is the sub-list for method output_type
-	11, // [11:19] is the sub-list for method input_type
-	11, // [11:11] is the sub-list for extension type_name
-	11, // [11:11] is the sub-list for extension extendee
-	0,  // [0:11] is the sub-list for field type_name
+	2,  // 3: ferry.v1.StartMigrationRequest.digest:type_name -> ferry.v1.DigestAlgorithm
+	19, // 4: ferry.v1.StartMigrationRequest.switchover_deadline:type_name -> google.protobuf.Duration
+	19, // 5: ferry.v1.StartMigrationRequest.downtime_limit:type_name -> google.protobuf.Duration
+	19, // 6: ferry.v1.StartMigrationRequest.precopy_timeout:type_name -> google.protobuf.Duration
+	1,  // 7: ferry.v1.StartMigrationRequest.on_precopy_timeout:type_name -> ferry.v1.PrecopyTimeoutAction
+	20, // 8: ferry.v1.StartMigrationResponse.migration:type_name -> ferry.v1.Migration
+	20, // 9: ferry.v1.GetMigrationResponse.migration:type_name -> ferry.v1.Migration
+	20, // 10: ferry.v1.ListMigrationsResponse.migrations:type_name -> ferry.v1.Migration
+	20, // 11: ferry.v1.WatchMigrationResponse.migration:type_name -> ferry.v1.Migration
+	20, // 12: ferry.v1.SwitchoverResponse.migration:type_name -> ferry.v1.Migration
+	20, // 13: ferry.v1.CancelMigrationResponse.migration:type_name -> ferry.v1.Migration
+	21, // 14: ferry.v1.SourceAgent.ListDevices:input_type -> ferry.v1.ListDevicesRequest
+	6,  // 15: ferry.v1.SourceAgent.StartMigration:input_type -> ferry.v1.StartMigrationRequest
+	8,  // 16: ferry.v1.SourceAgent.GetMigration:input_type -> ferry.v1.GetMigrationRequest
+	10, // 17: ferry.v1.SourceAgent.ListMigrations:input_type -> ferry.v1.ListMigrationsRequest
+	12, // 18: ferry.v1.SourceAgent.WatchMigration:input_type -> ferry.v1.WatchMigrationRequest
+	14, // 19: ferry.v1.SourceAgent.Switchover:input_type -> ferry.v1.SwitchoverRequest
+	16, // 20: ferry.v1.SourceAgent.CancelMigration:input_type -> ferry.v1.CancelMigrationRequest
+	3,  // 21: ferry.v1.SourceAgent.ReleaseDevice:input_type -> ferry.v1.ReleaseDeviceRequest
+	22, // 22: ferry.v1.SourceAgent.ListDevices:output_type -> ferry.v1.ListDevicesResponse
+	7,  // 23: ferry.v1.SourceAgent.StartMigration:output_type -> ferry.v1.StartMigrationResponse
+	9,  // 24: ferry.v1.SourceAgent.GetMigration:output_type -> ferry.v1.GetMigrationResponse
+	11, // 25: ferry.v1.SourceAgent.ListMigrations:output_type -> ferry.v1.ListMigrationsResponse
+	13, // 26: ferry.v1.SourceAgent.WatchMigration:output_type -> ferry.v1.WatchMigrationResponse
+	15, // 27: ferry.v1.SourceAgent.Switchover:output_type -> ferry.v1.SwitchoverResponse
+	17, // 28: ferry.v1.SourceAgent.CancelMigration:output_type -> ferry.v1.CancelMigrationResponse
+	4,  // 29: ferry.v1.SourceAgent.ReleaseDevice:output_type -> ferry.v1.ReleaseDeviceResponse
+	22, // [22:30] is the sub-list for method output_type
+	14, // [14:22] is the sub-list for method input_type
+	14, // [14:14] is the sub-list for extension type_name
+	14, // [14:14] is the sub-list for extension extendee
+	0,  // [0:14] is the sub-list for field type_name
 }
 
 func init() { file_ferry_v1_source_proto_init() }
@@ -1060,7 +1171,7 @@ func file_ferry_v1_source_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_ferry_v1_source_proto_rawDesc), len(file_ferry_v1_source_proto_rawDesc)),
-			NumEnums:      2,
+			NumEnums:      3,
 			NumMessages:   15,
 			NumExtensions: 0,
 			NumServices:   1,

@@ -9,6 +9,7 @@ package ferryv1
 import (
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
+	durationpb "google.golang.org/protobuf/types/known/durationpb"
 	reflect "reflect"
 	sync "sync"
 	unsafe "unsafe"
@@ -618,7 +619,9 @@ type SwitchoverStartRequest struct {
 	SessionId string `protobuf:"bytes,1,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
 	// Per device (in device order), the number of chunks sent before
 	// switchover; the destination must have written them all.
-	SentChunks    []uint64 `protobuf:"varint,2,rep,packed,name=sent_chunks,json=sentChunks,proto3" json:"sent_chunks,omitempty"`
+	SentChunks []uint64 `protobuf:"varint,2,rep,packed,name=sent_chunks,json=sentChunks,proto3" json:"sent_chunks,omitempty"`
+	// Pre-copy: accept even if not every device's initial data is loaded.
+	Force         bool `protobuf:"varint,3,opt,name=force,proto3" json:"force,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -667,6 +670,213 @@ func (x *SwitchoverStartRequest) GetSentChunks() []uint64 {
 	return nil
 }
 
+func (x *SwitchoverStartRequest) GetForce() bool {
+	if x != nil {
+		return x.Force
+	}
+	return false
+}
+
+// InitialData is where one device's initial pre-copy data ends, as the
+// source knows it.
+type InitialData struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Device index.
+	Device uint32 `protobuf:"varint,1,opt,name=device,proto3" json:"device,omitempty"`
+	// Counts the device's REINITs: new initial data replaces the old, and
+	// the destination keeps what the highest generation says.
+	Generation uint32 `protobuf:"varint,2,opt,name=generation,proto3" json:"generation,omitempty"`
+	// The source has read the whole initial data of this generation (the
+	// device's initial_bytes reached 0, or the device has no PRE_COPY):
+	// end is then its end in the stream. While false the device is not
+	// loaded.
+	Complete bool `protobuf:"varint,3,opt,name=complete,proto3" json:"complete,omitempty"`
+	// The stream offset at which the initial data ends, when complete.
+	End           uint64 `protobuf:"varint,4,opt,name=end,proto3" json:"end,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *InitialData) Reset() {
+	*x = InitialData{}
+	mi := &file_ferry_v1_transfer_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *InitialData) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*InitialData) ProtoMessage() {}
+
+func (x *InitialData) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_v1_transfer_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use InitialData.ProtoReflect.Descriptor instead.
+func (*InitialData) Descriptor() ([]byte, []int) {
+	return file_ferry_v1_transfer_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *InitialData) GetDevice() uint32 {
+	if x != nil {
+		return x.Device
+	}
+	return 0
+}
+
+func (x *InitialData) GetGeneration() uint32 {
+	if x != nil {
+		return x.Generation
+	}
+	return 0
+}
+
+func (x *InitialData) GetComplete() bool {
+	if x != nil {
+		return x.Complete
+	}
+	return false
+}
+
+func (x *InitialData) GetEnd() uint64 {
+	if x != nil {
+		return x.End
+	}
+	return 0
+}
+
+// SwitchoverAckRequest carries the source's view of the initial data.
+type SwitchoverAckRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The session id from Open.
+	SessionId string `protobuf:"bytes,1,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
+	// The devices whose initial data the source reports.
+	Devices       []*InitialData `protobuf:"bytes,2,rep,name=devices,proto3" json:"devices,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SwitchoverAckRequest) Reset() {
+	*x = SwitchoverAckRequest{}
+	mi := &file_ferry_v1_transfer_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SwitchoverAckRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SwitchoverAckRequest) ProtoMessage() {}
+
+func (x *SwitchoverAckRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_v1_transfer_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SwitchoverAckRequest.ProtoReflect.Descriptor instead.
+func (*SwitchoverAckRequest) Descriptor() ([]byte, []int) {
+	return file_ferry_v1_transfer_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *SwitchoverAckRequest) GetSessionId() string {
+	if x != nil {
+		return x.SessionId
+	}
+	return ""
+}
+
+func (x *SwitchoverAckRequest) GetDevices() []*InitialData {
+	if x != nil {
+		return x.Devices
+	}
+	return nil
+}
+
+// SwitchoverAckResponse says what the destination has loaded.
+type SwitchoverAckResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Per device, in device order: the initial data the source announced
+	// is written into the device.
+	Loaded []bool `protobuf:"varint,1,rep,packed,name=loaded,proto3" json:"loaded,omitempty"`
+	// Every device is loaded: the destination is READY.
+	Ready bool `protobuf:"varint,2,opt,name=ready,proto3" json:"ready,omitempty"`
+	// The longest a destination device took to enter RESUMING, a measure of
+	// what its last state change (RESUMING->STOP) costs, for the source's
+	// downtime prediction.
+	StateChangeTime *durationpb.Duration `protobuf:"bytes,3,opt,name=state_change_time,json=stateChangeTime,proto3" json:"state_change_time,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *SwitchoverAckResponse) Reset() {
+	*x = SwitchoverAckResponse{}
+	mi := &file_ferry_v1_transfer_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SwitchoverAckResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SwitchoverAckResponse) ProtoMessage() {}
+
+func (x *SwitchoverAckResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_v1_transfer_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SwitchoverAckResponse.ProtoReflect.Descriptor instead.
+func (*SwitchoverAckResponse) Descriptor() ([]byte, []int) {
+	return file_ferry_v1_transfer_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *SwitchoverAckResponse) GetLoaded() []bool {
+	if x != nil {
+		return x.Loaded
+	}
+	return nil
+}
+
+func (x *SwitchoverAckResponse) GetReady() bool {
+	if x != nil {
+		return x.Ready
+	}
+	return false
+}
+
+func (x *SwitchoverAckResponse) GetStateChangeTime() *durationpb.Duration {
+	if x != nil {
+		return x.StateChangeTime
+	}
+	return nil
+}
+
 // SwitchoverStartResponse accepts switchover.
 type SwitchoverStartResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -676,7 +886,7 @@ type SwitchoverStartResponse struct {
 
 func (x *SwitchoverStartResponse) Reset() {
 	*x = SwitchoverStartResponse{}
-	mi := &file_ferry_v1_transfer_proto_msgTypes[8]
+	mi := &file_ferry_v1_transfer_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -688,7 +898,7 @@ func (x *SwitchoverStartResponse) String() string {
 func (*SwitchoverStartResponse) ProtoMessage() {}
 
 func (x *SwitchoverStartResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_transfer_proto_msgTypes[8]
+	mi := &file_ferry_v1_transfer_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -701,7 +911,7 @@ func (x *SwitchoverStartResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SwitchoverStartResponse.ProtoReflect.Descriptor instead.
 func (*SwitchoverStartResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_transfer_proto_rawDescGZIP(), []int{8}
+	return file_ferry_v1_transfer_proto_rawDescGZIP(), []int{11}
 }
 
 // FinishRequest waits for the verdict.
@@ -715,7 +925,7 @@ type FinishRequest struct {
 
 func (x *FinishRequest) Reset() {
 	*x = FinishRequest{}
-	mi := &file_ferry_v1_transfer_proto_msgTypes[9]
+	mi := &file_ferry_v1_transfer_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -727,7 +937,7 @@ func (x *FinishRequest) String() string {
 func (*FinishRequest) ProtoMessage() {}
 
 func (x *FinishRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_transfer_proto_msgTypes[9]
+	mi := &file_ferry_v1_transfer_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -740,7 +950,7 @@ func (x *FinishRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FinishRequest.ProtoReflect.Descriptor instead.
 func (*FinishRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_transfer_proto_rawDescGZIP(), []int{9}
+	return file_ferry_v1_transfer_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *FinishRequest) GetSessionId() string {
@@ -772,7 +982,7 @@ type DeviceVerdict struct {
 
 func (x *DeviceVerdict) Reset() {
 	*x = DeviceVerdict{}
-	mi := &file_ferry_v1_transfer_proto_msgTypes[10]
+	mi := &file_ferry_v1_transfer_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -784,7 +994,7 @@ func (x *DeviceVerdict) String() string {
 func (*DeviceVerdict) ProtoMessage() {}
 
 func (x *DeviceVerdict) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_transfer_proto_msgTypes[10]
+	mi := &file_ferry_v1_transfer_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -797,7 +1007,7 @@ func (x *DeviceVerdict) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeviceVerdict.ProtoReflect.Descriptor instead.
 func (*DeviceVerdict) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_transfer_proto_rawDescGZIP(), []int{10}
+	return file_ferry_v1_transfer_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *DeviceVerdict) GetDevice() uint32 {
@@ -859,7 +1069,7 @@ type FinishResponse struct {
 
 func (x *FinishResponse) Reset() {
 	*x = FinishResponse{}
-	mi := &file_ferry_v1_transfer_proto_msgTypes[11]
+	mi := &file_ferry_v1_transfer_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -871,7 +1081,7 @@ func (x *FinishResponse) String() string {
 func (*FinishResponse) ProtoMessage() {}
 
 func (x *FinishResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_transfer_proto_msgTypes[11]
+	mi := &file_ferry_v1_transfer_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -884,7 +1094,7 @@ func (x *FinishResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FinishResponse.ProtoReflect.Descriptor instead.
 func (*FinishResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_transfer_proto_rawDescGZIP(), []int{11}
+	return file_ferry_v1_transfer_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *FinishResponse) GetVerified() bool {
@@ -943,7 +1153,7 @@ type AbortRequest struct {
 
 func (x *AbortRequest) Reset() {
 	*x = AbortRequest{}
-	mi := &file_ferry_v1_transfer_proto_msgTypes[12]
+	mi := &file_ferry_v1_transfer_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -955,7 +1165,7 @@ func (x *AbortRequest) String() string {
 func (*AbortRequest) ProtoMessage() {}
 
 func (x *AbortRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_transfer_proto_msgTypes[12]
+	mi := &file_ferry_v1_transfer_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -968,7 +1178,7 @@ func (x *AbortRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AbortRequest.ProtoReflect.Descriptor instead.
 func (*AbortRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_transfer_proto_rawDescGZIP(), []int{12}
+	return file_ferry_v1_transfer_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *AbortRequest) GetSessionId() string {
@@ -1008,7 +1218,7 @@ type AbortResponse struct {
 
 func (x *AbortResponse) Reset() {
 	*x = AbortResponse{}
-	mi := &file_ferry_v1_transfer_proto_msgTypes[13]
+	mi := &file_ferry_v1_transfer_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1020,7 +1230,7 @@ func (x *AbortResponse) String() string {
 func (*AbortResponse) ProtoMessage() {}
 
 func (x *AbortResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_transfer_proto_msgTypes[13]
+	mi := &file_ferry_v1_transfer_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1033,14 +1243,14 @@ func (x *AbortResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AbortResponse.ProtoReflect.Descriptor instead.
 func (*AbortResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_transfer_proto_rawDescGZIP(), []int{13}
+	return file_ferry_v1_transfer_proto_rawDescGZIP(), []int{16}
 }
 
 var File_ferry_v1_transfer_proto protoreflect.FileDescriptor
 
 const file_ferry_v1_transfer_proto_rawDesc = "" +
 	"\n" +
-	"\x17ferry/v1/transfer.proto\x12\bferry.v1\x1a\x15ferry/v1/source.proto\".\n" +
+	"\x17ferry/v1/transfer.proto\x12\bferry.v1\x1a\x15ferry/v1/source.proto\x1a\x1egoogle/protobuf/duration.proto\".\n" +
 	"\rCommitRequest\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x01 \x01(\tR\tsessionId\"\x10\n" +
@@ -1081,12 +1291,28 @@ const file_ferry_v1_transfer_proto_rawDesc = "" +
 	"\x04data\x18\x0f \x01(\fR\x04data\"^\n" +
 	"\x0fChannelResponse\x120\n" +
 	"\awindows\x18\x01 \x03(\v2\x16.ferry.v1.WindowUpdateR\awindows\x12\x19\n" +
-	"\bdata_key\x18\x02 \x01(\fR\adataKey\"X\n" +
+	"\bdata_key\x18\x02 \x01(\fR\adataKey\"n\n" +
 	"\x16SwitchoverStartRequest\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x01 \x01(\tR\tsessionId\x12\x1f\n" +
 	"\vsent_chunks\x18\x02 \x03(\x04R\n" +
-	"sentChunks\"\x19\n" +
+	"sentChunks\x12\x14\n" +
+	"\x05force\x18\x03 \x01(\bR\x05force\"s\n" +
+	"\vInitialData\x12\x16\n" +
+	"\x06device\x18\x01 \x01(\rR\x06device\x12\x1e\n" +
+	"\n" +
+	"generation\x18\x02 \x01(\rR\n" +
+	"generation\x12\x1a\n" +
+	"\bcomplete\x18\x03 \x01(\bR\bcomplete\x12\x10\n" +
+	"\x03end\x18\x04 \x01(\x04R\x03end\"f\n" +
+	"\x14SwitchoverAckRequest\x12\x1d\n" +
+	"\n" +
+	"session_id\x18\x01 \x01(\tR\tsessionId\x12/\n" +
+	"\adevices\x18\x02 \x03(\v2\x15.ferry.v1.InitialDataR\adevices\"\x8c\x01\n" +
+	"\x15SwitchoverAckResponse\x12\x16\n" +
+	"\x06loaded\x18\x01 \x03(\bR\x06loaded\x12\x14\n" +
+	"\x05ready\x18\x02 \x01(\bR\x05ready\x12E\n" +
+	"\x11state_change_time\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\x0fstateChangeTime\"\x19\n" +
 	"\x17SwitchoverStartResponse\".\n" +
 	"\rFinishRequest\x12\x1d\n" +
 	"\n" +
@@ -1114,11 +1340,12 @@ const file_ferry_v1_transfer_proto_rawDesc = "" +
 	"\tChunkKind\x12\x1a\n" +
 	"\x16CHUNK_KIND_UNSPECIFIED\x10\x00\x12\x13\n" +
 	"\x0fCHUNK_KIND_DATA\x10\x01\x12\x12\n" +
-	"\x0eCHUNK_KIND_END\x10\x022\x91\x03\n" +
+	"\x0eCHUNK_KIND_END\x10\x022\xe3\x03\n" +
 	"\bTransfer\x125\n" +
 	"\x04Open\x12\x15.ferry.v1.OpenRequest\x1a\x16.ferry.v1.OpenResponse\x12B\n" +
 	"\aChannel\x12\x18.ferry.v1.ChannelRequest\x1a\x19.ferry.v1.ChannelResponse(\x010\x01\x12V\n" +
-	"\x0fSwitchoverStart\x12 .ferry.v1.SwitchoverStartRequest\x1a!.ferry.v1.SwitchoverStartResponse\x12;\n" +
+	"\x0fSwitchoverStart\x12 .ferry.v1.SwitchoverStartRequest\x1a!.ferry.v1.SwitchoverStartResponse\x12P\n" +
+	"\rSwitchoverAck\x12\x1e.ferry.v1.SwitchoverAckRequest\x1a\x1f.ferry.v1.SwitchoverAckResponse\x12;\n" +
 	"\x06Finish\x12\x17.ferry.v1.FinishRequest\x1a\x18.ferry.v1.FinishResponse\x128\n" +
 	"\x05Abort\x12\x16.ferry.v1.AbortRequest\x1a\x17.ferry.v1.AbortResponse\x12;\n" +
 	"\x06Commit\x12\x17.ferry.v1.CommitRequest\x1a\x18.ferry.v1.CommitResponseB8Z6github.com/vfio-ferry/ferry/api/proto/ferry/v1;ferryv1b\x06proto3"
@@ -1136,7 +1363,7 @@ func file_ferry_v1_transfer_proto_rawDescGZIP() []byte {
 }
 
 var file_ferry_v1_transfer_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_ferry_v1_transfer_proto_msgTypes = make([]protoimpl.MessageInfo, 14)
+var file_ferry_v1_transfer_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
 var file_ferry_v1_transfer_proto_goTypes = []any{
 	(ChunkKind)(0),                  // 0: ferry.v1.ChunkKind
 	(*CommitRequest)(nil),           // 1: ferry.v1.CommitRequest
@@ -1147,39 +1374,47 @@ var file_ferry_v1_transfer_proto_goTypes = []any{
 	(*ChannelRequest)(nil),          // 6: ferry.v1.ChannelRequest
 	(*ChannelResponse)(nil),         // 7: ferry.v1.ChannelResponse
 	(*SwitchoverStartRequest)(nil),  // 8: ferry.v1.SwitchoverStartRequest
-	(*SwitchoverStartResponse)(nil), // 9: ferry.v1.SwitchoverStartResponse
-	(*FinishRequest)(nil),           // 10: ferry.v1.FinishRequest
-	(*DeviceVerdict)(nil),           // 11: ferry.v1.DeviceVerdict
-	(*FinishResponse)(nil),          // 12: ferry.v1.FinishResponse
-	(*AbortRequest)(nil),            // 13: ferry.v1.AbortRequest
-	(*AbortResponse)(nil),           // 14: ferry.v1.AbortResponse
-	(DigestAlgorithm)(0),            // 15: ferry.v1.DigestAlgorithm
-	(MigrationMode)(0),              // 16: ferry.v1.MigrationMode
+	(*InitialData)(nil),             // 9: ferry.v1.InitialData
+	(*SwitchoverAckRequest)(nil),    // 10: ferry.v1.SwitchoverAckRequest
+	(*SwitchoverAckResponse)(nil),   // 11: ferry.v1.SwitchoverAckResponse
+	(*SwitchoverStartResponse)(nil), // 12: ferry.v1.SwitchoverStartResponse
+	(*FinishRequest)(nil),           // 13: ferry.v1.FinishRequest
+	(*DeviceVerdict)(nil),           // 14: ferry.v1.DeviceVerdict
+	(*FinishResponse)(nil),          // 15: ferry.v1.FinishResponse
+	(*AbortRequest)(nil),            // 16: ferry.v1.AbortRequest
+	(*AbortResponse)(nil),           // 17: ferry.v1.AbortResponse
+	(DigestAlgorithm)(0),            // 18: ferry.v1.DigestAlgorithm
+	(MigrationMode)(0),              // 19: ferry.v1.MigrationMode
+	(*durationpb.Duration)(nil),     // 20: google.protobuf.Duration
 }
 var file_ferry_v1_transfer_proto_depIdxs = []int32{
-	15, // 0: ferry.v1.OpenRequest.digest:type_name -> ferry.v1.DigestAlgorithm
-	16, // 1: ferry.v1.OpenRequest.mode:type_name -> ferry.v1.MigrationMode
+	18, // 0: ferry.v1.OpenRequest.digest:type_name -> ferry.v1.DigestAlgorithm
+	19, // 1: ferry.v1.OpenRequest.mode:type_name -> ferry.v1.MigrationMode
 	5,  // 2: ferry.v1.OpenResponse.windows:type_name -> ferry.v1.WindowUpdate
 	0,  // 3: ferry.v1.ChannelRequest.kind:type_name -> ferry.v1.ChunkKind
 	5,  // 4: ferry.v1.ChannelResponse.windows:type_name -> ferry.v1.WindowUpdate
-	11, // 5: ferry.v1.FinishResponse.devices:type_name -> ferry.v1.DeviceVerdict
-	3,  // 6: ferry.v1.Transfer.Open:input_type -> ferry.v1.OpenRequest
-	6,  // 7: ferry.v1.Transfer.Channel:input_type -> ferry.v1.ChannelRequest
-	8,  // 8: ferry.v1.Transfer.SwitchoverStart:input_type -> ferry.v1.SwitchoverStartRequest
-	10, // 9: ferry.v1.Transfer.Finish:input_type -> ferry.v1.FinishRequest
-	13, // 10: ferry.v1.Transfer.Abort:input_type -> ferry.v1.AbortRequest
-	1,  // 11: ferry.v1.Transfer.Commit:input_type -> ferry.v1.CommitRequest
-	4,  // 12: ferry.v1.Transfer.Open:output_type -> ferry.v1.OpenResponse
-	7,  // 13: ferry.v1.Transfer.Channel:output_type -> ferry.v1.ChannelResponse
-	9,  // 14: ferry.v1.Transfer.SwitchoverStart:output_type -> ferry.v1.SwitchoverStartResponse
-	12, // 15: ferry.v1.Transfer.Finish:output_type -> ferry.v1.FinishResponse
-	14, // 16: ferry.v1.Transfer.Abort:output_type -> ferry.v1.AbortResponse
-	2,  // 17: ferry.v1.Transfer.Commit:output_type -> ferry.v1.CommitResponse
-	12, // [12:18] is the sub-list for method output_type
-	6,  // [6:12] is the sub-list for method input_type
-	6,  // [6:6] is the sub-list for extension type_name
-	6,  // [6:6] is the sub-list for extension extendee
-	0,  // [0:6] is the sub-list for field type_name
+	9,  // 5: ferry.v1.SwitchoverAckRequest.devices:type_name -> ferry.v1.InitialData
+	20, // 6: ferry.v1.SwitchoverAckResponse.state_change_time:type_name -> google.protobuf.Duration
+	14, // 7: ferry.v1.FinishResponse.devices:type_name -> ferry.v1.DeviceVerdict
+	3,  // 8: ferry.v1.Transfer.Open:input_type -> ferry.v1.OpenRequest
+	6,  // 9: ferry.v1.Transfer.Channel:input_type -> ferry.v1.ChannelRequest
+	8,  // 10: ferry.v1.Transfer.SwitchoverStart:input_type -> ferry.v1.SwitchoverStartRequest
+	10, // 11: ferry.v1.Transfer.SwitchoverAck:input_type -> ferry.v1.SwitchoverAckRequest
+	13, // 12: ferry.v1.Transfer.Finish:input_type -> ferry.v1.FinishRequest
+	16, // 13: ferry.v1.Transfer.Abort:input_type -> ferry.v1.AbortRequest
+	1,  // 14: ferry.v1.Transfer.Commit:input_type -> ferry.v1.CommitRequest
+	4,  // 15: ferry.v1.Transfer.Open:output_type -> ferry.v1.OpenResponse
+	7,  // 16: ferry.v1.Transfer.Channel:output_type -> ferry.v1.ChannelResponse
+	12, // 17: ferry.v1.Transfer.SwitchoverStart:output_type -> ferry.v1.SwitchoverStartResponse
+	11, // 18: ferry.v1.Transfer.SwitchoverAck:output_type -> ferry.v1.SwitchoverAckResponse
+	15, // 19: ferry.v1.Transfer.Finish:output_type -> ferry.v1.FinishResponse
+	17, // 20: ferry.v1.Transfer.Abort:output_type -> ferry.v1.AbortResponse
+	2,  // 21: ferry.v1.Transfer.Commit:output_type -> ferry.v1.CommitResponse
+	15, // [15:22] is the sub-list for method output_type
+	8,  // [8:15] is the sub-list for method input_type
+	8,  // [8:8] is the sub-list for extension type_name
+	8,  // [8:8] is the sub-list for extension extendee
+	0,  // [0:8] is the sub-list for field type_name
 }
 
 func init() { file_ferry_v1_transfer_proto_init() }
@@ -1194,7 +1429,7 @@ func file_ferry_v1_transfer_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_ferry_v1_transfer_proto_rawDesc), len(file_ferry_v1_transfer_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   14,
+			NumMessages:   17,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -22,6 +22,7 @@ const (
 	Transfer_Open_FullMethodName            = "/ferry.v1.Transfer/Open"
 	Transfer_Channel_FullMethodName         = "/ferry.v1.Transfer/Channel"
 	Transfer_SwitchoverStart_FullMethodName = "/ferry.v1.Transfer/SwitchoverStart"
+	Transfer_SwitchoverAck_FullMethodName   = "/ferry.v1.Transfer/SwitchoverAck"
 	Transfer_Finish_FullMethodName          = "/ferry.v1.Transfer/Finish"
 	Transfer_Abort_FullMethodName           = "/ferry.v1.Transfer/Abort"
 	Transfer_Commit_FullMethodName          = "/ferry.v1.Transfer/Commit"
@@ -53,7 +54,17 @@ type TransferClient interface {
 	// channel is connected and everything sent so far has been written;
 	// otherwise FAILED_PRECONDITION (or UNAVAILABLE while channels connect),
 	// and the source keeps its devices running.
+	//
+	// In a pre-copy session it is also refused (FAILED_PRECONDITION, reason
+	// INITIAL_DATA_PENDING) until every device's initial data is loaded
+	// (READY, see SwitchoverAck), unless the request forces it.
 	SwitchoverStart(ctx context.Context, in *SwitchoverStartRequest, opts ...grpc.CallOption) (*SwitchoverStartResponse, error)
+	// SwitchoverAck, in a pre-copy session, tells the destination where each
+	// device's initial data ends in its stream, and answers which devices
+	// have it loaded: QEMU's switchover-ack, per device. The source calls it
+	// while pre-copy runs; the destination reaches READY once every device
+	// is loaded.
+	SwitchoverAck(ctx context.Context, in *SwitchoverAckRequest, opts ...grpc.CallOption) (*SwitchoverAckResponse, error)
 	// Finish waits for the verdict: every device stream complete, its digest
 	// matched and the device moved RESUMING->STOP. A failed verdict resets
 	// the destination devices.
@@ -109,6 +120,16 @@ func (c *transferClient) SwitchoverStart(ctx context.Context, in *SwitchoverStar
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(SwitchoverStartResponse)
 	err := c.cc.Invoke(ctx, Transfer_SwitchoverStart_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *transferClient) SwitchoverAck(ctx context.Context, in *SwitchoverAckRequest, opts ...grpc.CallOption) (*SwitchoverAckResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(SwitchoverAckResponse)
+	err := c.cc.Invoke(ctx, Transfer_SwitchoverAck_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -171,7 +192,17 @@ type TransferServer interface {
 	// channel is connected and everything sent so far has been written;
 	// otherwise FAILED_PRECONDITION (or UNAVAILABLE while channels connect),
 	// and the source keeps its devices running.
+	//
+	// In a pre-copy session it is also refused (FAILED_PRECONDITION, reason
+	// INITIAL_DATA_PENDING) until every device's initial data is loaded
+	// (READY, see SwitchoverAck), unless the request forces it.
 	SwitchoverStart(context.Context, *SwitchoverStartRequest) (*SwitchoverStartResponse, error)
+	// SwitchoverAck, in a pre-copy session, tells the destination where each
+	// device's initial data ends in its stream, and answers which devices
+	// have it loaded: QEMU's switchover-ack, per device. The source calls it
+	// while pre-copy runs; the destination reaches READY once every device
+	// is loaded.
+	SwitchoverAck(context.Context, *SwitchoverAckRequest) (*SwitchoverAckResponse, error)
 	// Finish waits for the verdict: every device stream complete, its digest
 	// matched and the device moved RESUMING->STOP. A failed verdict resets
 	// the destination devices.
@@ -208,6 +239,9 @@ func (UnimplementedTransferServer) Channel(grpc.BidiStreamingServer[ChannelReque
 }
 func (UnimplementedTransferServer) SwitchoverStart(context.Context, *SwitchoverStartRequest) (*SwitchoverStartResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method SwitchoverStart not implemented")
+}
+func (UnimplementedTransferServer) SwitchoverAck(context.Context, *SwitchoverAckRequest) (*SwitchoverAckResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method SwitchoverAck not implemented")
 }
 func (UnimplementedTransferServer) Finish(context.Context, *FinishRequest) (*FinishResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Finish not implemented")
@@ -282,6 +316,24 @@ func _Transfer_SwitchoverStart_Handler(srv interface{}, ctx context.Context, dec
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Transfer_SwitchoverAck_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SwitchoverAckRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(TransferServer).SwitchoverAck(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Transfer_SwitchoverAck_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(TransferServer).SwitchoverAck(ctx, req.(*SwitchoverAckRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _Transfer_Finish_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(FinishRequest)
 	if err := dec(in); err != nil {
@@ -350,6 +402,10 @@ var Transfer_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "SwitchoverStart",
 			Handler:    _Transfer_SwitchoverStart_Handler,
+		},
+		{
+			MethodName: "SwitchoverAck",
+			Handler:    _Transfer_SwitchoverAck_Handler,
 		},
 		{
 			MethodName: "Finish",
