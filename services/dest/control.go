@@ -309,7 +309,9 @@ func (a *Agent) openDevices(req *ferryv1.PrepareIncomingRequest, specs []string,
 			undo()
 			return nil, wire.Errorf(codes.FailedPrecondition, wire.ReasonDeviceUnsupported, "device %s does not support STOP_COPY migration (flags %s)", spec, dev.Flags())
 		}
+		began := time.Now()
 		stream, err := dev.SetState(vfio.StateResuming)
+		d.resumeTook = time.Since(began)
 		if err != nil {
 			undo()
 			return nil, deviceapi.Error(spec, "enter RESUMING", err)

@@ -95,6 +95,12 @@ type devStream struct {
 	advTime           time.Time
 	fbChunks, fbBytes uint64
 
+	// initial is what the source said of the device's initial pre-copy
+	// data (precopy.go), guarded by mu; resumeTook is how long the
+	// device took to enter RESUMING, set before the session opens.
+	initial    initialData
+	resumeTook time.Duration
+
 	written    atomic.Uint64
 	chunks     atomic.Uint64
 	duplicates atomic.Uint64
@@ -214,6 +220,7 @@ type incoming struct {
 	channels       uint32
 	sourceDevices  []string
 	digestAlg      ferryv1.DigestAlgorithm
+	mode           ferryv1.MigrationMode
 	startTime      time.Time
 	switchoverTime time.Time
 	verdictTime    time.Time // every device verified
@@ -227,7 +234,7 @@ type incoming struct {
 // the verdict; it never moves back, nor out of VERIFIED or a final phase.
 func (inc *incoming) setPhase(p ferryv1.MigrationPhase) {
 	inc.mu.Lock()
-	changed := p > inc.phase && !settled(inc.phase)
+	changed := wire.PhaseOrder(p) > wire.PhaseOrder(inc.phase) && !settled(inc.phase)
 	if changed {
 		inc.phase = p
 	}
@@ -776,6 +783,7 @@ func (inc *incoming) snapshot() (*ferryv1.Migration, bool, uint64) {
 			Verified: d.verified.Load(),
 			Stuck:    d.stuck.Load() || isStuck(d.dev),
 		}
+		p.InitialDataLoaded = d.initialLoaded()
 		if i < len(srcDevs) {
 			p.PeerDevice = srcDevs[i]
 		}

@@ -52,7 +52,7 @@ func (s *transferServer) Open(ctx context.Context, req *ferryv1.OpenRequest) (*f
 	}
 	inc.sessionID = randomID()
 	inc.peer = peerauth.PeerIdentity(ctx).String()
-	inc.chunkSize, inc.channels, inc.digestAlg = chunkSize, channels, req.GetDigest()
+	inc.chunkSize, inc.channels, inc.digestAlg, inc.mode = chunkSize, channels, req.GetDigest(), req.GetMode()
 	inc.sourceDevices = slices.Clone(req.GetSourceDevices())
 	var dataPort uint32
 	if req.GetDirectData() {
@@ -84,7 +84,10 @@ func (s *transferServer) Open(ctx context.Context, req *ferryv1.OpenRequest) (*f
 	for _, d := range inc.devs {
 		a.wg.Go(func() { inc.load(d) })
 	}
-	inc.log.Info("session opened", "channels", channels, "chunk_size", chunkSize)
+	inc.log.Info("session opened", "channels", channels, "chunk_size", chunkSize, "mode", req.GetMode().String())
+	if req.GetMode() == ferryv1.MigrationMode_MIGRATION_MODE_PRECOPY {
+		inc.setPhase(ferryv1.MigrationPhase_MIGRATION_PHASE_PRECOPY)
+	}
 
 	resp := &ferryv1.OpenResponse{SessionId: sessionID, DataPort: dataPort, Windows: make([]*ferryv1.WindowUpdate, len(inc.devs))}
 	for i := range resp.Windows {
@@ -370,6 +373,9 @@ func (s *transferServer) SwitchoverStart(ctx context.Context, req *ferryv1.Switc
 	inc.fbMu.Unlock()
 	if up < channels {
 		return nil, wire.Errorf(codes.Unavailable, wire.ReasonNotReady, "%d of %d channels are connected", up, channels)
+	}
+	if dev := inc.initialPending(); dev != "" && !req.GetForce() {
+		return nil, wire.Errorf(codes.FailedPrecondition, wire.ReasonInitialDataPending, "device %s has not loaded its initial pre-copy data: the migration is not READY", dev)
 	}
 	for i, d := range inc.devs {
 		st, err := d.dev.State()

@@ -15,6 +15,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/durationpb"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
@@ -150,6 +151,9 @@ func (a *Agent) StartMigration(ctx context.Context, req *ferryv1.StartMigrationR
 		return nil, err
 	}
 	m.track = a.cfg.Metrics.TrackSource(m.deviceCounters)
+	if m.precopy != nil {
+		m.track.Precopy(m.precopyReading)
+	}
 	a.wg.Go(m.run)
 	snap, _, _ := m.snapshot()
 	return &ferryv1.StartMigrationResponse{Migration: snap}, nil
@@ -206,8 +210,42 @@ func validateStart(req *ferryv1.StartMigrationRequest) error {
 	if _, err := chunkwire.NewDigest(req.GetDigest()); err != nil {
 		return wire.Errorf(codes.InvalidArgument, wire.ReasonInvalidArgument, "%v", err)
 	}
+	return validatePrecopy(req)
+}
+
+// validatePrecopy checks the pre-copy fields: only a pre-copy migration
+// sets them, and within bounds.
+func validatePrecopy(req *ferryv1.StartMigrationRequest) error {
+	precopy := req.GetMode() == ferryv1.MigrationMode_MIGRATION_MODE_PRECOPY
+	for _, f := range []struct {
+		name string
+		d    *durationpb.Duration
+		max  time.Duration
+	}{{"downtime_limit", req.GetDowntimeLimit(), maxDowntimeLimit}, {"precopy_timeout", req.GetPrecopyTimeout(), maxPrecopyTimeout}} {
+		if f.d == nil {
+			continue
+		}
+		if err := f.d.CheckValid(); err != nil || f.d.AsDuration() < 0 || f.d.AsDuration() > f.max {
+			return wire.Errorf(codes.InvalidArgument, wire.ReasonInvalidArgument, "%s must be between 0 and %s", f.name, f.max)
+		}
+		if !precopy && f.d.AsDuration() != 0 {
+			return wire.Errorf(codes.InvalidArgument, wire.ReasonInvalidArgument, "%s is for MIGRATION_MODE_PRECOPY only", f.name)
+		}
+	}
+	switch a := req.GetOnPrecopyTimeout(); {
+	case a < 0 || a > ferryv1.PrecopyTimeoutAction_PRECOPY_TIMEOUT_ACTION_SWITCHOVER:
+		return wire.Errorf(codes.InvalidArgument, wire.ReasonInvalidArgument, "unknown on_precopy_timeout %d", a)
+	case !precopy && a != ferryv1.PrecopyTimeoutAction_PRECOPY_TIMEOUT_ACTION_UNSPECIFIED:
+		return wire.Errorf(codes.InvalidArgument, wire.ReasonInvalidArgument, "on_precopy_timeout is for MIGRATION_MODE_PRECOPY only")
+	}
 	return nil
 }
+
+// The longest pre-copy limits a request may set.
+const (
+	maxDowntimeLimit  = time.Hour
+	maxPrecopyTimeout = 7 * 24 * time.Hour
+)
 
 // maxSwitchoverDeadline is the longest switchover deadline a request may
 // set.
@@ -305,7 +343,7 @@ func (a *Agent) Switchover(ctx context.Context, req *ferryv1.SwitchoverRequest) 
 	if err != nil {
 		return nil, err
 	}
-	m.switchover()
+	m.switchover(req.GetForce())
 	snap, _, _ := m.snapshot()
 	return &ferryv1.SwitchoverResponse{Migration: snap}, nil
 }

@@ -58,6 +58,8 @@ type srcDevice struct {
 	precopyDev      bool
 	inPrecopy       atomic.Bool
 	atEnd, finished bool
+	// pc is the device's pre-copy bookkeeping (precopy.go).
+	pc devPrecopy
 }
 
 // outChunk is a chunk on its way: its header and its payload.

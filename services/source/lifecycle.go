@@ -294,31 +294,38 @@ func (m *migration) stream(ctx context.Context, transfer ferryv1.TransferClient,
 		}
 	}
 
-	// Pre-copy: the devices stream while the VM runs, until the control
-	// plane asks for the switchover.
+	// Pre-copy: the devices stream while the VM runs, until the
+	// supervisor switches over (precopy.go). The destination must accept
+	// before any device stops.
 	if p := m.precopy; p != nil {
+		began := time.Now()
 		if err := m.startPrecopy(); err != nil {
 			return fail(err)
 		}
 		precopyRead = make(chan error, 1)
 		go func() { precopyRead <- m.readAll(gctx, queue) }()
 		m.setPhase(ferryv1.MigrationPhase_MIGRATION_PHASE_PRECOPY)
-		select {
-		case <-p.asked:
-		case err := <-precopyRead:
-			precopyRead = nil
-			if err == nil {
-				err = wire.Errorf(codes.Internal, wire.ReasonInternal, "pre-copy reading ended before the switchover")
+		for {
+			force, ended, err := m.supervise(gctx, transfer, session, precopyRead, began)
+			if ended {
+				precopyRead = nil
 			}
-			return fail(err)
-		case <-gctx.Done():
-			return fail(gctx.Err())
+			if err != nil {
+				return fail(err)
+			}
+			err = m.switchoverStart(gctx, transfer, session, force)
+			if err != nil && !force && wire.Reason(err) == wire.ReasonInitialDataPending {
+				// New initial data raced the switchover: pre-copy goes on.
+				m.log.Info("the destination has not loaded the new initial data; pre-copy goes on")
+				continue
+			}
+			if err != nil {
+				return fail(peerError("switchover start", err))
+			}
+			break
 		}
-	}
-
-	// Switchover: the destination must accept before any device stops.
-	err := m.switchoverStart(gctx, transfer, session)
-	if err != nil {
+		m.markSwitchover()
+	} else if err := m.switchoverStart(gctx, transfer, session, false); err != nil {
 		return fail(peerError("switchover start", err))
 	}
 	// From the first device's stop to the verdict the VM waits: the
@@ -340,7 +347,7 @@ func (m *migration) stream(ctx context.Context, transfer ferryv1.TransferClient,
 	m.setPhase(ferryv1.MigrationPhase_MIGRATION_PHASE_STOPCOPY)
 
 	if p := m.precopy; p != nil {
-		p.stoppedOnce.Do(func() { close(p.stopped) })
+		p.markStopped()
 		select {
 		case err := <-precopyRead:
 			precopyRead = nil
@@ -368,7 +375,7 @@ func (m *migration) stream(ctx context.Context, transfer ferryv1.TransferClient,
 	}
 	m.setPhase(ferryv1.MigrationPhase_MIGRATION_PHASE_FINISHING)
 	var verdict *ferryv1.FinishResponse
-	err = m.retry(stopped, func(ctx context.Context) error {
+	err := m.retry(stopped, func(ctx context.Context) error {
 		var err error
 		verdict, err = transfer.Finish(ctx, &ferryv1.FinishRequest{SessionId: session})
 		return err

@@ -283,6 +283,7 @@ func (m *migration) snapshot() (*ferryv1.Migration, bool, uint64) {
 	if !sw.IsZero() && !end.IsZero() {
 		s.Downtime = durationpb.New(end.Sub(sw))
 	}
+	m.precopySnapshot(s)
 	fin := wire.Final(s.Phase)
 	return s, fin, total
 }

@@ -37,6 +37,9 @@ func (m *migration) readDevice(ctx context.Context, d *srcDevice, queue chan<- *
 		if err != nil {
 			return err
 		}
+		if d.precopyDev {
+			d.notePrecopy(c == nil)
+		}
 		if c == nil {
 			// PRE_COPY has nothing new now: look again soon, or at once
 			// when the device stops.

@@ -26,6 +26,7 @@ func (m *migration) deviceCounters() []telemetry.SourceDevice {
 			Bytes:         d.read.Load(),
 			Chunks:        d.chunks.Load(),
 			Retransmitted: d.retrans.Load(),
+			PrecopyBytes:  d.precopyRead(),
 		}
 		if gates[i] != nil {
 			out[i].Stalls, out[i].StallTime = gates[i]()
@@ -42,7 +43,23 @@ func (m *migration) ended(phase ferryv1.MigrationPhase) telemetry.Ended {
 	if !m.switchoverTime.IsZero() {
 		e.Downtime, e.SwitchedOver = m.endTime.Sub(m.switchoverTime), true
 	}
+	if p := m.precopy; p != nil {
+		p.mu.Lock()
+		e.Predicted, e.HasPrediction = p.pred.downtime, p.hasPred && p.pred.ok
+		p.mu.Unlock()
+	}
 	return e
+}
+
+// precopyReading is the prediction the metrics show while pre-copy runs.
+func (m *migration) precopyReading() telemetry.Precopy {
+	p := m.precopy
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return telemetry.Precopy{
+		Migration: m.id, PredictedDowntime: p.pred.downtime, HasPrediction: p.hasPred && p.pred.ok && p.trigger == "",
+		DirtyRate: p.dirtyRate, HasDirtyRate: p.dirtyOK && p.trigger == "",
+	}
 }
 
 func outcome(p ferryv1.MigrationPhase) telemetry.Outcome {

@@ -54,6 +54,24 @@ type SourceDevice struct {
 	// credit; StallTime is the time it spent waiting.
 	Stalls    uint64
 	StallTime time.Duration
+	// PrecopyBytes is the part of Bytes read before the switchover, while
+	// the VM ran (pre-copy).
+	PrecopyBytes uint64
+}
+
+// Precopy is a running pre-copy migration's prediction, as the source
+// agent reads it.
+type Precopy struct {
+	// Migration is the migration id (the migration label).
+	Migration string
+	// PredictedDowntime is the downtime predicted if the devices stopped
+	// now, when HasPrediction.
+	PredictedDowntime time.Duration
+	HasPrediction     bool
+	// DirtyRate is the bytes per second the devices dirty, when
+	// HasDirtyRate.
+	DirtyRate    float64
+	HasDirtyRate bool
 }
 
 // DestDevice is one destination device's counters in one migration, as the
@@ -81,6 +99,10 @@ type Ended struct {
 	// it is recorded only when SwitchedOver.
 	Downtime     time.Duration
 	SwitchedOver bool
+	// Predicted is the downtime predicted before a pre-copy switchover,
+	// when HasPrediction: the ratio of Downtime to it is recorded.
+	Predicted     time.Duration
+	HasPrediction bool
 }
 
 // Metrics holds every Ferry metric. Build it with New in main and hand it
@@ -96,6 +118,8 @@ type Metrics struct {
 	dataConns  *prometheus.CounterVec
 	duration   *prometheus.HistogramVec
 	downtime   *prometheus.HistogramVec
+	predRatio  prometheus.Histogram
+	notConv    prometheus.Counter
 	d          descs
 
 	// mu guards the live migrations and the totals of ended ones. A
@@ -105,6 +129,7 @@ type Metrics struct {
 	mu      sync.Mutex
 	nextID  uint64
 	sources map[uint64]func() []SourceDevice
+	precopy map[uint64]func() Precopy
 	dests   map[uint64]func() []DestDevice
 	srcDone map[string]SourceDevice
 	dstDone map[string]DestDevice
@@ -113,6 +138,7 @@ type Metrics struct {
 // descs describes the metrics the collector builds at scrape time.
 type descs struct {
 	sentBytes, sentChunks, stalls, stallSeconds, retrans, loadedBytes, loadedChunks, duplicates, buffered, window, active *prometheus.Desc
+	precopyBytes, predicted, dirtyRate                                                                                    *prometheus.Desc
 }
 
 func newDescs() descs {
@@ -128,6 +154,9 @@ func newDescs() descs {
 		buffered:     prometheus.NewDesc("ferry_dest_buffered_bytes", "Bytes received and waiting to be written, per destination device of a running migration.", []string{"device"}, nil),
 		window:       prometheus.NewDesc("ferry_dest_window_bytes", "The window in bytes that bounds ferry_dest_buffered_bytes, per destination device of a running migration.", []string{"device"}, nil),
 		active:       prometheus.NewDesc("ferry_migrations_active", "Migrations accepted and not yet ended.", []string{"role"}, nil),
+		precopyBytes: prometheus.NewDesc("ferry_source_precopy_bytes_total", "Bytes of device state read and sent while the VM ran (pre-copy), per source device.", []string{"device"}, nil),
+		predicted:    prometheus.NewDesc("ferry_source_predicted_downtime_seconds", "The downtime a running pre-copy migration predicts if it switched over now.", []string{"migration"}, nil),
+		dirtyRate:    prometheus.NewDesc("ferry_source_dirty_bytes_per_second", "The rate at which a running pre-copy migration's devices dirty their state.", []string{"migration"}, nil),
 	}
 }
 
@@ -155,8 +184,18 @@ func New(reg prometheus.Registerer) *Metrics {
 			Help:    "Time from the accepted switchover start to the final phase (the devices are stopped).",
 			Buckets: prometheus.ExponentialBuckets(0.01, 2, 14), // 10 ms to 82 s
 		}, []string{"role"}),
+		predRatio: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "ferry_source_downtime_prediction_ratio",
+			Help:    "Measured downtime over the downtime predicted before the switchover, per pre-copy migration that switched over.",
+			Buckets: []float64{0.25, 0.5, 0.75, 0.9, 1, 1.1, 1.25, 1.5, 2, 4},
+		}),
+		notConv: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "ferry_source_precopy_not_converged_total",
+			Help: "Pre-copy migrations that reached their precopy_timeout and failed (PRECOPY_NOT_CONVERGED).",
+		}),
 		d:       newDescs(),
 		sources: make(map[uint64]func() []SourceDevice),
+		precopy: make(map[uint64]func() Precopy),
 		dests:   make(map[uint64]func() []DestDevice),
 		srcDone: make(map[string]SourceDevice),
 		dstDone: make(map[string]DestDevice),
@@ -172,7 +211,7 @@ func New(reg prometheus.Registerer) *Metrics {
 	for _, r := range []string{DataAttached, DataRefusedBusy, DataRefusedHandshake, DataRefusedPreamble, DataRefusedKey, DataRefusedIdentity} {
 		m.dataConns.WithLabelValues(RoleDest, r)
 	}
-	reg.MustRegister(m.Server, m.Client, m.migrations, m.dataConns, m.duration, m.downtime, (*collector)(m),
+	reg.MustRegister(m.Server, m.Client, m.migrations, m.dataConns, m.duration, m.downtime, m.predRatio, m.notConv, (*collector)(m),
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -228,6 +267,15 @@ func (m *Metrics) WatchBudget(reg prometheus.Registerer, inUse func() uint64, to
 	)
 }
 
+// ConvergenceFailure counts a pre-copy migration that failed at its
+// timeout.
+func (m *Metrics) ConvergenceFailure() {
+	if m == nil {
+		return
+	}
+	m.notConv.Inc()
+}
+
 // Tracker is one tracked migration. A nil *Tracker is valid.
 type Tracker struct {
 	m    *Metrics
@@ -248,6 +296,19 @@ func (m *Metrics) TrackSource(read func() []SourceDevice) *Tracker {
 	m.nextID++
 	m.sources[m.nextID] = read
 	return &Tracker{m: m, id: m.nextID, role: RoleSource}
+}
+
+// Precopy adds a pre-copy migration's prediction to a tracked source
+// migration: read is called at every scrape until End, as TrackSource's.
+func (t *Tracker) Precopy(read func() Precopy) {
+	if t == nil {
+		return
+	}
+	t.m.mu.Lock()
+	defer t.m.mu.Unlock()
+	if _, live := t.m.sources[t.id]; live {
+		t.m.precopy[t.id] = read
+	}
 }
 
 // TrackDest starts tracking a destination migration, as TrackSource.
@@ -280,6 +341,7 @@ func (t *Tracker) End(e Ended) {
 				m.srcDone[d.Device] = sum
 			}
 			delete(m.sources, t.id)
+			delete(m.precopy, t.id)
 		case RoleDest:
 			for _, d := range m.dests[t.id]() {
 				sum := m.dstDone[d.Device]
@@ -293,6 +355,9 @@ func (t *Tracker) End(e Ended) {
 		m.duration.WithLabelValues(t.role).Observe(e.Duration.Seconds())
 		if e.SwitchedOver {
 			m.downtime.WithLabelValues(t.role).Observe(e.Downtime.Seconds())
+			if e.HasPrediction && e.Predicted > 0 {
+				m.predRatio.Observe(e.Downtime.Seconds() / e.Predicted.Seconds())
+			}
 		}
 	})
 }
@@ -304,6 +369,7 @@ func addSource(sum *SourceDevice, d SourceDevice) {
 	sum.Retransmitted += d.Retransmitted
 	sum.Stalls += d.Stalls
 	sum.StallTime += d.StallTime
+	sum.PrecopyBytes += d.PrecopyBytes
 }
 
 func addDest(sum *DestDevice, d DestDevice) {
@@ -318,7 +384,8 @@ type collector Metrics
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{c.d.sentBytes, c.d.sentChunks, c.d.stalls, c.d.stallSeconds, c.d.retrans,
-		c.d.loadedBytes, c.d.loadedChunks, c.d.duplicates, c.d.buffered, c.d.window, c.d.active} {
+		c.d.loadedBytes, c.d.loadedChunks, c.d.duplicates, c.d.buffered, c.d.window, c.d.active,
+		c.d.precopyBytes, c.d.predicted, c.d.dirtyRate} {
 		ch <- d
 	}
 }
@@ -350,6 +417,10 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 			live = append(live, d)
 		}
 	}
+	var pre []Precopy
+	for _, read := range m.precopy {
+		pre = append(pre, read())
+	}
 	activeSrc, activeDst := len(m.sources), len(m.dests)
 	m.mu.Unlock()
 
@@ -362,6 +433,15 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		counter(c.d.stalls, float64(s.Stalls), dev)
 		counter(c.d.stallSeconds, s.StallTime.Seconds(), dev)
 		counter(c.d.retrans, float64(s.Retransmitted), dev)
+		counter(c.d.precopyBytes, float64(s.PrecopyBytes), dev)
+	}
+	for _, p := range pre {
+		if p.HasPrediction {
+			ch <- prometheus.MustNewConstMetric(c.d.predicted, prometheus.GaugeValue, p.PredictedDowntime.Seconds(), p.Migration)
+		}
+		if p.HasDirtyRate {
+			ch <- prometheus.MustNewConstMetric(c.d.dirtyRate, prometheus.GaugeValue, p.DirtyRate, p.Migration)
+		}
 	}
 	for dev, d := range dst {
 		counter(c.d.loadedBytes, float64(d.Bytes), dev)

@@ -17,3 +17,12 @@ func Final(p ferryv1.MigrationPhase) bool {
 		p == ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED ||
 		p == ferryv1.MigrationPhase_MIGRATION_PHASE_CANCELLED
 }
+
+// PhaseOrder is where p stands in a migration's forward order: READY,
+// numbered last, stands between PRECOPY and STOPCOPY.
+func PhaseOrder(p ferryv1.MigrationPhase) float64 {
+	if p == ferryv1.MigrationPhase_MIGRATION_PHASE_READY {
+		return float64(ferryv1.MigrationPhase_MIGRATION_PHASE_PRECOPY) + 0.5
+	}
+	return float64(p)
+}

@@ -9,6 +9,13 @@ import (
 	"github.com/vfio-ferry/ferry/services/deviceapi"
 )
 
+// precopying holds while the VM runs and pre-copy streams: PRECOPY, or
+// READY once the destination has loaded the initial data.
+func precopying(m *ferryv1.Migration) bool {
+	p := m.GetPhase()
+	return p == ferryv1.MigrationPhase_MIGRATION_PHASE_PRECOPY || p == ferryv1.MigrationPhase_MIGRATION_PHASE_READY
+}
+
 // startPrecopy prepares and starts a pre-copy migration of the pairs.
 func (a *agents) startPrecopy(t *testing.T, id string, src, dst []string) {
 	t.Helper()
@@ -37,7 +44,7 @@ func TestPrecopyMigration(t *testing.T) {
 	a := startAgents(t, dest.Config{})
 	a.startPrecopy(t, "precopy", []string{pre, plain}, []string{pre, plain})
 	running := a.sourceUntil(t, "precopy", func(m *ferryv1.Migration) bool {
-		return m.GetPhase() == ferryv1.MigrationPhase_MIGRATION_PHASE_PRECOPY && m.GetDevices()[0].GetBytes() >= 48<<20
+		return precopying(m) && m.GetDevices()[0].GetBytes() >= 48<<20
 	})
 	if st := running.GetDevices()[1].GetState(); st != ferryv1.DeviceState_DEVICE_STATE_RUNNING || running.GetDevices()[1].GetBytes() != 0 {
 		t.Errorf("the device without PRE_COPY is %v with %d bytes sent during pre-copy, want RUNNING and none", st, running.GetDevices()[1].GetBytes())
@@ -66,7 +73,7 @@ func TestCancelDuringPrecopy(t *testing.T) {
 	a := startAgents(t, dest.Config{})
 	a.startPrecopy(t, "precopy-cancel", []string{pre}, []string{pre})
 	a.sourceUntil(t, "precopy-cancel", func(m *ferryv1.Migration) bool {
-		return m.GetPhase() == ferryv1.MigrationPhase_MIGRATION_PHASE_PRECOPY && m.GetBytes() > 0
+		return precopying(m) && m.GetBytes() > 0
 	})
 	resp, err := a.source.CancelMigration(t.Context(), &ferryv1.CancelMigrationRequest{MigrationId: "precopy-cancel"})
 	if err != nil {
@@ -104,7 +111,7 @@ func TestChannelCutDuringPrecopy(t *testing.T) {
 	}
 	a := p.agents()
 	a.sourceUntil(t, "precopy-cut", func(m *ferryv1.Migration) bool {
-		return m.GetPhase() == ferryv1.MigrationPhase_MIGRATION_PHASE_PRECOPY && m.GetBytes() >= 48<<20
+		return precopying(m) && m.GetBytes() >= 48<<20
 	})
 	if _, err := p.source.Switchover(t.Context(), &ferryv1.SwitchoverRequest{MigrationId: "precopy-cut"}); err != nil {
 		t.Fatal(err)
