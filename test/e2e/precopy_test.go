@@ -1,12 +1,17 @@
 package e2e
 
 import (
+	"strings"
 	"testing"
+	"time"
+
+	"google.golang.org/protobuf/types/known/durationpb"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
 	"github.com/vfio-ferry/ferry/services/dest"
 	"github.com/vfio-ferry/ferry/services/deviceapi"
+	"github.com/vfio-ferry/ferry/services/wire"
 )
 
 // precopying holds while the VM runs and pre-copy streams: PRECOPY, or
@@ -17,7 +22,7 @@ func precopying(m *ferryv1.Migration) bool {
 }
 
 // startPrecopy prepares and starts a pre-copy migration of the pairs.
-func (a *agents) startPrecopy(t *testing.T, id string, src, dst []string) {
+func (a *agents) startPrecopy(t *testing.T, id string, src, dst []string, opts ...func(*ferryv1.StartMigrationRequest)) {
 	t.Helper()
 	ctx := t.Context()
 	prep, err := a.dest.PrepareIncoming(ctx, &ferryv1.PrepareIncomingRequest{MigrationId: id, Devices: dst})
@@ -28,6 +33,9 @@ func (a *agents) startPrecopy(t *testing.T, id string, src, dst []string) {
 		Mode: ferryv1.MigrationMode_MIGRATION_MODE_PRECOPY}
 	for i := range src {
 		req.Devices = append(req.Devices, &ferryv1.DevicePair{SourceDevice: src[i], DestDevice: dst[i]})
+	}
+	for _, o := range opts {
+		o(req)
 	}
 	if _, err := a.source.StartMigration(ctx, req); err != nil {
 		t.Fatal(err)
@@ -125,5 +133,101 @@ func TestChannelCutDuringPrecopy(t *testing.T) {
 	}
 	if d := a.waitDest(t, "precopy-cut"); !d.GetDevices()[0].GetVerified() {
 		t.Error("destination device not verified")
+	}
+}
+
+// A pre-copy nobody switches over ends at its precopy_timeout: by
+// default it fails with PRECOPY_NOT_CONVERGED, naming the dirty rate and
+// the throughput; the source device is back in RUNNING (the VM never
+// stopped) and the destination's is reset.
+func TestPrecopyNotConverged(t *testing.T) {
+	const pre = "sim:size=16MiB,seed=85,flags=stopcopy|p2p|precopy,precopy=8MiB,dirty=200MB/s"
+	a := startAgents(t, dest.Config{})
+	a.startPrecopy(t, "unconverged", []string{pre}, []string{pre}, func(r *ferryv1.StartMigrationRequest) {
+		r.PrecopyTimeout = durationpb.New(500 * time.Millisecond)
+	})
+	m := a.waitSource(t, "unconverged")
+	if m.GetPhase() != failed || m.GetError().GetReason() != wire.ReasonNotConverged {
+		t.Fatalf("source %v %v, want FAILED %s", m.GetPhase(), m.GetError(), wire.ReasonNotConverged)
+	}
+	if msg := m.GetError().GetMessage(); !strings.Contains(msg, "devices dirty") || !strings.Contains(msg, "Ferry sent") {
+		t.Errorf("the error %q does not give the dirty rate and the throughput", msg)
+	}
+	canon, _ := deviceapi.CanonicalSpec(pre)
+	if st := deviceState(t, a.sourceReg, canon); st != vfio.StateRunning {
+		t.Errorf("source device in %v, want RUNNING", st)
+	}
+	if d := a.waitDest(t, "unconverged"); d.GetPhase() != failed {
+		t.Errorf("destination %v, want FAILED", d.GetPhase())
+	}
+	if st := deviceState(t, a.destReg, canon); st != vfio.StateRunning {
+		t.Errorf("destination device in %v, want RUNNING (reset)", st)
+	}
+}
+
+// With on_precopy_timeout SWITCHOVER, the same migration switches over at
+// its timeout, forced, and verifies.
+func TestPrecopyTimeoutSwitchesOver(t *testing.T) {
+	const pre = "sim:size=16MiB,seed=86,flags=stopcopy|p2p|precopy,precopy=8MiB,dirty=50MB/s"
+	a := startAgents(t, dest.Config{})
+	a.startPrecopy(t, "timeout-switch", []string{pre}, []string{pre}, func(r *ferryv1.StartMigrationRequest) {
+		r.PrecopyTimeout = durationpb.New(300 * time.Millisecond)
+		r.OnPrecopyTimeout = ferryv1.PrecopyTimeoutAction_PRECOPY_TIMEOUT_ACTION_SWITCHOVER
+	})
+	m := a.waitSource(t, "timeout-switch")
+	if m.GetPhase() != succeeded || m.GetSwitchoverTrigger() != "precopy_timeout" {
+		t.Fatalf("source %v (trigger %q) %v, want SUCCEEDED by precopy_timeout", m.GetPhase(), m.GetSwitchoverTrigger(), m.GetError())
+	}
+	if d := a.waitDest(t, "timeout-switch"); !d.GetDevices()[0].GetVerified() {
+		t.Errorf("destination device not verified: %v", d.GetError())
+	}
+}
+
+// A migration with a downtime_limit switches over by itself once READY and
+// predicted within the limit; the last prediction stands beside the
+// measured downtime.
+func TestPrecopyDowntimeLimit(t *testing.T) {
+	const pre = "sim:size=32MiB,seed=87,flags=stopcopy|p2p|precopy,precopy=24MiB,dirty=1MB/s"
+	a := startAgents(t, dest.Config{})
+	a.startPrecopy(t, "limit", []string{pre}, []string{pre}, func(r *ferryv1.StartMigrationRequest) {
+		r.DowntimeLimit = durationpb.New(time.Minute)
+	})
+	m := a.waitSource(t, "limit")
+	if m.GetPhase() != succeeded || m.GetSwitchoverTrigger() != "downtime_limit" {
+		t.Fatalf("source %v (trigger %q) %v, want SUCCEEDED by downtime_limit", m.GetPhase(), m.GetSwitchoverTrigger(), m.GetError())
+	}
+	if m.GetPredictedDowntime().AsDuration() <= 0 || m.GetDowntime().AsDuration() <= 0 {
+		t.Errorf("predicted %v, measured %v: want both", m.GetPredictedDowntime().AsDuration(), m.GetDowntime().AsDuration())
+	}
+	if m.GetPrecopyBytes() < 24<<20 || m.GetPrecopyBytes()+m.GetStopcopyBytes() != m.GetBytes() {
+		t.Errorf("pre-copy %d + stop-copy %d bytes of %d", m.GetPrecopyBytes(), m.GetStopcopyBytes(), m.GetBytes())
+	}
+	if d := a.waitDest(t, "limit"); !d.GetDevices()[0].GetVerified() {
+		t.Errorf("destination device not verified: %v", d.GetError())
+	}
+}
+
+// A device that reinitialises its initial data after it was read whole
+// sends the new initial data too; the migration verifies the final image
+// and counts the reinit.
+func TestPrecopyReinit(t *testing.T) {
+	const pre = "sim:size=16MiB,seed=88,flags=stopcopy|p2p|precopy,precopy=8MiB,reinit=8MiB"
+	a := startAgents(t, dest.Config{})
+	a.startPrecopy(t, "reinit", []string{pre}, []string{pre})
+	a.sourceUntil(t, "reinit", func(m *ferryv1.Migration) bool {
+		return m.GetPhase() == ferryv1.MigrationPhase_MIGRATION_PHASE_READY && m.GetDevices()[0].GetReinits() == 1
+	})
+	if _, err := a.source.Switchover(t.Context(), &ferryv1.SwitchoverRequest{MigrationId: "reinit"}); err != nil {
+		t.Fatal(err)
+	}
+	m := a.waitSource(t, "reinit")
+	if m.GetPhase() != succeeded || m.GetDevices()[0].GetReinits() != 1 {
+		t.Fatalf("source %v, reinits %d, %v; want SUCCEEDED after 1", m.GetPhase(), m.GetDevices()[0].GetReinits(), m.GetError())
+	}
+	if m.GetPrecopyBytes() < 16<<20 {
+		t.Errorf("%d pre-copy bytes: the initial data was not sent twice", m.GetPrecopyBytes())
+	}
+	if d := a.waitDest(t, "reinit"); !d.GetDevices()[0].GetVerified() {
+		t.Errorf("destination device not verified: %v", d.GetError())
 	}
 }
