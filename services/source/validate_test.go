@@ -2,9 +2,11 @@ package source
 
 import (
 	"testing"
+	"time"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/durationpb"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/services/deviceapi"
@@ -69,4 +71,39 @@ func FuzzStartMigration(f *testing.F) {
 			t.Fatalf("accepted token %q", tok)
 		}
 	})
+}
+
+// The pre-copy fields are checked: durations within their bounds, the
+// timeout action known, and none of them on a stop-copy migration.
+func TestValidatePrecopy(t *testing.T) {
+	pre := ferryv1.MigrationMode_MIGRATION_MODE_PRECOPY
+	switchover := ferryv1.PrecopyTimeoutAction_PRECOPY_TIMEOUT_ACTION_SWITCHOVER
+	for _, tc := range []struct {
+		name string
+		req  *ferryv1.StartMigrationRequest
+		ok   bool
+	}{
+		{"pre-copy with all three", &ferryv1.StartMigrationRequest{Mode: pre, DowntimeLimit: durationpb.New(300 * time.Millisecond), PrecopyTimeout: durationpb.New(time.Minute), OnPrecopyTimeout: switchover}, true},
+		{"pre-copy with none", &ferryv1.StartMigrationRequest{Mode: pre}, true},
+		{"stop-copy with none", &ferryv1.StartMigrationRequest{}, true},
+		{"stop-copy with a zero limit", &ferryv1.StartMigrationRequest{DowntimeLimit: durationpb.New(0)}, true},
+		{"negative limit", &ferryv1.StartMigrationRequest{Mode: pre, DowntimeLimit: durationpb.New(-time.Second)}, false},
+		{"limit over an hour", &ferryv1.StartMigrationRequest{Mode: pre, DowntimeLimit: durationpb.New(2 * time.Hour)}, false},
+		{"timeout over a week", &ferryv1.StartMigrationRequest{Mode: pre, PrecopyTimeout: durationpb.New(8 * 24 * time.Hour)}, false},
+		{"invalid duration", &ferryv1.StartMigrationRequest{Mode: pre, PrecopyTimeout: &durationpb.Duration{Seconds: 1, Nanos: -1}}, false},
+		{"unknown action", &ferryv1.StartMigrationRequest{Mode: pre, OnPrecopyTimeout: 7}, false},
+		{"limit on stop-copy", &ferryv1.StartMigrationRequest{DowntimeLimit: durationpb.New(time.Second)}, false},
+		{"timeout on stop-copy", &ferryv1.StartMigrationRequest{PrecopyTimeout: durationpb.New(time.Second)}, false},
+		{"action on stop-copy", &ferryv1.StartMigrationRequest{OnPrecopyTimeout: switchover}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			err := validatePrecopy(tc.req)
+			if tc.ok != (err == nil) {
+				t.Fatalf("validatePrecopy: %v, want ok %v", err, tc.ok)
+			}
+			if err != nil && (wire.Code(err) != codes.InvalidArgument || wire.Reason(err) != wire.ReasonInvalidArgument) {
+				t.Errorf("refused with %v, want INVALID_ARGUMENT %s", err, wire.ReasonInvalidArgument)
+			}
+		})
+	}
 }

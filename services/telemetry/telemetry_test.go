@@ -142,3 +142,33 @@ func TestDataConnections(t *testing.T) {
 	expect(t, reg, "ferry_data_connections_total", map[string]string{"role": RoleDest, "result": DataRefusedKey}, 1)
 	expect(t, reg, "ferry_data_connections_total", map[string]string{"role": RoleSource, "result": DataOpened}, 1)
 }
+
+// A pre-copy migration exports its prediction and dirty rate while it
+// runs, its pre-copy bytes as a counter, and at its end the ratio of the
+// measured downtime to the last prediction; convergence failures count.
+func TestPrecopyMetrics(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	m := New(reg)
+	dev := map[string]string{"device": "sim:size=1GiB,seed=3"}
+	mig := map[string]string{"migration": "vm-1"}
+	live := SourceDevice{Device: "sim:size=1GiB,seed=3", Bytes: 100, PrecopyBytes: 90}
+	pre := Precopy{Migration: "vm-1"}
+	tr := m.TrackSource(func() []SourceDevice { return []SourceDevice{live} })
+	tr.Precopy(func() Precopy { return pre })
+	expect(t, reg, "ferry_source_precopy_bytes_total", dev, 90)
+	if _, ok := value(t, reg, "ferry_source_predicted_downtime_seconds", mig); ok {
+		t.Error("a prediction is exported before one was made")
+	}
+	pre.PredictedDowntime, pre.HasPrediction = 250*time.Millisecond, true
+	pre.DirtyRate, pre.HasDirtyRate = 32e6, true
+	expect(t, reg, "ferry_source_predicted_downtime_seconds", mig, 0.25)
+	expect(t, reg, "ferry_source_dirty_bytes_per_second", mig, 32e6)
+	tr.End(Ended{Outcome: Succeeded, Duration: time.Second, Downtime: 200 * time.Millisecond, SwitchedOver: true, Predicted: 250 * time.Millisecond, HasPrediction: true})
+	if _, ok := value(t, reg, "ferry_source_predicted_downtime_seconds", mig); ok {
+		t.Error("the prediction of an ended migration is still exported")
+	}
+	expect(t, reg, "ferry_source_downtime_prediction_ratio", nil, 1)
+	expect(t, reg, "ferry_source_precopy_bytes_total", dev, 90)
+	m.ConvergenceFailure()
+	expect(t, reg, "ferry_source_precopy_not_converged_total", nil, 1)
+}
