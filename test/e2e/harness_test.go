@@ -32,14 +32,14 @@ type agents struct {
 // Registry and Pool are filled in). The destination serves direct data
 // connections, so chunks travel on them. Everything stops at the end of
 // the test.
-func startAgents(t *testing.T, cfg dest.Config) *agents {
+func startAgents(t testing.TB, cfg dest.Config) *agents {
 	t.Helper()
 	return startAgentsData(t, cfg, true)
 }
 
 // startAgentsData is startAgents with direct data connections (direct) or
 // without them (chunks in Channel messages).
-func startAgentsData(t *testing.T, cfg dest.Config, direct bool) *agents {
+func startAgentsData(t testing.TB, cfg dest.Config, direct bool) *agents {
 	t.Helper()
 	var lis net.Listener
 	if direct {
@@ -54,7 +54,7 @@ func startAgentsData(t *testing.T, cfg dest.Config, direct bool) *agents {
 // startAgentsOn is startAgents with the source's fault deadlines of scfg
 // and the destination's direct data connections accepted on dataLis
 // (none when nil).
-func startAgentsOn(t *testing.T, cfg dest.Config, scfg source.Config, dataLis net.Listener) *agents {
+func startAgentsOn(t testing.TB, cfg dest.Config, scfg source.Config, dataLis net.Listener) *agents {
 	t.Helper()
 	a := startLoopback(t, loopback.Config{Dest: cfg, Source: scfg, DataListener: dataLis})
 	dconn := dial(t, a.destAddr)
@@ -67,7 +67,7 @@ func startAgentsOn(t *testing.T, cfg dest.Config, scfg source.Config, dataLis ne
 // startLoopback starts the agents of cfg, with simulated devices
 // allowed, until the end of the test; the clients are the caller's to
 // fill in.
-func startLoopback(t *testing.T, cfg loopback.Config) *agents {
+func startLoopback(t testing.TB, cfg loopback.Config) *agents {
 	t.Helper()
 	cfg.DestDevices.AllowSim, cfg.SourceDevices.AllowSim = true, true
 	l, err := loopback.Start(cfg)
@@ -83,7 +83,7 @@ func startLoopback(t *testing.T, cfg loopback.Config) *agents {
 	return &agents{destAddr: l.DestAddr, sourceAddr: l.SourceAddr, destAgent: l.Dest, destReg: l.DestRegistry, sourceReg: l.SourceRegistry}
 }
 
-func dial(t *testing.T, addr string) *grpc.ClientConn {
+func dial(t testing.TB, addr string) *grpc.ClientConn {
 	t.Helper()
 	conn, err := grpc.NewClient(addr, grpcserver.DialOptions(insecure.NewCredentials(), chunkwire.NewPool())...)
 	if err != nil {
@@ -105,7 +105,7 @@ type migration struct {
 
 // run prepares, starts and watches a migration to its end, returning the
 // source's and the destination's final views.
-func (a *agents) run(t *testing.T, m migration) (src, dst *ferryv1.Migration) {
+func (a *agents) run(t testing.TB, m migration) (src, dst *ferryv1.Migration) {
 	t.Helper()
 	ctx := t.Context()
 	prep, err := a.dest.PrepareIncoming(ctx, &ferryv1.PrepareIncomingRequest{MigrationId: m.id, Devices: m.dst, MaxChunks: m.maxChunks, MaxBytes: m.maxBytes})
@@ -124,7 +124,7 @@ func (a *agents) run(t *testing.T, m migration) (src, dst *ferryv1.Migration) {
 }
 
 // waitSource watches the migration on the source to its final phase.
-func (a *agents) waitSource(t *testing.T, id string) *ferryv1.Migration {
+func (a *agents) waitSource(t testing.TB, id string) *ferryv1.Migration {
 	t.Helper()
 	stream, err := a.source.WatchMigration(t.Context(), &ferryv1.WatchMigrationRequest{MigrationId: id})
 	if err != nil {
@@ -134,7 +134,7 @@ func (a *agents) waitSource(t *testing.T, id string) *ferryv1.Migration {
 }
 
 // waitDest watches the incoming migration to its final phase.
-func (a *agents) waitDest(t *testing.T, id string) *ferryv1.Migration {
+func (a *agents) waitDest(t testing.TB, id string) *ferryv1.Migration {
 	t.Helper()
 	stream, err := a.dest.WatchIncoming(t.Context(), &ferryv1.WatchIncomingRequest{MigrationId: id})
 	if err != nil {
@@ -146,7 +146,7 @@ func (a *agents) waitDest(t *testing.T, id string) *ferryv1.Migration {
 // sourceUntil watches the migration on the source until it sends a view
 // for which ok holds, and returns that view; the test fails if the watch
 // ends first.
-func (a *agents) sourceUntil(t *testing.T, id string, ok func(*ferryv1.Migration) bool) *ferryv1.Migration {
+func (a *agents) sourceUntil(t testing.TB, id string, ok func(*ferryv1.Migration) bool) *ferryv1.Migration {
 	t.Helper()
 	stream, err := a.source.WatchMigration(t.Context(), &ferryv1.WatchMigrationRequest{MigrationId: id})
 	if err != nil {
@@ -172,7 +172,7 @@ func inPhase(p ferryv1.MigrationPhase) func(*ferryv1.Migration) bool {
 }
 
 // toFinal follows a watch to its end, which must be a final phase.
-func toFinal[R wiretest.Watched](t *testing.T, recv func() (R, error)) *ferryv1.Migration {
+func toFinal[R wiretest.Watched](t testing.TB, recv func() (R, error)) *ferryv1.Migration {
 	t.Helper()
 	last, err := wiretest.LastMigration(recv)
 	if last == nil || !wire.Final(last.GetPhase()) {
@@ -182,7 +182,7 @@ func toFinal[R wiretest.Watched](t *testing.T, recv func() (R, error)) *ferryv1.
 }
 
 // deviceState reads a device's state from an agent's registry.
-func deviceState(t *testing.T, r *vfio.Registry, spec string) vfio.State {
+func deviceState(t testing.TB, r *vfio.Registry, spec string) vfio.State {
 	t.Helper()
 	for _, d := range r.List() {
 		if d.Spec == spec {

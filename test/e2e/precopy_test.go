@@ -22,7 +22,7 @@ func precopying(m *ferryv1.Migration) bool {
 }
 
 // startPrecopy prepares and starts a pre-copy migration of the pairs.
-func (a *agents) startPrecopy(t *testing.T, id string, src, dst []string, opts ...func(*ferryv1.StartMigrationRequest)) {
+func (a *agents) startPrecopy(t testing.TB, id string, src, dst []string, opts ...func(*ferryv1.StartMigrationRequest)) {
 	t.Helper()
 	ctx := t.Context()
 	prep, err := a.dest.PrepareIncoming(ctx, &ferryv1.PrepareIncomingRequest{MigrationId: id, Devices: dst})
@@ -229,5 +229,30 @@ func TestPrecopyReinit(t *testing.T) {
 	}
 	if d := a.waitDest(t, "reinit"); !d.GetDevices()[0].GetVerified() {
 		t.Errorf("destination device not verified: %v", d.GetError())
+	}
+}
+
+// Real agent processes: a 2 GiB device whose whole state is initial data,
+// dirtied slowly while it runs, migrates verified in pre-copy mode, and
+// the bytes sent after the switchover are a small part of those before it.
+func TestPrecopyBetweenProcesses(t *testing.T) {
+	const pre = "sim:size=2GiB,seed=89,flags=stopcopy|p2p|precopy,precopy=2GiB,dirty=4MB/s"
+	a := &agents{destAddr: startAgent(t, "dest", "--data-listen", "127.0.0.1:0").Addr(), sourceAddr: startAgent(t, "source").Addr()}
+	a.dest = ferryv1.NewDestAgentClient(dial(t, a.destAddr))
+	a.source = ferryv1.NewSourceAgentClient(dial(t, a.sourceAddr))
+	a.startPrecopy(t, "procs", []string{pre}, []string{pre})
+	a.sourceUntil(t, "procs", inPhase(ferryv1.MigrationPhase_MIGRATION_PHASE_READY))
+	if _, err := a.source.Switchover(t.Context(), &ferryv1.SwitchoverRequest{MigrationId: "procs"}); err != nil {
+		t.Fatal(err)
+	}
+	m := a.waitSource(t, "procs")
+	if m.GetPhase() != succeeded {
+		t.Fatalf("source %v %v, want SUCCEEDED", m.GetPhase(), m.GetError())
+	}
+	if d := a.waitDest(t, "procs"); !d.GetDevices()[0].GetVerified() {
+		t.Fatalf("destination device not verified: %v", d.GetError())
+	}
+	if m.GetPrecopyBytes() < 2<<30 || m.GetStopcopyBytes()*16 > m.GetPrecopyBytes() {
+		t.Errorf("%d bytes before the switchover and %d after it: want all the initial data before and a small rest after", m.GetPrecopyBytes(), m.GetStopcopyBytes())
 	}
 }
