@@ -256,3 +256,26 @@ func TestPrecopyBetweenProcesses(t *testing.T) {
 		t.Errorf("%d bytes before the switchover and %d after it: want all the initial data before and a small rest after", m.GetPrecopyBytes(), m.GetStopcopyBytes())
 	}
 }
+
+// A forced switchover does not wait for READY: the destination accepts
+// SwitchoverStart with the initial data still on its way, and the rest
+// streams after the stop; the migration verifies.
+func TestForcedSwitchoverBeforeReady(t *testing.T) {
+	const pre = "sim:size=64MiB,seed=90,flags=stopcopy|p2p|precopy,precopy=64MiB,rate=64MB/s"
+	a := startAgents(t, dest.Config{})
+	a.startPrecopy(t, "forced", []string{pre}, []string{pre})
+	a.sourceUntil(t, "forced", func(m *ferryv1.Migration) bool { return precopying(m) && m.GetBytes() > 0 })
+	if _, err := a.source.Switchover(t.Context(), &ferryv1.SwitchoverRequest{MigrationId: "forced", Force: true}); err != nil {
+		t.Fatal(err)
+	}
+	m := a.waitSource(t, "forced")
+	if m.GetPhase() != succeeded || m.GetSwitchoverTrigger() != "forced" {
+		t.Fatalf("source %v (trigger %q) %v, want SUCCEEDED, forced", m.GetPhase(), m.GetSwitchoverTrigger(), m.GetError())
+	}
+	if m.GetStopcopyBytes() == 0 {
+		t.Error("no bytes were sent after a switchover forced before the initial data was across")
+	}
+	if d := a.waitDest(t, "forced"); !d.GetDevices()[0].GetVerified() {
+		t.Errorf("destination device not verified: %v", d.GetError())
+	}
+}
