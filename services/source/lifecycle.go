@@ -332,7 +332,19 @@ func (m *migration) stream(ctx context.Context, transfer ferryv1.TransferClient,
 	// switchover deadline bounds it, whatever the destination does.
 	stopped, stopCancel := context.WithTimeoutCause(gctx, m.switchoverDeadline, errSwitchoverDeadline)
 	defer stopCancel()
+	// A peer that saw the deadline (gRPC carries it, rounded) may answer
+	// DEADLINE_EXCEEDED a moment before the local timer fires: that is
+	// the switchover deadline too, once the timer has fired.
+	stopBy, _ := stopped.Deadline()
 	deadlineErr := func(err error) error {
+		if wire.Code(err) == codes.DeadlineExceeded && time.Until(stopBy) < deadlineSlack {
+			t := time.NewTimer(deadlineSlack)
+			select {
+			case <-stopped.Done():
+			case <-t.C:
+			}
+			t.Stop()
+		}
 		if errors.Is(context.Cause(stopped), errSwitchoverDeadline) {
 			return errSwitchoverDeadline
 		}
@@ -381,7 +393,7 @@ func (m *migration) stream(ctx context.Context, transfer ferryv1.TransferClient,
 		return err
 	})
 	if err != nil {
-		if errors.Is(context.Cause(stopped), errSwitchoverDeadline) {
+		if deadlineErr(err) == errSwitchoverDeadline {
 			return fail(errSwitchoverDeadline)
 		}
 		return fail(peerError("finish", err))
@@ -402,6 +414,10 @@ func (m *migration) stream(ctx context.Context, transfer ferryv1.TransferClient,
 	m.tellCommit(transfer, session)
 	return nil
 }
+
+// deadlineSlack is how much earlier than the source a peer may see the
+// switchover deadline.
+const deadlineSlack = 50 * time.Millisecond
 
 // commit records that the source has the destination's verified verdict
 // (the migration's commit point, docs/design.md): from now on the

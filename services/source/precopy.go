@@ -528,6 +528,9 @@ func (m *migration) precopySnapshot(s *ferryv1.Migration) {
 	}
 	s.DowntimeLimit = durationpb.New(p.downtimeLimit)
 	s.PrecopyTimeout = durationpb.New(p.timeout)
+	p.mu.Lock()
+	hasPred := p.hasPred
+	p.mu.Unlock()
 	for i, d := range m.devs {
 		if i >= len(s.Devices) {
 			break
@@ -538,7 +541,7 @@ func (m *migration) precopySnapshot(s *ferryv1.Migration) {
 		dp.InitialDataLoaded = d.pc.loaded
 		dp.InitialBytes, dp.DirtyBytes = d.pc.info.InitialBytes, d.pc.info.DirtyBytes
 		dp.Reinits = d.pc.generation
-		dp.NoSizeEstimate = p.hasPred && !d.pc.sizeOK
+		dp.NoSizeEstimate = hasPred && !d.pc.sizeOK
 		d.pc.mu.Unlock()
 		s.PrecopyBytes += dp.PrecopyBytes
 		s.StopcopyBytes += dp.Bytes - dp.PrecopyBytes
