@@ -90,16 +90,7 @@ func TestCancelDuringPrecopy(t *testing.T) {
 	if m := resp.GetMigration(); m.GetPhase() != cancelled {
 		t.Fatalf("source %v %v, want CANCELLED", m.GetPhase(), m.GetError())
 	}
-	canon, _ := deviceapi.CanonicalSpec(pre)
-	if st := deviceState(t, a.sourceReg, canon); st != vfio.StateRunning {
-		t.Errorf("source device in %v, want RUNNING", st)
-	}
-	if d := a.waitDest(t, "precopy-cancel"); d.GetPhase() != failed {
-		t.Errorf("destination %v, want FAILED", d.GetPhase())
-	}
-	if st := deviceState(t, a.destReg, canon); st != vfio.StateRunning {
-		t.Errorf("destination device in %v, want RUNNING (reset)", st)
-	}
+	a.rolledBack(t, "precopy-cancel", pre)
 }
 
 // A channel cut while pre-copy streams is re-dialled and its chunks sent
@@ -153,16 +144,7 @@ func TestPrecopyNotConverged(t *testing.T) {
 	if msg := m.GetError().GetMessage(); !strings.Contains(msg, "devices dirty") || !strings.Contains(msg, "Ferry sent") {
 		t.Errorf("the error %q does not give the dirty rate and the throughput", msg)
 	}
-	canon, _ := deviceapi.CanonicalSpec(pre)
-	if st := deviceState(t, a.sourceReg, canon); st != vfio.StateRunning {
-		t.Errorf("source device in %v, want RUNNING", st)
-	}
-	if d := a.waitDest(t, "unconverged"); d.GetPhase() != failed {
-		t.Errorf("destination %v, want FAILED", d.GetPhase())
-	}
-	if st := deviceState(t, a.destReg, canon); st != vfio.StateRunning {
-		t.Errorf("destination device in %v, want RUNNING (reset)", st)
-	}
+	a.rolledBack(t, "unconverged", pre)
 }
 
 // With on_precopy_timeout SWITCHOVER, the same migration switches over at
@@ -277,5 +259,22 @@ func TestForcedSwitchoverBeforeReady(t *testing.T) {
 	}
 	if d := a.waitDest(t, "forced"); !d.GetDevices()[0].GetVerified() {
 		t.Errorf("destination device not verified: %v", d.GetError())
+	}
+}
+
+// rolledBack checks what a failed migration of one device leaves: the
+// source device in RUNNING (the VM never lost it), the destination's
+// migration FAILED and its device reset.
+func (a *agents) rolledBack(t testing.TB, id, spec string) {
+	t.Helper()
+	canon, _ := deviceapi.CanonicalSpec(spec)
+	if st := deviceState(t, a.sourceReg, canon); st != vfio.StateRunning {
+		t.Errorf("source device in %v, want RUNNING", st)
+	}
+	if d := a.waitDest(t, id); d.GetPhase() != failed {
+		t.Errorf("destination %v, want FAILED", d.GetPhase())
+	}
+	if st := deviceState(t, a.destReg, canon); st != vfio.StateRunning {
+		t.Errorf("destination device in %v, want RUNNING (reset)", st)
 	}
 }
