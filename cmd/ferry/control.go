@@ -36,9 +36,17 @@ type plan struct {
 	// stopped without a verdict; 0 leaves the source's default.
 	switchoverDeadline time.Duration
 	// precopy asks for a pre-copy migration, which waits for a
-	// Switchover (ferry switchover).
-	precopy bool
-	creds   credentials.TransportCredentials
+	// Switchover (ferry switchover) or, with downtimeLimit, switches over
+	// by itself once the predicted downtime meets it; precopyTimeout and
+	// onTimeout bound it (0 and UNSPECIFIED: the source's defaults).
+	precopy        bool
+	downtimeLimit  time.Duration
+	precopyTimeout time.Duration
+	onTimeout      ferryv1.PrecopyTimeoutAction
+	// switchoverWhenReady asks the source for the switchover once the
+	// migration is READY, as `ferry switchover` would.
+	switchoverWhenReady bool
+	creds               credentials.TransportCredentials
 	// lost, when set, hears of every broken watch that is opened again.
 	lost func(error)
 }
@@ -149,6 +157,13 @@ func drive(ctx context.Context, p plan, dst ferryv1.DestAgentClient, src ferryv1
 	}
 	if p.precopy {
 		start.Mode = ferryv1.MigrationMode_MIGRATION_MODE_PRECOPY
+		start.OnPrecopyTimeout = p.onTimeout
+		if p.downtimeLimit > 0 {
+			start.DowntimeLimit = durationpb.New(p.downtimeLimit)
+		}
+		if p.precopyTimeout > 0 {
+			start.PrecopyTimeout = durationpb.New(p.precopyTimeout)
+		}
 	}
 	if p.switchoverDeadline > 0 {
 		start.SwitchoverDeadline = durationpb.New(p.switchoverDeadline)
@@ -161,6 +176,9 @@ func drive(ctx context.Context, p plan, dst ferryv1.DestAgentClient, src ferryv1
 		return nil, newCallError("start the migration at the source "+p.sourceAddr, err, p.creds)
 	}
 
+	if p.switchoverWhenReady {
+		progress = switchoverWhenReady(ctx, src, p.id, progress)
+	}
 	final, err := follow(ctx, src, p.id, progress, p.lost)
 	if err != nil {
 		if ctx.Err() == nil {
@@ -193,6 +211,25 @@ func drive(ctx context.Context, p plan, dst ferryv1.DestAgentClient, src ferryv1
 		}
 	}
 	return summarize(final, incoming), nil
+}
+
+// switchoverWhenReady wraps progress: the first state in READY asks the
+// source for the switchover (not forced). A Switchover that fails is asked
+// again at the next state, as long as the migration is READY.
+func switchoverWhenReady(ctx context.Context, src ferryv1.SourceAgentClient, id string, progress func(*ferryv1.Migration)) func(*ferryv1.Migration) {
+	asked := false
+	return func(m *ferryv1.Migration) {
+		if progress != nil {
+			progress(m)
+		}
+		if asked || m.GetPhase() != ferryv1.MigrationPhase_MIGRATION_PHASE_READY {
+			return
+		}
+		cctx, cancel := context.WithTimeout(ctx, time.Minute)
+		defer cancel()
+		_, err := src.Switchover(cctx, &ferryv1.SwitchoverRequest{MigrationId: id})
+		asked = err == nil
+	}
 }
 
 // The backoff between attempts to watch a migration again.
