@@ -74,15 +74,33 @@ type result struct {
 	ThroughputBytesPerSecond float64 `json:"throughput_bytes_per_second"`
 	// DowntimeSeconds is from the accepted switchover start (the devices
 	// stop right after it) to the verdict.
-	DowntimeSeconds       float64        `json:"downtime_seconds"`
-	DestPeakBufferedBytes uint64         `json:"dest_peak_buffered_bytes"`
-	WindowBytes           uint64         `json:"window_bytes"`
-	RetransmittedChunks   uint64         `json:"retransmitted_chunks"`
-	DirectData            bool           `json:"direct_data"`
-	Error                 *resultError   `json:"error,omitempty"`
-	DeviceResults         []deviceResult `json:"device_results"`
+	DowntimeSeconds       float64 `json:"downtime_seconds"`
+	DestPeakBufferedBytes uint64  `json:"dest_peak_buffered_bytes"`
+	WindowBytes           uint64  `json:"window_bytes"`
+	RetransmittedChunks   uint64  `json:"retransmitted_chunks"`
+	DirectData            bool    `json:"direct_data"`
+	// Precopy is set for a pre-copy migration.
+	Precopy       *precopyResult `json:"precopy,omitempty"`
+	Error         *resultError   `json:"error,omitempty"`
+	DeviceResults []deviceResult `json:"device_results"`
 	// Next says what to do now, when there is something to do.
 	Next string `json:"next,omitempty"`
+}
+
+// precopyResult is how a pre-copy migration went; its measured downtime
+// is the result's DowntimeSeconds.
+type precopyResult struct {
+	// PrecopyBytes were read while the VM ran, StopcopyBytes after the
+	// devices stopped.
+	PrecopyBytes  uint64 `json:"precopy_bytes"`
+	StopcopyBytes uint64 `json:"stopcopy_bytes"`
+	// PredictedDowntimeSeconds is the source's last prediction before the
+	// switchover; absent when it could make none (PredictionNote says why).
+	PredictedDowntimeSeconds *float64 `json:"predicted_downtime_seconds,omitempty"`
+	PredictionNote           string   `json:"prediction_note,omitempty"`
+	// SwitchoverTrigger is what switched the migration over: requested,
+	// forced, downtime_limit or precopy_timeout; empty when it never did.
+	SwitchoverTrigger string `json:"switchover_trigger,omitempty"`
 }
 
 type resultError struct {
@@ -366,6 +384,21 @@ func summarize(m, incoming *ferryv1.Migration) *result {
 		r.DestPeakBufferedBytes = incoming.GetPeakBufferedBytes()
 		r.WindowBytes = incoming.GetWindowBytes()
 		r.Verified = r.Verified && incoming.GetPhase() == ferryv1.MigrationPhase_MIGRATION_PHASE_SUCCEEDED
+	}
+	if m.GetPrecopyTimeout() != nil {
+		// The source reports its pre-copy limits for pre-copy
+		// migrations only.
+		pre := &precopyResult{
+			PrecopyBytes:      m.GetPrecopyBytes(),
+			StopcopyBytes:     m.GetStopcopyBytes(),
+			PredictionNote:    m.GetPredictionNote(),
+			SwitchoverTrigger: m.GetSwitchoverTrigger(),
+		}
+		if d := m.GetPredictedDowntime(); d != nil {
+			s := d.AsDuration().Seconds()
+			pre.PredictedDowntimeSeconds = &s
+		}
+		r.Precopy = pre
 	}
 	if e := m.GetError(); e != nil {
 		r.Error = &resultError{Code: codeName(codes.Code(e.GetCode())), Reason: e.GetReason(), Message: e.GetMessage()}

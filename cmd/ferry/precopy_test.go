@@ -1,15 +1,19 @@
 package main
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"io"
 	"net"
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/protobuf/types/known/durationpb"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 )
@@ -116,5 +120,102 @@ func TestDriveSwitchesOverWhenReady(t *testing.T) {
 	want := "PRECOPY: READY: READY:m1 SUCCEEDED:m1"
 	if got := strings.Join(phases, " "); got != want || len(src.switchovers) != 1 || src.forced {
 		t.Errorf("progress %q (want %q), switchovers %v, forced %v", got, want, src.switchovers, src.forced)
+	}
+}
+
+// TestPrecopyProgress: while it pre-copies, the progress shows the
+// predicted downtime (or why there is none), the bytes sent while the VM
+// runs and the dirty rate; after the switchover it does not.
+func TestPrecopyProgress(t *testing.T) {
+	m := func(ph ferryv1.MigrationPhase, pred time.Duration, note string) *ferryv1.Migration {
+		m := &ferryv1.Migration{Id: "m1", Phase: ph, PrecopyBytes: 6 << 20, DirtyBytesPerSecond: 2e6, PredictionNote: note,
+			Devices: []*ferryv1.DeviceProgress{{Device: "sim:a", Bytes: 6 << 20, TotalBytes: 8 << 20}}}
+		if pred > 0 {
+			m.PredictedDowntime = durationpb.New(pred)
+		}
+		return m
+	}
+	for _, tc := range []struct {
+		name string
+		m    *ferryv1.Migration
+		want []string
+		not  []string
+	}{
+		{"precopy", m(ferryv1.MigrationPhase_MIGRATION_PHASE_PRECOPY, 35*time.Millisecond, ""),
+			[]string{"PRECOPY", "predicted downtime 35ms", "pre-copy 6MiB", "dirty 2.00 MB/s"}, nil},
+		{"ready, no prediction", m(ferryv1.MigrationPhase_MIGRATION_PHASE_READY, 0, "no throughput measured yet"),
+			[]string{"READY", "no downtime prediction: no throughput measured yet", "pre-copy 6MiB"}, []string{"predicted downtime"}},
+		{"prediction that leaves a device out", m(ferryv1.MigrationPhase_MIGRATION_PHASE_READY, time.Second, "sim:a gave no size estimate"),
+			[]string{"predicted downtime 1s (sim:a gave no size estimate)"}, nil},
+		{"stop-copy", m(ferryv1.MigrationPhase_MIGRATION_PHASE_STOPCOPY, 35*time.Millisecond, ""),
+			[]string{"STOPCOPY"}, []string{"predicted", "pre-copy", "dirty"}},
+	} {
+		for _, tty := range []bool{false, true} {
+			var out bytes.Buffer
+			v := &progressView{w: &out, tty: tty, now: time.Now, width: func() int { return 200 }}
+			v.update(tc.m)
+			for _, w := range tc.want {
+				if !strings.Contains(out.String(), w) {
+					t.Errorf("%s (tty %v): no %q in %q", tc.name, tty, w, out.String())
+				}
+			}
+			for _, w := range tc.not {
+				if strings.Contains(out.String(), w) {
+					t.Errorf("%s (tty %v): %q in %q", tc.name, tty, w, out.String())
+				}
+			}
+		}
+	}
+}
+
+// TestPrecopySummary: the summary of a pre-copy migration, text and
+// JSON, says how many bytes moved before and after the switchover, the
+// predicted and the measured downtime, and what switched it over; a
+// stop-copy summary says none of it.
+func TestPrecopySummary(t *testing.T) {
+	m := &ferryv1.Migration{Id: "m1", Phase: ferryv1.MigrationPhase_MIGRATION_PHASE_SUCCEEDED, Owner: ferryv1.DeviceOwner_DEVICE_OWNER_DESTINATION,
+		Downtime: durationpb.New(6 * time.Millisecond), PrecopyBytes: 6 << 20, StopcopyBytes: 2 << 20, PredictedDowntime: durationpb.New(36 * time.Millisecond),
+		SwitchoverTrigger: "downtime_limit", DowntimeLimit: durationpb.New(time.Second), PrecopyTimeout: durationpb.New(10 * time.Minute)}
+	var text strings.Builder
+	printSummary(&text, summarize(m, nil))
+	for _, want := range []string{"pre-copy     6MiB while the VM ran, 2MiB after the devices stopped", "predicted    0.036s downtime", "measured 0.006s", "switchover   downtime_limit"} {
+		if !strings.Contains(text.String(), want) {
+			t.Errorf("no %q in\n%s", want, text.String())
+		}
+	}
+	var js bytes.Buffer
+	if err := report(&js, summarize(m, nil), true); err != nil {
+		t.Fatal(err)
+	}
+	var got struct {
+		Downtime float64 `json:"downtime_seconds"`
+		Precopy  *struct {
+			PrecopyBytes  uint64   `json:"precopy_bytes"`
+			StopcopyBytes uint64   `json:"stopcopy_bytes"`
+			Predicted     *float64 `json:"predicted_downtime_seconds"`
+			Trigger       string   `json:"switchover_trigger"`
+		} `json:"precopy"`
+	}
+	if err := json.Unmarshal(js.Bytes(), &got); err != nil {
+		t.Fatal(err)
+	}
+	if p := got.Precopy; p == nil || p.PrecopyBytes != 6<<20 || p.StopcopyBytes != 2<<20 || p.Predicted == nil || *p.Predicted != 0.036 || p.Trigger != "downtime_limit" || got.Downtime != 0.006 {
+		t.Errorf("JSON %s", js.String())
+	}
+
+	// No prediction was ever made: the summary says so, and why.
+	m.PredictedDowntime, m.PredictionNote, m.SwitchoverTrigger = nil, "no throughput measured yet", "forced"
+	text.Reset()
+	printSummary(&text, summarize(m, nil))
+	if !strings.Contains(text.String(), "predicted    none (no throughput measured yet)") || !strings.Contains(text.String(), "switchover   forced") {
+		t.Errorf("without a prediction:\n%s", text.String())
+	}
+
+	stopcopy := &ferryv1.Migration{Id: "m1", Phase: ferryv1.MigrationPhase_MIGRATION_PHASE_SUCCEEDED, Downtime: durationpb.New(time.Second)}
+	text.Reset()
+	r := summarize(stopcopy, nil)
+	printSummary(&text, r)
+	if r.Precopy != nil || strings.Contains(text.String(), "pre-copy") || strings.Contains(text.String(), "predicted") {
+		t.Errorf("a stop-copy summary speaks of pre-copy:\n%s", text.String())
 	}
 }
