@@ -27,6 +27,19 @@ func (s *sizeFlag) Set(v string) error {
 	return nil
 }
 
+// rateFlag is a rate flag in bytes per second ("8MB/s", "1MiB/s").
+type rateFlag uint64
+
+func (r *rateFlag) String() string { return size.FormatRate(float64(*r)) }
+func (r *rateFlag) Set(v string) error {
+	n, err := size.ParseRate(v)
+	if err != nil {
+		return err
+	}
+	*r = rateFlag(n)
+	return nil
+}
+
 // flagsSet is the names of the flags the command line set.
 func flagsSet(fs *flag.FlagSet) map[string]bool {
 	set := map[string]bool{}
