@@ -36,6 +36,18 @@ type fakeSource struct {
 	get     *ferryv1.Migration // GetMigration's answer
 	start   *ferryv1.StartMigrationRequest
 	cancels int
+	// switchovers are the ids of the Switchover calls; forced says one
+	// was forced.
+	switchovers []string
+	forced      bool
+}
+
+func (f *fakeSource) Switchover(_ context.Context, req *ferryv1.SwitchoverRequest, _ ...grpc.CallOption) (*ferryv1.SwitchoverResponse, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.switchovers = append(f.switchovers, req.GetMigrationId())
+	f.forced = f.forced || req.GetForce()
+	return &ferryv1.SwitchoverResponse{}, nil
 }
 
 func (f *fakeSource) StartMigration(_ context.Context, req *ferryv1.StartMigrationRequest, _ ...grpc.CallOption) (*ferryv1.StartMigrationResponse, error) {
@@ -199,22 +211,38 @@ func TestDriveCancelsOnlyWhenAsked(t *testing.T) {
 	})
 }
 
-// TestDriveAsksForPrecopy: --mode precopy starts the migration in
-// pre-copy mode; the default is stop-copy.
-func TestDriveAsksForPrecopy(t *testing.T) {
-	for _, precopy := range []bool{false, true} {
-		src := &fakeSource{watches: [][]*ferryv1.Migration{{phase(ferryv1.MigrationPhase_MIGRATION_PHASE_SUCCEEDED)}}, errs: []error{io.EOF}}
-		p := testPlan
-		p.precopy = precopy
-		if _, err := drive(t.Context(), p, &fakeDest{}, src, nil); err != nil {
-			t.Fatal(err)
+// TestMigratePrecopyFlags: ferry migrate's pre-copy flags reach the
+// source's StartMigrationRequest as given, and only with --mode precopy.
+func TestMigratePrecopyFlags(t *testing.T) {
+	f := &fakeAgents{}
+	addr := serveFakeAgents(t, f)
+	none := ferryv1.PrecopyTimeoutAction_PRECOPY_TIMEOUT_ACTION_UNSPECIFIED
+	for _, tc := range []struct {
+		name          string
+		args          []string
+		mode          ferryv1.MigrationMode
+		downtimeLimit *durationpb.Duration
+		timeout       *durationpb.Duration
+		onTimeout     ferryv1.PrecopyTimeoutAction
+	}{
+		{"stop-copy", nil, ferryv1.MigrationMode_MIGRATION_MODE_STOP_COPY, nil, nil, none},
+		{"pre-copy, the source's defaults", []string{"--mode", "precopy"}, ferryv1.MigrationMode_MIGRATION_MODE_PRECOPY, nil, nil,
+			ferryv1.PrecopyTimeoutAction_PRECOPY_TIMEOUT_ACTION_FAIL},
+		{"pre-copy with its limits", []string{"--mode", "precopy", "--downtime-limit", "300ms", "--precopy-timeout", "2m", "--on-timeout", "switchover"},
+			ferryv1.MigrationMode_MIGRATION_MODE_PRECOPY, durationpb.New(300 * time.Millisecond), durationpb.New(2 * time.Minute),
+			ferryv1.PrecopyTimeoutAction_PRECOPY_TIMEOUT_ACTION_SWITCHOVER},
+	} {
+		args := append([]string{"migrate", "--insecure", "--source", addr, "--dest", addr, "--src-device", "sim:a", "--dest-device", "sim:a"}, tc.args...)
+		if code, out, errOut := runCLI(t, args...); code != 0 {
+			t.Fatalf("%s: exit %d, stdout %q, stderr %q", tc.name, code, out, errOut)
 		}
-		want := ferryv1.MigrationMode_MIGRATION_MODE_STOP_COPY
-		if precopy {
-			want = ferryv1.MigrationMode_MIGRATION_MODE_PRECOPY
-		}
-		if got := src.start.GetMode(); got != want {
-			t.Errorf("precopy %v: StartMigration mode %v, want %v", precopy, got, want)
+		f.mu.Lock()
+		got := f.start
+		f.mu.Unlock()
+		if got.GetMode() != tc.mode || got.GetOnPrecopyTimeout() != tc.onTimeout ||
+			got.GetDowntimeLimit().AsDuration() != tc.downtimeLimit.AsDuration() || got.GetPrecopyTimeout().AsDuration() != tc.timeout.AsDuration() {
+			t.Errorf("%s: StartMigration mode %v, downtime limit %v, precopy timeout %v, on timeout %v",
+				tc.name, got.GetMode(), got.GetDowntimeLimit(), got.GetPrecopyTimeout(), got.GetOnPrecopyTimeout())
 		}
 	}
 }
@@ -267,6 +295,7 @@ func TestHelpRouting(t *testing.T) {
 // TestUsageErrors: an error in the command line is printed first, then a
 // one-line hint to the command's help, not the help itself.
 func TestUsageErrors(t *testing.T) {
+	migrateArgs := []string{"migrate", "--insecure", "--source", "a", "--dest", "b", "--src-device", "sim:a", "--dest-device", "sim:a"}
 	for _, tc := range []struct {
 		args  []string
 		error string
@@ -277,6 +306,11 @@ func TestUsageErrors(t *testing.T) {
 		{[]string{"release", "--insecure", "--source", "x"}, "give one DEVICE"},
 		{[]string{"release", "--insecure", "a", "b", "--source", "x"}, "got 2 arguments"},
 		{[]string{"bench", "--only", "udp"}, "--only must be rawtcp or ferry"},
+		{append(migrateArgs, "--downtime-limit", "1s"), "--downtime-limit needs --mode precopy"},
+		{append(migrateArgs, "--on-timeout", "switchover"), "--on-timeout needs --mode precopy"},
+		{append(migrateArgs, "--mode", "precopy", "--downtime-limit", "0s"), "--downtime-limit must be above 0"},
+		{append(migrateArgs, "--mode", "precopy", "--precopy-timeout", "-1m"), "--precopy-timeout must be above 0"},
+		{append(migrateArgs, "--mode", "precopy", "--on-timeout", "retry"), `--on-timeout "retry": want fail or switchover`},
 		{[]string{"source", "--insecure", "--devices", "pci:[0"}, "--devices"},
 	} {
 		code, _, errOut := runCLI(t, tc.args...)

@@ -36,9 +36,17 @@ type plan struct {
 	// stopped without a verdict; 0 leaves the source's default.
 	switchoverDeadline time.Duration
 	// precopy asks for a pre-copy migration, which waits for a
-	// Switchover (ferry switchover).
-	precopy bool
-	creds   credentials.TransportCredentials
+	// Switchover (ferry switchover) or, with downtimeLimit, switches over
+	// by itself once the predicted downtime meets it; precopyTimeout and
+	// onTimeout bound it (0 and UNSPECIFIED: the source's defaults).
+	precopy        bool
+	downtimeLimit  time.Duration
+	precopyTimeout time.Duration
+	onTimeout      ferryv1.PrecopyTimeoutAction
+	// switchoverWhenReady asks the source for the switchover once the
+	// migration is READY, as `ferry switchover` would.
+	switchoverWhenReady bool
+	creds               credentials.TransportCredentials
 	// lost, when set, hears of every broken watch that is opened again.
 	lost func(error)
 }
@@ -66,15 +74,33 @@ type result struct {
 	ThroughputBytesPerSecond float64 `json:"throughput_bytes_per_second"`
 	// DowntimeSeconds is from the accepted switchover start (the devices
 	// stop right after it) to the verdict.
-	DowntimeSeconds       float64        `json:"downtime_seconds"`
-	DestPeakBufferedBytes uint64         `json:"dest_peak_buffered_bytes"`
-	WindowBytes           uint64         `json:"window_bytes"`
-	RetransmittedChunks   uint64         `json:"retransmitted_chunks"`
-	DirectData            bool           `json:"direct_data"`
-	Error                 *resultError   `json:"error,omitempty"`
-	DeviceResults         []deviceResult `json:"device_results"`
+	DowntimeSeconds       float64 `json:"downtime_seconds"`
+	DestPeakBufferedBytes uint64  `json:"dest_peak_buffered_bytes"`
+	WindowBytes           uint64  `json:"window_bytes"`
+	RetransmittedChunks   uint64  `json:"retransmitted_chunks"`
+	DirectData            bool    `json:"direct_data"`
+	// Precopy is set for a pre-copy migration.
+	Precopy       *precopyResult `json:"precopy,omitempty"`
+	Error         *resultError   `json:"error,omitempty"`
+	DeviceResults []deviceResult `json:"device_results"`
 	// Next says what to do now, when there is something to do.
 	Next string `json:"next,omitempty"`
+}
+
+// precopyResult is how a pre-copy migration went; its measured downtime
+// is the result's DowntimeSeconds.
+type precopyResult struct {
+	// PrecopyBytes were read while the VM ran, StopcopyBytes after the
+	// devices stopped.
+	PrecopyBytes  uint64 `json:"precopy_bytes"`
+	StopcopyBytes uint64 `json:"stopcopy_bytes"`
+	// PredictedDowntimeSeconds is the source's last prediction before the
+	// switchover; absent when it could make none (PredictionNote says why).
+	PredictedDowntimeSeconds *float64 `json:"predicted_downtime_seconds,omitempty"`
+	PredictionNote           string   `json:"prediction_note,omitempty"`
+	// SwitchoverTrigger is what switched the migration over: requested,
+	// forced, downtime_limit or precopy_timeout; empty when it never did.
+	SwitchoverTrigger string `json:"switchover_trigger,omitempty"`
 }
 
 type resultError struct {
@@ -149,6 +175,13 @@ func drive(ctx context.Context, p plan, dst ferryv1.DestAgentClient, src ferryv1
 	}
 	if p.precopy {
 		start.Mode = ferryv1.MigrationMode_MIGRATION_MODE_PRECOPY
+		start.OnPrecopyTimeout = p.onTimeout
+		if p.downtimeLimit > 0 {
+			start.DowntimeLimit = durationpb.New(p.downtimeLimit)
+		}
+		if p.precopyTimeout > 0 {
+			start.PrecopyTimeout = durationpb.New(p.precopyTimeout)
+		}
 	}
 	if p.switchoverDeadline > 0 {
 		start.SwitchoverDeadline = durationpb.New(p.switchoverDeadline)
@@ -161,6 +194,9 @@ func drive(ctx context.Context, p plan, dst ferryv1.DestAgentClient, src ferryv1
 		return nil, newCallError("start the migration at the source "+p.sourceAddr, err, p.creds)
 	}
 
+	if p.switchoverWhenReady {
+		progress = switchoverWhenReady(ctx, src, p.id, progress)
+	}
 	final, err := follow(ctx, src, p.id, progress, p.lost)
 	if err != nil {
 		if ctx.Err() == nil {
@@ -193,6 +229,25 @@ func drive(ctx context.Context, p plan, dst ferryv1.DestAgentClient, src ferryv1
 		}
 	}
 	return summarize(final, incoming), nil
+}
+
+// switchoverWhenReady wraps progress: the first state in READY asks the
+// source for the switchover (not forced). A Switchover that fails is asked
+// again at the next state, as long as the migration is READY.
+func switchoverWhenReady(ctx context.Context, src ferryv1.SourceAgentClient, id string, progress func(*ferryv1.Migration)) func(*ferryv1.Migration) {
+	asked := false
+	return func(m *ferryv1.Migration) {
+		if progress != nil {
+			progress(m)
+		}
+		if asked || m.GetPhase() != ferryv1.MigrationPhase_MIGRATION_PHASE_READY {
+			return
+		}
+		cctx, cancel := context.WithTimeout(ctx, time.Minute)
+		defer cancel()
+		_, err := src.Switchover(cctx, &ferryv1.SwitchoverRequest{MigrationId: id})
+		asked = err == nil
+	}
 }
 
 // The backoff between attempts to watch a migration again.
@@ -329,6 +384,21 @@ func summarize(m, incoming *ferryv1.Migration) *result {
 		r.DestPeakBufferedBytes = incoming.GetPeakBufferedBytes()
 		r.WindowBytes = incoming.GetWindowBytes()
 		r.Verified = r.Verified && incoming.GetPhase() == ferryv1.MigrationPhase_MIGRATION_PHASE_SUCCEEDED
+	}
+	if m.GetPrecopyTimeout() != nil {
+		// The source reports its pre-copy limits for pre-copy
+		// migrations only.
+		pre := &precopyResult{
+			PrecopyBytes:      m.GetPrecopyBytes(),
+			StopcopyBytes:     m.GetStopcopyBytes(),
+			PredictionNote:    m.GetPredictionNote(),
+			SwitchoverTrigger: m.GetSwitchoverTrigger(),
+		}
+		if d := m.GetPredictedDowntime(); d != nil {
+			s := d.AsDuration().Seconds()
+			pre.PredictedDowntimeSeconds = &s
+		}
+		r.Precopy = pre
 	}
 	if e := m.GetError(); e != nil {
 		r.Error = &resultError{Code: codeName(codes.Code(e.GetCode())), Reason: e.GetReason(), Message: e.GetMessage()}

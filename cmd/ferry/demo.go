@@ -18,9 +18,16 @@ import (
 )
 
 func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("demo", stderr, "[--size SIZE] [--channels N] [--devices K] [--json]")
+	fs := newFlagSet("demo", stderr, "[--size SIZE] [--channels N] [--devices K] [--mode stopcopy|precopy [--precopy SIZE] [--dirty RATE] [--downtime-limit D] [--precopy-timeout D] [--on-timeout fail|switchover]] [--json]")
 	devSize := sizeFlag(1 << 30)
 	fs.Var(&devSize, "size", "state size of each simulated device")
+	mode := fs.String("mode", "stopcopy", "stopcopy: stop the devices at once and stream their state; precopy: simulated devices with PRE_COPY stream their initial data while the VM runs, then switch over (at --downtime-limit, or once READY without it)")
+	initial := sizeFlag(0)
+	fs.Var(&initial, "precopy", "pre-copy: each device's initial data, streamed while the VM runs (default: 3/4 of --size)")
+	dirty := rateFlag(8e6)
+	fs.Var(&dirty, "dirty", "pre-copy: the rate at which each device dirties its state while the VM runs (0: never)")
+	var pre precopyFlags
+	pre.register(fs)
 	channels := fs.Uint("channels", wire.DefaultChannels, "parallel channels (TCP connections)")
 	devices := fs.Uint("devices", 1, "number of simulated devices")
 	chunk := sizeFlag(wire.DefaultChunkSize)
@@ -43,6 +50,23 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		return &exitError{code: 2, err: fmt.Errorf("--devices must be 1 to %d", wire.MaxDevices)}
 	case chunk < wire.MinChunkSize || chunk > wire.MaxChunkSize:
 		return &exitError{code: 2, err: fmt.Errorf("--chunk-size must be 4KiB to 16MiB")}
+	case *mode != "stopcopy" && *mode != "precopy":
+		return usageError(fmt.Errorf("--mode %q: want stopcopy or precopy", *mode))
+	case initial > devSize:
+		return usageError(fmt.Errorf("--precopy %s is above --size %s", size.Format(uint64(initial)), size.Format(uint64(devSize))))
+	}
+	set := flagsSet(fs)
+	for _, name := range []string{"precopy", "dirty"} {
+		if set[name] && *mode != "precopy" {
+			return usageError(fmt.Errorf("--%s needs --mode precopy", name))
+		}
+	}
+	if !set["precopy"] {
+		initial = devSize / 4 * 3
+	}
+	var p plan
+	if err := pre.apply(*mode, &p); err != nil {
+		return usageError(err)
 	}
 	log := slog.New(slog.DiscardHandler)
 	if lf.level == "debug" {
@@ -59,20 +83,30 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	}
 	defer env.stop()
 
-	p := plan{
-		id: newMigrationID(), sourceAddr: env.sourceAddr, destAddr: env.destAddr, transfer: env.destAddr,
-		channels: uint32(*channels), chunkSize: uint32(chunk), creds: insecure.NewCredentials(),
-	}
+	p.id, p.sourceAddr, p.destAddr, p.transfer = newMigrationID(), env.sourceAddr, env.destAddr, env.destAddr
+	p.channels, p.chunkSize, p.creds = uint32(*channels), uint32(chunk), insecure.NewCredentials()
+	// Without a downtime limit the source waits for a Switchover: the
+	// demo asks for it once the destination has loaded the initial data.
+	p.switchoverWhenReady = p.precopy && p.downtimeLimit == 0
 	for i := range int(*devices) {
 		spec := fmt.Sprintf("sim:size=%s,seed=%d", size.Format(uint64(devSize)), i+1)
+		if p.precopy {
+			spec += ",flags=stopcopy|p2p|precopy"
+			if initial > 0 {
+				spec += fmt.Sprintf(",precopy=%d", uint64(initial))
+			}
+			if dirty > 0 {
+				spec += fmt.Sprintf(",dirty=%dB/s", uint64(dirty))
+			}
+		}
 		p.pairs = append(p.pairs, &ferryv1.DevicePair{SourceDevice: spec, DestDevice: spec})
 	}
 	if !*asJSON {
 		// How the chunks travelled is the result's to say (the
 		// summary's channels line): the source falls back to gRPC
 		// messages when it cannot use the direct data connections.
-		fmt.Fprintf(stdout, "ferry demo: destination %s (direct data connections on %s), source %s, on loopback; migrating %d simulated device(s) of %s over %d channel(s)\n",
-			env.destAddr, env.dataAddr, env.sourceAddr, *devices, size.Format(uint64(devSize)), *channels)
+		fmt.Fprintf(stdout, "ferry demo: destination %s (direct data connections on %s), source %s, on loopback; migrating %d simulated device(s) of %s over %d channel(s)%s\n",
+			env.destAddr, env.dataAddr, env.sourceAddr, *devices, size.Format(uint64(devSize)), *channels, demoPrecopyText(p, uint64(initial), uint64(dirty)))
 	}
 	view := newProgressView(stderr)
 	r, err := migrate(ctx, p, view.update)
@@ -119,4 +153,18 @@ func startDemoAgents(ctx context.Context, log *slog.Logger, maxChunks uint32, ma
 		dataAddr:   datalis.Addr().String(),
 		stop:       func() { a.Close(ctx) },
 	}, nil
+}
+
+// demoPrecopyText is what the demo's banner says of its pre-copy: the
+// devices' initial data and dirty rate, and what will switch it over.
+func demoPrecopyText(p plan, initial, dirty uint64) string {
+	if !p.precopy {
+		return ""
+	}
+	when := "once the destination is READY (the demo asks for the switchover)"
+	if p.downtimeLimit > 0 {
+		when = "by itself once READY with a predicted downtime of at most " + p.downtimeLimit.String()
+	}
+	return fmt.Sprintf(", pre-copy: %s of initial data each, dirtied at %s, switching over %s",
+		size.Format(initial), size.FormatRate(float64(dirty)), when)
 }

@@ -8,7 +8,9 @@ import (
 	"log/slog"
 	"os"
 	"strings"
+	"time"
 
+	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/size"
 )
 
@@ -23,6 +25,26 @@ func (s *sizeFlag) Set(v string) error {
 	}
 	*s = sizeFlag(n)
 	return nil
+}
+
+// rateFlag is a rate flag in bytes per second ("8MB/s", "1MiB/s").
+type rateFlag uint64
+
+func (r *rateFlag) String() string { return size.FormatRate(float64(*r)) }
+func (r *rateFlag) Set(v string) error {
+	n, err := size.ParseRate(v)
+	if err != nil {
+		return err
+	}
+	*r = rateFlag(n)
+	return nil
+}
+
+// flagsSet is the names of the flags the command line set.
+func flagsSet(fs *flag.FlagSet) map[string]bool {
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	return set
 }
 
 // listFlag collects a repeated flag.
@@ -130,4 +152,50 @@ func isTerminal(w io.Writer) bool {
 	}
 	st, err := f.Stat()
 	return err == nil && st.Mode()&os.ModeCharDevice != 0
+}
+
+// precopyFlags are the pre-copy limits `ferry migrate` and `ferry demo`
+// take; they go with --mode precopy only.
+type precopyFlags struct {
+	fs             *flag.FlagSet
+	downtimeLimit  time.Duration
+	precopyTimeout time.Duration
+	onTimeout      string
+}
+
+func (f *precopyFlags) register(fs *flag.FlagSet) {
+	f.fs = fs
+	fs.DurationVar(&f.downtimeLimit, "downtime-limit", 0, "pre-copy: switch over by itself once the destination is READY and the predicted downtime is at most this (default: only on 'ferry switchover')")
+	fs.DurationVar(&f.precopyTimeout, "precopy-timeout", 0, "pre-copy: the longest pre-copy may run before --on-timeout applies (default: the source agent's, 10m)")
+	fs.StringVar(&f.onTimeout, "on-timeout", "fail", "pre-copy: at --precopy-timeout, fail (roll back; the VM never stopped) or switchover (forced, whether or not the destination is READY)")
+}
+
+// apply checks the flags against the mode and sets them in p.
+func (f *precopyFlags) apply(mode string, p *plan) error {
+	set := flagsSet(f.fs)
+	for _, name := range []string{"downtime-limit", "precopy-timeout", "on-timeout"} {
+		if set[name] && mode != "precopy" {
+			return fmt.Errorf("--%s needs --mode precopy", name)
+		}
+	}
+	switch {
+	case set["downtime-limit"] && f.downtimeLimit <= 0:
+		return errors.New("--downtime-limit must be above 0")
+	case set["precopy-timeout"] && f.precopyTimeout <= 0:
+		return errors.New("--precopy-timeout must be above 0")
+	}
+	switch f.onTimeout {
+	case "fail":
+		p.onTimeout = ferryv1.PrecopyTimeoutAction_PRECOPY_TIMEOUT_ACTION_FAIL
+	case "switchover":
+		p.onTimeout = ferryv1.PrecopyTimeoutAction_PRECOPY_TIMEOUT_ACTION_SWITCHOVER
+	default:
+		return fmt.Errorf("--on-timeout %q: want fail or switchover", f.onTimeout)
+	}
+	if mode != "precopy" {
+		p.onTimeout = ferryv1.PrecopyTimeoutAction_PRECOPY_TIMEOUT_ACTION_UNSPECIFIED
+	}
+	p.precopy = mode == "precopy"
+	p.downtimeLimit, p.precopyTimeout = f.downtimeLimit, f.precopyTimeout
+	return nil
 }

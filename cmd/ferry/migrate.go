@@ -12,7 +12,7 @@ import (
 )
 
 func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("migrate", stderr, "--source ADDR --dest ADDR --src-device SPEC --dest-device SPEC [--src-device SPEC --dest-device SPEC ...] [--channels N] [--chunk-size SIZE] [--mode stopcopy|precopy] [--switchover-deadline D] [--timeout D] (--insecure | --tls-cert FILE --tls-key FILE --tls-ca FILE) [--json]")
+	fs := newFlagSet("migrate", stderr, "--source ADDR --dest ADDR --src-device SPEC --dest-device SPEC [--src-device SPEC --dest-device SPEC ...] [--channels N] [--chunk-size SIZE] [--mode stopcopy|precopy [--downtime-limit D] [--precopy-timeout D] [--on-timeout fail|switchover]] [--switchover-deadline D] [--timeout D] (--insecure | --tls-cert FILE --tls-key FILE --tls-ca FILE) [--json]")
 	sourceAddr := fs.String("source", "", "the source agent's address (host:port)")
 	destAddr := fs.String("dest", "", "the destination agent's address (host:port)")
 	transfer := fs.String("dest-transfer", "", "the destination's address as the source agent reaches it (default: --dest)")
@@ -23,7 +23,9 @@ func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	chunk := sizeFlag(wire.DefaultChunkSize)
 	fs.Var(&chunk, "chunk-size", "chunk size")
 	id := fs.String("id", "", "migration id (default: a random one)")
-	mode := fs.String("mode", "stopcopy", "stopcopy: stop the devices at once and stream their state; precopy: stream what devices with PRE_COPY offer while the VM runs, until 'ferry switchover' (devices without PRE_COPY stream at the switchover)")
+	mode := fs.String("mode", "stopcopy", "stopcopy: stop the devices at once and stream their state; precopy: stream what devices with PRE_COPY offer while the VM runs, until 'ferry switchover' or --downtime-limit (devices without PRE_COPY stream at the switchover)")
+	var pre precopyFlags
+	pre.register(fs)
 	switchover := fs.Duration("switchover-deadline", 0, "the longest the source devices may stay stopped without a verdict; past it the source rolls back (0: the source agent's default, 60s)")
 	timeout := fs.Duration("timeout", 0, "cancel the migration (and roll it back) if it has not ended after this long (0: wait until it ends or ferry migrate is interrupted)")
 	var sec clientSecurityFlags
@@ -48,19 +50,22 @@ func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	case *timeout < 0:
 		return usageError(errors.New("--timeout must not be negative"))
 	}
-	creds, err := sec.creds()
-	if err != nil {
-		return usageError(err)
-	}
 	view := newProgressView(stderr)
 	p := plan{
 		id: *id, sourceAddr: *sourceAddr, destAddr: *destAddr, transfer: *transfer,
-		channels: uint32(*channels), chunkSize: uint32(chunk), switchoverDeadline: *switchover, creds: creds,
-		precopy: *mode == "precopy",
+		channels: uint32(*channels), chunkSize: uint32(chunk), switchoverDeadline: *switchover,
 		lost: func(err error) {
 			view.note(fmt.Sprintf("ferry migrate: the watch broke (%s); watching again, the migration goes on", describe(err, sec.insecure)))
 		},
 	}
+	if err := pre.apply(*mode, &p); err != nil {
+		return usageError(err)
+	}
+	creds, err := sec.creds()
+	if err != nil {
+		return usageError(err)
+	}
+	p.creds = creds
 	if p.id == "" {
 		p.id = newMigrationID()
 	}

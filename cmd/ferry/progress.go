@@ -16,8 +16,48 @@ import (
 	"github.com/vfio-ferry/ferry/pkg/size"
 )
 
+// phaseName is how the CLI names a phase: "PRECOPY", "READY", ...
 func phaseName(p ferryv1.MigrationPhase) string {
 	return strings.TrimPrefix(p.String(), "MIGRATION_PHASE_")
+}
+
+// precopying reports whether m streams while the VM runs: PRECOPY, or
+// READY (the destination has loaded the initial data).
+func precopying(m *ferryv1.Migration) bool {
+	switch m.GetPhase() {
+	case ferryv1.MigrationPhase_MIGRATION_PHASE_PRECOPY, ferryv1.MigrationPhase_MIGRATION_PHASE_READY:
+		return true
+	}
+	return false
+}
+
+// precopyText is what the progress shows of a migration in pre-copy
+// beside its phase: the predicted downtime (or why there is none), the
+// bytes sent while the VM ran, and how fast the devices dirty their
+// state. Empty outside pre-copy.
+func precopyText(m *ferryv1.Migration) string {
+	if !precopying(m) {
+		return ""
+	}
+	pred := "no downtime prediction yet"
+	switch {
+	case m.GetPredictedDowntime() != nil:
+		pred = "predicted downtime " + m.GetPredictedDowntime().AsDuration().Round(time.Millisecond).String()
+		if m.GetPredictionNote() != "" {
+			pred += " (" + m.GetPredictionNote() + ")"
+		}
+	case m.GetPredictionNote() != "":
+		pred = "no downtime prediction: " + m.GetPredictionNote()
+	}
+	return fmt.Sprintf("%s, pre-copy %s, dirty %s", pred, size.Format(m.GetPrecopyBytes()), size.FormatRate(m.GetDirtyBytesPerSecond()))
+}
+
+// phaseText is the phase, with the pre-copy figures while it runs.
+func phaseText(m *ferryv1.Migration) string {
+	if t := precopyText(m); t != "" {
+		return phaseName(m.GetPhase()) + "  " + t
+	}
+	return phaseName(m.GetPhase())
 }
 
 func stateName(s ferryv1.DeviceState) string {
@@ -139,7 +179,7 @@ func (v *progressView) update(m *ferryv1.Migration) {
 		v.phase = m.GetPhase()
 		v.lastPlain = now
 		var b strings.Builder
-		fmt.Fprintf(&b, "%s %s", m.GetId(), phaseName(m.GetPhase()))
+		fmt.Fprintf(&b, "%s %s", m.GetId(), phaseText(m))
 		for i, d := range devs {
 			fmt.Fprintf(&b, "  [%d] %s/%s", i, size.Format(d.GetBytes()), totalText(d))
 		}
@@ -157,7 +197,7 @@ func totalText(d *ferryv1.DeviceProgress) string {
 func (v *progressView) drawTTY(m *ferryv1.Migration) {
 	var lines []string
 	width := v.width()
-	lines = append(lines, elide(m.GetId()+"  "+phaseName(m.GetPhase()), width-1))
+	lines = append(lines, elide(m.GetId()+"  "+phaseText(m), width-1))
 	names := make([]string, len(m.GetDevices()))
 	stats := make([]deviceStats, len(m.GetDevices()))
 	for i, d := range m.GetDevices() {
@@ -310,6 +350,22 @@ func printSummary(w io.Writer, r *result) {
 		fmt.Fprintf(w, "  transfer     %.3fs at %s (first chunk read to verdict)\n", r.TransferSeconds, size.FormatRate(r.ThroughputBytesPerSecond))
 	}
 	fmt.Fprintf(w, "  downtime     %.3fs (switchover start to verdict: the devices stopped)\n", r.DowntimeSeconds)
+	if pre := r.Precopy; pre != nil {
+		fmt.Fprintf(w, "  pre-copy     %s while the VM ran, %s after the devices stopped\n", size.Format(pre.PrecopyBytes), size.Format(pre.StopcopyBytes))
+		predicted := "none"
+		if pre.PredictedDowntimeSeconds != nil {
+			predicted = fmt.Sprintf("%.3fs", *pre.PredictedDowntimeSeconds)
+		}
+		if pre.PredictionNote != "" {
+			predicted += " (" + pre.PredictionNote + ")"
+		}
+		fmt.Fprintf(w, "  predicted    %s downtime (the last prediction before the switchover), measured %.3fs\n", predicted, r.DowntimeSeconds)
+		trigger := pre.SwitchoverTrigger
+		if trigger == "" {
+			trigger = "none (the migration never switched over)"
+		}
+		fmt.Fprintf(w, "  switchover   %s\n", trigger)
+	}
 	fmt.Fprintf(w, "  dest buffer  peak %s of a %s window\n", size.Format(r.DestPeakBufferedBytes), size.Format(r.WindowBytes))
 	for _, d := range r.DeviceResults {
 		line := fmt.Sprintf("  %s -> %s: %s, source %s, destination %s", d.Source, d.Dest, size.Format(d.Bytes), d.SourceState, d.DestState)

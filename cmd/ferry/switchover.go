@@ -12,11 +12,13 @@ import (
 
 // runSwitchover asks the source agent to switch a pre-copy migration over
 // (SourceAgent.Switchover): `ferry migrate --mode precopy` streams while
-// the VM runs until then.
+// the VM runs until then. Without --force the source switches over once
+// the migration is READY (at once when it is).
 func runSwitchover(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("switchover", stderr, "--source ADDR --id ID (--insecure | --tls-cert FILE --tls-key FILE --tls-ca FILE)")
+	fs := newFlagSet("switchover", stderr, "--source ADDR --id ID [--force] (--insecure | --tls-cert FILE --tls-key FILE --tls-ca FILE)")
 	addr := fs.String("source", "", "the source agent's address (host:port)")
 	id := fs.String("id", "", "the migration id")
+	force := fs.Bool("force", false, "switch over now, before the destination has loaded the initial data (READY): the devices then stop with more state left to move")
 	var sec clientSecurityFlags
 	sec.register(fs)
 	if err := parse(fs, args); err != nil {
@@ -32,7 +34,7 @@ func runSwitchover(ctx context.Context, args []string, stdout, stderr io.Writer)
 	defer conn.Close()
 	cctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
-	resp, err := ferryv1.NewSourceAgentClient(conn).Switchover(cctx, &ferryv1.SwitchoverRequest{MigrationId: *id})
+	resp, err := ferryv1.NewSourceAgentClient(conn).Switchover(cctx, &ferryv1.SwitchoverRequest{MigrationId: *id, Force: *force})
 	if err != nil {
 		return newCallError("switch "+*id+" over at "+*addr, err, creds)
 	}
