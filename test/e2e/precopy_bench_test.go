@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"fmt"
+	"slices"
 	"testing"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
@@ -19,10 +20,9 @@ import (
 //	go test ./test/e2e/ -run '^$' -bench PrecopyDowntime -benchtime 3x
 func BenchmarkPrecopyDowntime(b *testing.B) {
 	a := startAgents(b, dest.Config{})
-	var n int
-	var stop, pre, total, preTotal, predicted, ratio float64
+	var stop, stopTotal, pre, preTotal, predicted, ratio []float64
 	for b.Loop() {
-		n++
+		n := len(stop) + 1
 		s := fmt.Sprintf("sim:size=4GiB,seed=%d", 100+n)
 		id := fmt.Sprintf("bench-stop-%d", n)
 		a.startStopcopy(b, id, s)
@@ -30,8 +30,8 @@ func BenchmarkPrecopyDowntime(b *testing.B) {
 		if m.GetPhase() != succeeded {
 			b.Fatalf("stop-copy: %v %v", m.GetPhase(), m.GetError())
 		}
-		stop += m.GetDowntime().AsDuration().Seconds()
-		total += elapsed(m)
+		stop = append(stop, m.GetDowntime().AsDuration().Seconds())
+		stopTotal = append(stopTotal, elapsed(m))
 
 		p := fmt.Sprintf("sim:size=4GiB,seed=%d,flags=stopcopy|p2p|precopy,precopy=4GiB,dirty=32MB/s", 200+n)
 		id = fmt.Sprintf("bench-pre-%d", n)
@@ -45,22 +45,39 @@ func BenchmarkPrecopyDowntime(b *testing.B) {
 			b.Fatalf("pre-copy: %v %v", m.GetPhase(), m.GetError())
 		}
 		d, pd := m.GetDowntime().AsDuration().Seconds(), m.GetPredictedDowntime().AsDuration().Seconds()
-		pre += d
-		preTotal += elapsed(m)
-		predicted += pd
+		pre, preTotal, predicted = append(pre, d), append(preTotal, elapsed(m)), append(predicted, pd)
 		if pd > 0 {
-			ratio += d / pd
+			ratio = append(ratio, d/pd)
 		}
-		b.Logf("round %d: stop-copy downtime %.3fs; pre-copy downtime %.4fs, predicted %.4fs, %d pre-copy bytes, %d stop-copy bytes",
-			n, stop/float64(n), d, pd, m.GetPrecopyBytes(), m.GetStopcopyBytes())
+		b.Logf("round %d: stop-copy downtime %.3fs of %.3fs; pre-copy downtime %.4fs of %.3fs, predicted %.4fs; %d pre-copy bytes, %d stop-copy bytes",
+			n, stop[n-1], stopTotal[n-1], d, preTotal[n-1], pd, m.GetPrecopyBytes(), m.GetStopcopyBytes())
 	}
-	f := float64(n)
-	b.ReportMetric(stop/f*1e3, "stopcopy-downtime-ms")
-	b.ReportMetric(total/f, "stopcopy-total-s")
-	b.ReportMetric(pre/f*1e3, "precopy-downtime-ms")
-	b.ReportMetric(preTotal/f, "precopy-total-s")
-	b.ReportMetric(predicted/f*1e3, "predicted-downtime-ms")
-	b.ReportMetric(ratio/f, "measured/predicted")
+	b.Logf("medians [ranges]: stop-copy downtime %s s, total %s s; pre-copy downtime %s s, total %s s, predicted %s s, measured/predicted %s",
+		spread(stop), spread(stopTotal), spread(pre), spread(preTotal), spread(predicted), spread(ratio))
+	b.ReportMetric(median(stop)*1e3, "stopcopy-downtime-ms")
+	b.ReportMetric(median(pre)*1e3, "precopy-downtime-ms")
+	b.ReportMetric(median(predicted)*1e3, "predicted-downtime-ms")
+	b.ReportMetric(median(ratio), "measured/predicted")
+}
+
+// median is the middle of v (the mean of the middle two), 0 when empty.
+func median(v []float64) float64 {
+	if len(v) == 0 {
+		return 0
+	}
+	s := slices.Sorted(slices.Values(v))
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+// spread is "median [min-max]".
+func spread(v []float64) string {
+	if len(v) == 0 {
+		return "-"
+	}
+	return fmt.Sprintf("%.4g [%.4g-%.4g]", median(v), slices.Min(v), slices.Max(v))
 }
 
 // startStopcopy prepares and starts a stop-copy migration of one device
