@@ -53,9 +53,10 @@ type srcDevice struct {
 	// end of the state, so END comes next; finished once END is made.
 	digest *chunkwire.Digest
 	// precopyDev is set for a device of a pre-copy migration that has
-	// PRE_COPY (before its reader starts); inPrecopy while it is in
-	// PRE_COPY(_P2P), so a read that finds nothing new is not the end.
-	precopyDev      bool
+	// PRE_COPY, before its reader starts (atomic: the API reads it);
+	// inPrecopy while it is in PRE_COPY(_P2P), so a read that finds
+	// nothing new is not the end.
+	precopyDev      atomic.Bool
 	inPrecopy       atomic.Bool
 	atEnd, finished bool
 	// pc is the device's pre-copy bookkeeping (precopy.go).

@@ -485,7 +485,7 @@ func (m *migration) stopDevices() error {
 	if m.allP2P() {
 		for _, d := range m.devs {
 			target := vfio.StateRunningP2P
-			if d.precopyDev {
+			if d.precopyDev.Load() {
 				target = vfio.StatePreCopyP2P
 			}
 			if _, err := d.dev.SetState(target); err != nil {
@@ -498,7 +498,7 @@ func (m *migration) stopDevices() error {
 		if err != nil {
 			return deviceapi.Error(d.spec, "enter STOP_COPY", err)
 		}
-		if d.precopyDev {
+		if d.precopyDev.Load() {
 			d.inPrecopy.Store(false)
 			continue
 		}

@@ -202,7 +202,7 @@ func (m *migration) startPrecopy() error {
 			return wire.Errorf(codes.Internal, wire.ReasonDeviceState, "device %s: PRE_COPY opened no data stream", d.spec)
 		}
 		d.stream = s
-		d.precopyDev = true
+		d.precopyDev.Store(true)
 		d.pc.mu.Lock()
 		d.pc.stateChange = took
 		d.pc.mu.Unlock()
@@ -264,7 +264,7 @@ func (d *srcDevice) sizeReport() sizeReport {
 	d.pc.mu.Lock()
 	defer d.pc.mu.Unlock()
 	return sizeReport{
-		spec: d.spec, precopy: d.precopyDev, infoOK: d.pc.infoOK,
+		spec: d.spec, precopy: d.precopyDev.Load(), infoOK: d.pc.infoOK,
 		initial: d.pc.info.InitialBytes, dirty: d.pc.info.DirtyBytes,
 		sizeOK: d.pc.sizeOK, size: d.pc.size, stateChangeTime: d.pc.stateChange,
 	}
@@ -472,7 +472,7 @@ func (m *migration) sampleCounters() counters {
 	c := counters{at: time.Now(), idles: m.precopy.idles.Load(), backlogOK: true}
 	for _, d := range m.devs {
 		c.read += d.read.Load()
-		if !d.precopyDev {
+		if !d.precopyDev.Load() {
 			continue
 		}
 		b, ok := d.backlog()
@@ -500,7 +500,7 @@ func rateSampleOf(a, b counters) rateSample {
 // precopyRead is what d read while the VM ran: all it read so far until
 // the switchover.
 func (d *srcDevice) precopyRead() uint64 {
-	if !d.precopyDev {
+	if !d.precopyDev.Load() {
 		return 0
 	}
 	d.pc.mu.Lock()

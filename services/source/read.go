@@ -20,7 +20,7 @@ import (
 // END for the channels. A migration of several devices reads each so,
 // whatever the number of channels: slow devices are read in parallel.
 func (m *migration) readDevice(ctx context.Context, d *srcDevice, queue chan<- *outChunk) error {
-	if m.precopy != nil && !d.precopyDev {
+	if m.precopy != nil && !d.precopyDev.Load() {
 		// A device without PRE_COPY stays RUNNING until the switchover.
 		select {
 		case <-m.precopy.stopped:
@@ -37,7 +37,7 @@ func (m *migration) readDevice(ctx context.Context, d *srcDevice, queue chan<- *
 		if err != nil {
 			return err
 		}
-		if d.precopyDev {
+		if d.precopyDev.Load() {
 			d.notePrecopy(c == nil)
 		}
 		if c == nil {
