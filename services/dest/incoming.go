@@ -233,8 +233,16 @@ type incoming struct {
 // setPhase moves the migration forward to p, one of the phases before
 // the verdict; it never moves back, nor out of VERIFIED or a final phase.
 func (inc *incoming) setPhase(p ferryv1.MigrationPhase) {
+	inc.moveIf(p, func(cur ferryv1.MigrationPhase) bool {
+		return wire.PhaseOrder(p) > wire.PhaseOrder(cur) && !settled(cur)
+	})
+}
+
+// moveIf moves the migration to p if ok holds of its phase, and tells
+// the log and the watchers.
+func (inc *incoming) moveIf(p ferryv1.MigrationPhase, ok func(cur ferryv1.MigrationPhase) bool) {
 	inc.mu.Lock()
-	changed := wire.PhaseOrder(p) > wire.PhaseOrder(inc.phase) && !settled(inc.phase)
+	changed := ok(inc.phase)
 	if changed {
 		inc.phase = p
 	}

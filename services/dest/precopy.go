@@ -85,16 +85,7 @@ func (inc *incoming) setReady(ready bool) {
 	if !ready {
 		from, to = to, from
 	}
-	inc.mu.Lock()
-	changed := inc.phase == from
-	if changed {
-		inc.phase = to
-	}
-	inc.mu.Unlock()
-	if changed {
-		inc.log.Info("phase", "phase", to.String())
-		inc.watch.Notify()
-	}
+	inc.moveIf(to, func(cur ferryv1.MigrationPhase) bool { return cur == from })
 }
 
 func (s *transferServer) SwitchoverAck(ctx context.Context, req *ferryv1.SwitchoverAckRequest) (*ferryv1.SwitchoverAckResponse, error) {

@@ -334,18 +334,11 @@ func (m *migration) stream(ctx context.Context, transfer ferryv1.TransferClient,
 	defer stopCancel()
 	// A peer that saw the deadline (gRPC carries it, rounded) may answer
 	// DEADLINE_EXCEEDED a moment before the local timer fires: that is
-	// the switchover deadline too, once the timer has fired.
+	// the switchover deadline too.
 	stopBy, _ := stopped.Deadline()
 	deadlineErr := func(err error) error {
-		if wire.Code(err) == codes.DeadlineExceeded && time.Until(stopBy) < deadlineSlack {
-			t := time.NewTimer(deadlineSlack)
-			select {
-			case <-stopped.Done():
-			case <-t.C:
-			}
-			t.Stop()
-		}
-		if errors.Is(context.Cause(stopped), errSwitchoverDeadline) {
+		if errors.Is(context.Cause(stopped), errSwitchoverDeadline) ||
+			wire.Code(err) == codes.DeadlineExceeded && time.Until(stopBy) < deadlineSlack {
 			return errSwitchoverDeadline
 		}
 		return err

@@ -157,10 +157,9 @@ func (p *precopy) idle(ctx context.Context) error {
 // the supervisor and the API read it, under mu; lastInfo is the reader's
 // alone.
 type devPrecopy struct {
-	mu      sync.Mutex
-	info    vfio.PrecopyInfo
-	infoOK  bool
-	infoErr string
+	mu     sync.Mutex
+	info   vfio.PrecopyInfo
+	infoOK bool
 	// generation counts the REINITs; complete says the initial data of
 	// this generation is read whole, end where it ends in the stream.
 	generation uint32
@@ -229,25 +228,28 @@ func (d *srcDevice) notePrecopy(noData bool) {
 		return
 	}
 	p.lastInfo = now
+	// A stream without VFIO_MIG_GET_PRECOPY_INFO has no info: only a read
+	// that finds nothing new ends its initial data.
 	var info vfio.PrecopyInfo
-	err := fmt.Errorf("the device's stream answers no VFIO_MIG_GET_PRECOPY_INFO")
-	if pi, ok := d.stream.(vfio.PrecopyInfoer); ok {
+	pi, infoOK := d.stream.(vfio.PrecopyInfoer)
+	if infoOK {
+		var err error
 		info, err = pi.PrecopyInfo()
+		infoOK = err == nil
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if err != nil {
-		p.infoOK, p.infoErr = false, err.Error()
-	} else {
-		p.info, p.infoOK, p.infoErr = info, true, ""
+	p.infoOK = infoOK
+	if infoOK {
+		p.info = info
 	}
-	if err == nil && info.Reinit {
+	if infoOK && info.Reinit {
 		p.generation++
 		p.complete = false
 	}
 	// The kernel says both counts are 0 exactly when a read finds nothing
 	// new: either ends the initial data.
-	if !p.complete && (noData || err == nil && info.InitialBytes == 0) {
+	if !p.complete && (noData || infoOK && info.InitialBytes == 0) {
 		p.complete, p.end = true, d.read.Load()
 	}
 }
