@@ -335,6 +335,12 @@ type recLoader struct {
 	seed  uint64
 
 	gens []uint32 // per page: 1 + the generation last applied; 0 never
+	// Kept as records apply, so that verify costs the dirty events, not
+	// the pages: how many pages are at each value of gens (0 excluded),
+	// how many were written, and the sum of their generations.
+	atGen   map[uint32]uint64
+	written uint64
+	genSum  uint64
 
 	hdr     [recHeaderLen]byte
 	hdrN    int    // header bytes gathered
@@ -437,13 +443,42 @@ func (l *recLoader) endRecord() {
 	}
 	if l.gens == nil {
 		l.gens = make([]uint32, l.pages)
+		l.atGen = make(map[uint32]uint64)
 	}
 	g := uint32(min(l.recGen, math.MaxUint32-1)) + 1
-	for p := l.recOff / simPageSize; p < simPages(l.recOff+l.recLen); p++ {
-		if l.gens[p] > g && l.failed == nil {
-			l.fail(fmt.Errorf("page at %d: generation %d after %d (records out of order)", p*simPageSize, g-1, l.gens[p]-1))
+	first, end := l.recOff/simPageSize, simPages(l.recOff+l.recLen)
+	// Pages of a record mostly share their old value (the first pass: all
+	// 0), so the counts move once per run of equal old values.
+	run, runLen := uint32(0), uint64(0)
+	for p := first; p < end; p++ {
+		old := l.gens[p]
+		if old > g && l.failed == nil {
+			l.fail(fmt.Errorf("page at %d: generation %d after %d (records out of order)", p*simPageSize, g-1, old-1))
 		}
+		if old != run {
+			l.unapply(run, runLen)
+			run, runLen = old, 0
+		}
+		runLen++
 		l.gens[p] = g
+	}
+	l.unapply(run, runLen)
+	n := end - first
+	l.atGen[g] += n
+	l.genSum += n * uint64(g-1)
+}
+
+// unapply takes n pages at gens value old out of the counts.
+func (l *recLoader) unapply(old uint32, n uint64) {
+	switch {
+	case n == 0:
+	case old == 0:
+		l.written += n
+	default:
+		if l.atGen[old] -= n; l.atGen[old] == 0 {
+			delete(l.atGen, old)
+		}
+		l.genSum -= n * uint64(old-1)
 	}
 }
 
@@ -467,48 +502,56 @@ func (l *recLoader) verify() error {
 	case l.gens == nil:
 		return fmt.Errorf("short stream: no page of the state was written")
 	}
+	if l.written != l.pages {
+		return fmt.Errorf("short stream: page at %d never written", l.firstPage(func(g uint32) bool { return g == 0 })*simPageSize)
+	}
+	base := uint32(l.epoch) + 1
+	for g := range l.atGen {
+		if g < base {
+			return fmt.Errorf("page at %d is not at its final generation: stream incomplete",
+				l.firstPage(func(g uint32) bool { return g < base })*simPageSize)
+		}
+	}
 	// The generations applied above the epoch must add up to the events
 	// (which also bounds the replay below by what the stream carried).
-	var above uint64
-	for p, g := range l.gens {
-		if g < uint32(l.epoch)+1 {
-			return fmt.Errorf("page at %d is not at its final generation: stream incomplete", uint64(p)*simPageSize)
-		}
-		above += uint64(g) - 1 - l.epoch
-	}
-	if above != l.events {
+	if above := l.genSum - l.pages*l.epoch; above != l.events {
 		return fmt.Errorf("pages rewritten %d times, the source made %d dirty events: stream incomplete", above, l.events)
 	}
-	// Replay the events on a copy: subtract them from what was applied;
-	// every page must come out at 1 + epoch.
-	left := make([]uint32, len(l.gens))
-	copy(left, l.gens)
+	// Replay the events: no page may be hit more often than it was
+	// rewritten. As the hits add up to the rewrites, every page then
+	// took exactly its own, and is at its final generation.
+	hit := hitCounter(l.events, l.pages)
 	key := dirtyKey(l.seed)
 	for k := range l.events {
 		p := dirtyPage(key, k, l.pages)
-		if left[p] <= uint32(l.epoch)+1 {
+		if hit(p) >= l.gens[p]-base {
 			return fmt.Errorf("page at %d lacks its newest rewrite (dirty event %d): stream incomplete", p*simPageSize, k)
-		}
-		left[p]--
-	}
-	for p, g := range left {
-		switch {
-		case g == 0:
-			return fmt.Errorf("short stream: page at %d never written", uint64(p)*simPageSize)
-		case g != uint32(l.epoch)+1:
-			return fmt.Errorf("page at %d is not at its final generation: stream incomplete", uint64(p)*simPageSize)
 		}
 	}
 	return nil
 }
 
-// pagesWritten counts the pages written at least once, for errors.
-func (l *recLoader) pagesWritten() int {
-	n := 0
-	for _, g := range l.gens {
-		if g != 0 {
-			n++
+// hitCounter counts the events per page: it returns the count before
+// this one. Few events (the usual case) are counted in a map; many in
+// an array over the pages.
+func hitCounter(events, pages uint64) func(p uint64) uint32 {
+	if events >= pages/16 {
+		hits := make([]uint32, pages)
+		return func(p uint64) uint32 { h := hits[p]; hits[p]++; return h }
+	}
+	hits := make(map[uint64]uint32, events)
+	return func(p uint64) uint32 { h := hits[p]; hits[p] = h + 1; return h }
+}
+
+// firstPage finds the first page whose gens value is bad, for errors.
+func (l *recLoader) firstPage(bad func(uint32) bool) uint64 {
+	for p, g := range l.gens {
+		if bad(g) {
+			return uint64(p)
 		}
 	}
-	return n
+	return 0
 }
+
+// pagesWritten counts the pages written at least once, for errors.
+func (l *recLoader) pagesWritten() uint64 { return l.written }

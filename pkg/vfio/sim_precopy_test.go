@@ -277,10 +277,17 @@ func TestSimPrecopyDirty(t *testing.T) {
 // TestSimPrecopyMigration migrates a running, dirtying device with a
 // reinit through pre-copy and stop-copy into a destination instance: the
 // whole stream verifies, in any chunking; the first pass alone does not,
-// nor a stream without its trailer or its last dirty record.
+// nor a stream without its trailer or its last dirty record. The rates
+// give the destination's check many dirty events per page and few.
 func TestSimPrecopyMigration(t *testing.T) {
+	for _, rate := range []string{"1MiB/s", "16KiB/s"} {
+		t.Run(rate, func(t *testing.T) { testSimPrecopyMigration(t, rate) })
+	}
+}
+
+func testSimPrecopyMigration(t *testing.T, rate string) {
 	synctest.Test(t, func(t *testing.T) {
-		const spec = "sim:size=1MiB,seed=11,zero=0.25,flags=stopcopy|p2p|precopy,precopy=768KiB,dirty=1MiB/s,reinit=100KiB"
+		spec := "sim:size=1MiB,seed=11,zero=0.25,flags=stopcopy|p2p|precopy,precopy=768KiB,dirty=" + rate + ",reinit=100KiB"
 		src := newSim(t, spec)
 		ds := setState(t, src, StatePreCopy)
 		var saved []byte
@@ -324,10 +331,15 @@ func TestSimPrecopyMigration(t *testing.T) {
 			return out
 		}
 		withoutDirty := append(append([][]byte{}, recs[:lastDirty]...), recs[lastDirty+1:]...)
+		// The last dirty record rewritten as another page's, its bytes
+		// right for that page: the counts add up, the events do not.
+		moved := append([][]byte{}, recs...)
+		moved[lastDirty] = movedRecord(src, recs[lastDirty])
 		for name, stream := range map[string][]byte{
 			"first pass only":      saved[:firstPass],
 			"no trailer":           join(recs[:len(recs)-1]),
 			"last dirty dropped":   join(withoutDirty),
+			"last dirty moved":     join(moved),
 			"cut inside a record":  saved[:len(saved)-recHeaderLen-recTrailerLen-100],
 			"another device's":     saveWhole(t, "sim:size=1MiB,seed=12,flags=stopcopy|p2p|precopy"),
 			"stop-copy-only state": saveWhole(t, "sim:size=1MiB,seed=11,zero=0.25"),
@@ -337,6 +349,18 @@ func TestSimPrecopyMigration(t *testing.T) {
 			}
 		}
 	})
+}
+
+// movedRecord returns rec as the record of the page after its own, with
+// the content that page has at rec's generation.
+func movedRecord(d *SimDevice, rec []byte) []byte {
+	off := (binary.LittleEndian.Uint64(rec[0:]) + simPageSize) % d.spec.Sim.Size
+	gen := binary.LittleEndian.Uint64(rec[16:])
+	out := append([]byte(nil), rec...)
+	binary.LittleEndian.PutUint64(out[0:], off)
+	ct := d.content.genContent(gen)
+	ct.fill(out[recHeaderLen:], off)
+	return out
 }
 
 // saveWhole saves the state of a fresh device of spec through STOP_COPY.
