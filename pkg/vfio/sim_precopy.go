@@ -341,6 +341,12 @@ type recLoader struct {
 	atGen   map[uint32]uint64
 	written uint64
 	genSum  uint64
+	// And a fingerprint of which pages were rewritten how often:
+	// sum over the written pages of generation * pageHash, and of
+	// pageHash alone (both wrap). The replay compares it with the dirty
+	// events' own (see verify).
+	hashKey          uint64
+	hashSum, hashAll uint64
 
 	hdr     [recHeaderLen]byte
 	hdrN    int    // header bytes gathered
@@ -362,7 +368,7 @@ type recLoader struct {
 
 func newRecLoader(d *SimDevice) *recLoader {
 	cfg := &d.spec.Sim
-	return &recLoader{ct: &d.content, size: cfg.Size, pages: simPages(cfg.Size), seed: cfg.Seed}
+	return &recLoader{ct: &d.content, size: cfg.Size, pages: simPages(cfg.Size), seed: cfg.Seed, hashKey: mix(cfg.Seed ^ 0x6a09e667f3bcc909)}
 }
 
 // write takes p, the next bytes of the stream. Bytes after the trailer
@@ -461,6 +467,13 @@ func (l *recLoader) endRecord() {
 		}
 		runLen++
 		l.gens[p] = g
+		h := pageHash(l.hashKey, p)
+		if old == 0 {
+			l.hashAll += h
+		} else {
+			l.hashSum -= uint64(old-1) * h
+		}
+		l.hashSum += uint64(g-1) * h
 	}
 	l.unapply(run, runLen)
 	n := end - first
@@ -517,31 +530,30 @@ func (l *recLoader) verify() error {
 	if above := l.genSum - l.pages*l.epoch; above != l.events {
 		return fmt.Errorf("pages rewritten %d times, the source made %d dirty events: stream incomplete", above, l.events)
 	}
-	// Replay the events: no page may be hit more often than it was
-	// rewritten. As the hits add up to the rewrites, every page then
-	// took exactly its own, and is at its final generation.
-	hit := hitCounter(l.events, l.pages)
+	// Replay the events: the pages they rewrote, each as often as they
+	// hit it, must be the pages the stream rewrote above the epoch. The
+	// comparison is of the fingerprints, so it costs the events and
+	// never touches the pages: the page counts agree (above) and
+	//
+	//	sum over pages of (gen - epoch) * pageHash == sum over events of pageHash(page).
+	//
+	// The hashes are odd, so a stream that differs in one page's count
+	// always fails; one that differs in several passes only where its
+	// differences cancel modulo 2^64 (a chance of about 2^-64).
+	var want uint64
 	key := dirtyKey(l.seed)
 	for k := range l.events {
-		p := dirtyPage(key, k, l.pages)
-		if hit(p) >= l.gens[p]-base {
-			return fmt.Errorf("page at %d lacks its newest rewrite (dirty event %d): stream incomplete", p*simPageSize, k)
-		}
+		want += pageHash(l.hashKey, dirtyPage(key, k, l.pages))
+	}
+	if got := l.hashSum - l.epoch*l.hashAll; got != want {
+		return fmt.Errorf("the pages rewritten are not the pages the source dirtied: stream incomplete")
 	}
 	return nil
 }
 
-// hitCounter counts the events per page: it returns the count before
-// this one. Few events (the usual case) are counted in a map; many in
-// an array over the pages.
-func hitCounter(events, pages uint64) func(p uint64) uint32 {
-	if events >= pages/16 {
-		hits := make([]uint32, pages)
-		return func(p uint64) uint32 { h := hits[p]; hits[p]++; return h }
-	}
-	hits := make(map[uint64]uint32, events)
-	return func(p uint64) uint32 { h := hits[p]; hits[p] = h + 1; return h }
-}
+// pageHash is page p's fingerprint term: odd, so never 0 and invertible
+// modulo 2^64.
+func pageHash(key, p uint64) uint64 { return mix(key+p*gamma) | 1 }
 
 // firstPage finds the first page whose gens value is bad, for errors.
 func (l *recLoader) firstPage(bad func(uint32) bool) uint64 {
