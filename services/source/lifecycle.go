@@ -403,8 +403,13 @@ func (m *migration) stream(ctx context.Context, transfer ferryv1.TransferClient,
 	m.peakBuffered, m.windowBytes = verdict.GetPeakBufferedBytes(), verdict.GetWindowBytes()
 	m.mu.Unlock()
 	chCancel()
-	m.await(g.Wait)
 	m.tellCommit(transfer, session)
+	// The downtime ends here: the destination owns the devices and its
+	// VM may run. The channels wind down after it.
+	m.mu.Lock()
+	m.resumeTime = time.Now()
+	m.mu.Unlock()
+	m.await(g.Wait)
 	return nil
 }
 

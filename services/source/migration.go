@@ -81,9 +81,13 @@ type migration struct {
 	err            *ferryv1.MigrationError
 	startTime      time.Time
 	switchoverTime time.Time
-	endTime        time.Time
-	peakBuffered   uint64
-	windowBytes    uint64
+	// resumeTime is when the destination acknowledged the commit (or
+	// was last asked to): the end of the downtime of a migration that
+	// succeeded. A failed one's downtime ends at endTime, rolled back.
+	resumeTime   time.Time
+	endTime      time.Time
+	peakBuffered uint64
+	windowBytes  uint64
 	// committed is set at the commit point (see commit); commitUnheard
 	// when the destination did not acknowledge it.
 	committed, commitUnheard bool
@@ -237,7 +241,7 @@ func (m *migration) snapshot() (*ferryv1.Migration, bool, uint64) {
 	if t := m.lastWord.Load(); t != 0 {
 		s.LastPeerActivityTime = timestamppb.New(time.Unix(0, t))
 	}
-	start, sw, end := m.startTime, m.switchoverTime, m.endTime
+	start, sw, end, downEnd := m.startTime, m.switchoverTime, m.endTime, m.downtimeEnd()
 	devs := m.devs
 	gates := make([]*flow.Gate, len(devs))
 	for i, d := range devs {
@@ -280,8 +284,8 @@ func (m *migration) snapshot() (*ferryv1.Migration, bool, uint64) {
 	if !start.IsZero() && !end.IsZero() && end.After(start) && s.Phase == ferryv1.MigrationPhase_MIGRATION_PHASE_SUCCEEDED {
 		s.ThroughputBytesPerSecond = float64(total) / end.Sub(start).Seconds()
 	}
-	if !sw.IsZero() && !end.IsZero() {
-		s.Downtime = durationpb.New(end.Sub(sw))
+	if !sw.IsZero() && !downEnd.IsZero() {
+		s.Downtime = durationpb.New(downEnd.Sub(sw))
 	}
 	m.precopySnapshot(s)
 	fin := wire.Final(s.Phase)
@@ -302,4 +306,15 @@ func dataHost(target string) (host, authority string, ok bool) {
 		return "", "", false
 	}
 	return host, target, true
+}
+
+// downtimeEnd is when the VM stopped waiting: the destination's commit
+// acknowledgement, or, for a migration that failed after its switchover,
+// its end (rolled back). Zero while neither happened. The caller holds
+// m.mu.
+func (m *migration) downtimeEnd() time.Time {
+	if !m.resumeTime.IsZero() {
+		return m.resumeTime
+	}
+	return m.endTime
 }

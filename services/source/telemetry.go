@@ -41,7 +41,7 @@ func (m *migration) ended(phase ferryv1.MigrationPhase) telemetry.Ended {
 	defer m.mu.Unlock()
 	e := telemetry.Ended{Outcome: outcome(phase), Duration: m.endTime.Sub(m.createTime)}
 	if !m.switchoverTime.IsZero() {
-		e.Downtime, e.SwitchedOver = m.endTime.Sub(m.switchoverTime), true
+		e.Downtime, e.SwitchedOver = m.downtimeEnd().Sub(m.switchoverTime), true
 	}
 	if p := m.precopy; p != nil {
 		p.mu.Lock()

@@ -778,7 +778,10 @@ type Migration struct {
 	Bytes uint64 `protobuf:"varint,10,opt,name=bytes,proto3" json:"bytes,omitempty"`
 	// Bytes per second from the first chunk read to the verdict.
 	ThroughputBytesPerSecond float64 `protobuf:"fixed64,11,opt,name=throughput_bytes_per_second,json=throughputBytesPerSecond,proto3" json:"throughput_bytes_per_second,omitempty"`
-	// Switchover start (accepted SwitchoverStart) to the verdict.
+	// Switchover start (accepted SwitchoverStart) to the end of the VM's
+	// wait. Source: the destination's acknowledgement of the commit, or
+	// the rollback of a migration that failed after its switchover.
+	// Destination: its verdict, the part of the downtime it saw.
 	Downtime *durationpb.Duration `protobuf:"bytes,12,opt,name=downtime,proto3" json:"downtime,omitempty"`
 	// Destination: the peak of bytes held for reassembly over all devices.
 	PeakBufferedBytes uint64 `protobuf:"varint,13,opt,name=peak_buffered_bytes,json=peakBufferedBytes,proto3" json:"peak_buffered_bytes,omitempty"`
