@@ -145,8 +145,16 @@ type sample struct {
 	cpuSeconds     float64 // user+sys of both sides
 	sendCPU        float64
 	recvCPU        float64
-	recvRSS        uint64 // peak RSS of the receiving side (the destination)
-	sendRSS        uint64 // peak RSS of the sending side (the source)
+	recvRSS        uint64  // peak RSS of the receiving side (the destination)
+	sendRSS        uint64  // peak RSS of the sending side (the source)
+	others         float64 // cores the rest of the machine used meanwhile; -1 unknown
+}
+
+// roundInfo is one round as --json reports it.
+type roundInfo struct {
+	RawTCPOthersCores float64 `json:"rawtcp_others_cores"`
+	FerryOthersCores  float64 `json:"ferry_others_cores"`
+	Quiet             bool    `json:"quiet"`
 }
 
 func (r sample) cpuPerGiB(bytes uint64) float64 {
@@ -182,9 +190,15 @@ type row struct {
 	RawTCPBytesPerSecondRange [2]float64 `json:"rawtcp_bytes_per_second_range"`
 	FerryBytesPerSecondRange  [2]float64 `json:"ferry_bytes_per_second_range"`
 	RatioRange                [2]float64 `json:"ratio_range"`
-	LoadAvgBefore             float64    `json:"loadavg_1m_before"`
-	LoadAvgAfter              float64    `json:"loadavg_1m_after"`
-	CPUs                      int        `json:"cpus"`
+	// Rounds in which others used more than a tenth of a core are
+	// dropped from the medians; with no quiet round, none is
+	// (NoQuietRound) and the figures are a loaded machine's.
+	RoundDetails  []roundInfo `json:"round_details"`
+	DroppedRounds int         `json:"dropped_rounds"`
+	NoQuietRound  bool        `json:"no_quiet_round"`
+	LoadAvgBefore float64     `json:"loadavg_1m_before"`
+	LoadAvgAfter  float64     `json:"loadavg_1m_after"`
+	CPUs          int         `json:"cpus"`
 }
 
 // Config is one `ferry bench` invocation: what each transfer moves and
@@ -305,6 +319,7 @@ func Run(ctx context.Context, c Config, stdout, stderr io.Writer) error {
 	}
 	if !c.JSON {
 		printTable(stdout, rows)
+		fmt.Fprintln(stdout, quietSummary(rows))
 		fmt.Fprintf(stdout, "loadavg at the end: %s\n", loadAvgLine())
 	}
 	return nil
@@ -334,30 +349,48 @@ func measureChannels(ctx context.Context, cfg config, channels, rounds int, only
 	if cfg.grpcData {
 		row.Data = "grpc"
 	}
-	var raws, ferries []sample
-	var ratios []float64
+	var allRaw, allFer []sample
+	var allRatios []float64
+	var quietRound []bool
 	for r := range rounds {
 		var raw, fer sample
 		var err error
 		if only != "ferry" {
+			m := startOthers()
 			if raw, err = runRawTCP(ctx, cfg, channels); err != nil {
 				return row, fmt.Errorf("rawtcp, %d channel(s), round %d: %w", channels, r+1, err)
 			}
-			raws = append(raws, raw)
+			raw.others = m.cores(raw.cpuSeconds)
+			allRaw = append(allRaw, raw)
 		}
 		if only != "rawtcp" {
+			m := startOthers()
 			if fer, err = runFerry(ctx, cfg, channels); err != nil {
 				return row, fmt.Errorf("ferry, %d channel(s), round %d: %w", channels, r+1, err)
 			}
-			ferries = append(ferries, fer)
+			fer.others = m.cores(fer.cpuSeconds)
+			allFer = append(allFer, fer)
 		}
 		if only == "" {
 			// Each round's ratio pairs two runs seconds apart, so the
 			// median ratio is steadier than the ratio of the medians.
-			ratios = append(ratios, fer.bytesPerSecond/raw.bytesPerSecond)
+			allRatios = append(allRatios, fer.bytesPerSecond/raw.bytesPerSecond)
 		}
-		fmt.Fprintf(stderr, "bench: %d channel(s), round %d/%d: rawtcp %s, ferry %s (load %.2f)\n",
-			channels, r+1, rounds, fmtRun(raw, cfg), fmtRun(fer, cfg), loadAvg1())
+		q := quiet(raw.others, fer.others, only != "ferry", only != "rawtcp")
+		quietRound = append(quietRound, q)
+		row.RoundDetails = append(row.RoundDetails, roundInfo{RawTCPOthersCores: raw.others, FerryOthersCores: fer.others, Quiet: q})
+		mark := ""
+		if !q {
+			mark = ", LOADED: dropped from the medians"
+		}
+		fmt.Fprintf(stderr, "bench: %d channel(s), round %d/%d: rawtcp %s, ferry %s (others used %s/%s cores%s)\n",
+			channels, r+1, rounds, fmtRun(raw, cfg), fmtRun(fer, cfg), fmtCores(raw.others, only != "ferry"), fmtCores(fer.others, only != "rawtcp"), mark)
+	}
+	raws, ferries, ratios := keepQuiet(allRaw, quietRound), keepQuiet(allFer, quietRound), keepQuiet(allRatios, quietRound)
+	row.DroppedRounds = rounds - max(len(raws), len(ferries))
+	if row.DroppedRounds == rounds {
+		row.NoQuietRound, row.DroppedRounds = true, 0
+		raws, ferries, ratios = allRaw, allFer, allRatios
 	}
 	total := cfg.totalBytes()
 	gib := float64(total) / (1 << 30)
@@ -392,6 +425,28 @@ func measureChannels(ctx context.Context, cfg config, channels, rounds int, only
 	}
 	row.LoadAvgAfter = loadAvg1()
 	return row, nil
+}
+
+// keepQuiet keeps the values of the quiet rounds. v has one value per
+// round, or none (an arm not run).
+func keepQuiet[T any](v []T, quiet []bool) []T {
+	var out []T
+	for i, x := range v {
+		if quiet[i] {
+			out = append(out, x)
+		}
+	}
+	return out
+}
+
+func fmtCores(c float64, ran bool) string {
+	switch {
+	case !ran:
+		return "-"
+	case c < 0:
+		return "?"
+	}
+	return fmt.Sprintf("%.2f", c)
 }
 
 func fmtRun(r sample, cfg config) string {
