@@ -151,7 +151,13 @@
 // ErrNoData. The resuming instance checks every byte against the page's
 // content at the record's generation and, at RESUMING -> STOP, that every
 // page holds the generation the source had when STOP_COPY ended: a
-// stream that lost a record or its trailer fails with ErrVerify. Without
+// stream that lost a record or its trailer fails with ErrVerify. That
+// check costs the dirty events, not the pages (a real device's STOP is
+// quick, and the downtime should not measure the simulator): counts kept
+// as records apply say every page is at or above the epoch and the
+// rewrites add up to the events, and a fingerprint (the sum of
+// generation times an odd per-page hash) compared with the events'
+// replay says they rewrote the same pages. Without
 // precopy in the flags, streams are the raw state, byte for byte as
 // before.
 //
