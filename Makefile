@@ -88,7 +88,7 @@ bench-go: ## the Go benchmarks of the hot paths
 	$(GO) test -run '^$$' -bench . -benchmem ./services/chunkwire ./services/dest ./services/source ./pkg/flow ./pkg/vfio
 
 .PHONY: vm-test
-vm-test: ## boot Debian's 6.1 and 6.12 kernels under QEMU and migrate real VFIO (mdev) device state in each, stop-copy and (6.12) pre-copy
+vm-test: ## boot Debian's 6.1 and 6.12 kernels under QEMU and migrate real VFIO (mdev) device state in them, stop-copy and pre-copy
 	bash test/vm/run.sh
 
 .PHONY: clean
