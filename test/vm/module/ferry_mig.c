@@ -1,64 +1,124 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
  * ferry_mig - an emulated mdev VFIO device that implements VFIO live
- * migration (protocol v2: STOP_COPY, optionally P2P) for Linux 6.1.
+ * migration (protocol v2): STOP_COPY, optionally P2P and, on Linux 6.2 and
+ * later, PRE_COPY with VFIO_MIG_GET_PRECOPY_INFO and MIG_DATA_SIZE.
  *
  * It exists so that Ferry's Linux backend (pkg/vfio) can be tested against
  * the kernel's real VFIO core: the container/group path, the
  * VFIO_DEVICE_FEATURE ioctls, the kernel's own state walker
- * (vfio_mig_get_next_state) and real data_fd files.
+ * (vfio_mig_get_next_state) and real data_fd files. One source builds on
+ * Debian's 6.1 and 6.12 kernels (the only ones it is built and tested on);
+ * LINUX_VERSION_CODE guards the API differences.
  *
  * Device model
  *   Each instance has a state of state_size bytes (module parameter, read
- *   when the instance is created) whose content is a pure function of a
- *   64-bit seed: payload word i is splitmix64(seed + (i + 1) * golden).
- *   A new instance's seed is derived from its UUID, so every instance has
- *   different, reproducible content.
+ *   when the instance is created), cut into blocks of FM_BLOCK bytes (the
+ *   last may be shorter). Each block has a generation; its content is a
+ *   pure function of the instance's 64-bit seed, the block's generation and
+ *   the byte offset (splitmix64 words). A new instance's seed is derived
+ *   from its UUID and every generation is 0: every instance has different,
+ *   reproducible content. While the device runs (RUNNING, RUNNING_P2P,
+ *   PRE_COPY, PRE_COPY_P2P) it rewrites blocks at dirty_rate bytes per
+ *   second (a sysfs attribute, default 0): each rewrite gives one
+ *   pseudo-randomly chosen block a new generation. The rewrites are
+ *   computed lazily from the time elapsed whenever the state is looked at,
+ *   so no timer runs. In STOP, STOP_COPY and RESUMING nothing changes.
  *
- * Migration stream (what the STOP_COPY data_fd yields)
- *   A 64-byte header (struct fm_header, little endian) followed by the
- *   payload words. Writes in RESUMING may be chunked arbitrarily; every
- *   byte is compared against the generator as it arrives, and
- *   RESUMING->STOP fails with EINVAL (the device stays in RESUMING) unless
- *   the header is valid, the payload size matches this instance, exactly
- *   the whole stream was written and every byte matched. On success the
- *   instance adopts the source's seed: its state is now the source's.
+ *   A reset (VFIO_DEVICE_RESET, or the close of the device's last fd, as
+ *   vfio-pci resets on close) ends any data session, returns the device to
+ *   RUNNING and restores its power-on content: a loaded state is discarded.
+ *
+ * Migration stream (what a saving data_fd yields)
+ *   A 64-byte header (struct fm_header, little endian), then records: a
+ *   16-byte struct fm_rec and, for a data record, the content of one whole
+ *   block at the generation the record names. The first pass (the "initial
+ *   data") sends every block in order. After it come the blocks rewritten
+ *   since they were last sent; a block may be sent many times, later
+ *   records overwrite earlier ones. In STOP_COPY, once nothing is left, an
+ *   end record carries a digest of the final image (the seed and every
+ *   block's generation when STOP_COPY began), then read() returns 0.
+ *   In PRE_COPY a read that finds nothing left is the temporary end of the
+ *   stream: ENOMSG.
+ *
+ *   A destination (RESUMING) checks every byte written to it as it
+ *   arrives, and RESUMING->STOP fails with EINVAL (the device stays in
+ *   RESUMING) unless the header is valid and of a compatible instance
+ *   (same size and block size), every record is well formed, every data
+ *   byte matched, the end record arrived, every block arrived and the
+ *   digest of what it holds is the end record's: it verifies the final
+ *   image the source held, not the first pass. Bytes after the end record
+ *   are refused (ENOMEM). On success the instance adopts the source's seed
+ *   and generations: its state is now the source's.
+ *
+ * PRE_COPY (types with VFIO_MIGRATION_PRE_COPY)
+ *   RUNNING -> PRE_COPY (and RUNNING_P2P -> PRE_COPY_P2P) opens the saving
+ *   data_fd; PRE_COPY(_P2P) -> STOP_COPY keeps it (the core returns no new
+ *   fd) and the rest of the stream follows on it. STOP_COPY -> PRE_COPY and
+ *   PRE_COPY_P2P are refused with EINVAL before the kernel's walker sees
+ *   them. VFIO_MIG_GET_PRECOPY_INFO on the data_fd reports initial_bytes
+ *   (what is left of the first pass) and dirty_bytes (the rewritten blocks
+ *   not yet sent again), both exact: their sum is what reads would return
+ *   now; in any other state it is EINVAL, on an ended session ENODEV.
+ *   MIG_DATA_SIZE reports what an immediate STOP_COPY would still return:
+ *   the rest of the live session, or a whole stream when there is none.
  *
  * sysfs (in /sys/bus/mdev/devices/<uuid>/migration/)
  *   state         current migration state by name (RUNNING, STOP, ...)
  *   seed          seed of the current state content (hex)
+ *   digest        digest of the current content: seed and generations (hex)
  *   size          state payload size in bytes
- *   flags         migration flags (1 = STOP_COPY, 3 = STOP_COPY|P2P)
+ *   block_size    bytes per block (the last block may be shorter)
+ *   flags         migration flags (1 STOP_COPY, 2 P2P, 4 PRE_COPY)
  *   trace         arcs the last VFIO_DEVICE_FEATURE SET walked, as
  *                 "from>to" state numbers, then "= errno" (0 on success)
  *   corrupt       stream byte offset that the next save streams flip, or
  *                 -1 (default, off); write -1 to turn it off again
  *   last_error    why the last RESUMING->STOP failed (empty when it did not)
  *   inject_error  write 1 to put the device in ERROR (left only by reset)
+ *   dirty_rate    bytes per second rewritten while the device runs
+ *   dirty         write a block index: that block is rewritten now (only
+ *                 while the device runs, else EBUSY)
+ *   rewrites      block rewrites since the instance was created
+ *   saved         the last save session: "digest=D records=N bytes=N",
+ *                 D being the digest when STOP_COPY began (0 before)
+ *   loaded        the last successful load: "digest=D records=N bytes=N
+ *                 from=UUID", or empty; both survive resets
  *
  * mdev types (in /sys/class/mdev_bus/ferry_mig/mdev_supported_types/)
- *   ferry_mig-p2p       migration flags STOP_COPY | P2P
- *   ferry_mig-stopcopy  migration flags STOP_COPY
+ *   ferry_mig-p2p            STOP_COPY | P2P
+ *   ferry_mig-stopcopy       STOP_COPY
+ *   ferry_mig-precopy        STOP_COPY | P2P | PRE_COPY   (6.2 and later)
+ *   ferry_mig-precopy-nop2p  STOP_COPY | PRE_COPY         (6.2 and later)
  */
 
 #include <linux/anon_inodes.h>
+#include <linux/bitmap.h>
 #include <linux/device.h>
 #include <linux/file.h>
 #include <linux/fs.h>
+#include <linux/ktime.h>
+#include <linux/math64.h>
 #include <linux/mdev.h>
 #include <linux/module.h>
 #include <linux/mutex.h>
 #include <linux/sched/signal.h>
 #include <linux/slab.h>
 #include <linux/uaccess.h>
+#include <linux/version.h>
 #include <linux/vfio.h>
+
+/* PRE_COPY, VFIO_MIG_GET_PRECOPY_INFO and migration_get_data_size: 6.2. */
+#define FM_PRECOPY (LINUX_VERSION_CODE >= KERNEL_VERSION(6, 2, 0))
 
 #define FM_NAME "ferry_mig"
 #define FM_MAGIC 0x47494d5952524546ULL /* "FERRYMIG" little endian */
-#define FM_VERSION 1
-#define FM_BUF_SIZE (64 * 1024)
+#define FM_VERSION 2
+#define FM_BLOCK (64 * 1024)
 #define FM_MAX_INSTANCES 16
 #define FM_TRACE_MAX 8
+#define FM_MAX_RATE (1ULL << 40)	/* dirty_rate cap, bytes per second */
+#define FM_EOF 1			/* fm_produce: the stream has ended */
 
 static unsigned long state_size = 64UL << 20;
 module_param(state_size, ulong, 0644);
@@ -73,12 +133,30 @@ struct fm_header {
 	__le64 seed;
 	__le64 payload_size;
 	__le32 flags;		/* the source's migration flags */
-	__le32 reserved0;
+	__le32 block_size;
 	u8 uuid[16];		/* the source instance, for the log */
-	__le64 reserved1;
+	__le64 reserved;
 } __packed;
 
 static_assert(sizeof(struct fm_header) == 64);
+
+enum { FM_REC_DATA = 1, FM_REC_END = 2 };
+
+/*
+ * struct fm_rec - a record header. DATA: len is the block's length, arg
+ * is generation << 32 | block index, the block's bytes follow. END: len
+ * is 0, arg is the digest of the final image.
+ */
+struct fm_rec {
+	__le32 type;
+	__le32 len;
+	__le64 arg;
+} __packed;
+
+static_assert(sizeof(struct fm_rec) == 16);
+
+#define FM_REC sizeof(struct fm_rec)
+#define FM_UNIT (FM_REC + FM_BLOCK)	/* the largest record */
 
 struct fm_type {
 	struct mdev_type type;
@@ -89,14 +167,30 @@ struct fm_type {
 struct fm_dev {
 	struct vfio_device vdev;
 	struct mdev_device *mdev;
+	u8 uuid[16];
+	u64 power_seed;			/* the seed at power-on, from the UUID */
+	u64 size;
+	u32 nblocks;
+	u32 last_len;			/* bytes in the last block */
 
 	struct mutex state_lock;
 	enum vfio_device_mig_state mig_state;
 	u64 seed;
-	u64 size;
+	u32 *gens;			/* each block's generation */
+	unsigned long *dirty;		/* blocks to send (again) */
+	struct file *save;		/* our reference on the saving file */
+	struct file *resume;		/* our reference on the resuming file */
 	s64 corrupt;			/* stream offset to flip, -1 = off */
-	struct file *save;		/* our reference on the STOP_COPY file */
-	struct file *resume;		/* our reference on the RESUMING file */
+
+	u64 dirty_rate;			/* bytes per second while running */
+	u64 dirty_ns;			/* rewrites are due from this time on */
+	u64 dirty_carry;		/* bytes due but less than a block */
+	u64 rewrites;
+
+	u64 saved_digest, saved_records, saved_bytes;
+	bool loaded;
+	u64 loaded_digest, loaded_records, loaded_bytes;
+	u8 loaded_from[16];
 	char last_error[96];
 
 	/* The arcs of the last SET request, for the trace attribute. */
@@ -107,26 +201,43 @@ struct fm_dev {
 };
 
 /*
- * One data_fd. The file never touches its fm_dev after creation: what it
- * needs is copied in, so it may outlive the device. lock guards all fields.
+ * One data_fd. It holds a reference on its device, so fm stays valid for
+ * the file's life; once the session ends (disabled) it no longer acts on
+ * the device. lock serialises read() and write() and owns buf; every other
+ * field is guarded by fm->state_lock. Lock order: lock, then state_lock.
  */
 struct fm_file {
 	struct mutex lock;
+	struct fm_dev *fm;
+	u8 *buf;			/* FM_UNIT bytes */
+	s64 corrupt;			/* saving: stream offset to flip */
+
 	bool disabled;			/* session ended: I/O gives ENODEV */
 	u64 pos;			/* stream bytes read or written */
-	u64 total;			/* header + payload */
-	u8 *buf;			/* FM_BUF_SIZE bounce buffer */
 
-	/* Saving: what to emit. */
-	struct fm_header hdr;
-	s64 corrupt;
+	/* Saving: buf holds the unit being read, ending at produced. */
+	u64 produced;
+	u32 unit_len;
+	bool unit_initial;		/* the unit is part of the first pass */
+	bool hdr_done, end_done;
+	u32 cursor;			/* next block of the first pass */
+	u32 dcursor;			/* where the search for dirty blocks resumes */
 
 	/* Resuming: what the destination has learnt so far. */
-	u64 expect_size;		/* this instance's payload size */
+	struct fm_header hdr;
 	bool hdr_ok;
 	u64 seed;			/* from the header once hdr_ok */
+	struct fm_rec rec;
+	u32 rec_fill;			/* bytes of rec received */
+	u32 rec_left;			/* data bytes of the record still to come */
+	u32 rec_block, rec_gen;
+	bool end_seen;
+	u64 end_digest;
+	u32 *rgens;			/* the generation each block arrived at */
+	unsigned long *rgot;		/* blocks that arrived whole */
+	u64 records;
 	s64 bad_offset;			/* first mismatching byte, -1 = none */
-	char reason[64];
+	char reason[80];		/* a malformed stream, "" when none */
 };
 
 static struct fm_parent {
@@ -144,7 +255,13 @@ static const char *const fm_state_names[] = {
 	[VFIO_DEVICE_STATE_STOP_COPY] = "STOP_COPY",
 	[VFIO_DEVICE_STATE_RESUMING] = "RESUMING",
 	[VFIO_DEVICE_STATE_RUNNING_P2P] = "RUNNING_P2P",
+#if FM_PRECOPY
+	[VFIO_DEVICE_STATE_PRE_COPY] = "PRE_COPY",
+	[VFIO_DEVICE_STATE_PRE_COPY_P2P] = "PRE_COPY_P2P",
+#endif
 };
+
+/* ---- content ----------------------------------------------------------- */
 
 static u64 fm_mix(u64 z)
 {
@@ -153,18 +270,24 @@ static u64 fm_mix(u64 z)
 	return z ^ (z >> 31);
 }
 
-/* fm_word is payload word i of the state with the given seed. */
-static u64 fm_word(u64 seed, u64 i)
+/* fm_key is the generator key of the blocks of seed at generation gen. */
+static u64 fm_key(u64 seed, u32 gen)
 {
-	return fm_mix(seed + (i + 1) * 0x9e3779b97f4a7c15ULL);
+	return gen ? fm_mix(seed ^ (gen * 0xd6e8feb86659fd93ULL)) : seed;
 }
 
-/* fm_fill writes payload bytes [off, off+len) of seed's state into dst. */
-static void fm_fill(u8 *dst, u64 seed, u64 off, size_t len)
+/* fm_word is payload word i of the content with the given key. */
+static u64 fm_word(u64 key, u64 i)
+{
+	return fm_mix(key + (i + 1) * 0x9e3779b97f4a7c15ULL);
+}
+
+/* fm_fill writes payload bytes [off, off+len) of key's content into dst. */
+static void fm_fill(u8 *dst, u64 key, u64 off, size_t len)
 {
 	while (len) {
 		u64 i = off / 8, shift = off % 8;
-		__le64 w = cpu_to_le64(fm_word(seed, i));
+		__le64 w = cpu_to_le64(fm_word(key, i));
 		size_t n = min_t(size_t, len, 8 - shift);
 
 		memcpy(dst, (u8 *)&w + shift, n);
@@ -174,13 +297,13 @@ static void fm_fill(u8 *dst, u64 seed, u64 off, size_t len)
 	}
 }
 
-/* fm_check compares src with payload bytes [off, off+len) of seed's state
+/* fm_check compares src with payload bytes [off, off+len) of key's content
  * and returns the payload offset of the first difference, or -1. */
-static s64 fm_check(const u8 *src, u64 seed, u64 off, size_t len)
+static s64 fm_check(const u8 *src, u64 key, u64 off, size_t len)
 {
 	while (len) {
 		u64 i = off / 8, shift = off % 8;
-		__le64 w = cpu_to_le64(fm_word(seed, i));
+		__le64 w = cpu_to_le64(fm_word(key, i));
 		size_t n = min_t(size_t, len, 8 - shift);
 
 		if (memcmp(src, (u8 *)&w + shift, n)) {
@@ -197,196 +320,553 @@ static s64 fm_check(const u8 *src, u64 seed, u64 off, size_t len)
 	return -1;
 }
 
-/* ---- data_fd files ---------------------------------------------------- */
+/* fm_digest names a whole image: its seed and every block's generation. */
+static u64 fm_digest(u64 seed, const u32 *gens, u32 nblocks)
+{
+	u64 h = fm_mix(seed ^ FM_MAGIC);
+	u32 b;
+
+	for (b = 0; b < nblocks; b++)
+		h = fm_mix(h ^ ((u64)gens[b] << 32 | b));
+	return h;
+}
+
+static u32 fm_block_len(const struct fm_dev *fm, u32 b)
+{
+	return b == fm->nblocks - 1 ? fm->last_len : FM_BLOCK;
+}
+
+/* ---- dirtying (state_lock held) ----------------------------------------- */
+
+static bool fm_running(enum vfio_device_mig_state s)
+{
+	switch (s) {
+	case VFIO_DEVICE_STATE_RUNNING:
+	case VFIO_DEVICE_STATE_RUNNING_P2P:
+#if FM_PRECOPY
+	case VFIO_DEVICE_STATE_PRE_COPY:
+	case VFIO_DEVICE_STATE_PRE_COPY_P2P:
+#endif
+		return true;
+	default:
+		return false;
+	}
+}
+
+static void fm_rewrite(struct fm_dev *fm, u32 b)
+{
+	fm->gens[b]++;
+	__set_bit(b, fm->dirty);
+	fm->rewrites++;
+}
+
+/* fm_advance performs the rewrites due since the last look at the state. */
+static void fm_advance(struct fm_dev *fm)
+{
+	u64 now = ktime_get_ns(), due, n;
+	u32 b;
+
+	if (!fm_running(fm->mig_state) || !fm->dirty_rate) {
+		fm->dirty_ns = now;
+		fm->dirty_carry = 0;
+		return;
+	}
+	due = fm->dirty_carry +
+	      mul_u64_u64_div_u64(fm->dirty_rate, now - fm->dirty_ns, NSEC_PER_SEC);
+	fm->dirty_ns = now;
+	n = div_u64(due, FM_BLOCK);
+	fm->dirty_carry = due - n * FM_BLOCK;
+	if (n >= fm->nblocks) {
+		for (b = 0; b < fm->nblocks; b++)
+			fm_rewrite(fm, b);
+		return;
+	}
+	while (n--) {
+		u64 r = fm_mix(fm->power_seed ^ (fm->rewrites * 0x9e3779b97f4a7c15ULL));
+
+		fm_rewrite(fm, (u32)(r >> 32) % fm->nblocks);
+	}
+}
+
+/* fm_power_on restores the content a new instance has. */
+static void fm_power_on(struct fm_dev *fm)
+{
+	fm->seed = fm->power_seed;
+	memset(fm->gens, 0, fm->nblocks * sizeof(*fm->gens));
+	bitmap_zero(fm->dirty, fm->nblocks);
+	fm->dirty_ns = ktime_get_ns();
+	fm->dirty_carry = 0;
+}
+
+/* ---- data_fd files -------------------------------------------------------- */
+
+static void fm_file_free(struct fm_file *f)
+{
+	kvfree(f->buf);
+	kvfree(f->rgens);
+	bitmap_free(f->rgot);
+	kfree(f);
+}
 
 static int fm_file_release(struct inode *inode, struct file *filp)
 {
 	struct fm_file *f = filp->private_data;
+	struct fm_dev *fm = f->fm;
 
-	kfree(f->buf);
 	mutex_destroy(&f->lock);
-	kfree(f);
+	fm_file_free(f);
+	vfio_put_device(&fm->vdev);	/* the reference fm_file_open took */
 	return 0;
+}
+
+/* fm_unit accounts for a new unit of len bytes just put in f->buf. */
+static void fm_unit(struct fm_file *f, u32 len, bool initial)
+{
+	f->unit_len = len;
+	f->unit_initial = initial;
+	f->produced += len;
+	f->fm->saved_bytes += len;
+}
+
+static void fm_emit_header(struct fm_file *f)
+{
+	struct fm_dev *fm = f->fm;
+	struct fm_header *h = (struct fm_header *)f->buf;
+
+	memset(h, 0, sizeof(*h));
+	h->magic = cpu_to_le64(FM_MAGIC);
+	h->version = cpu_to_le32(FM_VERSION);
+	h->header_size = cpu_to_le32(sizeof(*h));
+	h->seed = cpu_to_le64(fm->seed);
+	h->payload_size = cpu_to_le64(fm->size);
+	h->flags = cpu_to_le32(fm->vdev.migration_flags);
+	h->block_size = cpu_to_le32(FM_BLOCK);
+	memcpy(h->uuid, fm->uuid, sizeof(h->uuid));
+	fm_unit(f, sizeof(*h), true);
+}
+
+static void fm_emit_block(struct fm_file *f, u32 b, bool initial)
+{
+	struct fm_dev *fm = f->fm;
+	struct fm_rec *r = (struct fm_rec *)f->buf;
+	u32 len = fm_block_len(fm, b), gen = fm->gens[b];
+
+	r->type = cpu_to_le32(FM_REC_DATA);
+	r->len = cpu_to_le32(len);
+	r->arg = cpu_to_le64((u64)gen << 32 | b);
+	fm_fill(f->buf + FM_REC, fm_key(fm->seed, gen), (u64)b * FM_BLOCK, len);
+	__clear_bit(b, fm->dirty);
+	fm->saved_records++;
+	fm_unit(f, FM_REC + len, initial);
+}
+
+static void fm_emit_end(struct fm_file *f)
+{
+	struct fm_dev *fm = f->fm;
+	struct fm_rec *r = (struct fm_rec *)f->buf;
+
+	r->type = cpu_to_le32(FM_REC_END);
+	r->len = 0;
+	r->arg = cpu_to_le64(fm_digest(fm->seed, fm->gens, fm->nblocks));
+	fm_unit(f, FM_REC, false);
+}
+
+/*
+ * fm_produce puts the next unit of the saving stream in f->buf: the
+ * header, the first pass, then dirty blocks, then (in STOP_COPY only) the
+ * end record. Returns 0, -ENOMSG at the temporary end of PRE_COPY data, or
+ * FM_EOF. Called with f->lock and state_lock held, f->buf consumed.
+ */
+static int fm_produce(struct fm_file *f)
+{
+	struct fm_dev *fm = f->fm;
+	u32 b;
+
+	fm_advance(fm);
+	if (!f->hdr_done) {
+		fm_emit_header(f);
+		f->hdr_done = true;
+		return 0;
+	}
+	if (f->cursor < fm->nblocks) {
+		fm_emit_block(f, f->cursor++, true);
+		return 0;
+	}
+	b = find_next_bit(fm->dirty, fm->nblocks, f->dcursor);
+	if (b >= fm->nblocks)
+		b = find_first_bit(fm->dirty, fm->nblocks);
+	if (b < fm->nblocks) {
+		f->dcursor = b + 1;
+		fm_emit_block(f, b, false);
+		return 0;
+	}
+	if (fm->mig_state != VFIO_DEVICE_STATE_STOP_COPY)
+		return -ENOMSG;
+	if (!f->end_done) {
+		fm_emit_end(f);
+		f->end_done = true;
+		return 0;
+	}
+	return FM_EOF;
 }
 
 static ssize_t fm_save_read(struct file *filp, char __user *ubuf, size_t len,
 			    loff_t *ppos)
 {
 	struct fm_file *f = filp->private_data;
+	struct fm_dev *fm = f->fm;
 	ssize_t done = 0;
+	int ret = 0;
 
 	if (ppos)
 		return -ESPIPE;
 
 	mutex_lock(&f->lock);
-	if (f->disabled) {
-		done = -ENODEV;
-		goto out;
-	}
-	while (len && f->pos < f->total) {
-		size_t n = min3(len, (size_t)FM_BUF_SIZE,
-				(size_t)(f->total - f->pos));
-		u64 end = f->pos + n;
+	while (len) {
+		size_t n, left, off;
 
-		if (f->pos < sizeof(f->hdr)) {
-			n = min_t(size_t, n, sizeof(f->hdr) - f->pos);
-			end = f->pos + n;
-			memcpy(f->buf, (u8 *)&f->hdr + f->pos, n);
-		} else {
-			fm_fill(f->buf, le64_to_cpu(f->hdr.seed),
-				f->pos - sizeof(f->hdr), n);
+		mutex_lock(&fm->state_lock);
+		if (f->disabled)
+			ret = -ENODEV;
+		else if (f->produced == f->pos)
+			ret = fm_produce(f);
+		left = f->produced - f->pos;
+		mutex_unlock(&fm->state_lock);
+		if (ret)
+			break;
+
+		n = min(len, left);
+		off = f->unit_len - left;
+		if (f->corrupt >= 0 && (u64)f->corrupt >= f->pos &&
+		    (u64)f->corrupt < f->pos + n)
+			f->buf[off + f->corrupt - f->pos] ^= 0xff;
+		if (copy_to_user(ubuf + done, f->buf + off, n)) {
+			ret = -EFAULT;
+			break;
 		}
-		if (f->corrupt >= 0 && f->corrupt >= f->pos && f->corrupt < end)
-			f->buf[f->corrupt - f->pos] ^= 0xff;
-		if (copy_to_user(ubuf + done, f->buf, n)) {
-			if (!done)
-				done = -EFAULT;
-			goto out;
-		}
+		mutex_lock(&fm->state_lock);
 		f->pos += n;
+		mutex_unlock(&fm->state_lock);
 		done += n;
 		len -= n;
 		if (fatal_signal_pending(current))
 			break;
 		cond_resched();
 	}
-out:
 	mutex_unlock(&f->lock);
-	return done;
+	if (done)
+		return done;
+	return ret == FM_EOF ? 0 : ret;
 }
 
-/* fm_resume_consume checks n stream bytes at f->pos held in f->buf. */
-static void fm_resume_consume(struct fm_file *f, size_t n)
+#if FM_PRECOPY
+/* fm_span_bytes is the stream size of the records of blocks [from, to). */
+static u64 fm_span_bytes(const struct fm_dev *fm, u32 from, u32 to)
 {
-	const u8 *p = f->buf;
+	u64 n;
 
-	if (f->pos < sizeof(f->hdr)) {
-		size_t h = min_t(size_t, n, sizeof(f->hdr) - f->pos);
+	if (from >= to)
+		return 0;
+	n = (u64)(to - from) * FM_UNIT;
+	if (to == fm->nblocks)
+		n -= FM_BLOCK - fm->last_len;
+	return n;
+}
 
-		memcpy((u8 *)&f->hdr + f->pos, p, h);
-		f->pos += h;
-		p += h;
-		n -= h;
-		if (f->pos < sizeof(f->hdr))
-			return;
-		if (le64_to_cpu(f->hdr.magic) != FM_MAGIC ||
-		    le32_to_cpu(f->hdr.version) != FM_VERSION ||
-		    le32_to_cpu(f->hdr.header_size) != sizeof(f->hdr)) {
-			snprintf(f->reason, sizeof(f->reason), "bad header");
-		} else if (le64_to_cpu(f->hdr.payload_size) != f->expect_size) {
-			snprintf(f->reason, sizeof(f->reason),
-				 "payload size %llu, want %llu",
-				 le64_to_cpu(f->hdr.payload_size),
-				 f->expect_size);
-		} else {
-			f->hdr_ok = true;
-			f->seed = le64_to_cpu(f->hdr.seed);
-		}
+/* fm_dirty_bytes is the stream size of the dirty blocks below upto. */
+static u64 fm_dirty_bytes(const struct fm_dev *fm, u32 upto)
+{
+	u64 n = (u64)bitmap_weight(fm->dirty, upto) * FM_UNIT;
+
+	if (upto == fm->nblocks && test_bit(upto - 1, fm->dirty))
+		n -= FM_BLOCK - fm->last_len;
+	return n;
+}
+
+/* fm_pending splits what the saving stream still has before its end
+ * record into first-pass and dirty bytes. state_lock held. */
+static void fm_pending(const struct fm_file *f, u64 *initial, u64 *dirty)
+{
+	const struct fm_dev *fm = f->fm;
+	u64 left = f->produced - f->pos;
+
+	*initial = f->unit_initial ? left : 0;
+	*dirty = f->unit_initial ? 0 : left;
+	if (!f->hdr_done)
+		*initial += sizeof(struct fm_header);
+	*initial += fm_span_bytes(fm, f->cursor, fm->nblocks);
+	*dirty += fm_dirty_bytes(fm, f->cursor);
+}
+
+/* fm_remaining is what the saving stream still yields if it stops now. */
+static u64 fm_remaining(const struct fm_file *f)
+{
+	u64 initial, dirty;
+
+	fm_pending(f, &initial, &dirty);
+	return initial + dirty + (f->end_done ? 0 : FM_REC);
+}
+
+static u64 fm_full_size(const struct fm_dev *fm)
+{
+	return sizeof(struct fm_header) + fm_span_bytes(fm, 0, fm->nblocks) + FM_REC;
+}
+
+static long fm_save_ioctl(struct file *filp, unsigned int cmd,
+			  unsigned long arg)
+{
+	struct fm_file *f = filp->private_data;
+	struct fm_dev *fm = f->fm;
+	unsigned long minsz = offsetofend(struct vfio_precopy_info, dirty_bytes);
+	struct vfio_precopy_info info;
+	u64 initial, dirty;
+	int ret = 0;
+
+	if (cmd != VFIO_MIG_GET_PRECOPY_INFO)
+		return -ENOTTY;
+	if (copy_from_user(&info, (void __user *)arg, minsz))
+		return -EFAULT;
+	if (info.argsz < minsz)
+		return -EINVAL;
+
+	mutex_lock(&fm->state_lock);
+	if (f->disabled) {
+		ret = -ENODEV;
+	} else if (fm->mig_state != VFIO_DEVICE_STATE_PRE_COPY &&
+		   fm->mig_state != VFIO_DEVICE_STATE_PRE_COPY_P2P) {
+		ret = -EINVAL;
+	} else {
+		fm_advance(fm);
+		fm_pending(f, &initial, &dirty);
+		info.initial_bytes = initial;
+		info.dirty_bytes = dirty;
 	}
-	if (n && f->hdr_ok && f->bad_offset < 0) {
-		u64 off = f->pos - sizeof(f->hdr);
-		s64 bad = fm_check(p, f->seed, off, n);
+	mutex_unlock(&fm->state_lock);
+	if (ret)
+		return ret;
+	return copy_to_user((void __user *)arg, &info, minsz) ? -EFAULT : 0;
+}
+#endif
+
+/* ---- the resuming stream (state_lock held) -------------------------------- */
+
+static void fm_check_header(struct fm_file *f)
+{
+	const struct fm_header *h = &f->hdr;
+
+	if (le64_to_cpu(h->magic) != FM_MAGIC ||
+	    le32_to_cpu(h->version) != FM_VERSION ||
+	    le32_to_cpu(h->header_size) != sizeof(*h))
+		snprintf(f->reason, sizeof(f->reason), "bad header");
+	else if (le64_to_cpu(h->payload_size) != f->fm->size)
+		snprintf(f->reason, sizeof(f->reason), "payload size %llu, want %llu",
+			 le64_to_cpu(h->payload_size), f->fm->size);
+	else if (le32_to_cpu(h->block_size) != FM_BLOCK)
+		snprintf(f->reason, sizeof(f->reason), "block size %u, want %u",
+			 le32_to_cpu(h->block_size), FM_BLOCK);
+	else {
+		f->hdr_ok = true;
+		f->seed = le64_to_cpu(h->seed);
+	}
+}
+
+static size_t fm_take_header(struct fm_file *f, const u8 *p, size_t n)
+{
+	size_t k = min_t(size_t, n, sizeof(f->hdr) - f->pos);
+
+	memcpy((u8 *)&f->hdr + f->pos, p, k);
+	if (f->pos + k == sizeof(f->hdr))
+		fm_check_header(f);
+	return k;
+}
+
+/* fm_start_record checks the record header just received at stream
+ * offset at. */
+static void fm_start_record(struct fm_file *f, u64 at)
+{
+	u32 type = le32_to_cpu(f->rec.type), len = le32_to_cpu(f->rec.len);
+	u64 arg = le64_to_cpu(f->rec.arg);
+	u32 b = (u32)arg;
+
+	if (type == FM_REC_END && len == 0) {
+		f->end_seen = true;
+		f->end_digest = arg;
+		f->rec_fill = 0;
+	} else if (type == FM_REC_DATA && b < f->fm->nblocks &&
+		   len == fm_block_len(f->fm, b)) {
+		f->rec_block = b;
+		f->rec_gen = arg >> 32;
+		f->rec_left = len;
+	} else {
+		snprintf(f->reason, sizeof(f->reason),
+			 "bad record at stream byte %llu", at);
+	}
+}
+
+static size_t fm_take_rec(struct fm_file *f, const u8 *p, size_t n)
+{
+	size_t k = min_t(size_t, n, FM_REC - f->rec_fill);
+
+	memcpy((u8 *)&f->rec + f->rec_fill, p, k);
+	f->rec_fill += k;
+	if (f->rec_fill == FM_REC)
+		fm_start_record(f, f->pos + k - FM_REC);
+	return k;
+}
+
+static size_t fm_take_data(struct fm_file *f, const u8 *p, size_t n)
+{
+	struct fm_dev *fm = f->fm;
+	size_t k = min_t(size_t, n, f->rec_left);
+	u64 off = (u64)f->rec_block * FM_BLOCK +
+		  fm_block_len(fm, f->rec_block) - f->rec_left;
+
+	if (f->bad_offset < 0) {
+		s64 bad = fm_check(p, fm_key(f->seed, f->rec_gen), off, k);
 
 		if (bad >= 0)
-			f->bad_offset = bad + sizeof(f->hdr);
+			f->bad_offset = f->pos + (bad - off);
 	}
-	f->pos += n;
+	f->rec_left -= k;
+	if (!f->rec_left) {
+		f->rgens[f->rec_block] = f->rec_gen;
+		__set_bit(f->rec_block, f->rgot);
+		f->records++;
+		f->rec_fill = 0;
+	}
+	return k;
+}
+
+/* fm_resume_consume parses n stream bytes; it takes them all unless the
+ * end record came first, and returns how many it took. */
+static size_t fm_resume_consume(struct fm_file *f, const u8 *p, size_t n)
+{
+	size_t took = 0, k;
+
+	while (took < n && !f->end_seen) {
+		if (f->pos < sizeof(f->hdr))
+			k = fm_take_header(f, p + took, n - took);
+		else if (f->reason[0])
+			k = n - took;		/* malformed: the rest is ignored */
+		else if (f->rec_fill < FM_REC)
+			k = fm_take_rec(f, p + took, n - took);
+		else
+			k = fm_take_data(f, p + took, n - took);
+		f->pos += k;
+		took += k;
+	}
+	return took;
 }
 
 static ssize_t fm_resume_write(struct file *filp, const char __user *ubuf,
 			       size_t len, loff_t *ppos)
 {
 	struct fm_file *f = filp->private_data;
+	struct fm_dev *fm = f->fm;
 	ssize_t done = 0;
+	int ret = 0;
 
 	if (ppos)
 		return -ESPIPE;
 
 	mutex_lock(&f->lock);
-	if (f->disabled) {
-		done = -ENODEV;
-		goto out;
-	}
-	if (len > f->total - f->pos) {
-		/* More than a whole state: like mlx5 and mtty, refuse it. */
-		done = -ENOMEM;
-		goto out;
-	}
 	while (len) {
-		size_t n = min_t(size_t, len, FM_BUF_SIZE);
+		size_t n = min_t(size_t, len, FM_UNIT), took = 0;
 
 		if (copy_from_user(f->buf, ubuf + done, n)) {
-			if (!done)
-				done = -EFAULT;
-			goto out;
+			ret = -EFAULT;
+			break;
 		}
-		fm_resume_consume(f, n);
-		done += n;
-		len -= n;
+		mutex_lock(&fm->state_lock);
+		if (f->disabled)
+			ret = -ENODEV;
+		else
+			took = fm_resume_consume(f, f->buf, n);
+		mutex_unlock(&fm->state_lock);
+		done += took;
+		len -= took;
+		if (ret)
+			break;
+		if (took < n) {
+			/* Past the end record: like mlx5 and mtty, refuse it. */
+			ret = -ENOMEM;
+			break;
+		}
 		if (fatal_signal_pending(current))
 			break;
 		cond_resched();
 	}
-out:
 	mutex_unlock(&f->lock);
-	return done;
+	return done ? done : ret;
 }
 
 static const struct file_operations fm_save_fops = {
 	.owner = THIS_MODULE,
 	.read = fm_save_read,
+#if FM_PRECOPY
+	.unlocked_ioctl = fm_save_ioctl,
+	.compat_ioctl = compat_ptr_ioctl,
+#endif
 	.release = fm_file_release,
+#if LINUX_VERSION_CODE < KERNEL_VERSION(6, 12, 0)
 	.llseek = no_llseek,
+#endif
 };
 
 static const struct file_operations fm_resume_fops = {
 	.owner = THIS_MODULE,
 	.write = fm_resume_write,
 	.release = fm_file_release,
+#if LINUX_VERSION_CODE < KERNEL_VERSION(6, 12, 0)
 	.llseek = no_llseek,
+#endif
 };
 
-/* fm_file_open makes a data_fd file; the caller gets two references: one
- * for the VFIO core to install as the user's fd, one for the device. */
+/*
+ * fm_file_open makes a data_fd file; the caller gets two references: one
+ * for the VFIO core to install as the user's fd, one for the device. A
+ * saving file starts a new session: every block is to be sent.
+ * state_lock held.
+ */
 static struct file *fm_file_open(struct fm_dev *fm, bool save)
 {
 	struct fm_file *f;
 	struct file *filp;
 
-	f = kzalloc(sizeof(*f), GFP_KERNEL);
+	f = kzalloc(sizeof(*f), GFP_KERNEL_ACCOUNT);
 	if (!f)
 		return ERR_PTR(-ENOMEM);
-	f->buf = kmalloc(FM_BUF_SIZE, GFP_KERNEL);
-	if (!f->buf) {
-		kfree(f);
+	f->buf = kvmalloc(FM_UNIT, GFP_KERNEL_ACCOUNT);
+	if (!save) {
+		f->rgens = kvcalloc(fm->nblocks, sizeof(*f->rgens), GFP_KERNEL_ACCOUNT);
+		f->rgot = bitmap_zalloc(fm->nblocks, GFP_KERNEL_ACCOUNT);
+	}
+	if (!f->buf || (!save && (!f->rgens || !f->rgot))) {
+		fm_file_free(f);
 		return ERR_PTR(-ENOMEM);
 	}
 	mutex_init(&f->lock);
-	f->total = sizeof(f->hdr) + fm->size;
+	f->fm = fm;
 	f->bad_offset = -1;
-	f->expect_size = fm->size;
-	f->corrupt = -1;
-	if (save) {
-		f->hdr.magic = cpu_to_le64(FM_MAGIC);
-		f->hdr.version = cpu_to_le32(FM_VERSION);
-		f->hdr.header_size = cpu_to_le32(sizeof(f->hdr));
-		f->hdr.seed = cpu_to_le64(fm->seed);
-		f->hdr.payload_size = cpu_to_le64(fm->size);
-		f->hdr.flags = cpu_to_le32(fm->vdev.migration_flags);
-		export_guid(f->hdr.uuid, &fm->mdev->uuid);
-		f->corrupt = fm->corrupt;
-	}
+	f->corrupt = save ? fm->corrupt : -1;
 
 	filp = anon_inode_getfile(save ? "[ferry_mig-save]" : "[ferry_mig-resume]",
 				  save ? &fm_save_fops : &fm_resume_fops, f,
 				  save ? O_RDONLY : O_WRONLY);
 	if (IS_ERR(filp)) {
-		kfree(f->buf);
-		kfree(f);
+		mutex_destroy(&f->lock);
+		fm_file_free(f);
 		return filp;
 	}
+	get_device(&fm->vdev.device);	/* dropped by fm_file_release */
 	stream_open(filp->f_inode, filp);
 	get_file(filp);
+	if (save) {
+		bitmap_fill(fm->dirty, fm->nblocks);
+		fm->saved_digest = 0;
+		fm->saved_records = 0;
+		fm->saved_bytes = 0;
+	}
 	return filp;
 }
 
@@ -398,9 +878,7 @@ static void fm_file_end(struct file **slot)
 	if (!*slot)
 		return;
 	f = (*slot)->private_data;
-	mutex_lock(&f->lock);
 	f->disabled = true;
-	mutex_unlock(&f->lock);
 	fput(*slot);
 	*slot = NULL;
 }
@@ -411,83 +889,152 @@ static void fm_end_sessions(struct fm_dev *fm)
 	fm_file_end(&fm->resume);
 }
 
-/* fm_load validates the RESUMING stream and, if it is whole and exact,
- * makes it this device's state. Called with state_lock held. */
+/* fm_load_error says what is wrong with the resuming stream, or "". */
+static void fm_load_error(struct fm_dev *fm, struct fm_file *f, char *msg,
+			  size_t size)
+{
+	u32 b;
+	u64 d;
+
+	msg[0] = 0;
+	if (f->reason[0]) {
+		snprintf(msg, size, "%s", f->reason);
+	} else if (f->bad_offset >= 0) {
+		snprintf(msg, size, "mismatch at stream byte %lld", f->bad_offset);
+	} else if (!f->end_seen) {
+		snprintf(msg, size, "short stream: %llu bytes, no end record", f->pos);
+	} else if ((b = find_first_zero_bit(f->rgot, fm->nblocks)) < fm->nblocks) {
+		snprintf(msg, size, "block %u never arrived", b);
+	} else {
+		d = fm_digest(f->seed, f->rgens, fm->nblocks);
+		if (d != f->end_digest)
+			snprintf(msg, size, "final image %016llx, the source's %016llx",
+				 d, f->end_digest);
+	}
+}
+
+/* fm_load validates the resuming stream and, if it holds a whole final
+ * image, makes it this device's state. state_lock held. */
 static int fm_load(struct fm_dev *fm)
 {
 	struct fm_file *f;
-	int ret = 0;
 
 	if (WARN_ON(!fm->resume))	/* RESUMING always has its file */
 		return -EINVAL;
 	f = fm->resume->private_data;
-	mutex_lock(&f->lock);
-	if (f->reason[0])
-		snprintf(fm->last_error, sizeof(fm->last_error), "%s", f->reason);
-	else if (f->pos != f->total)
-		snprintf(fm->last_error, sizeof(fm->last_error),
-			 "short stream: %llu of %llu bytes", f->pos, f->total);
-	else if (f->bad_offset >= 0)
-		snprintf(fm->last_error, sizeof(fm->last_error),
-			 "mismatch at stream byte %lld", f->bad_offset);
-	else
-		fm->last_error[0] = 0;
-
+	fm_load_error(fm, f, fm->last_error, sizeof(fm->last_error));
 	if (fm->last_error[0]) {
 		dev_info(&fm->mdev->dev, "RESUMING->STOP refused: %s\n",
 			 fm->last_error);
-		ret = -EINVAL;
-	} else {
-		fm->seed = f->seed;
-		dev_info(&fm->mdev->dev, "loaded state seed %016llx from %pUl\n",
-			 fm->seed, f->hdr.uuid);
+		return -EINVAL;
 	}
-	mutex_unlock(&f->lock);
-	return ret;
+	fm->seed = f->seed;
+	memcpy(fm->gens, f->rgens, fm->nblocks * sizeof(*fm->gens));
+	fm->loaded = true;
+	fm->loaded_digest = f->end_digest;
+	fm->loaded_records = f->records;
+	fm->loaded_bytes = f->pos;
+	memcpy(fm->loaded_from, f->hdr.uuid, sizeof(fm->loaded_from));
+	dev_info(&fm->mdev->dev, "loaded image %016llx (%llu records) from %pUl\n",
+		 fm->loaded_digest, f->records, f->hdr.uuid);
+	return 0;
+}
+
+/* ---- the state machine (state_lock held) --------------------------------- */
+
+#define FM_ARC(from, to) ((from) << 4 | (to))
+
+/* fm_save_open starts a saving session (STOP_COPY, PRE_COPY, PRE_COPY_P2P). */
+static struct file *fm_save_open(struct fm_dev *fm)
+{
+	struct file *filp = fm_file_open(fm, true);
+
+	if (!IS_ERR(filp))
+		fm->save = filp;
+	return filp;
 }
 
 /* fm_arc performs one arc of the FSM from fm->mig_state to next. */
 static struct file *fm_arc(struct fm_dev *fm, enum vfio_device_mig_state next)
 {
-	enum vfio_device_mig_state cur = fm->mig_state;
 	struct file *filp;
 	int ret;
 
-	if (cur == VFIO_DEVICE_STATE_STOP && next == VFIO_DEVICE_STATE_STOP_COPY) {
-		filp = fm_file_open(fm, true);
+	switch (FM_ARC(fm->mig_state, next)) {
+	case FM_ARC(VFIO_DEVICE_STATE_STOP, VFIO_DEVICE_STATE_STOP_COPY):
+		filp = fm_save_open(fm);
 		if (!IS_ERR(filp))
-			fm->save = filp;
+			fm->saved_digest = fm_digest(fm->seed, fm->gens, fm->nblocks);
 		return filp;
-	}
-	if (cur == VFIO_DEVICE_STATE_STOP && next == VFIO_DEVICE_STATE_RESUMING) {
+	case FM_ARC(VFIO_DEVICE_STATE_STOP, VFIO_DEVICE_STATE_RESUMING):
 		filp = fm_file_open(fm, false);
 		if (!IS_ERR(filp))
 			fm->resume = filp;
 		return filp;
-	}
-	if (cur == VFIO_DEVICE_STATE_STOP_COPY && next == VFIO_DEVICE_STATE_STOP) {
+	case FM_ARC(VFIO_DEVICE_STATE_STOP_COPY, VFIO_DEVICE_STATE_STOP):
 		fm_file_end(&fm->save);
 		return NULL;
-	}
-	if (cur == VFIO_DEVICE_STATE_RESUMING && next == VFIO_DEVICE_STATE_STOP) {
+	case FM_ARC(VFIO_DEVICE_STATE_RESUMING, VFIO_DEVICE_STATE_STOP):
 		ret = fm_load(fm);
 		if (ret)
 			return ERR_PTR(ret);
 		fm_file_end(&fm->resume);
 		return NULL;
-	}
-	/* Arcs between RUNNING, RUNNING_P2P and STOP: nothing to quiesce. */
-	if ((cur == VFIO_DEVICE_STATE_RUNNING && next == VFIO_DEVICE_STATE_RUNNING_P2P) ||
-	    (cur == VFIO_DEVICE_STATE_RUNNING_P2P && next == VFIO_DEVICE_STATE_RUNNING) ||
-	    (cur == VFIO_DEVICE_STATE_RUNNING_P2P && next == VFIO_DEVICE_STATE_STOP) ||
-	    (cur == VFIO_DEVICE_STATE_STOP && next == VFIO_DEVICE_STATE_RUNNING_P2P) ||
-	    (cur == VFIO_DEVICE_STATE_RUNNING && next == VFIO_DEVICE_STATE_STOP) ||
-	    (cur == VFIO_DEVICE_STATE_STOP && next == VFIO_DEVICE_STATE_RUNNING))
+#if FM_PRECOPY
+	case FM_ARC(VFIO_DEVICE_STATE_RUNNING, VFIO_DEVICE_STATE_PRE_COPY):
+	case FM_ARC(VFIO_DEVICE_STATE_RUNNING_P2P, VFIO_DEVICE_STATE_PRE_COPY_P2P):
+		return fm_save_open(fm);
+	case FM_ARC(VFIO_DEVICE_STATE_PRE_COPY, VFIO_DEVICE_STATE_STOP_COPY):
+	case FM_ARC(VFIO_DEVICE_STATE_PRE_COPY_P2P, VFIO_DEVICE_STATE_STOP_COPY):
+		/* The same stream goes on; from now on nothing changes. */
+		fm->saved_digest = fm_digest(fm->seed, fm->gens, fm->nblocks);
 		return NULL;
-
+	case FM_ARC(VFIO_DEVICE_STATE_PRE_COPY, VFIO_DEVICE_STATE_RUNNING):
+	case FM_ARC(VFIO_DEVICE_STATE_PRE_COPY_P2P, VFIO_DEVICE_STATE_RUNNING_P2P):
+		fm_file_end(&fm->save);
+		return NULL;
+	case FM_ARC(VFIO_DEVICE_STATE_PRE_COPY, VFIO_DEVICE_STATE_PRE_COPY_P2P):
+	case FM_ARC(VFIO_DEVICE_STATE_PRE_COPY_P2P, VFIO_DEVICE_STATE_PRE_COPY):
+#endif
+	/* Arcs between RUNNING, RUNNING_P2P and STOP: nothing to quiesce. */
+	case FM_ARC(VFIO_DEVICE_STATE_RUNNING, VFIO_DEVICE_STATE_RUNNING_P2P):
+	case FM_ARC(VFIO_DEVICE_STATE_RUNNING_P2P, VFIO_DEVICE_STATE_RUNNING):
+	case FM_ARC(VFIO_DEVICE_STATE_RUNNING_P2P, VFIO_DEVICE_STATE_STOP):
+	case FM_ARC(VFIO_DEVICE_STATE_STOP, VFIO_DEVICE_STATE_RUNNING_P2P):
+	case FM_ARC(VFIO_DEVICE_STATE_RUNNING, VFIO_DEVICE_STATE_STOP):
+	case FM_ARC(VFIO_DEVICE_STATE_STOP, VFIO_DEVICE_STATE_RUNNING):
+		return NULL;
+	}
 	/* vfio_mig_get_next_state never asks for anything else. */
 	WARN_ON(true);
 	return ERR_PTR(-EINVAL);
+}
+
+/* fm_refused reports requests the driver refuses before the core's walker
+ * sees them: any from ERROR (only a reset leaves it; the walker would
+ * WARN), and STOP_COPY -> PRE_COPY(_P2P), which the uAPI forbids and on
+ * which kernels without the 2026 fix of vfio_mig_get_next_state spin. */
+static bool fm_refused(enum vfio_device_mig_state cur,
+		       enum vfio_device_mig_state target)
+{
+	if (cur == VFIO_DEVICE_STATE_ERROR)
+		return true;
+#if FM_PRECOPY
+	if (cur == VFIO_DEVICE_STATE_STOP_COPY &&
+	    (target == VFIO_DEVICE_STATE_PRE_COPY ||
+	     target == VFIO_DEVICE_STATE_PRE_COPY_P2P))
+		return true;
+#endif
+	return false;
+}
+
+static void fm_trace_arc(struct fm_dev *fm, enum vfio_device_mig_state next)
+{
+	if (fm->trace_len < FM_TRACE_MAX) {
+		fm->trace_from[fm->trace_len] = fm->mig_state;
+		fm->trace_to[fm->trace_len] = next;
+		fm->trace_len++;
+	}
 }
 
 static struct file *fm_set_state(struct vfio_device *vdev,
@@ -500,8 +1047,8 @@ static struct file *fm_set_state(struct vfio_device *vdev,
 
 	mutex_lock(&fm->state_lock);
 	fm->trace_len = 0;
-	if (fm->mig_state == VFIO_DEVICE_STATE_ERROR) {
-		/* Only a reset leaves ERROR; the core helper would WARN. */
+	fm_advance(fm);
+	if (fm_refused(fm->mig_state, new_state)) {
 		res = ERR_PTR(-EINVAL);
 		goto out;
 	}
@@ -512,11 +1059,7 @@ static struct file *fm_set_state(struct vfio_device *vdev,
 			res = ERR_PTR(ret);
 			break;
 		}
-		if (fm->trace_len < FM_TRACE_MAX) {
-			fm->trace_from[fm->trace_len] = fm->mig_state;
-			fm->trace_to[fm->trace_len] = next;
-			fm->trace_len++;
-		}
+		fm_trace_arc(fm, next);
 		res = fm_arc(fm, next);
 		if (IS_ERR(res))
 			break;
@@ -545,9 +1088,30 @@ static int fm_get_state(struct vfio_device *vdev,
 	return 0;
 }
 
+#if FM_PRECOPY
+/* fm_get_data_size: what an immediate STOP_COPY would still return. */
+static int fm_get_data_size(struct vfio_device *vdev,
+			    unsigned long *stop_copy_length)
+{
+	struct fm_dev *fm = container_of(vdev, struct fm_dev, vdev);
+
+	mutex_lock(&fm->state_lock);
+	fm_advance(fm);
+	if (fm->save)
+		*stop_copy_length = fm_remaining(fm->save->private_data);
+	else
+		*stop_copy_length = fm_full_size(fm);
+	mutex_unlock(&fm->state_lock);
+	return 0;
+}
+#endif
+
 static const struct vfio_migration_ops fm_mig_ops = {
 	.migration_set_state = fm_set_state,
 	.migration_get_state = fm_get_state,
+#if FM_PRECOPY
+	.migration_get_data_size = fm_get_data_size,
+#endif
 };
 
 /* ---- vfio_device_ops -------------------------------------------------- */
@@ -564,13 +1128,25 @@ static int fm_init_dev(struct vfio_device *vdev)
 		return -ENOSPC;
 
 	fm->mdev = mdev;
-	mutex_init(&fm->state_lock);
-	fm->mig_state = VFIO_DEVICE_STATE_RUNNING;
+	export_guid(fm->uuid, &mdev->uuid);
 	fm->size = max(8UL, round_down(READ_ONCE(state_size), 8UL));
-	fm->corrupt = -1;
+	fm->nblocks = DIV_ROUND_UP_ULL(fm->size, FM_BLOCK);
+	fm->last_len = fm->size - (u64)(fm->nblocks - 1) * FM_BLOCK;
+	fm->gens = kvcalloc(fm->nblocks, sizeof(*fm->gens), GFP_KERNEL);
+	fm->dirty = bitmap_zalloc(fm->nblocks, GFP_KERNEL);
+	if (!fm->gens || !fm->dirty) {
+		kvfree(fm->gens);
+		bitmap_free(fm->dirty);
+		atomic_inc(&fm_available);
+		return -ENOMEM;
+	}
 	for (i = 0; i < 16; i++)
 		seed = fm_mix(seed ^ (u64)mdev->uuid.b[i] << (8 * (i % 8)));
-	fm->seed = seed;
+	fm->power_seed = seed;
+	mutex_init(&fm->state_lock);
+	fm->mig_state = VFIO_DEVICE_STATE_RUNNING;
+	fm->corrupt = -1;
+	fm_power_on(fm);
 
 	vdev->migration_flags = type->migration_flags;
 	vdev->mig_ops = &fm_mig_ops;
@@ -581,9 +1157,22 @@ static void fm_release_dev(struct vfio_device *vdev)
 {
 	struct fm_dev *fm = container_of(vdev, struct fm_dev, vdev);
 
+	kvfree(fm->gens);
+	bitmap_free(fm->dirty);
 	mutex_destroy(&fm->state_lock);
 	atomic_inc(&fm_available);
-	vfio_free_device(vdev);
+#if LINUX_VERSION_CODE < KERNEL_VERSION(6, 2, 0)
+	vfio_free_device(vdev);		/* 6.2 and later: the core frees it */
+#endif
+}
+
+/* fm_reset ends any session, returns to RUNNING and restores the power-on
+ * content. state_lock held. */
+static void fm_reset(struct fm_dev *fm)
+{
+	fm_end_sessions(fm);
+	fm->mig_state = VFIO_DEVICE_STATE_RUNNING;
+	fm_power_on(fm);
 }
 
 static int fm_open_device(struct vfio_device *vdev)
@@ -596,14 +1185,14 @@ static int fm_open_device(struct vfio_device *vdev)
 	return 0;
 }
 
+/* The last fd closed: reset, as vfio-pci does. The sessions must end
+ * before close_device returns. */
 static void fm_close_device(struct vfio_device *vdev)
 {
 	struct fm_dev *fm = container_of(vdev, struct fm_dev, vdev);
 
-	/* The sessions must end before close_device returns. */
 	mutex_lock(&fm->state_lock);
-	fm_end_sessions(fm);
-	fm->mig_state = VFIO_DEVICE_STATE_RUNNING;
+	fm_reset(fm);
 	mutex_unlock(&fm->state_lock);
 }
 
@@ -629,8 +1218,7 @@ static long fm_ioctl(struct vfio_device *vdev, unsigned int cmd,
 	}
 	case VFIO_DEVICE_RESET:
 		mutex_lock(&fm->state_lock);
-		fm_end_sessions(fm);
-		fm->mig_state = VFIO_DEVICE_STATE_RUNNING;
+		fm_reset(fm);
 		fm->trace_len = 0;
 		fm->trace_errno = 0;
 		mutex_unlock(&fm->state_lock);
@@ -646,6 +1234,13 @@ static const struct vfio_device_ops fm_dev_ops = {
 	.open_device = fm_open_device,
 	.close_device = fm_close_device,
 	.ioctl = fm_ioctl,
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 6, 0)
+	/* NULL without CONFIG_IOMMUFD (Debian's kernels). */
+	.bind_iommufd = vfio_iommufd_emulated_bind,
+	.unbind_iommufd = vfio_iommufd_emulated_unbind,
+	.attach_ioas = vfio_iommufd_emulated_attach_ioas,
+	.detach_ioas = vfio_iommufd_emulated_detach_ioas,
+#endif
 };
 
 /* ---- sysfs ------------------------------------------------------------ */
@@ -683,12 +1278,33 @@ static ssize_t seed_show(struct device *dev, struct device_attribute *attr,
 }
 static DEVICE_ATTR_RO(seed);
 
+static ssize_t digest_show(struct device *dev, struct device_attribute *attr,
+			   char *buf)
+{
+	struct fm_dev *fm = fm_from_dev(dev);
+	u64 d;
+
+	mutex_lock(&fm->state_lock);
+	fm_advance(fm);
+	d = fm_digest(fm->seed, fm->gens, fm->nblocks);
+	mutex_unlock(&fm->state_lock);
+	return sysfs_emit(buf, "%016llx\n", d);
+}
+static DEVICE_ATTR_RO(digest);
+
 static ssize_t size_show(struct device *dev, struct device_attribute *attr,
 			 char *buf)
 {
 	return sysfs_emit(buf, "%llu\n", fm_from_dev(dev)->size);
 }
 static DEVICE_ATTR_RO(size);
+
+static ssize_t block_size_show(struct device *dev,
+			       struct device_attribute *attr, char *buf)
+{
+	return sysfs_emit(buf, "%u\n", FM_BLOCK);
+}
+static DEVICE_ATTR_RO(block_size);
 
 static ssize_t flags_show(struct device *dev, struct device_attribute *attr,
 			  char *buf)
@@ -776,15 +1392,123 @@ static ssize_t inject_error_store(struct device *dev,
 }
 static DEVICE_ATTR_WO(inject_error);
 
+static ssize_t dirty_rate_show(struct device *dev,
+			       struct device_attribute *attr, char *buf)
+{
+	struct fm_dev *fm = fm_from_dev(dev);
+	u64 v;
+
+	mutex_lock(&fm->state_lock);
+	v = fm->dirty_rate;
+	mutex_unlock(&fm->state_lock);
+	return sysfs_emit(buf, "%llu\n", v);
+}
+
+static ssize_t dirty_rate_store(struct device *dev,
+				struct device_attribute *attr,
+				const char *buf, size_t count)
+{
+	struct fm_dev *fm = fm_from_dev(dev);
+	u64 v;
+	int ret = kstrtou64(buf, 0, &v);
+
+	if (ret)
+		return ret;
+	if (v > FM_MAX_RATE)
+		return -EINVAL;
+	mutex_lock(&fm->state_lock);
+	fm_advance(fm);		/* what is due so far, at the old rate */
+	fm->dirty_rate = v;
+	mutex_unlock(&fm->state_lock);
+	return count;
+}
+static DEVICE_ATTR_RW(dirty_rate);
+
+static ssize_t dirty_store(struct device *dev, struct device_attribute *attr,
+			   const char *buf, size_t count)
+{
+	struct fm_dev *fm = fm_from_dev(dev);
+	u32 b;
+	int ret = kstrtou32(buf, 0, &b);
+
+	if (ret)
+		return ret;
+	if (b >= fm->nblocks)
+		return -EINVAL;
+	mutex_lock(&fm->state_lock);
+	if (fm_running(fm->mig_state)) {
+		fm_advance(fm);
+		fm_rewrite(fm, b);
+	} else {
+		ret = -EBUSY;	/* a stopped device does not change */
+	}
+	mutex_unlock(&fm->state_lock);
+	return ret ? ret : count;
+}
+static DEVICE_ATTR_WO(dirty);
+
+static ssize_t rewrites_show(struct device *dev,
+			     struct device_attribute *attr, char *buf)
+{
+	struct fm_dev *fm = fm_from_dev(dev);
+	u64 v;
+
+	mutex_lock(&fm->state_lock);
+	fm_advance(fm);
+	v = fm->rewrites;
+	mutex_unlock(&fm->state_lock);
+	return sysfs_emit(buf, "%llu\n", v);
+}
+static DEVICE_ATTR_RO(rewrites);
+
+static ssize_t saved_show(struct device *dev, struct device_attribute *attr,
+			  char *buf)
+{
+	struct fm_dev *fm = fm_from_dev(dev);
+	ssize_t n;
+
+	mutex_lock(&fm->state_lock);
+	n = sysfs_emit(buf, "digest=%016llx records=%llu bytes=%llu\n",
+		       fm->saved_digest, fm->saved_records, fm->saved_bytes);
+	mutex_unlock(&fm->state_lock);
+	return n;
+}
+static DEVICE_ATTR_RO(saved);
+
+static ssize_t loaded_show(struct device *dev, struct device_attribute *attr,
+			   char *buf)
+{
+	struct fm_dev *fm = fm_from_dev(dev);
+	ssize_t n = 0;
+
+	mutex_lock(&fm->state_lock);
+	if (fm->loaded)
+		n = sysfs_emit(buf, "digest=%016llx records=%llu bytes=%llu from=%pUl\n",
+			       fm->loaded_digest, fm->loaded_records,
+			       fm->loaded_bytes, fm->loaded_from);
+	else
+		n = sysfs_emit(buf, "\n");
+	mutex_unlock(&fm->state_lock);
+	return n;
+}
+static DEVICE_ATTR_RO(loaded);
+
 static struct attribute *fm_dev_attrs[] = {
 	&dev_attr_state.attr,
 	&dev_attr_seed.attr,
+	&dev_attr_digest.attr,
 	&dev_attr_size.attr,
+	&dev_attr_block_size.attr,
 	&dev_attr_flags.attr,
 	&dev_attr_trace.attr,
 	&dev_attr_corrupt.attr,
 	&dev_attr_last_error.attr,
 	&dev_attr_inject_error.attr,
+	&dev_attr_dirty_rate.attr,
+	&dev_attr_dirty.attr,
+	&dev_attr_rewrites.attr,
+	&dev_attr_saved.attr,
+	&dev_attr_loaded.attr,
 	NULL,
 };
 
@@ -814,8 +1538,8 @@ static int fm_probe(struct mdev_device *mdev)
 		vfio_put_device(&fm->vdev);
 		return ret;
 	}
-	dev_info(&mdev->dev, "flags %u, state %llu bytes, seed %016llx\n",
-		 fm->vdev.migration_flags, fm->size, fm->seed);
+	dev_info(&mdev->dev, "flags %u, state %llu bytes in %u blocks, seed %016llx\n",
+		 fm->vdev.migration_flags, fm->size, fm->nblocks, fm->seed);
 	return 0;
 }
 
@@ -865,26 +1589,47 @@ static struct fm_type fm_types[] = {
 		.type.pretty_name = "ferry migration (STOP_COPY)",
 		.migration_flags = VFIO_MIGRATION_STOP_COPY,
 	},
+#if FM_PRECOPY
+	{
+		.type.sysfs_name = "precopy",
+		.type.pretty_name = "ferry migration (STOP_COPY, P2P, PRE_COPY)",
+		.migration_flags = VFIO_MIGRATION_STOP_COPY | VFIO_MIGRATION_P2P |
+				   VFIO_MIGRATION_PRE_COPY,
+	},
+	{
+		.type.sysfs_name = "precopy-nop2p",
+		.type.pretty_name = "ferry migration (STOP_COPY, PRE_COPY)",
+		.migration_flags = VFIO_MIGRATION_STOP_COPY | VFIO_MIGRATION_PRE_COPY,
+	},
+#endif
 };
 
-static struct mdev_type *fm_mdev_types[] = {
-	&fm_types[0].type,
-	&fm_types[1].type,
-};
+static struct mdev_type *fm_mdev_types[ARRAY_SIZE(fm_types)];
 
 static void fm_parent_release(struct device *dev)
 {
 }
 
+static struct class *fm_class_create(void)
+{
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 4, 0)
+	return class_create(FM_NAME);
+#else
+	return class_create(THIS_MODULE, FM_NAME);
+#endif
+}
+
 static int __init fm_init(void)
 {
-	int ret;
+	int ret, i;
 
+	for (i = 0; i < ARRAY_SIZE(fm_types); i++)
+		fm_mdev_types[i] = &fm_types[i].type;
 	ret = mdev_register_driver(&fm_driver);
 	if (ret)
 		return ret;
 
-	fm_parent.class = class_create(THIS_MODULE, FM_NAME);
+	fm_parent.class = fm_class_create();
 	if (IS_ERR(fm_parent.class)) {
 		ret = PTR_ERR(fm_parent.class);
 		goto err_driver;
@@ -902,7 +1647,8 @@ static int __init fm_init(void)
 				   ARRAY_SIZE(fm_mdev_types));
 	if (ret)
 		goto err_device;
-	pr_info(FM_NAME ": loaded, state_size %lu\n", state_size);
+	pr_info(FM_NAME ": loaded, state_size %lu, %zu types\n", state_size,
+		ARRAY_SIZE(fm_types));
 	return 0;
 
 err_device:
