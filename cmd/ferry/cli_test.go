@@ -618,7 +618,7 @@ func TestSummaryIntervals(t *testing.T) {
 		}
 		var b strings.Builder
 		printSummary(&b, r)
-		for _, want := range []string{"(accepted to verdict)", "(first chunk read to verdict)", "(switchover start to verdict", "owner        DESTINATION", "ferry release"} {
+		for _, want := range []string{"(accepted to verdict)", "(first chunk read to verdict)", "(switchover start to the commit", "owner        DESTINATION", "ferry release"} {
 			if !strings.Contains(b.String(), want) {
 				t.Errorf("%s: no %q in\n%s", tc.name, want, b.String())
 			}

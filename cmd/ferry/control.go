@@ -73,7 +73,8 @@ type result struct {
 	TransferSeconds          float64 `json:"transfer_seconds"`
 	ThroughputBytesPerSecond float64 `json:"throughput_bytes_per_second"`
 	// DowntimeSeconds is from the accepted switchover start (the devices
-	// stop right after it) to the verdict.
+	// stop right after it) to the destination's acknowledgement of the
+	// commit.
 	DowntimeSeconds       float64 `json:"downtime_seconds"`
 	DestPeakBufferedBytes uint64  `json:"dest_peak_buffered_bytes"`
 	WindowBytes           uint64  `json:"window_bytes"`

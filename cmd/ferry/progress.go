@@ -349,7 +349,7 @@ func printSummary(w io.Writer, r *result) {
 	if r.Verified {
 		fmt.Fprintf(w, "  transfer     %.3fs at %s (first chunk read to verdict)\n", r.TransferSeconds, size.FormatRate(r.ThroughputBytesPerSecond))
 	}
-	fmt.Fprintf(w, "  downtime     %.3fs (switchover start to verdict: the devices stopped)\n", r.DowntimeSeconds)
+	fmt.Fprintf(w, "  downtime     %.3fs (switchover start to the commit: the devices stopped)\n", r.DowntimeSeconds)
 	if pre := r.Precopy; pre != nil {
 		fmt.Fprintf(w, "  pre-copy     %s while the VM ran, %s after the devices stopped\n", size.Format(pre.PrecopyBytes), size.Format(pre.StopcopyBytes))
 		predicted := "none"
