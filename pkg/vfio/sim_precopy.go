@@ -454,7 +454,8 @@ func (l *recLoader) endRecord() {
 	g := uint32(min(l.recGen, math.MaxUint32-1)) + 1
 	first, end := l.recOff/simPageSize, simPages(l.recOff+l.recLen)
 	// Pages of a record mostly share their old value (the first pass: all
-	// 0), so the counts move once per run of equal old values.
+	// 0), so the per-generation counts move once per run of equal old
+	// values; the sums move per page.
 	run, runLen := uint32(0), uint64(0)
 	for p := first; p < end; p++ {
 		old := l.gens[p]
@@ -462,36 +463,34 @@ func (l *recLoader) endRecord() {
 			l.fail(fmt.Errorf("page at %d: generation %d after %d (records out of order)", p*simPageSize, g-1, old-1))
 		}
 		if old != run {
-			l.unapply(run, runLen)
+			l.uncount(run, runLen)
 			run, runLen = old, 0
 		}
 		runLen++
 		l.gens[p] = g
 		h := pageHash(l.hashKey, p)
 		if old == 0 {
+			l.written++
 			l.hashAll += h
 		} else {
+			l.genSum -= uint64(old - 1)
 			l.hashSum -= uint64(old-1) * h
 		}
+		l.genSum += uint64(g - 1)
 		l.hashSum += uint64(g-1) * h
 	}
-	l.unapply(run, runLen)
-	n := end - first
-	l.atGen[g] += n
-	l.genSum += n * uint64(g-1)
+	l.uncount(run, runLen)
+	l.atGen[g] += end - first
 }
 
-// unapply takes n pages at gens value old out of the counts.
-func (l *recLoader) unapply(old uint32, n uint64) {
-	switch {
-	case n == 0:
-	case old == 0:
-		l.written += n
-	default:
-		if l.atGen[old] -= n; l.atGen[old] == 0 {
-			delete(l.atGen, old)
-		}
-		l.genSum -= n * uint64(old-1)
+// uncount takes n pages at gens value old out of the per-generation
+// counts (pages never written are not counted).
+func (l *recLoader) uncount(old uint32, n uint64) {
+	if old == 0 || n == 0 {
+		return
+	}
+	if l.atGen[old] -= n; l.atGen[old] == 0 {
+		delete(l.atGen, old)
 	}
 }
 
