@@ -34,6 +34,8 @@ func Open(s Spec) (Device, error) {
 		return d, nil
 	case SpecPCI, SpecMdev:
 		return openKernel(s)
+	case SpecVMM:
+		return nil, fmt.Errorf("open %s: a vmm: device is lent by its VMM (Registry.Lend), never opened: %w", s, ErrNotAllowed)
 	}
 	return nil, fmt.Errorf("open %v: unknown spec kind: %w", s.Kind, ErrBadSpec)
 }
@@ -60,6 +62,11 @@ type RegistryOptions struct {
 	// ListHost lists the host's VFIO devices for ListAll; nil means
 	// ListKernelDevices, which reads sysfs and opens nothing.
 	ListHost func() ([]Spec, error)
+	// Evict is called when the VMM that lent a device withdraws it while
+	// owner holds it: the agent cancels owner's migration, which rolls
+	// the device back and releases it (Withdraw waits for that). It must
+	// not block. nil: Withdraw only waits.
+	Evict func(owner, spec string, why error)
 }
 
 // OwnerStuck is the owner a Registry shows for a device released while
@@ -119,6 +126,9 @@ type registered struct {
 	// the registry holds it for nobody and closes it, dropping the
 	// entry, once the stuck operation answers.
 	retired string
+	// lent is set for a device a VMM lent (vmm: specs); nil for a
+	// device the registry opened.
+	lent *lending
 }
 
 // NewRegistry returns an empty registry.
@@ -163,6 +173,12 @@ func (r *Registry) Acquire(spec string, owner string) (Device, func(), error) {
 	}
 	e := r.devices[name]
 	switch {
+	case e == nil && s.Kind == SpecVMM:
+		r.mu.Unlock()
+		return nil, nil, fmt.Errorf("acquire %s: %w", name, ErrNotLent)
+	case e != nil && e.lent != nil && e.lent.withdrawing:
+		r.mu.Unlock()
+		return nil, nil, fmt.Errorf("acquire %s: being withdrawn by its VMM: %w", name, ErrBusy)
 	case e == nil:
 		e = &registered{name: name, owner: owner, lease: 1}
 		r.devices[name] = e
@@ -188,7 +204,11 @@ func (r *Registry) Acquire(spec string, owner string) (Device, func(), error) {
 	e.owner = owner
 	e.lease++
 	lease := e.lease
+	if e.lent != nil {
+		e.lent.freed = make(chan struct{})
+	}
 	r.mu.Unlock()
+	r.notify(e)
 	return e.dev, func() { r.release(e, lease) }, nil
 }
 
@@ -201,7 +221,7 @@ func (r *Registry) openEntry(s Spec, e *registered) (Device, func(), error) {
 		r.drop(e)
 		return nil, nil, err
 	}
-	g := newGuard(dev, r.opts.OpTimeout, func() { r.unstuck(e) })
+	g := newGuard(dev, r.opts.OpTimeout, func() { r.unstuck(e) }, nil)
 	g.State()
 	g.DataSize()
 	r.mu.Lock()
@@ -229,14 +249,30 @@ func (r *Registry) drop(e *registered) {
 // device is retired instead.
 func (r *Registry) release(e *registered, lease uint64) {
 	r.mu.Lock()
-	defer r.mu.Unlock()
 	if e.lease != lease || e.owner == "" {
+		r.mu.Unlock()
 		return
 	}
-	if _, _, stuck := e.dev.StuckInfo(); stuck {
+	if _, _, stuck := e.dev.StuckInfo(); stuck && e.lent == nil {
 		e.retired = e.owner
 	}
 	e.owner = ""
+	var orphaned bool // a Withdraw gave up waiting: drop the device now
+	if l := e.lent; l != nil {
+		l.frozen = false
+		if l.freed != nil {
+			close(l.freed)
+			l.freed = nil
+		} else {
+			orphaned = l.withdrawing
+		}
+	}
+	r.mu.Unlock()
+	if orphaned {
+		r.dropLent(e)
+		return
+	}
+	r.notify(e)
 }
 
 // unstuck is called by e's device when its stuck mark clears: a retired
