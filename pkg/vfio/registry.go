@@ -367,6 +367,13 @@ func (r *Registry) Recover(spec string, reset bool) (DeviceInfo, error) {
 	return r.describe(spec), err
 }
 
+// Recover returns dev, a device no registry lends out, to RUNNING: by
+// the arcs to it, or by a reset when reset is set, when the device is in
+// ERROR, or when the arcs fail (see Registry.Recover). A VMM uses it on
+// its own descriptor when the agent it lent the device to died
+// mid-migration.
+func Recover(dev Device, reset bool) error { return recoverDevice(dev, reset) }
+
 // recoverDevice returns dev to RUNNING (see Recover).
 func recoverDevice(dev Device, reset bool) error {
 	st, err := dev.State()

@@ -36,6 +36,8 @@ func (m *migration) run() {
 		if errors.Is(context.Cause(m.ctx), errCancelled) {
 			phase = ferryv1.MigrationPhase_MIGRATION_PHASE_CANCELLED
 			err = wire.Errorf(codes.Canceled, wire.ReasonCancelled, "migration %s cancelled by the control plane", m.id)
+		} else if cause := context.Cause(m.ctx); errors.Is(cause, errWithdrawn) {
+			err = wire.Errorf(codes.Aborted, wire.ReasonWithdrawn, "migration %s: %v; rolled back", m.id, cause)
 		} else if errors.Is(err, errSwitchoverDeadline) || errors.Is(context.Cause(m.ctx), errSwitchoverDeadline) {
 			err = wire.Errorf(codes.DeadlineExceeded, wire.ReasonSwitchoverDeadline,
 				"no verdict within the switchover deadline (%s) after the devices stopped; rolled back", m.switchoverDeadline)

@@ -1,0 +1,28 @@
+package dest
+
+import (
+	"google.golang.org/grpc/codes"
+
+	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/services/wire"
+)
+
+// Evict fails the incoming migration owner (its id) because the VMM
+// that lent the device spec withdrew it, or went away
+// (vfio.RegistryOptions.Evict): the migration fails with
+// DEVICE_WITHDRAWN, its devices are reset and released, and the source
+// learns it on its next call. A VERIFIED migration is not failed: its
+// source may have committed, so the device, loaded and in STOP, is
+// released when the source commits or aborts. It reports whether owner
+// is one of this agent's migrations; it never blocks.
+func (a *Agent) Evict(owner, spec string, why error) bool {
+	a.mu.Lock()
+	inc, ok := a.incoming[owner]
+	a.mu.Unlock()
+	if !ok {
+		return false
+	}
+	err := wire.Errorf(codes.Aborted, wire.ReasonWithdrawn, "incoming migration %s: device %s: %v", owner, spec, why)
+	inc.fail(err, ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED, failFound)
+	return true
+}
