@@ -26,3 +26,14 @@ func (a *Agent) Evict(owner, spec string, why error) bool {
 	inc.fail(err, ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED, failFound)
 	return true
 }
+
+// configStates are the config states the verified devices received.
+func (inc *incoming) configStates() []*ferryv1.DeviceConfigState {
+	var out []*ferryv1.DeviceConfigState
+	for _, d := range inc.devs {
+		if d.verified.Load() && d.config != nil { // complete once verified
+			out = append(out, &ferryv1.DeviceConfigState{Device: d.spec, ConfigState: d.config})
+		}
+	}
+	return out
+}

@@ -482,6 +482,13 @@ func (m *migration) allP2P() bool {
 // A device in PRE_COPY goes through PRE_COPY_P2P and keeps its data
 // stream: STOP_COPY continues it.
 func (m *migration) stopDevices() error {
+	// The config state current now is the one that travels: the
+	// registry refuses updates from here until the migration ends.
+	for _, d := range m.devs {
+		if cfg := m.a.cfg.Registry.TakeConfig(d.spec); len(cfg) > 0 {
+			d.config.Store(&cfg)
+		}
+	}
 	if m.allP2P() {
 		for _, d := range m.devs {
 			target := vfio.StateRunningP2P

@@ -229,7 +229,10 @@ func (x *GetIncomingRequest) GetMigrationId() string {
 type GetIncomingResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The migration.
-	Migration     *Migration `protobuf:"bytes,1,opt,name=migration,proto3" json:"migration,omitempty"`
+	Migration *Migration `protobuf:"bytes,1,opt,name=migration,proto3" json:"migration,omitempty"`
+	// The config state each verified device received (devices whose source
+	// sent one), in device order.
+	ConfigStates  []*DeviceConfigState `protobuf:"bytes,2,rep,name=config_states,json=configStates,proto3" json:"config_states,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -271,6 +274,68 @@ func (x *GetIncomingResponse) GetMigration() *Migration {
 	return nil
 }
 
+func (x *GetIncomingResponse) GetConfigStates() []*DeviceConfigState {
+	if x != nil {
+		return x.ConfigStates
+	}
+	return nil
+}
+
+// DeviceConfigState is the VMM's config state a device received.
+type DeviceConfigState struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The destination device's spec.
+	Device string `protobuf:"bytes,1,opt,name=device,proto3" json:"device,omitempty"`
+	// The bytes, as the source VMM attached them.
+	ConfigState   []byte `protobuf:"bytes,2,opt,name=config_state,json=configState,proto3" json:"config_state,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeviceConfigState) Reset() {
+	*x = DeviceConfigState{}
+	mi := &file_ferry_v1_dest_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeviceConfigState) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeviceConfigState) ProtoMessage() {}
+
+func (x *DeviceConfigState) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_v1_dest_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeviceConfigState.ProtoReflect.Descriptor instead.
+func (*DeviceConfigState) Descriptor() ([]byte, []int) {
+	return file_ferry_v1_dest_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *DeviceConfigState) GetDevice() string {
+	if x != nil {
+		return x.Device
+	}
+	return ""
+}
+
+func (x *DeviceConfigState) GetConfigState() []byte {
+	if x != nil {
+		return x.ConfigState
+	}
+	return nil
+}
+
 // WatchIncomingRequest names the incoming migration to watch.
 type WatchIncomingRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -282,7 +347,7 @@ type WatchIncomingRequest struct {
 
 func (x *WatchIncomingRequest) Reset() {
 	*x = WatchIncomingRequest{}
-	mi := &file_ferry_v1_dest_proto_msgTypes[4]
+	mi := &file_ferry_v1_dest_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -294,7 +359,7 @@ func (x *WatchIncomingRequest) String() string {
 func (*WatchIncomingRequest) ProtoMessage() {}
 
 func (x *WatchIncomingRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_dest_proto_msgTypes[4]
+	mi := &file_ferry_v1_dest_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -307,7 +372,7 @@ func (x *WatchIncomingRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchIncomingRequest.ProtoReflect.Descriptor instead.
 func (*WatchIncomingRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_dest_proto_rawDescGZIP(), []int{4}
+	return file_ferry_v1_dest_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *WatchIncomingRequest) GetMigrationId() string {
@@ -328,7 +393,7 @@ type WatchIncomingResponse struct {
 
 func (x *WatchIncomingResponse) Reset() {
 	*x = WatchIncomingResponse{}
-	mi := &file_ferry_v1_dest_proto_msgTypes[5]
+	mi := &file_ferry_v1_dest_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -340,7 +405,7 @@ func (x *WatchIncomingResponse) String() string {
 func (*WatchIncomingResponse) ProtoMessage() {}
 
 func (x *WatchIncomingResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_dest_proto_msgTypes[5]
+	mi := &file_ferry_v1_dest_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -353,7 +418,7 @@ func (x *WatchIncomingResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchIncomingResponse.ProtoReflect.Descriptor instead.
 func (*WatchIncomingResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_dest_proto_rawDescGZIP(), []int{5}
+	return file_ferry_v1_dest_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *WatchIncomingResponse) GetMigration() *Migration {
@@ -374,7 +439,7 @@ type CancelIncomingRequest struct {
 
 func (x *CancelIncomingRequest) Reset() {
 	*x = CancelIncomingRequest{}
-	mi := &file_ferry_v1_dest_proto_msgTypes[6]
+	mi := &file_ferry_v1_dest_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -386,7 +451,7 @@ func (x *CancelIncomingRequest) String() string {
 func (*CancelIncomingRequest) ProtoMessage() {}
 
 func (x *CancelIncomingRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_dest_proto_msgTypes[6]
+	mi := &file_ferry_v1_dest_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -399,7 +464,7 @@ func (x *CancelIncomingRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelIncomingRequest.ProtoReflect.Descriptor instead.
 func (*CancelIncomingRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_dest_proto_rawDescGZIP(), []int{6}
+	return file_ferry_v1_dest_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *CancelIncomingRequest) GetMigrationId() string {
@@ -420,7 +485,7 @@ type CancelIncomingResponse struct {
 
 func (x *CancelIncomingResponse) Reset() {
 	*x = CancelIncomingResponse{}
-	mi := &file_ferry_v1_dest_proto_msgTypes[7]
+	mi := &file_ferry_v1_dest_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -432,7 +497,7 @@ func (x *CancelIncomingResponse) String() string {
 func (*CancelIncomingResponse) ProtoMessage() {}
 
 func (x *CancelIncomingResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_dest_proto_msgTypes[7]
+	mi := &file_ferry_v1_dest_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -445,7 +510,7 @@ func (x *CancelIncomingResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelIncomingResponse.ProtoReflect.Descriptor instead.
 func (*CancelIncomingResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_dest_proto_rawDescGZIP(), []int{7}
+	return file_ferry_v1_dest_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *CancelIncomingResponse) GetMigration() *Migration {
@@ -466,7 +531,7 @@ type CommitIncomingRequest struct {
 
 func (x *CommitIncomingRequest) Reset() {
 	*x = CommitIncomingRequest{}
-	mi := &file_ferry_v1_dest_proto_msgTypes[8]
+	mi := &file_ferry_v1_dest_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -478,7 +543,7 @@ func (x *CommitIncomingRequest) String() string {
 func (*CommitIncomingRequest) ProtoMessage() {}
 
 func (x *CommitIncomingRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_dest_proto_msgTypes[8]
+	mi := &file_ferry_v1_dest_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -491,7 +556,7 @@ func (x *CommitIncomingRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CommitIncomingRequest.ProtoReflect.Descriptor instead.
 func (*CommitIncomingRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_dest_proto_rawDescGZIP(), []int{8}
+	return file_ferry_v1_dest_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *CommitIncomingRequest) GetMigrationId() string {
@@ -512,7 +577,7 @@ type CommitIncomingResponse struct {
 
 func (x *CommitIncomingResponse) Reset() {
 	*x = CommitIncomingResponse{}
-	mi := &file_ferry_v1_dest_proto_msgTypes[9]
+	mi := &file_ferry_v1_dest_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -524,7 +589,7 @@ func (x *CommitIncomingResponse) String() string {
 func (*CommitIncomingResponse) ProtoMessage() {}
 
 func (x *CommitIncomingResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_dest_proto_msgTypes[9]
+	mi := &file_ferry_v1_dest_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -537,7 +602,7 @@ func (x *CommitIncomingResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CommitIncomingResponse.ProtoReflect.Descriptor instead.
 func (*CommitIncomingResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_dest_proto_rawDescGZIP(), []int{9}
+	return file_ferry_v1_dest_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *CommitIncomingResponse) GetMigration() *Migration {
@@ -566,9 +631,13 @@ const file_ferry_v1_dest_proto_rawDesc = "" +
 	"\tmax_bytes\x18\x04 \x01(\x04R\bmaxBytes\x12F\n" +
 	"\x11token_expire_time\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\x0ftokenExpireTime\"7\n" +
 	"\x12GetIncomingRequest\x12!\n" +
-	"\fmigration_id\x18\x01 \x01(\tR\vmigrationId\"H\n" +
+	"\fmigration_id\x18\x01 \x01(\tR\vmigrationId\"\x8a\x01\n" +
 	"\x13GetIncomingResponse\x121\n" +
-	"\tmigration\x18\x01 \x01(\v2\x13.ferry.v1.MigrationR\tmigration\"9\n" +
+	"\tmigration\x18\x01 \x01(\v2\x13.ferry.v1.MigrationR\tmigration\x12@\n" +
+	"\rconfig_states\x18\x02 \x03(\v2\x1b.ferry.v1.DeviceConfigStateR\fconfigStates\"N\n" +
+	"\x11DeviceConfigState\x12\x16\n" +
+	"\x06device\x18\x01 \x01(\tR\x06device\x12!\n" +
+	"\fconfig_state\x18\x02 \x01(\fR\vconfigState\"9\n" +
 	"\x14WatchIncomingRequest\x12!\n" +
 	"\fmigration_id\x18\x01 \x01(\tR\vmigrationId\"J\n" +
 	"\x15WatchIncomingResponse\x121\n" +
@@ -601,47 +670,49 @@ func file_ferry_v1_dest_proto_rawDescGZIP() []byte {
 	return file_ferry_v1_dest_proto_rawDescData
 }
 
-var file_ferry_v1_dest_proto_msgTypes = make([]protoimpl.MessageInfo, 10)
+var file_ferry_v1_dest_proto_msgTypes = make([]protoimpl.MessageInfo, 11)
 var file_ferry_v1_dest_proto_goTypes = []any{
 	(*PrepareIncomingRequest)(nil),  // 0: ferry.v1.PrepareIncomingRequest
 	(*PrepareIncomingResponse)(nil), // 1: ferry.v1.PrepareIncomingResponse
 	(*GetIncomingRequest)(nil),      // 2: ferry.v1.GetIncomingRequest
 	(*GetIncomingResponse)(nil),     // 3: ferry.v1.GetIncomingResponse
-	(*WatchIncomingRequest)(nil),    // 4: ferry.v1.WatchIncomingRequest
-	(*WatchIncomingResponse)(nil),   // 5: ferry.v1.WatchIncomingResponse
-	(*CancelIncomingRequest)(nil),   // 6: ferry.v1.CancelIncomingRequest
-	(*CancelIncomingResponse)(nil),  // 7: ferry.v1.CancelIncomingResponse
-	(*CommitIncomingRequest)(nil),   // 8: ferry.v1.CommitIncomingRequest
-	(*CommitIncomingResponse)(nil),  // 9: ferry.v1.CommitIncomingResponse
-	(*Migration)(nil),               // 10: ferry.v1.Migration
-	(*timestamppb.Timestamp)(nil),   // 11: google.protobuf.Timestamp
-	(*ListDevicesRequest)(nil),      // 12: ferry.v1.ListDevicesRequest
-	(*ListDevicesResponse)(nil),     // 13: ferry.v1.ListDevicesResponse
+	(*DeviceConfigState)(nil),       // 4: ferry.v1.DeviceConfigState
+	(*WatchIncomingRequest)(nil),    // 5: ferry.v1.WatchIncomingRequest
+	(*WatchIncomingResponse)(nil),   // 6: ferry.v1.WatchIncomingResponse
+	(*CancelIncomingRequest)(nil),   // 7: ferry.v1.CancelIncomingRequest
+	(*CancelIncomingResponse)(nil),  // 8: ferry.v1.CancelIncomingResponse
+	(*CommitIncomingRequest)(nil),   // 9: ferry.v1.CommitIncomingRequest
+	(*CommitIncomingResponse)(nil),  // 10: ferry.v1.CommitIncomingResponse
+	(*Migration)(nil),               // 11: ferry.v1.Migration
+	(*timestamppb.Timestamp)(nil),   // 12: google.protobuf.Timestamp
+	(*ListDevicesRequest)(nil),      // 13: ferry.v1.ListDevicesRequest
+	(*ListDevicesResponse)(nil),     // 14: ferry.v1.ListDevicesResponse
 }
 var file_ferry_v1_dest_proto_depIdxs = []int32{
-	10, // 0: ferry.v1.PrepareIncomingResponse.migration:type_name -> ferry.v1.Migration
-	11, // 1: ferry.v1.PrepareIncomingResponse.token_expire_time:type_name -> google.protobuf.Timestamp
-	10, // 2: ferry.v1.GetIncomingResponse.migration:type_name -> ferry.v1.Migration
-	10, // 3: ferry.v1.WatchIncomingResponse.migration:type_name -> ferry.v1.Migration
-	10, // 4: ferry.v1.CancelIncomingResponse.migration:type_name -> ferry.v1.Migration
-	10, // 5: ferry.v1.CommitIncomingResponse.migration:type_name -> ferry.v1.Migration
-	12, // 6: ferry.v1.DestAgent.ListDevices:input_type -> ferry.v1.ListDevicesRequest
-	0,  // 7: ferry.v1.DestAgent.PrepareIncoming:input_type -> ferry.v1.PrepareIncomingRequest
-	2,  // 8: ferry.v1.DestAgent.GetIncoming:input_type -> ferry.v1.GetIncomingRequest
-	4,  // 9: ferry.v1.DestAgent.WatchIncoming:input_type -> ferry.v1.WatchIncomingRequest
-	6,  // 10: ferry.v1.DestAgent.CancelIncoming:input_type -> ferry.v1.CancelIncomingRequest
-	8,  // 11: ferry.v1.DestAgent.CommitIncoming:input_type -> ferry.v1.CommitIncomingRequest
-	13, // 12: ferry.v1.DestAgent.ListDevices:output_type -> ferry.v1.ListDevicesResponse
-	1,  // 13: ferry.v1.DestAgent.PrepareIncoming:output_type -> ferry.v1.PrepareIncomingResponse
-	3,  // 14: ferry.v1.DestAgent.GetIncoming:output_type -> ferry.v1.GetIncomingResponse
-	5,  // 15: ferry.v1.DestAgent.WatchIncoming:output_type -> ferry.v1.WatchIncomingResponse
-	7,  // 16: ferry.v1.DestAgent.CancelIncoming:output_type -> ferry.v1.CancelIncomingResponse
-	9,  // 17: ferry.v1.DestAgent.CommitIncoming:output_type -> ferry.v1.CommitIncomingResponse
-	12, // [12:18] is the sub-list for method output_type
-	6,  // [6:12] is the sub-list for method input_type
-	6,  // [6:6] is the sub-list for extension type_name
-	6,  // [6:6] is the sub-list for extension extendee
-	0,  // [0:6] is the sub-list for field type_name
+	11, // 0: ferry.v1.PrepareIncomingResponse.migration:type_name -> ferry.v1.Migration
+	12, // 1: ferry.v1.PrepareIncomingResponse.token_expire_time:type_name -> google.protobuf.Timestamp
+	11, // 2: ferry.v1.GetIncomingResponse.migration:type_name -> ferry.v1.Migration
+	4,  // 3: ferry.v1.GetIncomingResponse.config_states:type_name -> ferry.v1.DeviceConfigState
+	11, // 4: ferry.v1.WatchIncomingResponse.migration:type_name -> ferry.v1.Migration
+	11, // 5: ferry.v1.CancelIncomingResponse.migration:type_name -> ferry.v1.Migration
+	11, // 6: ferry.v1.CommitIncomingResponse.migration:type_name -> ferry.v1.Migration
+	13, // 7: ferry.v1.DestAgent.ListDevices:input_type -> ferry.v1.ListDevicesRequest
+	0,  // 8: ferry.v1.DestAgent.PrepareIncoming:input_type -> ferry.v1.PrepareIncomingRequest
+	2,  // 9: ferry.v1.DestAgent.GetIncoming:input_type -> ferry.v1.GetIncomingRequest
+	5,  // 10: ferry.v1.DestAgent.WatchIncoming:input_type -> ferry.v1.WatchIncomingRequest
+	7,  // 11: ferry.v1.DestAgent.CancelIncoming:input_type -> ferry.v1.CancelIncomingRequest
+	9,  // 12: ferry.v1.DestAgent.CommitIncoming:input_type -> ferry.v1.CommitIncomingRequest
+	14, // 13: ferry.v1.DestAgent.ListDevices:output_type -> ferry.v1.ListDevicesResponse
+	1,  // 14: ferry.v1.DestAgent.PrepareIncoming:output_type -> ferry.v1.PrepareIncomingResponse
+	3,  // 15: ferry.v1.DestAgent.GetIncoming:output_type -> ferry.v1.GetIncomingResponse
+	6,  // 16: ferry.v1.DestAgent.WatchIncoming:output_type -> ferry.v1.WatchIncomingResponse
+	8,  // 17: ferry.v1.DestAgent.CancelIncoming:output_type -> ferry.v1.CancelIncomingResponse
+	10, // 18: ferry.v1.DestAgent.CommitIncoming:output_type -> ferry.v1.CommitIncomingResponse
+	13, // [13:19] is the sub-list for method output_type
+	7,  // [7:13] is the sub-list for method input_type
+	7,  // [7:7] is the sub-list for extension type_name
+	7,  // [7:7] is the sub-list for extension extendee
+	0,  // [0:7] is the sub-list for field type_name
 }
 
 func init() { file_ferry_v1_dest_proto_init() }
@@ -656,7 +727,7 @@ func file_ferry_v1_dest_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_ferry_v1_dest_proto_rawDesc), len(file_ferry_v1_dest_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   10,
+			NumMessages:   11,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
