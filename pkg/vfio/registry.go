@@ -292,6 +292,7 @@ func (r *Registry) unstuck(e *registered) {
 // from what the registry remembers: it asks no device anything.
 func (r *Registry) List() []DeviceInfo {
 	type entry struct {
+		name    string
 		dev     *GuardedDevice
 		owner   string
 		retired string
@@ -300,7 +301,7 @@ func (r *Registry) List() []DeviceInfo {
 	entries := make([]entry, 0, len(r.devices))
 	for _, e := range r.devices {
 		if e.dev != nil {
-			entries = append(entries, entry{e.dev, e.owner, e.retired})
+			entries = append(entries, entry{e.name, e.dev, e.owner, e.retired})
 		}
 	}
 	r.mu.Unlock()
@@ -308,7 +309,7 @@ func (r *Registry) List() []DeviceInfo {
 	infos := make([]DeviceInfo, 0, len(entries))
 	for _, e := range entries {
 		in := e.dev.info()
-		info := DeviceInfo{Spec: e.dev.Spec(), Opened: true, Flags: e.dev.Flags(), State: in.state,
+		info := DeviceInfo{Spec: e.name, Opened: true, Flags: e.dev.Flags(), State: in.state,
 			Owner: e.owner, Stuck: in.stuck, Error: in.err}
 		if in.sizeOK {
 			info.DataSize = in.size
