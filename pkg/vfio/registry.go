@@ -444,3 +444,47 @@ func (r *Registry) Close() error {
 	}
 	return errors.Join(errs...)
 }
+
+// LetGo closes an idle device the registry opened, and forgets it, so
+// that another process can open it: a new VM's VMM, which the open
+// descriptors of the registry would refuse (a VFIO group is open in one
+// process at a time). The kernel ends the device's state on the last
+// close (vfio-pci resets the function): a loaded destination device
+// loses what it holds, so hand such a device to its VMM through the VMM
+// socket instead. A device the registry has not opened is let go
+// already. Errors wrap ErrBusy (an owner holds it, or it is stuck), or
+// ErrNotAllowed for a lent device, which its VMM withdraws.
+func (r *Registry) LetGo(spec string) error {
+	s, err := ParseSpec(spec)
+	if err != nil {
+		return err
+	}
+	name := s.String()
+	r.mu.Lock()
+	e := r.devices[name]
+	switch {
+	case e == nil:
+		r.mu.Unlock()
+		return nil
+	case e.lent != nil:
+		r.mu.Unlock()
+		return fmt.Errorf("let go of %s: lent by its VMM, which withdraws it: %w", name, ErrNotAllowed)
+	case e.dev == nil || e.owner != "" || e.retired != "":
+		who := e.owner
+		if who == "" {
+			who = e.retired
+		}
+		r.mu.Unlock()
+		return fmt.Errorf("let go of %s: held by %q: %w", name, who, ErrBusy)
+	}
+	if op, _, stuck := e.dev.StuckInfo(); stuck {
+		r.mu.Unlock()
+		return fmt.Errorf("let go of %s: %s has not answered: %w: %w", name, op, ErrBusy, ErrStuck)
+	}
+	delete(r.devices, name)
+	r.mu.Unlock()
+	if err := e.dev.Close(); err != nil {
+		return fmt.Errorf("let go of %s: %w", name, err)
+	}
+	return nil
+}

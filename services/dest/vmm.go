@@ -1,9 +1,14 @@
 package dest
 
 import (
+	"context"
+	"strings"
+
 	"google.golang.org/grpc/codes"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/deviceapi"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
 
@@ -36,4 +41,34 @@ func (inc *incoming) configStates() []*ferryv1.DeviceConfigState {
 		}
 	}
 	return out
+}
+
+// ReleaseDevice implements DestAgent: it lets go of an idle device the
+// agent opened by spec (vfio.Registry.LetGo), resetting it first when
+// asked.
+func (s *controlServer) ReleaseDevice(ctx context.Context, req *ferryv1.ReleaseDeviceRequest) (*ferryv1.ReleaseDeviceResponse, error) {
+	spec, err := deviceapi.CanonicalSpec(req.GetDevice())
+	if err != nil {
+		return nil, err
+	}
+	if strings.HasPrefix(spec, "vmm:") {
+		return nil, wire.Errorf(codes.FailedPrecondition, wire.ReasonDeviceNotAllowed, "device %s is lent by its VMM: the VMM detaches it, the agent never resets or closes it", spec)
+	}
+	reg := s.a.cfg.Registry
+	info := vfio.DeviceInfo{Spec: spec}
+	for _, d := range reg.List() {
+		if d.Spec == spec {
+			info = d
+		}
+	}
+	if req.GetReset_() {
+		if info, err = reg.Recover(spec, true); err != nil {
+			return nil, deviceapi.Error(spec, "reset", err)
+		}
+	}
+	if err := reg.LetGo(spec); err != nil {
+		return nil, deviceapi.Error(spec, "let go of", err)
+	}
+	s.a.cfg.Logger.Info("device let go", "device", spec, "reset", req.GetReset_(), "state", info.State.String())
+	return &ferryv1.ReleaseDeviceResponse{Device: deviceapi.ToProto(info), LetGo: true}, nil
 }

@@ -40,6 +40,12 @@
 #   sizes    pkg/vfio's TestKernelPrecopy: MIG_DATA_SIZE and
 #            VFIO_MIG_GET_PRECOPY_INFO read and checked byte for byte on the
 #            PRE_COPY instances (6.2+ only)
+#   vmm      the VMM path: test VMMs (ferry vmm attach) open instances
+#            through their groups and lend their fds and a config blob to
+#            the agents' --vmm-socket; a verified migration leaves the
+#            destination VMM's device in STOP with the image and the blob;
+#            after a failed one, and after the source agent is killed
+#            mid-STOP_COPY, the source VMM's own fd reads RUNNING
 #   close    the agents exit: every instance is RUNNING again and the
 #            destinations have dropped their loaded images (reset on close)
 # On 6.1 precopy and sizes are skipped (6.1 has no PRE_COPY); on 6.12 a
@@ -57,7 +63,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 VMDIR=$ROOT/test/vm
 CACHE=$ROOT/.cache/vm
 BUILD=$VMDIR/build
-ALL_CASES=migrate,precopy,corrupt,walk,sizes,close
+ALL_CASES=migrate,precopy,corrupt,walk,sizes,vmm,close
 CASES=${FERRY_VM_CASES:-$ALL_CASES}
 TIMEOUT=${FERRY_VM_TIMEOUT:-600}
 KERNELS=${FERRY_VM_KERNELS:-6.1,6.12}

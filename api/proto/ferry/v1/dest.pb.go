@@ -616,7 +616,7 @@ var File_ferry_v1_dest_proto protoreflect.FileDescriptor
 
 const file_ferry_v1_dest_proto_rawDesc = "" +
 	"\n" +
-	"\x13ferry/v1/dest.proto\x12\bferry.v1\x1a\x15ferry/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x91\x01\n" +
+	"\x13ferry/v1/dest.proto\x12\bferry.v1\x1a\x15ferry/v1/common.proto\x1a\x15ferry/v1/source.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x91\x01\n" +
 	"\x16PrepareIncomingRequest\x12!\n" +
 	"\fmigration_id\x18\x01 \x01(\tR\vmigrationId\x12\x18\n" +
 	"\adevices\x18\x02 \x03(\tR\adevices\x12\x1d\n" +
@@ -649,14 +649,15 @@ const file_ferry_v1_dest_proto_rawDesc = "" +
 	"\x15CommitIncomingRequest\x12!\n" +
 	"\fmigration_id\x18\x01 \x01(\tR\vmigrationId\"K\n" +
 	"\x16CommitIncomingResponse\x121\n" +
-	"\tmigration\x18\x01 \x01(\v2\x13.ferry.v1.MigrationR\tmigration2\xf9\x03\n" +
+	"\tmigration\x18\x01 \x01(\v2\x13.ferry.v1.MigrationR\tmigration2\xcb\x04\n" +
 	"\tDestAgent\x12J\n" +
 	"\vListDevices\x12\x1c.ferry.v1.ListDevicesRequest\x1a\x1d.ferry.v1.ListDevicesResponse\x12V\n" +
 	"\x0fPrepareIncoming\x12 .ferry.v1.PrepareIncomingRequest\x1a!.ferry.v1.PrepareIncomingResponse\x12J\n" +
 	"\vGetIncoming\x12\x1c.ferry.v1.GetIncomingRequest\x1a\x1d.ferry.v1.GetIncomingResponse\x12R\n" +
 	"\rWatchIncoming\x12\x1e.ferry.v1.WatchIncomingRequest\x1a\x1f.ferry.v1.WatchIncomingResponse0\x01\x12S\n" +
 	"\x0eCancelIncoming\x12\x1f.ferry.v1.CancelIncomingRequest\x1a .ferry.v1.CancelIncomingResponse\x12S\n" +
-	"\x0eCommitIncoming\x12\x1f.ferry.v1.CommitIncomingRequest\x1a .ferry.v1.CommitIncomingResponseB8Z6github.com/vfio-ferry/ferry/api/proto/ferry/v1;ferryv1b\x06proto3"
+	"\x0eCommitIncoming\x12\x1f.ferry.v1.CommitIncomingRequest\x1a .ferry.v1.CommitIncomingResponse\x12P\n" +
+	"\rReleaseDevice\x12\x1e.ferry.v1.ReleaseDeviceRequest\x1a\x1f.ferry.v1.ReleaseDeviceResponseB8Z6github.com/vfio-ferry/ferry/api/proto/ferry/v1;ferryv1b\x06proto3"
 
 var (
 	file_ferry_v1_dest_proto_rawDescOnce sync.Once
@@ -686,7 +687,9 @@ var file_ferry_v1_dest_proto_goTypes = []any{
 	(*Migration)(nil),               // 11: ferry.v1.Migration
 	(*timestamppb.Timestamp)(nil),   // 12: google.protobuf.Timestamp
 	(*ListDevicesRequest)(nil),      // 13: ferry.v1.ListDevicesRequest
-	(*ListDevicesResponse)(nil),     // 14: ferry.v1.ListDevicesResponse
+	(*ReleaseDeviceRequest)(nil),    // 14: ferry.v1.ReleaseDeviceRequest
+	(*ListDevicesResponse)(nil),     // 15: ferry.v1.ListDevicesResponse
+	(*ReleaseDeviceResponse)(nil),   // 16: ferry.v1.ReleaseDeviceResponse
 }
 var file_ferry_v1_dest_proto_depIdxs = []int32{
 	11, // 0: ferry.v1.PrepareIncomingResponse.migration:type_name -> ferry.v1.Migration
@@ -702,14 +705,16 @@ var file_ferry_v1_dest_proto_depIdxs = []int32{
 	5,  // 10: ferry.v1.DestAgent.WatchIncoming:input_type -> ferry.v1.WatchIncomingRequest
 	7,  // 11: ferry.v1.DestAgent.CancelIncoming:input_type -> ferry.v1.CancelIncomingRequest
 	9,  // 12: ferry.v1.DestAgent.CommitIncoming:input_type -> ferry.v1.CommitIncomingRequest
-	14, // 13: ferry.v1.DestAgent.ListDevices:output_type -> ferry.v1.ListDevicesResponse
-	1,  // 14: ferry.v1.DestAgent.PrepareIncoming:output_type -> ferry.v1.PrepareIncomingResponse
-	3,  // 15: ferry.v1.DestAgent.GetIncoming:output_type -> ferry.v1.GetIncomingResponse
-	6,  // 16: ferry.v1.DestAgent.WatchIncoming:output_type -> ferry.v1.WatchIncomingResponse
-	8,  // 17: ferry.v1.DestAgent.CancelIncoming:output_type -> ferry.v1.CancelIncomingResponse
-	10, // 18: ferry.v1.DestAgent.CommitIncoming:output_type -> ferry.v1.CommitIncomingResponse
-	13, // [13:19] is the sub-list for method output_type
-	7,  // [7:13] is the sub-list for method input_type
+	14, // 13: ferry.v1.DestAgent.ReleaseDevice:input_type -> ferry.v1.ReleaseDeviceRequest
+	15, // 14: ferry.v1.DestAgent.ListDevices:output_type -> ferry.v1.ListDevicesResponse
+	1,  // 15: ferry.v1.DestAgent.PrepareIncoming:output_type -> ferry.v1.PrepareIncomingResponse
+	3,  // 16: ferry.v1.DestAgent.GetIncoming:output_type -> ferry.v1.GetIncomingResponse
+	6,  // 17: ferry.v1.DestAgent.WatchIncoming:output_type -> ferry.v1.WatchIncomingResponse
+	8,  // 18: ferry.v1.DestAgent.CancelIncoming:output_type -> ferry.v1.CancelIncomingResponse
+	10, // 19: ferry.v1.DestAgent.CommitIncoming:output_type -> ferry.v1.CommitIncomingResponse
+	16, // 20: ferry.v1.DestAgent.ReleaseDevice:output_type -> ferry.v1.ReleaseDeviceResponse
+	14, // [14:21] is the sub-list for method output_type
+	7,  // [7:14] is the sub-list for method input_type
 	7,  // [7:7] is the sub-list for extension type_name
 	7,  // [7:7] is the sub-list for extension extendee
 	0,  // [0:7] is the sub-list for field type_name
@@ -721,6 +726,7 @@ func file_ferry_v1_dest_proto_init() {
 		return
 	}
 	file_ferry_v1_common_proto_init()
+	file_ferry_v1_source_proto_init()
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
