@@ -457,4 +457,3 @@ func lendError(err error) *vmmv1.Error {
 func replyError(code codes.Code, reason, msg string) *vmmv1.Error {
 	return &vmmv1.Error{Code: int32(code), Reason: reason, Message: msg}
 }
-

@@ -270,7 +270,9 @@ func withdrawMidMigration(t *testing.T, end func(cl *vmm.Client) error) {
 		Devices: []*ferryv1.DevicePair{{SourceDevice: "vmm:vm", DestDevice: "sim:size=64MiB,seed=3"}}}); err != nil {
 		t.Fatal(err)
 	}
-	nextEvent(t, cl, func(e *vmmv1.Event) bool { return e.GetState() == uint32(vfio.StateStopCopy) && e.GetMigrationId() == id })
+	nextEvent(t, cl, func(e *vmmv1.Event) bool {
+		return e.GetState() == uint32(vfio.StateStopCopy) && e.GetMigrationId() == id
+	})
 	// The switchover took the config state: it is frozen now.
 	wantReason(t, cl.UpdateConfig(t.Context(), "vm", []byte("late")), vmmsock.ReasonConfigFrozen)
 	if err := end(cl); err != nil {
