@@ -227,12 +227,27 @@ case_migrate() {
 	fig instances "$(echo $INSTANCES | wc -w)"
 	# The agent holds the destination (its registry keeps devices open),
 	# so the loaded image is still there to compare.
-	if [ $rc -eq 0 ] && [ "$verified" = true ] && [ "$direct" = true ] && [ "$saved" = "$got" ]; then
-		return 0
+	if [ $rc -ne 0 ] || [ "$verified" != true ] || [ "$direct" != true ] || [ "$saved" != "$got" ]; then
+		log "want rc 0, verified, direct data, and the destination holding the source's saved image"
+		agent_logs /tmp/m1.json.err
+		return 1
 	fi
-	log "want rc 0, verified, direct data, and the destination holding the source's saved image"
-	agent_logs /tmp/m1.json.err
-	return 1
+	# The let-go rule: the agents hold the instances they opened until
+	# ferry release, so a VMM's open of the group fails until then.
+	if ferry vmm attach --socket /tmp/source-vmm.sock --name letgo --open "mdev:$SRC" >/tmp/letgo0.log 2>&1; then
+		log "a VMM opened mdev:$SRC while the agent held it"
+		return 1
+	fi
+	fig held_open "$(grep -o 'device or resource busy\|EBUSY' /tmp/letgo0.log | head -1 | tr ' ' '-')"
+	timeout 30 ferry release --source 127.0.0.1:7002 --insecure "mdev:$SRC" || return 1
+	timeout 30 ferry release --dest 127.0.0.1:7001 --insecure "mdev:$DST" || return 1
+	vmm_attach source letgo $SRC /tmp/letgo1.log || return 1
+	vmm_stop $VMM_PID
+	fig released_own_fd "$(own_state /tmp/letgo1.log)"
+	[ "$(own_state /tmp/letgo1.log)" = RUNNING ] || { log "after ferry release: $(cat /tmp/letgo1.log)"; return 1; }
+	fig dest_after_release "$(attr $DST state)"
+	[ "$(attr $DST state)" = RUNNING ] || { log "mdev:$DST is $(attr $DST state) after the agent let go, want RUNNING (reset on close)"; return 1; }
+	return 0
 }
 
 # Pre-copy: the source rewrites blocks at DIRTY_RATE while it runs, and
@@ -486,7 +501,9 @@ case_vmm() {
 	else
 		why="$why; vmm:vm3 never reached STOP_COPY"
 	fi
-	wait $MIG_PID
+	# ferry migrate would wait for the source agent to come back.
+	kill $MIG_PID 2>/dev/null
+	wait $MIG_PID 2>/dev/null
 	wait "$SOURCE_PID" 2>/dev/null
 	echo 0 >"$MDEV/$VMM_SRC3/migration/read_delay_ms"
 	vmm_stop $SRC_VMM
