@@ -24,6 +24,7 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/reflection"
 
+	"github.com/vfio-ferry/ferry/internal/buildinfo"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
 	"github.com/vfio-ferry/ferry/services/chunkwire"
 	"github.com/vfio-ferry/ferry/services/dest"
@@ -55,14 +56,21 @@ func (f *agentFlags) register(fs *flag.FlagSet, defaultListen string) {
 	f.log.register(fs)
 }
 
-// metrics returns the metrics and their registry when --metrics-listen is
-// set, else nil and nil (no metrics are kept).
-func (f *agentFlags) metrics() (*telemetry.Metrics, *prometheus.Registry) {
+// metrics returns the metrics of the roles r and their registry when
+// --metrics-listen is set, else nil and nil (no metrics are kept).
+func (f *agentFlags) metrics(r roles) (*telemetry.Metrics, *prometheus.Registry) {
 	if f.metricsListen == "" {
 		return nil, nil
 	}
+	o := telemetry.Options{Build: buildinfo.Read()}
+	if r.source {
+		o.Roles = append(o.Roles, telemetry.RoleSource)
+	}
+	if r.dest {
+		o.Roles = append(o.Roles, telemetry.RoleDest)
+	}
 	reg := prometheus.NewRegistry()
-	return telemetry.New(reg), reg
+	return telemetry.New(reg, o), reg
 }
 
 // destFlags are the destination agent's limits.
@@ -193,7 +201,7 @@ func runRoles(ctx context.Context, name, synopsis, listen string, r roles, args 
 	reg := vfio.NewRegistry(regOpts)
 	defer reg.Close()
 	pool := chunkwire.NewPool()
-	metrics, promReg := af.metrics()
+	metrics, promReg := af.metrics(r)
 	var served []servedAgent
 	if r.dest {
 		dcfg.Registry, dcfg.Pool, dcfg.Logger, dcfg.Metrics = reg, pool, log, metrics

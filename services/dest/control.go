@@ -232,7 +232,7 @@ func (a *Agent) prepareNew(req *ferryv1.PrepareIncomingRequest, specs []string, 
 		// A rolled-back migration of the same id: the new one replaces it.
 		delete(a.sessions, old.sessionID)
 	}
-	inc.track = a.cfg.Metrics.TrackDest(inc.deviceCounters)
+	inc.track = a.cfg.Metrics.TrackDest(inc.deviceCounters, inc.liveState)
 	// The timer is set before the migration is visible, so Open and the
 	// migration's end see it (they read inc.expiry unlocked).
 	inc.expiry = time.AfterFunc(time.Until(inc.tokenTTL), func() { inc.expire(inc.tokenTTL.Sub(inc.createTime)) })

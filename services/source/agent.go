@@ -150,7 +150,7 @@ func (a *Agent) StartMigration(ctx context.Context, req *ferryv1.StartMigrationR
 		close(m.done)
 		return nil, err
 	}
-	m.track = a.cfg.Metrics.TrackSource(m.deviceCounters)
+	m.track = a.cfg.Metrics.TrackSource(m.deviceCounters, m.liveState)
 	if m.precopy != nil {
 		m.track.Precopy(m.precopyReading)
 	}
