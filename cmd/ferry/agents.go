@@ -248,7 +248,7 @@ type dataServer interface {
 // servedAgent is one role's agent as serve runs it.
 type servedAgent interface {
 	// Register registers the agent's gRPC services.
-	Register(*grpc.Server)
+	Register(grpc.ServiceRegistrar)
 	// Refuse refuses new migrations with UNAVAILABLE from now on.
 	Refuse()
 	// Drain refuses new migrations and waits for the running ones until
@@ -279,7 +279,7 @@ func serve(ctx context.Context, af *agentFlags, creds credentials.TransportCrede
 	srv := grpcserver.New(grpcserver.Config{Creds: creds, Logger: log, Metrics: serverMetrics, Pool: pool,
 		Access: af.sec.access(), NoReflection: !af.sec.reflection})
 	for _, a := range agents {
-		a.Register(srv.GRPC)
+		a.Register(srv)
 	}
 	srv.Ready()
 	srv.Health.SetServingStatus(healthLiveness, healthpb.HealthCheckResponse_SERVING)

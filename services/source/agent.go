@@ -97,7 +97,7 @@ func New(cfg Config) (*Agent, error) {
 }
 
 // Register registers the SourceAgent service.
-func (a *Agent) Register(s *grpc.Server) { ferryv1.RegisterSourceAgentServer(s, a) }
+func (a *Agent) Register(s grpc.ServiceRegistrar) { ferryv1.RegisterSourceAgentServer(s, a) }
 
 // Close cancels every running migration (rolling it back) and waits.
 //
