@@ -8,6 +8,8 @@
 //	ferry devices  list the devices an agent serves
 //	ferry release  give a device that rests after a migration back to its host
 //	ferry bench    measure a migration against raw TCP on loopback
+//	ferry migrations list|get|watch|cancel   the migrations an agent holds
+//	ferry version  print the build
 //
 // Run `ferry help <command>` for a command's flags.
 package main
@@ -40,7 +42,9 @@ func commands() []command {
 		{"devices", "list the devices an agent serves", runDevices},
 		{"switchover", "switch a pre-copy migration over: its devices stop and the rest of their state streams", runSwitchover},
 		{"release", "give a source device back to its host after a migration (STOP or ERROR to RUNNING, or a reset)", runRelease},
+		{"migrations", "list, get, watch or cancel the migrations an agent holds", runMigrations},
 		{"bench", "measure a migration against raw TCP on loopback, in the same run", runBench},
+		{"version", "print the build (version, revision, Go)", runVersion},
 	}
 }
 
@@ -49,7 +53,7 @@ func usage(w io.Writer) {
 	fmt.Fprintln(w)
 	fmt.Fprintln(w, "commands:")
 	for _, c := range commands() {
-		fmt.Fprintf(w, "  %-9s %s\n", c.name, c.summary)
+		fmt.Fprintf(w, "  %-10s %s\n", c.name, c.summary)
 	}
 	fmt.Fprintln(w)
 	fmt.Fprintln(w, "Run 'ferry help <command>' for its flags.")
