@@ -24,6 +24,7 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/reflection"
 
+	"github.com/vfio-ferry/ferry/internal/buildinfo"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
 	"github.com/vfio-ferry/ferry/services/chunkwire"
 	"github.com/vfio-ferry/ferry/services/dest"
@@ -57,14 +58,21 @@ func (f *agentFlags) register(fs *flag.FlagSet, defaultListen string) {
 	f.log.register(fs)
 }
 
-// metrics returns the metrics and their registry when --metrics-listen is
-// set, else nil and nil (no metrics are kept).
-func (f *agentFlags) metrics() (*telemetry.Metrics, *prometheus.Registry) {
+// metrics returns the metrics of the roles r and their registry when
+// --metrics-listen is set, else nil and nil (no metrics are kept).
+func (f *agentFlags) metrics(r roles) (*telemetry.Metrics, *prometheus.Registry) {
 	if f.metricsListen == "" {
 		return nil, nil
 	}
+	o := telemetry.Options{Build: buildinfo.Read()}
+	if r.source {
+		o.Roles = append(o.Roles, telemetry.RoleSource)
+	}
+	if r.dest {
+		o.Roles = append(o.Roles, telemetry.RoleDest)
+	}
 	reg := prometheus.NewRegistry()
-	return telemetry.New(reg), reg
+	return telemetry.New(reg, o), reg
 }
 
 // destFlags are the destination agent's limits.
@@ -204,7 +212,7 @@ func runRoles(ctx context.Context, name, synopsis, listen string, r roles, args 
 	}
 	defer stopVMM()
 	pool := chunkwire.NewPool()
-	metrics, promReg := af.metrics()
+	metrics, promReg := af.metrics(r)
 	var served []servedAgent
 	if r.dest {
 		dcfg.Registry, dcfg.Pool, dcfg.Logger, dcfg.Metrics = reg, pool, log, metrics
@@ -253,7 +261,7 @@ type dataServer interface {
 // servedAgent is one role's agent as serve runs it.
 type servedAgent interface {
 	// Register registers the agent's gRPC services.
-	Register(*grpc.Server)
+	Register(grpc.ServiceRegistrar)
 	// Refuse refuses new migrations with UNAVAILABLE from now on.
 	Refuse()
 	// Drain refuses new migrations and waits for the running ones until
@@ -284,7 +292,7 @@ func serve(ctx context.Context, af *agentFlags, creds credentials.TransportCrede
 	srv := grpcserver.New(grpcserver.Config{Creds: creds, Logger: log, Metrics: serverMetrics, Pool: pool,
 		Access: af.sec.access(), NoReflection: !af.sec.reflection})
 	for _, a := range agents {
-		a.Register(srv.GRPC)
+		a.Register(srv)
 	}
 	srv.Ready()
 	srv.Health.SetServingStatus(healthLiveness, healthpb.HealthCheckResponse_SERVING)

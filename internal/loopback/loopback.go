@@ -136,10 +136,10 @@ func Start(cfg Config) (*Agents, error) {
 	}
 	a.Dest, a.Source = da, sa
 	a.dsrv = grpcserver.New(grpcserver.Config{Creds: dcreds, Logger: log, Pool: dpool, Access: daccess})
-	da.Register(a.dsrv.GRPC)
+	da.Register(a.dsrv)
 	a.dsrv.Ready()
 	a.ssrv = grpcserver.New(grpcserver.Config{Creds: screds, Logger: log, Pool: spool, Access: saccess})
-	sa.Register(a.ssrv.GRPC)
+	sa.Register(a.ssrv)
 	a.ssrv.Ready()
 	a.DestAddr, a.SourceAddr = lis[0].Addr().String(), lis[1].Addr().String()
 	a.serve(func() error { return a.dsrv.GRPC.Serve(lis[0]) })

@@ -98,7 +98,7 @@ func New(cfg Config) (*Agent, error) {
 }
 
 // Register registers the SourceAgent service.
-func (a *Agent) Register(s *grpc.Server) { ferryv1.RegisterSourceAgentServer(s, a) }
+func (a *Agent) Register(s grpc.ServiceRegistrar) { ferryv1.RegisterSourceAgentServer(s, a) }
 
 // Close cancels every running migration (rolling it back) and waits.
 //
@@ -151,7 +151,7 @@ func (a *Agent) StartMigration(ctx context.Context, req *ferryv1.StartMigrationR
 		close(m.done)
 		return nil, err
 	}
-	m.track = a.cfg.Metrics.TrackSource(m.deviceCounters)
+	m.track = a.cfg.Metrics.TrackSource(m.deviceCounters, m.liveState)
 	if m.precopy != nil {
 		m.track.Precopy(m.precopyReading)
 	}

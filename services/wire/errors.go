@@ -65,6 +65,13 @@ const (
 	ReasonClientNotAllowed = "CLIENT_NOT_ALLOWED"
 	ReasonPeerMismatch     = "SESSION_PEER_MISMATCH"
 	ReasonBadWindow        = "BAD_WINDOW_UPDATE"
+
+	// Messages gRPC refused before Ferry read them (services/grpcserver):
+	// one larger than the agent's limit (RESOURCE_EXHAUSTED), and one
+	// that is not a valid message of the method's type or not validly
+	// framed or compressed (INVALID_ARGUMENT).
+	ReasonMessageTooLarge  = "MESSAGE_TOO_LARGE"
+	ReasonMalformedMessage = "MALFORMED_MESSAGE"
 )
 
 // Errorf returns a gRPC status error with code and one ErrorInfo carrying

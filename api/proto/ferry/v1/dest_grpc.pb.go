@@ -22,6 +22,7 @@ const (
 	DestAgent_ListDevices_FullMethodName     = "/ferry.v1.DestAgent/ListDevices"
 	DestAgent_PrepareIncoming_FullMethodName = "/ferry.v1.DestAgent/PrepareIncoming"
 	DestAgent_GetIncoming_FullMethodName     = "/ferry.v1.DestAgent/GetIncoming"
+	DestAgent_ListIncoming_FullMethodName    = "/ferry.v1.DestAgent/ListIncoming"
 	DestAgent_WatchIncoming_FullMethodName   = "/ferry.v1.DestAgent/WatchIncoming"
 	DestAgent_CancelIncoming_FullMethodName  = "/ferry.v1.DestAgent/CancelIncoming"
 	DestAgent_CommitIncoming_FullMethodName  = "/ferry.v1.DestAgent/CommitIncoming"
@@ -46,6 +47,9 @@ type DestAgentClient interface {
 	PrepareIncoming(ctx context.Context, in *PrepareIncomingRequest, opts ...grpc.CallOption) (*PrepareIncomingResponse, error)
 	// GetIncoming returns an incoming migration's state.
 	GetIncoming(ctx context.Context, in *GetIncomingRequest, opts ...grpc.CallOption) (*GetIncomingResponse, error)
+	// ListIncoming lists the incoming migrations this agent remembers,
+	// newest first: those running and the last ended ones.
+	ListIncoming(ctx context.Context, in *ListIncomingRequest, opts ...grpc.CallOption) (*ListIncomingResponse, error)
 	// WatchIncoming sends the incoming migration's state, then every change,
 	// and ends after the final phase.
 	WatchIncoming(ctx context.Context, in *WatchIncomingRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchIncomingResponse], error)
@@ -103,6 +107,16 @@ func (c *destAgentClient) GetIncoming(ctx context.Context, in *GetIncomingReques
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(GetIncomingResponse)
 	err := c.cc.Invoke(ctx, DestAgent_GetIncoming_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *destAgentClient) ListIncoming(ctx context.Context, in *ListIncomingRequest, opts ...grpc.CallOption) (*ListIncomingResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListIncomingResponse)
+	err := c.cc.Invoke(ctx, DestAgent_ListIncoming_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -176,6 +190,9 @@ type DestAgentServer interface {
 	PrepareIncoming(context.Context, *PrepareIncomingRequest) (*PrepareIncomingResponse, error)
 	// GetIncoming returns an incoming migration's state.
 	GetIncoming(context.Context, *GetIncomingRequest) (*GetIncomingResponse, error)
+	// ListIncoming lists the incoming migrations this agent remembers,
+	// newest first: those running and the last ended ones.
+	ListIncoming(context.Context, *ListIncomingRequest) (*ListIncomingResponse, error)
 	// WatchIncoming sends the incoming migration's state, then every change,
 	// and ends after the final phase.
 	WatchIncoming(*WatchIncomingRequest, grpc.ServerStreamingServer[WatchIncomingResponse]) error
@@ -217,6 +234,9 @@ func (UnimplementedDestAgentServer) PrepareIncoming(context.Context, *PrepareInc
 }
 func (UnimplementedDestAgentServer) GetIncoming(context.Context, *GetIncomingRequest) (*GetIncomingResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetIncoming not implemented")
+}
+func (UnimplementedDestAgentServer) ListIncoming(context.Context, *ListIncomingRequest) (*ListIncomingResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListIncoming not implemented")
 }
 func (UnimplementedDestAgentServer) WatchIncoming(*WatchIncomingRequest, grpc.ServerStreamingServer[WatchIncomingResponse]) error {
 	return status.Error(codes.Unimplemented, "method WatchIncoming not implemented")
@@ -305,6 +325,24 @@ func _DestAgent_GetIncoming_Handler(srv interface{}, ctx context.Context, dec fu
 	return interceptor(ctx, in, info, handler)
 }
 
+func _DestAgent_ListIncoming_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListIncomingRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(DestAgentServer).ListIncoming(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: DestAgent_ListIncoming_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(DestAgentServer).ListIncoming(ctx, req.(*ListIncomingRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _DestAgent_WatchIncoming_Handler(srv interface{}, stream grpc.ServerStream) error {
 	m := new(WatchIncomingRequest)
 	if err := stream.RecvMsg(m); err != nil {
@@ -388,6 +426,10 @@ var DestAgent_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "GetIncoming",
 			Handler:    _DestAgent_GetIncoming_Handler,
+		},
+		{
+			MethodName: "ListIncoming",
+			Handler:    _DestAgent_ListIncoming_Handler,
 		},
 		{
 			MethodName: "CancelIncoming",
