@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net"
 
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 
@@ -38,6 +39,9 @@ type Config struct {
 	DataListener net.Listener
 	// TLS, when set, serves mutual TLS; plaintext otherwise.
 	TLS *TLS
+	// DestUnary, when set, wraps every unary call of the destination's
+	// server (grpcserver.Config.Unary).
+	DestUnary grpc.UnaryServerInterceptor
 }
 
 // TLS is the transport security of both agents: the credentials of their
@@ -135,7 +139,7 @@ func Start(cfg Config) (*Agents, error) {
 		return fail(err)
 	}
 	a.Dest, a.Source = da, sa
-	a.dsrv = grpcserver.New(grpcserver.Config{Creds: dcreds, Logger: log, Pool: dpool, Access: daccess})
+	a.dsrv = grpcserver.New(grpcserver.Config{Creds: dcreds, Logger: log, Pool: dpool, Access: daccess, Unary: cfg.DestUnary})
 	da.Register(a.dsrv)
 	a.dsrv.Ready()
 	a.ssrv = grpcserver.New(grpcserver.Config{Creds: screds, Logger: log, Pool: spool, Access: saccess})

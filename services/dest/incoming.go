@@ -217,17 +217,21 @@ type incoming struct {
 	fb   map[int]*chanReg
 	lost *time.Timer
 
-	mu             sync.Mutex
-	phase          ferryv1.MigrationPhase
-	err            *ferryv1.MigrationError
-	sessionID      string
-	peer           string // the source identity that opened the session (binding.go)
-	direct         bool   // chunks come on direct data connections (direct.go)
-	chunkSize      uint32
-	channels       uint32
-	sourceDevices  []string
-	digestAlg      ferryv1.DigestAlgorithm
-	mode           ferryv1.MigrationMode
+	mu            sync.Mutex
+	phase         ferryv1.MigrationPhase
+	err           *ferryv1.MigrationError
+	sessionID     string
+	peer          string // the source identity that opened the session (binding.go)
+	direct        bool   // chunks come on direct data connections (direct.go)
+	chunkSize     uint32
+	channels      uint32
+	sourceDevices []string
+	digestAlg     ferryv1.DigestAlgorithm
+	mode          ferryv1.MigrationMode
+	// features are what Open granted; sourceVersion the source agent's
+	// version ("" from 0.1.0). Set before the session is published.
+	features       wire.Features
+	sourceVersion  string
 	startTime      time.Time
 	switchoverTime time.Time
 	verdictTime    time.Time // every device verified
@@ -379,6 +383,11 @@ func (inc *incoming) verifiedAll() {
 	close(inc.verifiedCh)
 	inc.log.Info("phase", "phase", ferryv1.MigrationPhase_MIGRATION_PHASE_VERIFIED.String(), "owner", "in doubt until the source commits")
 	inc.watch.Notify()
+	if !inc.features.Has(ferryv1.Feature_FEATURE_COMMIT) {
+		// A 0.1.0 source sends no Commit: its verified verdict is the
+		// commit, as 0.1.0's destination had it.
+		inc.commit()
+	}
 }
 
 // releaseBuffers drops every device's reassembly, freeing what it holds

@@ -54,6 +54,8 @@ func ToProto(d vfio.DeviceInfo) *ferryv1.Device {
 		Owner: d.Owner,
 		Stuck: d.Stuck,
 		Error: d.Error,
+		// sysfs reads only: listing touches no device.
+		Description: DescriptionToProto(vfio.DescribeInfo(d)),
 	}
 	if d.Opened {
 		out.MigrationFlags, out.MigrationFlagsText = uint64(d.Flags), d.Flags.String()

@@ -41,6 +41,10 @@ type Config struct {
 	Access []peerauth.AccessRule
 	// NoReflection leaves gRPC reflection unregistered.
 	NoReflection bool
+	// Unary, when set, runs innermost, around each unary handler: tests
+	// put a peer of another version's wire behaviour in front of an
+	// agent with it.
+	Unary grpc.UnaryServerInterceptor
 }
 
 // Server is a gRPC server with Ferry's codec, interceptors, health and
@@ -84,6 +88,9 @@ func New(cfg Config) *Server {
 	unary = append(unary, selector.UnaryServerInterceptor(logging.UnaryServerInterceptor(logger, logOpts...), loggable))
 	unary = append(unary, authUnary...)
 	unary = append(unary, recovery.UnaryServerInterceptor(recover))
+	if cfg.Unary != nil {
+		unary = append(unary, cfg.Unary)
+	}
 	stream = append(stream, selector.StreamServerInterceptor(logging.StreamServerInterceptor(logger, logOpts...), loggable))
 	stream = append(stream, authStream...)
 	stream = append(stream, recovery.StreamServerInterceptor(recover))

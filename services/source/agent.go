@@ -49,6 +49,10 @@ type Config struct {
 	// MemoryBudget bounds the chunks held unacknowledged by all outgoing
 	// migrations together (0: DefaultMemoryBudget; see budget.go).
 	MemoryBudget uint64
+	// DialOptions are added to the options of every connection to a
+	// destination: tests put a source of another version's wire
+	// behaviour in front of the destination with an interceptor.
+	DialOptions []grpc.DialOption
 }
 
 // Agent is the source agent.

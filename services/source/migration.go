@@ -106,6 +106,11 @@ type migration struct {
 	// peer is the destination's control connection and what to abort
 	// there; only run's goroutine uses it.
 	peer destPeer
+	// features are what the destination granted in Open, destVersion
+	// its agent version ("" for 0.1.0); set once, under mu, before the
+	// channels start.
+	features    wire.Features
+	destVersion string
 }
 
 // destPeer is the source's control connection to the destination agent.
