@@ -46,7 +46,10 @@ type plan struct {
 	// switchoverWhenReady asks the source for the switchover once the
 	// migration is READY, as `ferry switchover` would.
 	switchoverWhenReady bool
-	creds               credentials.TransportCredentials
+	// preflight makes the destination's compatibility check a
+	// requirement (StartMigrationRequest.preflight).
+	preflight bool
+	creds     credentials.TransportCredentials
 	// lost, when set, hears of every broken watch that is opened again.
 	lost func(error)
 }
@@ -173,6 +176,7 @@ func drive(ctx context.Context, p plan, dst ferryv1.DestAgentClient, src ferryv1
 		Channels:    p.channels,
 		ChunkSize:   p.chunkSize,
 		Mode:        ferryv1.MigrationMode_MIGRATION_MODE_STOP_COPY,
+		Preflight:   p.preflight,
 	}
 	if p.precopy {
 		start.Mode = ferryv1.MigrationMode_MIGRATION_MODE_PRECOPY

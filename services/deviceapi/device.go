@@ -8,6 +8,7 @@ import (
 	"google.golang.org/grpc/codes"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/internal/buildinfo"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
 )
 
@@ -74,7 +75,7 @@ func ToProto(d vfio.DeviceInfo) *ferryv1.Device {
 // neither opened nor listed.
 func List(r *vfio.Registry) *ferryv1.ListDevicesResponse {
 	infos := r.ListAll()
-	out := &ferryv1.ListDevicesResponse{Devices: make([]*ferryv1.Device, 0, len(infos))}
+	out := &ferryv1.ListDevicesResponse{Devices: make([]*ferryv1.Device, 0, len(infos)), AgentVersion: buildinfo.Read().Version}
 	for _, d := range infos {
 		out.Devices = append(out.Devices, ToProto(d))
 	}

@@ -1,9 +1,14 @@
 package source
 
 import (
+	"context"
+
 	"google.golang.org/grpc/codes"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/internal/buildinfo"
+	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/deviceapi"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
 
@@ -56,4 +61,28 @@ func (m *migration) peerVersion() string {
 		return "Ferry 0.1.0"
 	}
 	return "Ferry " + v
+}
+
+// describeOwner holds a device while DescribeDevices describes it.
+const describeOwner = "(describe)"
+
+// DescribeDevices implements SourceAgent.
+func (a *Agent) DescribeDevices(ctx context.Context, req *ferryv1.DescribeDevicesRequest) (*ferryv1.DescribeDevicesResponse, error) {
+	if err := wire.ValidateDeviceCount(len(req.GetDevices())); err != nil {
+		return nil, err
+	}
+	resp := &ferryv1.DescribeDevicesResponse{AgentVersion: buildinfo.Read().Version}
+	for _, raw := range req.GetDevices() {
+		spec, err := deviceapi.CanonicalSpec(raw)
+		if err != nil {
+			return nil, err
+		}
+		dev, release, err := a.cfg.Registry.Acquire(spec, describeOwner)
+		if err != nil {
+			return nil, deviceapi.Error(spec, "open", err)
+		}
+		resp.Devices = append(resp.Devices, deviceapi.DescriptionToProto(vfio.Describe(dev)))
+		release()
+	}
+	return resp, nil
 }

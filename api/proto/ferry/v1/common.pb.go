@@ -641,7 +641,9 @@ func (*ListDevicesRequest) Descriptor() ([]byte, []int) {
 type ListDevicesResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The devices, sorted by spec.
-	Devices       []*Device `protobuf:"bytes,1,rep,name=devices,proto3" json:"devices,omitempty"`
+	Devices []*Device `protobuf:"bytes,1,rep,name=devices,proto3" json:"devices,omitempty"`
+	// The agent's version (its build's module version).
+	AgentVersion  string `protobuf:"bytes,2,opt,name=agent_version,json=agentVersion,proto3" json:"agent_version,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -681,6 +683,13 @@ func (x *ListDevicesResponse) GetDevices() []*Device {
 		return x.Devices
 	}
 	return nil
+}
+
+func (x *ListDevicesResponse) GetAgentVersion() string {
+	if x != nil {
+		return x.AgentVersion
+	}
+	return ""
 }
 
 // MigrationError is why a migration failed or was cancelled.
@@ -1348,9 +1357,10 @@ const file_ferry_v1_common_proto_rawDesc = "" +
 	" \x01(\x04R\x0emigrationFlags\x122\n" +
 	"\x15estimated_state_bytes\x18\v \x01(\x04R\x13estimatedStateBytes\x12\x19\n" +
 	"\bsim_size\x18\f \x01(\x04R\asimSize\"\x14\n" +
-	"\x12ListDevicesRequest\"A\n" +
+	"\x12ListDevicesRequest\"f\n" +
 	"\x13ListDevicesResponse\x12*\n" +
-	"\adevices\x18\x01 \x03(\v2\x10.ferry.v1.DeviceR\adevices\"V\n" +
+	"\adevices\x18\x01 \x03(\v2\x10.ferry.v1.DeviceR\adevices\x12#\n" +
+	"\ragent_version\x18\x02 \x01(\tR\fagentVersion\"V\n" +
 	"\x0eMigrationError\x12\x12\n" +
 	"\x04code\x18\x01 \x01(\x05R\x04code\x12\x16\n" +
 	"\x06reason\x18\x02 \x01(\tR\x06reason\x12\x18\n" +

@@ -190,6 +190,106 @@ func (DigestAlgorithm) EnumDescriptor() ([]byte, []int) {
 	return file_ferry_v1_source_proto_rawDescGZIP(), []int{2}
 }
 
+// DescribeDevicesRequest names the devices to describe.
+type DescribeDevicesRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Device specs.
+	Devices       []string `protobuf:"bytes,1,rep,name=devices,proto3" json:"devices,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DescribeDevicesRequest) Reset() {
+	*x = DescribeDevicesRequest{}
+	mi := &file_ferry_v1_source_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DescribeDevicesRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DescribeDevicesRequest) ProtoMessage() {}
+
+func (x *DescribeDevicesRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_v1_source_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DescribeDevicesRequest.ProtoReflect.Descriptor instead.
+func (*DescribeDevicesRequest) Descriptor() ([]byte, []int) {
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *DescribeDevicesRequest) GetDevices() []string {
+	if x != nil {
+		return x.Devices
+	}
+	return nil
+}
+
+// DescribeDevicesResponse describes them, in order.
+type DescribeDevicesResponse struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Devices []*DeviceDescription   `protobuf:"bytes,1,rep,name=devices,proto3" json:"devices,omitempty"`
+	// This agent's version.
+	AgentVersion  string `protobuf:"bytes,2,opt,name=agent_version,json=agentVersion,proto3" json:"agent_version,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DescribeDevicesResponse) Reset() {
+	*x = DescribeDevicesResponse{}
+	mi := &file_ferry_v1_source_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DescribeDevicesResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DescribeDevicesResponse) ProtoMessage() {}
+
+func (x *DescribeDevicesResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_v1_source_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DescribeDevicesResponse.ProtoReflect.Descriptor instead.
+func (*DescribeDevicesResponse) Descriptor() ([]byte, []int) {
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *DescribeDevicesResponse) GetDevices() []*DeviceDescription {
+	if x != nil {
+		return x.Devices
+	}
+	return nil
+}
+
+func (x *DescribeDevicesResponse) GetAgentVersion() string {
+	if x != nil {
+		return x.AgentVersion
+	}
+	return ""
+}
+
 // ReleaseDeviceRequest names the device to give back.
 type ReleaseDeviceRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -203,7 +303,7 @@ type ReleaseDeviceRequest struct {
 
 func (x *ReleaseDeviceRequest) Reset() {
 	*x = ReleaseDeviceRequest{}
-	mi := &file_ferry_v1_source_proto_msgTypes[0]
+	mi := &file_ferry_v1_source_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -215,7 +315,7 @@ func (x *ReleaseDeviceRequest) String() string {
 func (*ReleaseDeviceRequest) ProtoMessage() {}
 
 func (x *ReleaseDeviceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[0]
+	mi := &file_ferry_v1_source_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -228,7 +328,7 @@ func (x *ReleaseDeviceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReleaseDeviceRequest.ProtoReflect.Descriptor instead.
 func (*ReleaseDeviceRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{0}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *ReleaseDeviceRequest) GetDevice() string {
@@ -258,7 +358,7 @@ type ReleaseDeviceResponse struct {
 
 func (x *ReleaseDeviceResponse) Reset() {
 	*x = ReleaseDeviceResponse{}
-	mi := &file_ferry_v1_source_proto_msgTypes[1]
+	mi := &file_ferry_v1_source_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -270,7 +370,7 @@ func (x *ReleaseDeviceResponse) String() string {
 func (*ReleaseDeviceResponse) ProtoMessage() {}
 
 func (x *ReleaseDeviceResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[1]
+	mi := &file_ferry_v1_source_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -283,7 +383,7 @@ func (x *ReleaseDeviceResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReleaseDeviceResponse.ProtoReflect.Descriptor instead.
 func (*ReleaseDeviceResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{1}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *ReleaseDeviceResponse) GetDevice() *Device {
@@ -314,7 +414,7 @@ type DevicePair struct {
 
 func (x *DevicePair) Reset() {
 	*x = DevicePair{}
-	mi := &file_ferry_v1_source_proto_msgTypes[2]
+	mi := &file_ferry_v1_source_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -326,7 +426,7 @@ func (x *DevicePair) String() string {
 func (*DevicePair) ProtoMessage() {}
 
 func (x *DevicePair) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[2]
+	mi := &file_ferry_v1_source_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -339,7 +439,7 @@ func (x *DevicePair) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DevicePair.ProtoReflect.Descriptor instead.
 func (*DevicePair) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{2}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *DevicePair) GetSourceDevice() string {
@@ -400,7 +500,7 @@ type StartMigrationRequest struct {
 
 func (x *StartMigrationRequest) Reset() {
 	*x = StartMigrationRequest{}
-	mi := &file_ferry_v1_source_proto_msgTypes[3]
+	mi := &file_ferry_v1_source_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -412,7 +512,7 @@ func (x *StartMigrationRequest) String() string {
 func (*StartMigrationRequest) ProtoMessage() {}
 
 func (x *StartMigrationRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[3]
+	mi := &file_ferry_v1_source_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -425,7 +525,7 @@ func (x *StartMigrationRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartMigrationRequest.ProtoReflect.Descriptor instead.
 func (*StartMigrationRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{3}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *StartMigrationRequest) GetMigrationId() string {
@@ -530,7 +630,7 @@ type StartMigrationResponse struct {
 
 func (x *StartMigrationResponse) Reset() {
 	*x = StartMigrationResponse{}
-	mi := &file_ferry_v1_source_proto_msgTypes[4]
+	mi := &file_ferry_v1_source_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -542,7 +642,7 @@ func (x *StartMigrationResponse) String() string {
 func (*StartMigrationResponse) ProtoMessage() {}
 
 func (x *StartMigrationResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[4]
+	mi := &file_ferry_v1_source_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -555,7 +655,7 @@ func (x *StartMigrationResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartMigrationResponse.ProtoReflect.Descriptor instead.
 func (*StartMigrationResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{4}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *StartMigrationResponse) GetMigration() *Migration {
@@ -576,7 +676,7 @@ type GetMigrationRequest struct {
 
 func (x *GetMigrationRequest) Reset() {
 	*x = GetMigrationRequest{}
-	mi := &file_ferry_v1_source_proto_msgTypes[5]
+	mi := &file_ferry_v1_source_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -588,7 +688,7 @@ func (x *GetMigrationRequest) String() string {
 func (*GetMigrationRequest) ProtoMessage() {}
 
 func (x *GetMigrationRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[5]
+	mi := &file_ferry_v1_source_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -601,7 +701,7 @@ func (x *GetMigrationRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetMigrationRequest.ProtoReflect.Descriptor instead.
 func (*GetMigrationRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{5}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *GetMigrationRequest) GetMigrationId() string {
@@ -622,7 +722,7 @@ type GetMigrationResponse struct {
 
 func (x *GetMigrationResponse) Reset() {
 	*x = GetMigrationResponse{}
-	mi := &file_ferry_v1_source_proto_msgTypes[6]
+	mi := &file_ferry_v1_source_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -634,7 +734,7 @@ func (x *GetMigrationResponse) String() string {
 func (*GetMigrationResponse) ProtoMessage() {}
 
 func (x *GetMigrationResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[6]
+	mi := &file_ferry_v1_source_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -647,7 +747,7 @@ func (x *GetMigrationResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetMigrationResponse.ProtoReflect.Descriptor instead.
 func (*GetMigrationResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{6}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *GetMigrationResponse) GetMigration() *Migration {
@@ -666,7 +766,7 @@ type ListMigrationsRequest struct {
 
 func (x *ListMigrationsRequest) Reset() {
 	*x = ListMigrationsRequest{}
-	mi := &file_ferry_v1_source_proto_msgTypes[7]
+	mi := &file_ferry_v1_source_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -678,7 +778,7 @@ func (x *ListMigrationsRequest) String() string {
 func (*ListMigrationsRequest) ProtoMessage() {}
 
 func (x *ListMigrationsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[7]
+	mi := &file_ferry_v1_source_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -691,7 +791,7 @@ func (x *ListMigrationsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListMigrationsRequest.ProtoReflect.Descriptor instead.
 func (*ListMigrationsRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{7}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{9}
 }
 
 // ListMigrationsResponse lists migrations, newest first.
@@ -705,7 +805,7 @@ type ListMigrationsResponse struct {
 
 func (x *ListMigrationsResponse) Reset() {
 	*x = ListMigrationsResponse{}
-	mi := &file_ferry_v1_source_proto_msgTypes[8]
+	mi := &file_ferry_v1_source_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -717,7 +817,7 @@ func (x *ListMigrationsResponse) String() string {
 func (*ListMigrationsResponse) ProtoMessage() {}
 
 func (x *ListMigrationsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[8]
+	mi := &file_ferry_v1_source_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -730,7 +830,7 @@ func (x *ListMigrationsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListMigrationsResponse.ProtoReflect.Descriptor instead.
 func (*ListMigrationsResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{8}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *ListMigrationsResponse) GetMigrations() []*Migration {
@@ -751,7 +851,7 @@ type WatchMigrationRequest struct {
 
 func (x *WatchMigrationRequest) Reset() {
 	*x = WatchMigrationRequest{}
-	mi := &file_ferry_v1_source_proto_msgTypes[9]
+	mi := &file_ferry_v1_source_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -763,7 +863,7 @@ func (x *WatchMigrationRequest) String() string {
 func (*WatchMigrationRequest) ProtoMessage() {}
 
 func (x *WatchMigrationRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[9]
+	mi := &file_ferry_v1_source_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -776,7 +876,7 @@ func (x *WatchMigrationRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchMigrationRequest.ProtoReflect.Descriptor instead.
 func (*WatchMigrationRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{9}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *WatchMigrationRequest) GetMigrationId() string {
@@ -797,7 +897,7 @@ type WatchMigrationResponse struct {
 
 func (x *WatchMigrationResponse) Reset() {
 	*x = WatchMigrationResponse{}
-	mi := &file_ferry_v1_source_proto_msgTypes[10]
+	mi := &file_ferry_v1_source_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -809,7 +909,7 @@ func (x *WatchMigrationResponse) String() string {
 func (*WatchMigrationResponse) ProtoMessage() {}
 
 func (x *WatchMigrationResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[10]
+	mi := &file_ferry_v1_source_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -822,7 +922,7 @@ func (x *WatchMigrationResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchMigrationResponse.ProtoReflect.Descriptor instead.
 func (*WatchMigrationResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{10}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *WatchMigrationResponse) GetMigration() *Migration {
@@ -847,7 +947,7 @@ type SwitchoverRequest struct {
 
 func (x *SwitchoverRequest) Reset() {
 	*x = SwitchoverRequest{}
-	mi := &file_ferry_v1_source_proto_msgTypes[11]
+	mi := &file_ferry_v1_source_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -859,7 +959,7 @@ func (x *SwitchoverRequest) String() string {
 func (*SwitchoverRequest) ProtoMessage() {}
 
 func (x *SwitchoverRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[11]
+	mi := &file_ferry_v1_source_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -872,7 +972,7 @@ func (x *SwitchoverRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SwitchoverRequest.ProtoReflect.Descriptor instead.
 func (*SwitchoverRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{11}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *SwitchoverRequest) GetMigrationId() string {
@@ -900,7 +1000,7 @@ type SwitchoverResponse struct {
 
 func (x *SwitchoverResponse) Reset() {
 	*x = SwitchoverResponse{}
-	mi := &file_ferry_v1_source_proto_msgTypes[12]
+	mi := &file_ferry_v1_source_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -912,7 +1012,7 @@ func (x *SwitchoverResponse) String() string {
 func (*SwitchoverResponse) ProtoMessage() {}
 
 func (x *SwitchoverResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[12]
+	mi := &file_ferry_v1_source_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -925,7 +1025,7 @@ func (x *SwitchoverResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SwitchoverResponse.ProtoReflect.Descriptor instead.
 func (*SwitchoverResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{12}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *SwitchoverResponse) GetMigration() *Migration {
@@ -946,7 +1046,7 @@ type CancelMigrationRequest struct {
 
 func (x *CancelMigrationRequest) Reset() {
 	*x = CancelMigrationRequest{}
-	mi := &file_ferry_v1_source_proto_msgTypes[13]
+	mi := &file_ferry_v1_source_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -958,7 +1058,7 @@ func (x *CancelMigrationRequest) String() string {
 func (*CancelMigrationRequest) ProtoMessage() {}
 
 func (x *CancelMigrationRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[13]
+	mi := &file_ferry_v1_source_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -971,7 +1071,7 @@ func (x *CancelMigrationRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelMigrationRequest.ProtoReflect.Descriptor instead.
 func (*CancelMigrationRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{13}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *CancelMigrationRequest) GetMigrationId() string {
@@ -992,7 +1092,7 @@ type CancelMigrationResponse struct {
 
 func (x *CancelMigrationResponse) Reset() {
 	*x = CancelMigrationResponse{}
-	mi := &file_ferry_v1_source_proto_msgTypes[14]
+	mi := &file_ferry_v1_source_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1004,7 +1104,7 @@ func (x *CancelMigrationResponse) String() string {
 func (*CancelMigrationResponse) ProtoMessage() {}
 
 func (x *CancelMigrationResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[14]
+	mi := &file_ferry_v1_source_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1017,7 +1117,7 @@ func (x *CancelMigrationResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelMigrationResponse.ProtoReflect.Descriptor instead.
 func (*CancelMigrationResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{14}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *CancelMigrationResponse) GetMigration() *Migration {
@@ -1031,7 +1131,12 @@ var File_ferry_v1_source_proto protoreflect.FileDescriptor
 
 const file_ferry_v1_source_proto_rawDesc = "" +
 	"\n" +
-	"\x15ferry/v1/source.proto\x12\bferry.v1\x1a\x15ferry/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\"D\n" +
+	"\x15ferry/v1/source.proto\x12\bferry.v1\x1a\x15ferry/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\"2\n" +
+	"\x16DescribeDevicesRequest\x12\x18\n" +
+	"\adevices\x18\x01 \x03(\tR\adevices\"u\n" +
+	"\x17DescribeDevicesResponse\x125\n" +
+	"\adevices\x18\x01 \x03(\v2\x1b.ferry.v1.DeviceDescriptionR\adevices\x12#\n" +
+	"\ragent_version\x18\x02 \x01(\tR\fagentVersion\"D\n" +
 	"\x14ReleaseDeviceRequest\x12\x16\n" +
 	"\x06device\x18\x01 \x01(\tR\x06device\x12\x14\n" +
 	"\x05reset\x18\x02 \x01(\bR\x05reset\"X\n" +
@@ -1094,7 +1199,7 @@ const file_ferry_v1_source_proto_rawDesc = "" +
 	"\x0fDigestAlgorithm\x12 \n" +
 	"\x1cDIGEST_ALGORITHM_UNSPECIFIED\x10\x00\x12!\n" +
 	"\x1dDIGEST_ALGORITHM_CRC32C_CHAIN\x10\x01\x12\x1b\n" +
-	"\x17DIGEST_ALGORITHM_SHA256\x10\x022\x9c\x05\n" +
+	"\x17DIGEST_ALGORITHM_SHA256\x10\x022\xf4\x05\n" +
 	"\vSourceAgent\x12J\n" +
 	"\vListDevices\x12\x1c.ferry.v1.ListDevicesRequest\x1a\x1d.ferry.v1.ListDevicesResponse\x12S\n" +
 	"\x0eStartMigration\x12\x1f.ferry.v1.StartMigrationRequest\x1a .ferry.v1.StartMigrationResponse\x12M\n" +
@@ -1104,7 +1209,8 @@ const file_ferry_v1_source_proto_rawDesc = "" +
 	"\n" +
 	"Switchover\x12\x1b.ferry.v1.SwitchoverRequest\x1a\x1c.ferry.v1.SwitchoverResponse\x12V\n" +
 	"\x0fCancelMigration\x12 .ferry.v1.CancelMigrationRequest\x1a!.ferry.v1.CancelMigrationResponse\x12P\n" +
-	"\rReleaseDevice\x12\x1e.ferry.v1.ReleaseDeviceRequest\x1a\x1f.ferry.v1.ReleaseDeviceResponseB8Z6github.com/vfio-ferry/ferry/api/proto/ferry/v1;ferryv1b\x06proto3"
+	"\rReleaseDevice\x12\x1e.ferry.v1.ReleaseDeviceRequest\x1a\x1f.ferry.v1.ReleaseDeviceResponse\x12V\n" +
+	"\x0fDescribeDevices\x12 .ferry.v1.DescribeDevicesRequest\x1a!.ferry.v1.DescribeDevicesResponseB8Z6github.com/vfio-ferry/ferry/api/proto/ferry/v1;ferryv1b\x06proto3"
 
 var (
 	file_ferry_v1_source_proto_rawDescOnce sync.Once
@@ -1119,68 +1225,74 @@ func file_ferry_v1_source_proto_rawDescGZIP() []byte {
 }
 
 var file_ferry_v1_source_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_ferry_v1_source_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
+var file_ferry_v1_source_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
 var file_ferry_v1_source_proto_goTypes = []any{
 	(MigrationMode)(0),              // 0: ferry.v1.MigrationMode
 	(PrecopyTimeoutAction)(0),       // 1: ferry.v1.PrecopyTimeoutAction
 	(DigestAlgorithm)(0),            // 2: ferry.v1.DigestAlgorithm
-	(*ReleaseDeviceRequest)(nil),    // 3: ferry.v1.ReleaseDeviceRequest
-	(*ReleaseDeviceResponse)(nil),   // 4: ferry.v1.ReleaseDeviceResponse
-	(*DevicePair)(nil),              // 5: ferry.v1.DevicePair
-	(*StartMigrationRequest)(nil),   // 6: ferry.v1.StartMigrationRequest
-	(*StartMigrationResponse)(nil),  // 7: ferry.v1.StartMigrationResponse
-	(*GetMigrationRequest)(nil),     // 8: ferry.v1.GetMigrationRequest
-	(*GetMigrationResponse)(nil),    // 9: ferry.v1.GetMigrationResponse
-	(*ListMigrationsRequest)(nil),   // 10: ferry.v1.ListMigrationsRequest
-	(*ListMigrationsResponse)(nil),  // 11: ferry.v1.ListMigrationsResponse
-	(*WatchMigrationRequest)(nil),   // 12: ferry.v1.WatchMigrationRequest
-	(*WatchMigrationResponse)(nil),  // 13: ferry.v1.WatchMigrationResponse
-	(*SwitchoverRequest)(nil),       // 14: ferry.v1.SwitchoverRequest
-	(*SwitchoverResponse)(nil),      // 15: ferry.v1.SwitchoverResponse
-	(*CancelMigrationRequest)(nil),  // 16: ferry.v1.CancelMigrationRequest
-	(*CancelMigrationResponse)(nil), // 17: ferry.v1.CancelMigrationResponse
-	(*Device)(nil),                  // 18: ferry.v1.Device
-	(*durationpb.Duration)(nil),     // 19: google.protobuf.Duration
-	(*Migration)(nil),               // 20: ferry.v1.Migration
-	(*ListDevicesRequest)(nil),      // 21: ferry.v1.ListDevicesRequest
-	(*ListDevicesResponse)(nil),     // 22: ferry.v1.ListDevicesResponse
+	(*DescribeDevicesRequest)(nil),  // 3: ferry.v1.DescribeDevicesRequest
+	(*DescribeDevicesResponse)(nil), // 4: ferry.v1.DescribeDevicesResponse
+	(*ReleaseDeviceRequest)(nil),    // 5: ferry.v1.ReleaseDeviceRequest
+	(*ReleaseDeviceResponse)(nil),   // 6: ferry.v1.ReleaseDeviceResponse
+	(*DevicePair)(nil),              // 7: ferry.v1.DevicePair
+	(*StartMigrationRequest)(nil),   // 8: ferry.v1.StartMigrationRequest
+	(*StartMigrationResponse)(nil),  // 9: ferry.v1.StartMigrationResponse
+	(*GetMigrationRequest)(nil),     // 10: ferry.v1.GetMigrationRequest
+	(*GetMigrationResponse)(nil),    // 11: ferry.v1.GetMigrationResponse
+	(*ListMigrationsRequest)(nil),   // 12: ferry.v1.ListMigrationsRequest
+	(*ListMigrationsResponse)(nil),  // 13: ferry.v1.ListMigrationsResponse
+	(*WatchMigrationRequest)(nil),   // 14: ferry.v1.WatchMigrationRequest
+	(*WatchMigrationResponse)(nil),  // 15: ferry.v1.WatchMigrationResponse
+	(*SwitchoverRequest)(nil),       // 16: ferry.v1.SwitchoverRequest
+	(*SwitchoverResponse)(nil),      // 17: ferry.v1.SwitchoverResponse
+	(*CancelMigrationRequest)(nil),  // 18: ferry.v1.CancelMigrationRequest
+	(*CancelMigrationResponse)(nil), // 19: ferry.v1.CancelMigrationResponse
+	(*DeviceDescription)(nil),       // 20: ferry.v1.DeviceDescription
+	(*Device)(nil),                  // 21: ferry.v1.Device
+	(*durationpb.Duration)(nil),     // 22: google.protobuf.Duration
+	(*Migration)(nil),               // 23: ferry.v1.Migration
+	(*ListDevicesRequest)(nil),      // 24: ferry.v1.ListDevicesRequest
+	(*ListDevicesResponse)(nil),     // 25: ferry.v1.ListDevicesResponse
 }
 var file_ferry_v1_source_proto_depIdxs = []int32{
-	18, // 0: ferry.v1.ReleaseDeviceResponse.device:type_name -> ferry.v1.Device
-	5,  // 1: ferry.v1.StartMigrationRequest.devices:type_name -> ferry.v1.DevicePair
-	0,  // 2: ferry.v1.StartMigrationRequest.mode:type_name -> ferry.v1.MigrationMode
-	2,  // 3: ferry.v1.StartMigrationRequest.digest:type_name -> ferry.v1.DigestAlgorithm
-	19, // 4: ferry.v1.StartMigrationRequest.switchover_deadline:type_name -> google.protobuf.Duration
-	19, // 5: ferry.v1.StartMigrationRequest.downtime_limit:type_name -> google.protobuf.Duration
-	19, // 6: ferry.v1.StartMigrationRequest.precopy_timeout:type_name -> google.protobuf.Duration
-	1,  // 7: ferry.v1.StartMigrationRequest.on_precopy_timeout:type_name -> ferry.v1.PrecopyTimeoutAction
-	20, // 8: ferry.v1.StartMigrationResponse.migration:type_name -> ferry.v1.Migration
-	20, // 9: ferry.v1.GetMigrationResponse.migration:type_name -> ferry.v1.Migration
-	20, // 10: ferry.v1.ListMigrationsResponse.migrations:type_name -> ferry.v1.Migration
-	20, // 11: ferry.v1.WatchMigrationResponse.migration:type_name -> ferry.v1.Migration
-	20, // 12: ferry.v1.SwitchoverResponse.migration:type_name -> ferry.v1.Migration
-	20, // 13: ferry.v1.CancelMigrationResponse.migration:type_name -> ferry.v1.Migration
-	21, // 14: ferry.v1.SourceAgent.ListDevices:input_type -> ferry.v1.ListDevicesRequest
-	6,  // 15: ferry.v1.SourceAgent.StartMigration:input_type -> ferry.v1.StartMigrationRequest
-	8,  // 16: ferry.v1.SourceAgent.GetMigration:input_type -> ferry.v1.GetMigrationRequest
-	10, // 17: ferry.v1.SourceAgent.ListMigrations:input_type -> ferry.v1.ListMigrationsRequest
-	12, // 18: ferry.v1.SourceAgent.WatchMigration:input_type -> ferry.v1.WatchMigrationRequest
-	14, // 19: ferry.v1.SourceAgent.Switchover:input_type -> ferry.v1.SwitchoverRequest
-	16, // 20: ferry.v1.SourceAgent.CancelMigration:input_type -> ferry.v1.CancelMigrationRequest
-	3,  // 21: ferry.v1.SourceAgent.ReleaseDevice:input_type -> ferry.v1.ReleaseDeviceRequest
-	22, // 22: ferry.v1.SourceAgent.ListDevices:output_type -> ferry.v1.ListDevicesResponse
-	7,  // 23: ferry.v1.SourceAgent.StartMigration:output_type -> ferry.v1.StartMigrationResponse
-	9,  // 24: ferry.v1.SourceAgent.GetMigration:output_type -> ferry.v1.GetMigrationResponse
-	11, // 25: ferry.v1.SourceAgent.ListMigrations:output_type -> ferry.v1.ListMigrationsResponse
-	13, // 26: ferry.v1.SourceAgent.WatchMigration:output_type -> ferry.v1.WatchMigrationResponse
-	15, // 27: ferry.v1.SourceAgent.Switchover:output_type -> ferry.v1.SwitchoverResponse
-	17, // 28: ferry.v1.SourceAgent.CancelMigration:output_type -> ferry.v1.CancelMigrationResponse
-	4,  // 29: ferry.v1.SourceAgent.ReleaseDevice:output_type -> ferry.v1.ReleaseDeviceResponse
-	22, // [22:30] is the sub-list for method output_type
-	14, // [14:22] is the sub-list for method input_type
-	14, // [14:14] is the sub-list for extension type_name
-	14, // [14:14] is the sub-list for extension extendee
-	0,  // [0:14] is the sub-list for field type_name
+	20, // 0: ferry.v1.DescribeDevicesResponse.devices:type_name -> ferry.v1.DeviceDescription
+	21, // 1: ferry.v1.ReleaseDeviceResponse.device:type_name -> ferry.v1.Device
+	7,  // 2: ferry.v1.StartMigrationRequest.devices:type_name -> ferry.v1.DevicePair
+	0,  // 3: ferry.v1.StartMigrationRequest.mode:type_name -> ferry.v1.MigrationMode
+	2,  // 4: ferry.v1.StartMigrationRequest.digest:type_name -> ferry.v1.DigestAlgorithm
+	22, // 5: ferry.v1.StartMigrationRequest.switchover_deadline:type_name -> google.protobuf.Duration
+	22, // 6: ferry.v1.StartMigrationRequest.downtime_limit:type_name -> google.protobuf.Duration
+	22, // 7: ferry.v1.StartMigrationRequest.precopy_timeout:type_name -> google.protobuf.Duration
+	1,  // 8: ferry.v1.StartMigrationRequest.on_precopy_timeout:type_name -> ferry.v1.PrecopyTimeoutAction
+	23, // 9: ferry.v1.StartMigrationResponse.migration:type_name -> ferry.v1.Migration
+	23, // 10: ferry.v1.GetMigrationResponse.migration:type_name -> ferry.v1.Migration
+	23, // 11: ferry.v1.ListMigrationsResponse.migrations:type_name -> ferry.v1.Migration
+	23, // 12: ferry.v1.WatchMigrationResponse.migration:type_name -> ferry.v1.Migration
+	23, // 13: ferry.v1.SwitchoverResponse.migration:type_name -> ferry.v1.Migration
+	23, // 14: ferry.v1.CancelMigrationResponse.migration:type_name -> ferry.v1.Migration
+	24, // 15: ferry.v1.SourceAgent.ListDevices:input_type -> ferry.v1.ListDevicesRequest
+	8,  // 16: ferry.v1.SourceAgent.StartMigration:input_type -> ferry.v1.StartMigrationRequest
+	10, // 17: ferry.v1.SourceAgent.GetMigration:input_type -> ferry.v1.GetMigrationRequest
+	12, // 18: ferry.v1.SourceAgent.ListMigrations:input_type -> ferry.v1.ListMigrationsRequest
+	14, // 19: ferry.v1.SourceAgent.WatchMigration:input_type -> ferry.v1.WatchMigrationRequest
+	16, // 20: ferry.v1.SourceAgent.Switchover:input_type -> ferry.v1.SwitchoverRequest
+	18, // 21: ferry.v1.SourceAgent.CancelMigration:input_type -> ferry.v1.CancelMigrationRequest
+	5,  // 22: ferry.v1.SourceAgent.ReleaseDevice:input_type -> ferry.v1.ReleaseDeviceRequest
+	3,  // 23: ferry.v1.SourceAgent.DescribeDevices:input_type -> ferry.v1.DescribeDevicesRequest
+	25, // 24: ferry.v1.SourceAgent.ListDevices:output_type -> ferry.v1.ListDevicesResponse
+	9,  // 25: ferry.v1.SourceAgent.StartMigration:output_type -> ferry.v1.StartMigrationResponse
+	11, // 26: ferry.v1.SourceAgent.GetMigration:output_type -> ferry.v1.GetMigrationResponse
+	13, // 27: ferry.v1.SourceAgent.ListMigrations:output_type -> ferry.v1.ListMigrationsResponse
+	15, // 28: ferry.v1.SourceAgent.WatchMigration:output_type -> ferry.v1.WatchMigrationResponse
+	17, // 29: ferry.v1.SourceAgent.Switchover:output_type -> ferry.v1.SwitchoverResponse
+	19, // 30: ferry.v1.SourceAgent.CancelMigration:output_type -> ferry.v1.CancelMigrationResponse
+	6,  // 31: ferry.v1.SourceAgent.ReleaseDevice:output_type -> ferry.v1.ReleaseDeviceResponse
+	4,  // 32: ferry.v1.SourceAgent.DescribeDevices:output_type -> ferry.v1.DescribeDevicesResponse
+	24, // [24:33] is the sub-list for method output_type
+	15, // [15:24] is the sub-list for method input_type
+	15, // [15:15] is the sub-list for extension type_name
+	15, // [15:15] is the sub-list for extension extendee
+	0,  // [0:15] is the sub-list for field type_name
 }
 
 func init() { file_ferry_v1_source_proto_init() }
@@ -1195,7 +1307,7 @@ func file_ferry_v1_source_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_ferry_v1_source_proto_rawDesc), len(file_ferry_v1_source_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   15,
+			NumMessages:   17,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
