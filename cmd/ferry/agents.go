@@ -31,6 +31,7 @@ import (
 	"github.com/vfio-ferry/ferry/services/grpcserver"
 	"github.com/vfio-ferry/ferry/services/source"
 	"github.com/vfio-ferry/ferry/services/telemetry"
+	"github.com/vfio-ferry/ferry/services/wire"
 )
 
 // agentFlags are the flags every agent command takes.
@@ -373,7 +374,8 @@ func serve(ctx context.Context, af *agentFlags, creds credentials.TransportCrede
 		log.Info("metrics listening", "address", mlis.Addr().String())
 	}
 	af.sec.logSummary(log, af.allowSim)
-	log.Info("agent listening", "role", role, "address", lis.Addr().String())
+	b := buildinfo.Read()
+	log.Info("agent listening", "role", role, "address", lis.Addr().String(), "version", b.Version, "revision", b.Revision, "features", wire.Supported.String())
 	g.Go(func() error {
 		<-gctx.Done()
 		drain(log, srv, af.drainTimeout, agents)
