@@ -29,6 +29,7 @@ import (
 	"github.com/vfio-ferry/ferry/services/chunkwire"
 	"github.com/vfio-ferry/ferry/services/dest"
 	"github.com/vfio-ferry/ferry/services/grpcserver"
+	"github.com/vfio-ferry/ferry/services/peerauth"
 	"github.com/vfio-ferry/ferry/services/source"
 	"github.com/vfio-ferry/ferry/services/telemetry"
 )
@@ -134,9 +135,10 @@ func (f *destFlags) config() (dest.Config, error) {
 
 // creds returns the transport credentials of the agent's listener and
 // those it dials peer agents with: mutual TLS, or plaintext with an
-// explicit --insecure; an agent refuses to start without either.
-func (f *agentFlags) creds() (server, peer credentials.TransportCredentials, err error) {
-	return f.sec.transport()
+// explicit --insecure; an agent refuses to start without either. With
+// TLS, r reads the files again when they change (serve runs it).
+func (f *agentFlags) creds(log *slog.Logger) (server, peer credentials.TransportCredentials, r *peerauth.Reloader, err error) {
+	return f.sec.transport(log)
 }
 
 func runDest(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -189,7 +191,7 @@ func runRoles(ctx context.Context, name, synopsis, listen string, r roles, args 
 	if err != nil {
 		return usageError(err)
 	}
-	creds, peerCreds, err := af.creds()
+	creds, peerCreds, reloader, err := af.creds(log)
 	if err != nil {
 		return usageError(err)
 	}
@@ -224,7 +226,25 @@ func runRoles(ctx context.Context, name, synopsis, listen string, r roles, args 
 		defer sagent.Close()
 		served = append([]servedAgent{sagent}, served...)
 	}
-	return serve(ctx, &af, creds, pool, log, name, metrics, promReg, served...)
+	if reloader != nil {
+		metrics.WatchCertificates(promReg, certificates(reloader))
+	}
+	return serve(ctx, &af, creds, reloader, pool, log, name, metrics, promReg, served...)
+}
+
+// certificates exports what r holds to the metrics.
+func certificates(r *peerauth.Reloader) telemetry.Certificates {
+	return telemetry.Certificates{
+		InUse: func() []telemetry.Certificate {
+			var out []telemetry.Certificate
+			for _, c := range r.Certificates() {
+				out = append(out, telemetry.Certificate{Kind: c.Kind, Subject: c.Subject, Serial: c.Serial, NotAfter: c.NotAfter})
+			}
+			return out
+		},
+		Reloads:  r.Reloads,
+		Failures: r.Failures,
+	}
 }
 
 // Health service names the Kubernetes probes ask for, beside "" and the
@@ -270,7 +290,7 @@ const stopTimeout = 10 * time.Second
 // with UNAVAILABLE, running ones get --drain-timeout to end and are then
 // aborted with the rollback rule, and the servers stop. Agents are closed
 // in the order given.
-func serve(ctx context.Context, af *agentFlags, creds credentials.TransportCredentials, pool *chunkwire.Pool, log *slog.Logger, role string, metrics *telemetry.Metrics, promReg *prometheus.Registry, agents ...servedAgent) error {
+func serve(ctx context.Context, af *agentFlags, creds credentials.TransportCredentials, reloader *peerauth.Reloader, pool *chunkwire.Pool, log *slog.Logger, role string, metrics *telemetry.Metrics, promReg *prometheus.Registry, agents ...servedAgent) error {
 	tuneAgentGC()
 	var serverMetrics *grpcprom.ServerMetrics
 	if metrics != nil {
@@ -323,6 +343,12 @@ func serve(ctx context.Context, af *agentFlags, creds credentials.TransportCrede
 
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return srv.GRPC.Serve(lis) })
+	if reloader != nil && af.sec.reload > 0 {
+		g.Go(func() error {
+			reloader.Watch(gctx, af.sec.reload)
+			return nil
+		})
+	}
 	// The probes' server: plaintext, grpc.health.v1 only (and reflection,
 	// for grpcurl), sharing the statuses of the agent's server.
 	var hsrv *grpc.Server

@@ -27,11 +27,14 @@ type plan struct {
 	sourceAddr string // the source agent's SourceAgent address
 	destAddr   string // the destination agent's DestAgent address
 	transfer   string // the destination's Transfer address as the source reaches it
-	pairs      []*ferryv1.DevicePair
-	channels   uint32
-	chunkSize  uint32
-	maxChunks  uint32
-	maxBytes   uint64
+	// destServerName, when set, is the name the source verifies the
+	// destination's certificate for instead of transfer's host.
+	destServerName string
+	pairs          []*ferryv1.DevicePair
+	channels       uint32
+	chunkSize      uint32
+	maxChunks      uint32
+	maxBytes       uint64
 	// switchoverDeadline bounds the time the source devices may stay
 	// stopped without a verdict; 0 leaves the source's default.
 	switchoverDeadline time.Duration
@@ -173,6 +176,8 @@ func drive(ctx context.Context, p plan, dst ferryv1.DestAgentClient, src ferryv1
 		Channels:    p.channels,
 		ChunkSize:   p.chunkSize,
 		Mode:        ferryv1.MigrationMode_MIGRATION_MODE_STOP_COPY,
+
+		DestTlsServerName: p.destServerName,
 	}
 	if p.precopy {
 		start.Mode = ferryv1.MigrationMode_MIGRATION_MODE_PRECOPY

@@ -170,6 +170,9 @@ func validateStart(req *ferryv1.StartMigrationRequest) error {
 	if _, _, err := net.SplitHostPort(addr); err != nil {
 		return wire.Errorf(codes.InvalidArgument, wire.ReasonInvalidArgument, "dest_address %q: want host:port (%v)", addr, err)
 	}
+	if err := validateServerName(req.GetDestTlsServerName()); err != nil {
+		return err
+	}
 	if t := req.GetToken(); t == "" || len(t) > wire.MaxTokenLength {
 		return wire.Errorf(codes.InvalidArgument, wire.ReasonInvalidArgument, "token must be 1 to %d characters", wire.MaxTokenLength)
 	}
@@ -247,6 +250,20 @@ const (
 	maxPrecopyTimeout = 7 * 24 * time.Hour
 )
 
+// validateServerName checks dest_tls_server_name: empty, or a DNS name or
+// an IP address.
+func validateServerName(name string) error {
+	if len(name) > 253 {
+		return wire.Errorf(codes.InvalidArgument, wire.ReasonInvalidArgument, "dest_tls_server_name is longer than 253 characters")
+	}
+	for _, c := range name {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '.' || c == '-' || c == ':') {
+			return wire.Errorf(codes.InvalidArgument, wire.ReasonInvalidArgument, "dest_tls_server_name %q: want a DNS name or an IP address", name)
+		}
+	}
+	return nil
+}
+
 // maxSwitchoverDeadline is the longest switchover deadline a request may
 // set.
 const maxSwitchoverDeadline = time.Hour
@@ -259,6 +276,8 @@ func requestDiff(x, y *ferryv1.StartMigrationRequest) string {
 		return "dest_address"
 	case x.GetToken() != y.GetToken():
 		return "token"
+	case x.GetDestTlsServerName() != y.GetDestTlsServerName():
+		return "dest_tls_server_name"
 	case len(x.GetDevices()) != len(y.GetDevices()):
 		return "number of devices"
 	}
