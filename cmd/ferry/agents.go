@@ -44,6 +44,7 @@ type agentFlags struct {
 	healthListen  string
 	drainTimeout  time.Duration
 	deviceTimeout time.Duration
+	vmm           vmmSocketFlags
 	log           logFlags
 }
 
@@ -54,6 +55,7 @@ func (f *agentFlags) register(fs *flag.FlagSet, defaultListen string) {
 	fs.StringVar(&f.healthListen, "health-listen", "", "serve plaintext grpc.health.v1 (and reflection), nothing else, on this address for Kubernetes gRPC probes (off when empty)")
 	fs.DurationVar(&f.drainTimeout, "drain-timeout", 30*time.Second, "on SIGTERM, how long running migrations may go on before they are aborted and rolled back (a second SIGTERM aborts them at once)")
 	fs.DurationVar(&f.deviceTimeout, "device-timeout", vfio.DefaultOpTimeout, "how long a device operation (a state change, a reset, one read or write of its state) may take before the device is reported stuck and its migration rolls back without it")
+	f.vmm.register(fs)
 	f.log.register(fs)
 }
 
@@ -200,8 +202,17 @@ func runRoles(ctx context.Context, name, synopsis, listen string, r roles, args 
 	}
 	regOpts := af.sec.registry(af.allowSim)
 	regOpts.OpTimeout = af.deviceTimeout
+	ev := &evictors{log: log}
+	regOpts.Evict = ev.evict
 	reg := vfio.NewRegistry(regOpts)
 	defer reg.Close()
+	// Stopped after the agents (deferred before them): a drain lets the
+	// migrations of lent devices end before the socket withdraws them.
+	stopVMM, err := startVMMSocket(ctx, &af.vmm, reg, log)
+	if err != nil {
+		return usageError(err)
+	}
+	defer stopVMM()
 	pool := chunkwire.NewPool()
 	metrics, promReg := af.metrics(r)
 	var served []servedAgent
@@ -212,6 +223,7 @@ func runRoles(ctx context.Context, name, synopsis, listen string, r roles, args 
 			return usageError(err)
 		}
 		defer dagent.Close()
+		ev.agents = append(ev.agents, dagent)
 		metrics.WatchBudget(promReg, dagent.BudgetInUse, dcfg.MemoryBudget)
 		served = append(served, dagent)
 	}
@@ -224,6 +236,7 @@ func runRoles(ctx context.Context, name, synopsis, listen string, r roles, args 
 		// Deferred last, closed first: its rollback tells the peer
 		// destinations before this process's own destination closes.
 		defer sagent.Close()
+		ev.agents = append(ev.agents, sagent)
 		served = append([]servedAgent{sagent}, served...)
 	}
 	if reloader != nil {

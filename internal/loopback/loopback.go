@@ -94,7 +94,16 @@ func Start(cfg Config) (*Agents, error) {
 		}
 		lis[i] = l
 	}
-	a := &Agents{
+	// A device its VMM withdraws cancels the migration holding it: each
+	// registry's evictions go to its agent, made below.
+	a := &Agents{}
+	if cfg.DestDevices.Evict == nil {
+		cfg.DestDevices.Evict = func(owner, spec string, why error) { a.Dest.Evict(owner, spec, why) }
+	}
+	if cfg.SourceDevices.Evict == nil {
+		cfg.SourceDevices.Evict = func(owner, spec string, why error) { a.Source.Evict(owner, spec, why) }
+	}
+	*a = Agents{
 		DestRegistry:   vfio.NewRegistry(cfg.DestDevices),
 		SourceRegistry: vfio.NewRegistry(cfg.SourceDevices),
 		dataLis:        cfg.DataListener,

@@ -81,9 +81,12 @@ func (r *Registry) Lend(name string, dev Device, config []byte, watch func(Devic
 	}
 	r.devices[spec] = e
 	r.mu.Unlock()
-	g.State()
+	// The first state read is the watch's first event; a device that
+	// does not answer gets one all the same.
+	if _, err := g.State(); err != nil {
+		r.notify(e)
+	}
 	g.DataSize()
-	r.notify(e)
 	return nil
 }
 

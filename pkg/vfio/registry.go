@@ -292,6 +292,7 @@ func (r *Registry) unstuck(e *registered) {
 // from what the registry remembers: it asks no device anything.
 func (r *Registry) List() []DeviceInfo {
 	type entry struct {
+		name    string
 		dev     *GuardedDevice
 		owner   string
 		retired string
@@ -300,7 +301,7 @@ func (r *Registry) List() []DeviceInfo {
 	entries := make([]entry, 0, len(r.devices))
 	for _, e := range r.devices {
 		if e.dev != nil {
-			entries = append(entries, entry{e.dev, e.owner, e.retired})
+			entries = append(entries, entry{e.name, e.dev, e.owner, e.retired})
 		}
 	}
 	r.mu.Unlock()
@@ -308,7 +309,7 @@ func (r *Registry) List() []DeviceInfo {
 	infos := make([]DeviceInfo, 0, len(entries))
 	for _, e := range entries {
 		in := e.dev.info()
-		info := DeviceInfo{Spec: e.dev.Spec(), Opened: true, Flags: e.dev.Flags(), State: in.state,
+		info := DeviceInfo{Spec: e.name, Opened: true, Flags: e.dev.Flags(), State: in.state,
 			Owner: e.owner, Stuck: in.stuck, Error: in.err}
 		if in.sizeOK {
 			info.DataSize = in.size
@@ -366,6 +367,13 @@ func (r *Registry) Recover(spec string, reset bool) (DeviceInfo, error) {
 	release()
 	return r.describe(spec), err
 }
+
+// Recover returns dev, a device no registry lends out, to RUNNING: by
+// the arcs to it, or by a reset when reset is set, when the device is in
+// ERROR, or when the arcs fail (see Registry.Recover). A VMM uses it on
+// its own descriptor when the agent it lent the device to died
+// mid-migration.
+func Recover(dev Device, reset bool) error { return recoverDevice(dev, reset) }
 
 // recoverDevice returns dev to RUNNING (see Recover).
 func recoverDevice(dev Device, reset bool) error {
@@ -435,4 +443,48 @@ func (r *Registry) Close() error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// LetGo closes an idle device the registry opened, and forgets it, so
+// that another process can open it: a new VM's VMM, which the open
+// descriptors of the registry would refuse (a VFIO group is open in one
+// process at a time). The kernel ends the device's state on the last
+// close (vfio-pci resets the function): a loaded destination device
+// loses what it holds, so hand such a device to its VMM through the VMM
+// socket instead. A device the registry has not opened is let go
+// already. Errors wrap ErrBusy (an owner holds it, or it is stuck), or
+// ErrNotAllowed for a lent device, which its VMM withdraws.
+func (r *Registry) LetGo(spec string) error {
+	s, err := ParseSpec(spec)
+	if err != nil {
+		return err
+	}
+	name := s.String()
+	r.mu.Lock()
+	e := r.devices[name]
+	switch {
+	case e == nil:
+		r.mu.Unlock()
+		return nil
+	case e.lent != nil:
+		r.mu.Unlock()
+		return fmt.Errorf("let go of %s: lent by its VMM, which withdraws it: %w", name, ErrNotAllowed)
+	case e.dev == nil || e.owner != "" || e.retired != "":
+		who := e.owner
+		if who == "" {
+			who = e.retired
+		}
+		r.mu.Unlock()
+		return fmt.Errorf("let go of %s: held by %q: %w", name, who, ErrBusy)
+	}
+	if op, _, stuck := e.dev.StuckInfo(); stuck {
+		r.mu.Unlock()
+		return fmt.Errorf("let go of %s: %s has not answered: %w: %w", name, op, ErrBusy, ErrStuck)
+	}
+	delete(r.devices, name)
+	r.mu.Unlock()
+	if err := e.dev.Close(); err != nil {
+		return fmt.Errorf("let go of %s: %w", name, err)
+	}
+	return nil
 }

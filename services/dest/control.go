@@ -41,7 +41,7 @@ func (s *controlServer) GetIncoming(ctx context.Context, req *ferryv1.GetIncomin
 		return nil, err
 	}
 	m, _, _ := inc.snapshot()
-	return &ferryv1.GetIncomingResponse{Migration: m}, nil
+	return &ferryv1.GetIncomingResponse{Migration: m, ConfigStates: inc.configStates()}, nil
 }
 
 func (s *controlServer) ListIncoming(context.Context, *ferryv1.ListIncomingRequest) (*ferryv1.ListIncomingResponse, error) {

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -416,7 +417,8 @@ func (a *Agent) forgetOldLocked() {
 }
 
 // ReleaseDevice implements SourceAgent: it gives an idle device back for
-// a new VM on this host (vfio.Registry.Recover).
+// a new VM on this host (vfio.Registry.Recover), and lets go of it
+// (vfio.Registry.LetGo) unless a VMM lent it.
 func (a *Agent) ReleaseDevice(ctx context.Context, req *ferryv1.ReleaseDeviceRequest) (*ferryv1.ReleaseDeviceResponse, error) {
 	spec, err := deviceapi.CanonicalSpec(req.GetDevice())
 	if err != nil {
@@ -426,6 +428,12 @@ func (a *Agent) ReleaseDevice(ctx context.Context, req *ferryv1.ReleaseDeviceReq
 	if err != nil {
 		return nil, deviceapi.Error(spec, "release", err)
 	}
-	a.cfg.Logger.Info("device released", "device", spec, "reset", req.GetReset_(), "state", info.State.String())
-	return &ferryv1.ReleaseDeviceResponse{Device: deviceapi.ToProto(info)}, nil
+	letGo := !strings.HasPrefix(spec, "vmm:")
+	if letGo {
+		if err := a.cfg.Registry.LetGo(spec); err != nil {
+			return nil, deviceapi.Error(spec, "let go of", err)
+		}
+	}
+	a.cfg.Logger.Info("device released", "device", spec, "reset", req.GetReset_(), "state", info.State.String(), "let_go", letGo)
+	return &ferryv1.ReleaseDeviceResponse{Device: deviceapi.ToProto(info), LetGo: letGo}, nil
 }

@@ -24,7 +24,11 @@
 //   - Detach{name}: the agent lets go of the device. A migration
 //     holding it is cancelled and rolled back first (a source device
 //     back to RUNNING, a destination device reset), and the Reply comes
-//     after. Closing the connection detaches everything it lent.
+//     after. Any allowed peer may detach a device, as an operator
+//     detaches one from a VM (`ferry vmm detach`); closing the connection
+//     detaches everything it lent. A VERIFIED destination migration is
+//     not failed by it (its source may have committed): the Reply waits
+//     for the commit or the abort.
 //   - Watch{name}: the events of a device another connection lent.
 //   - FetchConfig{name}: the config state a destination migration
 //     delivered with the device, once it verified.

@@ -57,6 +57,9 @@ const (
 	// The migration committed (the source has the verified verdict): it
 	// can no longer be cancelled or aborted.
 	ReasonCommitted = "MIGRATION_COMMITTED"
+	// The VMM that lent a device (vmm: specs) took it back, or its VMM
+	// socket connection closed, while a migration held it.
+	ReasonWithdrawn = "DEVICE_WITHDRAWN"
 	// Security: who may call (see authz.go) and who may use a session.
 	ReasonUnauthenticated  = "UNAUTHENTICATED"
 	ReasonClientNotAllowed = "CLIENT_NOT_ALLOWED"
