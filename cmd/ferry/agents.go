@@ -25,6 +25,7 @@ import (
 	"google.golang.org/grpc/reflection"
 
 	"github.com/vfio-ferry/ferry/internal/buildinfo"
+	"github.com/vfio-ferry/ferry/internal/tracing"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
 	"github.com/vfio-ferry/ferry/services/chunkwire"
 	"github.com/vfio-ferry/ferry/services/dest"
@@ -215,9 +216,14 @@ func runRoles(ctx context.Context, name, synopsis, listen string, r roles, args 
 	defer stopVMM()
 	pool := chunkwire.NewPool()
 	metrics, promReg := af.metrics(r)
+	tr, err := tracing.FromEnv(ctx, "ferry")
+	if err != nil {
+		return usageError(err)
+	}
+	defer shutdownTracing(tr, stderr)
 	var served []servedAgent
 	if r.dest {
-		dcfg.Registry, dcfg.Pool, dcfg.Logger, dcfg.Metrics = reg, pool, log, metrics
+		dcfg.Registry, dcfg.Pool, dcfg.Logger, dcfg.Metrics, dcfg.Tracing = reg, pool, log, metrics, tr
 		dagent, err := dest.New(dcfg)
 		if err != nil {
 			return usageError(err)
@@ -228,7 +234,7 @@ func runRoles(ctx context.Context, name, synopsis, listen string, r roles, args 
 		served = append(served, dagent)
 	}
 	if r.source {
-		scfg.Registry, scfg.Pool, scfg.Logger, scfg.PeerCreds, scfg.Metrics = reg, pool, log, peerCreds, metrics
+		scfg.Registry, scfg.Pool, scfg.Logger, scfg.PeerCreds, scfg.Metrics, scfg.Tracing = reg, pool, log, peerCreds, metrics, tr
 		sagent, err := source.New(scfg)
 		if err != nil {
 			return usageError(err)
@@ -242,7 +248,7 @@ func runRoles(ctx context.Context, name, synopsis, listen string, r roles, args 
 	if reloader != nil {
 		metrics.WatchCertificates(promReg, certificates(reloader))
 	}
-	return serve(ctx, &af, creds, reloader, pool, log, name, metrics, promReg, served...)
+	return serve(ctx, &af, creds, reloader, tr, pool, log, name, metrics, promReg, served...)
 }
 
 // certificates exports what r holds to the metrics.
@@ -303,14 +309,14 @@ const stopTimeout = 10 * time.Second
 // with UNAVAILABLE, running ones get --drain-timeout to end and are then
 // aborted with the rollback rule, and the servers stop. Agents are closed
 // in the order given.
-func serve(ctx context.Context, af *agentFlags, creds credentials.TransportCredentials, reloader *peerauth.Reloader, pool *chunkwire.Pool, log *slog.Logger, role string, metrics *telemetry.Metrics, promReg *prometheus.Registry, agents ...servedAgent) error {
+func serve(ctx context.Context, af *agentFlags, creds credentials.TransportCredentials, reloader *peerauth.Reloader, tr *tracing.Tracing, pool *chunkwire.Pool, log *slog.Logger, role string, metrics *telemetry.Metrics, promReg *prometheus.Registry, agents ...servedAgent) error {
 	tuneAgentGC()
 	var serverMetrics *grpcprom.ServerMetrics
 	if metrics != nil {
 		serverMetrics = metrics.Server
 	}
 	srv := grpcserver.New(grpcserver.Config{Creds: creds, Logger: log, Metrics: serverMetrics, Pool: pool,
-		Access: af.sec.access(), NoReflection: !af.sec.reflection})
+		Access: af.sec.access(), NoReflection: !af.sec.reflection, StatsHandler: tr.ServerHandler()})
 	for _, a := range agents {
 		a.Register(srv)
 	}

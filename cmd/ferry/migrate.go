@@ -7,8 +7,10 @@ import (
 	"fmt"
 	"io"
 	"sync"
+	"time"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/internal/tracing"
 	"github.com/vfio-ferry/ferry/services/peerauth"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
@@ -89,6 +91,13 @@ func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	for i := range srcDevs {
 		p.pairs = append(p.pairs, &ferryv1.DevicePair{SourceDevice: srcDevs[i], DestDevice: dstDevs[i]})
 	}
+	tr, err := tracing.FromEnv(ctx, "ferry-migrate")
+	if err != nil {
+		return usageError(err)
+	}
+	defer shutdownTracing(tr, stderr)
+	p.tracing = tr
+	p.traceID = func(id string) { view.note("ferry migrate: trace " + id) }
 	if *timeout > 0 {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, *timeout)
@@ -116,4 +125,14 @@ func report(w io.Writer, r *result, asJSON bool) error {
 	}
 	printSummary(w, r)
 	return nil
+}
+
+// shutdownTracing sends the spans still buffered, for a few seconds at
+// most: a collector that is down must not hold the command's exit.
+func shutdownTracing(tr *tracing.Tracing, stderr io.Writer) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := tr.Shutdown(ctx); err != nil {
+		fmt.Fprintf(stderr, "ferry: sending the traces: %v\n", err)
+	}
 }

@@ -19,6 +19,7 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/internal/tracing"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
 	"github.com/vfio-ferry/ferry/services/chunkwire"
 	"github.com/vfio-ferry/ferry/services/deviceapi"
@@ -46,6 +47,9 @@ type Config struct {
 	ProgressTimeout time.Duration
 	// Metrics, when set, tracks every migration (nil: no metrics).
 	Metrics *telemetry.Metrics
+	// Tracing, when set, traces every migration and its calls to the
+	// destination (nil: no tracing; internal/tracing).
+	Tracing *tracing.Tracing
 	// MemoryBudget bounds the chunks held unacknowledged by all outgoing
 	// migrations together (0: DefaultMemoryBudget; see budget.go).
 	MemoryBudget uint64
@@ -139,6 +143,9 @@ func (a *Agent) StartMigration(ctx context.Context, req *ferryv1.StartMigrationR
 	// Hold the id while the devices are acquired so a concurrent start of
 	// the same id waits for this one.
 	m := a.newMigration(req)
+	// The migration's work and its calls to the destination belong to the
+	// trace of this call (set before the migration is visible).
+	m.ctx, m.trace = tracing.StartMigration(a.cfg.Tracing.TracerProvider(), m.ctx, ctx, "source", m.id, m.phase)
 	a.migrations[m.id] = m
 	a.forgetOldLocked()
 	a.mu.Unlock()
@@ -149,6 +156,7 @@ func (a *Agent) StartMigration(ctx context.Context, req *ferryv1.StartMigrationR
 		a.mu.Unlock()
 		m.cancel(nil)
 		close(m.done)
+		m.trace.End(ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED, wire.Reason(err), wire.Message(err))
 		return nil, err
 	}
 	m.track = a.cfg.Metrics.TrackSource(m.deviceCounters, m.liveState)

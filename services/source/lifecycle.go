@@ -66,6 +66,7 @@ func (m *migration) run() {
 	}
 	m.track.End(m.ended(phase))
 	m.setPhase(phase)
+	m.trace.End(phase, wire.Reason(err), wire.Message(err))
 	m.cancel(nil)
 }
 
@@ -165,6 +166,7 @@ func (m *migration) execute() error {
 	a := m.a
 	m.setPhase(ferryv1.MigrationPhase_MIGRATION_PHASE_WAITING)
 	dialOpts := append(grpcserver.DialOptions(a.cfg.PeerCreds, a.cfg.Pool), a.cfg.Metrics.DialOptions()...)
+	dialOpts = append(dialOpts, a.cfg.Tracing.DialOptions()...)
 	serverName := m.req.GetDestTlsServerName()
 	if serverName != "" {
 		// The name the destination's certificate is verified for.
