@@ -242,6 +242,11 @@ func runRoles(ctx context.Context, name, synopsis, listen string, r roles, args 
 		// Deferred last, closed first: its rollback tells the peer
 		// destinations before this process's own destination closes.
 		defer sagent.Close()
+		sendBudget := scfg.MemoryBudget
+		if sendBudget == 0 {
+			sendBudget = source.DefaultMemoryBudget
+		}
+		metrics.WatchSendBudget(promReg, sagent.BudgetUsed, sendBudget)
 		ev.agents = append(ev.agents, sagent)
 		served = append([]servedAgent{sagent}, served...)
 	}
