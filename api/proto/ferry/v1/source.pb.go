@@ -389,12 +389,17 @@ type StartMigrationRequest struct {
 	PrecopyTimeout *durationpb.Duration `protobuf:"bytes,11,opt,name=precopy_timeout,json=precopyTimeout,proto3" json:"precopy_timeout,omitempty"`
 	// Pre-copy: what happens at precopy_timeout.
 	OnPrecopyTimeout PrecopyTimeoutAction `protobuf:"varint,12,opt,name=on_precopy_timeout,json=onPrecopyTimeout,proto3,enum=ferry.v1.PrecopyTimeoutAction" json:"on_precopy_timeout,omitempty"`
+	// Require the destination's compatibility check (FEATURE_DEVICE_CHECK)
+	// before any device leaves RUNNING: a destination that cannot check
+	// (0.1.0) is refused with FAILED_PRECONDITION, FEATURE_NOT_SUPPORTED.
+	// Current destinations always check; this makes it a requirement.
+	Preflight bool `protobuf:"varint,13,opt,name=preflight,proto3" json:"preflight,omitempty"`
 	// With TLS, the name the destination's certificate is verified for, on
 	// the Transfer and the direct data connections, instead of the host in
 	// dest_address: for a certificate whose SANs name the node, not the
 	// address dialled. A DNS name or an IP address, at most 253 characters;
 	// empty: the host in dest_address.
-	DestTlsServerName string `protobuf:"bytes,13,opt,name=dest_tls_server_name,json=destTlsServerName,proto3" json:"dest_tls_server_name,omitempty"`
+	DestTlsServerName string `protobuf:"bytes,14,opt,name=dest_tls_server_name,json=destTlsServerName,proto3" json:"dest_tls_server_name,omitempty"`
 	unknownFields     protoimpl.UnknownFields
 	sizeCache         protoimpl.SizeCache
 }
@@ -511,6 +516,13 @@ func (x *StartMigrationRequest) GetOnPrecopyTimeout() PrecopyTimeoutAction {
 		return x.OnPrecopyTimeout
 	}
 	return PrecopyTimeoutAction_PRECOPY_TIMEOUT_ACTION_UNSPECIFIED
+}
+
+func (x *StartMigrationRequest) GetPreflight() bool {
+	if x != nil {
+		return x.Preflight
+	}
+	return false
 }
 
 func (x *StartMigrationRequest) GetDestTlsServerName() string {
@@ -1043,7 +1055,7 @@ const file_ferry_v1_source_proto_rawDesc = "" +
 	"DevicePair\x12#\n" +
 	"\rsource_device\x18\x01 \x01(\tR\fsourceDevice\x12\x1f\n" +
 	"\vdest_device\x18\x02 \x01(\tR\n" +
-	"destDevice\"\x8f\x05\n" +
+	"destDevice\"\xad\x05\n" +
 	"\x15StartMigrationRequest\x12!\n" +
 	"\fmigration_id\x18\x01 \x01(\tR\vmigrationId\x12!\n" +
 	"\fdest_address\x18\x02 \x01(\tR\vdestAddress\x12\x14\n" +
@@ -1058,8 +1070,9 @@ const file_ferry_v1_source_proto_rawDesc = "" +
 	"\x0edowntime_limit\x18\n" +
 	" \x01(\v2\x19.google.protobuf.DurationR\rdowntimeLimit\x12B\n" +
 	"\x0fprecopy_timeout\x18\v \x01(\v2\x19.google.protobuf.DurationR\x0eprecopyTimeout\x12L\n" +
-	"\x12on_precopy_timeout\x18\f \x01(\x0e2\x1e.ferry.v1.PrecopyTimeoutActionR\x10onPrecopyTimeout\x12/\n" +
-	"\x14dest_tls_server_name\x18\r \x01(\tR\x11destTlsServerName\"K\n" +
+	"\x12on_precopy_timeout\x18\f \x01(\x0e2\x1e.ferry.v1.PrecopyTimeoutActionR\x10onPrecopyTimeout\x12\x1c\n" +
+	"\tpreflight\x18\r \x01(\bR\tpreflight\x12/\n" +
+	"\x14dest_tls_server_name\x18\x0e \x01(\tR\x11destTlsServerName\"K\n" +
 	"\x16StartMigrationResponse\x121\n" +
 	"\tmigration\x18\x01 \x01(\v2\x13.ferry.v1.MigrationR\tmigration\"8\n" +
 	"\x13GetMigrationRequest\x12!\n" +
