@@ -35,8 +35,9 @@ func TestDestTLSServerName(t *testing.T) {
 		t.Fatal(err)
 	}
 	a := startLoopback(t, loopback.Config{
-		// The unverifiable destination is given up on soon.
-		Source:       source.Config{ReconnectTimeout: time.Second},
+		// The unverifiable destination is given up on soon (and so is
+		// telling it so: the abort is bounded by the progress timeout).
+		Source:       source.Config{ReconnectTimeout: time.Second, ProgressTimeout: time.Second},
 		DataListener: dataLis,
 		TLS: &loopback.TLS{
 			DestCreds: dcreds, SourceCreds: screds, SourcePeerCreds: speer,
