@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"sync"
-	"time"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/internal/tracing"
@@ -125,14 +124,4 @@ func report(w io.Writer, r *result, asJSON bool) error {
 	}
 	printSummary(w, r)
 	return nil
-}
-
-// shutdownTracing sends the spans still buffered, for a few seconds at
-// most: a collector that is down must not hold the command's exit.
-func shutdownTracing(tr *tracing.Tracing, stderr io.Writer) {
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	if err := tr.Shutdown(ctx); err != nil {
-		fmt.Fprintf(stderr, "ferry: sending the traces: %v\n", err)
-	}
 }
