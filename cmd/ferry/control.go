@@ -16,6 +16,7 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/internal/tracing"
 	"github.com/vfio-ferry/ferry/services/chunkwire"
 	"github.com/vfio-ferry/ferry/services/grpcserver"
 	"github.com/vfio-ferry/ferry/services/wire"
@@ -27,11 +28,14 @@ type plan struct {
 	sourceAddr string // the source agent's SourceAgent address
 	destAddr   string // the destination agent's DestAgent address
 	transfer   string // the destination's Transfer address as the source reaches it
-	pairs      []*ferryv1.DevicePair
-	channels   uint32
-	chunkSize  uint32
-	maxChunks  uint32
-	maxBytes   uint64
+	// destServerName, when set, is the name the source verifies the
+	// destination's certificate for instead of transfer's host.
+	destServerName string
+	pairs          []*ferryv1.DevicePair
+	channels       uint32
+	chunkSize      uint32
+	maxChunks      uint32
+	maxBytes       uint64
 	// switchoverDeadline bounds the time the source devices may stay
 	// stopped without a verdict; 0 leaves the source's default.
 	switchoverDeadline time.Duration
@@ -50,6 +54,11 @@ type plan struct {
 	// requirement (StartMigrationRequest.preflight).
 	preflight bool
 	creds     credentials.TransportCredentials
+	// tracing, when set, traces the migration (one span for it, the
+	// calls to both agents beneath it); traceID then hears the trace's
+	// id before the first call.
+	tracing *tracing.Tracing
+	traceID func(string)
 	// lost, when set, hears of every broken watch that is opened again.
 	lost func(error)
 }
@@ -57,8 +66,10 @@ type plan struct {
 // result is what `ferry migrate --json` and `ferry demo --json` print.
 type result struct {
 	MigrationID string `json:"migration_id"`
-	Verified    bool   `json:"verified"`
-	Phase       string `json:"phase"`
+	// TraceID is the migration's trace when tracing is on (OTEL_*).
+	TraceID  string `json:"trace_id,omitempty"`
+	Verified bool   `json:"verified"`
+	Phase    string `json:"phase"`
 	// Owner is which host holds the runnable copy of the devices, as the
 	// source (which owns the commit) reports it: SOURCE, DESTINATION, or
 	// UNKNOWN when the source could not say.
@@ -137,7 +148,12 @@ func newMigrationID() string {
 // for failures of the control plane itself; a migration that ran and
 // failed is a result with Verified false.
 func migrate(ctx context.Context, p plan, progress func(*ferryv1.Migration)) (*result, error) {
-	opts := grpcserver.DialOptions(p.creds, chunkwire.NewPool())
+	ctx, end := p.tracing.StartMigrate(ctx, p.id)
+	defer end()
+	if id := tracing.TraceID(ctx); id != "" && p.traceID != nil {
+		p.traceID(id)
+	}
+	opts := append(grpcserver.DialOptions(p.creds, chunkwire.NewPool()), p.tracing.DialOptions()...)
 	dconn, err := grpc.NewClient(p.destAddr, opts...)
 	if err != nil {
 		return nil, fmt.Errorf("destination %s: %w", p.destAddr, err)
@@ -148,7 +164,11 @@ func migrate(ctx context.Context, p plan, progress func(*ferryv1.Migration)) (*r
 		return nil, fmt.Errorf("source %s: %w", p.sourceAddr, err)
 	}
 	defer sconn.Close()
-	return drive(ctx, p, ferryv1.NewDestAgentClient(dconn), ferryv1.NewSourceAgentClient(sconn), progress)
+	r, err := drive(ctx, p, ferryv1.NewDestAgentClient(dconn), ferryv1.NewSourceAgentClient(sconn), progress)
+	if r != nil {
+		r.TraceID = tracing.TraceID(ctx)
+	}
+	return r, err
 }
 
 // drive is migrate over clients of the two agents.
@@ -169,14 +189,15 @@ func drive(ctx context.Context, p plan, dst ferryv1.DestAgentClient, src ferryv1
 		dst.CancelIncoming(c, &ferryv1.CancelIncomingRequest{MigrationId: p.id})
 	}
 	start := &ferryv1.StartMigrationRequest{
-		MigrationId: p.id,
-		DestAddress: p.transfer,
-		Token:       prepared.GetToken(),
-		Devices:     p.pairs,
-		Channels:    p.channels,
-		ChunkSize:   p.chunkSize,
-		Mode:        ferryv1.MigrationMode_MIGRATION_MODE_STOP_COPY,
-		Preflight:   p.preflight,
+		MigrationId:       p.id,
+		DestAddress:       p.transfer,
+		Token:             prepared.GetToken(),
+		Devices:           p.pairs,
+		Channels:          p.channels,
+		ChunkSize:         p.chunkSize,
+		Mode:              ferryv1.MigrationMode_MIGRATION_MODE_STOP_COPY,
+		Preflight:         p.preflight,
+		DestTlsServerName: p.destServerName,
 	}
 	if p.precopy {
 		start.Mode = ferryv1.MigrationMode_MIGRATION_MODE_PRECOPY

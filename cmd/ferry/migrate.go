@@ -6,8 +6,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"sync"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/internal/tracing"
+	"github.com/vfio-ferry/ferry/services/peerauth"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
 
@@ -16,6 +19,7 @@ func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	sourceAddr := fs.String("source", "", "the source agent's address (host:port)")
 	destAddr := fs.String("dest", "", "the destination agent's address (host:port)")
 	transfer := fs.String("dest-transfer", "", "the destination's address as the source agent reaches it (default: --dest)")
+	destServerName := fs.String("dest-tls-server-name", "", "the name the source agent verifies the destination's certificate for, instead of the host of --dest-transfer (a certificate that names the node, not the address)")
 	var srcDevs, dstDevs listFlag
 	fs.Var(&srcDevs, "src-device", "a source device spec (repeat; pairs with --dest-device in order)")
 	fs.Var(&dstDevs, "dest-device", "a destination device spec (repeat)")
@@ -54,7 +58,7 @@ func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	view := newProgressView(stderr)
 	p := plan{
 		id: *id, sourceAddr: *sourceAddr, destAddr: *destAddr, transfer: *transfer,
-		channels: uint32(*channels), chunkSize: uint32(chunk), switchoverDeadline: *switchover, preflight: *preflight,
+		channels: uint32(*channels), chunkSize: uint32(chunk), switchoverDeadline: *switchover, preflight: *preflight, destServerName: *destServerName,
 		lost: func(err error) {
 			view.note(fmt.Sprintf("ferry migrate: the watch broke (%s); watching again, the migration goes on", describe(err, sec.insecure)))
 		},
@@ -62,11 +66,22 @@ func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	if err := pre.apply(*mode, &p); err != nil {
 		return usageError(err)
 	}
-	creds, err := sec.creds()
+	creds, reloader, err := sec.reloadingCreds(nil)
 	if err != nil {
 		return usageError(err)
 	}
 	p.creds = creds
+	if reloader != nil {
+		// A rotated client certificate is used for the next connection
+		// (a broken watch is dialled again).
+		wctx, stop := context.WithCancel(ctx)
+		var wg sync.WaitGroup
+		wg.Go(func() { reloader.Watch(wctx, peerauth.DefaultReloadInterval) })
+		defer func() {
+			stop()
+			wg.Wait()
+		}()
+	}
 	if p.id == "" {
 		p.id = newMigrationID()
 	}
@@ -76,6 +91,13 @@ func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	for i := range srcDevs {
 		p.pairs = append(p.pairs, &ferryv1.DevicePair{SourceDevice: srcDevs[i], DestDevice: dstDevs[i]})
 	}
+	tr, err := tracing.FromEnv(ctx, "ferry-migrate")
+	if err != nil {
+		return usageError(err)
+	}
+	defer shutdownTracing(tr, stderr)
+	p.tracing = tr
+	p.traceID = func(id string) { view.note("ferry migrate: trace " + id) }
 	if *timeout > 0 {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, *timeout)

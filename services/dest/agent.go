@@ -16,6 +16,7 @@ import (
 	"google.golang.org/grpc/codes"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/internal/tracing"
 	"github.com/vfio-ferry/ferry/pkg/flow"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
 	"github.com/vfio-ferry/ferry/services/chunkwire"
@@ -54,6 +55,9 @@ type Config struct {
 	// Metrics, when set, tracks every incoming migration (nil: no
 	// metrics).
 	Metrics *telemetry.Metrics
+	// Tracing, when set, traces every incoming migration (nil: no
+	// tracing; internal/tracing).
+	Tracing *tracing.Tracing
 }
 
 // Defaults for Config's zero fields.

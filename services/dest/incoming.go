@@ -16,6 +16,7 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/internal/tracing"
 	"github.com/vfio-ferry/ferry/pkg/flow"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
 	"github.com/vfio-ferry/ferry/pkg/vmm"
@@ -239,6 +240,7 @@ type incoming struct {
 	pending        int // devices not yet verified
 
 	track *telemetry.Tracker // set before the migration is registered
+	trace *tracing.Migration // set before the migration is registered
 }
 
 // setPhase moves the migration forward to p, one of the phases before
@@ -259,6 +261,7 @@ func (inc *incoming) moveIf(p ferryv1.MigrationPhase, ok func(cur ferryv1.Migrat
 	}
 	inc.mu.Unlock()
 	if changed {
+		inc.trace.Phase(p)
 		inc.log.Info("phase", "phase", p.String())
 		inc.watch.Notify()
 	}
@@ -381,6 +384,7 @@ func (inc *incoming) verifiedAll() {
 	inc.fbMu.Unlock()
 	inc.releaseBuffers()
 	close(inc.verifiedCh)
+	inc.trace.Phase(ferryv1.MigrationPhase_MIGRATION_PHASE_VERIFIED)
 	inc.log.Info("phase", "phase", ferryv1.MigrationPhase_MIGRATION_PHASE_VERIFIED.String(), "owner", "in doubt until the source commits")
 	inc.watch.Notify()
 	if !inc.features.Has(ferryv1.Feature_FEATURE_COMMIT) {
@@ -433,6 +437,7 @@ func (inc *incoming) cleanup(failed bool) {
 	}
 	wg.Wait()
 	inc.track.End(inc.ended())
+	inc.endTrace()
 	close(inc.done)
 	inc.watch.Notify()
 }

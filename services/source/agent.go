@@ -19,6 +19,7 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/internal/tracing"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
 	"github.com/vfio-ferry/ferry/services/chunkwire"
 	"github.com/vfio-ferry/ferry/services/deviceapi"
@@ -46,6 +47,9 @@ type Config struct {
 	ProgressTimeout time.Duration
 	// Metrics, when set, tracks every migration (nil: no metrics).
 	Metrics *telemetry.Metrics
+	// Tracing, when set, traces every migration and its calls to the
+	// destination (nil: no tracing; internal/tracing).
+	Tracing *tracing.Tracing
 	// MemoryBudget bounds the chunks held unacknowledged by all outgoing
 	// migrations together (0: DefaultMemoryBudget; see budget.go).
 	MemoryBudget uint64
@@ -143,6 +147,9 @@ func (a *Agent) StartMigration(ctx context.Context, req *ferryv1.StartMigrationR
 	// Hold the id while the devices are acquired so a concurrent start of
 	// the same id waits for this one.
 	m := a.newMigration(req)
+	// The migration's work and its calls to the destination belong to the
+	// trace of this call (set before the migration is visible).
+	m.ctx, m.trace = tracing.StartMigration(a.cfg.Tracing.TracerProvider(), m.ctx, ctx, "source", m.id, m.phase)
 	a.migrations[m.id] = m
 	a.forgetOldLocked()
 	a.mu.Unlock()
@@ -153,6 +160,7 @@ func (a *Agent) StartMigration(ctx context.Context, req *ferryv1.StartMigrationR
 		a.mu.Unlock()
 		m.cancel(nil)
 		close(m.done)
+		m.trace.End(ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED, wire.Reason(err), wire.Message(err))
 		return nil, err
 	}
 	m.track = a.cfg.Metrics.TrackSource(m.deviceCounters, m.liveState)
@@ -174,6 +182,9 @@ func validateStart(req *ferryv1.StartMigrationRequest) error {
 	}
 	if _, _, err := net.SplitHostPort(addr); err != nil {
 		return wire.Errorf(codes.InvalidArgument, wire.ReasonInvalidArgument, "dest_address %q: want host:port (%v)", addr, err)
+	}
+	if err := validateServerName(req.GetDestTlsServerName()); err != nil {
+		return err
 	}
 	if t := req.GetToken(); t == "" || len(t) > wire.MaxTokenLength {
 		return wire.Errorf(codes.InvalidArgument, wire.ReasonInvalidArgument, "token must be 1 to %d characters", wire.MaxTokenLength)
@@ -252,6 +263,20 @@ const (
 	maxPrecopyTimeout = 7 * 24 * time.Hour
 )
 
+// validateServerName checks dest_tls_server_name: empty, or a DNS name or
+// an IP address.
+func validateServerName(name string) error {
+	if len(name) > 253 {
+		return wire.Errorf(codes.InvalidArgument, wire.ReasonInvalidArgument, "dest_tls_server_name is longer than 253 characters")
+	}
+	for _, c := range name {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '.' || c == '-' || c == ':') {
+			return wire.Errorf(codes.InvalidArgument, wire.ReasonInvalidArgument, "dest_tls_server_name %q: want a DNS name or an IP address", name)
+		}
+	}
+	return nil
+}
+
 // maxSwitchoverDeadline is the longest switchover deadline a request may
 // set.
 const maxSwitchoverDeadline = time.Hour
@@ -264,6 +289,8 @@ func requestDiff(x, y *ferryv1.StartMigrationRequest) string {
 		return "dest_address"
 	case x.GetToken() != y.GetToken():
 		return "token"
+	case x.GetDestTlsServerName() != y.GetDestTlsServerName():
+		return "dest_tls_server_name"
 	case len(x.GetDevices()) != len(y.GetDevices()):
 		return "number of devices"
 	}

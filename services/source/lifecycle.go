@@ -67,6 +67,7 @@ func (m *migration) run() {
 	}
 	m.track.End(m.ended(phase))
 	m.setPhase(phase)
+	m.trace.End(phase, wire.Reason(err), wire.Message(err))
 	m.cancel(nil)
 }
 
@@ -167,6 +168,12 @@ func (m *migration) execute() error {
 	m.setPhase(ferryv1.MigrationPhase_MIGRATION_PHASE_WAITING)
 	dialOpts := append(grpcserver.DialOptions(a.cfg.PeerCreds, a.cfg.Pool), a.cfg.Metrics.DialOptions()...)
 	dialOpts = append(dialOpts, a.cfg.DialOptions...)
+	dialOpts = append(dialOpts, a.cfg.Tracing.DialOptions()...)
+	serverName := m.req.GetDestTlsServerName()
+	if serverName != "" {
+		// The name the destination's certificate is verified for.
+		dialOpts = append(dialOpts, grpc.WithAuthority(serverName))
+	}
 	ctrlConn, err := grpc.NewClient(m.req.GetDestAddress(), dialOpts...)
 	if err != nil {
 		return wire.Errorf(codes.InvalidArgument, wire.ReasonInvalidArgument, "dest_address %q: %v", m.req.GetDestAddress(), err)
@@ -188,6 +195,9 @@ func (m *migration) execute() error {
 	// Chunks may travel on direct data connections (services/wire,
 	// direct.go) when the destination's host is known here.
 	destHost, destAuthority, hostOK := dataHost(m.req.GetDestAddress())
+	if serverName != "" {
+		destAuthority = serverName
+	}
 	open.DirectData = hostOK
 	for _, d := range m.devs {
 		open.Devices = append(open.Devices, d.peer)

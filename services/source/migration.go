@@ -17,6 +17,7 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/internal/tracing"
 	"github.com/vfio-ferry/ferry/pkg/flow"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
 	"github.com/vfio-ferry/ferry/services/deviceapi"
@@ -95,6 +96,7 @@ type migration struct {
 	reserved uint64
 
 	track *telemetry.Tracker // set before run starts
+	trace *tracing.Migration // set before the migration is visible
 
 	// precopy is set for a pre-copy migration (precopy.go).
 	precopy *precopy
@@ -218,6 +220,7 @@ func (m *migration) setPhase(p ferryv1.MigrationPhase) {
 	m.phase = p
 	m.mu.Unlock()
 	if changed {
+		m.trace.Phase(p)
 		m.log.Info("phase", "phase", p.String())
 		m.watch.Notify()
 	}

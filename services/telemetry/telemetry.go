@@ -392,6 +392,25 @@ func (m *Metrics) WatchBudget(reg prometheus.Registerer, inUse func() uint64, to
 	)
 }
 
+// WatchSendBudget exports the source's memory budget for the chunks its
+// outgoing migrations hold unacknowledged: inUse is read at every scrape
+// (it must not call back into the metrics).
+func (m *Metrics) WatchSendBudget(reg prometheus.Registerer, inUse func() uint64, total uint64) {
+	if m == nil {
+		return
+	}
+	reg.MustRegister(
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "ferry_source_memory_budget_in_use_bytes",
+			Help: "Bytes of the source's send budget reserved by outgoing migrations (their devices' caps on unacknowledged chunks).",
+		}, func() float64 { return float64(inUse()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "ferry_source_memory_budget_bytes",
+			Help: "The source's memory budget for all outgoing migrations' unacknowledged chunks (--send-memory-budget).",
+		}, func() float64 { return float64(total) }),
+	)
+}
+
 // ConvergenceFailure counts a pre-copy migration that failed at its
 // timeout.
 func (m *Metrics) ConvergenceFailure() {

@@ -493,9 +493,15 @@ type StartMigrationRequest struct {
 	// before any device leaves RUNNING: a destination that cannot check
 	// (0.1.0) is refused with FAILED_PRECONDITION, FEATURE_NOT_SUPPORTED.
 	// Current destinations always check; this makes it a requirement.
-	Preflight     bool `protobuf:"varint,13,opt,name=preflight,proto3" json:"preflight,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Preflight bool `protobuf:"varint,13,opt,name=preflight,proto3" json:"preflight,omitempty"`
+	// With TLS, the name the destination's certificate is verified for, on
+	// the Transfer and the direct data connections, instead of the host in
+	// dest_address: for a certificate whose SANs name the node, not the
+	// address dialled. A DNS name or an IP address, at most 253 characters;
+	// empty: the host in dest_address.
+	DestTlsServerName string `protobuf:"bytes,14,opt,name=dest_tls_server_name,json=destTlsServerName,proto3" json:"dest_tls_server_name,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
 }
 
 func (x *StartMigrationRequest) Reset() {
@@ -617,6 +623,13 @@ func (x *StartMigrationRequest) GetPreflight() bool {
 		return x.Preflight
 	}
 	return false
+}
+
+func (x *StartMigrationRequest) GetDestTlsServerName() string {
+	if x != nil {
+		return x.DestTlsServerName
+	}
+	return ""
 }
 
 // StartMigrationResponse holds the accepted migration.
@@ -1147,7 +1160,7 @@ const file_ferry_v1_source_proto_rawDesc = "" +
 	"DevicePair\x12#\n" +
 	"\rsource_device\x18\x01 \x01(\tR\fsourceDevice\x12\x1f\n" +
 	"\vdest_device\x18\x02 \x01(\tR\n" +
-	"destDevice\"\xfc\x04\n" +
+	"destDevice\"\xad\x05\n" +
 	"\x15StartMigrationRequest\x12!\n" +
 	"\fmigration_id\x18\x01 \x01(\tR\vmigrationId\x12!\n" +
 	"\fdest_address\x18\x02 \x01(\tR\vdestAddress\x12\x14\n" +
@@ -1163,7 +1176,8 @@ const file_ferry_v1_source_proto_rawDesc = "" +
 	" \x01(\v2\x19.google.protobuf.DurationR\rdowntimeLimit\x12B\n" +
 	"\x0fprecopy_timeout\x18\v \x01(\v2\x19.google.protobuf.DurationR\x0eprecopyTimeout\x12L\n" +
 	"\x12on_precopy_timeout\x18\f \x01(\x0e2\x1e.ferry.v1.PrecopyTimeoutActionR\x10onPrecopyTimeout\x12\x1c\n" +
-	"\tpreflight\x18\r \x01(\bR\tpreflight\"K\n" +
+	"\tpreflight\x18\r \x01(\bR\tpreflight\x12/\n" +
+	"\x14dest_tls_server_name\x18\x0e \x01(\tR\x11destTlsServerName\"K\n" +
 	"\x16StartMigrationResponse\x121\n" +
 	"\tmigration\x18\x01 \x01(\v2\x13.ferry.v1.MigrationR\tmigration\"8\n" +
 	"\x13GetMigrationRequest\x12!\n" +
