@@ -190,6 +190,55 @@ func (DigestAlgorithm) EnumDescriptor() ([]byte, []int) {
 	return file_ferry_v1_source_proto_rawDescGZIP(), []int{2}
 }
 
+// ChunkCompression is how a migration compresses its chunks.
+type ChunkCompression int32
+
+const (
+	// None.
+	ChunkCompression_CHUNK_COMPRESSION_UNSPECIFIED ChunkCompression = 0
+	// zstd at its fastest level.
+	ChunkCompression_CHUNK_COMPRESSION_ZSTD ChunkCompression = 1
+)
+
+// Enum value maps for ChunkCompression.
+var (
+	ChunkCompression_name = map[int32]string{
+		0: "CHUNK_COMPRESSION_UNSPECIFIED",
+		1: "CHUNK_COMPRESSION_ZSTD",
+	}
+	ChunkCompression_value = map[string]int32{
+		"CHUNK_COMPRESSION_UNSPECIFIED": 0,
+		"CHUNK_COMPRESSION_ZSTD":        1,
+	}
+)
+
+func (x ChunkCompression) Enum() *ChunkCompression {
+	p := new(ChunkCompression)
+	*p = x
+	return p
+}
+
+func (x ChunkCompression) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (ChunkCompression) Descriptor() protoreflect.EnumDescriptor {
+	return file_ferry_v1_source_proto_enumTypes[3].Descriptor()
+}
+
+func (ChunkCompression) Type() protoreflect.EnumType {
+	return &file_ferry_v1_source_proto_enumTypes[3]
+}
+
+func (x ChunkCompression) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use ChunkCompression.Descriptor instead.
+func (ChunkCompression) EnumDescriptor() ([]byte, []int) {
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{3}
+}
+
 // DescribeDevicesRequest names the devices to describe.
 type DescribeDevicesRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -500,8 +549,14 @@ type StartMigrationRequest struct {
 	// address dialled. A DNS name or an IP address, at most 253 characters;
 	// empty: the host in dest_address.
 	DestTlsServerName string `protobuf:"bytes,14,opt,name=dest_tls_server_name,json=destTlsServerName,proto3" json:"dest_tls_server_name,omitempty"`
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	// Compress chunks (where the destination grants
+	// FEATURE_COMPRESSION_ZSTD); a chunk that does not shrink travels as
+	// it is. Off by default: on a fast link the CPU costs more than it
+	// saves. Chunks of zeros travel as headers alone either way, where
+	// granted (FEATURE_ZERO_CHUNKS).
+	Compression   ChunkCompression `protobuf:"varint,20,opt,name=compression,proto3,enum=ferry.v1.ChunkCompression" json:"compression,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *StartMigrationRequest) Reset() {
@@ -630,6 +685,13 @@ func (x *StartMigrationRequest) GetDestTlsServerName() string {
 		return x.DestTlsServerName
 	}
 	return ""
+}
+
+func (x *StartMigrationRequest) GetCompression() ChunkCompression {
+	if x != nil {
+		return x.Compression
+	}
+	return ChunkCompression_CHUNK_COMPRESSION_UNSPECIFIED
 }
 
 // StartMigrationResponse holds the accepted migration.
@@ -1160,7 +1222,7 @@ const file_ferry_v1_source_proto_rawDesc = "" +
 	"DevicePair\x12#\n" +
 	"\rsource_device\x18\x01 \x01(\tR\fsourceDevice\x12\x1f\n" +
 	"\vdest_device\x18\x02 \x01(\tR\n" +
-	"destDevice\"\xad\x05\n" +
+	"destDevice\"\xeb\x05\n" +
 	"\x15StartMigrationRequest\x12!\n" +
 	"\fmigration_id\x18\x01 \x01(\tR\vmigrationId\x12!\n" +
 	"\fdest_address\x18\x02 \x01(\tR\vdestAddress\x12\x14\n" +
@@ -1177,7 +1239,8 @@ const file_ferry_v1_source_proto_rawDesc = "" +
 	"\x0fprecopy_timeout\x18\v \x01(\v2\x19.google.protobuf.DurationR\x0eprecopyTimeout\x12L\n" +
 	"\x12on_precopy_timeout\x18\f \x01(\x0e2\x1e.ferry.v1.PrecopyTimeoutActionR\x10onPrecopyTimeout\x12\x1c\n" +
 	"\tpreflight\x18\r \x01(\bR\tpreflight\x12/\n" +
-	"\x14dest_tls_server_name\x18\x0e \x01(\tR\x11destTlsServerName\"K\n" +
+	"\x14dest_tls_server_name\x18\x0e \x01(\tR\x11destTlsServerName\x12<\n" +
+	"\vcompression\x18\x14 \x01(\x0e2\x1a.ferry.v1.ChunkCompressionR\vcompression\"K\n" +
 	"\x16StartMigrationResponse\x121\n" +
 	"\tmigration\x18\x01 \x01(\v2\x13.ferry.v1.MigrationR\tmigration\"8\n" +
 	"\x13GetMigrationRequest\x12!\n" +
@@ -1213,7 +1276,10 @@ const file_ferry_v1_source_proto_rawDesc = "" +
 	"\x0fDigestAlgorithm\x12 \n" +
 	"\x1cDIGEST_ALGORITHM_UNSPECIFIED\x10\x00\x12!\n" +
 	"\x1dDIGEST_ALGORITHM_CRC32C_CHAIN\x10\x01\x12\x1b\n" +
-	"\x17DIGEST_ALGORITHM_SHA256\x10\x022\xf4\x05\n" +
+	"\x17DIGEST_ALGORITHM_SHA256\x10\x02*Q\n" +
+	"\x10ChunkCompression\x12!\n" +
+	"\x1dCHUNK_COMPRESSION_UNSPECIFIED\x10\x00\x12\x1a\n" +
+	"\x16CHUNK_COMPRESSION_ZSTD\x10\x012\xf4\x05\n" +
 	"\vSourceAgent\x12J\n" +
 	"\vListDevices\x12\x1c.ferry.v1.ListDevicesRequest\x1a\x1d.ferry.v1.ListDevicesResponse\x12S\n" +
 	"\x0eStartMigration\x12\x1f.ferry.v1.StartMigrationRequest\x1a .ferry.v1.StartMigrationResponse\x12M\n" +
@@ -1238,75 +1304,77 @@ func file_ferry_v1_source_proto_rawDescGZIP() []byte {
 	return file_ferry_v1_source_proto_rawDescData
 }
 
-var file_ferry_v1_source_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
+var file_ferry_v1_source_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
 var file_ferry_v1_source_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
 var file_ferry_v1_source_proto_goTypes = []any{
 	(MigrationMode)(0),              // 0: ferry.v1.MigrationMode
 	(PrecopyTimeoutAction)(0),       // 1: ferry.v1.PrecopyTimeoutAction
 	(DigestAlgorithm)(0),            // 2: ferry.v1.DigestAlgorithm
-	(*DescribeDevicesRequest)(nil),  // 3: ferry.v1.DescribeDevicesRequest
-	(*DescribeDevicesResponse)(nil), // 4: ferry.v1.DescribeDevicesResponse
-	(*ReleaseDeviceRequest)(nil),    // 5: ferry.v1.ReleaseDeviceRequest
-	(*ReleaseDeviceResponse)(nil),   // 6: ferry.v1.ReleaseDeviceResponse
-	(*DevicePair)(nil),              // 7: ferry.v1.DevicePair
-	(*StartMigrationRequest)(nil),   // 8: ferry.v1.StartMigrationRequest
-	(*StartMigrationResponse)(nil),  // 9: ferry.v1.StartMigrationResponse
-	(*GetMigrationRequest)(nil),     // 10: ferry.v1.GetMigrationRequest
-	(*GetMigrationResponse)(nil),    // 11: ferry.v1.GetMigrationResponse
-	(*ListMigrationsRequest)(nil),   // 12: ferry.v1.ListMigrationsRequest
-	(*ListMigrationsResponse)(nil),  // 13: ferry.v1.ListMigrationsResponse
-	(*WatchMigrationRequest)(nil),   // 14: ferry.v1.WatchMigrationRequest
-	(*WatchMigrationResponse)(nil),  // 15: ferry.v1.WatchMigrationResponse
-	(*SwitchoverRequest)(nil),       // 16: ferry.v1.SwitchoverRequest
-	(*SwitchoverResponse)(nil),      // 17: ferry.v1.SwitchoverResponse
-	(*CancelMigrationRequest)(nil),  // 18: ferry.v1.CancelMigrationRequest
-	(*CancelMigrationResponse)(nil), // 19: ferry.v1.CancelMigrationResponse
-	(*DeviceDescription)(nil),       // 20: ferry.v1.DeviceDescription
-	(*Device)(nil),                  // 21: ferry.v1.Device
-	(*durationpb.Duration)(nil),     // 22: google.protobuf.Duration
-	(*Migration)(nil),               // 23: ferry.v1.Migration
-	(*ListDevicesRequest)(nil),      // 24: ferry.v1.ListDevicesRequest
-	(*ListDevicesResponse)(nil),     // 25: ferry.v1.ListDevicesResponse
+	(ChunkCompression)(0),           // 3: ferry.v1.ChunkCompression
+	(*DescribeDevicesRequest)(nil),  // 4: ferry.v1.DescribeDevicesRequest
+	(*DescribeDevicesResponse)(nil), // 5: ferry.v1.DescribeDevicesResponse
+	(*ReleaseDeviceRequest)(nil),    // 6: ferry.v1.ReleaseDeviceRequest
+	(*ReleaseDeviceResponse)(nil),   // 7: ferry.v1.ReleaseDeviceResponse
+	(*DevicePair)(nil),              // 8: ferry.v1.DevicePair
+	(*StartMigrationRequest)(nil),   // 9: ferry.v1.StartMigrationRequest
+	(*StartMigrationResponse)(nil),  // 10: ferry.v1.StartMigrationResponse
+	(*GetMigrationRequest)(nil),     // 11: ferry.v1.GetMigrationRequest
+	(*GetMigrationResponse)(nil),    // 12: ferry.v1.GetMigrationResponse
+	(*ListMigrationsRequest)(nil),   // 13: ferry.v1.ListMigrationsRequest
+	(*ListMigrationsResponse)(nil),  // 14: ferry.v1.ListMigrationsResponse
+	(*WatchMigrationRequest)(nil),   // 15: ferry.v1.WatchMigrationRequest
+	(*WatchMigrationResponse)(nil),  // 16: ferry.v1.WatchMigrationResponse
+	(*SwitchoverRequest)(nil),       // 17: ferry.v1.SwitchoverRequest
+	(*SwitchoverResponse)(nil),      // 18: ferry.v1.SwitchoverResponse
+	(*CancelMigrationRequest)(nil),  // 19: ferry.v1.CancelMigrationRequest
+	(*CancelMigrationResponse)(nil), // 20: ferry.v1.CancelMigrationResponse
+	(*DeviceDescription)(nil),       // 21: ferry.v1.DeviceDescription
+	(*Device)(nil),                  // 22: ferry.v1.Device
+	(*durationpb.Duration)(nil),     // 23: google.protobuf.Duration
+	(*Migration)(nil),               // 24: ferry.v1.Migration
+	(*ListDevicesRequest)(nil),      // 25: ferry.v1.ListDevicesRequest
+	(*ListDevicesResponse)(nil),     // 26: ferry.v1.ListDevicesResponse
 }
 var file_ferry_v1_source_proto_depIdxs = []int32{
-	20, // 0: ferry.v1.DescribeDevicesResponse.devices:type_name -> ferry.v1.DeviceDescription
-	21, // 1: ferry.v1.ReleaseDeviceResponse.device:type_name -> ferry.v1.Device
-	7,  // 2: ferry.v1.StartMigrationRequest.devices:type_name -> ferry.v1.DevicePair
+	21, // 0: ferry.v1.DescribeDevicesResponse.devices:type_name -> ferry.v1.DeviceDescription
+	22, // 1: ferry.v1.ReleaseDeviceResponse.device:type_name -> ferry.v1.Device
+	8,  // 2: ferry.v1.StartMigrationRequest.devices:type_name -> ferry.v1.DevicePair
 	0,  // 3: ferry.v1.StartMigrationRequest.mode:type_name -> ferry.v1.MigrationMode
 	2,  // 4: ferry.v1.StartMigrationRequest.digest:type_name -> ferry.v1.DigestAlgorithm
-	22, // 5: ferry.v1.StartMigrationRequest.switchover_deadline:type_name -> google.protobuf.Duration
-	22, // 6: ferry.v1.StartMigrationRequest.downtime_limit:type_name -> google.protobuf.Duration
-	22, // 7: ferry.v1.StartMigrationRequest.precopy_timeout:type_name -> google.protobuf.Duration
+	23, // 5: ferry.v1.StartMigrationRequest.switchover_deadline:type_name -> google.protobuf.Duration
+	23, // 6: ferry.v1.StartMigrationRequest.downtime_limit:type_name -> google.protobuf.Duration
+	23, // 7: ferry.v1.StartMigrationRequest.precopy_timeout:type_name -> google.protobuf.Duration
 	1,  // 8: ferry.v1.StartMigrationRequest.on_precopy_timeout:type_name -> ferry.v1.PrecopyTimeoutAction
-	23, // 9: ferry.v1.StartMigrationResponse.migration:type_name -> ferry.v1.Migration
-	23, // 10: ferry.v1.GetMigrationResponse.migration:type_name -> ferry.v1.Migration
-	23, // 11: ferry.v1.ListMigrationsResponse.migrations:type_name -> ferry.v1.Migration
-	23, // 12: ferry.v1.WatchMigrationResponse.migration:type_name -> ferry.v1.Migration
-	23, // 13: ferry.v1.SwitchoverResponse.migration:type_name -> ferry.v1.Migration
-	23, // 14: ferry.v1.CancelMigrationResponse.migration:type_name -> ferry.v1.Migration
-	24, // 15: ferry.v1.SourceAgent.ListDevices:input_type -> ferry.v1.ListDevicesRequest
-	8,  // 16: ferry.v1.SourceAgent.StartMigration:input_type -> ferry.v1.StartMigrationRequest
-	10, // 17: ferry.v1.SourceAgent.GetMigration:input_type -> ferry.v1.GetMigrationRequest
-	12, // 18: ferry.v1.SourceAgent.ListMigrations:input_type -> ferry.v1.ListMigrationsRequest
-	14, // 19: ferry.v1.SourceAgent.WatchMigration:input_type -> ferry.v1.WatchMigrationRequest
-	16, // 20: ferry.v1.SourceAgent.Switchover:input_type -> ferry.v1.SwitchoverRequest
-	18, // 21: ferry.v1.SourceAgent.CancelMigration:input_type -> ferry.v1.CancelMigrationRequest
-	5,  // 22: ferry.v1.SourceAgent.ReleaseDevice:input_type -> ferry.v1.ReleaseDeviceRequest
-	3,  // 23: ferry.v1.SourceAgent.DescribeDevices:input_type -> ferry.v1.DescribeDevicesRequest
-	25, // 24: ferry.v1.SourceAgent.ListDevices:output_type -> ferry.v1.ListDevicesResponse
-	9,  // 25: ferry.v1.SourceAgent.StartMigration:output_type -> ferry.v1.StartMigrationResponse
-	11, // 26: ferry.v1.SourceAgent.GetMigration:output_type -> ferry.v1.GetMigrationResponse
-	13, // 27: ferry.v1.SourceAgent.ListMigrations:output_type -> ferry.v1.ListMigrationsResponse
-	15, // 28: ferry.v1.SourceAgent.WatchMigration:output_type -> ferry.v1.WatchMigrationResponse
-	17, // 29: ferry.v1.SourceAgent.Switchover:output_type -> ferry.v1.SwitchoverResponse
-	19, // 30: ferry.v1.SourceAgent.CancelMigration:output_type -> ferry.v1.CancelMigrationResponse
-	6,  // 31: ferry.v1.SourceAgent.ReleaseDevice:output_type -> ferry.v1.ReleaseDeviceResponse
-	4,  // 32: ferry.v1.SourceAgent.DescribeDevices:output_type -> ferry.v1.DescribeDevicesResponse
-	24, // [24:33] is the sub-list for method output_type
-	15, // [15:24] is the sub-list for method input_type
-	15, // [15:15] is the sub-list for extension type_name
-	15, // [15:15] is the sub-list for extension extendee
-	0,  // [0:15] is the sub-list for field type_name
+	3,  // 9: ferry.v1.StartMigrationRequest.compression:type_name -> ferry.v1.ChunkCompression
+	24, // 10: ferry.v1.StartMigrationResponse.migration:type_name -> ferry.v1.Migration
+	24, // 11: ferry.v1.GetMigrationResponse.migration:type_name -> ferry.v1.Migration
+	24, // 12: ferry.v1.ListMigrationsResponse.migrations:type_name -> ferry.v1.Migration
+	24, // 13: ferry.v1.WatchMigrationResponse.migration:type_name -> ferry.v1.Migration
+	24, // 14: ferry.v1.SwitchoverResponse.migration:type_name -> ferry.v1.Migration
+	24, // 15: ferry.v1.CancelMigrationResponse.migration:type_name -> ferry.v1.Migration
+	25, // 16: ferry.v1.SourceAgent.ListDevices:input_type -> ferry.v1.ListDevicesRequest
+	9,  // 17: ferry.v1.SourceAgent.StartMigration:input_type -> ferry.v1.StartMigrationRequest
+	11, // 18: ferry.v1.SourceAgent.GetMigration:input_type -> ferry.v1.GetMigrationRequest
+	13, // 19: ferry.v1.SourceAgent.ListMigrations:input_type -> ferry.v1.ListMigrationsRequest
+	15, // 20: ferry.v1.SourceAgent.WatchMigration:input_type -> ferry.v1.WatchMigrationRequest
+	17, // 21: ferry.v1.SourceAgent.Switchover:input_type -> ferry.v1.SwitchoverRequest
+	19, // 22: ferry.v1.SourceAgent.CancelMigration:input_type -> ferry.v1.CancelMigrationRequest
+	6,  // 23: ferry.v1.SourceAgent.ReleaseDevice:input_type -> ferry.v1.ReleaseDeviceRequest
+	4,  // 24: ferry.v1.SourceAgent.DescribeDevices:input_type -> ferry.v1.DescribeDevicesRequest
+	26, // 25: ferry.v1.SourceAgent.ListDevices:output_type -> ferry.v1.ListDevicesResponse
+	10, // 26: ferry.v1.SourceAgent.StartMigration:output_type -> ferry.v1.StartMigrationResponse
+	12, // 27: ferry.v1.SourceAgent.GetMigration:output_type -> ferry.v1.GetMigrationResponse
+	14, // 28: ferry.v1.SourceAgent.ListMigrations:output_type -> ferry.v1.ListMigrationsResponse
+	16, // 29: ferry.v1.SourceAgent.WatchMigration:output_type -> ferry.v1.WatchMigrationResponse
+	18, // 30: ferry.v1.SourceAgent.Switchover:output_type -> ferry.v1.SwitchoverResponse
+	20, // 31: ferry.v1.SourceAgent.CancelMigration:output_type -> ferry.v1.CancelMigrationResponse
+	7,  // 32: ferry.v1.SourceAgent.ReleaseDevice:output_type -> ferry.v1.ReleaseDeviceResponse
+	5,  // 33: ferry.v1.SourceAgent.DescribeDevices:output_type -> ferry.v1.DescribeDevicesResponse
+	25, // [25:34] is the sub-list for method output_type
+	16, // [16:25] is the sub-list for method input_type
+	16, // [16:16] is the sub-list for extension type_name
+	16, // [16:16] is the sub-list for extension extendee
+	0,  // [0:16] is the sub-list for field type_name
 }
 
 func init() { file_ferry_v1_source_proto_init() }
@@ -1320,7 +1388,7 @@ func file_ferry_v1_source_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_ferry_v1_source_proto_rawDesc), len(file_ferry_v1_source_proto_rawDesc)),
-			NumEnums:      3,
+			NumEnums:      4,
 			NumMessages:   17,
 			NumExtensions: 0,
 			NumServices:   1,
