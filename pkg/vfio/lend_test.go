@@ -230,20 +230,20 @@ func TestConfigStateFrozenFromSwitchoverToRelease(t *testing.T) {
 	}
 }
 
-// closeCounter counts the closes of the devices a registry opens.
-type closeCounter struct {
+// countedClose counts the closes of the devices a registry opens.
+type countedClose struct {
 	Device
 	closes *int
 }
 
-func (d closeCounter) Close() error { *d.closes++; return d.Device.Close() }
+func (d countedClose) Close() error { *d.closes++; return d.Device.Close() }
 
 func TestLetGo(t *testing.T) {
 	closes, opens := 0, 0
 	r := NewRegistry(RegistryOptions{AllowSim: true, Open: func(s Spec) (Device, error) {
 		opens++
 		d, err := Open(s)
-		return closeCounter{d, &closes}, err
+		return countedClose{d, &closes}, err
 	}})
 	defer r.Close()
 	const spec = "sim:size=1MiB,seed=9"
