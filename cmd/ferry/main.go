@@ -8,6 +8,7 @@
 //	ferry devices  list the devices an agent serves
 //	ferry release  give a device that rests after a migration back to its host
 //	ferry bench    measure a migration against raw TCP on loopback
+//	ferry soak     run many migrations under random faults and check nothing is lost
 //
 // Run `ferry help <command>` for a command's flags.
 package main
@@ -41,6 +42,7 @@ func commands() []command {
 		{"switchover", "switch a pre-copy migration over: its devices stop and the rest of their state streams", runSwitchover},
 		{"release", "give a source device back to its host after a migration (STOP or ERROR to RUNNING, or a reset)", runRelease},
 		{"bench", "measure a migration against raw TCP on loopback, in the same run", runBench},
+		{"soak", "run many migrations between real agents under random faults, checking every invariant after each", runSoak},
 	}
 }
 
