@@ -29,6 +29,7 @@ const (
 	invNoRace       = "no-data-race"           // a race-built agent reported no data race
 	invRefusedFault = "refusal-has-a-fault"    // a prepare or start is refused only under a fault that explains it
 	invRelease      = "source-device-released" // a source device left in STOP by a success goes back to RUNNING on ReleaseDevice
+	invInDoubt      = "in-doubt-resolved"      // a destination left VERIFIED after its source ended is one a fault cut off, and resolves as the control plane asks
 )
 
 // checks counts the invariant checks run, by invariant.

@@ -142,7 +142,7 @@ func (m *migrationRun) run(ctx context.Context) (*outcome, error) {
 	}
 	// The destination ends by itself: at once after the commit or the
 	// abort, or after its source timeout when the source is gone.
-	d, err := m.destFinal(ctx)
+	d, err := m.destFinal(ctx, o)
 	if err != nil {
 		return nil, err
 	}
@@ -450,9 +450,15 @@ func (m *migrationRun) rival(ctx context.Context) error {
 }
 
 // destFinal watches the migration on the destination to its final
-// phase; nil when the destination does not know it (it restarted).
-func (m *migrationRun) destFinal(ctx context.Context) (*ferryv1.Migration, error) {
+// phase; nil when the destination does not know it (it restarted). A
+// destination left VERIFIED, its owner in doubt, once the source has
+// ended, is resolved as the control plane does (the commit rule in
+// docs/design.md): CommitIncoming when the source SUCCEEDED, else
+// CancelIncoming. That is only right when a fault kept the source's
+// Commit or Abort from arriving.
+func (m *migrationRun) destFinal(ctx context.Context, o *outcome) (*ferryv1.Migration, error) {
 	dst := m.s.destClient(m.dst)
+	resolved := false
 	for {
 		stream, err := dst.WatchIncoming(ctx, &ferryv1.WatchIncomingRequest{MigrationId: m.p.ID}, wait)
 		if err == nil {
@@ -462,8 +468,15 @@ func (m *migrationRun) destFinal(ctx context.Context) (*ferryv1.Migration, error
 					err = rerr
 					break
 				}
-				if v := resp.GetMigration(); wire.Final(v.GetPhase()) {
+				v := resp.GetMigration()
+				if wire.Final(v.GetPhase()) {
 					return v, nil
+				}
+				if v.GetPhase() == ferryv1.MigrationPhase_MIGRATION_PHASE_VERIFIED && !resolved {
+					resolved = true
+					if rerr := m.resolveInDoubt(ctx, o); rerr != nil {
+						return nil, rerr
+					}
 				}
 			}
 		}
@@ -483,6 +496,37 @@ func (m *migrationRun) destFinal(ctx context.Context) (*ferryv1.Migration, error
 		}
 		t.Stop()
 	}
+}
+
+// resolveInDoubt commits or cancels a destination left VERIFIED after
+// its source ended.
+func (m *migrationRun) resolveInDoubt(ctx context.Context, o *outcome) error {
+	explained := o.collateral || o.Phase == outcomeSourceLost
+	for _, f := range m.p.Faults {
+		switch f.Class {
+		case faultCutOne, faultCutAll, faultStall, faultCorrupt, faultDestRe, faultSrcRe:
+			explained = true
+		}
+	}
+	if !explained {
+		return violate(invInDoubt, "the source ended %s and the destination is still VERIFIED (owner in doubt) with no fault between them", o.Phase)
+	}
+	cctx, cancel := context.WithTimeout(ctx, callTimeout)
+	defer cancel()
+	dst := m.s.destClient(m.dst)
+	var err error
+	if o.Phase == "SUCCEEDED" {
+		_, err = dst.CommitIncoming(cctx, &ferryv1.CommitIncomingRequest{MigrationId: m.p.ID}, wait)
+		m.note("the destination was in doubt after the source SUCCEEDED: committed it (%v)", err)
+	} else {
+		_, err = dst.CancelIncoming(cctx, &ferryv1.CancelIncomingRequest{MigrationId: m.p.ID}, wait)
+		m.note("the destination was in doubt after the source ended %s: cancelled it (%v)", o.Phase, err)
+	}
+	m.s.stats.inDoubt.Add(1)
+	if err != nil && wire.Code(err) != codes.Unavailable && wire.Code(err) != codes.NotFound {
+		return violate(invInDoubt, "resolving the destination in doubt: %v", err)
+	}
+	return nil
 }
 
 // phaseName is a phase without its MIGRATION_PHASE_ prefix.

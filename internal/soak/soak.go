@@ -127,6 +127,10 @@ type Report struct {
 	Checks      map[string]int `json:"checks"`
 	ChecksTotal int            `json:"checks_total"`
 	Restarts    map[string]int `json:"restarts"`
+	// ControlPlane counts what the soak's control plane saw the agents
+	// answer: budget prepares refused, rivals refused or admitted (the
+	// migration had let the device go), destinations in doubt resolved.
+	ControlPlane map[string]int `json:"control_plane"`
 	// Peak usage of each agent seen at the checks, and its baseline.
 	Usage     map[string]usage `json:"peak_usage"`
 	Baselines map[string]usage `json:"baselines"`
@@ -169,7 +173,7 @@ type soak struct {
 
 // stats are counters the faults keep.
 type stats struct {
-	budgetRefused, rivalRefused, rivalWon atomic.Int64
+	budgetRefused, rivalRefused, rivalWon, inDoubt atomic.Int64
 }
 
 // Run runs the soak and reports it; err wraps ErrViolation when an
@@ -213,6 +217,8 @@ func (s *soak) run(ctx context.Context) (*Report, error) {
 	finish := func(v *ViolationReport) (*Report, error) {
 		rep.Seconds = time.Since(began).Seconds()
 		rep.Checks = s.checks.snapshot()
+		rep.ControlPlane = map[string]int{"budget_refused": int(s.stats.budgetRefused.Load()), "rival_refused": int(s.stats.rivalRefused.Load()),
+			"rival_admitted": int(s.stats.rivalWon.Load()), "in_doubt_resolved": int(s.stats.inDoubt.Load())}
 		for _, n := range rep.Checks {
 			rep.ChecksTotal += n
 		}
@@ -689,6 +695,7 @@ func (r *Report) WriteText(w io.Writer) {
 	fmt.Fprintf(w, "faults (triggered/drawn): %s\n", strings.Join(fs, ", "))
 	fmt.Fprintf(w, "checks:    %d (%s)\n", r.ChecksTotal, counts(r.Checks))
 	fmt.Fprintf(w, "restarts:  %s\n", counts(r.Restarts))
+	fmt.Fprintf(w, "control plane: %s\n", counts(r.ControlPlane))
 	names := make([]string, 0, len(r.Usage))
 	for n := range r.Usage {
 		names = append(names, n)
