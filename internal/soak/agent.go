@@ -190,6 +190,13 @@ func (a *agent) Addr() string {
 	return a.addr
 }
 
+// dataAddress is a destination's direct data listener, "" for none.
+func (a *agent) dataAddress() string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.dataAddr
+}
+
 // pid is the current process's id, 0 when none runs.
 func (a *agent) pid() int {
 	a.mu.Lock()

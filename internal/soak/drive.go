@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -61,8 +62,13 @@ type migrationRun struct {
 	p     *migrationPlan
 	src   *agent
 	dst   *agent
-	proxy *tcpproxy.Proxy
-	rng   *rand.Rand // the migration's own, for choices made while it runs
+	proxy *tcpproxy.Proxy // in front of the destination's gRPC port
+	// data is in front of the destination's direct data listener, on the
+	// proxy's address and the listener's port, for a direct lane: the
+	// source dials the data port on the host it reached Transfer at. nil
+	// on a gRPC lane.
+	data *tcpproxy.Proxy
+	rng  *rand.Rand // the migration's own, for choices made while it runs
 
 	mu       sync.Mutex
 	last     *ferryv1.Migration
@@ -169,24 +175,46 @@ func (m *migrationRun) refused(ctx context.Context, what string, err error, srcE
 	return o, nil
 }
 
-// armProxy arms the proxy faults. Connection 0 carries Open; 1 to
-// channels are the first channel connections; later ones are re-dials.
+// chunkProxy is the proxy the chunks go through and the indices of the
+// first generation of its connections: the data proxy's 0 to channels-1
+// on a direct lane; else the gRPC proxy's 1 to channels (connection 0
+// carries Open; later ones are re-dials).
+func (m *migrationRun) chunkProxy() (p *tcpproxy.Proxy, first, last int) {
+	if m.data != nil {
+		return m.data, 0, int(m.p.Channels) - 1
+	}
+	return m.proxy, 1, int(m.p.Channels)
+}
+
+// armProxy arms the proxy faults.
 func (m *migrationRun) armProxy() {
-	last := int(m.p.Channels)
+	px, first, last := m.chunkProxy()
+	var cutAll []int64
 	for i := range m.p.Faults {
 		f := &m.p.Faults[i]
 		switch f.Class {
 		case faultCutOne:
-			m.proxy.CutFirstAfter(f.Bytes, 1, last)
+			px.CutFirstAfter(f.Bytes, first, last)
 		case faultStall:
-			m.proxy.StallFirstAfter(f.Bytes, 1, last)
+			px.StallFirstAfter(f.Bytes, first, last)
 		case faultCorrupt:
-			m.proxy.FlipFirstAt(f.Bytes, 1, last)
+			px.FlipFirstAt(f.Bytes, first, last)
 		case faultCutAll:
-			n := f.Bytes
+			cutAll = append(cutAll, f.Bytes)
+		}
+	}
+	if len(cutAll) > 0 {
+		n := slices.Min(cutAll)
+		px.OnNew(func(c *tcpproxy.Conn) {
+			if c.Index >= first && c.Index <= last {
+				c.CutAfter(n)
+			}
+		})
+		if m.data != nil {
+			// The channels' streams go too, once their data is cut.
 			m.proxy.OnNew(func(c *tcpproxy.Conn) {
-				if c.Index >= 1 && c.Index <= last {
-					c.CutAfter(n)
+				if c.Index >= 1 && c.Index <= int(m.p.Channels) {
+					c.CutAfter(1)
 				}
 			})
 		}
@@ -196,17 +224,26 @@ func (m *migrationRun) armProxy() {
 // proxyTriggered marks the proxy faults that happened: some connection
 // in their range carried their byte count.
 func (m *migrationRun) proxyTriggered() {
-	conns := m.proxy.Conns()
+	px, first, last := m.chunkProxy()
+	conns := px.Conns()
 	for i := range m.p.Faults {
 		f := &m.p.Faults[i]
 		switch f.Class {
 		case faultCutOne, faultStall, faultCorrupt, faultCutAll:
 			for _, c := range conns {
-				if c.Index >= 1 && c.Index <= int(m.p.Channels) && c.Carried() >= f.Bytes {
+				if c.Index >= first && c.Index <= last && c.Carried() >= f.Bytes {
 					f.Triggered = true
 				}
 			}
 		}
+	}
+}
+
+// closeProxies stops the migration's proxies.
+func (m *migrationRun) closeProxies() {
+	m.proxy.Close()
+	if m.data != nil {
+		m.data.Close()
 	}
 }
 

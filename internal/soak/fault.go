@@ -12,8 +12,9 @@ type faultClass string
 
 // The fault classes.
 const (
-	// Between the agents (a TCP proxy of the soak's own, in front of the
-	// destination's gRPC port; direct data connections bypass it).
+	// Between the agents, on the connections that carry the chunks (a TCP
+	// proxy of the soak's own in front of the destination's gRPC port, and
+	// one in front of its direct data port on a direct lane).
 	faultCutOne  faultClass = "channel-cut"  // one channel connection cut once it carried N bytes
 	faultCutAll  faultClass = "all-cut"      // every first-generation channel connection cut at N bytes
 	faultStall   faultClass = "stall"        // one channel connection stalls (no bytes, no FIN) at N bytes
@@ -121,11 +122,6 @@ func (pl *planner) drawFault(p *migrationPlan) fault {
 	c := faultClasses[rng.IntN(len(faultClasses))]
 	f := fault{Class: c}
 	perConn := int64(p.totalBytes()/uint64(p.Channels)) + 1
-	if p.Lane.Direct {
-		// Chunks travel on the data connections, beside the proxy: the
-		// channel streams carry headers and acknowledgements only.
-		perConn = 4 << 10
-	}
 	switch c {
 	case faultCutOne, faultCutAll, faultStall, faultCorrupt:
 		f.Bytes = 1 + rng.Int64N(perConn)

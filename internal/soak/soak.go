@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
+	"net"
 	"os"
 	"path/filepath"
 	"sort"
@@ -277,13 +278,13 @@ func (s *soak) round(ctx context.Context, r, k int, rep *Report) (*ViolationRepo
 		free[i] = true
 	}
 	var runs []*migrationRun
-	for range k {
+	for i := range k {
 		p := s.planner.draw(r, free)
 		if p == nil {
 			break
 		}
 		canonical(p)
-		m, err := s.newRun(p)
+		m, err := s.newRun(p, i)
 		if err != nil {
 			return nil, err
 		}
@@ -312,7 +313,7 @@ func (s *soak) round(ctx context.Context, r, k int, rep *Report) (*ViolationRepo
 	for _, m := range runs {
 		g.Go(func() error {
 			o, err := m.run(ctx)
-			m.proxy.Close()
+			m.closeProxies()
 			m.proxyTriggered()
 			if err != nil {
 				fail(m, o, err)
@@ -417,15 +418,31 @@ func canonicalSpec(spec string) string {
 	return spec
 }
 
-// newRun prepares a migration's run: its proxy and its own random
-// source.
-func (s *soak) newRun(p *migrationPlan) (*migrationRun, error) {
+// proxyHosts are the loopback addresses the migrations of a round
+// reach their destinations at, one each: 127.0.0.10 and up. The agents'
+// certificate names them all.
+func proxyHost(i int) string { return fmt.Sprintf("127.0.0.%d", 10+i) }
+
+// newRun prepares the i-th migration of a round: its proxies, on
+// proxyHost(i), and its own random source.
+func (s *soak) newRun(p *migrationPlan, i int) (*migrationRun, error) {
 	src, dst := s.sources[p.Lane.TLS], s.dests[p.Lane]
-	proxy, err := tcpproxy.New(dst.Addr())
+	proxy, err := tcpproxy.NewOn(proxyHost(i)+":0", dst.Addr())
 	if err != nil {
 		return nil, err
 	}
-	return &migrationRun{s: s, p: p, src: src, dst: dst, proxy: proxy, rng: rand.New(rand.NewPCG(s.rng.Uint64(), 0))}, nil
+	m := &migrationRun{s: s, p: p, src: src, dst: dst, proxy: proxy, rng: rand.New(rand.NewPCG(s.rng.Uint64(), 0))}
+	if p.Lane.Direct {
+		_, port, err := net.SplitHostPort(dst.dataAddress())
+		if err == nil {
+			m.data, err = tcpproxy.NewOn(net.JoinHostPort(proxyHost(i), port), dst.dataAddress())
+		}
+		if err != nil {
+			proxy.Close()
+			return nil, fmt.Errorf("data proxy for %s: %w", dst.name, err)
+		}
+	}
+	return m, nil
 }
 
 // release gives the source devices of a migration that succeeded back
@@ -495,7 +512,11 @@ func (s *soak) startAgents(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	ag, err := ca.Issue(ephemeralca.Options{}, "127.0.0.1", agentID)
+	sans := []string{"127.0.0.1", agentID}
+	for i := range 16 {
+		sans = append(sans, proxyHost(i))
+	}
+	ag, err := ca.Issue(ephemeralca.Options{}, sans...)
 	if err != nil {
 		return err
 	}
@@ -609,12 +630,12 @@ func (s *soak) warmUp(ctx context.Context, which []*agent) (*ViolationReport, er
 			Channels: 4, ChunkSize: 1 << 20, MaxBytes: 0, Devices: []devicePlan{{Slot: slotIdx, Src: sl.base, Dst: sl.base, Size: sl.size}}}
 		s.planner.next++
 		canonical(p)
-		m, err := s.newRun(p)
+		m, err := s.newRun(p, 0)
 		if err != nil {
 			return nil, err
 		}
 		o, err := m.run(ctx)
-		m.proxy.Close()
+		m.closeProxies()
 		if err == nil {
 			err = s.checkMigration(ctx, m, o)
 		}
