@@ -172,7 +172,18 @@ func TestAgentMetrics(t *testing.T) {
 				t.Errorf("during: %s sent %v bytes of %d", d.GetDevice(), v, sizes[i])
 			}
 		}
-		mustMetric(t, page, "ferry_migrations_active", map[string]string{"role": "source"})
+		if v := mustMetric(t, page, "ferry_migrations_active", map[string]string{"role": "source"}); v != 1 {
+			t.Errorf("during: ferry_migrations_active{role=source} = %v, want 1", v)
+		}
+		if v := mustMetric(t, page, "ferry_migrations_by_phase", map[string]string{"role": "source", "phase": "stopcopy"}); v != 1 {
+			t.Errorf("during: ferry_migrations_by_phase{role=source,phase=stopcopy} = %v, want 1", v)
+		}
+		for i, d := range m.GetDevices() {
+			if v := mustMetric(t, page, "ferry_source_device_total_bytes", map[string]string{"device": d.GetDevice()}); v != float64(sizes[i]) {
+				t.Errorf("during: %s total %v, want %d", d.GetDevice(), v, sizes[i])
+			}
+			mustMetric(t, page, "ferry_source_device_remaining_bytes", map[string]string{"device": d.GetDevice()})
+		}
 		mustMetric(t, page, "grpc_server_started_total", map[string]string{"grpc_method": "StartMigration"})
 	})
 	if err != nil {
@@ -212,7 +223,8 @@ func TestAgentMetrics(t *testing.T) {
 		want       float64
 	}{
 		{sp, "ferry_migrations_total", map[string]string{"role": "source", "outcome": "succeeded"}, 1},
-		{sp, "ferry_migrations_total", map[string]string{"role": "source", "outcome": "failed"}, 0},
+		{sp, "ferry_migrations_by_phase", map[string]string{"role": "source", "phase": "stopcopy"}, 0},
+		{sp, "ferry_build_info", nil, 1},
 		{dp, "ferry_migrations_total", map[string]string{"role": "dest", "outcome": "succeeded"}, 1},
 		{sp, "ferry_migrations_active", map[string]string{"role": "source"}, 0},
 		{dp, "ferry_migrations_active", map[string]string{"role": "dest"}, 0},

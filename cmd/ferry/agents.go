@@ -24,6 +24,7 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/reflection"
 
+	"github.com/vfio-ferry/ferry/internal/buildinfo"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
 	"github.com/vfio-ferry/ferry/services/chunkwire"
 	"github.com/vfio-ferry/ferry/services/dest"
@@ -42,6 +43,7 @@ type agentFlags struct {
 	healthListen  string
 	drainTimeout  time.Duration
 	deviceTimeout time.Duration
+	vmm           vmmSocketFlags
 	log           logFlags
 }
 
@@ -52,17 +54,25 @@ func (f *agentFlags) register(fs *flag.FlagSet, defaultListen string) {
 	fs.StringVar(&f.healthListen, "health-listen", "", "serve plaintext grpc.health.v1 (and reflection), nothing else, on this address for Kubernetes gRPC probes (off when empty)")
 	fs.DurationVar(&f.drainTimeout, "drain-timeout", 30*time.Second, "on SIGTERM, how long running migrations may go on before they are aborted and rolled back (a second SIGTERM aborts them at once)")
 	fs.DurationVar(&f.deviceTimeout, "device-timeout", vfio.DefaultOpTimeout, "how long a device operation (a state change, a reset, one read or write of its state) may take before the device is reported stuck and its migration rolls back without it")
+	f.vmm.register(fs)
 	f.log.register(fs)
 }
 
-// metrics returns the metrics and their registry when --metrics-listen is
-// set, else nil and nil (no metrics are kept).
-func (f *agentFlags) metrics() (*telemetry.Metrics, *prometheus.Registry) {
+// metrics returns the metrics of the roles r and their registry when
+// --metrics-listen is set, else nil and nil (no metrics are kept).
+func (f *agentFlags) metrics(r roles) (*telemetry.Metrics, *prometheus.Registry) {
 	if f.metricsListen == "" {
 		return nil, nil
 	}
+	o := telemetry.Options{Build: buildinfo.Read()}
+	if r.source {
+		o.Roles = append(o.Roles, telemetry.RoleSource)
+	}
+	if r.dest {
+		o.Roles = append(o.Roles, telemetry.RoleDest)
+	}
 	reg := prometheus.NewRegistry()
-	return telemetry.New(reg), reg
+	return telemetry.New(reg, o), reg
 }
 
 // destFlags are the destination agent's limits.
@@ -190,10 +200,19 @@ func runRoles(ctx context.Context, name, synopsis, listen string, r roles, args 
 	}
 	regOpts := af.sec.registry(af.allowSim)
 	regOpts.OpTimeout = af.deviceTimeout
+	ev := &evictors{log: log}
+	regOpts.Evict = ev.evict
 	reg := vfio.NewRegistry(regOpts)
 	defer reg.Close()
+	// Stopped after the agents (deferred before them): a drain lets the
+	// migrations of lent devices end before the socket withdraws them.
+	stopVMM, err := startVMMSocket(ctx, &af.vmm, reg, log)
+	if err != nil {
+		return usageError(err)
+	}
+	defer stopVMM()
 	pool := chunkwire.NewPool()
-	metrics, promReg := af.metrics()
+	metrics, promReg := af.metrics(r)
 	var served []servedAgent
 	if r.dest {
 		dcfg.Registry, dcfg.Pool, dcfg.Logger, dcfg.Metrics = reg, pool, log, metrics
@@ -202,6 +221,7 @@ func runRoles(ctx context.Context, name, synopsis, listen string, r roles, args 
 			return usageError(err)
 		}
 		defer dagent.Close()
+		ev.agents = append(ev.agents, dagent)
 		metrics.WatchBudget(promReg, dagent.BudgetInUse, dcfg.MemoryBudget)
 		served = append(served, dagent)
 	}
@@ -214,6 +234,7 @@ func runRoles(ctx context.Context, name, synopsis, listen string, r roles, args 
 		// Deferred last, closed first: its rollback tells the peer
 		// destinations before this process's own destination closes.
 		defer sagent.Close()
+		ev.agents = append(ev.agents, sagent)
 		served = append([]servedAgent{sagent}, served...)
 	}
 	return serve(ctx, &af, creds, pool, log, name, metrics, promReg, served...)
@@ -240,7 +261,7 @@ type dataServer interface {
 // servedAgent is one role's agent as serve runs it.
 type servedAgent interface {
 	// Register registers the agent's gRPC services.
-	Register(*grpc.Server)
+	Register(grpc.ServiceRegistrar)
 	// Refuse refuses new migrations with UNAVAILABLE from now on.
 	Refuse()
 	// Drain refuses new migrations and waits for the running ones until
@@ -271,7 +292,7 @@ func serve(ctx context.Context, af *agentFlags, creds credentials.TransportCrede
 	srv := grpcserver.New(grpcserver.Config{Creds: creds, Logger: log, Metrics: serverMetrics, Pool: pool,
 		Access: af.sec.access(), NoReflection: !af.sec.reflection})
 	for _, a := range agents {
-		a.Register(srv.GRPC)
+		a.Register(srv)
 	}
 	srv.Ready()
 	srv.Health.SetServingStatus(healthLiveness, healthpb.HealthCheckResponse_SERVING)

@@ -7,7 +7,10 @@
 //	ferry demo     run both agents in this process and migrate simulated devices
 //	ferry devices  list the devices an agent serves
 //	ferry release  give a device that rests after a migration back to its host
+//	ferry vmm      lend a device to an agent as a VMM does (attach, detach, watch)
 //	ferry bench    measure a migration against raw TCP on loopback
+//	ferry migrations list|get|watch|cancel   the migrations an agent holds
+//	ferry version  print the build
 //	ferry soak     run many migrations under random faults and check nothing is lost
 //
 // Run `ferry help <command>` for a command's flags.
@@ -41,7 +44,10 @@ func commands() []command {
 		{"devices", "list the devices an agent serves", runDevices},
 		{"switchover", "switch a pre-copy migration over: its devices stop and the rest of their state streams", runSwitchover},
 		{"release", "give a source device back to its host after a migration (STOP or ERROR to RUNNING, or a reset)", runRelease},
+		{"vmm", "speak an agent's VMM socket as a VMM: attach a device's fd, detach it, watch it", runVMM},
+		{"migrations", "list, get, watch or cancel the migrations an agent holds", runMigrations},
 		{"bench", "measure a migration against raw TCP on loopback, in the same run", runBench},
+		{"version", "print the build (version, revision, Go)", runVersion},
 		{"soak", "run many migrations between real agents under random faults, checking every invariant after each", runSoak},
 	}
 }
@@ -51,7 +57,7 @@ func usage(w io.Writer) {
 	fmt.Fprintln(w)
 	fmt.Fprintln(w, "commands:")
 	for _, c := range commands() {
-		fmt.Fprintf(w, "  %-9s %s\n", c.name, c.summary)
+		fmt.Fprintf(w, "  %-10s %s\n", c.name, c.summary)
 	}
 	fmt.Fprintln(w)
 	fmt.Fprintln(w, "Run 'ferry help <command>' for its flags.")

@@ -94,7 +94,16 @@ func Start(cfg Config) (*Agents, error) {
 		}
 		lis[i] = l
 	}
-	a := &Agents{
+	// A device its VMM withdraws cancels the migration holding it: each
+	// registry's evictions go to its agent, made below.
+	a := &Agents{}
+	if cfg.DestDevices.Evict == nil {
+		cfg.DestDevices.Evict = func(owner, spec string, why error) { a.Dest.Evict(owner, spec, why) }
+	}
+	if cfg.SourceDevices.Evict == nil {
+		cfg.SourceDevices.Evict = func(owner, spec string, why error) { a.Source.Evict(owner, spec, why) }
+	}
+	*a = Agents{
 		DestRegistry:   vfio.NewRegistry(cfg.DestDevices),
 		SourceRegistry: vfio.NewRegistry(cfg.SourceDevices),
 		dataLis:        cfg.DataListener,
@@ -127,10 +136,10 @@ func Start(cfg Config) (*Agents, error) {
 	}
 	a.Dest, a.Source = da, sa
 	a.dsrv = grpcserver.New(grpcserver.Config{Creds: dcreds, Logger: log, Pool: dpool, Access: daccess})
-	da.Register(a.dsrv.GRPC)
+	da.Register(a.dsrv)
 	a.dsrv.Ready()
 	a.ssrv = grpcserver.New(grpcserver.Config{Creds: screds, Logger: log, Pool: spool, Access: saccess})
-	sa.Register(a.ssrv.GRPC)
+	sa.Register(a.ssrv)
 	a.ssrv.Ready()
 	a.DestAddr, a.SourceAddr = lis[0].Addr().String(), lis[1].Addr().String()
 	a.serve(func() error { return a.dsrv.GRPC.Serve(lis[0]) })

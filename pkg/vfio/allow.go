@@ -26,7 +26,8 @@ func ValidateDevicePattern(p string) error {
 
 // Allowed returns nil if the registry serves the device s names: a sim:
 // spec when AllowSim is set, a pci: or mdev: spec when its canonical form
-// matches one of the Devices patterns. Otherwise the error wraps
+// matches one of the Devices patterns, and a vmm: spec always (only a
+// lent device exists under one). Otherwise the error wraps
 // ErrNotAllowed.
 func (r *Registry) Allowed(s Spec) error {
 	name := s.String()
@@ -46,6 +47,10 @@ func (r *Registry) Allowed(s Spec) error {
 			}
 		}
 		return fmt.Errorf("%s: not in the agent's device allowlist (--devices): %w", name, ErrNotAllowed)
+	case SpecVMM:
+		// Only a device a VMM lent exists under a vmm: spec; lending it
+		// was the VMM's consent.
+		return nil
 	}
 	return fmt.Errorf("%s: unknown spec kind: %w", name, ErrBadSpec)
 }

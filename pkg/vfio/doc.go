@@ -13,6 +13,7 @@
 //	sim:size=1GiB,seed=7,rate=2GB/s            the simulated device (SimConfig)
 //	sim:size=4GiB,flags=stopcopy|p2p|precopy,precopy=4GiB,dirty=32MB/s
 //	                                           one that pre-copies
+//	vmm:vm42-nic0                              a device a VMM lent (Registry.Lend)
 //
 // Spec.String is the canonical form: lowercase hex, sim keys in a fixed
 // order, sizes printed exactly, defaults left out. Two strings name the
@@ -25,7 +26,14 @@
 // not call Open themselves: a Registry opens devices on first use, keeps
 // them open across migrations so their state can be observed afterwards,
 // gives each to one owner at a time (Acquire and its release func), and
-// opens sim: specs only with RegistryOptions.AllowSim.
+// opens sim: specs only with RegistryOptions.AllowSim. A vmm: spec is
+// never opened: it names a device a VMM holds and lent to the agent
+// (Registry.Lend, with AdoptDeviceFD making a Device of the descriptor it
+// passed), which the registry hands out like the others, reports to the
+// VMM's watch, takes back on Registry.Withdraw (evicting the migration
+// that holds it, RegistryOptions.Evict) and never resets or closes but
+// for its own duplicate of the descriptor. Registry.LetGo closes an idle
+// device the registry opened, so another process can open it.
 //
 // # States and arcs
 //
@@ -198,7 +206,8 @@
 // Registry.Recover gives an idle device back in RUNNING (ErrBusy when
 // someone holds it).
 //
-// This package is the only one in Ferry that imports golang.org/x/sys/unix
-// and unsafe, and only its kernel backend (the *_linux.go files) does.
+// This package is the only one in Ferry that imports unsafe, and only its
+// kernel backend (the *_linux.go files) does; pkg/vmm and
+// services/vmmsock import golang.org/x/sys/unix too, for sockets.
 // The state machine (states.go) is pure: no I/O, no clock, no goroutines.
 package vfio

@@ -60,6 +60,7 @@ type GuardedDevice struct {
 	flags     Flags
 	timeout   time.Duration
 	onUnstuck func()        // called, without mu, each time the stuck mark clears; may be nil
+	onState   func(State)   // called, without mu, with each state read or set that differs from the last; may be nil
 	quit      chan struct{} // closed by Close: the watchdog returns
 	watchDone chan struct{} // closed when the watchdog has returned
 
@@ -107,15 +108,15 @@ type guardOp struct {
 // is 0 or less) and starts its watchdog; Close stops it. The guard takes
 // over dev: close the guard, not dev.
 func Guard(dev Device, timeout time.Duration) *GuardedDevice {
-	return newGuard(dev, timeout, nil)
+	return newGuard(dev, timeout, nil, nil)
 }
 
-func newGuard(dev Device, timeout time.Duration, onUnstuck func()) *GuardedDevice {
+func newGuard(dev Device, timeout time.Duration, onUnstuck func(), onState func(State)) *GuardedDevice {
 	if timeout <= 0 {
 		timeout = DefaultOpTimeout
 	}
 	g := &GuardedDevice{
-		dev: dev, spec: dev.Spec(), flags: dev.Flags(), timeout: timeout, onUnstuck: onUnstuck,
+		dev: dev, spec: dev.Spec(), flags: dev.Flags(), timeout: timeout, onUnstuck: onUnstuck, onState: onState,
 		quit: make(chan struct{}), watchDone: make(chan struct{}), stuckCh: make(chan struct{}),
 	}
 	go g.watch()
@@ -318,8 +319,12 @@ func (g *GuardedDevice) cachedState() State {
 
 func (g *GuardedDevice) noteState(s State) {
 	g.mu.Lock()
-	defer g.mu.Unlock()
+	changed := g.state != s
 	g.state = s
+	g.mu.Unlock()
+	if changed && g.onState != nil {
+		g.onState(s)
+	}
 }
 
 func (g *GuardedDevice) noteErr(err error) {

@@ -117,18 +117,68 @@ func openKernelDevice(h hostPaths, s Spec) (*kernelDevice, error) {
 		}
 	}
 
+	if err := d.probeMigration(); err != nil {
+		d.closeFDs()
+		return nil, err
+	}
+	return d, nil
+}
+
+// AdoptDeviceFD makes a Device of a VFIO device descriptor a VMM holds
+// and handed over (the VMM socket): the device is named vmm:NAME, its
+// group, container or iommufd stay the VMM's, and Close closes fd only,
+// which neither resets the device nor ends its state while the VMM's
+// own descriptor is open. fd must be a VFIO device's (pkg/vmm checks
+// that before any ioctl) with migration support: otherwise the error
+// wraps ErrNotSupported and fd is closed. The Device takes fd over.
+func AdoptDeviceFD(fd int, name string) (Device, error) {
+	if err := ValidateVMMName(name); err != nil {
+		unix.Close(fd)
+		return nil, err
+	}
+	d := &kernelDevice{spec: Spec{Kind: SpecVMM, VMM: name}.String(), dev: newFDOwner(fd)}
+	if err := d.probeMigration(); err != nil {
+		d.closeFDs()
+		return nil, fmt.Errorf("adopt %s: %w", d.spec, err)
+	}
+	return d, nil
+}
+
+// DeviceFD returns a duplicate of the VFIO device descriptor of a
+// kernel device, for handing to an agent over its VMM socket (as a VMM
+// does): the caller owns it. Devices of other backends have none
+// (ErrNotSupported).
+func DeviceFD(dev Device) (*os.File, error) {
+	d, ok := dev.(*kernelDevice)
+	if !ok {
+		return nil, fmt.Errorf("%s: not a kernel VFIO device: %w", dev.Spec(), ErrNotSupported)
+	}
+	d.lock()
+	defer d.unlock()
+	if d.dev == nil {
+		return nil, fmt.Errorf("%s: closed: %w", d.spec, os.ErrClosed)
+	}
+	fd, err := unix.FcntlInt(uintptr(d.dev.raw()), unix.F_DUPFD_CLOEXEC, 0)
+	runtime.KeepAlive(d.dev)
+	if err != nil {
+		return nil, fmt.Errorf("%s: dup: %w", d.spec, err)
+	}
+	return os.NewFile(uintptr(fd), d.spec), nil
+}
+
+// probeMigration reads the device's migration flags, refuses a device
+// without STOP_COPY, and opts a PRE_COPY device in to REINIT reports.
+func (d *kernelDevice) probeMigration() error {
 	flags, err := deviceGetMigration(d.dev)
 	if err != nil {
-		d.closeFDs()
 		if errors.Is(err, unix.ENOTTY) || errors.Is(err, unix.EINVAL) {
-			return nil, fmt.Errorf("device has no migration support: %w: %w", ErrNotSupported, err)
+			return fmt.Errorf("device has no migration support: %w: %w", ErrNotSupported, err)
 		}
-		return nil, fmt.Errorf("get migration flags: %w", err)
+		return fmt.Errorf("get migration flags: %w", err)
 	}
 	d.flags = Flags(flags)
 	if !d.flags.Supports(StateStopCopy) {
-		d.closeFDs()
-		return nil, fmt.Errorf("migration flags %v lack STOP_COPY: %w", d.flags, ErrNotSupported)
+		return fmt.Errorf("migration flags %v lack STOP_COPY: %w", d.flags, ErrNotSupported)
 	}
 	if d.flags&FlagPreCopy != 0 {
 		// Opt in to REINIT reports. A kernel without the feature answers
@@ -136,7 +186,7 @@ func openKernelDevice(h hostPaths, s Spec) (*kernelDevice, error) {
 		// kernels before it require.
 		d.infoV2 = deviceSetPrecopyInfoV2(d.dev) == nil
 	}
-	return d, nil
+	return nil
 }
 
 // openGroup opens the device through its group and a new container.

@@ -2,7 +2,10 @@
 
 package vfio
 
-import "fmt"
+import (
+	"fmt"
+	"os"
+)
 
 // openKernel reports that VFIO devices exist only on Linux.
 func openKernel(s Spec) (Device, error) {
@@ -13,4 +16,14 @@ func openKernel(s Spec) (Device, error) {
 // on Linux: elsewhere there are none, and the error wraps ErrNotSupported.
 func ListKernelDevices() ([]Spec, error) {
 	return nil, fmt.Errorf("list VFIO devices: VFIO needs Linux: %w", ErrNotSupported)
+}
+
+// AdoptDeviceFD reports that VFIO devices exist only on Linux.
+func AdoptDeviceFD(fd int, name string) (Device, error) {
+	return nil, fmt.Errorf("adopt vmm:%s: VFIO needs Linux: %w", name, ErrNotSupported)
+}
+
+// DeviceFD reports that VFIO devices exist only on Linux.
+func DeviceFD(dev Device) (*os.File, error) {
+	return nil, fmt.Errorf("%s: VFIO needs Linux: %w", dev.Spec(), ErrNotSupported)
 }

@@ -34,6 +34,8 @@ func Open(s Spec) (Device, error) {
 		return d, nil
 	case SpecPCI, SpecMdev:
 		return openKernel(s)
+	case SpecVMM:
+		return nil, fmt.Errorf("open %s: a vmm: device is lent by its VMM (Registry.Lend), never opened: %w", s, ErrNotAllowed)
 	}
 	return nil, fmt.Errorf("open %v: unknown spec kind: %w", s.Kind, ErrBadSpec)
 }
@@ -60,6 +62,11 @@ type RegistryOptions struct {
 	// ListHost lists the host's VFIO devices for ListAll; nil means
 	// ListKernelDevices, which reads sysfs and opens nothing.
 	ListHost func() ([]Spec, error)
+	// Evict is called when the VMM that lent a device withdraws it while
+	// owner holds it: the agent cancels owner's migration, which rolls
+	// the device back and releases it (Withdraw waits for that). It must
+	// not block. nil: Withdraw only waits.
+	Evict func(owner, spec string, why error)
 }
 
 // OwnerStuck is the owner a Registry shows for a device released while
@@ -119,6 +126,9 @@ type registered struct {
 	// the registry holds it for nobody and closes it, dropping the
 	// entry, once the stuck operation answers.
 	retired string
+	// lent is set for a device a VMM lent (vmm: specs); nil for a
+	// device the registry opened.
+	lent *lending
 }
 
 // NewRegistry returns an empty registry.
@@ -163,6 +173,12 @@ func (r *Registry) Acquire(spec string, owner string) (Device, func(), error) {
 	}
 	e := r.devices[name]
 	switch {
+	case e == nil && s.Kind == SpecVMM:
+		r.mu.Unlock()
+		return nil, nil, fmt.Errorf("acquire %s: %w", name, ErrNotLent)
+	case e != nil && e.lent != nil && e.lent.withdrawing:
+		r.mu.Unlock()
+		return nil, nil, fmt.Errorf("acquire %s: being withdrawn by its VMM: %w", name, ErrBusy)
 	case e == nil:
 		e = &registered{name: name, owner: owner, lease: 1}
 		r.devices[name] = e
@@ -188,7 +204,11 @@ func (r *Registry) Acquire(spec string, owner string) (Device, func(), error) {
 	e.owner = owner
 	e.lease++
 	lease := e.lease
+	if e.lent != nil {
+		e.lent.freed = make(chan struct{})
+	}
 	r.mu.Unlock()
+	r.notify(e)
 	return e.dev, func() { r.release(e, lease) }, nil
 }
 
@@ -201,7 +221,7 @@ func (r *Registry) openEntry(s Spec, e *registered) (Device, func(), error) {
 		r.drop(e)
 		return nil, nil, err
 	}
-	g := newGuard(dev, r.opts.OpTimeout, func() { r.unstuck(e) })
+	g := newGuard(dev, r.opts.OpTimeout, func() { r.unstuck(e) }, nil)
 	g.State()
 	g.DataSize()
 	r.mu.Lock()
@@ -229,14 +249,30 @@ func (r *Registry) drop(e *registered) {
 // device is retired instead.
 func (r *Registry) release(e *registered, lease uint64) {
 	r.mu.Lock()
-	defer r.mu.Unlock()
 	if e.lease != lease || e.owner == "" {
+		r.mu.Unlock()
 		return
 	}
-	if _, _, stuck := e.dev.StuckInfo(); stuck {
+	if _, _, stuck := e.dev.StuckInfo(); stuck && e.lent == nil {
 		e.retired = e.owner
 	}
 	e.owner = ""
+	var orphaned bool // a Withdraw gave up waiting: drop the device now
+	if l := e.lent; l != nil {
+		l.frozen = false
+		if l.freed != nil {
+			close(l.freed)
+			l.freed = nil
+		} else {
+			orphaned = l.withdrawing
+		}
+	}
+	r.mu.Unlock()
+	if orphaned {
+		r.dropLent(e)
+		return
+	}
+	r.notify(e)
 }
 
 // unstuck is called by e's device when its stuck mark clears: a retired
@@ -256,6 +292,7 @@ func (r *Registry) unstuck(e *registered) {
 // from what the registry remembers: it asks no device anything.
 func (r *Registry) List() []DeviceInfo {
 	type entry struct {
+		name    string
 		dev     *GuardedDevice
 		owner   string
 		retired string
@@ -264,7 +301,7 @@ func (r *Registry) List() []DeviceInfo {
 	entries := make([]entry, 0, len(r.devices))
 	for _, e := range r.devices {
 		if e.dev != nil {
-			entries = append(entries, entry{e.dev, e.owner, e.retired})
+			entries = append(entries, entry{e.name, e.dev, e.owner, e.retired})
 		}
 	}
 	r.mu.Unlock()
@@ -272,7 +309,7 @@ func (r *Registry) List() []DeviceInfo {
 	infos := make([]DeviceInfo, 0, len(entries))
 	for _, e := range entries {
 		in := e.dev.info()
-		info := DeviceInfo{Spec: e.dev.Spec(), Opened: true, Flags: e.dev.Flags(), State: in.state,
+		info := DeviceInfo{Spec: e.name, Opened: true, Flags: e.dev.Flags(), State: in.state,
 			Owner: e.owner, Stuck: in.stuck, Error: in.err}
 		if in.sizeOK {
 			info.DataSize = in.size
@@ -330,6 +367,13 @@ func (r *Registry) Recover(spec string, reset bool) (DeviceInfo, error) {
 	release()
 	return r.describe(spec), err
 }
+
+// Recover returns dev, a device no registry lends out, to RUNNING: by
+// the arcs to it, or by a reset when reset is set, when the device is in
+// ERROR, or when the arcs fail (see Registry.Recover). A VMM uses it on
+// its own descriptor when the agent it lent the device to died
+// mid-migration.
+func Recover(dev Device, reset bool) error { return recoverDevice(dev, reset) }
 
 // recoverDevice returns dev to RUNNING (see Recover).
 func recoverDevice(dev Device, reset bool) error {
@@ -399,4 +443,48 @@ func (r *Registry) Close() error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// LetGo closes an idle device the registry opened, and forgets it, so
+// that another process can open it: a new VM's VMM, which the open
+// descriptors of the registry would refuse (a VFIO group is open in one
+// process at a time). The kernel ends the device's state on the last
+// close (vfio-pci resets the function): a loaded destination device
+// loses what it holds, so hand such a device to its VMM through the VMM
+// socket instead. A device the registry has not opened is let go
+// already. Errors wrap ErrBusy (an owner holds it, or it is stuck), or
+// ErrNotAllowed for a lent device, which its VMM withdraws.
+func (r *Registry) LetGo(spec string) error {
+	s, err := ParseSpec(spec)
+	if err != nil {
+		return err
+	}
+	name := s.String()
+	r.mu.Lock()
+	e := r.devices[name]
+	switch {
+	case e == nil:
+		r.mu.Unlock()
+		return nil
+	case e.lent != nil:
+		r.mu.Unlock()
+		return fmt.Errorf("let go of %s: lent by its VMM, which withdraws it: %w", name, ErrNotAllowed)
+	case e.dev == nil || e.owner != "" || e.retired != "":
+		who := e.owner
+		if who == "" {
+			who = e.retired
+		}
+		r.mu.Unlock()
+		return fmt.Errorf("let go of %s: held by %q: %w", name, who, ErrBusy)
+	}
+	if op, _, stuck := e.dev.StuckInfo(); stuck {
+		r.mu.Unlock()
+		return fmt.Errorf("let go of %s: %s has not answered: %w: %w", name, op, ErrBusy, ErrStuck)
+	}
+	delete(r.devices, name)
+	r.mu.Unlock()
+	if err := e.dev.Close(); err != nil {
+		return fmt.Errorf("let go of %s: %w", name, err)
+	}
+	return nil
 }

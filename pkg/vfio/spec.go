@@ -26,7 +26,11 @@ const (
 	SpecPCI  SpecKind = iota + 1 // pci:DDDD:BB:DD.F, a VFIO-bound PCI function
 	SpecMdev                     // mdev:UUID, a mediated device
 	SpecSim                      // sim:size=...,seed=..., the simulated device
+	SpecVMM                      // vmm:NAME, a device a VMM lent over the VMM socket
 )
+
+// MaxVMMName is the longest name a VMM may lend a device under.
+const MaxVMMName = 64
 
 // String returns the spec prefix of the kind without its colon: "pci",
 // "mdev" or "sim".
@@ -38,6 +42,8 @@ func (k SpecKind) String() string {
 		return "mdev"
 	case SpecSim:
 		return "sim"
+	case SpecVMM:
+		return "vmm"
 	}
 	return "SpecKind(" + strconv.Itoa(int(k)) + ")"
 }
@@ -54,6 +60,8 @@ type Spec struct {
 	MdevUUID string
 	// Sim is the simulated device's configuration, for SpecSim.
 	Sim SimConfig
+	// VMM is the name a VMM lent the device under, for SpecVMM.
+	VMM string
 }
 
 // PCIAddr is a PCI function address: domain:bus:device.function.
@@ -220,8 +228,10 @@ func parseKind(s string) (Spec, error) {
 		return parseMdev(rest)
 	case "sim":
 		return parseSim(rest)
+	case "vmm":
+		return parseVMM(rest)
 	}
-	return Spec{}, fmt.Errorf("spec %q: unknown kind (want pci:, mdev: or sim:): %w", s, ErrBadSpec)
+	return Spec{}, fmt.Errorf("spec %q: unknown kind (want pci:, mdev:, vmm: or sim:): %w", s, ErrBadSpec)
 }
 
 // String returns the canonical form of the spec, which ParseSpec reads
@@ -237,6 +247,8 @@ func (s Spec) String() string {
 		return "mdev:" + s.MdevUUID
 	case SpecSim:
 		return "sim:" + s.Sim.String()
+	case SpecVMM:
+		return "vmm:" + s.VMM
 	}
 	return ""
 }
@@ -295,6 +307,30 @@ func parseMdev(s string) (Spec, error) {
 		}
 	}
 	return Spec{Kind: SpecMdev, MdevUUID: strings.ToLower(s)}, nil
+}
+
+// parseVMM parses the part of a vmm: spec after the prefix: the name a
+// VMM chose, 1-MaxVMMName characters of [A-Za-z0-9._-], compared exactly.
+func parseVMM(s string) (Spec, error) {
+	if err := ValidateVMMName(s); err != nil {
+		return Spec{}, err
+	}
+	return Spec{Kind: SpecVMM, VMM: s}, nil
+}
+
+// ValidateVMMName checks a name a VMM lends a device under (see parseVMM).
+// Errors wrap ErrBadSpec.
+func ValidateVMMName(s string) error {
+	if s == "" || len(s) > MaxVMMName {
+		return specErr(SpecVMM, "name %q: want 1-%d characters", s, MaxVMMName)
+	}
+	for i := range len(s) {
+		c := s[i]
+		if !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || c == '.' || c == '_' || c == '-') {
+			return specErr(SpecVMM, "name %q: byte %d is not one of [A-Za-z0-9._-]", s, i)
+		}
+	}
+	return nil
 }
 
 // simKeys are the keys of a sim spec in canonical order, each with the

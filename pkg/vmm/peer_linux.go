@@ -5,17 +5,10 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"slices"
 	"strings"
 
 	"golang.org/x/sys/unix"
 )
-
-// Cred is a peer's identity as the kernel tells it (SO_PEERCRED).
-type Cred struct {
-	PID      int32
-	UID, GID uint32
-}
 
 // PeerCred reads the credentials of the process at the other end of uc,
 // as they were when it connected.
@@ -35,27 +28,6 @@ func PeerCred(uc *net.UnixConn) (Cred, error) {
 		return Cred{}, fmt.Errorf("SO_PEERCRED: %w", serr)
 	}
 	return Cred{PID: cred.Pid, UID: cred.Uid, GID: cred.Gid}, nil
-}
-
-// ErrPeerNotAllowed: the peer's uid and gid are in no allowed list.
-var ErrPeerNotAllowed = errors.New("vmm: peer not allowed")
-
-// Allow is who may speak on the socket: a peer whose uid is in UIDs or
-// whose gid is in GIDs. Empty lists allow only the agent's own uid.
-type Allow struct {
-	UIDs, GIDs []uint32
-}
-
-// Check admits or refuses c.
-func (a Allow) Check(c Cred) error {
-	if len(a.UIDs) == 0 && len(a.GIDs) == 0 {
-		if c.UID == uint32(os.Getuid()) {
-			return nil
-		}
-	} else if slices.Contains(a.UIDs, c.UID) || slices.Contains(a.GIDs, c.GID) {
-		return nil
-	}
-	return fmt.Errorf("%w: uid %d gid %d (pid %d)", ErrPeerNotAllowed, c.UID, c.GID, c.PID)
 }
 
 // ErrNotVFIODevice: a descriptor is not a VFIO device's.
@@ -99,4 +71,13 @@ func isVFIOCdev(major, minor uint32) bool {
 		}
 	}
 	return false
+}
+
+// dupCloexec duplicates fd with close-on-exec set.
+func dupCloexec(fd int) (int, error) {
+	nfd, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		return -1, fmt.Errorf("dup: %w", err)
+	}
+	return nfd, nil
 }

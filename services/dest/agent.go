@@ -149,7 +149,7 @@ func New(cfg Config) (*Agent, error) {
 }
 
 // Register registers the DestAgent and Transfer services.
-func (a *Agent) Register(s *grpc.Server) {
+func (a *Agent) Register(s grpc.ServiceRegistrar) {
 	ferryv1.RegisterDestAgentServer(s, &controlServer{a: a})
 	ferryv1.RegisterTransferServer(s, &transferServer{a: a})
 }

@@ -41,7 +41,23 @@ func (s *controlServer) GetIncoming(ctx context.Context, req *ferryv1.GetIncomin
 		return nil, err
 	}
 	m, _, _ := inc.snapshot()
-	return &ferryv1.GetIncomingResponse{Migration: m}, nil
+	return &ferryv1.GetIncomingResponse{Migration: m, ConfigStates: inc.configStates()}, nil
+}
+
+func (s *controlServer) ListIncoming(context.Context, *ferryv1.ListIncomingRequest) (*ferryv1.ListIncomingResponse, error) {
+	s.a.mu.Lock()
+	all := make([]*incoming, 0, len(s.a.incoming))
+	for _, inc := range s.a.incoming {
+		all = append(all, inc)
+	}
+	s.a.mu.Unlock()
+	slices.SortFunc(all, func(x, y *incoming) int { return y.createTime.Compare(x.createTime) })
+	resp := &ferryv1.ListIncomingResponse{}
+	for _, inc := range all {
+		m, _, _ := inc.snapshot()
+		resp.Migrations = append(resp.Migrations, m)
+	}
+	return resp, nil
 }
 
 func (s *controlServer) WatchIncoming(req *ferryv1.WatchIncomingRequest, stream grpc.ServerStreamingServer[ferryv1.WatchIncomingResponse]) error {
@@ -232,7 +248,7 @@ func (a *Agent) prepareNew(req *ferryv1.PrepareIncomingRequest, specs []string, 
 		// A rolled-back migration of the same id: the new one replaces it.
 		delete(a.sessions, old.sessionID)
 	}
-	inc.track = a.cfg.Metrics.TrackDest(inc.deviceCounters)
+	inc.track = a.cfg.Metrics.TrackDest(inc.deviceCounters, inc.liveState)
 	// The timer is set before the migration is visible, so Open and the
 	// migration's end see it (they read inc.expiry unlocked).
 	inc.expiry = time.AfterFunc(time.Until(inc.tokenTTL), func() { inc.expire(inc.tokenTTL.Sub(inc.createTime)) })

@@ -53,7 +53,7 @@ func serveAgent(t *testing.T, creds credentials.TransportCredentials, access []p
 	}
 	t.Cleanup(func() { reg.Close() })
 	srv := grpcserver.New(grpcserver.Config{Creds: creds, Pool: pool, Access: access})
-	agent.Register(srv.GRPC)
+	agent.Register(srv)
 	srv.Ready()
 	addr := wiretest.Serve(t, srv.GRPC)
 	t.Cleanup(agent.Close)
@@ -188,23 +188,19 @@ func TestHostileMessages(t *testing.T) {
 		t.Fatal(err)
 	}
 	send(t, st, dataChunk(0, big), big)
-	// gRPC refuses it itself, and writes the status before the handler
-	// sees the error: RESOURCE_EXHAUSTED without an ErrorInfo (gRPC has no
-	// hook to add one).
-	tooLarge := func(name string, err error) {
-		t.Helper()
-		if wire.Code(err) != codes.ResourceExhausted || !strings.Contains(wire.Message(err), "larger than max") {
-			t.Fatalf("%s: %v, want RESOURCE_EXHAUSTED (larger than max)", name, err)
-		}
-	}
-	tooLarge("a message of MaxRecvMsgSize+header", streamError(t, st))
+	// The server's codec refuses it, with a reason (grpcserver/recverr.go).
+	check("a message of MaxRecvMsgSize+header", streamError(t, st), codes.ResourceExhausted, wire.ReasonMessageTooLarge)
 
 	// A gRPC frame whose length prefix declares 4 GiB, sent on a raw
-	// HTTP/2 connection: refused from the 5-byte prefix alone.
+	// HTTP/2 connection: refused by gRPC from the 5-byte prefix alone,
+	// which writes its own status, without an ErrorInfo (a reason would
+	// need the message read).
 	runtime.ReadMemStats(&before)
 	err = rawFrameStatus(t, addr, session, index(), []byte{0, 0xff, 0xff, 0xff, 0xff})
 	runtime.ReadMemStats(&after)
-	tooLarge("a 4 GiB length prefix", err)
+	if wire.Code(err) != codes.ResourceExhausted || !strings.Contains(wire.Message(err), "larger than max") {
+		t.Fatalf("a 4 GiB length prefix: %v, want RESOURCE_EXHAUSTED (larger than max)", err)
+	}
 	if grew := after.TotalAlloc - before.TotalAlloc; grew > 64<<20 {
 		t.Errorf("a frame declaring 4 GiB cost %d bytes of allocation", grew)
 	}

@@ -49,7 +49,7 @@ func newHarness(t *testing.T) *harness {
 	}
 	t.Cleanup(func() { reg.Close() })
 	srv := grpcserver.New(grpcserver.Config{Creds: insecure.NewCredentials(), Pool: pool})
-	agent.Register(srv.GRPC)
+	agent.Register(srv)
 	srv.Ready()
 	addr := wiretest.Serve(t, srv.GRPC)
 	conn, err := grpc.NewClient(addr, grpcserver.DialOptions(insecure.NewCredentials(), chunkwire.NewPool())...)

@@ -18,6 +18,7 @@ import (
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/flow"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/pkg/vmm"
 	"github.com/vfio-ferry/ferry/services/chunkwire"
 	"github.com/vfio-ferry/ferry/services/deviceapi"
 	"github.com/vfio-ferry/ferry/services/telemetry"
@@ -28,14 +29,16 @@ import (
 // to gRPC's receive buffers, see chunkwire.InChunk) and the CRC32C already
 // checked on arrival (the digest needs it again).
 type payload struct {
-	data *chunkwire.Payload
-	crc  uint32
+	data   *chunkwire.Payload
+	crc    uint32
+	config bool // a CONFIG chunk: kept, not written into the device
 }
 
 // endInfo is what an END chunk declared.
 type endInfo struct {
 	totalBytes  uint64
 	totalChunks uint64
+	configBytes uint64
 	digest      []byte
 }
 
@@ -100,6 +103,10 @@ type devStream struct {
 	// device took to enter RESUMING, set before the session opens.
 	initial    initialData
 	resumeTook time.Duration
+
+	// config is the config state received in CONFIG chunks, in order;
+	// the turn holder's until the device verified, then read-only.
+	config []byte
 
 	written    atomic.Uint64
 	chunks     atomic.Uint64
@@ -618,8 +625,15 @@ func (inc *incoming) writeReadyLocked(d *devStream) (end flow.Chunk[payload], at
 			return c, true, nil
 		}
 		// The chunk goes into the device piece by piece, as it was
-		// received: no copy into one buffer first.
-		werr := writePayload(d.stream, c.Payload.data)
+		// received: no copy into one buffer first. Config state is kept.
+		var werr error
+		if c.Payload.config {
+			werr = d.keepConfig(c.Payload.data)
+		} else if d.config != nil {
+			werr = wire.Errorf(codes.InvalidArgument, wire.ReasonBadChunk, "device %d (%s) chunk %d: DATA after CONFIG", d.index, d.spec, c.Seq)
+		} else {
+			werr = writePayload(d.stream, c.Payload.data)
+		}
 		if werr == nil {
 			d.digest.AddPayload(c.Offset, c.Payload.data, c.Payload.crc)
 		}
@@ -640,16 +654,36 @@ func (inc *incoming) writeReadyLocked(d *devStream) (end flow.Chunk[payload], at
 		}
 		if werr != nil {
 			// The chunk stays held: the clean-up's Drain frees it.
+			if wire.Reason(werr) == wire.ReasonBadChunk {
+				return end, false, werr
+			}
 			return end, false, deviceapi.Error(d.spec, fmt.Sprintf("write chunk %d at byte %d", c.Seq, c.Offset), werr)
 		}
 		c.Payload.data.Free()
-		d.written.Add(uint64(c.Len))
+		if !c.Payload.config {
+			d.written.Add(uint64(c.Len))
+		}
 		d.chunks.Add(1)
 		if now := time.Now(); seq-d.advSeq >= d.fbChunks || off-d.advOff >= d.fbBytes || now.Sub(d.advTime) >= feedbackMaxDelay {
 			d.advSeq, d.advOff, d.advTime = seq, off, now
 			inc.wakeFeedback()
 		}
 	}
+}
+
+// keepConfig appends a CONFIG chunk's bytes to the device's config
+// state, which may hold at most vmm.MaxConfigState bytes.
+func (d *devStream) keepConfig(p *chunkwire.Payload) error {
+	if len(d.config)+p.Len() > vmm.MaxConfigState {
+		return wire.Errorf(codes.InvalidArgument, wire.ReasonBadChunk, "device %d (%s): config state beyond %d bytes", d.index, d.spec, vmm.MaxConfigState)
+	}
+	if d.config == nil {
+		d.config = make([]byte, 0, p.Len())
+	}
+	for _, b := range p.Buffers() {
+		d.config = append(d.config, b.ReadOnlyData()...)
+	}
+	return nil
 }
 
 // satAdd is a + b, or the largest uint64 when that overflows.
@@ -724,12 +758,14 @@ func (inc *incoming) verify(d *devStream, c flow.Chunk[payload], end *endInfo) {
 		inc.fail(err, ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED, failFound)
 	}
 	written := d.written.Load()
+	configBytes := uint64(len(d.config))
 	switch {
 	case end == nil:
 		fail(wire.Errorf(codes.Internal, wire.ReasonInternal, "device %d (%s): END without its totals", d.index, d.spec))
 		return
-	case end.totalBytes != written || end.totalChunks != c.Seq:
-		fail(wire.Errorf(codes.DataLoss, wire.ReasonStreamLength, "device %d (%s): the source declared %d bytes in %d chunks, %d bytes in %d chunks were written", d.index, d.spec, end.totalBytes, end.totalChunks, written, c.Seq))
+	case end.totalBytes != written+configBytes || end.totalChunks != c.Seq || end.configBytes != configBytes:
+		fail(wire.Errorf(codes.DataLoss, wire.ReasonStreamLength, "device %d (%s): the source declared %d bytes (%d of config state) in %d chunks, %d bytes and %d of config state in %d chunks were received",
+			d.index, d.spec, end.totalBytes, end.configBytes, end.totalChunks, written, configBytes, c.Seq))
 		return
 	case !bytes.Equal(end.digest, d.digest.Sum()):
 		fail(wire.Errorf(codes.DataLoss, wire.ReasonDigestMismatch, "device %d (%s): stream digest mismatch: the bytes written are not the bytes the source read", d.index, d.spec))
@@ -741,7 +777,12 @@ func (inc *incoming) verify(d *devStream, c flow.Chunk[payload], end *endInfo) {
 		return
 	}
 	d.verified.Store(true)
-	inc.log.Info("device verified", "device", d.spec, "bytes", written)
+	inc.log.Info("device verified", "device", d.spec, "bytes", written, "config_bytes", configBytes)
+	if d.config != nil {
+		// A lent device's VMM receives its config state now (a device
+		// the agent opened keeps it in the migration's result).
+		inc.a.cfg.Registry.SetReceivedConfig(d.spec, d.config)
+	}
 	inc.mu.Lock()
 	inc.pending--
 	last := inc.pending == 0
@@ -792,6 +833,9 @@ func (inc *incoming) snapshot() (*ferryv1.Migration, bool, uint64) {
 			Stuck:    d.stuck.Load() || isStuck(d.dev),
 		}
 		p.InitialDataLoaded = d.initialLoaded()
+		if p.Verified {
+			p.ConfigStateBytes = uint64(len(d.config)) // complete once verified
+		}
 		if i < len(srcDevs) {
 			p.PeerDevice = srcDevs[i]
 		}

@@ -31,6 +31,9 @@ func (inc *incoming) ended() telemetry.Ended {
 	inc.mu.Lock()
 	defer inc.mu.Unlock()
 	e := telemetry.Ended{Outcome: telemetry.Failed, Duration: inc.endTime.Sub(inc.createTime)}
+	if inc.err != nil {
+		e.Reason = inc.err.GetReason()
+	}
 	switch inc.phase {
 	case ferryv1.MigrationPhase_MIGRATION_PHASE_SUCCEEDED:
 		e.Outcome = telemetry.Succeeded
@@ -45,4 +48,13 @@ func (inc *incoming) ended() telemetry.Ended {
 		e.Downtime, e.SwitchedOver = verdict.Sub(inc.switchoverTime), true
 	}
 	return e
+}
+
+// liveState is the phase the metrics show while the migration runs: a
+// prepared migration counts as running only once its source opened the
+// session.
+func (inc *incoming) liveState() telemetry.Live {
+	inc.mu.Lock()
+	defer inc.mu.Unlock()
+	return telemetry.Live{Phase: inc.phase, Opened: inc.sessionID != ""}
 }

@@ -18,6 +18,7 @@ import (
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/flow"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/pkg/vmm"
 	"github.com/vfio-ferry/ferry/services/chunkwire"
 	"github.com/vfio-ferry/ferry/services/peerauth"
 	"github.com/vfio-ferry/ferry/services/wire"
@@ -270,19 +271,19 @@ func (inc *incoming) accept(in *chunkwire.InChunk) (err error) {
 	n := in.Data.Len()
 	c := flow.Chunk[payload]{Seq: m.GetSeq(), Offset: m.GetOffset(), Len: uint32(n)}
 	var end *endInfo
-	switch m.GetKind() {
-	case ferryv1.ChunkKind_CHUNK_KIND_DATA:
+	switch kind := m.GetKind(); kind {
+	case ferryv1.ChunkKind_CHUNK_KIND_DATA, ferryv1.ChunkKind_CHUNK_KIND_CONFIG:
 		if n == 0 || n > int(inc.chunkSize) {
-			return wire.Errorf(codes.InvalidArgument, wire.ReasonBadChunk, "device %d chunk %d: %d bytes, a DATA chunk has 1 to %d", m.GetDevice(), m.GetSeq(), n, inc.chunkSize)
+			return wire.Errorf(codes.InvalidArgument, wire.ReasonBadChunk, "device %d chunk %d: %d bytes, a %s chunk has 1 to %d", m.GetDevice(), m.GetSeq(), n, kindName(kind), inc.chunkSize)
 		}
-		if m.GetTotalBytes() != 0 || m.GetTotalChunks() != 0 || len(m.GetDigest()) != 0 {
-			return wire.Errorf(codes.InvalidArgument, wire.ReasonBadChunk, "device %d chunk %d: a DATA chunk carries no END fields", m.GetDevice(), m.GetSeq())
+		if m.GetTotalBytes() != 0 || m.GetTotalChunks() != 0 || len(m.GetDigest()) != 0 || m.GetConfigBytes() != 0 {
+			return wire.Errorf(codes.InvalidArgument, wire.ReasonBadChunk, "device %d chunk %d: a %s chunk carries no END fields", m.GetDevice(), m.GetSeq(), kindName(kind))
 		}
 		crc := in.Data.CRC32C()
 		if crc != m.GetCrc32C() {
 			return wire.Errorf(codes.DataLoss, wire.ReasonChunkCRC, "device %d chunk %d at byte %d: CRC32C %08x, the source sent %08x", m.GetDevice(), m.GetSeq(), m.GetOffset(), crc, m.GetCrc32C())
 		}
-		c.Payload = payload{data: in.Data, crc: crc}
+		c.Payload = payload{data: in.Data, crc: crc, config: kind == ferryv1.ChunkKind_CHUNK_KIND_CONFIG}
 	case ferryv1.ChunkKind_CHUNK_KIND_END:
 		if n != 0 || len(m.GetDigest()) == 0 || len(m.GetDigest()) > wire.MaxDigestLength {
 			return wire.Errorf(codes.InvalidArgument, wire.ReasonBadChunk, "device %d END: no data and a digest of 1 to %d bytes expected", m.GetDevice(), wire.MaxDigestLength)
@@ -290,8 +291,11 @@ func (inc *incoming) accept(in *chunkwire.InChunk) (err error) {
 		if m.GetSeq() != m.GetTotalChunks() || m.GetOffset() != m.GetTotalBytes() {
 			return wire.Errorf(codes.InvalidArgument, wire.ReasonBadChunk, "device %d END: seq %d and offset %d must equal total_chunks %d and total_bytes %d", m.GetDevice(), m.GetSeq(), m.GetOffset(), m.GetTotalChunks(), m.GetTotalBytes())
 		}
+		if m.GetConfigBytes() > vmm.MaxConfigState || m.GetConfigBytes() > m.GetTotalBytes() {
+			return wire.Errorf(codes.InvalidArgument, wire.ReasonBadChunk, "device %d END: %d bytes of config state (at most %d, and of %d in all)", m.GetDevice(), m.GetConfigBytes(), vmm.MaxConfigState, m.GetTotalBytes())
+		}
 		c.End = true
-		end = &endInfo{totalBytes: m.GetTotalBytes(), totalChunks: m.GetTotalChunks(), digest: slices.Clone(m.GetDigest())}
+		end = &endInfo{totalBytes: m.GetTotalBytes(), totalChunks: m.GetTotalChunks(), configBytes: m.GetConfigBytes(), digest: slices.Clone(m.GetDigest())}
 	default:
 		return wire.Errorf(codes.InvalidArgument, wire.ReasonBadChunk, "device %d chunk %d: kind %v", m.GetDevice(), m.GetSeq(), m.GetKind())
 	}
@@ -348,6 +352,11 @@ func (inc *incoming) accept(in *chunkwire.InChunk) (err error) {
 		}
 	}
 	return nil
+}
+
+// kindName names a chunk kind in errors: DATA, CONFIG, END.
+func kindName(k ferryv1.ChunkKind) string {
+	return strings.TrimPrefix(k.String(), "CHUNK_KIND_")
 }
 
 func (s *transferServer) SwitchoverStart(ctx context.Context, req *ferryv1.SwitchoverStartRequest) (*ferryv1.SwitchoverStartResponse, error) {

@@ -44,7 +44,8 @@ type Config struct {
 }
 
 // Server is a gRPC server with Ferry's codec, interceptors, health and
-// reflection. Register the agent's services on GRPC, then call Ready.
+// reflection. Register the agent's services on the Server itself (it is a
+// grpc.ServiceRegistrar, see RegisterService), then call Ready.
 type Server struct {
 	GRPC   *grpc.Server
 	Health *health.Server
@@ -89,24 +90,25 @@ func New(cfg Config) *Server {
 
 	s := grpc.NewServer(
 		grpc.Creds(peerauth.LogRefusedHandshakes(cfg.Creds, cfg.Logger)),
-		grpc.ForceServerCodecV2(chunkwire.ServerCodec{Codec: chunkwire.NewCodec(cfg.Pool)}),
+		grpc.ForceServerCodecV2(targetCodec{chunkwire.ServerCodec{Codec: chunkwire.NewCodec(cfg.Pool)}}),
 		// gRPC reads DATA frames into buffers from the Ferry pool, which
 		// does not zero them; the codec keeps them as the chunk (see chunkwire.Pool
 		// and InChunk).
 		experimental.BufferPool(cfg.Pool),
 		grpc.WriteBufferSize(writeBufferSize),
-		grpc.MaxRecvMsgSize(wire.MaxRecvMsgSize),
+		// Above Ferry's limit, which the codec enforces (recverr.go).
+		grpc.MaxRecvMsgSize(grpcRecvLimit),
 		grpc.ChainUnaryInterceptor(unary...),
 		grpc.ChainStreamInterceptor(stream...),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 5 * time.Second, PermitWithoutStream: true}),
 		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 15 * time.Second, Timeout: 10 * time.Second}),
 	)
-	hs := health.NewServer()
-	healthpb.RegisterHealthServer(s, hs)
+	srv := &Server{GRPC: s, Health: health.NewServer(), cfg: cfg}
+	healthpb.RegisterHealthServer(srv, srv.Health)
 	if !cfg.NoReflection {
 		reflection.Register(s)
 	}
-	return &Server{GRPC: s, Health: hs, cfg: cfg}
+	return srv
 }
 
 // Ready marks every registered service SERVING and initialises metrics.

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -97,7 +98,7 @@ func New(cfg Config) (*Agent, error) {
 }
 
 // Register registers the SourceAgent service.
-func (a *Agent) Register(s *grpc.Server) { ferryv1.RegisterSourceAgentServer(s, a) }
+func (a *Agent) Register(s grpc.ServiceRegistrar) { ferryv1.RegisterSourceAgentServer(s, a) }
 
 // Close cancels every running migration (rolling it back) and waits.
 //
@@ -150,7 +151,7 @@ func (a *Agent) StartMigration(ctx context.Context, req *ferryv1.StartMigrationR
 		close(m.done)
 		return nil, err
 	}
-	m.track = a.cfg.Metrics.TrackSource(m.deviceCounters)
+	m.track = a.cfg.Metrics.TrackSource(m.deviceCounters, m.liveState)
 	if m.precopy != nil {
 		m.track.Precopy(m.precopyReading)
 	}
@@ -397,7 +398,8 @@ func (a *Agent) forgetOldLocked() {
 }
 
 // ReleaseDevice implements SourceAgent: it gives an idle device back for
-// a new VM on this host (vfio.Registry.Recover).
+// a new VM on this host (vfio.Registry.Recover), and lets go of it
+// (vfio.Registry.LetGo) unless a VMM lent it.
 func (a *Agent) ReleaseDevice(ctx context.Context, req *ferryv1.ReleaseDeviceRequest) (*ferryv1.ReleaseDeviceResponse, error) {
 	spec, err := deviceapi.CanonicalSpec(req.GetDevice())
 	if err != nil {
@@ -407,6 +409,12 @@ func (a *Agent) ReleaseDevice(ctx context.Context, req *ferryv1.ReleaseDeviceReq
 	if err != nil {
 		return nil, deviceapi.Error(spec, "release", err)
 	}
-	a.cfg.Logger.Info("device released", "device", spec, "reset", req.GetReset_(), "state", info.State.String())
-	return &ferryv1.ReleaseDeviceResponse{Device: deviceapi.ToProto(info)}, nil
+	letGo := !strings.HasPrefix(spec, "vmm:")
+	if letGo {
+		if err := a.cfg.Registry.LetGo(spec); err != nil {
+			return nil, deviceapi.Error(spec, "let go of", err)
+		}
+	}
+	a.cfg.Logger.Info("device released", "device", spec, "reset", req.GetReset_(), "state", info.State.String(), "let_go", letGo)
+	return &ferryv1.ReleaseDeviceResponse{Device: deviceapi.ToProto(info), LetGo: letGo}, nil
 }

@@ -59,6 +59,11 @@ type srcDevice struct {
 	precopyDev      atomic.Bool
 	inPrecopy       atomic.Bool
 	atEnd, finished bool
+	// config is the VMM's config state of the device (vmm: devices),
+	// taken at the switchover (stopDevices); configSent is how much of
+	// it the reader has sent, in CONFIG chunks after the data.
+	config     atomic.Pointer[[]byte]
+	configSent int
 	// pc is the device's pre-copy bookkeeping (precopy.go).
 	pc devPrecopy
 }

@@ -36,6 +36,8 @@ func (m *migration) run() {
 		if errors.Is(context.Cause(m.ctx), errCancelled) {
 			phase = ferryv1.MigrationPhase_MIGRATION_PHASE_CANCELLED
 			err = wire.Errorf(codes.Canceled, wire.ReasonCancelled, "migration %s cancelled by the control plane", m.id)
+		} else if cause := context.Cause(m.ctx); errors.Is(cause, errWithdrawn) {
+			err = wire.Errorf(codes.Aborted, wire.ReasonWithdrawn, "migration %s: %v; rolled back", m.id, cause)
 		} else if errors.Is(err, errSwitchoverDeadline) || errors.Is(context.Cause(m.ctx), errSwitchoverDeadline) {
 			err = wire.Errorf(codes.DeadlineExceeded, wire.ReasonSwitchoverDeadline,
 				"no verdict within the switchover deadline (%s) after the devices stopped; rolled back", m.switchoverDeadline)
@@ -483,6 +485,13 @@ func (m *migration) allP2P() bool {
 // A device in PRE_COPY goes through PRE_COPY_P2P and keeps its data
 // stream: STOP_COPY continues it.
 func (m *migration) stopDevices() error {
+	// The config state current now is the one that travels: the
+	// registry refuses updates from here until the migration ends.
+	for _, d := range m.devs {
+		if cfg := m.a.cfg.Registry.TakeConfig(d.spec); len(cfg) > 0 {
+			d.config.Store(&cfg)
+		}
+	}
 	if m.allP2P() {
 		for _, d := range m.devs {
 			target := vfio.StateRunningP2P

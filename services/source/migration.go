@@ -276,6 +276,9 @@ func (m *migration) snapshot() (*ferryv1.Migration, bool, uint64) {
 			p.Error = *e
 		}
 		p.Stuck = d.isStuck()
+		if c := d.config.Load(); c != nil {
+			p.ConfigStateBytes = uint64(len(*c))
+		}
 		total += p.Bytes
 		s.RetransmittedChunks += p.RetransmittedChunks
 		s.Devices = append(s.Devices, p)

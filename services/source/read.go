@@ -60,12 +60,20 @@ func (m *migration) readDevice(ctx context.Context, d *srcDevice, queue chan<- *
 }
 
 // want is how many bytes the device's next chunk may hold: the chunk
-// size, or 0 for END.
+// size, what is left of the config state after the data, or 0 for END.
 func (d *srcDevice) want(chunkSize uint32) uint64 {
-	if d.atEnd {
-		return 0
+	if !d.atEnd {
+		return uint64(chunkSize)
 	}
-	return uint64(chunkSize)
+	return uint64(min(d.configLeft(), int(chunkSize)))
+}
+
+// configLeft is how many bytes of the config state are still to send.
+func (d *srcDevice) configLeft() int {
+	if p := d.config.Load(); p != nil {
+		return len(*p) - d.configSent
+	}
+	return 0
 }
 
 // readNext reads what comes next in the device's state, which the gate
@@ -110,18 +118,47 @@ func (m *migration) readNext(d *srcDevice, seq, off uint64) (*outChunk, error) {
 			d.atEnd = eof
 			return c, nil
 		}
-		// The state ended exactly at a chunk boundary: END takes this
-		// chunk's place.
+		// The state ended exactly at a chunk boundary: the config state
+		// or END takes this chunk's place.
 		pool.Put(bp)
+		d.atEnd = true
+	}
+	if left := d.configLeft(); left > 0 {
+		return m.configChunk(d, seq, off, min(left, int(m.chunkSize))), nil
+	}
+	var configBytes uint64
+	if p := d.config.Load(); p != nil {
+		configBytes = uint64(len(*p))
 	}
 	end := d.chunk()
 	end.hdr = ferryv1.ChannelRequest{Device: uint32(d.index), Seq: seq, Offset: off, Kind: ferryv1.ChunkKind_CHUNK_KIND_END,
-		TotalBytes: off, TotalChunks: seq, Digest: d.digest.Sum()}
+		TotalBytes: off, TotalChunks: seq, Digest: d.digest.Sum(), ConfigBytes: configBytes}
 	d.keep(end)
 	d.gate.Sent(0)
-	d.total.Store(off)
+	d.total.Store(off - configBytes) // the device's state alone, as Bytes counts it
 	d.finished = true
 	return end, nil
+}
+
+// configChunk makes the next CONFIG chunk, of n bytes of the device's
+// config state, at seq and offset: after the data, in the same stream,
+// under the digest like data. The data stream has ended, so STOP_COPY
+// is left only once END is on its way, as without config state.
+func (m *migration) configChunk(d *srcDevice, seq, off uint64, n int) *outChunk {
+	pool := m.a.cfg.Pool
+	bp := pool.Get(n)
+	*bp = (*bp)[:n]
+	copy(*bp, (*d.config.Load())[d.configSent:])
+	crc := chunkwire.CRC32C(*bp)
+	d.digest.Add(off, *bp, crc)
+	c := d.chunk()
+	c.payload = mem.NewBuffer(bp, pool)
+	c.hdr = ferryv1.ChannelRequest{Device: uint32(d.index), Seq: seq, Offset: off, Kind: ferryv1.ChunkKind_CHUNK_KIND_CONFIG, Crc32C: crc}
+	d.keep(c)
+	d.gate.Sent(uint64(n))
+	d.configSent += n
+	d.chunks.Add(1)
+	return c
 }
 
 // leaveStopCopy ends a device's STOP_COPY once its whole state is read:

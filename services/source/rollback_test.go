@@ -41,7 +41,7 @@ func stoppedMigration(t *testing.T, specs ...string) (*migration, *recorder) {
 	t.Helper()
 	r := &recorder{}
 	m := &migration{
-		a:   &Agent{cfg: Config{Pool: chunkwire.NewPool(), Logger: slog.New(slog.DiscardHandler)}},
+		a:   &Agent{cfg: Config{Pool: chunkwire.NewPool(), Logger: slog.New(slog.DiscardHandler), Registry: vfio.NewRegistry(vfio.RegistryOptions{})}},
 		req: &ferryv1.StartMigrationRequest{},
 		log: slog.New(slog.DiscardHandler),
 	}

@@ -27,6 +27,7 @@ func (m *migration) deviceCounters() []telemetry.SourceDevice {
 			Chunks:        d.chunks.Load(),
 			Retransmitted: d.retrans.Load(),
 			PrecopyBytes:  d.precopyRead(),
+			TotalBytes:    d.total.Load(),
 		}
 		if gates[i] != nil {
 			out[i].Stalls, out[i].StallTime = gates[i]()
@@ -40,6 +41,9 @@ func (m *migration) ended(phase ferryv1.MigrationPhase) telemetry.Ended {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	e := telemetry.Ended{Outcome: outcome(phase), Duration: m.endTime.Sub(m.createTime)}
+	if m.err != nil {
+		e.Reason = m.err.GetReason()
+	}
 	if !m.switchoverTime.IsZero() {
 		e.Downtime, e.SwitchedOver = m.downtimeEnd().Sub(m.switchoverTime), true
 	}
@@ -49,6 +53,13 @@ func (m *migration) ended(phase ferryv1.MigrationPhase) telemetry.Ended {
 		p.mu.Unlock()
 	}
 	return e
+}
+
+// liveState is the phase the metrics show while the migration runs.
+func (m *migration) liveState() telemetry.Live {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return telemetry.Live{Phase: m.phase, Opened: true}
 }
 
 // precopyReading is the prediction the metrics show while pre-copy runs.

@@ -10,11 +10,19 @@
 // the sum over every migration of that device on this agent, exact at any
 // scrape, and it never goes down.
 //
+// An agent exports the series of the roles it plays only: a destination
+// agent has no ferry_source_* series and no role="source" label values,
+// not even at zero. A device is labelled by what it is, not by how it is
+// tuned: a simulated device's label is its size and seed alone (see
+// DeviceLabel), so a rate= or wrate= variant adds no series.
+//
 // A nil *Metrics is valid and records nothing: agents take one in their
 // Config and call it unconditionally.
 package telemetry
 
 import (
+	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -22,6 +30,10 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"google.golang.org/grpc"
+
+	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/internal/buildinfo"
+	"github.com/vfio-ferry/ferry/pkg/vfio"
 )
 
 // Role labels.
@@ -57,6 +69,21 @@ type SourceDevice struct {
 	// PrecopyBytes is the part of Bytes read before the switchover, while
 	// the VM ran (pre-copy).
 	PrecopyBytes uint64
+	// TotalBytes is the state the device is expected to have in all, 0
+	// when unknown: its estimate while it streams, its final size once its
+	// stream ended.
+	TotalBytes uint64
+}
+
+// Live is a running migration's phase, as a scrape reads it.
+type Live struct {
+	Phase ferryv1.MigrationPhase
+	// Opened is false for a destination migration that was prepared and
+	// whose source has not opened the session: it shows as phase
+	// "prepared" and is not active (ferry_migrations_active), since a
+	// control plane may prepare a destination and never start the source.
+	// A source migration is opened from its StartMigration.
+	Opened bool
 }
 
 // Precopy is a running pre-copy migration's prediction, as the source
@@ -91,6 +118,10 @@ type DestDevice struct {
 // Ended is what a migration's end records.
 type Ended struct {
 	Outcome Outcome
+	// Reason is the ErrorInfo reason of a failed or cancelled migration
+	// (DEVICE_VERIFY_FAILED, PEER_UNAVAILABLE, ...): the reason label of
+	// ferry_migrations_total; "" for a success.
+	Reason string
 	// Duration runs from the agent's acceptance of the migration
 	// (StartMigration on the source, PrepareIncoming on the destination)
 	// to its final phase.
@@ -114,6 +145,7 @@ type Metrics struct {
 	// Client counts the calls on the connections the source agent dials.
 	Client *grpcprom.ClientMetrics
 
+	roles      []string
 	migrations *prometheus.CounterVec
 	dataConns  *prometheus.CounterVec
 	duration   *prometheus.HistogramVec
@@ -131,45 +163,65 @@ type Metrics struct {
 	sources map[uint64]func() []SourceDevice
 	precopy map[uint64]func() Precopy
 	dests   map[uint64]func() []DestDevice
+	live    map[uint64]liveReader
 	srcDone map[string]SourceDevice
 	dstDone map[string]DestDevice
+}
+
+// liveReader reads one tracked migration's phase.
+type liveReader struct {
+	role string
+	read func() Live
 }
 
 // descs describes the metrics the collector builds at scrape time.
 type descs struct {
 	sentBytes, sentChunks, stalls, stallSeconds, retrans, loadedBytes, loadedChunks, duplicates, buffered, window, active *prometheus.Desc
-	precopyBytes, predicted, dirtyRate                                                                                    *prometheus.Desc
+	precopyBytes, predicted, dirtyRate, byPhase, totalBytes, remainingBytes                                               *prometheus.Desc
 }
 
 func newDescs() descs {
 	return descs{
-		sentBytes:    prometheus.NewDesc("ferry_source_sent_bytes_total", "Bytes of device state read from the device and sent, per source device.", []string{"device"}, nil),
-		sentChunks:   prometheus.NewDesc("ferry_source_sent_chunks_total", "Chunks of device state sent, per source device.", []string{"device"}, nil),
-		stalls:       prometheus.NewDesc("ferry_source_window_stalls_total", "Times a source device's reader waited for the destination's window.", []string{"device"}, nil),
-		stallSeconds: prometheus.NewDesc("ferry_source_window_stall_seconds_total", "Seconds a source device's reader spent waiting for the destination's window.", []string{"device"}, nil),
-		retrans:      prometheus.NewDesc("ferry_source_retransmitted_chunks_total", "Chunks sent again after a channel broke, per source device.", []string{"device"}, nil),
-		loadedBytes:  prometheus.NewDesc("ferry_dest_loaded_bytes_total", "Bytes of device state written into the device, per destination device.", []string{"device"}, nil),
-		loadedChunks: prometheus.NewDesc("ferry_dest_loaded_chunks_total", "Chunks of device state written into the device, per destination device.", []string{"device"}, nil),
-		duplicates:   prometheus.NewDesc("ferry_dest_duplicate_chunks_total", "Chunks received again (retransmitted) and dropped, per destination device.", []string{"device"}, nil),
-		buffered:     prometheus.NewDesc("ferry_dest_buffered_bytes", "Bytes received and waiting to be written, per destination device of a running migration.", []string{"device"}, nil),
-		window:       prometheus.NewDesc("ferry_dest_window_bytes", "The window in bytes that bounds ferry_dest_buffered_bytes, per destination device of a running migration.", []string{"device"}, nil),
-		active:       prometheus.NewDesc("ferry_migrations_active", "Migrations accepted and not yet ended.", []string{"role"}, nil),
-		precopyBytes: prometheus.NewDesc("ferry_source_precopy_bytes_total", "Bytes of device state read and sent while the VM ran (pre-copy), per source device.", []string{"device"}, nil),
-		predicted:    prometheus.NewDesc("ferry_source_predicted_downtime_seconds", "The downtime a running pre-copy migration predicts if it switched over now.", []string{"migration"}, nil),
-		dirtyRate:    prometheus.NewDesc("ferry_source_dirty_bytes_per_second", "The rate at which a running pre-copy migration's devices dirty their state.", []string{"migration"}, nil),
+		sentBytes:      prometheus.NewDesc("ferry_source_sent_bytes_total", "Bytes of device state read from the device and sent, per source device.", []string{"device"}, nil),
+		sentChunks:     prometheus.NewDesc("ferry_source_sent_chunks_total", "Chunks of device state sent, per source device.", []string{"device"}, nil),
+		stalls:         prometheus.NewDesc("ferry_source_window_stalls_total", "Times a source device's reader waited for the destination's window.", []string{"device"}, nil),
+		stallSeconds:   prometheus.NewDesc("ferry_source_window_stall_seconds_total", "Seconds a source device's reader spent waiting for the destination's window.", []string{"device"}, nil),
+		retrans:        prometheus.NewDesc("ferry_source_retransmitted_chunks_total", "Chunks sent again after a channel broke, per source device.", []string{"device"}, nil),
+		loadedBytes:    prometheus.NewDesc("ferry_dest_loaded_bytes_total", "Bytes of device state written into the device, per destination device.", []string{"device"}, nil),
+		loadedChunks:   prometheus.NewDesc("ferry_dest_loaded_chunks_total", "Chunks of device state written into the device, per destination device.", []string{"device"}, nil),
+		duplicates:     prometheus.NewDesc("ferry_dest_duplicate_chunks_total", "Chunks received again (retransmitted) and dropped, per destination device.", []string{"device"}, nil),
+		buffered:       prometheus.NewDesc("ferry_dest_buffered_bytes", "Bytes received and waiting to be written, per destination device of a running migration.", []string{"device"}, nil),
+		window:         prometheus.NewDesc("ferry_dest_window_bytes", "The window in bytes that bounds ferry_dest_buffered_bytes, per destination device of a running migration.", []string{"device"}, nil),
+		active:         prometheus.NewDesc("ferry_migrations_active", "Migrations running: accepted (source) or opened by their source (destination), and not yet ended.", []string{"role"}, nil),
+		byPhase:        prometheus.NewDesc("ferry_migrations_by_phase", "Migrations not yet ended, by role and phase; phase \"stopcopy\" at the source is VMs paused right now, \"prepared\" at the destination a prepare its source has not opened.", []string{"role", "phase"}, nil),
+		totalBytes:     prometheus.NewDesc("ferry_source_device_total_bytes", "The state a source device of a running migration is expected to send in all (its estimate, then its final size), when known.", []string{"device"}, nil),
+		remainingBytes: prometheus.NewDesc("ferry_source_device_remaining_bytes", "ferry_source_device_total_bytes less the bytes read so far, per source device of a running migration: with rate(ferry_source_sent_bytes_total) an ETA.", []string{"device"}, nil),
+		precopyBytes:   prometheus.NewDesc("ferry_source_precopy_bytes_total", "Bytes of device state read and sent while the VM ran (pre-copy), per source device.", []string{"device"}, nil),
+		predicted:      prometheus.NewDesc("ferry_source_predicted_downtime_seconds", "The downtime a running pre-copy migration predicts if it switched over now.", []string{"migration"}, nil),
+		dirtyRate:      prometheus.NewDesc("ferry_source_dirty_bytes_per_second", "The rate at which a running pre-copy migration's devices dirty their state.", []string{"migration"}, nil),
 	}
+}
+
+// Options say what an agent's metrics cover.
+type Options struct {
+	// Roles are the roles the agent plays, RoleSource and/or RoleDest:
+	// only their series are exported.
+	Roles []string
+	// Build is the running build, exported as ferry_build_info.
+	Build buildinfo.Info
 }
 
 // New returns the metrics, registered on reg together with the Go runtime
 // and process collectors.
-func New(reg prometheus.Registerer) *Metrics {
+func New(reg prometheus.Registerer, o Options) *Metrics {
 	m := &Metrics{
+		roles:  slices.Clone(o.Roles),
 		Server: grpcprom.NewServerMetrics(),
 		Client: grpcprom.NewClientMetrics(),
 		migrations: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "ferry_migrations_total",
-			Help: "Migrations ended, by role and outcome (succeeded, failed, cancelled).",
-		}, []string{"role", "outcome"}),
+			Help: "Migrations ended, by role, outcome (succeeded, failed, cancelled) and reason (the ErrorInfo reason of a failure or cancel, empty for a success).",
+		}, []string{"role", "outcome", "reason"}),
 		dataConns: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "ferry_data_connections_total",
 			Help: "Direct data connections, by role and result: at the source opened or failed (the channel then sent in gRPC messages); at the destination attached, or refused for busy (too many in their handshake), handshake, preamble, key (unknown or spent) or identity (not the session's source).",
@@ -197,23 +249,96 @@ func New(reg prometheus.Registerer) *Metrics {
 		sources: make(map[uint64]func() []SourceDevice),
 		precopy: make(map[uint64]func() Precopy),
 		dests:   make(map[uint64]func() []DestDevice),
+		live:    make(map[uint64]liveReader),
 		srcDone: make(map[string]SourceDevice),
 		dstDone: make(map[string]DestDevice),
 	}
-	for _, role := range []string{RoleSource, RoleDest} {
-		for _, o := range []Outcome{Succeeded, Failed, Cancelled} {
-			m.migrations.WithLabelValues(role, string(o))
+	// The series a dashboard's queries need exist from the start, at
+	// zero, for the roles the agent plays and no other.
+	for _, role := range m.roles {
+		m.migrations.WithLabelValues(role, string(Succeeded), "")
+		m.duration.WithLabelValues(role)
+		m.downtime.WithLabelValues(role)
+	}
+	if m.plays(RoleSource) {
+		for _, r := range []string{DataOpened, DataFailed} {
+			m.dataConns.WithLabelValues(RoleSource, r)
 		}
 	}
-	for _, r := range []string{DataOpened, DataFailed} {
-		m.dataConns.WithLabelValues(RoleSource, r)
+	if m.plays(RoleDest) {
+		for _, r := range []string{DataAttached, DataRefusedBusy, DataRefusedHandshake, DataRefusedPreamble, DataRefusedKey, DataRefusedIdentity} {
+			m.dataConns.WithLabelValues(RoleDest, r)
+		}
 	}
-	for _, r := range []string{DataAttached, DataRefusedBusy, DataRefusedHandshake, DataRefusedPreamble, DataRefusedKey, DataRefusedIdentity} {
-		m.dataConns.WithLabelValues(RoleDest, r)
+	cs := []prometheus.Collector{m.Server, m.migrations, m.dataConns, m.duration, m.downtime, (*collector)(m), buildInfo(o.Build),
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{})}
+	if m.plays(RoleSource) {
+		// Only the source agent dials (Transfer) and predicts downtimes.
+		cs = append(cs, m.Client, m.predRatio, m.notConv)
 	}
-	reg.MustRegister(m.Server, m.Client, m.migrations, m.dataConns, m.duration, m.downtime, m.predRatio, m.notConv, (*collector)(m),
-		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	reg.MustRegister(cs...)
 	return m
+}
+
+// plays reports whether the agent plays role.
+func (m *Metrics) plays(role string) bool { return slices.Contains(m.roles, role) }
+
+// buildInfo is ferry_build_info: 1, with the build in its labels.
+func buildInfo(b buildinfo.Info) prometheus.Collector {
+	g := prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "ferry_build_info",
+		Help: "The running build of Ferry: always 1, the build in its labels (version, revision, goversion).",
+		ConstLabels: prometheus.Labels{
+			"version":   b.Version,
+			"revision":  b.ShortRevision(),
+			"goversion": b.GoVersion,
+		},
+	})
+	g.Set(1)
+	return g
+}
+
+// DeviceLabel is the device label of a device spec: the canonical spec,
+// except that a simulated device is named by its size and seed alone.
+// Its other options (rate=, wrate=, precopy=, ...) tune how it behaves, not
+// which state it holds, and would make a new series per variant.
+func DeviceLabel(spec string) string {
+	s, err := vfio.ParseSpec(spec)
+	if err != nil {
+		return spec
+	}
+	canon := s.String()
+	if s.Kind != vfio.SpecSim {
+		return canon
+	}
+	rest, ok := strings.CutPrefix(canon, "sim:")
+	if !ok {
+		return canon
+	}
+	var keep []string
+	for item := range strings.SplitSeq(rest, ",") {
+		if strings.HasPrefix(item, "size=") || strings.HasPrefix(item, "seed=") {
+			keep = append(keep, item)
+		}
+	}
+	return "sim:" + strings.Join(keep, ",")
+}
+
+// PhaseLabel is the phase label of a migration phase: its name in lower
+// case without the MIGRATION_PHASE_ prefix ("stopcopy").
+func PhaseLabel(p ferryv1.MigrationPhase) string {
+	return strings.ToLower(strings.TrimPrefix(p.String(), "MIGRATION_PHASE_"))
+}
+
+// phasePrepared is the phase label of a destination migration its
+// source has not opened.
+const phasePrepared = "prepared"
+
+// runningPhases are the phase labels exported for every role the agent
+// plays, at zero when no migration is in them.
+var runningPhases = map[string][]string{
+	RoleSource: {"preparing", "waiting", "precopy", "ready", "stopcopy", "finishing"},
+	RoleDest:   {phasePrepared, "waiting", "precopy", "ready", "stopcopy", "finishing", "verified"},
 }
 
 // Results of direct data connections (ferry_data_connections_total).
@@ -287,7 +412,9 @@ type Tracker struct {
 // TrackSource starts tracking a source migration whose devices' counters
 // read returns. read is called at every scrape and once more by End; it
 // may take the migration's own locks, and must not call into the metrics.
-func (m *Metrics) TrackSource(read func() []SourceDevice) *Tracker {
+// live, when not nil, reads its phase at every scrape (nil: an opened
+// migration of no particular phase).
+func (m *Metrics) TrackSource(read func() []SourceDevice, live func() Live) *Tracker {
 	if m == nil {
 		return nil
 	}
@@ -295,6 +422,7 @@ func (m *Metrics) TrackSource(read func() []SourceDevice) *Tracker {
 	defer m.mu.Unlock()
 	m.nextID++
 	m.sources[m.nextID] = read
+	m.live[m.nextID] = liveReader{RoleSource, live}
 	return &Tracker{m: m, id: m.nextID, role: RoleSource}
 }
 
@@ -312,7 +440,7 @@ func (t *Tracker) Precopy(read func() Precopy) {
 }
 
 // TrackDest starts tracking a destination migration, as TrackSource.
-func (m *Metrics) TrackDest(read func() []DestDevice) *Tracker {
+func (m *Metrics) TrackDest(read func() []DestDevice, live func() Live) *Tracker {
 	if m == nil {
 		return nil
 	}
@@ -320,6 +448,7 @@ func (m *Metrics) TrackDest(read func() []DestDevice) *Tracker {
 	defer m.mu.Unlock()
 	m.nextID++
 	m.dests[m.nextID] = read
+	m.live[m.nextID] = liveReader{RoleDest, live}
 	return &Tracker{m: m, id: m.nextID, role: RoleDest}
 }
 
@@ -333,9 +462,11 @@ func (t *Tracker) End(e Ended) {
 	t.once.Do(func() {
 		m := t.m
 		m.mu.Lock()
+		delete(m.live, t.id)
 		switch t.role {
 		case RoleSource:
 			for _, d := range m.sources[t.id]() {
+				d.Device = DeviceLabel(d.Device)
 				sum := m.srcDone[d.Device]
 				addSource(&sum, d)
 				m.srcDone[d.Device] = sum
@@ -344,6 +475,7 @@ func (t *Tracker) End(e Ended) {
 			delete(m.precopy, t.id)
 		case RoleDest:
 			for _, d := range m.dests[t.id]() {
+				d.Device = DeviceLabel(d.Device)
 				sum := m.dstDone[d.Device]
 				addDest(&sum, d)
 				m.dstDone[d.Device] = sum
@@ -351,7 +483,11 @@ func (t *Tracker) End(e Ended) {
 			delete(m.dests, t.id)
 		}
 		m.mu.Unlock()
-		m.migrations.WithLabelValues(t.role, string(e.Outcome)).Inc()
+		reason := e.Reason
+		if e.Outcome == Succeeded {
+			reason = ""
+		}
+		m.migrations.WithLabelValues(t.role, string(e.Outcome), reason).Inc()
 		m.duration.WithLabelValues(t.role).Observe(e.Duration.Seconds())
 		if e.SwitchedOver {
 			m.downtime.WithLabelValues(t.role).Observe(e.Downtime.Seconds())
@@ -385,7 +521,7 @@ type collector Metrics
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{c.d.sentBytes, c.d.sentChunks, c.d.stalls, c.d.stallSeconds, c.d.retrans,
 		c.d.loadedBytes, c.d.loadedChunks, c.d.duplicates, c.d.buffered, c.d.window, c.d.active,
-		c.d.precopyBytes, c.d.predicted, c.d.dirtyRate} {
+		c.d.precopyBytes, c.d.predicted, c.d.dirtyRate, c.d.byPhase, c.d.totalBytes, c.d.remainingBytes} {
 		ch <- d
 	}
 }
@@ -397,31 +533,58 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	for k, v := range m.srcDone {
 		src[k] = v
 	}
+	var liveSrc []SourceDevice
 	for _, read := range m.sources {
 		for _, d := range read() {
+			d.Device = DeviceLabel(d.Device)
 			sum := src[d.Device]
 			addSource(&sum, d)
 			src[d.Device] = sum
+			liveSrc = append(liveSrc, d)
 		}
 	}
 	dst := make(map[string]DestDevice, len(m.dstDone))
 	for k, v := range m.dstDone {
 		dst[k] = v
 	}
-	var live []DestDevice
+	var liveDst []DestDevice
 	for _, read := range m.dests {
 		for _, d := range read() {
+			d.Device = DeviceLabel(d.Device)
 			sum := dst[d.Device]
 			addDest(&sum, d)
 			dst[d.Device] = sum
-			live = append(live, d)
+			liveDst = append(liveDst, d)
 		}
 	}
 	var pre []Precopy
 	for _, read := range m.precopy {
 		pre = append(pre, read())
 	}
-	activeSrc, activeDst := len(m.sources), len(m.dests)
+	active := map[string]int{}
+	phases := map[string]map[string]int{}
+	for _, role := range m.roles {
+		phases[role] = map[string]int{}
+		for _, p := range runningPhases[role] {
+			phases[role][p] = 0
+		}
+	}
+	for _, l := range m.live {
+		st := Live{Opened: true}
+		if l.read != nil {
+			st = l.read()
+		}
+		if st.Opened {
+			active[l.role]++
+		}
+		label := PhaseLabel(st.Phase)
+		if !st.Opened {
+			label = phasePrepared
+		}
+		if _, known := phases[l.role][label]; known {
+			phases[l.role][label]++
+		}
+	}
 	m.mu.Unlock()
 
 	counter := func(d *prometheus.Desc, v float64, device string) {
@@ -450,8 +613,21 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	}
 	// One device is in at most one running migration (the registry lends
 	// it to one owner), so the live gauges have one value per device.
-	seen := make(map[string]bool, len(live))
-	for _, d := range live {
+	seen := make(map[string]bool, len(liveSrc))
+	for _, d := range liveSrc {
+		if seen[d.Device] || d.TotalBytes == 0 {
+			continue
+		}
+		seen[d.Device] = true
+		remaining := uint64(0)
+		if d.TotalBytes > d.Bytes {
+			remaining = d.TotalBytes - d.Bytes
+		}
+		ch <- prometheus.MustNewConstMetric(c.d.totalBytes, prometheus.GaugeValue, float64(d.TotalBytes), d.Device)
+		ch <- prometheus.MustNewConstMetric(c.d.remainingBytes, prometheus.GaugeValue, float64(remaining), d.Device)
+	}
+	clear(seen)
+	for _, d := range liveDst {
 		if seen[d.Device] {
 			continue
 		}
@@ -459,6 +635,10 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(c.d.buffered, prometheus.GaugeValue, float64(d.Buffered), d.Device)
 		ch <- prometheus.MustNewConstMetric(c.d.window, prometheus.GaugeValue, float64(d.Window), d.Device)
 	}
-	ch <- prometheus.MustNewConstMetric(c.d.active, prometheus.GaugeValue, float64(activeSrc), RoleSource)
-	ch <- prometheus.MustNewConstMetric(c.d.active, prometheus.GaugeValue, float64(activeDst), RoleDest)
+	for _, role := range m.roles {
+		ch <- prometheus.MustNewConstMetric(c.d.active, prometheus.GaugeValue, float64(active[role]), role)
+		for p, n := range phases[role] {
+			ch <- prometheus.MustNewConstMetric(c.d.byPhase, prometheus.GaugeValue, float64(n), role, p)
+		}
+	}
 }

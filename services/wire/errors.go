@@ -57,11 +57,21 @@ const (
 	// The migration committed (the source has the verified verdict): it
 	// can no longer be cancelled or aborted.
 	ReasonCommitted = "MIGRATION_COMMITTED"
+	// The VMM that lent a device (vmm: specs) took it back, or its VMM
+	// socket connection closed, while a migration held it.
+	ReasonWithdrawn = "DEVICE_WITHDRAWN"
 	// Security: who may call (see authz.go) and who may use a session.
 	ReasonUnauthenticated  = "UNAUTHENTICATED"
 	ReasonClientNotAllowed = "CLIENT_NOT_ALLOWED"
 	ReasonPeerMismatch     = "SESSION_PEER_MISMATCH"
 	ReasonBadWindow        = "BAD_WINDOW_UPDATE"
+
+	// Messages gRPC refused before Ferry read them (services/grpcserver):
+	// one larger than the agent's limit (RESOURCE_EXHAUSTED), and one
+	// that is not a valid message of the method's type or not validly
+	// framed or compressed (INVALID_ARGUMENT).
+	ReasonMessageTooLarge  = "MESSAGE_TOO_LARGE"
+	ReasonMalformedMessage = "MALFORMED_MESSAGE"
 )
 
 // Errorf returns a gRPC status error with code and one ErrorInfo carrying

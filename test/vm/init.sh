@@ -21,7 +21,7 @@
 export PATH=/bin:/sbin
 export HOME=/root
 
-ALL_CASES=migrate,precopy,corrupt,walk,sizes,close
+ALL_CASES=migrate,precopy,corrupt,walk,sizes,vmm,close
 
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -95,6 +95,13 @@ SRC2=f3a1c0de-0002-4000-8000-000000000001
 DST2=f3a1c0de-0002-4000-8000-000000000002
 SRC3=f3a1c0de-0004-4000-8000-000000000001
 DST3=f3a1c0de-0004-4000-8000-000000000002
+# The VMM case's pairs: verified, corrupted, source agent killed.
+VMM_SRC=f3a1c0de-0005-4000-8000-000000000001
+VMM_DST=f3a1c0de-0005-4000-8000-000000000002
+VMM_SRC2=f3a1c0de-0006-4000-8000-000000000001
+VMM_DST2=f3a1c0de-0006-4000-8000-000000000002
+VMM_SRC3=f3a1c0de-0007-4000-8000-000000000001
+VMM_DST3=f3a1c0de-0007-4000-8000-000000000002
 WALK_P2P=f3a1c0de-0003-4000-8000-000000000001
 WALK_SC=f3a1c0de-0003-4000-8000-000000000002
 WALK_PC=f3a1c0de-0003-4000-8000-000000000003
@@ -104,6 +111,9 @@ log "state_size $(cat $PARAM) bytes"
 INSTANCES=""
 new() { create "$1" "$2" && INSTANCES="$INSTANCES $2"; }
 new p2p $SRC && new p2p $DST && new p2p $SRC2 && new p2p $DST2 || { add "instances=fail"; finish; }
+for u in $VMM_SRC $VMM_DST $VMM_SRC2 $VMM_DST2 $VMM_SRC3 $VMM_DST3; do
+	new p2p $u || { add "instances=fail"; finish; }
+done
 if [ -n "$PRECOPY" ]; then
 	new precopy $SRC3 && new precopy $DST3 || { add "instances=fail"; finish; }
 fi
@@ -118,7 +128,7 @@ if [ -n "$PRECOPY" ]; then
 	WALK_DEVS="$WALK_DEVS,$PRECOPY_DEVS"
 fi
 # The power-on images of the destinations, for the close case.
-for u in $DST $DST2 $DST3; do
+for u in $DST $DST2 $DST3 $VMM_DST; do
 	[ -d "$MDEV/$u" ] && attr $u digest >"/tmp/power.$u"
 done
 log "instances ready at uptime $(uptime_s)s:$INSTANCES"
@@ -137,9 +147,12 @@ start_agents() {
 		return 1
 	fi
 	# --devices: agents serve only the host devices their allowlist names.
-	ferry dest --listen 127.0.0.1:7001 --data-listen 127.0.0.1:7003 --insecure --devices 'mdev:*' >/tmp/dest.log 2>&1 &
+	# --vmm-socket: VMMs lend their devices there (the vmm case).
+	ferry dest --listen 127.0.0.1:7001 --data-listen 127.0.0.1:7003 --insecure --devices 'mdev:*' \
+		--vmm-socket /tmp/dest-vmm.sock >/tmp/dest.log 2>&1 &
 	DEST_PID=$!
-	ferry source --listen 127.0.0.1:7002 --insecure --devices 'mdev:*' >/tmp/source.log 2>&1 &
+	ferry source --listen 127.0.0.1:7002 --insecure --devices 'mdev:*' \
+		--vmm-socket /tmp/source-vmm.sock >/tmp/source.log 2>&1 &
 	SOURCE_PID=$!
 	i=0
 	until port_listening 7001 && port_listening 7002; do
@@ -214,12 +227,27 @@ case_migrate() {
 	fig instances "$(echo $INSTANCES | wc -w)"
 	# The agent holds the destination (its registry keeps devices open),
 	# so the loaded image is still there to compare.
-	if [ $rc -eq 0 ] && [ "$verified" = true ] && [ "$direct" = true ] && [ "$saved" = "$got" ]; then
-		return 0
+	if [ $rc -ne 0 ] || [ "$verified" != true ] || [ "$direct" != true ] || [ "$saved" != "$got" ]; then
+		log "want rc 0, verified, direct data, and the destination holding the source's saved image"
+		agent_logs /tmp/m1.json.err
+		return 1
 	fi
-	log "want rc 0, verified, direct data, and the destination holding the source's saved image"
-	agent_logs /tmp/m1.json.err
-	return 1
+	# The let-go rule: the agents hold the instances they opened until
+	# ferry release, so a VMM's open of the group fails until then.
+	if ferry vmm attach --socket /tmp/source-vmm.sock --name letgo --open "mdev:$SRC" >/tmp/letgo0.log 2>&1; then
+		log "a VMM opened mdev:$SRC while the agent held it"
+		return 1
+	fi
+	fig held_open "$(grep -o 'device or resource busy\|EBUSY' /tmp/letgo0.log | head -1 | tr ' ' '-')"
+	timeout 30 ferry release --source 127.0.0.1:7002 --insecure "mdev:$SRC" || return 1
+	timeout 30 ferry release --dest 127.0.0.1:7001 --insecure "mdev:$DST" || return 1
+	vmm_attach source letgo $SRC /tmp/letgo1.log || return 1
+	vmm_stop $VMM_PID
+	fig released_own_fd "$(own_state /tmp/letgo1.log)"
+	[ "$(own_state /tmp/letgo1.log)" = RUNNING ] || { log "after ferry release: $(cat /tmp/letgo1.log)"; return 1; }
+	fig dest_after_release "$(attr $DST state)"
+	[ "$(attr $DST state)" = RUNNING ] || { log "mdev:$DST is $(attr $DST state) after the agent let go, want RUNNING (reset on close)"; return 1; }
+	return 0
 }
 
 # Pre-copy: the source rewrites blocks at DIRTY_RATE while it runs, and
@@ -370,6 +398,130 @@ case_sizes() {
 	return 1
 }
 
+# vmm_attach ROLE NAME UUID LOG [ARGS...]: a test VMM opens instance
+# UUID through its VFIO group, as QEMU does, and lends its device fd to
+# the ROLE (source or dest) agent as vmm:NAME, printing every event to
+# LOG; VMM_PID is its pid.
+vmm_attach() {
+	role=$1 name=$2 uuid=$3 out=$4
+	shift 4
+	ferry vmm attach --socket "/tmp/$role-vmm.sock" --name "$name" --open "mdev:$uuid" "$@" >"$out" 2>&1 &
+	VMM_PID=$!
+	wait_line "$out" '^attached ' || { log "test VMM $name did not attach"; cat "$out"; return 1; }
+}
+
+# wait_line FILE REGEXP: wait (up to 60 s) for a line of FILE to match.
+wait_line() {
+	i=0
+	until grep -q "$2" "$1" 2>/dev/null; do
+		i=$((i + 1))
+		[ $i -gt 1200 ] && return 1
+		sleep 0.05
+	done
+}
+
+# vmm_stop PID: end a test VMM (it detaches and prints its own fd's
+# state) and wait for it.
+vmm_stop() {
+	kill "$1" 2>/dev/null
+	wait "$1" 2>/dev/null
+}
+
+# own_state LOG: the state the test VMM read on its own fd at exit.
+own_state() { sed -n 's/^own fd state: //p' "$1" | tail -1; }
+
+# migrate_vmm NAME OUT: ferry migrate from the source's vmm:NAME to the
+# destination's vmm:NAME.
+migrate_vmm() {
+	timeout 300 ferry migrate --source 127.0.0.1:7002 --dest 127.0.0.1:7001 \
+		--src-device "vmm:$1" --dest-device "vmm:$1" --channels 4 --insecure --json >"$2" 2>"$2.err"
+}
+
+case_vmm() {
+	start_agents || return 1
+	why=""
+	# 1. A verified migration of lent devices: the destination VMM gets
+	# its device in STOP with the source's image loaded, and the config
+	# blob the source VMM attached.
+	head -c 300000 /dev/urandom >/tmp/vmm-cfg.bin
+	log "test VMMs lend mdev:$VMM_SRC and mdev:$VMM_DST as vmm:vm1, with a 300000-byte config blob"
+	vmm_attach source vm1 $VMM_SRC /tmp/vmm1-src.log --config-file /tmp/vmm-cfg.bin || return 1
+	SRC_VMM=$VMM_PID
+	vmm_attach dest vm1 $VMM_DST /tmp/vmm1-dst.log --config-out /tmp/vmm-cfg.out || return 1
+	DST_VMM=$VMM_PID
+	migrate_vmm vm1 /tmp/m5.json
+	rc=$?
+	cat /tmp/m5.json
+	fig bytes "$(json bytes /tmp/m5.json)"
+	fig seconds "$(json duration_seconds /tmp/m5.json)"
+	wait_line /tmp/vmm1-dst.log 'config_received=' || why="$why; the destination VMM got no config state"
+	saved=$(field digest $VMM_SRC saved)
+	got=$(attr $VMM_DST digest)
+	st=$(attr $VMM_DST state)
+	cmp -s /tmp/vmm-cfg.bin /tmp/vmm-cfg.out && fig config_bytes "$(wc -c </tmp/vmm-cfg.out)" || why="$why; the config blob differs"
+	log "rc=$rc; destination $st, image $got, source saved $saved"
+	[ $rc -eq 0 ] && [ "$(json verified /tmp/m5.json)" = true ] || why="$why; migration rc $rc, not verified"
+	[ "$st" = STOP ] && [ "$saved" = "$got" ] || why="$why; destination in $st with image $got, want STOP with $saved"
+	vmm_stop $DST_VMM
+	vmm_stop $SRC_VMM
+	fig dest_own_fd "$(own_state /tmp/vmm1-dst.log)"
+	[ "$(own_state /tmp/vmm1-dst.log)" = STOP ] || why="$why; the destination VMM's own fd read $(own_state /tmp/vmm1-dst.log), want STOP"
+	cat /tmp/vmm1-src.log /tmp/vmm1-dst.log
+
+	# 2. A failed migration (a corrupted stream): the source VMM's own
+	# fd reads RUNNING afterwards.
+	log "vmm:vm2 from mdev:$VMM_SRC2, stream byte 1048699 flipped"
+	echo 1048699 >"$MDEV/$VMM_SRC2/migration/corrupt"
+	vmm_attach source vm2 $VMM_SRC2 /tmp/vmm2-src.log || return 1
+	SRC_VMM=$VMM_PID
+	vmm_attach dest vm2 $VMM_DST2 /tmp/vmm2-dst.log || return 1
+	DST_VMM=$VMM_PID
+	migrate_vmm vm2 /tmp/m6.json
+	rc=$?
+	echo -1 >"$MDEV/$VMM_SRC2/migration/corrupt"
+	vmm_stop $SRC_VMM
+	vmm_stop $DST_VMM
+	fig failed_own_fd "$(own_state /tmp/vmm2-src.log)"
+	[ $rc -ne 0 ] && [ "$(own_state /tmp/vmm2-src.log)" = RUNNING ] ||
+		why="$why; failed migration rc $rc, source VMM's own fd $(own_state /tmp/vmm2-src.log), want a failure and RUNNING"
+
+	# 3. The source agent killed mid-STOP_COPY: its VMM sees the socket
+	# close and returns the device to RUNNING by its own fd.
+	log "vmm:vm3 from mdev:$VMM_SRC3 (100 ms per read), source agent killed in STOP_COPY"
+	echo 100 >"$MDEV/$VMM_SRC3/migration/read_delay_ms"
+	vmm_attach source vm3 $VMM_SRC3 /tmp/vmm3-src.log --recover || return 1
+	SRC_VMM=$VMM_PID
+	vmm_attach dest vm3 $VMM_DST3 /tmp/vmm3-dst.log || return 1
+	DST_VMM=$VMM_PID
+	migrate_vmm vm3 /tmp/m7.json &
+	MIG_PID=$!
+	if wait_line /tmp/vmm3-src.log 'state=STOP_COPY'; then
+		kill -9 "$SOURCE_PID"
+		wait_line /tmp/vmm3-src.log '^own fd state' || why="$why; the source VMM did not recover"
+	else
+		why="$why; vmm:vm3 never reached STOP_COPY"
+	fi
+	# ferry migrate would wait for the source agent to come back.
+	kill $MIG_PID 2>/dev/null
+	wait $MIG_PID 2>/dev/null
+	wait "$SOURCE_PID" 2>/dev/null
+	echo 0 >"$MDEV/$VMM_SRC3/migration/read_delay_ms"
+	vmm_stop $SRC_VMM
+	vmm_stop $DST_VMM
+	cat /tmp/vmm3-src.log
+	fig killed_own_fd "$(own_state /tmp/vmm3-src.log)"
+	[ "$(own_state /tmp/vmm3-src.log)" = RUNNING ] && grep -q '^recovered by own fd: STOP_COPY -> RUNNING' /tmp/vmm3-src.log ||
+		why="$why; after the source agent died the source VMM's own fd read $(own_state /tmp/vmm3-src.log), want STOP_COPY recovered to RUNNING"
+	# A new source agent for the cases after this one.
+	ferry source --listen 127.0.0.1:7002 --insecure --devices 'mdev:*' --vmm-socket /tmp/source-vmm.sock >/tmp/source.log 2>&1 &
+	SOURCE_PID=$!
+
+	[ -z "$why" ] && return 0
+	log "FAIL${why}"
+	agent_logs /tmp/m5.json.err /tmp/m6.json.err /tmp/m7.json.err
+	return 1
+}
+
 case_close() {
 	# Reset on close: once the agents exit, the last fd of each device
 	# is closed and every instance is RUNNING with its power-on image.
@@ -377,7 +529,7 @@ case_close() {
 	stop_agents || return 1
 	bad=""
 	n=0
-	for u in $DST $DST2 $DST3; do
+	for u in $DST $DST2 $DST3 $VMM_DST; do
 		[ -d "$MDEV/$u" ] || continue
 		want=$(cat "/tmp/power.$u")
 		st=$(attr $u state)

@@ -40,6 +40,12 @@
 #   sizes    pkg/vfio's TestKernelPrecopy: MIG_DATA_SIZE and
 #            VFIO_MIG_GET_PRECOPY_INFO read and checked byte for byte on the
 #            PRE_COPY instances (6.2+ only)
+#   vmm      the VMM path: test VMMs (ferry vmm attach) open instances
+#            through their groups and lend their fds and a config blob to
+#            the agents' --vmm-socket; a verified migration leaves the
+#            destination VMM's device in STOP with the image and the blob;
+#            after a failed one, and after the source agent is killed
+#            mid-STOP_COPY, the source VMM's own fd reads RUNNING
 #   close    the agents exit: every instance is RUNNING again and the
 #            destinations have dropped their loaded images (reset on close)
 # On 6.1 precopy and sizes are skipped (6.1 has no PRE_COPY); on 6.12 a
@@ -57,7 +63,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 VMDIR=$ROOT/test/vm
 CACHE=$ROOT/.cache/vm
 BUILD=$VMDIR/build
-ALL_CASES=migrate,precopy,corrupt,walk,sizes,close
+ALL_CASES=migrate,precopy,corrupt,walk,sizes,vmm,close
 CASES=${FERRY_VM_CASES:-$ALL_CASES}
 TIMEOUT=${FERRY_VM_TIMEOUT:-600}
 KERNELS=${FERRY_VM_KERNELS:-6.1,6.12}
@@ -339,11 +345,12 @@ report_case() {
 	local t
 	t=$(r "${c}_s")
 	case $c in
-	migrate) say "  migrate: $v in $t s: $(r migrate_bytes) bytes in $(rs migrate_seconds) s over 4 channels (downtime $(rs migrate_downtime) s); the destination holds the source's image $(r migrate_digest); the source agent lists $(r migrate_listed) of the $(r migrate_instances) instances" ;;
+	migrate) say "  migrate: $v in $t s: $(r migrate_bytes) bytes in $(rs migrate_seconds) s over 4 channels (downtime $(rs migrate_downtime) s); the destination holds the source's image $(r migrate_digest); the source agent lists $(r migrate_listed) of the $(r migrate_instances) instances; held open until ferry release ($(r migrate_held_open | tr '-' ' ')), then a VMM opens the source ($(r migrate_released_own_fd)) and the destination is reset ($(r migrate_dest_after_release))" ;;
 	precopy) say "  precopy: $v in $t s: $(r precopy_bytes) bytes in $(rs precopy_seconds) s, $(r precopy_precopy_bytes) pre-copy + $(r precopy_stopcopy_bytes) stop-copy; downtime predicted $(rs precopy_predicted) s, measured $(rs precopy_downtime) s (trigger $(r precopy_trigger)); dirty rate $(r precopy_rate) B/s: $(r precopy_rewrites) block rewrites, $(r precopy_resent) blocks sent again, final image verified" ;;
 	corrupt) say "  corrupt: $v in $t s: refused ($(r corrupt_refused | tr '-' ' ')), source instance $(r corrupt_source_state)" ;;
 	walk) say "  walk: $v in $t s: $(r walk_pairs) (from, to) requests, $(r walk_arcs) arcs checked against vfio.Path on $(r walk_devices) instances (one per flag set)" ;;
 	sizes) say "  sizes: $v in $t s: $(r sizes_devices) PRE_COPY instances; MIG_DATA_SIZE $(r sizes_full) in RUNNING, PRECOPY_INFO initial $(r sizes_initial), dirty $(r sizes_dirty) after 2 rewrites, stop-copy rest $(r sizes_stopcopy), all exact" ;;
+	vmm) say "  vmm: $v in $t s: lent devices migrated, $(r vmm_bytes) bytes in $(rs vmm_seconds) s, $(r vmm_config_bytes) bytes of config state delivered, destination VMM's fd $(r vmm_dest_own_fd); source VMM's fd after a failed migration $(r vmm_failed_own_fd), after the source agent was killed mid-STOP_COPY $(r vmm_killed_own_fd)" ;;
 	close) say "  close: $v in $t s: agents gone, every instance RUNNING, $(r close_checked) destinations back to their power-on image" ;;
 	*) say "  $c: $v in $t s" ;;
 	esac

@@ -94,6 +94,7 @@
 
 #include <linux/anon_inodes.h>
 #include <linux/bitmap.h>
+#include <linux/delay.h>
 #include <linux/device.h>
 #include <linux/file.h>
 #include <linux/fs.h>
@@ -181,6 +182,7 @@ struct fm_dev {
 	struct file *save;		/* our reference on the saving file */
 	struct file *resume;		/* our reference on the resuming file */
 	s64 corrupt;			/* stream offset to flip, -1 = off */
+	u32 read_delay_ms;		/* each read of a saving stream sleeps first */
 
 	u64 dirty_rate;			/* bytes per second while running */
 	u64 dirty_ns;			/* rewrites are due from this time on */
@@ -520,6 +522,13 @@ static ssize_t fm_save_read(struct file *filp, char __user *ubuf, size_t len,
 
 	if (ppos)
 		return -ESPIPE;
+
+	mutex_lock(&fm->state_lock);
+	ret = fm->read_delay_ms;
+	mutex_unlock(&fm->state_lock);
+	if (ret && msleep_interruptible(ret))
+		return -EINTR;
+	ret = 0;
 
 	mutex_lock(&f->lock);
 	while (len) {
@@ -1424,6 +1433,38 @@ static ssize_t dirty_rate_store(struct device *dev,
 }
 static DEVICE_ATTR_RW(dirty_rate);
 
+/* read_delay_ms: a slow device, so a test can act mid-STOP_COPY. */
+static ssize_t read_delay_ms_show(struct device *dev,
+				  struct device_attribute *attr, char *buf)
+{
+	struct fm_dev *fm = fm_from_dev(dev);
+	u32 v;
+
+	mutex_lock(&fm->state_lock);
+	v = fm->read_delay_ms;
+	mutex_unlock(&fm->state_lock);
+	return sysfs_emit(buf, "%u\n", v);
+}
+
+static ssize_t read_delay_ms_store(struct device *dev,
+				   struct device_attribute *attr,
+				   const char *buf, size_t count)
+{
+	struct fm_dev *fm = fm_from_dev(dev);
+	u32 v;
+	int ret = kstrtou32(buf, 0, &v);
+
+	if (ret)
+		return ret;
+	if (v > 10000)
+		return -EINVAL;
+	mutex_lock(&fm->state_lock);
+	fm->read_delay_ms = v;
+	mutex_unlock(&fm->state_lock);
+	return count;
+}
+static DEVICE_ATTR_RW(read_delay_ms);
+
 static ssize_t dirty_store(struct device *dev, struct device_attribute *attr,
 			   const char *buf, size_t count)
 {
@@ -1505,6 +1546,7 @@ static struct attribute *fm_dev_attrs[] = {
 	&dev_attr_last_error.attr,
 	&dev_attr_inject_error.attr,
 	&dev_attr_dirty_rate.attr,
+	&dev_attr_read_delay_ms.attr,
 	&dev_attr_dirty.attr,
 	&dev_attr_rewrites.attr,
 	&dev_attr_saved.attr,

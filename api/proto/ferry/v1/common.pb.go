@@ -578,9 +578,12 @@ type DeviceProgress struct {
 	// then counts only what VFIO_MIG_GET_PRECOPY_INFO reports.
 	NoSizeEstimate bool `protobuf:"varint,19,opt,name=no_size_estimate,json=noSizeEstimate,proto3" json:"no_size_estimate,omitempty"`
 	// Times the device reported new initial data (VFIO_PRECOPY_INFO_REINIT).
-	Reinits       uint32 `protobuf:"varint,20,opt,name=reinits,proto3" json:"reinits,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Reinits uint32 `protobuf:"varint,20,opt,name=reinits,proto3" json:"reinits,omitempty"`
+	// The size of the device's config state (a vmm: device's blob): the
+	// source's once the switchover took it, the destination's as received.
+	ConfigStateBytes uint64 `protobuf:"varint,21,opt,name=config_state_bytes,json=configStateBytes,proto3" json:"config_state_bytes,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *DeviceProgress) Reset() {
@@ -749,6 +752,13 @@ func (x *DeviceProgress) GetNoSizeEstimate() bool {
 func (x *DeviceProgress) GetReinits() uint32 {
 	if x != nil {
 		return x.Reinits
+	}
+	return 0
+}
+
+func (x *DeviceProgress) GetConfigStateBytes() uint64 {
+	if x != nil {
+		return x.ConfigStateBytes
 	}
 	return 0
 }
@@ -1104,7 +1114,7 @@ const file_ferry_v1_common_proto_rawDesc = "" +
 	"\x0eMigrationError\x12\x12\n" +
 	"\x04code\x18\x01 \x01(\x05R\x04code\x12\x16\n" +
 	"\x06reason\x18\x02 \x01(\tR\x06reason\x12\x18\n" +
-	"\amessage\x18\x03 \x01(\tR\amessage\"\xe6\x05\n" +
+	"\amessage\x18\x03 \x01(\tR\amessage\"\x94\x06\n" +
 	"\x0eDeviceProgress\x12\x16\n" +
 	"\x06device\x18\x01 \x01(\tR\x06device\x12\x1f\n" +
 	"\vpeer_device\x18\x02 \x01(\tR\n" +
@@ -1129,7 +1139,8 @@ const file_ferry_v1_common_proto_rawDesc = "" +
 	"dirtyBytes\x12#\n" +
 	"\rprecopy_bytes\x18\x12 \x01(\x04R\fprecopyBytes\x12(\n" +
 	"\x10no_size_estimate\x18\x13 \x01(\bR\x0enoSizeEstimate\x12\x18\n" +
-	"\areinits\x18\x14 \x01(\rR\areinits\"\x92\f\n" +
+	"\areinits\x18\x14 \x01(\rR\areinits\x12,\n" +
+	"\x12config_state_bytes\x18\x15 \x01(\x04R\x10configStateBytes\"\x92\f\n" +
 	"\tMigration\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12.\n" +
 	"\x05phase\x18\x02 \x01(\x0e2\x18.ferry.v1.MigrationPhaseR\x05phase\x122\n" +

@@ -229,7 +229,10 @@ func (x *GetIncomingRequest) GetMigrationId() string {
 type GetIncomingResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The migration.
-	Migration     *Migration `protobuf:"bytes,1,opt,name=migration,proto3" json:"migration,omitempty"`
+	Migration *Migration `protobuf:"bytes,1,opt,name=migration,proto3" json:"migration,omitempty"`
+	// The config state each verified device received (devices whose source
+	// sent one), in device order.
+	ConfigStates  []*DeviceConfigState `protobuf:"bytes,2,rep,name=config_states,json=configStates,proto3" json:"config_states,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -271,6 +274,151 @@ func (x *GetIncomingResponse) GetMigration() *Migration {
 	return nil
 }
 
+func (x *GetIncomingResponse) GetConfigStates() []*DeviceConfigState {
+	if x != nil {
+		return x.ConfigStates
+	}
+	return nil
+}
+
+// DeviceConfigState is the VMM's config state a device received.
+type DeviceConfigState struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The destination device's spec.
+	Device string `protobuf:"bytes,1,opt,name=device,proto3" json:"device,omitempty"`
+	// The bytes, as the source VMM attached them.
+	ConfigState   []byte `protobuf:"bytes,2,opt,name=config_state,json=configState,proto3" json:"config_state,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeviceConfigState) Reset() {
+	*x = DeviceConfigState{}
+	mi := &file_ferry_v1_dest_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeviceConfigState) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeviceConfigState) ProtoMessage() {}
+
+func (x *DeviceConfigState) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_v1_dest_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeviceConfigState.ProtoReflect.Descriptor instead.
+func (*DeviceConfigState) Descriptor() ([]byte, []int) {
+	return file_ferry_v1_dest_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *DeviceConfigState) GetDevice() string {
+	if x != nil {
+		return x.Device
+	}
+	return ""
+}
+
+func (x *DeviceConfigState) GetConfigState() []byte {
+	if x != nil {
+		return x.ConfigState
+	}
+	return nil
+}
+
+// ListIncomingRequest asks for every incoming migration.
+type ListIncomingRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListIncomingRequest) Reset() {
+	*x = ListIncomingRequest{}
+	mi := &file_ferry_v1_dest_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListIncomingRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListIncomingRequest) ProtoMessage() {}
+
+func (x *ListIncomingRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_v1_dest_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListIncomingRequest.ProtoReflect.Descriptor instead.
+func (*ListIncomingRequest) Descriptor() ([]byte, []int) {
+	return file_ferry_v1_dest_proto_rawDescGZIP(), []int{5}
+}
+
+// ListIncomingResponse lists incoming migrations, newest first.
+type ListIncomingResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The migrations.
+	Migrations    []*Migration `protobuf:"bytes,1,rep,name=migrations,proto3" json:"migrations,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListIncomingResponse) Reset() {
+	*x = ListIncomingResponse{}
+	mi := &file_ferry_v1_dest_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListIncomingResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListIncomingResponse) ProtoMessage() {}
+
+func (x *ListIncomingResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_v1_dest_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListIncomingResponse.ProtoReflect.Descriptor instead.
+func (*ListIncomingResponse) Descriptor() ([]byte, []int) {
+	return file_ferry_v1_dest_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *ListIncomingResponse) GetMigrations() []*Migration {
+	if x != nil {
+		return x.Migrations
+	}
+	return nil
+}
+
 // WatchIncomingRequest names the incoming migration to watch.
 type WatchIncomingRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -282,7 +430,7 @@ type WatchIncomingRequest struct {
 
 func (x *WatchIncomingRequest) Reset() {
 	*x = WatchIncomingRequest{}
-	mi := &file_ferry_v1_dest_proto_msgTypes[4]
+	mi := &file_ferry_v1_dest_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -294,7 +442,7 @@ func (x *WatchIncomingRequest) String() string {
 func (*WatchIncomingRequest) ProtoMessage() {}
 
 func (x *WatchIncomingRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_dest_proto_msgTypes[4]
+	mi := &file_ferry_v1_dest_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -307,7 +455,7 @@ func (x *WatchIncomingRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchIncomingRequest.ProtoReflect.Descriptor instead.
 func (*WatchIncomingRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_dest_proto_rawDescGZIP(), []int{4}
+	return file_ferry_v1_dest_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *WatchIncomingRequest) GetMigrationId() string {
@@ -328,7 +476,7 @@ type WatchIncomingResponse struct {
 
 func (x *WatchIncomingResponse) Reset() {
 	*x = WatchIncomingResponse{}
-	mi := &file_ferry_v1_dest_proto_msgTypes[5]
+	mi := &file_ferry_v1_dest_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -340,7 +488,7 @@ func (x *WatchIncomingResponse) String() string {
 func (*WatchIncomingResponse) ProtoMessage() {}
 
 func (x *WatchIncomingResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_dest_proto_msgTypes[5]
+	mi := &file_ferry_v1_dest_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -353,7 +501,7 @@ func (x *WatchIncomingResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchIncomingResponse.ProtoReflect.Descriptor instead.
 func (*WatchIncomingResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_dest_proto_rawDescGZIP(), []int{5}
+	return file_ferry_v1_dest_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *WatchIncomingResponse) GetMigration() *Migration {
@@ -374,7 +522,7 @@ type CancelIncomingRequest struct {
 
 func (x *CancelIncomingRequest) Reset() {
 	*x = CancelIncomingRequest{}
-	mi := &file_ferry_v1_dest_proto_msgTypes[6]
+	mi := &file_ferry_v1_dest_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -386,7 +534,7 @@ func (x *CancelIncomingRequest) String() string {
 func (*CancelIncomingRequest) ProtoMessage() {}
 
 func (x *CancelIncomingRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_dest_proto_msgTypes[6]
+	mi := &file_ferry_v1_dest_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -399,7 +547,7 @@ func (x *CancelIncomingRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelIncomingRequest.ProtoReflect.Descriptor instead.
 func (*CancelIncomingRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_dest_proto_rawDescGZIP(), []int{6}
+	return file_ferry_v1_dest_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *CancelIncomingRequest) GetMigrationId() string {
@@ -420,7 +568,7 @@ type CancelIncomingResponse struct {
 
 func (x *CancelIncomingResponse) Reset() {
 	*x = CancelIncomingResponse{}
-	mi := &file_ferry_v1_dest_proto_msgTypes[7]
+	mi := &file_ferry_v1_dest_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -432,7 +580,7 @@ func (x *CancelIncomingResponse) String() string {
 func (*CancelIncomingResponse) ProtoMessage() {}
 
 func (x *CancelIncomingResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_dest_proto_msgTypes[7]
+	mi := &file_ferry_v1_dest_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -445,7 +593,7 @@ func (x *CancelIncomingResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelIncomingResponse.ProtoReflect.Descriptor instead.
 func (*CancelIncomingResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_dest_proto_rawDescGZIP(), []int{7}
+	return file_ferry_v1_dest_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *CancelIncomingResponse) GetMigration() *Migration {
@@ -466,7 +614,7 @@ type CommitIncomingRequest struct {
 
 func (x *CommitIncomingRequest) Reset() {
 	*x = CommitIncomingRequest{}
-	mi := &file_ferry_v1_dest_proto_msgTypes[8]
+	mi := &file_ferry_v1_dest_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -478,7 +626,7 @@ func (x *CommitIncomingRequest) String() string {
 func (*CommitIncomingRequest) ProtoMessage() {}
 
 func (x *CommitIncomingRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_dest_proto_msgTypes[8]
+	mi := &file_ferry_v1_dest_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -491,7 +639,7 @@ func (x *CommitIncomingRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CommitIncomingRequest.ProtoReflect.Descriptor instead.
 func (*CommitIncomingRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_dest_proto_rawDescGZIP(), []int{8}
+	return file_ferry_v1_dest_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *CommitIncomingRequest) GetMigrationId() string {
@@ -512,7 +660,7 @@ type CommitIncomingResponse struct {
 
 func (x *CommitIncomingResponse) Reset() {
 	*x = CommitIncomingResponse{}
-	mi := &file_ferry_v1_dest_proto_msgTypes[9]
+	mi := &file_ferry_v1_dest_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -524,7 +672,7 @@ func (x *CommitIncomingResponse) String() string {
 func (*CommitIncomingResponse) ProtoMessage() {}
 
 func (x *CommitIncomingResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_dest_proto_msgTypes[9]
+	mi := &file_ferry_v1_dest_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -537,7 +685,7 @@ func (x *CommitIncomingResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CommitIncomingResponse.ProtoReflect.Descriptor instead.
 func (*CommitIncomingResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_dest_proto_rawDescGZIP(), []int{9}
+	return file_ferry_v1_dest_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *CommitIncomingResponse) GetMigration() *Migration {
@@ -551,7 +699,7 @@ var File_ferry_v1_dest_proto protoreflect.FileDescriptor
 
 const file_ferry_v1_dest_proto_rawDesc = "" +
 	"\n" +
-	"\x13ferry/v1/dest.proto\x12\bferry.v1\x1a\x15ferry/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x91\x01\n" +
+	"\x13ferry/v1/dest.proto\x12\bferry.v1\x1a\x15ferry/v1/common.proto\x1a\x15ferry/v1/source.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x91\x01\n" +
 	"\x16PrepareIncomingRequest\x12!\n" +
 	"\fmigration_id\x18\x01 \x01(\tR\vmigrationId\x12\x18\n" +
 	"\adevices\x18\x02 \x03(\tR\adevices\x12\x1d\n" +
@@ -566,9 +714,18 @@ const file_ferry_v1_dest_proto_rawDesc = "" +
 	"\tmax_bytes\x18\x04 \x01(\x04R\bmaxBytes\x12F\n" +
 	"\x11token_expire_time\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\x0ftokenExpireTime\"7\n" +
 	"\x12GetIncomingRequest\x12!\n" +
-	"\fmigration_id\x18\x01 \x01(\tR\vmigrationId\"H\n" +
+	"\fmigration_id\x18\x01 \x01(\tR\vmigrationId\"\x8a\x01\n" +
 	"\x13GetIncomingResponse\x121\n" +
-	"\tmigration\x18\x01 \x01(\v2\x13.ferry.v1.MigrationR\tmigration\"9\n" +
+	"\tmigration\x18\x01 \x01(\v2\x13.ferry.v1.MigrationR\tmigration\x12@\n" +
+	"\rconfig_states\x18\x02 \x03(\v2\x1b.ferry.v1.DeviceConfigStateR\fconfigStates\"N\n" +
+	"\x11DeviceConfigState\x12\x16\n" +
+	"\x06device\x18\x01 \x01(\tR\x06device\x12!\n" +
+	"\fconfig_state\x18\x02 \x01(\fR\vconfigState\"\x15\n" +
+	"\x13ListIncomingRequest\"K\n" +
+	"\x14ListIncomingResponse\x123\n" +
+	"\n" +
+	"migrations\x18\x01 \x03(\v2\x13.ferry.v1.MigrationR\n" +
+	"migrations\"9\n" +
 	"\x14WatchIncomingRequest\x12!\n" +
 	"\fmigration_id\x18\x01 \x01(\tR\vmigrationId\"J\n" +
 	"\x15WatchIncomingResponse\x121\n" +
@@ -580,14 +737,16 @@ const file_ferry_v1_dest_proto_rawDesc = "" +
 	"\x15CommitIncomingRequest\x12!\n" +
 	"\fmigration_id\x18\x01 \x01(\tR\vmigrationId\"K\n" +
 	"\x16CommitIncomingResponse\x121\n" +
-	"\tmigration\x18\x01 \x01(\v2\x13.ferry.v1.MigrationR\tmigration2\xf9\x03\n" +
+	"\tmigration\x18\x01 \x01(\v2\x13.ferry.v1.MigrationR\tmigration2\x9a\x05\n" +
 	"\tDestAgent\x12J\n" +
 	"\vListDevices\x12\x1c.ferry.v1.ListDevicesRequest\x1a\x1d.ferry.v1.ListDevicesResponse\x12V\n" +
 	"\x0fPrepareIncoming\x12 .ferry.v1.PrepareIncomingRequest\x1a!.ferry.v1.PrepareIncomingResponse\x12J\n" +
-	"\vGetIncoming\x12\x1c.ferry.v1.GetIncomingRequest\x1a\x1d.ferry.v1.GetIncomingResponse\x12R\n" +
+	"\vGetIncoming\x12\x1c.ferry.v1.GetIncomingRequest\x1a\x1d.ferry.v1.GetIncomingResponse\x12M\n" +
+	"\fListIncoming\x12\x1d.ferry.v1.ListIncomingRequest\x1a\x1e.ferry.v1.ListIncomingResponse\x12R\n" +
 	"\rWatchIncoming\x12\x1e.ferry.v1.WatchIncomingRequest\x1a\x1f.ferry.v1.WatchIncomingResponse0\x01\x12S\n" +
 	"\x0eCancelIncoming\x12\x1f.ferry.v1.CancelIncomingRequest\x1a .ferry.v1.CancelIncomingResponse\x12S\n" +
-	"\x0eCommitIncoming\x12\x1f.ferry.v1.CommitIncomingRequest\x1a .ferry.v1.CommitIncomingResponseB8Z6github.com/vfio-ferry/ferry/api/proto/ferry/v1;ferryv1b\x06proto3"
+	"\x0eCommitIncoming\x12\x1f.ferry.v1.CommitIncomingRequest\x1a .ferry.v1.CommitIncomingResponse\x12P\n" +
+	"\rReleaseDevice\x12\x1e.ferry.v1.ReleaseDeviceRequest\x1a\x1f.ferry.v1.ReleaseDeviceResponseB8Z6github.com/vfio-ferry/ferry/api/proto/ferry/v1;ferryv1b\x06proto3"
 
 var (
 	file_ferry_v1_dest_proto_rawDescOnce sync.Once
@@ -601,47 +760,58 @@ func file_ferry_v1_dest_proto_rawDescGZIP() []byte {
 	return file_ferry_v1_dest_proto_rawDescData
 }
 
-var file_ferry_v1_dest_proto_msgTypes = make([]protoimpl.MessageInfo, 10)
+var file_ferry_v1_dest_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
 var file_ferry_v1_dest_proto_goTypes = []any{
 	(*PrepareIncomingRequest)(nil),  // 0: ferry.v1.PrepareIncomingRequest
 	(*PrepareIncomingResponse)(nil), // 1: ferry.v1.PrepareIncomingResponse
 	(*GetIncomingRequest)(nil),      // 2: ferry.v1.GetIncomingRequest
 	(*GetIncomingResponse)(nil),     // 3: ferry.v1.GetIncomingResponse
-	(*WatchIncomingRequest)(nil),    // 4: ferry.v1.WatchIncomingRequest
-	(*WatchIncomingResponse)(nil),   // 5: ferry.v1.WatchIncomingResponse
-	(*CancelIncomingRequest)(nil),   // 6: ferry.v1.CancelIncomingRequest
-	(*CancelIncomingResponse)(nil),  // 7: ferry.v1.CancelIncomingResponse
-	(*CommitIncomingRequest)(nil),   // 8: ferry.v1.CommitIncomingRequest
-	(*CommitIncomingResponse)(nil),  // 9: ferry.v1.CommitIncomingResponse
-	(*Migration)(nil),               // 10: ferry.v1.Migration
-	(*timestamppb.Timestamp)(nil),   // 11: google.protobuf.Timestamp
-	(*ListDevicesRequest)(nil),      // 12: ferry.v1.ListDevicesRequest
-	(*ListDevicesResponse)(nil),     // 13: ferry.v1.ListDevicesResponse
+	(*DeviceConfigState)(nil),       // 4: ferry.v1.DeviceConfigState
+	(*ListIncomingRequest)(nil),     // 5: ferry.v1.ListIncomingRequest
+	(*ListIncomingResponse)(nil),    // 6: ferry.v1.ListIncomingResponse
+	(*WatchIncomingRequest)(nil),    // 7: ferry.v1.WatchIncomingRequest
+	(*WatchIncomingResponse)(nil),   // 8: ferry.v1.WatchIncomingResponse
+	(*CancelIncomingRequest)(nil),   // 9: ferry.v1.CancelIncomingRequest
+	(*CancelIncomingResponse)(nil),  // 10: ferry.v1.CancelIncomingResponse
+	(*CommitIncomingRequest)(nil),   // 11: ferry.v1.CommitIncomingRequest
+	(*CommitIncomingResponse)(nil),  // 12: ferry.v1.CommitIncomingResponse
+	(*Migration)(nil),               // 13: ferry.v1.Migration
+	(*timestamppb.Timestamp)(nil),   // 14: google.protobuf.Timestamp
+	(*ListDevicesRequest)(nil),      // 15: ferry.v1.ListDevicesRequest
+	(*ReleaseDeviceRequest)(nil),    // 16: ferry.v1.ReleaseDeviceRequest
+	(*ListDevicesResponse)(nil),     // 17: ferry.v1.ListDevicesResponse
+	(*ReleaseDeviceResponse)(nil),   // 18: ferry.v1.ReleaseDeviceResponse
 }
 var file_ferry_v1_dest_proto_depIdxs = []int32{
-	10, // 0: ferry.v1.PrepareIncomingResponse.migration:type_name -> ferry.v1.Migration
-	11, // 1: ferry.v1.PrepareIncomingResponse.token_expire_time:type_name -> google.protobuf.Timestamp
-	10, // 2: ferry.v1.GetIncomingResponse.migration:type_name -> ferry.v1.Migration
-	10, // 3: ferry.v1.WatchIncomingResponse.migration:type_name -> ferry.v1.Migration
-	10, // 4: ferry.v1.CancelIncomingResponse.migration:type_name -> ferry.v1.Migration
-	10, // 5: ferry.v1.CommitIncomingResponse.migration:type_name -> ferry.v1.Migration
-	12, // 6: ferry.v1.DestAgent.ListDevices:input_type -> ferry.v1.ListDevicesRequest
-	0,  // 7: ferry.v1.DestAgent.PrepareIncoming:input_type -> ferry.v1.PrepareIncomingRequest
-	2,  // 8: ferry.v1.DestAgent.GetIncoming:input_type -> ferry.v1.GetIncomingRequest
-	4,  // 9: ferry.v1.DestAgent.WatchIncoming:input_type -> ferry.v1.WatchIncomingRequest
-	6,  // 10: ferry.v1.DestAgent.CancelIncoming:input_type -> ferry.v1.CancelIncomingRequest
-	8,  // 11: ferry.v1.DestAgent.CommitIncoming:input_type -> ferry.v1.CommitIncomingRequest
-	13, // 12: ferry.v1.DestAgent.ListDevices:output_type -> ferry.v1.ListDevicesResponse
-	1,  // 13: ferry.v1.DestAgent.PrepareIncoming:output_type -> ferry.v1.PrepareIncomingResponse
-	3,  // 14: ferry.v1.DestAgent.GetIncoming:output_type -> ferry.v1.GetIncomingResponse
-	5,  // 15: ferry.v1.DestAgent.WatchIncoming:output_type -> ferry.v1.WatchIncomingResponse
-	7,  // 16: ferry.v1.DestAgent.CancelIncoming:output_type -> ferry.v1.CancelIncomingResponse
-	9,  // 17: ferry.v1.DestAgent.CommitIncoming:output_type -> ferry.v1.CommitIncomingResponse
-	12, // [12:18] is the sub-list for method output_type
-	6,  // [6:12] is the sub-list for method input_type
-	6,  // [6:6] is the sub-list for extension type_name
-	6,  // [6:6] is the sub-list for extension extendee
-	0,  // [0:6] is the sub-list for field type_name
+	13, // 0: ferry.v1.PrepareIncomingResponse.migration:type_name -> ferry.v1.Migration
+	14, // 1: ferry.v1.PrepareIncomingResponse.token_expire_time:type_name -> google.protobuf.Timestamp
+	13, // 2: ferry.v1.GetIncomingResponse.migration:type_name -> ferry.v1.Migration
+	4,  // 3: ferry.v1.GetIncomingResponse.config_states:type_name -> ferry.v1.DeviceConfigState
+	13, // 4: ferry.v1.ListIncomingResponse.migrations:type_name -> ferry.v1.Migration
+	13, // 5: ferry.v1.WatchIncomingResponse.migration:type_name -> ferry.v1.Migration
+	13, // 6: ferry.v1.CancelIncomingResponse.migration:type_name -> ferry.v1.Migration
+	13, // 7: ferry.v1.CommitIncomingResponse.migration:type_name -> ferry.v1.Migration
+	15, // 8: ferry.v1.DestAgent.ListDevices:input_type -> ferry.v1.ListDevicesRequest
+	0,  // 9: ferry.v1.DestAgent.PrepareIncoming:input_type -> ferry.v1.PrepareIncomingRequest
+	2,  // 10: ferry.v1.DestAgent.GetIncoming:input_type -> ferry.v1.GetIncomingRequest
+	5,  // 11: ferry.v1.DestAgent.ListIncoming:input_type -> ferry.v1.ListIncomingRequest
+	7,  // 12: ferry.v1.DestAgent.WatchIncoming:input_type -> ferry.v1.WatchIncomingRequest
+	9,  // 13: ferry.v1.DestAgent.CancelIncoming:input_type -> ferry.v1.CancelIncomingRequest
+	11, // 14: ferry.v1.DestAgent.CommitIncoming:input_type -> ferry.v1.CommitIncomingRequest
+	16, // 15: ferry.v1.DestAgent.ReleaseDevice:input_type -> ferry.v1.ReleaseDeviceRequest
+	17, // 16: ferry.v1.DestAgent.ListDevices:output_type -> ferry.v1.ListDevicesResponse
+	1,  // 17: ferry.v1.DestAgent.PrepareIncoming:output_type -> ferry.v1.PrepareIncomingResponse
+	3,  // 18: ferry.v1.DestAgent.GetIncoming:output_type -> ferry.v1.GetIncomingResponse
+	6,  // 19: ferry.v1.DestAgent.ListIncoming:output_type -> ferry.v1.ListIncomingResponse
+	8,  // 20: ferry.v1.DestAgent.WatchIncoming:output_type -> ferry.v1.WatchIncomingResponse
+	10, // 21: ferry.v1.DestAgent.CancelIncoming:output_type -> ferry.v1.CancelIncomingResponse
+	12, // 22: ferry.v1.DestAgent.CommitIncoming:output_type -> ferry.v1.CommitIncomingResponse
+	18, // 23: ferry.v1.DestAgent.ReleaseDevice:output_type -> ferry.v1.ReleaseDeviceResponse
+	16, // [16:24] is the sub-list for method output_type
+	8,  // [8:16] is the sub-list for method input_type
+	8,  // [8:8] is the sub-list for extension type_name
+	8,  // [8:8] is the sub-list for extension extendee
+	0,  // [0:8] is the sub-list for field type_name
 }
 
 func init() { file_ferry_v1_dest_proto_init() }
@@ -650,13 +820,14 @@ func file_ferry_v1_dest_proto_init() {
 		return
 	}
 	file_ferry_v1_common_proto_init()
+	file_ferry_v1_source_proto_init()
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_ferry_v1_dest_proto_rawDesc), len(file_ferry_v1_dest_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   10,
+			NumMessages:   13,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -22,9 +22,11 @@ const (
 	DestAgent_ListDevices_FullMethodName     = "/ferry.v1.DestAgent/ListDevices"
 	DestAgent_PrepareIncoming_FullMethodName = "/ferry.v1.DestAgent/PrepareIncoming"
 	DestAgent_GetIncoming_FullMethodName     = "/ferry.v1.DestAgent/GetIncoming"
+	DestAgent_ListIncoming_FullMethodName    = "/ferry.v1.DestAgent/ListIncoming"
 	DestAgent_WatchIncoming_FullMethodName   = "/ferry.v1.DestAgent/WatchIncoming"
 	DestAgent_CancelIncoming_FullMethodName  = "/ferry.v1.DestAgent/CancelIncoming"
 	DestAgent_CommitIncoming_FullMethodName  = "/ferry.v1.DestAgent/CommitIncoming"
+	DestAgent_ReleaseDevice_FullMethodName   = "/ferry.v1.DestAgent/ReleaseDevice"
 )
 
 // DestAgentClient is the client API for DestAgent service.
@@ -45,6 +47,9 @@ type DestAgentClient interface {
 	PrepareIncoming(ctx context.Context, in *PrepareIncomingRequest, opts ...grpc.CallOption) (*PrepareIncomingResponse, error)
 	// GetIncoming returns an incoming migration's state.
 	GetIncoming(ctx context.Context, in *GetIncomingRequest, opts ...grpc.CallOption) (*GetIncomingResponse, error)
+	// ListIncoming lists the incoming migrations this agent remembers,
+	// newest first: those running and the last ended ones.
+	ListIncoming(ctx context.Context, in *ListIncomingRequest, opts ...grpc.CallOption) (*ListIncomingResponse, error)
 	// WatchIncoming sends the incoming migration's state, then every change,
 	// and ends after the final phase.
 	WatchIncoming(ctx context.Context, in *WatchIncomingRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchIncomingResponse], error)
@@ -58,6 +63,16 @@ type DestAgentClient interface {
 	// plane read SUCCEEDED at the source. Committing a SUCCEEDED migration
 	// returns it unchanged; any other phase is FAILED_PRECONDITION.
 	CommitIncoming(ctx context.Context, in *CommitIncomingRequest, opts ...grpc.CallOption) (*CommitIncomingResponse, error)
+	// ReleaseDevice lets go of an idle device the agent opened by its spec
+	// (it keeps devices open after their migrations, so a verified state
+	// stays loaded): the agent closes it, so another process can open it.
+	// The kernel ends the state of a device on its last close (vfio-pci
+	// resets it): to hand a loaded device to its VM without losing the
+	// state, lend the device over the VMM socket instead. With reset the
+	// device is reset first. A device a migration holds is
+	// FAILED_PRECONDITION, DEVICE_BUSY; a vmm: device is its VMM's to
+	// withdraw (FAILED_PRECONDITION, DEVICE_NOT_ALLOWED).
+	ReleaseDevice(ctx context.Context, in *ReleaseDeviceRequest, opts ...grpc.CallOption) (*ReleaseDeviceResponse, error)
 }
 
 type destAgentClient struct {
@@ -92,6 +107,16 @@ func (c *destAgentClient) GetIncoming(ctx context.Context, in *GetIncomingReques
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(GetIncomingResponse)
 	err := c.cc.Invoke(ctx, DestAgent_GetIncoming_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *destAgentClient) ListIncoming(ctx context.Context, in *ListIncomingRequest, opts ...grpc.CallOption) (*ListIncomingResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListIncomingResponse)
+	err := c.cc.Invoke(ctx, DestAgent_ListIncoming_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -137,6 +162,16 @@ func (c *destAgentClient) CommitIncoming(ctx context.Context, in *CommitIncoming
 	return out, nil
 }
 
+func (c *destAgentClient) ReleaseDevice(ctx context.Context, in *ReleaseDeviceRequest, opts ...grpc.CallOption) (*ReleaseDeviceResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ReleaseDeviceResponse)
+	err := c.cc.Invoke(ctx, DestAgent_ReleaseDevice_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // DestAgentServer is the server API for DestAgent service.
 // All implementations must embed UnimplementedDestAgentServer
 // for forward compatibility.
@@ -155,6 +190,9 @@ type DestAgentServer interface {
 	PrepareIncoming(context.Context, *PrepareIncomingRequest) (*PrepareIncomingResponse, error)
 	// GetIncoming returns an incoming migration's state.
 	GetIncoming(context.Context, *GetIncomingRequest) (*GetIncomingResponse, error)
+	// ListIncoming lists the incoming migrations this agent remembers,
+	// newest first: those running and the last ended ones.
+	ListIncoming(context.Context, *ListIncomingRequest) (*ListIncomingResponse, error)
 	// WatchIncoming sends the incoming migration's state, then every change,
 	// and ends after the final phase.
 	WatchIncoming(*WatchIncomingRequest, grpc.ServerStreamingServer[WatchIncomingResponse]) error
@@ -168,6 +206,16 @@ type DestAgentServer interface {
 	// plane read SUCCEEDED at the source. Committing a SUCCEEDED migration
 	// returns it unchanged; any other phase is FAILED_PRECONDITION.
 	CommitIncoming(context.Context, *CommitIncomingRequest) (*CommitIncomingResponse, error)
+	// ReleaseDevice lets go of an idle device the agent opened by its spec
+	// (it keeps devices open after their migrations, so a verified state
+	// stays loaded): the agent closes it, so another process can open it.
+	// The kernel ends the state of a device on its last close (vfio-pci
+	// resets it): to hand a loaded device to its VM without losing the
+	// state, lend the device over the VMM socket instead. With reset the
+	// device is reset first. A device a migration holds is
+	// FAILED_PRECONDITION, DEVICE_BUSY; a vmm: device is its VMM's to
+	// withdraw (FAILED_PRECONDITION, DEVICE_NOT_ALLOWED).
+	ReleaseDevice(context.Context, *ReleaseDeviceRequest) (*ReleaseDeviceResponse, error)
 	mustEmbedUnimplementedDestAgentServer()
 }
 
@@ -187,6 +235,9 @@ func (UnimplementedDestAgentServer) PrepareIncoming(context.Context, *PrepareInc
 func (UnimplementedDestAgentServer) GetIncoming(context.Context, *GetIncomingRequest) (*GetIncomingResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetIncoming not implemented")
 }
+func (UnimplementedDestAgentServer) ListIncoming(context.Context, *ListIncomingRequest) (*ListIncomingResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListIncoming not implemented")
+}
 func (UnimplementedDestAgentServer) WatchIncoming(*WatchIncomingRequest, grpc.ServerStreamingServer[WatchIncomingResponse]) error {
 	return status.Error(codes.Unimplemented, "method WatchIncoming not implemented")
 }
@@ -195,6 +246,9 @@ func (UnimplementedDestAgentServer) CancelIncoming(context.Context, *CancelIncom
 }
 func (UnimplementedDestAgentServer) CommitIncoming(context.Context, *CommitIncomingRequest) (*CommitIncomingResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method CommitIncoming not implemented")
+}
+func (UnimplementedDestAgentServer) ReleaseDevice(context.Context, *ReleaseDeviceRequest) (*ReleaseDeviceResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ReleaseDevice not implemented")
 }
 func (UnimplementedDestAgentServer) mustEmbedUnimplementedDestAgentServer() {}
 func (UnimplementedDestAgentServer) testEmbeddedByValue()                   {}
@@ -271,6 +325,24 @@ func _DestAgent_GetIncoming_Handler(srv interface{}, ctx context.Context, dec fu
 	return interceptor(ctx, in, info, handler)
 }
 
+func _DestAgent_ListIncoming_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListIncomingRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(DestAgentServer).ListIncoming(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: DestAgent_ListIncoming_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(DestAgentServer).ListIncoming(ctx, req.(*ListIncomingRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _DestAgent_WatchIncoming_Handler(srv interface{}, stream grpc.ServerStream) error {
 	m := new(WatchIncomingRequest)
 	if err := stream.RecvMsg(m); err != nil {
@@ -318,6 +390,24 @@ func _DestAgent_CommitIncoming_Handler(srv interface{}, ctx context.Context, dec
 	return interceptor(ctx, in, info, handler)
 }
 
+func _DestAgent_ReleaseDevice_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ReleaseDeviceRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(DestAgentServer).ReleaseDevice(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: DestAgent_ReleaseDevice_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(DestAgentServer).ReleaseDevice(ctx, req.(*ReleaseDeviceRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // DestAgent_ServiceDesc is the grpc.ServiceDesc for DestAgent service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -338,12 +428,20 @@ var DestAgent_ServiceDesc = grpc.ServiceDesc{
 			Handler:    _DestAgent_GetIncoming_Handler,
 		},
 		{
+			MethodName: "ListIncoming",
+			Handler:    _DestAgent_ListIncoming_Handler,
+		},
+		{
 			MethodName: "CancelIncoming",
 			Handler:    _DestAgent_CancelIncoming_Handler,
 		},
 		{
 			MethodName: "CommitIncoming",
 			Handler:    _DestAgent_CommitIncoming_Handler,
+		},
+		{
+			MethodName: "ReleaseDevice",
+			Handler:    _DestAgent_ReleaseDevice_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -248,8 +248,10 @@ func (x *ReleaseDeviceRequest) GetReset_() bool {
 // ReleaseDeviceResponse holds the device after the request.
 type ReleaseDeviceResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// The device.
-	Device        *Device `protobuf:"bytes,1,opt,name=device,proto3" json:"device,omitempty"`
+	// The device, as it was when the agent let go of it.
+	Device *Device `protobuf:"bytes,1,opt,name=device,proto3" json:"device,omitempty"`
+	// The agent closed the device: another process may open it now.
+	LetGo         bool `protobuf:"varint,2,opt,name=let_go,json=letGo,proto3" json:"let_go,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -289,6 +291,13 @@ func (x *ReleaseDeviceResponse) GetDevice() *Device {
 		return x.Device
 	}
 	return nil
+}
+
+func (x *ReleaseDeviceResponse) GetLetGo() bool {
+	if x != nil {
+		return x.LetGo
+	}
+	return false
 }
 
 // DevicePair names one device stream: a device on this host and the
@@ -1013,9 +1022,10 @@ const file_ferry_v1_source_proto_rawDesc = "" +
 	"\x15ferry/v1/source.proto\x12\bferry.v1\x1a\x15ferry/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\"D\n" +
 	"\x14ReleaseDeviceRequest\x12\x16\n" +
 	"\x06device\x18\x01 \x01(\tR\x06device\x12\x14\n" +
-	"\x05reset\x18\x02 \x01(\bR\x05reset\"A\n" +
+	"\x05reset\x18\x02 \x01(\bR\x05reset\"X\n" +
 	"\x15ReleaseDeviceResponse\x12(\n" +
-	"\x06device\x18\x01 \x01(\v2\x10.ferry.v1.DeviceR\x06device\"R\n" +
+	"\x06device\x18\x01 \x01(\v2\x10.ferry.v1.DeviceR\x06device\x12\x15\n" +
+	"\x06let_go\x18\x02 \x01(\bR\x05letGo\"R\n" +
 	"\n" +
 	"DevicePair\x12#\n" +
 	"\rsource_device\x18\x01 \x01(\tR\fsourceDevice\x12\x1f\n" +

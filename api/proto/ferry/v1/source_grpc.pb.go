@@ -67,8 +67,10 @@ type SourceAgentClient interface {
 	// ReleaseDevice gives an idle device back for a new VM on this host: a
 	// device that no migration holds and that rests in STOP (after a
 	// committed migration) or ERROR returns to RUNNING, through a reset when
-	// asked or when the arc fails. A device a migration holds is
-	// FAILED_PRECONDITION, reason DEVICE_BUSY.
+	// asked or when the arc fails; then the agent lets go of it (closes its
+	// descriptors), so the new VM's VMM can open it. A device a migration
+	// holds is FAILED_PRECONDITION, reason DEVICE_BUSY. A vmm: device is
+	// its VMM's: it is returned to RUNNING and stays lent.
 	ReleaseDevice(ctx context.Context, in *ReleaseDeviceRequest, opts ...grpc.CallOption) (*ReleaseDeviceResponse, error)
 }
 
@@ -207,8 +209,10 @@ type SourceAgentServer interface {
 	// ReleaseDevice gives an idle device back for a new VM on this host: a
 	// device that no migration holds and that rests in STOP (after a
 	// committed migration) or ERROR returns to RUNNING, through a reset when
-	// asked or when the arc fails. A device a migration holds is
-	// FAILED_PRECONDITION, reason DEVICE_BUSY.
+	// asked or when the arc fails; then the agent lets go of it (closes its
+	// descriptors), so the new VM's VMM can open it. A device a migration
+	// holds is FAILED_PRECONDITION, reason DEVICE_BUSY. A vmm: device is
+	// its VMM's: it is returned to RUNNING and stays lent.
 	ReleaseDevice(context.Context, *ReleaseDeviceRequest) (*ReleaseDeviceResponse, error)
 	mustEmbedUnimplementedSourceAgentServer()
 }

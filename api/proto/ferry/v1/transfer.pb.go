@@ -31,8 +31,14 @@ const (
 	// Device state bytes.
 	ChunkKind_CHUNK_KIND_DATA ChunkKind = 1
 	// The end of a device's stream: no data; seq is the number of DATA
-	// chunks, offset the stream's length.
+	// and CONFIG chunks, offset the stream's length.
 	ChunkKind_CHUNK_KIND_END ChunkKind = 2
+	// The VMM's config state of the device (a vmm: device's blob: PCI
+	// config space, MSI-X, emulated BARs), opaque to Ferry: after the last
+	// DATA chunk and before END, in the same sequence and byte offsets,
+	// with a CRC32C and covered by the digest like data, at most 1 MiB in
+	// all. The destination keeps it instead of writing it into the device.
+	ChunkKind_CHUNK_KIND_CONFIG ChunkKind = 3
 )
 
 // Enum value maps for ChunkKind.
@@ -41,11 +47,13 @@ var (
 		0: "CHUNK_KIND_UNSPECIFIED",
 		1: "CHUNK_KIND_DATA",
 		2: "CHUNK_KIND_END",
+		3: "CHUNK_KIND_CONFIG",
 	}
 	ChunkKind_value = map[string]int32{
 		"CHUNK_KIND_UNSPECIFIED": 0,
 		"CHUNK_KIND_DATA":        1,
 		"CHUNK_KIND_END":         2,
+		"CHUNK_KIND_CONFIG":      3,
 	}
 )
 
@@ -446,17 +454,19 @@ type ChannelRequest struct {
 	Seq uint64 `protobuf:"varint,2,opt,name=seq,proto3" json:"seq,omitempty"`
 	// Byte offset of the chunk in the device's stream.
 	Offset uint64 `protobuf:"varint,3,opt,name=offset,proto3" json:"offset,omitempty"`
-	// DATA or END.
+	// DATA, CONFIG or END.
 	Kind ChunkKind `protobuf:"varint,4,opt,name=kind,proto3,enum=ferry.v1.ChunkKind" json:"kind,omitempty"`
 	// CRC32C (Castagnoli) of data.
 	Crc32C uint32 `protobuf:"fixed32,5,opt,name=crc32c,proto3" json:"crc32c,omitempty"`
 	// END: the stream's length in bytes.
 	TotalBytes uint64 `protobuf:"varint,6,opt,name=total_bytes,json=totalBytes,proto3" json:"total_bytes,omitempty"`
-	// END: the number of DATA chunks.
+	// END: the number of DATA and CONFIG chunks.
 	TotalChunks uint64 `protobuf:"varint,7,opt,name=total_chunks,json=totalChunks,proto3" json:"total_chunks,omitempty"`
 	// END: the stream digest (see DigestAlgorithm).
 	Digest []byte `protobuf:"bytes,8,opt,name=digest,proto3" json:"digest,omitempty"`
-	// DATA: the chunk bytes, 1 to chunk_size of them.
+	// END: how many of total_bytes are config state (the CONFIG chunks').
+	ConfigBytes uint64 `protobuf:"varint,9,opt,name=config_bytes,json=configBytes,proto3" json:"config_bytes,omitempty"`
+	// DATA and CONFIG: the chunk bytes, 1 to chunk_size of them.
 	Data          []byte `protobuf:"bytes,15,opt,name=data,proto3" json:"data,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -546,6 +556,13 @@ func (x *ChannelRequest) GetDigest() []byte {
 		return x.Digest
 	}
 	return nil
+}
+
+func (x *ChannelRequest) GetConfigBytes() uint64 {
+	if x != nil {
+		return x.ConfigBytes
+	}
+	return 0
 }
 
 func (x *ChannelRequest) GetData() []byte {
@@ -1277,7 +1294,7 @@ const file_ferry_v1_transfer_proto_rawDesc = "" +
 	"\tlimit_seq\x18\x02 \x01(\x04R\blimitSeq\x12!\n" +
 	"\flimit_offset\x18\x03 \x01(\x04R\vlimitOffset\x12\x1b\n" +
 	"\tacked_seq\x18\x04 \x01(\x04R\backedSeq\x12!\n" +
-	"\facked_offset\x18\x05 \x01(\x04R\vackedOffset\"\x83\x02\n" +
+	"\facked_offset\x18\x05 \x01(\x04R\vackedOffset\"\xa6\x02\n" +
 	"\x0eChannelRequest\x12\x16\n" +
 	"\x06device\x18\x01 \x01(\rR\x06device\x12\x10\n" +
 	"\x03seq\x18\x02 \x01(\x04R\x03seq\x12\x16\n" +
@@ -1287,7 +1304,8 @@ const file_ferry_v1_transfer_proto_rawDesc = "" +
 	"\vtotal_bytes\x18\x06 \x01(\x04R\n" +
 	"totalBytes\x12!\n" +
 	"\ftotal_chunks\x18\a \x01(\x04R\vtotalChunks\x12\x16\n" +
-	"\x06digest\x18\b \x01(\fR\x06digest\x12\x12\n" +
+	"\x06digest\x18\b \x01(\fR\x06digest\x12!\n" +
+	"\fconfig_bytes\x18\t \x01(\x04R\vconfigBytes\x12\x12\n" +
 	"\x04data\x18\x0f \x01(\fR\x04data\"^\n" +
 	"\x0fChannelResponse\x120\n" +
 	"\awindows\x18\x01 \x03(\v2\x16.ferry.v1.WindowUpdateR\awindows\x12\x19\n" +
@@ -1336,11 +1354,12 @@ const file_ferry_v1_transfer_proto_rawDesc = "" +
 	"\x06reason\x18\x02 \x01(\tR\x06reason\x12!\n" +
 	"\fmigration_id\x18\x03 \x01(\tR\vmigrationId\x12\x14\n" +
 	"\x05token\x18\x04 \x01(\tR\x05token\"\x0f\n" +
-	"\rAbortResponse*P\n" +
+	"\rAbortResponse*g\n" +
 	"\tChunkKind\x12\x1a\n" +
 	"\x16CHUNK_KIND_UNSPECIFIED\x10\x00\x12\x13\n" +
 	"\x0fCHUNK_KIND_DATA\x10\x01\x12\x12\n" +
-	"\x0eCHUNK_KIND_END\x10\x022\xe3\x03\n" +
+	"\x0eCHUNK_KIND_END\x10\x02\x12\x15\n" +
+	"\x11CHUNK_KIND_CONFIG\x10\x032\xe3\x03\n" +
 	"\bTransfer\x125\n" +
 	"\x04Open\x12\x15.ferry.v1.OpenRequest\x1a\x16.ferry.v1.OpenResponse\x12B\n" +
 	"\aChannel\x12\x18.ferry.v1.ChannelRequest\x1a\x19.ferry.v1.ChannelResponse(\x010\x01\x12V\n" +

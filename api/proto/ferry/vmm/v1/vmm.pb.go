@@ -32,6 +32,8 @@ type Request struct {
 	//	*Request_Attach
 	//	*Request_Detach
 	//	*Request_UpdateConfig
+	//	*Request_Watch
+	//	*Request_FetchConfig
 	Op            isRequest_Op `protobuf_oneof:"op"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -108,6 +110,24 @@ func (x *Request) GetUpdateConfig() *UpdateConfig {
 	return nil
 }
 
+func (x *Request) GetWatch() *Watch {
+	if x != nil {
+		if x, ok := x.Op.(*Request_Watch); ok {
+			return x.Watch
+		}
+	}
+	return nil
+}
+
+func (x *Request) GetFetchConfig() *FetchConfig {
+	if x != nil {
+		if x, ok := x.Op.(*Request_FetchConfig); ok {
+			return x.FetchConfig
+		}
+	}
+	return nil
+}
+
 type isRequest_Op interface {
 	isRequest_Op()
 }
@@ -124,11 +144,107 @@ type Request_UpdateConfig struct {
 	UpdateConfig *UpdateConfig `protobuf:"bytes,4,opt,name=update_config,json=updateConfig,proto3,oneof"`
 }
 
+type Request_Watch struct {
+	Watch *Watch `protobuf:"bytes,5,opt,name=watch,proto3,oneof"`
+}
+
+type Request_FetchConfig struct {
+	FetchConfig *FetchConfig `protobuf:"bytes,6,opt,name=fetch_config,json=fetchConfig,proto3,oneof"`
+}
+
 func (*Request_Attach) isRequest_Op() {}
 
 func (*Request_Detach) isRequest_Op() {}
 
 func (*Request_UpdateConfig) isRequest_Op() {}
+
+func (*Request_Watch) isRequest_Op() {}
+
+func (*Request_FetchConfig) isRequest_Op() {}
+
+// AgentMessage is what the agent sends: a Reply to a Request, or an
+// Event of a device the connection lent or watches.
+type AgentMessage struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Types that are valid to be assigned to Msg:
+	//
+	//	*AgentMessage_Reply
+	//	*AgentMessage_Event
+	Msg           isAgentMessage_Msg `protobuf_oneof:"msg"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AgentMessage) Reset() {
+	*x = AgentMessage{}
+	mi := &file_ferry_vmm_v1_vmm_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AgentMessage) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AgentMessage) ProtoMessage() {}
+
+func (x *AgentMessage) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_vmm_v1_vmm_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AgentMessage.ProtoReflect.Descriptor instead.
+func (*AgentMessage) Descriptor() ([]byte, []int) {
+	return file_ferry_vmm_v1_vmm_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *AgentMessage) GetMsg() isAgentMessage_Msg {
+	if x != nil {
+		return x.Msg
+	}
+	return nil
+}
+
+func (x *AgentMessage) GetReply() *Reply {
+	if x != nil {
+		if x, ok := x.Msg.(*AgentMessage_Reply); ok {
+			return x.Reply
+		}
+	}
+	return nil
+}
+
+func (x *AgentMessage) GetEvent() *Event {
+	if x != nil {
+		if x, ok := x.Msg.(*AgentMessage_Event); ok {
+			return x.Event
+		}
+	}
+	return nil
+}
+
+type isAgentMessage_Msg interface {
+	isAgentMessage_Msg()
+}
+
+type AgentMessage_Reply struct {
+	Reply *Reply `protobuf:"bytes,1,opt,name=reply,proto3,oneof"`
+}
+
+type AgentMessage_Event struct {
+	Event *Event `protobuf:"bytes,2,opt,name=event,proto3,oneof"`
+}
+
+func (*AgentMessage_Reply) isAgentMessage_Msg() {}
+
+func (*AgentMessage_Event) isAgentMessage_Msg() {}
 
 // Attach lends the device whose VFIO device fd travels with this frame,
 // under name; it is then `vmm:NAME` in the agent's specs. An Attach
@@ -147,7 +263,7 @@ type Attach struct {
 
 func (x *Attach) Reset() {
 	*x = Attach{}
-	mi := &file_ferry_vmm_v1_vmm_proto_msgTypes[1]
+	mi := &file_ferry_vmm_v1_vmm_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -159,7 +275,7 @@ func (x *Attach) String() string {
 func (*Attach) ProtoMessage() {}
 
 func (x *Attach) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_vmm_v1_vmm_proto_msgTypes[1]
+	mi := &file_ferry_vmm_v1_vmm_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -172,7 +288,7 @@ func (x *Attach) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Attach.ProtoReflect.Descriptor instead.
 func (*Attach) Descriptor() ([]byte, []int) {
-	return file_ferry_vmm_v1_vmm_proto_rawDescGZIP(), []int{1}
+	return file_ferry_vmm_v1_vmm_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *Attach) GetName() string {
@@ -190,7 +306,9 @@ func (x *Attach) GetConfigState() []byte {
 }
 
 // Detach withdraws a lent device. A migration holding it is cancelled
-// and rolled back first.
+// and rolled back first (a source device returns to RUNNING, a
+// destination device is reset); the Reply comes once the agent has let
+// go of it. Closing the connection detaches every device it lent.
 type Detach struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -200,7 +318,7 @@ type Detach struct {
 
 func (x *Detach) Reset() {
 	*x = Detach{}
-	mi := &file_ferry_vmm_v1_vmm_proto_msgTypes[2]
+	mi := &file_ferry_vmm_v1_vmm_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -212,7 +330,7 @@ func (x *Detach) String() string {
 func (*Detach) ProtoMessage() {}
 
 func (x *Detach) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_vmm_v1_vmm_proto_msgTypes[2]
+	mi := &file_ferry_vmm_v1_vmm_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -225,7 +343,7 @@ func (x *Detach) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Detach.ProtoReflect.Descriptor instead.
 func (*Detach) Descriptor() ([]byte, []int) {
-	return file_ferry_vmm_v1_vmm_proto_rawDescGZIP(), []int{2}
+	return file_ferry_vmm_v1_vmm_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *Detach) GetName() string {
@@ -247,7 +365,7 @@ type UpdateConfig struct {
 
 func (x *UpdateConfig) Reset() {
 	*x = UpdateConfig{}
-	mi := &file_ferry_vmm_v1_vmm_proto_msgTypes[3]
+	mi := &file_ferry_vmm_v1_vmm_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -259,7 +377,7 @@ func (x *UpdateConfig) String() string {
 func (*UpdateConfig) ProtoMessage() {}
 
 func (x *UpdateConfig) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_vmm_v1_vmm_proto_msgTypes[3]
+	mi := &file_ferry_vmm_v1_vmm_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -272,7 +390,7 @@ func (x *UpdateConfig) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateConfig.ProtoReflect.Descriptor instead.
 func (*UpdateConfig) Descriptor() ([]byte, []int) {
-	return file_ferry_vmm_v1_vmm_proto_rawDescGZIP(), []int{3}
+	return file_ferry_vmm_v1_vmm_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *UpdateConfig) GetName() string {
@@ -289,19 +407,116 @@ func (x *UpdateConfig) GetConfigState() []byte {
 	return nil
 }
 
+// Watch sends the Events of a device lent on another connection to
+// this one too. The connection that lent a device gets its Events
+// without asking.
+type Watch struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Watch) Reset() {
+	*x = Watch{}
+	mi := &file_ferry_vmm_v1_vmm_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Watch) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Watch) ProtoMessage() {}
+
+func (x *Watch) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_vmm_v1_vmm_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Watch.ProtoReflect.Descriptor instead.
+func (*Watch) Descriptor() ([]byte, []int) {
+	return file_ferry_vmm_v1_vmm_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *Watch) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+// FetchConfig asks for the config state a destination migration
+// delivered with a lent device (Reply.config_state).
+type FetchConfig struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FetchConfig) Reset() {
+	*x = FetchConfig{}
+	mi := &file_ferry_vmm_v1_vmm_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FetchConfig) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FetchConfig) ProtoMessage() {}
+
+func (x *FetchConfig) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_vmm_v1_vmm_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FetchConfig.ProtoReflect.Descriptor instead.
+func (*FetchConfig) Descriptor() ([]byte, []int) {
+	return file_ferry_vmm_v1_vmm_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *FetchConfig) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
 // Reply answers one Request.
 type Reply struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Id    uint64                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
 	// Unset on success.
-	Error         *Error `protobuf:"bytes,2,opt,name=error,proto3" json:"error,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Error *Error `protobuf:"bytes,2,opt,name=error,proto3" json:"error,omitempty"`
+	// FetchConfig: the config state received with the device.
+	ConfigState []byte `protobuf:"bytes,3,opt,name=config_state,json=configState,proto3" json:"config_state,omitempty"`
+	// FetchConfig: whether a migration delivered one yet.
+	HasConfigState bool `protobuf:"varint,4,opt,name=has_config_state,json=hasConfigState,proto3" json:"has_config_state,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *Reply) Reset() {
 	*x = Reply{}
-	mi := &file_ferry_vmm_v1_vmm_proto_msgTypes[4]
+	mi := &file_ferry_vmm_v1_vmm_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -313,7 +528,7 @@ func (x *Reply) String() string {
 func (*Reply) ProtoMessage() {}
 
 func (x *Reply) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_vmm_v1_vmm_proto_msgTypes[4]
+	mi := &file_ferry_vmm_v1_vmm_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -326,7 +541,7 @@ func (x *Reply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Reply.ProtoReflect.Descriptor instead.
 func (*Reply) Descriptor() ([]byte, []int) {
-	return file_ferry_vmm_v1_vmm_proto_rawDescGZIP(), []int{4}
+	return file_ferry_vmm_v1_vmm_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *Reply) GetId() uint64 {
@@ -343,6 +558,133 @@ func (x *Reply) GetError() *Error {
 	return nil
 }
 
+func (x *Reply) GetConfigState() []byte {
+	if x != nil {
+		return x.ConfigState
+	}
+	return nil
+}
+
+func (x *Reply) GetHasConfigState() bool {
+	if x != nil {
+		return x.HasConfigState
+	}
+	return false
+}
+
+// Event is one change of a lent device: the first comes at Attach (or
+// Watch), then one for each state the agent reads or sets, each change
+// of the migration holding it, the config state a destination delivered,
+// and the withdrawal, which is the last.
+type Event struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// The device's migration state, numbered as the kernel's enum
+	// vfio_device_mig_state.
+	State uint32 `protobuf:"varint,2,opt,name=state,proto3" json:"state,omitempty"`
+	// The state's name: RUNNING, STOP_COPY, ...
+	StateName string `protobuf:"bytes,3,opt,name=state_name,json=stateName,proto3" json:"state_name,omitempty"`
+	// The id of the migration holding the device; empty when free.
+	MigrationId string `protobuf:"bytes,4,opt,name=migration_id,json=migrationId,proto3" json:"migration_id,omitempty"`
+	// Set once a destination migration verified the device: the config
+	// state the source VMM attached.
+	ConfigState    []byte `protobuf:"bytes,5,opt,name=config_state,json=configState,proto3" json:"config_state,omitempty"`
+	ConfigReceived bool   `protobuf:"varint,6,opt,name=config_received,json=configReceived,proto3" json:"config_received,omitempty"`
+	// The agent let go of the device: no Event follows.
+	Withdrawn bool `protobuf:"varint,7,opt,name=withdrawn,proto3" json:"withdrawn,omitempty"`
+	// Events the agent dropped before this one because the VMM read too
+	// slowly (the state here is current).
+	Missed        uint64 `protobuf:"varint,8,opt,name=missed,proto3" json:"missed,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Event) Reset() {
+	*x = Event{}
+	mi := &file_ferry_vmm_v1_vmm_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Event) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Event) ProtoMessage() {}
+
+func (x *Event) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_vmm_v1_vmm_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Event.ProtoReflect.Descriptor instead.
+func (*Event) Descriptor() ([]byte, []int) {
+	return file_ferry_vmm_v1_vmm_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *Event) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Event) GetState() uint32 {
+	if x != nil {
+		return x.State
+	}
+	return 0
+}
+
+func (x *Event) GetStateName() string {
+	if x != nil {
+		return x.StateName
+	}
+	return ""
+}
+
+func (x *Event) GetMigrationId() string {
+	if x != nil {
+		return x.MigrationId
+	}
+	return ""
+}
+
+func (x *Event) GetConfigState() []byte {
+	if x != nil {
+		return x.ConfigState
+	}
+	return nil
+}
+
+func (x *Event) GetConfigReceived() bool {
+	if x != nil {
+		return x.ConfigReceived
+	}
+	return false
+}
+
+func (x *Event) GetWithdrawn() bool {
+	if x != nil {
+		return x.Withdrawn
+	}
+	return false
+}
+
+func (x *Event) GetMissed() uint64 {
+	if x != nil {
+		return x.Missed
+	}
+	return 0
+}
+
 // Error says why a request was refused, with a gRPC code and one of the
 // reasons Ferry's API uses (google.rpc.ErrorInfo's reason).
 type Error struct {
@@ -356,7 +698,7 @@ type Error struct {
 
 func (x *Error) Reset() {
 	*x = Error{}
-	mi := &file_ferry_vmm_v1_vmm_proto_msgTypes[5]
+	mi := &file_ferry_vmm_v1_vmm_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -368,7 +710,7 @@ func (x *Error) String() string {
 func (*Error) ProtoMessage() {}
 
 func (x *Error) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_vmm_v1_vmm_proto_msgTypes[5]
+	mi := &file_ferry_vmm_v1_vmm_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -381,7 +723,7 @@ func (x *Error) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Error.ProtoReflect.Descriptor instead.
 func (*Error) Descriptor() ([]byte, []int) {
-	return file_ferry_vmm_v1_vmm_proto_rawDescGZIP(), []int{5}
+	return file_ferry_vmm_v1_vmm_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *Error) GetCode() int32 {
@@ -409,13 +751,19 @@ var File_ferry_vmm_v1_vmm_proto protoreflect.FileDescriptor
 
 const file_ferry_vmm_v1_vmm_proto_rawDesc = "" +
 	"\n" +
-	"\x16ferry/vmm/v1/vmm.proto\x12\fferry.vmm.v1\"\xc2\x01\n" +
+	"\x16ferry/vmm/v1/vmm.proto\x12\fferry.vmm.v1\"\xaf\x02\n" +
 	"\aRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12.\n" +
 	"\x06attach\x18\x02 \x01(\v2\x14.ferry.vmm.v1.AttachH\x00R\x06attach\x12.\n" +
 	"\x06detach\x18\x03 \x01(\v2\x14.ferry.vmm.v1.DetachH\x00R\x06detach\x12A\n" +
-	"\rupdate_config\x18\x04 \x01(\v2\x1a.ferry.vmm.v1.UpdateConfigH\x00R\fupdateConfigB\x04\n" +
-	"\x02op\"?\n" +
+	"\rupdate_config\x18\x04 \x01(\v2\x1a.ferry.vmm.v1.UpdateConfigH\x00R\fupdateConfig\x12+\n" +
+	"\x05watch\x18\x05 \x01(\v2\x13.ferry.vmm.v1.WatchH\x00R\x05watch\x12>\n" +
+	"\ffetch_config\x18\x06 \x01(\v2\x19.ferry.vmm.v1.FetchConfigH\x00R\vfetchConfigB\x04\n" +
+	"\x02op\"o\n" +
+	"\fAgentMessage\x12+\n" +
+	"\x05reply\x18\x01 \x01(\v2\x13.ferry.vmm.v1.ReplyH\x00R\x05reply\x12+\n" +
+	"\x05event\x18\x02 \x01(\v2\x13.ferry.vmm.v1.EventH\x00R\x05eventB\x05\n" +
+	"\x03msg\"?\n" +
 	"\x06Attach\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12!\n" +
 	"\fconfig_state\x18\x02 \x01(\fR\vconfigState\"\x1c\n" +
@@ -423,10 +771,26 @@ const file_ferry_vmm_v1_vmm_proto_rawDesc = "" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"E\n" +
 	"\fUpdateConfig\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12!\n" +
-	"\fconfig_state\x18\x02 \x01(\fR\vconfigState\"B\n" +
+	"\fconfig_state\x18\x02 \x01(\fR\vconfigState\"\x1b\n" +
+	"\x05Watch\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"!\n" +
+	"\vFetchConfig\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"\x8f\x01\n" +
 	"\x05Reply\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12)\n" +
-	"\x05error\x18\x02 \x01(\v2\x13.ferry.vmm.v1.ErrorR\x05error\"M\n" +
+	"\x05error\x18\x02 \x01(\v2\x13.ferry.vmm.v1.ErrorR\x05error\x12!\n" +
+	"\fconfig_state\x18\x03 \x01(\fR\vconfigState\x12(\n" +
+	"\x10has_config_state\x18\x04 \x01(\bR\x0ehasConfigState\"\xf5\x01\n" +
+	"\x05Event\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
+	"\x05state\x18\x02 \x01(\rR\x05state\x12\x1d\n" +
+	"\n" +
+	"state_name\x18\x03 \x01(\tR\tstateName\x12!\n" +
+	"\fmigration_id\x18\x04 \x01(\tR\vmigrationId\x12!\n" +
+	"\fconfig_state\x18\x05 \x01(\fR\vconfigState\x12'\n" +
+	"\x0fconfig_received\x18\x06 \x01(\bR\x0econfigReceived\x12\x1c\n" +
+	"\twithdrawn\x18\a \x01(\bR\twithdrawn\x12\x16\n" +
+	"\x06missed\x18\b \x01(\x04R\x06missed\"M\n" +
 	"\x05Error\x12\x12\n" +
 	"\x04code\x18\x01 \x01(\x05R\x04code\x12\x16\n" +
 	"\x06reason\x18\x02 \x01(\tR\x06reason\x12\x18\n" +
@@ -444,25 +808,33 @@ func file_ferry_vmm_v1_vmm_proto_rawDescGZIP() []byte {
 	return file_ferry_vmm_v1_vmm_proto_rawDescData
 }
 
-var file_ferry_vmm_v1_vmm_proto_msgTypes = make([]protoimpl.MessageInfo, 6)
+var file_ferry_vmm_v1_vmm_proto_msgTypes = make([]protoimpl.MessageInfo, 10)
 var file_ferry_vmm_v1_vmm_proto_goTypes = []any{
 	(*Request)(nil),      // 0: ferry.vmm.v1.Request
-	(*Attach)(nil),       // 1: ferry.vmm.v1.Attach
-	(*Detach)(nil),       // 2: ferry.vmm.v1.Detach
-	(*UpdateConfig)(nil), // 3: ferry.vmm.v1.UpdateConfig
-	(*Reply)(nil),        // 4: ferry.vmm.v1.Reply
-	(*Error)(nil),        // 5: ferry.vmm.v1.Error
+	(*AgentMessage)(nil), // 1: ferry.vmm.v1.AgentMessage
+	(*Attach)(nil),       // 2: ferry.vmm.v1.Attach
+	(*Detach)(nil),       // 3: ferry.vmm.v1.Detach
+	(*UpdateConfig)(nil), // 4: ferry.vmm.v1.UpdateConfig
+	(*Watch)(nil),        // 5: ferry.vmm.v1.Watch
+	(*FetchConfig)(nil),  // 6: ferry.vmm.v1.FetchConfig
+	(*Reply)(nil),        // 7: ferry.vmm.v1.Reply
+	(*Event)(nil),        // 8: ferry.vmm.v1.Event
+	(*Error)(nil),        // 9: ferry.vmm.v1.Error
 }
 var file_ferry_vmm_v1_vmm_proto_depIdxs = []int32{
-	1, // 0: ferry.vmm.v1.Request.attach:type_name -> ferry.vmm.v1.Attach
-	2, // 1: ferry.vmm.v1.Request.detach:type_name -> ferry.vmm.v1.Detach
-	3, // 2: ferry.vmm.v1.Request.update_config:type_name -> ferry.vmm.v1.UpdateConfig
-	5, // 3: ferry.vmm.v1.Reply.error:type_name -> ferry.vmm.v1.Error
-	4, // [4:4] is the sub-list for method output_type
-	4, // [4:4] is the sub-list for method input_type
-	4, // [4:4] is the sub-list for extension type_name
-	4, // [4:4] is the sub-list for extension extendee
-	0, // [0:4] is the sub-list for field type_name
+	2, // 0: ferry.vmm.v1.Request.attach:type_name -> ferry.vmm.v1.Attach
+	3, // 1: ferry.vmm.v1.Request.detach:type_name -> ferry.vmm.v1.Detach
+	4, // 2: ferry.vmm.v1.Request.update_config:type_name -> ferry.vmm.v1.UpdateConfig
+	5, // 3: ferry.vmm.v1.Request.watch:type_name -> ferry.vmm.v1.Watch
+	6, // 4: ferry.vmm.v1.Request.fetch_config:type_name -> ferry.vmm.v1.FetchConfig
+	7, // 5: ferry.vmm.v1.AgentMessage.reply:type_name -> ferry.vmm.v1.Reply
+	8, // 6: ferry.vmm.v1.AgentMessage.event:type_name -> ferry.vmm.v1.Event
+	9, // 7: ferry.vmm.v1.Reply.error:type_name -> ferry.vmm.v1.Error
+	8, // [8:8] is the sub-list for method output_type
+	8, // [8:8] is the sub-list for method input_type
+	8, // [8:8] is the sub-list for extension type_name
+	8, // [8:8] is the sub-list for extension extendee
+	0, // [0:8] is the sub-list for field type_name
 }
 
 func init() { file_ferry_vmm_v1_vmm_proto_init() }
@@ -474,6 +846,12 @@ func file_ferry_vmm_v1_vmm_proto_init() {
 		(*Request_Attach)(nil),
 		(*Request_Detach)(nil),
 		(*Request_UpdateConfig)(nil),
+		(*Request_Watch)(nil),
+		(*Request_FetchConfig)(nil),
+	}
+	file_ferry_vmm_v1_vmm_proto_msgTypes[1].OneofWrappers = []any{
+		(*AgentMessage_Reply)(nil),
+		(*AgentMessage_Event)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -481,7 +859,7 @@ func file_ferry_vmm_v1_vmm_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_ferry_vmm_v1_vmm_proto_rawDesc), len(file_ferry_vmm_v1_vmm_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   6,
+			NumMessages:   10,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
