@@ -15,6 +15,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -41,7 +42,7 @@ type agent struct {
 }
 
 // tailLines is how many log lines an agent keeps for a report.
-const tailLines = 400
+const tailLines = 4000
 
 // agentStartTimeout bounds how long an agent may take to listen.
 const agentStartTimeout = 30 * time.Second
@@ -69,6 +70,8 @@ func (a *agent) start(ctx context.Context) error {
 	}
 	fmt.Fprintf(log, "{\"msg\":\"soak: starting\",\"args\":%q}\n", strings.Join(args, " "))
 	cmd := exec.Command(a.exe, args...)
+	// A SIGQUIT (dumpGoroutines) prints every goroutine's stack.
+	cmd.Env = append(os.Environ(), "GOTRACEBACK=all")
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
 		log.Close()
@@ -164,6 +167,41 @@ func (a *agent) kill() {
 	<-exited
 }
 
+// dumpGoroutines ends the process with SIGQUIT, which makes the Go
+// runtime print every goroutine's stack into its log, and returns the
+// stacks. The soak does it when it stops at a leak.
+func (a *agent) dumpGoroutines() string {
+	a.mu.Lock()
+	cmd, exited := a.cmd, a.exited
+	from := len(a.tail)
+	a.mu.Unlock()
+	if cmd == nil {
+		return ""
+	}
+	cmd.Process.Signal(syscall.SIGQUIT)
+	t := time.NewTimer(10 * time.Second)
+	defer t.Stop()
+	select {
+	case <-exited:
+	case <-t.C:
+		cmd.Process.Kill()
+		<-exited
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if from > len(a.tail) {
+		from = 0
+	}
+	var b strings.Builder
+	for _, l := range a.tail[from:] {
+		if !strings.HasPrefix(l, "{") {
+			b.WriteString(l)
+			b.WriteByte('\n')
+		}
+	}
+	return b.String()
+}
+
 // restart kills the process and starts another on the same addresses.
 func (a *agent) restart(ctx context.Context) error {
 	// The epoch moves first: whatever fails from now on may be the
@@ -242,6 +280,10 @@ type usage struct {
 	FDs         int     `json:"fds"`
 	RSS         uint64  `json:"rss_bytes"`
 	BudgetInUse float64 `json:"budget_in_use_bytes"` // destinations only
+	// Devices is how many devices the agent has open (ListDevices): each
+	// has a watchdog goroutine of its own for as long as the registry
+	// keeps it open, which is for good.
+	Devices int `json:"devices"`
 }
 
 // usage reads the process's goroutines and the destination's budget in

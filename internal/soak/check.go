@@ -316,17 +316,20 @@ func (s *soak) checkUsage(ctx context.Context, a *agent) error {
 	b := s.cfg.bounds()
 	deadline := time.Now().Add(settleTimeout)
 	for {
-		u, err := a.usage(ctx)
+		u, err := s.usage(ctx, a)
 		if err != nil {
 			return err
 		}
+		// One watchdog goroutine per device opened since the baseline.
+		goroutines := base.Goroutines + b.goroutines + max(u.Devices-base.Devices, 0)
 		s.noteUsage(a, u)
 		var bad []string
 		if a.role == "dest" && u.BudgetInUse != 0 {
 			bad = append(bad, fmt.Sprintf("%s: %v bytes of the budget in use", invBudget, u.BudgetInUse))
 		}
-		if u.Goroutines > base.Goroutines+b.goroutines {
-			bad = append(bad, fmt.Sprintf("%s: %d goroutines, baseline %d + %d", invGoroutines, u.Goroutines, base.Goroutines, b.goroutines))
+		if u.Goroutines > goroutines {
+			bad = append(bad, fmt.Sprintf("%s: %d goroutines, baseline %d + %d + %d for the devices opened since (%d to %d)",
+				invGoroutines, u.Goroutines, base.Goroutines, b.goroutines, u.Devices-base.Devices, base.Devices, u.Devices))
 		}
 		if u.FDs > base.FDs+b.fds {
 			bad = append(bad, fmt.Sprintf("%s: %d open fds, baseline %d + %d", invFDs, u.FDs, base.FDs, b.fds))
@@ -347,7 +350,11 @@ func (s *soak) checkUsage(ctx context.Context, a *agent) error {
 			for _, i := range []string{invBudget, invGoroutines, invFDs, invRSS} {
 				s.checks.count(i)
 			}
-			return violate(inv, "%s, %v after the round: %s", a.name, settleTimeout, strings.Join(bad, "; "))
+			v := violate(inv, "%s, %v after the round: %s", a.name, settleTimeout, strings.Join(bad, "; "))
+			if inv == invGoroutines || inv == invFDs {
+				v.Detail += "\n" + summarizeStacks(a.dumpGoroutines())
+			}
+			return v
 		}
 		t := time.NewTimer(100 * time.Millisecond)
 		select {
@@ -396,4 +403,43 @@ func markDeviceFaults(p *migrationPlan, o *outcome, srcDevs, dstDevs map[string]
 			}
 		}
 	}
+}
+
+// summarizeStacks counts a goroutine dump's goroutines by their
+// innermost frames in the ferry code (or their first frame), most first:
+// what a leak left running.
+func summarizeStacks(dump string) string {
+	counts := map[string]int{}
+	for g := range strings.SplitSeq(dump, "\n\n") {
+		lines := strings.Split(strings.TrimSpace(g), "\n")
+		if len(lines) < 2 || !strings.HasPrefix(lines[0], "goroutine ") {
+			continue
+		}
+		state, _, _ := strings.Cut(lines[0][strings.Index(lines[0], "[")+1:], ",")
+		state = "[" + strings.TrimSuffix(state, "]:") + "]"
+		key := strings.TrimSpace(lines[1])
+		for i := 1; i < len(lines); i += 2 {
+			if strings.Contains(lines[i], "vfio-ferry/ferry/") {
+				key = strings.TrimSpace(lines[i])
+				break
+			}
+		}
+		if i := strings.LastIndex(key, "("); i > 0 {
+			key = key[:i] // the arguments' addresses
+		}
+		counts[state+" "+key]++
+	}
+	keys := make([]string, 0, len(counts))
+	for k := range counts {
+		keys = append(keys, k)
+	}
+	sort.Slice(keys, func(i, j int) bool {
+		return counts[keys[i]] > counts[keys[j]] || counts[keys[i]] == counts[keys[j]] && keys[i] < keys[j]
+	})
+	var b strings.Builder
+	b.WriteString("goroutines by where they wait (the whole dump is in the agent's log):\n")
+	for _, k := range keys {
+		fmt.Fprintf(&b, "  %3d %s\n", counts[k], k)
+	}
+	return b.String()
 }

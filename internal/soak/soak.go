@@ -658,7 +658,7 @@ func (s *soak) warmUp(ctx context.Context, which []*agent) (*ViolationReport, er
 		// reads, as goroutines of the warm-up's streams finish.
 		var best usage
 		for i := range 20 {
-			u, err := a.usage(ctx)
+			u, err := s.usage(ctx, a)
 			if err != nil {
 				return nil, err
 			}
@@ -669,6 +669,7 @@ func (s *soak) warmUp(ctx context.Context, which []*agent) (*ViolationReport, er
 				best.FDs = u.FDs
 			}
 			best.RSS = max(best.RSS, u.RSS)
+			best.Devices = u.Devices
 			t := time.NewTimer(50 * time.Millisecond)
 			select {
 			case <-ctx.Done():
@@ -684,6 +685,20 @@ func (s *soak) warmUp(ctx context.Context, which []*agent) (*ViolationReport, er
 	return nil, nil
 }
 
+// usage is the agent's usage with its open devices counted.
+func (s *soak) usage(ctx context.Context, a *agent) (usage, error) {
+	u, err := a.usage(ctx)
+	if err != nil {
+		return u, err
+	}
+	devs, err := s.listDevices(ctx, a)
+	if err != nil {
+		return u, err
+	}
+	u.Devices = len(devs)
+	return u, nil
+}
+
 func (s *soak) baseline(a *agent) (usage, bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -697,6 +712,7 @@ func (s *soak) noteUsage(a *agent, u usage) {
 	p := s.peak[a]
 	p.Goroutines, p.FDs, p.RSS = max(p.Goroutines, u.Goroutines), max(p.FDs, u.FDs), max(p.RSS, u.RSS)
 	p.BudgetInUse = max(p.BudgetInUse, u.BudgetInUse)
+	p.Devices = max(p.Devices, u.Devices)
 	s.peak[a] = p
 }
 
@@ -724,7 +740,8 @@ func (r *Report) WriteText(w io.Writer) {
 	sort.Strings(names)
 	for _, n := range names {
 		u, b := r.Usage[n], r.Baselines[n]
-		fmt.Fprintf(w, "  %-18s goroutines %d (baseline %d), fds %d (%d), RSS %d MiB (%d MiB)\n", n, u.Goroutines, b.Goroutines, u.FDs, b.FDs, u.RSS>>20, b.RSS>>20)
+		fmt.Fprintf(w, "  %-18s goroutines %d (baseline %d), fds %d (%d), RSS %d MiB (%d MiB), devices open %d (%d)\n",
+			n, u.Goroutines, b.Goroutines, u.FDs, b.FDs, u.RSS>>20, b.RSS>>20, u.Devices, b.Devices)
 	}
 	if v := r.Violation; v != nil {
 		fmt.Fprintf(w, "\nVIOLATION %s: %s\n", v.Invariant, v.Detail)
