@@ -45,6 +45,7 @@ type outcome struct {
 	source      *ferryv1.Migration
 	dest        *ferryv1.Migration
 	refusedCode codes.Code
+	refusedAt   string // "prepare" or "start"
 }
 
 // Outcomes a migration can have beside the final phases.
@@ -167,7 +168,7 @@ func (m *migrationRun) run(ctx context.Context) (*outcome, error) {
 // only a fault may explain: a device that hangs as it is opened, or an
 // agent restarting.
 func (m *migrationRun) refused(ctx context.Context, what string, err error, srcEpoch, dstEpoch int) (*outcome, error) {
-	o := &outcome{Phase: outcomeRefused, Reason: wire.Reason(err), Message: what + ": " + err.Error(), refusedCode: wire.Code(err)}
+	o := &outcome{Phase: outcomeRefused, Reason: wire.Reason(err), Message: what + ": " + err.Error(), refusedCode: wire.Code(err), refusedAt: what}
 	o.collateral = m.src.epoch() != srcEpoch || m.dst.epoch() != dstEpoch
 	if ctx.Err() != nil {
 		return nil, fmt.Errorf("%s of %s did not answer within %v: %w", what, m.p.ID, migrationTimeout, err)
