@@ -30,15 +30,17 @@ type agent struct {
 	args    []string // role and flags, without the listen addresses
 	logPath string   // every line of every process it ran, appended
 
-	mu          sync.Mutex
-	cmd         *exec.Cmd
-	exited      chan struct{} // closed once the current process is reaped
-	addr        string        // gRPC listen address, fixed after the first start
-	dataAddr    string        // direct data listener, for a destination with one
-	metricsAddr string        // metrics page; changes with every start
-	tail        []string      // the last log lines, for a violation's report
-	races       []string      // race detector reports (a race-built binary)
-	restarts    int
+	mu           sync.Mutex
+	cmd          *exec.Cmd
+	exited       chan struct{} // closed once the current process is reaped
+	addr         string        // gRPC listen address, fixed after the first start
+	dataAddr     string        // direct data listener, for a destination with one
+	metricsAddr  string        // metrics page; changes with every start
+	tail         []string      // the last log lines, for a violation's report
+	races        []string      // race detector reports (a race-built binary)
+	untranslated []string      // access-log lines of calls that ended UNKNOWN: an error without a gRPC status
+	panics       []string      // "panic in handler" lines
+	restarts     int
 }
 
 // tailLines is how many log lines an agent keeps for a report.
@@ -136,6 +138,12 @@ func (a *agent) read(r io.Reader, log io.Writer, listening chan<- struct{}) {
 			if line == "==================" {
 				inRace = false
 			}
+		}
+		if isJSON && l.Msg == "finished call" && strings.Contains(line, `"grpc.code":"Unknown"`) {
+			a.untranslated = append(a.untranslated, line)
+		}
+		if isJSON && l.Msg == "panic in handler" {
+			a.panics = append(a.panics, line)
 		}
 		var up bool
 		switch l.Msg {
@@ -265,6 +273,14 @@ func (a *agent) logTail(n int) string {
 	}
 	slices.Reverse(t)
 	return strings.Join(t, "\n")
+}
+
+// untranslatedCalls returns the calls that ended UNKNOWN and the
+// handler panics logged so far.
+func (a *agent) untranslatedCalls() (unknown, panics []string) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return append([]string(nil), a.untranslated...), append([]string(nil), a.panics...)
 }
 
 // raceReports returns the race detector's reports so far.

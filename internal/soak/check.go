@@ -29,6 +29,7 @@ const (
 	invNoRace       = "no-data-race"           // a race-built agent reported no data race
 	invRefusedFault = "refusal-has-a-fault"    // a prepare or start is refused only under a fault that explains it
 	invRelease      = "source-device-released" // a source device left in STOP by a success goes back to RUNNING on ReleaseDevice
+	invCoded        = "errors-have-codes"      // no call ends UNKNOWN (an error that left a handler without a gRPC status), no handler panics
 	invInDoubt      = "in-doubt-resolved"      // a destination left VERIFIED after its source ended is one a fault cut off, and resolves as the control plane asks
 )
 
@@ -266,6 +267,12 @@ func (s *soak) checkAgent(ctx context.Context, a *agent, ids []string) error {
 	s.checks.count(invNoRace)
 	if r := a.raceReports(); len(r) > 0 {
 		return violate(invNoRace, "%s reported a data race:\n%s", a.name, r[0])
+	}
+	s.checks.count(invCoded)
+	if unknown, panics := a.untranslatedCalls(); len(panics) > 0 {
+		return violate(invCoded, "%s: a handler panicked: %s", a.name, panics[0])
+	} else if len(unknown) > 0 {
+		return violate(invCoded, "%s: %d call(s) ended UNKNOWN, an error without a gRPC status; the first: %s", a.name, len(unknown), unknown[0])
 	}
 	cctx, cancel := context.WithTimeout(ctx, callTimeout)
 	defer cancel()

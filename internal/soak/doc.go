@@ -80,8 +80,13 @@
 // destination's budget in use zero; its goroutine count (go_goroutines
 // from its metrics page, --metrics-listen), open fds (/proc/PID/fd) and
 // RSS (/proc/PID/status) back within a small bound of its baseline (the
-// level of the process, idle, after a warm-up migration) within 30 s;
-// and, for a race-built binary, no data race in its stderr. An agent left
+// level of the process, idle, after a warm-up migration) within 30 s,
+// allowing a watchdog goroutine for each device it opened since (an
+// agent keeps every device it opened, and a fault's spec names a new
+// one); a leak's goroutine stacks are dumped (SIGQUIT) and summarised;
+// no call in its access log ended UNKNOWN (an error that left a handler
+// without a gRPC status) and no handler panicked; and, for a race-built
+// binary, no data race in its stderr. An agent left
 // holding a hung device (whose operation never returns, so its goroutine
 // never ends) is restarted after the round; a restarted agent is warmed
 // up and measured afresh.
