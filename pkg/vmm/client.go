@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"sync"
@@ -123,8 +124,14 @@ func (c *Client) do(ctx context.Context, req *vmmv1.Request, fd int) (*vmmv1.Rep
 	c.nextID++
 	req.Id = c.nextID
 	if err := c.conn.Write(req, fd); err != nil {
-		if e := c.Err(); e != nil {
-			return nil, e
+		// A broken connection: the agent may have said why (a refused
+		// peer) before it closed, and the reader ends at the close.
+		select {
+		case <-c.done:
+			if c.err != nil && !errors.Is(c.err, io.EOF) {
+				return nil, c.err
+			}
+		case <-ctx.Done():
 		}
 		return nil, fmt.Errorf("vmm socket: %w", err)
 	}

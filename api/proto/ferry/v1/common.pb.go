@@ -102,6 +102,73 @@ func (DeviceState) EnumDescriptor() ([]byte, []int) {
 	return file_ferry_v1_common_proto_rawDescGZIP(), []int{0}
 }
 
+// Feature is a part of the protocol that came after Ferry 0.1.0. A
+// source asks for the features it wants in OpenRequest.features and uses
+// only those the destination grants (OpenResponse.granted_features); an
+// agent that answers no agent_version is a 0.1.0 one and grants none.
+type Feature int32
+
+const (
+	// Invalid.
+	Feature_FEATURE_UNSPECIFIED Feature = 0
+	// The commit rule: the source's Transfer.Commit after the verified
+	// verdict, the destination VERIFIED until then. Without it the
+	// verified verdict is the commit (0.1.0).
+	Feature_FEATURE_COMMIT Feature = 1
+	// Pre-copy: MIGRATION_MODE_PRECOPY, Transfer.SwitchoverAck, READY.
+	Feature_FEATURE_PRECOPY Feature = 2
+	// CONFIG chunks: a VMM's config state after a device's data.
+	Feature_FEATURE_CONFIG_STATE Feature = 3
+	// The destination checks OpenRequest.source_descriptions against its
+	// devices, as Preflight does, and refuses an incompatible pair.
+	Feature_FEATURE_DEVICE_CHECK Feature = 4
+)
+
+// Enum value maps for Feature.
+var (
+	Feature_name = map[int32]string{
+		0: "FEATURE_UNSPECIFIED",
+		1: "FEATURE_COMMIT",
+		2: "FEATURE_PRECOPY",
+		3: "FEATURE_CONFIG_STATE",
+		4: "FEATURE_DEVICE_CHECK",
+	}
+	Feature_value = map[string]int32{
+		"FEATURE_UNSPECIFIED":  0,
+		"FEATURE_COMMIT":       1,
+		"FEATURE_PRECOPY":      2,
+		"FEATURE_CONFIG_STATE": 3,
+		"FEATURE_DEVICE_CHECK": 4,
+	}
+)
+
+func (x Feature) Enum() *Feature {
+	p := new(Feature)
+	*p = x
+	return p
+}
+
+func (x Feature) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (Feature) Descriptor() protoreflect.EnumDescriptor {
+	return file_ferry_v1_common_proto_enumTypes[1].Descriptor()
+}
+
+func (Feature) Type() protoreflect.EnumType {
+	return &file_ferry_v1_common_proto_enumTypes[1]
+}
+
+func (x Feature) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use Feature.Descriptor instead.
+func (Feature) EnumDescriptor() ([]byte, []int) {
+	return file_ferry_v1_common_proto_rawDescGZIP(), []int{1}
+}
+
 // MigrationPhase is where a migration stands. A migration moves forward
 // through the phases and ends in exactly one of SUCCEEDED, FAILED or
 // CANCELLED.
@@ -188,11 +255,11 @@ func (x MigrationPhase) String() string {
 }
 
 func (MigrationPhase) Descriptor() protoreflect.EnumDescriptor {
-	return file_ferry_v1_common_proto_enumTypes[1].Descriptor()
+	return file_ferry_v1_common_proto_enumTypes[2].Descriptor()
 }
 
 func (MigrationPhase) Type() protoreflect.EnumType {
-	return &file_ferry_v1_common_proto_enumTypes[1]
+	return &file_ferry_v1_common_proto_enumTypes[2]
 }
 
 func (x MigrationPhase) Number() protoreflect.EnumNumber {
@@ -201,7 +268,7 @@ func (x MigrationPhase) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use MigrationPhase.Descriptor instead.
 func (MigrationPhase) EnumDescriptor() ([]byte, []int) {
-	return file_ferry_v1_common_proto_rawDescGZIP(), []int{1}
+	return file_ferry_v1_common_proto_rawDescGZIP(), []int{2}
 }
 
 // DeviceOwner says which host holds the runnable copy of a migration's
@@ -249,11 +316,11 @@ func (x DeviceOwner) String() string {
 }
 
 func (DeviceOwner) Descriptor() protoreflect.EnumDescriptor {
-	return file_ferry_v1_common_proto_enumTypes[2].Descriptor()
+	return file_ferry_v1_common_proto_enumTypes[3].Descriptor()
 }
 
 func (DeviceOwner) Type() protoreflect.EnumType {
-	return &file_ferry_v1_common_proto_enumTypes[2]
+	return &file_ferry_v1_common_proto_enumTypes[3]
 }
 
 func (x DeviceOwner) Number() protoreflect.EnumNumber {
@@ -262,7 +329,7 @@ func (x DeviceOwner) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use DeviceOwner.Descriptor instead.
 func (DeviceOwner) EnumDescriptor() ([]byte, []int) {
-	return file_ferry_v1_common_proto_rawDescGZIP(), []int{2}
+	return file_ferry_v1_common_proto_rawDescGZIP(), []int{3}
 }
 
 // Device describes one device an agent can migrate.
@@ -286,7 +353,9 @@ type Device struct {
 	// timeout; error says which.
 	Stuck bool `protobuf:"varint,7,opt,name=stuck,proto3" json:"stuck,omitempty"`
 	// Why the device is in no usable state, when it is not.
-	Error         string `protobuf:"bytes,8,opt,name=error,proto3" json:"error,omitempty"`
+	Error string `protobuf:"bytes,8,opt,name=error,proto3" json:"error,omitempty"`
+	// What Preflight compares of the device (what the agent could tell).
+	Description   *DeviceDescription `protobuf:"bytes,9,opt,name=description,proto3" json:"description,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -377,6 +446,160 @@ func (x *Device) GetError() string {
 	return ""
 }
 
+func (x *Device) GetDescription() *DeviceDescription {
+	if x != nil {
+		return x.Description
+	}
+	return nil
+}
+
+// DeviceDescription is what an agent can tell about a device without
+// touching its state, read from sysfs and the device's migration
+// feature: what Preflight compares between a source device and the
+// destination device meant to receive its state. A field the agent could
+// not tell is empty (zero).
+type DeviceDescription struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The device's canonical spec.
+	Spec string `protobuf:"bytes,1,opt,name=spec,proto3" json:"spec,omitempty"`
+	// pci, mdev, vmm or sim.
+	Kind string `protobuf:"bytes,2,opt,name=kind,proto3" json:"kind,omitempty"`
+	// PCI ids as sysfs shows them ("0x15b3"): of the function (pci), or of
+	// the mdev's parent.
+	PciVendor          string `protobuf:"bytes,3,opt,name=pci_vendor,json=pciVendor,proto3" json:"pci_vendor,omitempty"`
+	PciDevice          string `protobuf:"bytes,4,opt,name=pci_device,json=pciDevice,proto3" json:"pci_device,omitempty"`
+	PciSubsystemVendor string `protobuf:"bytes,5,opt,name=pci_subsystem_vendor,json=pciSubsystemVendor,proto3" json:"pci_subsystem_vendor,omitempty"`
+	PciSubsystemDevice string `protobuf:"bytes,6,opt,name=pci_subsystem_device,json=pciSubsystemDevice,proto3" json:"pci_subsystem_device,omitempty"`
+	// The bound driver's name (pci), or the mdev parent's driver, and its
+	// version where the module reports one (/sys/module/NAME/version).
+	Driver        string `protobuf:"bytes,7,opt,name=driver,proto3" json:"driver,omitempty"`
+	DriverVersion string `protobuf:"bytes,8,opt,name=driver_version,json=driverVersion,proto3" json:"driver_version,omitempty"`
+	// The mdev type ("ferry_mig-p2p", "nvidia-474").
+	MdevType string `protobuf:"bytes,9,opt,name=mdev_type,json=mdevType,proto3" json:"mdev_type,omitempty"`
+	// Migration capabilities as the kernel's flag bits; 0 when unknown.
+	MigrationFlags uint64 `protobuf:"varint,10,opt,name=migration_flags,json=migrationFlags,proto3" json:"migration_flags,omitempty"`
+	// The device's stop-copy size estimate (MIG_DATA_SIZE); 0 when unknown.
+	EstimatedStateBytes uint64 `protobuf:"varint,11,opt,name=estimated_state_bytes,json=estimatedStateBytes,proto3" json:"estimated_state_bytes,omitempty"`
+	// sim: the simulated device's state size in bytes.
+	SimSize       uint64 `protobuf:"varint,12,opt,name=sim_size,json=simSize,proto3" json:"sim_size,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeviceDescription) Reset() {
+	*x = DeviceDescription{}
+	mi := &file_ferry_v1_common_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeviceDescription) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeviceDescription) ProtoMessage() {}
+
+func (x *DeviceDescription) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_v1_common_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeviceDescription.ProtoReflect.Descriptor instead.
+func (*DeviceDescription) Descriptor() ([]byte, []int) {
+	return file_ferry_v1_common_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *DeviceDescription) GetSpec() string {
+	if x != nil {
+		return x.Spec
+	}
+	return ""
+}
+
+func (x *DeviceDescription) GetKind() string {
+	if x != nil {
+		return x.Kind
+	}
+	return ""
+}
+
+func (x *DeviceDescription) GetPciVendor() string {
+	if x != nil {
+		return x.PciVendor
+	}
+	return ""
+}
+
+func (x *DeviceDescription) GetPciDevice() string {
+	if x != nil {
+		return x.PciDevice
+	}
+	return ""
+}
+
+func (x *DeviceDescription) GetPciSubsystemVendor() string {
+	if x != nil {
+		return x.PciSubsystemVendor
+	}
+	return ""
+}
+
+func (x *DeviceDescription) GetPciSubsystemDevice() string {
+	if x != nil {
+		return x.PciSubsystemDevice
+	}
+	return ""
+}
+
+func (x *DeviceDescription) GetDriver() string {
+	if x != nil {
+		return x.Driver
+	}
+	return ""
+}
+
+func (x *DeviceDescription) GetDriverVersion() string {
+	if x != nil {
+		return x.DriverVersion
+	}
+	return ""
+}
+
+func (x *DeviceDescription) GetMdevType() string {
+	if x != nil {
+		return x.MdevType
+	}
+	return ""
+}
+
+func (x *DeviceDescription) GetMigrationFlags() uint64 {
+	if x != nil {
+		return x.MigrationFlags
+	}
+	return 0
+}
+
+func (x *DeviceDescription) GetEstimatedStateBytes() uint64 {
+	if x != nil {
+		return x.EstimatedStateBytes
+	}
+	return 0
+}
+
+func (x *DeviceDescription) GetSimSize() uint64 {
+	if x != nil {
+		return x.SimSize
+	}
+	return 0
+}
+
 // ListDevicesRequest asks an agent for the devices it knows.
 type ListDevicesRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -386,7 +609,7 @@ type ListDevicesRequest struct {
 
 func (x *ListDevicesRequest) Reset() {
 	*x = ListDevicesRequest{}
-	mi := &file_ferry_v1_common_proto_msgTypes[1]
+	mi := &file_ferry_v1_common_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -398,7 +621,7 @@ func (x *ListDevicesRequest) String() string {
 func (*ListDevicesRequest) ProtoMessage() {}
 
 func (x *ListDevicesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_common_proto_msgTypes[1]
+	mi := &file_ferry_v1_common_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -411,7 +634,7 @@ func (x *ListDevicesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDevicesRequest.ProtoReflect.Descriptor instead.
 func (*ListDevicesRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_common_proto_rawDescGZIP(), []int{1}
+	return file_ferry_v1_common_proto_rawDescGZIP(), []int{2}
 }
 
 // ListDevicesResponse lists the devices an agent has opened or can see.
@@ -425,7 +648,7 @@ type ListDevicesResponse struct {
 
 func (x *ListDevicesResponse) Reset() {
 	*x = ListDevicesResponse{}
-	mi := &file_ferry_v1_common_proto_msgTypes[2]
+	mi := &file_ferry_v1_common_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -437,7 +660,7 @@ func (x *ListDevicesResponse) String() string {
 func (*ListDevicesResponse) ProtoMessage() {}
 
 func (x *ListDevicesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_common_proto_msgTypes[2]
+	mi := &file_ferry_v1_common_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -450,7 +673,7 @@ func (x *ListDevicesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDevicesResponse.ProtoReflect.Descriptor instead.
 func (*ListDevicesResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_common_proto_rawDescGZIP(), []int{2}
+	return file_ferry_v1_common_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *ListDevicesResponse) GetDevices() []*Device {
@@ -476,7 +699,7 @@ type MigrationError struct {
 
 func (x *MigrationError) Reset() {
 	*x = MigrationError{}
-	mi := &file_ferry_v1_common_proto_msgTypes[3]
+	mi := &file_ferry_v1_common_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -488,7 +711,7 @@ func (x *MigrationError) String() string {
 func (*MigrationError) ProtoMessage() {}
 
 func (x *MigrationError) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_common_proto_msgTypes[3]
+	mi := &file_ferry_v1_common_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -501,7 +724,7 @@ func (x *MigrationError) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MigrationError.ProtoReflect.Descriptor instead.
 func (*MigrationError) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_common_proto_rawDescGZIP(), []int{3}
+	return file_ferry_v1_common_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *MigrationError) GetCode() int32 {
@@ -588,7 +811,7 @@ type DeviceProgress struct {
 
 func (x *DeviceProgress) Reset() {
 	*x = DeviceProgress{}
-	mi := &file_ferry_v1_common_proto_msgTypes[4]
+	mi := &file_ferry_v1_common_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -600,7 +823,7 @@ func (x *DeviceProgress) String() string {
 func (*DeviceProgress) ProtoMessage() {}
 
 func (x *DeviceProgress) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_common_proto_msgTypes[4]
+	mi := &file_ferry_v1_common_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -613,7 +836,7 @@ func (x *DeviceProgress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeviceProgress.ProtoReflect.Descriptor instead.
 func (*DeviceProgress) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_common_proto_rawDescGZIP(), []int{4}
+	return file_ferry_v1_common_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *DeviceProgress) GetDevice() string {
@@ -849,7 +1072,7 @@ type Migration struct {
 
 func (x *Migration) Reset() {
 	*x = Migration{}
-	mi := &file_ferry_v1_common_proto_msgTypes[5]
+	mi := &file_ferry_v1_common_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -861,7 +1084,7 @@ func (x *Migration) String() string {
 func (*Migration) ProtoMessage() {}
 
 func (x *Migration) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_common_proto_msgTypes[5]
+	mi := &file_ferry_v1_common_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -874,7 +1097,7 @@ func (x *Migration) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Migration.ProtoReflect.Descriptor instead.
 func (*Migration) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_common_proto_rawDescGZIP(), []int{5}
+	return file_ferry_v1_common_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *Migration) GetId() string {
@@ -1098,7 +1321,7 @@ var File_ferry_v1_common_proto protoreflect.FileDescriptor
 
 const file_ferry_v1_common_proto_rawDesc = "" +
 	"\n" +
-	"\x15ferry/v1/common.proto\x12\bferry.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9a\x02\n" +
+	"\x15ferry/v1/common.proto\x12\bferry.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd9\x02\n" +
 	"\x06Device\x12\x12\n" +
 	"\x04spec\x18\x01 \x01(\tR\x04spec\x12'\n" +
 	"\x0fmigration_flags\x18\x02 \x01(\x04R\x0emigrationFlags\x120\n" +
@@ -1107,7 +1330,24 @@ const file_ferry_v1_common_proto_rawDesc = "" +
 	"\x05owner\x18\x05 \x01(\tR\x05owner\x122\n" +
 	"\x15estimated_state_bytes\x18\x06 \x01(\x04R\x13estimatedStateBytes\x12\x14\n" +
 	"\x05stuck\x18\a \x01(\bR\x05stuck\x12\x14\n" +
-	"\x05error\x18\b \x01(\tR\x05error\"\x14\n" +
+	"\x05error\x18\b \x01(\tR\x05error\x12=\n" +
+	"\vdescription\x18\t \x01(\v2\x1b.ferry.v1.DeviceDescriptionR\vdescription\"\xb1\x03\n" +
+	"\x11DeviceDescription\x12\x12\n" +
+	"\x04spec\x18\x01 \x01(\tR\x04spec\x12\x12\n" +
+	"\x04kind\x18\x02 \x01(\tR\x04kind\x12\x1d\n" +
+	"\n" +
+	"pci_vendor\x18\x03 \x01(\tR\tpciVendor\x12\x1d\n" +
+	"\n" +
+	"pci_device\x18\x04 \x01(\tR\tpciDevice\x120\n" +
+	"\x14pci_subsystem_vendor\x18\x05 \x01(\tR\x12pciSubsystemVendor\x120\n" +
+	"\x14pci_subsystem_device\x18\x06 \x01(\tR\x12pciSubsystemDevice\x12\x16\n" +
+	"\x06driver\x18\a \x01(\tR\x06driver\x12%\n" +
+	"\x0edriver_version\x18\b \x01(\tR\rdriverVersion\x12\x1b\n" +
+	"\tmdev_type\x18\t \x01(\tR\bmdevType\x12'\n" +
+	"\x0fmigration_flags\x18\n" +
+	" \x01(\x04R\x0emigrationFlags\x122\n" +
+	"\x15estimated_state_bytes\x18\v \x01(\x04R\x13estimatedStateBytes\x12\x19\n" +
+	"\bsim_size\x18\f \x01(\x04R\asimSize\"\x14\n" +
 	"\x12ListDevicesRequest\"A\n" +
 	"\x13ListDevicesResponse\x12*\n" +
 	"\adevices\x18\x01 \x03(\v2\x10.ferry.v1.DeviceR\adevices\"V\n" +
@@ -1187,7 +1427,13 @@ const file_ferry_v1_common_proto_rawDesc = "" +
 	"\x15DEVICE_STATE_RESUMING\x10\x05\x12\x1c\n" +
 	"\x18DEVICE_STATE_RUNNING_P2P\x10\x06\x12\x19\n" +
 	"\x15DEVICE_STATE_PRE_COPY\x10\a\x12\x1d\n" +
-	"\x19DEVICE_STATE_PRE_COPY_P2P\x10\b*\xda\x02\n" +
+	"\x19DEVICE_STATE_PRE_COPY_P2P\x10\b*\x7f\n" +
+	"\aFeature\x12\x17\n" +
+	"\x13FEATURE_UNSPECIFIED\x10\x00\x12\x12\n" +
+	"\x0eFEATURE_COMMIT\x10\x01\x12\x13\n" +
+	"\x0fFEATURE_PRECOPY\x10\x02\x12\x18\n" +
+	"\x14FEATURE_CONFIG_STATE\x10\x03\x12\x18\n" +
+	"\x14FEATURE_DEVICE_CHECK\x10\x04*\xda\x02\n" +
 	"\x0eMigrationPhase\x12\x1f\n" +
 	"\x1bMIGRATION_PHASE_UNSPECIFIED\x10\x00\x12\x1d\n" +
 	"\x19MIGRATION_PHASE_PREPARING\x10\x01\x12\x1b\n" +
@@ -1219,44 +1465,47 @@ func file_ferry_v1_common_proto_rawDescGZIP() []byte {
 	return file_ferry_v1_common_proto_rawDescData
 }
 
-var file_ferry_v1_common_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_ferry_v1_common_proto_msgTypes = make([]protoimpl.MessageInfo, 6)
+var file_ferry_v1_common_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
+var file_ferry_v1_common_proto_msgTypes = make([]protoimpl.MessageInfo, 7)
 var file_ferry_v1_common_proto_goTypes = []any{
 	(DeviceState)(0),              // 0: ferry.v1.DeviceState
-	(MigrationPhase)(0),           // 1: ferry.v1.MigrationPhase
-	(DeviceOwner)(0),              // 2: ferry.v1.DeviceOwner
-	(*Device)(nil),                // 3: ferry.v1.Device
-	(*ListDevicesRequest)(nil),    // 4: ferry.v1.ListDevicesRequest
-	(*ListDevicesResponse)(nil),   // 5: ferry.v1.ListDevicesResponse
-	(*MigrationError)(nil),        // 6: ferry.v1.MigrationError
-	(*DeviceProgress)(nil),        // 7: ferry.v1.DeviceProgress
-	(*Migration)(nil),             // 8: ferry.v1.Migration
-	(*durationpb.Duration)(nil),   // 9: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil), // 10: google.protobuf.Timestamp
+	(Feature)(0),                  // 1: ferry.v1.Feature
+	(MigrationPhase)(0),           // 2: ferry.v1.MigrationPhase
+	(DeviceOwner)(0),              // 3: ferry.v1.DeviceOwner
+	(*Device)(nil),                // 4: ferry.v1.Device
+	(*DeviceDescription)(nil),     // 5: ferry.v1.DeviceDescription
+	(*ListDevicesRequest)(nil),    // 6: ferry.v1.ListDevicesRequest
+	(*ListDevicesResponse)(nil),   // 7: ferry.v1.ListDevicesResponse
+	(*MigrationError)(nil),        // 8: ferry.v1.MigrationError
+	(*DeviceProgress)(nil),        // 9: ferry.v1.DeviceProgress
+	(*Migration)(nil),             // 10: ferry.v1.Migration
+	(*durationpb.Duration)(nil),   // 11: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil), // 12: google.protobuf.Timestamp
 }
 var file_ferry_v1_common_proto_depIdxs = []int32{
 	0,  // 0: ferry.v1.Device.state:type_name -> ferry.v1.DeviceState
-	3,  // 1: ferry.v1.ListDevicesResponse.devices:type_name -> ferry.v1.Device
-	0,  // 2: ferry.v1.DeviceProgress.state:type_name -> ferry.v1.DeviceState
-	9,  // 3: ferry.v1.DeviceProgress.window_stall_time:type_name -> google.protobuf.Duration
-	1,  // 4: ferry.v1.Migration.phase:type_name -> ferry.v1.MigrationPhase
-	7,  // 5: ferry.v1.Migration.devices:type_name -> ferry.v1.DeviceProgress
-	6,  // 6: ferry.v1.Migration.error:type_name -> ferry.v1.MigrationError
-	10, // 7: ferry.v1.Migration.create_time:type_name -> google.protobuf.Timestamp
-	10, // 8: ferry.v1.Migration.start_time:type_name -> google.protobuf.Timestamp
-	10, // 9: ferry.v1.Migration.end_time:type_name -> google.protobuf.Timestamp
-	9,  // 10: ferry.v1.Migration.downtime:type_name -> google.protobuf.Duration
-	2,  // 11: ferry.v1.Migration.owner:type_name -> ferry.v1.DeviceOwner
-	10, // 12: ferry.v1.Migration.last_peer_activity_time:type_name -> google.protobuf.Timestamp
-	9,  // 13: ferry.v1.Migration.switchover_deadline:type_name -> google.protobuf.Duration
-	9,  // 14: ferry.v1.Migration.predicted_downtime:type_name -> google.protobuf.Duration
-	9,  // 15: ferry.v1.Migration.downtime_limit:type_name -> google.protobuf.Duration
-	9,  // 16: ferry.v1.Migration.precopy_timeout:type_name -> google.protobuf.Duration
-	17, // [17:17] is the sub-list for method output_type
-	17, // [17:17] is the sub-list for method input_type
-	17, // [17:17] is the sub-list for extension type_name
-	17, // [17:17] is the sub-list for extension extendee
-	0,  // [0:17] is the sub-list for field type_name
+	5,  // 1: ferry.v1.Device.description:type_name -> ferry.v1.DeviceDescription
+	4,  // 2: ferry.v1.ListDevicesResponse.devices:type_name -> ferry.v1.Device
+	0,  // 3: ferry.v1.DeviceProgress.state:type_name -> ferry.v1.DeviceState
+	11, // 4: ferry.v1.DeviceProgress.window_stall_time:type_name -> google.protobuf.Duration
+	2,  // 5: ferry.v1.Migration.phase:type_name -> ferry.v1.MigrationPhase
+	9,  // 6: ferry.v1.Migration.devices:type_name -> ferry.v1.DeviceProgress
+	8,  // 7: ferry.v1.Migration.error:type_name -> ferry.v1.MigrationError
+	12, // 8: ferry.v1.Migration.create_time:type_name -> google.protobuf.Timestamp
+	12, // 9: ferry.v1.Migration.start_time:type_name -> google.protobuf.Timestamp
+	12, // 10: ferry.v1.Migration.end_time:type_name -> google.protobuf.Timestamp
+	11, // 11: ferry.v1.Migration.downtime:type_name -> google.protobuf.Duration
+	3,  // 12: ferry.v1.Migration.owner:type_name -> ferry.v1.DeviceOwner
+	12, // 13: ferry.v1.Migration.last_peer_activity_time:type_name -> google.protobuf.Timestamp
+	11, // 14: ferry.v1.Migration.switchover_deadline:type_name -> google.protobuf.Duration
+	11, // 15: ferry.v1.Migration.predicted_downtime:type_name -> google.protobuf.Duration
+	11, // 16: ferry.v1.Migration.downtime_limit:type_name -> google.protobuf.Duration
+	11, // 17: ferry.v1.Migration.precopy_timeout:type_name -> google.protobuf.Duration
+	18, // [18:18] is the sub-list for method output_type
+	18, // [18:18] is the sub-list for method input_type
+	18, // [18:18] is the sub-list for extension type_name
+	18, // [18:18] is the sub-list for extension extendee
+	0,  // [0:18] is the sub-list for field type_name
 }
 
 func init() { file_ferry_v1_common_proto_init() }
@@ -1269,8 +1518,8 @@ func file_ferry_v1_common_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_ferry_v1_common_proto_rawDesc), len(file_ferry_v1_common_proto_rawDesc)),
-			NumEnums:      3,
-			NumMessages:   6,
+			NumEnums:      4,
+			NumMessages:   7,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

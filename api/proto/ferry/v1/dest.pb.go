@@ -695,6 +695,288 @@ func (x *CommitIncomingResponse) GetMigration() *Migration {
 	return nil
 }
 
+// PreflightRequest names the device pairs of a migration to come.
+type PreflightRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// One per device stream, in order.
+	Devices []*PreflightPair `protobuf:"bytes,1,rep,name=devices,proto3" json:"devices,omitempty"`
+	// The migration's mode: pre-copy needs PRE_COPY on both devices of a
+	// pair whose source has it.
+	Mode MigrationMode `protobuf:"varint,2,opt,name=mode,proto3,enum=ferry.v1.MigrationMode" json:"mode,omitempty"`
+	// The features the migration will want.
+	Features      []Feature `protobuf:"varint,3,rep,packed,name=features,proto3,enum=ferry.v1.Feature" json:"features,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PreflightRequest) Reset() {
+	*x = PreflightRequest{}
+	mi := &file_ferry_v1_dest_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PreflightRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PreflightRequest) ProtoMessage() {}
+
+func (x *PreflightRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_v1_dest_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PreflightRequest.ProtoReflect.Descriptor instead.
+func (*PreflightRequest) Descriptor() ([]byte, []int) {
+	return file_ferry_v1_dest_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *PreflightRequest) GetDevices() []*PreflightPair {
+	if x != nil {
+		return x.Devices
+	}
+	return nil
+}
+
+func (x *PreflightRequest) GetMode() MigrationMode {
+	if x != nil {
+		return x.Mode
+	}
+	return MigrationMode_MIGRATION_MODE_UNSPECIFIED
+}
+
+func (x *PreflightRequest) GetFeatures() []Feature {
+	if x != nil {
+		return x.Features
+	}
+	return nil
+}
+
+// PreflightPair is a source device, as its agent describes it, and the
+// destination device meant to receive its state.
+type PreflightPair struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Source        *DeviceDescription     `protobuf:"bytes,1,opt,name=source,proto3" json:"source,omitempty"`
+	DestDevice    string                 `protobuf:"bytes,2,opt,name=dest_device,json=destDevice,proto3" json:"dest_device,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PreflightPair) Reset() {
+	*x = PreflightPair{}
+	mi := &file_ferry_v1_dest_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PreflightPair) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PreflightPair) ProtoMessage() {}
+
+func (x *PreflightPair) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_v1_dest_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PreflightPair.ProtoReflect.Descriptor instead.
+func (*PreflightPair) Descriptor() ([]byte, []int) {
+	return file_ferry_v1_dest_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *PreflightPair) GetSource() *DeviceDescription {
+	if x != nil {
+		return x.Source
+	}
+	return nil
+}
+
+func (x *PreflightPair) GetDestDevice() string {
+	if x != nil {
+		return x.DestDevice
+	}
+	return ""
+}
+
+// PreflightResponse is the verdict.
+type PreflightResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Every pair is compatible and the agent can take the migration.
+	Compatible bool `protobuf:"varint,1,opt,name=compatible,proto3" json:"compatible,omitempty"`
+	// One per pair, in order.
+	Devices []*PreflightVerdict `protobuf:"bytes,2,rep,name=devices,proto3" json:"devices,omitempty"`
+	// Why the migration as a whole cannot run here (a feature this agent
+	// lacks, the memory budget), when it cannot.
+	Error *MigrationError `protobuf:"bytes,3,opt,name=error,proto3" json:"error,omitempty"`
+	// This agent's version and every feature it speaks.
+	AgentVersion  string    `protobuf:"bytes,4,opt,name=agent_version,json=agentVersion,proto3" json:"agent_version,omitempty"`
+	Features      []Feature `protobuf:"varint,5,rep,packed,name=features,proto3,enum=ferry.v1.Feature" json:"features,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PreflightResponse) Reset() {
+	*x = PreflightResponse{}
+	mi := &file_ferry_v1_dest_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PreflightResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PreflightResponse) ProtoMessage() {}
+
+func (x *PreflightResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_v1_dest_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PreflightResponse.ProtoReflect.Descriptor instead.
+func (*PreflightResponse) Descriptor() ([]byte, []int) {
+	return file_ferry_v1_dest_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *PreflightResponse) GetCompatible() bool {
+	if x != nil {
+		return x.Compatible
+	}
+	return false
+}
+
+func (x *PreflightResponse) GetDevices() []*PreflightVerdict {
+	if x != nil {
+		return x.Devices
+	}
+	return nil
+}
+
+func (x *PreflightResponse) GetError() *MigrationError {
+	if x != nil {
+		return x.Error
+	}
+	return nil
+}
+
+func (x *PreflightResponse) GetAgentVersion() string {
+	if x != nil {
+		return x.AgentVersion
+	}
+	return ""
+}
+
+func (x *PreflightResponse) GetFeatures() []Feature {
+	if x != nil {
+		return x.Features
+	}
+	return nil
+}
+
+// PreflightVerdict is one pair's verdict.
+type PreflightVerdict struct {
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	DestDevice string                 `protobuf:"bytes,1,opt,name=dest_device,json=destDevice,proto3" json:"dest_device,omitempty"`
+	Compatible bool                   `protobuf:"varint,2,opt,name=compatible,proto3" json:"compatible,omitempty"`
+	// Why not: FAILED_PRECONDITION with INCOMPATIBLE_DEVICE (field names
+	// what differs), or the error opening the device.
+	Error *MigrationError `protobuf:"bytes,3,opt,name=error,proto3" json:"error,omitempty"`
+	// The DeviceDescription field that differs, for example "mdev_type".
+	Field string `protobuf:"bytes,4,opt,name=field,proto3" json:"field,omitempty"`
+	// The destination device as this agent describes it.
+	Dest          *DeviceDescription `protobuf:"bytes,5,opt,name=dest,proto3" json:"dest,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PreflightVerdict) Reset() {
+	*x = PreflightVerdict{}
+	mi := &file_ferry_v1_dest_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PreflightVerdict) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PreflightVerdict) ProtoMessage() {}
+
+func (x *PreflightVerdict) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_v1_dest_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PreflightVerdict.ProtoReflect.Descriptor instead.
+func (*PreflightVerdict) Descriptor() ([]byte, []int) {
+	return file_ferry_v1_dest_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *PreflightVerdict) GetDestDevice() string {
+	if x != nil {
+		return x.DestDevice
+	}
+	return ""
+}
+
+func (x *PreflightVerdict) GetCompatible() bool {
+	if x != nil {
+		return x.Compatible
+	}
+	return false
+}
+
+func (x *PreflightVerdict) GetError() *MigrationError {
+	if x != nil {
+		return x.Error
+	}
+	return nil
+}
+
+func (x *PreflightVerdict) GetField() string {
+	if x != nil {
+		return x.Field
+	}
+	return ""
+}
+
+func (x *PreflightVerdict) GetDest() *DeviceDescription {
+	if x != nil {
+		return x.Dest
+	}
+	return nil
+}
+
 var File_ferry_v1_dest_proto protoreflect.FileDescriptor
 
 const file_ferry_v1_dest_proto_rawDesc = "" +
@@ -737,7 +1019,32 @@ const file_ferry_v1_dest_proto_rawDesc = "" +
 	"\x15CommitIncomingRequest\x12!\n" +
 	"\fmigration_id\x18\x01 \x01(\tR\vmigrationId\"K\n" +
 	"\x16CommitIncomingResponse\x121\n" +
-	"\tmigration\x18\x01 \x01(\v2\x13.ferry.v1.MigrationR\tmigration2\x9a\x05\n" +
+	"\tmigration\x18\x01 \x01(\v2\x13.ferry.v1.MigrationR\tmigration\"\xa1\x01\n" +
+	"\x10PreflightRequest\x121\n" +
+	"\adevices\x18\x01 \x03(\v2\x17.ferry.v1.PreflightPairR\adevices\x12+\n" +
+	"\x04mode\x18\x02 \x01(\x0e2\x17.ferry.v1.MigrationModeR\x04mode\x12-\n" +
+	"\bfeatures\x18\x03 \x03(\x0e2\x11.ferry.v1.FeatureR\bfeatures\"e\n" +
+	"\rPreflightPair\x123\n" +
+	"\x06source\x18\x01 \x01(\v2\x1b.ferry.v1.DeviceDescriptionR\x06source\x12\x1f\n" +
+	"\vdest_device\x18\x02 \x01(\tR\n" +
+	"destDevice\"\xed\x01\n" +
+	"\x11PreflightResponse\x12\x1e\n" +
+	"\n" +
+	"compatible\x18\x01 \x01(\bR\n" +
+	"compatible\x124\n" +
+	"\adevices\x18\x02 \x03(\v2\x1a.ferry.v1.PreflightVerdictR\adevices\x12.\n" +
+	"\x05error\x18\x03 \x01(\v2\x18.ferry.v1.MigrationErrorR\x05error\x12#\n" +
+	"\ragent_version\x18\x04 \x01(\tR\fagentVersion\x12-\n" +
+	"\bfeatures\x18\x05 \x03(\x0e2\x11.ferry.v1.FeatureR\bfeatures\"\xca\x01\n" +
+	"\x10PreflightVerdict\x12\x1f\n" +
+	"\vdest_device\x18\x01 \x01(\tR\n" +
+	"destDevice\x12\x1e\n" +
+	"\n" +
+	"compatible\x18\x02 \x01(\bR\n" +
+	"compatible\x12.\n" +
+	"\x05error\x18\x03 \x01(\v2\x18.ferry.v1.MigrationErrorR\x05error\x12\x14\n" +
+	"\x05field\x18\x04 \x01(\tR\x05field\x12/\n" +
+	"\x04dest\x18\x05 \x01(\v2\x1b.ferry.v1.DeviceDescriptionR\x04dest2\xe0\x05\n" +
 	"\tDestAgent\x12J\n" +
 	"\vListDevices\x12\x1c.ferry.v1.ListDevicesRequest\x1a\x1d.ferry.v1.ListDevicesResponse\x12V\n" +
 	"\x0fPrepareIncoming\x12 .ferry.v1.PrepareIncomingRequest\x1a!.ferry.v1.PrepareIncomingResponse\x12J\n" +
@@ -746,7 +1053,8 @@ const file_ferry_v1_dest_proto_rawDesc = "" +
 	"\rWatchIncoming\x12\x1e.ferry.v1.WatchIncomingRequest\x1a\x1f.ferry.v1.WatchIncomingResponse0\x01\x12S\n" +
 	"\x0eCancelIncoming\x12\x1f.ferry.v1.CancelIncomingRequest\x1a .ferry.v1.CancelIncomingResponse\x12S\n" +
 	"\x0eCommitIncoming\x12\x1f.ferry.v1.CommitIncomingRequest\x1a .ferry.v1.CommitIncomingResponse\x12P\n" +
-	"\rReleaseDevice\x12\x1e.ferry.v1.ReleaseDeviceRequest\x1a\x1f.ferry.v1.ReleaseDeviceResponseB8Z6github.com/vfio-ferry/ferry/api/proto/ferry/v1;ferryv1b\x06proto3"
+	"\rReleaseDevice\x12\x1e.ferry.v1.ReleaseDeviceRequest\x1a\x1f.ferry.v1.ReleaseDeviceResponse\x12D\n" +
+	"\tPreflight\x12\x1a.ferry.v1.PreflightRequest\x1a\x1b.ferry.v1.PreflightResponseB8Z6github.com/vfio-ferry/ferry/api/proto/ferry/v1;ferryv1b\x06proto3"
 
 var (
 	file_ferry_v1_dest_proto_rawDescOnce sync.Once
@@ -760,7 +1068,7 @@ func file_ferry_v1_dest_proto_rawDescGZIP() []byte {
 	return file_ferry_v1_dest_proto_rawDescData
 }
 
-var file_ferry_v1_dest_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
+var file_ferry_v1_dest_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
 var file_ferry_v1_dest_proto_goTypes = []any{
 	(*PrepareIncomingRequest)(nil),  // 0: ferry.v1.PrepareIncomingRequest
 	(*PrepareIncomingResponse)(nil), // 1: ferry.v1.PrepareIncomingResponse
@@ -775,43 +1083,62 @@ var file_ferry_v1_dest_proto_goTypes = []any{
 	(*CancelIncomingResponse)(nil),  // 10: ferry.v1.CancelIncomingResponse
 	(*CommitIncomingRequest)(nil),   // 11: ferry.v1.CommitIncomingRequest
 	(*CommitIncomingResponse)(nil),  // 12: ferry.v1.CommitIncomingResponse
-	(*Migration)(nil),               // 13: ferry.v1.Migration
-	(*timestamppb.Timestamp)(nil),   // 14: google.protobuf.Timestamp
-	(*ListDevicesRequest)(nil),      // 15: ferry.v1.ListDevicesRequest
-	(*ReleaseDeviceRequest)(nil),    // 16: ferry.v1.ReleaseDeviceRequest
-	(*ListDevicesResponse)(nil),     // 17: ferry.v1.ListDevicesResponse
-	(*ReleaseDeviceResponse)(nil),   // 18: ferry.v1.ReleaseDeviceResponse
+	(*PreflightRequest)(nil),        // 13: ferry.v1.PreflightRequest
+	(*PreflightPair)(nil),           // 14: ferry.v1.PreflightPair
+	(*PreflightResponse)(nil),       // 15: ferry.v1.PreflightResponse
+	(*PreflightVerdict)(nil),        // 16: ferry.v1.PreflightVerdict
+	(*Migration)(nil),               // 17: ferry.v1.Migration
+	(*timestamppb.Timestamp)(nil),   // 18: google.protobuf.Timestamp
+	(MigrationMode)(0),              // 19: ferry.v1.MigrationMode
+	(Feature)(0),                    // 20: ferry.v1.Feature
+	(*DeviceDescription)(nil),       // 21: ferry.v1.DeviceDescription
+	(*MigrationError)(nil),          // 22: ferry.v1.MigrationError
+	(*ListDevicesRequest)(nil),      // 23: ferry.v1.ListDevicesRequest
+	(*ReleaseDeviceRequest)(nil),    // 24: ferry.v1.ReleaseDeviceRequest
+	(*ListDevicesResponse)(nil),     // 25: ferry.v1.ListDevicesResponse
+	(*ReleaseDeviceResponse)(nil),   // 26: ferry.v1.ReleaseDeviceResponse
 }
 var file_ferry_v1_dest_proto_depIdxs = []int32{
-	13, // 0: ferry.v1.PrepareIncomingResponse.migration:type_name -> ferry.v1.Migration
-	14, // 1: ferry.v1.PrepareIncomingResponse.token_expire_time:type_name -> google.protobuf.Timestamp
-	13, // 2: ferry.v1.GetIncomingResponse.migration:type_name -> ferry.v1.Migration
+	17, // 0: ferry.v1.PrepareIncomingResponse.migration:type_name -> ferry.v1.Migration
+	18, // 1: ferry.v1.PrepareIncomingResponse.token_expire_time:type_name -> google.protobuf.Timestamp
+	17, // 2: ferry.v1.GetIncomingResponse.migration:type_name -> ferry.v1.Migration
 	4,  // 3: ferry.v1.GetIncomingResponse.config_states:type_name -> ferry.v1.DeviceConfigState
-	13, // 4: ferry.v1.ListIncomingResponse.migrations:type_name -> ferry.v1.Migration
-	13, // 5: ferry.v1.WatchIncomingResponse.migration:type_name -> ferry.v1.Migration
-	13, // 6: ferry.v1.CancelIncomingResponse.migration:type_name -> ferry.v1.Migration
-	13, // 7: ferry.v1.CommitIncomingResponse.migration:type_name -> ferry.v1.Migration
-	15, // 8: ferry.v1.DestAgent.ListDevices:input_type -> ferry.v1.ListDevicesRequest
-	0,  // 9: ferry.v1.DestAgent.PrepareIncoming:input_type -> ferry.v1.PrepareIncomingRequest
-	2,  // 10: ferry.v1.DestAgent.GetIncoming:input_type -> ferry.v1.GetIncomingRequest
-	5,  // 11: ferry.v1.DestAgent.ListIncoming:input_type -> ferry.v1.ListIncomingRequest
-	7,  // 12: ferry.v1.DestAgent.WatchIncoming:input_type -> ferry.v1.WatchIncomingRequest
-	9,  // 13: ferry.v1.DestAgent.CancelIncoming:input_type -> ferry.v1.CancelIncomingRequest
-	11, // 14: ferry.v1.DestAgent.CommitIncoming:input_type -> ferry.v1.CommitIncomingRequest
-	16, // 15: ferry.v1.DestAgent.ReleaseDevice:input_type -> ferry.v1.ReleaseDeviceRequest
-	17, // 16: ferry.v1.DestAgent.ListDevices:output_type -> ferry.v1.ListDevicesResponse
-	1,  // 17: ferry.v1.DestAgent.PrepareIncoming:output_type -> ferry.v1.PrepareIncomingResponse
-	3,  // 18: ferry.v1.DestAgent.GetIncoming:output_type -> ferry.v1.GetIncomingResponse
-	6,  // 19: ferry.v1.DestAgent.ListIncoming:output_type -> ferry.v1.ListIncomingResponse
-	8,  // 20: ferry.v1.DestAgent.WatchIncoming:output_type -> ferry.v1.WatchIncomingResponse
-	10, // 21: ferry.v1.DestAgent.CancelIncoming:output_type -> ferry.v1.CancelIncomingResponse
-	12, // 22: ferry.v1.DestAgent.CommitIncoming:output_type -> ferry.v1.CommitIncomingResponse
-	18, // 23: ferry.v1.DestAgent.ReleaseDevice:output_type -> ferry.v1.ReleaseDeviceResponse
-	16, // [16:24] is the sub-list for method output_type
-	8,  // [8:16] is the sub-list for method input_type
-	8,  // [8:8] is the sub-list for extension type_name
-	8,  // [8:8] is the sub-list for extension extendee
-	0,  // [0:8] is the sub-list for field type_name
+	17, // 4: ferry.v1.ListIncomingResponse.migrations:type_name -> ferry.v1.Migration
+	17, // 5: ferry.v1.WatchIncomingResponse.migration:type_name -> ferry.v1.Migration
+	17, // 6: ferry.v1.CancelIncomingResponse.migration:type_name -> ferry.v1.Migration
+	17, // 7: ferry.v1.CommitIncomingResponse.migration:type_name -> ferry.v1.Migration
+	14, // 8: ferry.v1.PreflightRequest.devices:type_name -> ferry.v1.PreflightPair
+	19, // 9: ferry.v1.PreflightRequest.mode:type_name -> ferry.v1.MigrationMode
+	20, // 10: ferry.v1.PreflightRequest.features:type_name -> ferry.v1.Feature
+	21, // 11: ferry.v1.PreflightPair.source:type_name -> ferry.v1.DeviceDescription
+	16, // 12: ferry.v1.PreflightResponse.devices:type_name -> ferry.v1.PreflightVerdict
+	22, // 13: ferry.v1.PreflightResponse.error:type_name -> ferry.v1.MigrationError
+	20, // 14: ferry.v1.PreflightResponse.features:type_name -> ferry.v1.Feature
+	22, // 15: ferry.v1.PreflightVerdict.error:type_name -> ferry.v1.MigrationError
+	21, // 16: ferry.v1.PreflightVerdict.dest:type_name -> ferry.v1.DeviceDescription
+	23, // 17: ferry.v1.DestAgent.ListDevices:input_type -> ferry.v1.ListDevicesRequest
+	0,  // 18: ferry.v1.DestAgent.PrepareIncoming:input_type -> ferry.v1.PrepareIncomingRequest
+	2,  // 19: ferry.v1.DestAgent.GetIncoming:input_type -> ferry.v1.GetIncomingRequest
+	5,  // 20: ferry.v1.DestAgent.ListIncoming:input_type -> ferry.v1.ListIncomingRequest
+	7,  // 21: ferry.v1.DestAgent.WatchIncoming:input_type -> ferry.v1.WatchIncomingRequest
+	9,  // 22: ferry.v1.DestAgent.CancelIncoming:input_type -> ferry.v1.CancelIncomingRequest
+	11, // 23: ferry.v1.DestAgent.CommitIncoming:input_type -> ferry.v1.CommitIncomingRequest
+	24, // 24: ferry.v1.DestAgent.ReleaseDevice:input_type -> ferry.v1.ReleaseDeviceRequest
+	13, // 25: ferry.v1.DestAgent.Preflight:input_type -> ferry.v1.PreflightRequest
+	25, // 26: ferry.v1.DestAgent.ListDevices:output_type -> ferry.v1.ListDevicesResponse
+	1,  // 27: ferry.v1.DestAgent.PrepareIncoming:output_type -> ferry.v1.PrepareIncomingResponse
+	3,  // 28: ferry.v1.DestAgent.GetIncoming:output_type -> ferry.v1.GetIncomingResponse
+	6,  // 29: ferry.v1.DestAgent.ListIncoming:output_type -> ferry.v1.ListIncomingResponse
+	8,  // 30: ferry.v1.DestAgent.WatchIncoming:output_type -> ferry.v1.WatchIncomingResponse
+	10, // 31: ferry.v1.DestAgent.CancelIncoming:output_type -> ferry.v1.CancelIncomingResponse
+	12, // 32: ferry.v1.DestAgent.CommitIncoming:output_type -> ferry.v1.CommitIncomingResponse
+	26, // 33: ferry.v1.DestAgent.ReleaseDevice:output_type -> ferry.v1.ReleaseDeviceResponse
+	15, // 34: ferry.v1.DestAgent.Preflight:output_type -> ferry.v1.PreflightResponse
+	26, // [26:35] is the sub-list for method output_type
+	17, // [17:26] is the sub-list for method input_type
+	17, // [17:17] is the sub-list for extension type_name
+	17, // [17:17] is the sub-list for extension extendee
+	0,  // [0:17] is the sub-list for field type_name
 }
 
 func init() { file_ferry_v1_dest_proto_init() }
@@ -827,7 +1154,7 @@ func file_ferry_v1_dest_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_ferry_v1_dest_proto_rawDesc), len(file_ferry_v1_dest_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   13,
+			NumMessages:   17,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

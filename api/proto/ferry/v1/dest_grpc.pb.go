@@ -27,6 +27,7 @@ const (
 	DestAgent_CancelIncoming_FullMethodName  = "/ferry.v1.DestAgent/CancelIncoming"
 	DestAgent_CommitIncoming_FullMethodName  = "/ferry.v1.DestAgent/CommitIncoming"
 	DestAgent_ReleaseDevice_FullMethodName   = "/ferry.v1.DestAgent/ReleaseDevice"
+	DestAgent_Preflight_FullMethodName       = "/ferry.v1.DestAgent/Preflight"
 )
 
 // DestAgentClient is the client API for DestAgent service.
@@ -73,6 +74,14 @@ type DestAgentClient interface {
 	// FAILED_PRECONDITION, DEVICE_BUSY; a vmm: device is its VMM's to
 	// withdraw (FAILED_PRECONDITION, DEVICE_NOT_ALLOWED).
 	ReleaseDevice(ctx context.Context, in *ReleaseDeviceRequest, opts ...grpc.CallOption) (*ReleaseDeviceResponse, error)
+	// Preflight says, before a VM pays for it, whether each source device's
+	// state can go into the destination device named for it: the kind, the
+	// PCI ids, the driver and its version, the mdev type, the migration
+	// flags the mode needs, the features, and the memory budget. It opens a
+	// device the agent has not opened yet (as PrepareIncoming would) but
+	// changes no device's state. Open runs the same check
+	// (FEATURE_DEVICE_CHECK).
+	Preflight(ctx context.Context, in *PreflightRequest, opts ...grpc.CallOption) (*PreflightResponse, error)
 }
 
 type destAgentClient struct {
@@ -172,6 +181,16 @@ func (c *destAgentClient) ReleaseDevice(ctx context.Context, in *ReleaseDeviceRe
 	return out, nil
 }
 
+func (c *destAgentClient) Preflight(ctx context.Context, in *PreflightRequest, opts ...grpc.CallOption) (*PreflightResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(PreflightResponse)
+	err := c.cc.Invoke(ctx, DestAgent_Preflight_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // DestAgentServer is the server API for DestAgent service.
 // All implementations must embed UnimplementedDestAgentServer
 // for forward compatibility.
@@ -216,6 +235,14 @@ type DestAgentServer interface {
 	// FAILED_PRECONDITION, DEVICE_BUSY; a vmm: device is its VMM's to
 	// withdraw (FAILED_PRECONDITION, DEVICE_NOT_ALLOWED).
 	ReleaseDevice(context.Context, *ReleaseDeviceRequest) (*ReleaseDeviceResponse, error)
+	// Preflight says, before a VM pays for it, whether each source device's
+	// state can go into the destination device named for it: the kind, the
+	// PCI ids, the driver and its version, the mdev type, the migration
+	// flags the mode needs, the features, and the memory budget. It opens a
+	// device the agent has not opened yet (as PrepareIncoming would) but
+	// changes no device's state. Open runs the same check
+	// (FEATURE_DEVICE_CHECK).
+	Preflight(context.Context, *PreflightRequest) (*PreflightResponse, error)
 	mustEmbedUnimplementedDestAgentServer()
 }
 
@@ -249,6 +276,9 @@ func (UnimplementedDestAgentServer) CommitIncoming(context.Context, *CommitIncom
 }
 func (UnimplementedDestAgentServer) ReleaseDevice(context.Context, *ReleaseDeviceRequest) (*ReleaseDeviceResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ReleaseDevice not implemented")
+}
+func (UnimplementedDestAgentServer) Preflight(context.Context, *PreflightRequest) (*PreflightResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Preflight not implemented")
 }
 func (UnimplementedDestAgentServer) mustEmbedUnimplementedDestAgentServer() {}
 func (UnimplementedDestAgentServer) testEmbeddedByValue()                   {}
@@ -408,6 +438,24 @@ func _DestAgent_ReleaseDevice_Handler(srv interface{}, ctx context.Context, dec 
 	return interceptor(ctx, in, info, handler)
 }
 
+func _DestAgent_Preflight_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(PreflightRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(DestAgentServer).Preflight(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: DestAgent_Preflight_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(DestAgentServer).Preflight(ctx, req.(*PreflightRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // DestAgent_ServiceDesc is the grpc.ServiceDesc for DestAgent service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -442,6 +490,10 @@ var DestAgent_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ReleaseDevice",
 			Handler:    _DestAgent_ReleaseDevice_Handler,
+		},
+		{
+			MethodName: "Preflight",
+			Handler:    _DestAgent_Preflight_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

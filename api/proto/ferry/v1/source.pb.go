@@ -389,8 +389,13 @@ type StartMigrationRequest struct {
 	PrecopyTimeout *durationpb.Duration `protobuf:"bytes,11,opt,name=precopy_timeout,json=precopyTimeout,proto3" json:"precopy_timeout,omitempty"`
 	// Pre-copy: what happens at precopy_timeout.
 	OnPrecopyTimeout PrecopyTimeoutAction `protobuf:"varint,12,opt,name=on_precopy_timeout,json=onPrecopyTimeout,proto3,enum=ferry.v1.PrecopyTimeoutAction" json:"on_precopy_timeout,omitempty"`
-	unknownFields    protoimpl.UnknownFields
-	sizeCache        protoimpl.SizeCache
+	// Require the destination's compatibility check (FEATURE_DEVICE_CHECK)
+	// before any device leaves RUNNING: a destination that cannot check
+	// (0.1.0) is refused with FAILED_PRECONDITION, FEATURE_NOT_SUPPORTED.
+	// Current destinations always check; this makes it a requirement.
+	Preflight     bool `protobuf:"varint,13,opt,name=preflight,proto3" json:"preflight,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *StartMigrationRequest) Reset() {
@@ -505,6 +510,13 @@ func (x *StartMigrationRequest) GetOnPrecopyTimeout() PrecopyTimeoutAction {
 		return x.OnPrecopyTimeout
 	}
 	return PrecopyTimeoutAction_PRECOPY_TIMEOUT_ACTION_UNSPECIFIED
+}
+
+func (x *StartMigrationRequest) GetPreflight() bool {
+	if x != nil {
+		return x.Preflight
+	}
+	return false
 }
 
 // StartMigrationResponse holds the accepted migration.
@@ -1030,7 +1042,7 @@ const file_ferry_v1_source_proto_rawDesc = "" +
 	"DevicePair\x12#\n" +
 	"\rsource_device\x18\x01 \x01(\tR\fsourceDevice\x12\x1f\n" +
 	"\vdest_device\x18\x02 \x01(\tR\n" +
-	"destDevice\"\xde\x04\n" +
+	"destDevice\"\xfc\x04\n" +
 	"\x15StartMigrationRequest\x12!\n" +
 	"\fmigration_id\x18\x01 \x01(\tR\vmigrationId\x12!\n" +
 	"\fdest_address\x18\x02 \x01(\tR\vdestAddress\x12\x14\n" +
@@ -1045,7 +1057,8 @@ const file_ferry_v1_source_proto_rawDesc = "" +
 	"\x0edowntime_limit\x18\n" +
 	" \x01(\v2\x19.google.protobuf.DurationR\rdowntimeLimit\x12B\n" +
 	"\x0fprecopy_timeout\x18\v \x01(\v2\x19.google.protobuf.DurationR\x0eprecopyTimeout\x12L\n" +
-	"\x12on_precopy_timeout\x18\f \x01(\x0e2\x1e.ferry.v1.PrecopyTimeoutActionR\x10onPrecopyTimeout\"K\n" +
+	"\x12on_precopy_timeout\x18\f \x01(\x0e2\x1e.ferry.v1.PrecopyTimeoutActionR\x10onPrecopyTimeout\x12\x1c\n" +
+	"\tpreflight\x18\r \x01(\bR\tpreflight\"K\n" +
 	"\x16StartMigrationResponse\x121\n" +
 	"\tmigration\x18\x01 \x01(\v2\x13.ferry.v1.MigrationR\tmigration\"8\n" +
 	"\x13GetMigrationRequest\x12!\n" +

@@ -190,9 +190,17 @@ type OpenRequest struct {
 	SourceDevices []string `protobuf:"bytes,8,rep,name=source_devices,json=sourceDevices,proto3" json:"source_devices,omitempty"`
 	// The source can send chunks on direct data connections (see
 	// OpenResponse.data_port) instead of in Channel messages.
-	DirectData    bool `protobuf:"varint,9,opt,name=direct_data,json=directData,proto3" json:"direct_data,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	DirectData bool `protobuf:"varint,9,opt,name=direct_data,json=directData,proto3" json:"direct_data,omitempty"`
+	// The source agent's version (its build's module version); empty from
+	// a 0.1.0 source.
+	AgentVersion string `protobuf:"bytes,10,opt,name=agent_version,json=agentVersion,proto3" json:"agent_version,omitempty"`
+	// The features the source wants (see Feature); none from 0.1.0.
+	Features []Feature `protobuf:"varint,11,rep,packed,name=features,proto3,enum=ferry.v1.Feature" json:"features,omitempty"`
+	// What the source can tell of each of its devices, in device order,
+	// for FEATURE_DEVICE_CHECK.
+	SourceDescriptions []*DeviceDescription `protobuf:"bytes,12,rep,name=source_descriptions,json=sourceDescriptions,proto3" json:"source_descriptions,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
 }
 
 func (x *OpenRequest) Reset() {
@@ -288,6 +296,27 @@ func (x *OpenRequest) GetDirectData() bool {
 	return false
 }
 
+func (x *OpenRequest) GetAgentVersion() string {
+	if x != nil {
+		return x.AgentVersion
+	}
+	return ""
+}
+
+func (x *OpenRequest) GetFeatures() []Feature {
+	if x != nil {
+		return x.Features
+	}
+	return nil
+}
+
+func (x *OpenRequest) GetSourceDescriptions() []*DeviceDescription {
+	if x != nil {
+		return x.SourceDescriptions
+	}
+	return nil
+}
+
 // OpenResponse accepts a session.
 type OpenResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -303,9 +332,15 @@ type OpenResponse struct {
 	// the same ChannelRequest header, then the bytes, without HTTP/2
 	// framing. Window updates and acknowledgements stay on the stream.
 	// 0: chunks travel in Channel messages.
-	DataPort      uint32 `protobuf:"varint,3,opt,name=data_port,json=dataPort,proto3" json:"data_port,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	DataPort uint32 `protobuf:"varint,3,opt,name=data_port,json=dataPort,proto3" json:"data_port,omitempty"`
+	// The destination agent's version; empty from a 0.1.0 destination,
+	// which also grants no feature.
+	AgentVersion string `protobuf:"bytes,4,opt,name=agent_version,json=agentVersion,proto3" json:"agent_version,omitempty"`
+	// The features of OpenRequest.features this destination grants: the
+	// session uses these and no others.
+	GrantedFeatures []Feature `protobuf:"varint,5,rep,packed,name=granted_features,json=grantedFeatures,proto3,enum=ferry.v1.Feature" json:"granted_features,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *OpenResponse) Reset() {
@@ -357,6 +392,20 @@ func (x *OpenResponse) GetDataPort() uint32 {
 		return x.DataPort
 	}
 	return 0
+}
+
+func (x *OpenResponse) GetAgentVersion() string {
+	if x != nil {
+		return x.AgentVersion
+	}
+	return ""
+}
+
+func (x *OpenResponse) GetGrantedFeatures() []Feature {
+	if x != nil {
+		return x.GrantedFeatures
+	}
+	return nil
 }
 
 // WindowUpdate is a device's current window and acknowledgement.
@@ -1267,11 +1316,11 @@ var File_ferry_v1_transfer_proto protoreflect.FileDescriptor
 
 const file_ferry_v1_transfer_proto_rawDesc = "" +
 	"\n" +
-	"\x17ferry/v1/transfer.proto\x12\bferry.v1\x1a\x15ferry/v1/source.proto\x1a\x1egoogle/protobuf/duration.proto\".\n" +
+	"\x17ferry/v1/transfer.proto\x12\bferry.v1\x1a\x15ferry/v1/common.proto\x1a\x15ferry/v1/source.proto\x1a\x1egoogle/protobuf/duration.proto\".\n" +
 	"\rCommitRequest\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x01 \x01(\tR\tsessionId\"\x10\n" +
-	"\x0eCommitResponse\"\xc3\x02\n" +
+	"\x0eCommitResponse\"\xe5\x03\n" +
 	"\vOpenRequest\x12!\n" +
 	"\fmigration_id\x18\x01 \x01(\tR\vmigrationId\x12\x14\n" +
 	"\x05token\x18\x02 \x01(\tR\x05token\x12\x18\n" +
@@ -1283,12 +1332,18 @@ const file_ferry_v1_transfer_proto_rawDesc = "" +
 	"\x04mode\x18\a \x01(\x0e2\x17.ferry.v1.MigrationModeR\x04mode\x12%\n" +
 	"\x0esource_devices\x18\b \x03(\tR\rsourceDevices\x12\x1f\n" +
 	"\vdirect_data\x18\t \x01(\bR\n" +
-	"directData\"|\n" +
+	"directData\x12#\n" +
+	"\ragent_version\x18\n" +
+	" \x01(\tR\fagentVersion\x12-\n" +
+	"\bfeatures\x18\v \x03(\x0e2\x11.ferry.v1.FeatureR\bfeatures\x12L\n" +
+	"\x13source_descriptions\x18\f \x03(\v2\x1b.ferry.v1.DeviceDescriptionR\x12sourceDescriptions\"\xdf\x01\n" +
 	"\fOpenResponse\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x01 \x01(\tR\tsessionId\x120\n" +
 	"\awindows\x18\x02 \x03(\v2\x16.ferry.v1.WindowUpdateR\awindows\x12\x1b\n" +
-	"\tdata_port\x18\x03 \x01(\rR\bdataPort\"\xa6\x01\n" +
+	"\tdata_port\x18\x03 \x01(\rR\bdataPort\x12#\n" +
+	"\ragent_version\x18\x04 \x01(\tR\fagentVersion\x12<\n" +
+	"\x10granted_features\x18\x05 \x03(\x0e2\x11.ferry.v1.FeatureR\x0fgrantedFeatures\"\xa6\x01\n" +
 	"\fWindowUpdate\x12\x16\n" +
 	"\x06device\x18\x01 \x01(\rR\x06device\x12\x1b\n" +
 	"\tlimit_seq\x18\x02 \x01(\x04R\blimitSeq\x12!\n" +
@@ -1404,36 +1459,41 @@ var file_ferry_v1_transfer_proto_goTypes = []any{
 	(*AbortResponse)(nil),           // 17: ferry.v1.AbortResponse
 	(DigestAlgorithm)(0),            // 18: ferry.v1.DigestAlgorithm
 	(MigrationMode)(0),              // 19: ferry.v1.MigrationMode
-	(*durationpb.Duration)(nil),     // 20: google.protobuf.Duration
+	(Feature)(0),                    // 20: ferry.v1.Feature
+	(*DeviceDescription)(nil),       // 21: ferry.v1.DeviceDescription
+	(*durationpb.Duration)(nil),     // 22: google.protobuf.Duration
 }
 var file_ferry_v1_transfer_proto_depIdxs = []int32{
 	18, // 0: ferry.v1.OpenRequest.digest:type_name -> ferry.v1.DigestAlgorithm
 	19, // 1: ferry.v1.OpenRequest.mode:type_name -> ferry.v1.MigrationMode
-	5,  // 2: ferry.v1.OpenResponse.windows:type_name -> ferry.v1.WindowUpdate
-	0,  // 3: ferry.v1.ChannelRequest.kind:type_name -> ferry.v1.ChunkKind
-	5,  // 4: ferry.v1.ChannelResponse.windows:type_name -> ferry.v1.WindowUpdate
-	9,  // 5: ferry.v1.SwitchoverAckRequest.devices:type_name -> ferry.v1.InitialData
-	20, // 6: ferry.v1.SwitchoverAckResponse.state_change_time:type_name -> google.protobuf.Duration
-	14, // 7: ferry.v1.FinishResponse.devices:type_name -> ferry.v1.DeviceVerdict
-	3,  // 8: ferry.v1.Transfer.Open:input_type -> ferry.v1.OpenRequest
-	6,  // 9: ferry.v1.Transfer.Channel:input_type -> ferry.v1.ChannelRequest
-	8,  // 10: ferry.v1.Transfer.SwitchoverStart:input_type -> ferry.v1.SwitchoverStartRequest
-	10, // 11: ferry.v1.Transfer.SwitchoverAck:input_type -> ferry.v1.SwitchoverAckRequest
-	13, // 12: ferry.v1.Transfer.Finish:input_type -> ferry.v1.FinishRequest
-	16, // 13: ferry.v1.Transfer.Abort:input_type -> ferry.v1.AbortRequest
-	1,  // 14: ferry.v1.Transfer.Commit:input_type -> ferry.v1.CommitRequest
-	4,  // 15: ferry.v1.Transfer.Open:output_type -> ferry.v1.OpenResponse
-	7,  // 16: ferry.v1.Transfer.Channel:output_type -> ferry.v1.ChannelResponse
-	12, // 17: ferry.v1.Transfer.SwitchoverStart:output_type -> ferry.v1.SwitchoverStartResponse
-	11, // 18: ferry.v1.Transfer.SwitchoverAck:output_type -> ferry.v1.SwitchoverAckResponse
-	15, // 19: ferry.v1.Transfer.Finish:output_type -> ferry.v1.FinishResponse
-	17, // 20: ferry.v1.Transfer.Abort:output_type -> ferry.v1.AbortResponse
-	2,  // 21: ferry.v1.Transfer.Commit:output_type -> ferry.v1.CommitResponse
-	15, // [15:22] is the sub-list for method output_type
-	8,  // [8:15] is the sub-list for method input_type
-	8,  // [8:8] is the sub-list for extension type_name
-	8,  // [8:8] is the sub-list for extension extendee
-	0,  // [0:8] is the sub-list for field type_name
+	20, // 2: ferry.v1.OpenRequest.features:type_name -> ferry.v1.Feature
+	21, // 3: ferry.v1.OpenRequest.source_descriptions:type_name -> ferry.v1.DeviceDescription
+	5,  // 4: ferry.v1.OpenResponse.windows:type_name -> ferry.v1.WindowUpdate
+	20, // 5: ferry.v1.OpenResponse.granted_features:type_name -> ferry.v1.Feature
+	0,  // 6: ferry.v1.ChannelRequest.kind:type_name -> ferry.v1.ChunkKind
+	5,  // 7: ferry.v1.ChannelResponse.windows:type_name -> ferry.v1.WindowUpdate
+	9,  // 8: ferry.v1.SwitchoverAckRequest.devices:type_name -> ferry.v1.InitialData
+	22, // 9: ferry.v1.SwitchoverAckResponse.state_change_time:type_name -> google.protobuf.Duration
+	14, // 10: ferry.v1.FinishResponse.devices:type_name -> ferry.v1.DeviceVerdict
+	3,  // 11: ferry.v1.Transfer.Open:input_type -> ferry.v1.OpenRequest
+	6,  // 12: ferry.v1.Transfer.Channel:input_type -> ferry.v1.ChannelRequest
+	8,  // 13: ferry.v1.Transfer.SwitchoverStart:input_type -> ferry.v1.SwitchoverStartRequest
+	10, // 14: ferry.v1.Transfer.SwitchoverAck:input_type -> ferry.v1.SwitchoverAckRequest
+	13, // 15: ferry.v1.Transfer.Finish:input_type -> ferry.v1.FinishRequest
+	16, // 16: ferry.v1.Transfer.Abort:input_type -> ferry.v1.AbortRequest
+	1,  // 17: ferry.v1.Transfer.Commit:input_type -> ferry.v1.CommitRequest
+	4,  // 18: ferry.v1.Transfer.Open:output_type -> ferry.v1.OpenResponse
+	7,  // 19: ferry.v1.Transfer.Channel:output_type -> ferry.v1.ChannelResponse
+	12, // 20: ferry.v1.Transfer.SwitchoverStart:output_type -> ferry.v1.SwitchoverStartResponse
+	11, // 21: ferry.v1.Transfer.SwitchoverAck:output_type -> ferry.v1.SwitchoverAckResponse
+	15, // 22: ferry.v1.Transfer.Finish:output_type -> ferry.v1.FinishResponse
+	17, // 23: ferry.v1.Transfer.Abort:output_type -> ferry.v1.AbortResponse
+	2,  // 24: ferry.v1.Transfer.Commit:output_type -> ferry.v1.CommitResponse
+	18, // [18:25] is the sub-list for method output_type
+	11, // [11:18] is the sub-list for method input_type
+	11, // [11:11] is the sub-list for extension type_name
+	11, // [11:11] is the sub-list for extension extendee
+	0,  // [0:11] is the sub-list for field type_name
 }
 
 func init() { file_ferry_v1_transfer_proto_init() }
@@ -1441,6 +1501,7 @@ func file_ferry_v1_transfer_proto_init() {
 	if File_ferry_v1_transfer_proto != nil {
 		return
 	}
+	file_ferry_v1_common_proto_init()
 	file_ferry_v1_source_proto_init()
 	type x struct{}
 	out := protoimpl.TypeBuilder{
