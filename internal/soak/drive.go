@@ -75,6 +75,17 @@ type migrationRun struct {
 	last     *ferryv1.Migration
 	rivalWon bool
 	notes    []string // what the faults saw, for a report
+	extraIDs []string // the ids of the rivals and budget prepares it made
+}
+
+// extraID names the n-th migration a fault of m makes beside it (a rival,
+// a budget prepare), and remembers it for the checks between rounds.
+func (m *migrationRun) extraID(kind string) string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	id := fmt.Sprintf("%s-%s%d", m.p.ID, kind, len(m.extraIDs))
+	m.extraIDs = append(m.extraIDs, id)
+	return id
 }
 
 func (m *migrationRun) note(format string, args ...any) {
@@ -392,7 +403,7 @@ const budgetDevices = 64
 // overBudget asks the destination for more windows than its budget
 // holds: it must refuse with RESOURCE_EXHAUSTED and hold nothing.
 func (m *migrationRun) overBudget(ctx context.Context) error {
-	id := m.p.ID + "-budget"
+	id := m.extraID("budget")
 	req := &ferryv1.PrepareIncomingRequest{MigrationId: id}
 	for k := range budgetDevices {
 		req.Devices = append(req.Devices, fmt.Sprintf("sim:size=1MiB,seed=%d", budgetSeedBase+k))
@@ -424,7 +435,7 @@ func (m *migrationRun) overBudget(ctx context.Context) error {
 func (m *migrationRun) rival(ctx context.Context) error {
 	i := m.rng.IntN(len(m.p.Devices))
 	d := m.p.Devices[i]
-	id := m.p.ID + "-rival"
+	id := m.extraID("rival")
 	dst, src := m.s.destClient(m.dst), m.s.sourceClient(m.src)
 	cctx, cancel := context.WithTimeout(ctx, callTimeout)
 	defer cancel()

@@ -351,7 +351,9 @@ func (s *soak) round(ctx context.Context, r, k int, rep *Report) (*ViolationRepo
 	// operation never returns); then every agent is checked.
 	var ids []string
 	for _, m := range runs {
-		ids = append(ids, m.p.ID, m.p.ID+"-rival", m.p.ID+"-budget")
+		m.mu.Lock()
+		ids = append(append(ids, m.p.ID), m.extraIDs...)
+		m.mu.Unlock()
 	}
 	var restarted []*agent
 	for _, a := range s.agents() {
