@@ -9,6 +9,8 @@ import (
 	"sync"
 	"time"
 
+	"google.golang.org/grpc/codes"
+
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
@@ -81,15 +83,22 @@ func violationf(format string, args ...any) *violation {
 type deviceView = ferryv1.Device
 
 // listDevices reads an agent's devices by spec.
+// A call that an agent's restart (another migration's fault) cuts off
+// is asked again.
 func (s *soak) listDevices(ctx context.Context, a *agent) (map[string]*deviceView, error) {
 	ctx, cancel := context.WithTimeout(ctx, callTimeout)
 	defer cancel()
 	var resp *ferryv1.ListDevicesResponse
 	var err error
-	if a.role == "dest" {
-		resp, err = s.destClient(a).ListDevices(ctx, &ferryv1.ListDevicesRequest{}, wait)
-	} else {
-		resp, err = s.sourceClient(a).ListDevices(ctx, &ferryv1.ListDevicesRequest{}, wait)
+	for {
+		if a.role == "dest" {
+			resp, err = s.destClient(a).ListDevices(ctx, &ferryv1.ListDevicesRequest{}, wait)
+		} else {
+			resp, err = s.sourceClient(a).ListDevices(ctx, &ferryv1.ListDevicesRequest{}, wait)
+		}
+		if err == nil || wire.Code(err) != codes.Unavailable || ctx.Err() != nil {
+			break
+		}
 	}
 	if err != nil {
 		return nil, fmt.Errorf("ListDevices of %s: %w", a.name, err)
