@@ -26,8 +26,12 @@ type srcDevice struct {
 	read    atomic.Uint64
 	chunks  atomic.Uint64
 	retrans atomic.Uint64
-	total   atomic.Uint64 // estimate, then the final size
-	errMsg  atomic.Pointer[string]
+	// bwStalls counts the chunks that waited for a bandwidth limit before
+	// they were sent, bwStallNanos the time they waited (bandwidth.go).
+	bwStalls     atomic.Uint64
+	bwStallNanos atomic.Int64
+	total        atomic.Uint64 // estimate, then the final size
+	errMsg       atomic.Pointer[string]
 
 	// unacked holds the chunks sent but not yet written at the
 	// destination, in sequence order; each holds one reference to its
