@@ -7,7 +7,7 @@ BUF       := $(GO) tool -modfile=tools/go.mod buf
 FUZZTIME  ?= 20000x
 # Packages with fuzz targets, and the targets in each: `pkg:Target`.
 FUZZ      := ./pkg/size:FuzzParse ./pkg/vfio:FuzzParseSpec ./pkg/flow:FuzzWindowDelivery \
-             ./services/chunkwire:FuzzCodecUnmarshal ./services/chunkwire:FuzzDirectReader ./services/wire:FuzzWindowUpdate \
+             ./services/chunkwire:FuzzCodecUnmarshal ./services/chunkwire:FuzzDirectReader ./services/chunkwire:FuzzDecode ./services/wire:FuzzWindowUpdate \
              ./pkg/vmm:FuzzRead ./services/dest:FuzzOpenRequest ./services/dest:FuzzAccept ./services/source:FuzzStartMigration
 
 .PHONY: help

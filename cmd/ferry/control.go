@@ -50,6 +50,8 @@ type plan struct {
 	// switchoverWhenReady asks the source for the switchover once the
 	// migration is READY, as `ferry switchover` would.
 	switchoverWhenReady bool
+	// compress asks for zstd chunks (where the destination takes them).
+	compress bool
 	// preflight makes the destination's compatibility check a
 	// requirement (StartMigrationRequest.preflight).
 	preflight bool
@@ -79,10 +81,13 @@ type result struct {
 	// Owner is which host holds the runnable copy of the devices, as the
 	// source (which owns the commit) reports it: SOURCE, DESTINATION, or
 	// UNKNOWN when the source could not say.
-	Owner    string `json:"owner"`
-	Bytes    uint64 `json:"bytes"`
-	Devices  int    `json:"devices"`
-	Channels uint32 `json:"channels"`
+	Owner string `json:"owner"`
+	Bytes uint64 `json:"bytes"`
+	// WireBytes are the chunks' bytes as they travelled: fewer than Bytes
+	// where zero pages stayed home or compression shrank them.
+	WireBytes uint64 `json:"wire_bytes"`
+	Devices   int    `json:"devices"`
+	Channels  uint32 `json:"channels"`
 	// ChunkSize in bytes.
 	ChunkSize uint32 `json:"chunk_size"`
 	// DurationSeconds is the whole migration: from the source accepting
@@ -212,6 +217,7 @@ func drive(ctx context.Context, p plan, dst ferryv1.DestAgentClient, src ferryv1
 		ChunkSize:         p.chunkSize,
 		Mode:              ferryv1.MigrationMode_MIGRATION_MODE_STOP_COPY,
 		Preflight:         p.preflight,
+		Compression:       compression(p.compress),
 		DestTlsServerName: p.destServerName,
 		MaxBandwidth:      p.maxBandwidth,
 	}
@@ -401,6 +407,7 @@ func summarize(m, incoming *ferryv1.Migration) *result {
 		Verified:                 m.GetPhase() == ferryv1.MigrationPhase_MIGRATION_PHASE_SUCCEEDED,
 		Owner:                    ownerName(m.GetOwner()),
 		Bytes:                    m.GetBytes(),
+		WireBytes:                m.GetWireBytes(),
 		Devices:                  len(m.GetDevices()),
 		Channels:                 m.GetChannels(),
 		ChunkSize:                m.GetChunkSize(),
@@ -502,4 +509,12 @@ func nextStep(m, incoming *ferryv1.Migration, verified bool) string {
 		}
 		return next
 	}
+}
+
+// compression is the request's chunk compression for --compress.
+func compression(on bool) ferryv1.ChunkCompression {
+	if on {
+		return ferryv1.ChunkCompression_CHUNK_COMPRESSION_ZSTD
+	}
+	return ferryv1.ChunkCompression_CHUNK_COMPRESSION_UNSPECIFIED
 }

@@ -123,6 +123,9 @@ type Agent struct {
 	// dataPort is the direct data listener's port while ServeData runs.
 	dataPort atomic.Uint32
 
+	// zstd decodes compressed chunks for every session.
+	zstd *chunkwire.Decompressor
+
 	// acquire gives a migration a device: the registry's Acquire (tests
 	// put devices of their own behind it).
 	acquire func(spec, owner string) (vfio.Device, func(), error)
@@ -139,8 +142,13 @@ func New(cfg Config) (*Agent, error) {
 	if err := cfg.setDefaults(); err != nil {
 		return nil, err
 	}
+	dec, err := chunkwire.NewDecompressor(wire.MaxChunkSize)
+	if err != nil {
+		return nil, err
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	return &Agent{
+		zstd:      dec,
 		cfg:       cfg,
 		incoming:  make(map[string]*incoming),
 		sessions:  make(map[string]*incoming),
@@ -178,6 +186,7 @@ func (a *Agent) Close() {
 	}
 	a.cancel()
 	a.wg.Wait()
+	a.zstd.Close()
 }
 
 // BudgetInUse reports the bytes of memory budget reserved now.

@@ -110,6 +110,7 @@ type devStream struct {
 	config []byte
 
 	written    atomic.Uint64
+	wireBytes  atomic.Uint64 // as received, before decoding
 	chunks     atomic.Uint64
 	duplicates atomic.Uint64
 	verified   atomic.Bool
@@ -840,11 +841,12 @@ func (inc *incoming) snapshot() (*ferryv1.Migration, bool, uint64) {
 	var total, peak uint64
 	for i, d := range inc.devs {
 		p := &ferryv1.DeviceProgress{
-			Device:   d.spec,
-			Bytes:    d.written.Load(),
-			Chunks:   d.chunks.Load(),
-			Verified: d.verified.Load(),
-			Stuck:    d.stuck.Load() || isStuck(d.dev),
+			Device:    d.spec,
+			WireBytes: d.wireBytes.Load(),
+			Bytes:     d.written.Load(),
+			Chunks:    d.chunks.Load(),
+			Verified:  d.verified.Load(),
+			Stuck:     d.stuck.Load() || isStuck(d.dev),
 		}
 		p.InitialDataLoaded = d.initialLoaded()
 		if p.Verified {
@@ -872,6 +874,7 @@ func (inc *incoming) snapshot() (*ferryv1.Migration, bool, uint64) {
 		m.DuplicateChunks += p.DuplicateChunks
 		peak += p.PeakBufferedBytes
 		total += p.Bytes
+		m.WireBytes += p.WireBytes
 		m.Devices = append(m.Devices, p)
 	}
 	m.Bytes = total

@@ -279,6 +279,13 @@ func (inc *incoming) accept(in *chunkwire.InChunk) (err error) {
 		return wire.Errorf(codes.InvalidArgument, wire.ReasonBadChunk, "chunk for device %d: the session has %d devices", m.GetDevice(), len(inc.devs))
 	}
 	d := inc.devs[m.GetDevice()]
+	d.wireBytes.Add(uint64(in.Data.Len()))
+	if m.GetKind() == ferryv1.ChunkKind_CHUNK_KIND_DATA {
+		// A zero or compressed chunk becomes the bytes the device made.
+		if err := inc.a.cfg.Pool.Decode(in, int(inc.chunkSize), inc.features, inc.a.zstd); err != nil {
+			return err
+		}
+	}
 	n := in.Data.Len()
 	c := flow.Chunk[payload]{Seq: m.GetSeq(), Offset: m.GetOffset(), Len: uint32(n)}
 	var end *endInfo
@@ -287,7 +294,8 @@ func (inc *incoming) accept(in *chunkwire.InChunk) (err error) {
 		if n == 0 || n > int(inc.chunkSize) {
 			return wire.Errorf(codes.InvalidArgument, wire.ReasonBadChunk, "device %d chunk %d: %d bytes, a %s chunk has 1 to %d", m.GetDevice(), m.GetSeq(), n, kindName(kind), inc.chunkSize)
 		}
-		if m.GetTotalBytes() != 0 || m.GetTotalChunks() != 0 || len(m.GetDigest()) != 0 || m.GetConfigBytes() != 0 {
+		if m.GetTotalBytes() != 0 || m.GetTotalChunks() != 0 || len(m.GetDigest()) != 0 || m.GetConfigBytes() != 0 ||
+			kind == ferryv1.ChunkKind_CHUNK_KIND_CONFIG && (m.GetEncoding() != 0 || m.GetLength() != 0) {
 			return wire.Errorf(codes.InvalidArgument, wire.ReasonBadChunk, "device %d chunk %d: a %s chunk carries no END fields", m.GetDevice(), m.GetSeq(), kindName(kind))
 		}
 		if kind == ferryv1.ChunkKind_CHUNK_KIND_CONFIG && !inc.features.Has(ferryv1.Feature_FEATURE_CONFIG_STATE) {
@@ -299,7 +307,7 @@ func (inc *incoming) accept(in *chunkwire.InChunk) (err error) {
 		}
 		c.Payload = payload{data: in.Data, crc: crc, config: kind == ferryv1.ChunkKind_CHUNK_KIND_CONFIG}
 	case ferryv1.ChunkKind_CHUNK_KIND_END:
-		if n != 0 || len(m.GetDigest()) == 0 || len(m.GetDigest()) > wire.MaxDigestLength {
+		if n != 0 || m.GetEncoding() != 0 || m.GetLength() != 0 || len(m.GetDigest()) == 0 || len(m.GetDigest()) > wire.MaxDigestLength {
 			return wire.Errorf(codes.InvalidArgument, wire.ReasonBadChunk, "device %d END: no data and a digest of 1 to %d bytes expected", m.GetDevice(), wire.MaxDigestLength)
 		}
 		if m.GetSeq() != m.GetTotalChunks() || m.GetOffset() != m.GetTotalBytes() {

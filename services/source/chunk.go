@@ -23,9 +23,10 @@ type srcDevice struct {
 	stream  vfio.DataStream
 	gate    *flow.Gate
 
-	read    atomic.Uint64
-	chunks  atomic.Uint64
-	retrans atomic.Uint64
+	read      atomic.Uint64
+	wireBytes atomic.Uint64 // of the chunks made, as they travel (after zero chunks and compression)
+	chunks    atomic.Uint64
+	retrans   atomic.Uint64
 	// bwStalls counts the chunks that waited for a bandwidth limit before
 	// they were sent, bwStallNanos the time they waited (bandwidth.go).
 	bwStalls     atomic.Uint64
@@ -169,8 +170,12 @@ func (d *srcDevice) unsent(channel int32, dst []*outChunk) []*outChunk {
 	return dst
 }
 
-// length is the chunk's byte count (0 for END).
+// length is the chunk's byte count in the device's stream (0 for END):
+// what a zero or compressed chunk declares, else its payload's.
 func (c *outChunk) length() int {
+	if n := c.hdr.GetLength(); n != 0 {
+		return int(n)
+	}
 	if c.payload == nil {
 		return 0
 	}

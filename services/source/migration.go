@@ -20,6 +20,7 @@ import (
 	"github.com/vfio-ferry/ferry/internal/tracing"
 	"github.com/vfio-ferry/ferry/pkg/flow"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/chunkwire"
 	"github.com/vfio-ferry/ferry/services/deviceapi"
 	"github.com/vfio-ferry/ferry/services/telemetry"
 	"github.com/vfio-ferry/ferry/services/wire"
@@ -117,6 +118,9 @@ type migration struct {
 	// channels start.
 	features    wire.Features
 	destVersion string
+	// compressor compresses chunks when the migration asked for it and
+	// the destination granted it; nil otherwise.
+	compressor *chunkwire.Compressor
 }
 
 // destPeer is the source's control connection to the destination agent.
@@ -275,6 +279,7 @@ func (m *migration) snapshot() (*ferryv1.Migration, bool, uint64) {
 	for _, d := range devs {
 		p := &ferryv1.DeviceProgress{
 			Device:              d.spec,
+			WireBytes:           d.wireBytes.Load(),
 			PeerDevice:          d.peer,
 			Bytes:               d.read.Load(),
 			Chunks:              d.chunks.Load(),
@@ -301,6 +306,7 @@ func (m *migration) snapshot() (*ferryv1.Migration, bool, uint64) {
 			p.ConfigStateBytes = uint64(len(*c))
 		}
 		total += p.Bytes
+		s.WireBytes += p.WireBytes
 		s.RetransmittedChunks += p.RetransmittedChunks
 		s.Devices = append(s.Devices, p)
 	}

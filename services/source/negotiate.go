@@ -8,6 +8,7 @@ import (
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/internal/buildinfo"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/chunkwire"
 	"github.com/vfio-ferry/ferry/services/deviceapi"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
@@ -21,9 +22,13 @@ import (
 func (m *migration) wanted() wire.Features {
 	f := wire.Features(0).With(ferryv1.Feature_FEATURE_COMMIT).
 		With(ferryv1.Feature_FEATURE_CONFIG_STATE).
-		With(ferryv1.Feature_FEATURE_DEVICE_CHECK)
+		With(ferryv1.Feature_FEATURE_DEVICE_CHECK).
+		With(ferryv1.Feature_FEATURE_ZERO_CHUNKS)
 	if m.req.GetMode() == ferryv1.MigrationMode_MIGRATION_MODE_PRECOPY {
 		f = f.With(ferryv1.Feature_FEATURE_PRECOPY)
+	}
+	if m.req.GetCompression() == ferryv1.ChunkCompression_CHUNK_COMPRESSION_ZSTD {
+		f = f.With(ferryv1.Feature_FEATURE_COMPRESSION_ZSTD)
 	}
 	return f
 }
@@ -40,6 +45,15 @@ func (m *migration) negotiated(opened *ferryv1.OpenResponse) error {
 	m.mu.Lock()
 	m.features, m.destVersion = granted, opened.GetAgentVersion()
 	m.mu.Unlock()
+	if granted.Has(ferryv1.Feature_FEATURE_COMPRESSION_ZSTD) {
+		c, err := chunkwire.NewCompressor()
+		if err != nil {
+			return wire.Errorf(codes.Internal, wire.ReasonInternal, "zstd: %v", err)
+		}
+		m.compressor = c
+	} else if m.req.GetCompression() == ferryv1.ChunkCompression_CHUNK_COMPRESSION_ZSTD {
+		m.log.Warn("the destination does not take compressed chunks: they travel as they are", "destination_version", m.peerVersion())
+	}
 	m.log.Info("session features", "destination_version", m.peerVersion(), "granted", granted.String())
 	if m.req.GetMode() == ferryv1.MigrationMode_MIGRATION_MODE_PRECOPY && !granted.Has(ferryv1.Feature_FEATURE_PRECOPY) {
 		return wire.Errorf(codes.FailedPrecondition, wire.ReasonFeatureNotSupported,

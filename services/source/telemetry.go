@@ -24,6 +24,7 @@ func (m *migration) deviceCounters() []telemetry.SourceDevice {
 		out[i] = telemetry.SourceDevice{
 			Device:        d.spec,
 			Bytes:         d.read.Load(),
+			WireBytes:     d.wireBytes.Load(),
 			Chunks:        d.chunks.Load(),
 			Retransmitted: d.retrans.Load(),
 			PrecopyBytes:  d.precopyRead(),

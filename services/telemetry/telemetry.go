@@ -62,6 +62,9 @@ type SourceDevice struct {
 	Bytes, Chunks uint64
 	// Retransmitted counts chunks sent again after a channel broke.
 	Retransmitted uint64
+	// WireBytes are the bytes of those chunks as they travel: fewer than
+	// Bytes where zero pages stayed home or compression shrank them.
+	WireBytes uint64
 	// Stalls counts the times the device's reader waited for window
 	// credit; StallTime is the time it spent waiting.
 	Stalls    uint64
@@ -184,11 +187,13 @@ type descs struct {
 	sentBytes, sentChunks, stalls, stallSeconds, retrans, loadedBytes, loadedChunks, duplicates, buffered, window, active *prometheus.Desc
 	precopyBytes, predicted, dirtyRate, byPhase, totalBytes, remainingBytes                                               *prometheus.Desc
 	bwStalls, bwStallSeconds                                                                                              *prometheus.Desc
+	wireBytes                                                                                                             *prometheus.Desc
 }
 
 func newDescs() descs {
 	return descs{
 		sentBytes:      prometheus.NewDesc("ferry_source_sent_bytes_total", "Bytes of device state read from the device and sent, per source device.", []string{"device"}, nil),
+		wireBytes:      prometheus.NewDesc("ferry_source_wire_bytes_total", "Bytes of the chunks sent as they travelled (after zero pages and compression), per source device: against ferry_source_sent_bytes_total, what the link was spared.", []string{"device"}, nil),
 		sentChunks:     prometheus.NewDesc("ferry_source_sent_chunks_total", "Chunks of device state sent, per source device.", []string{"device"}, nil),
 		stalls:         prometheus.NewDesc("ferry_source_window_stalls_total", "Times a source device's reader waited for the destination's window.", []string{"device"}, nil),
 		stallSeconds:   prometheus.NewDesc("ferry_source_window_stall_seconds_total", "Seconds a source device's reader spent waiting for the destination's window.", []string{"device"}, nil),
@@ -562,6 +567,7 @@ func addSource(sum *SourceDevice, d SourceDevice) {
 	sum.Bytes += d.Bytes
 	sum.Chunks += d.Chunks
 	sum.Retransmitted += d.Retransmitted
+	sum.WireBytes += d.WireBytes
 	sum.Stalls += d.Stalls
 	sum.StallTime += d.StallTime
 	sum.BandwidthStalls += d.BandwidthStalls
@@ -582,7 +588,7 @@ type collector Metrics
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{c.d.sentBytes, c.d.sentChunks, c.d.stalls, c.d.stallSeconds, c.d.retrans,
 		c.d.loadedBytes, c.d.loadedChunks, c.d.duplicates, c.d.buffered, c.d.window, c.d.active,
-		c.d.precopyBytes, c.d.predicted, c.d.dirtyRate, c.d.byPhase, c.d.totalBytes, c.d.remainingBytes, c.d.bwStalls, c.d.bwStallSeconds} {
+		c.d.precopyBytes, c.d.predicted, c.d.dirtyRate, c.d.byPhase, c.d.totalBytes, c.d.remainingBytes, c.d.wireBytes, c.d.bwStalls, c.d.bwStallSeconds} {
 		ch <- d
 	}
 }
@@ -653,6 +659,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	}
 	for dev, s := range src {
 		counter(c.d.sentBytes, float64(s.Bytes), dev)
+		counter(c.d.wireBytes, float64(s.WireBytes), dev)
 		counter(c.d.sentChunks, float64(s.Chunks), dev)
 		counter(c.d.stalls, float64(s.Stalls), dev)
 		counter(c.d.stallSeconds, s.StallTime.Seconds(), dev)

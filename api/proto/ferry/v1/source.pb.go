@@ -190,6 +190,55 @@ func (DigestAlgorithm) EnumDescriptor() ([]byte, []int) {
 	return file_ferry_v1_source_proto_rawDescGZIP(), []int{2}
 }
 
+// ChunkCompression is how a migration compresses its chunks.
+type ChunkCompression int32
+
+const (
+	// None.
+	ChunkCompression_CHUNK_COMPRESSION_UNSPECIFIED ChunkCompression = 0
+	// zstd at its fastest level.
+	ChunkCompression_CHUNK_COMPRESSION_ZSTD ChunkCompression = 1
+)
+
+// Enum value maps for ChunkCompression.
+var (
+	ChunkCompression_name = map[int32]string{
+		0: "CHUNK_COMPRESSION_UNSPECIFIED",
+		1: "CHUNK_COMPRESSION_ZSTD",
+	}
+	ChunkCompression_value = map[string]int32{
+		"CHUNK_COMPRESSION_UNSPECIFIED": 0,
+		"CHUNK_COMPRESSION_ZSTD":        1,
+	}
+)
+
+func (x ChunkCompression) Enum() *ChunkCompression {
+	p := new(ChunkCompression)
+	*p = x
+	return p
+}
+
+func (x ChunkCompression) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (ChunkCompression) Descriptor() protoreflect.EnumDescriptor {
+	return file_ferry_v1_source_proto_enumTypes[3].Descriptor()
+}
+
+func (ChunkCompression) Type() protoreflect.EnumType {
+	return &file_ferry_v1_source_proto_enumTypes[3]
+}
+
+func (x ChunkCompression) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use ChunkCompression.Descriptor instead.
+func (ChunkCompression) EnumDescriptor() ([]byte, []int) {
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{3}
+}
+
 // SetBandwidthRequest names the migration and its new limit.
 type SetBandwidthRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -602,6 +651,12 @@ type StartMigrationRequest struct {
 	// address dialled. A DNS name or an IP address, at most 253 characters;
 	// empty: the host in dest_address.
 	DestTlsServerName string `protobuf:"bytes,14,opt,name=dest_tls_server_name,json=destTlsServerName,proto3" json:"dest_tls_server_name,omitempty"`
+	// Compress chunks (where the destination grants
+	// FEATURE_COMPRESSION_ZSTD); a chunk that does not shrink travels as
+	// it is. Off by default: on a fast link the CPU costs more than it
+	// saves. Chunks of zeros travel as headers alone either way, where
+	// granted (FEATURE_ZERO_CHUNKS).
+	Compression ChunkCompression `protobuf:"varint,20,opt,name=compression,proto3,enum=ferry.v1.ChunkCompression" json:"compression,omitempty"`
 	// The most bytes per second the migration may put on the wire, over all
 	// its channels together (chunk payloads as sent, resends included),
 	// enforced by the source before the bytes reach a socket. 0: no limit
@@ -739,6 +794,13 @@ func (x *StartMigrationRequest) GetDestTlsServerName() string {
 		return x.DestTlsServerName
 	}
 	return ""
+}
+
+func (x *StartMigrationRequest) GetCompression() ChunkCompression {
+	if x != nil {
+		return x.Compression
+	}
+	return ChunkCompression_CHUNK_COMPRESSION_UNSPECIFIED
 }
 
 func (x *StartMigrationRequest) GetMaxBandwidth() uint64 {
@@ -1281,7 +1343,7 @@ const file_ferry_v1_source_proto_rawDesc = "" +
 	"DevicePair\x12#\n" +
 	"\rsource_device\x18\x01 \x01(\tR\fsourceDevice\x12\x1f\n" +
 	"\vdest_device\x18\x02 \x01(\tR\n" +
-	"destDevice\"\xd2\x05\n" +
+	"destDevice\"\x90\x06\n" +
 	"\x15StartMigrationRequest\x12!\n" +
 	"\fmigration_id\x18\x01 \x01(\tR\vmigrationId\x12!\n" +
 	"\fdest_address\x18\x02 \x01(\tR\vdestAddress\x12\x14\n" +
@@ -1298,7 +1360,8 @@ const file_ferry_v1_source_proto_rawDesc = "" +
 	"\x0fprecopy_timeout\x18\v \x01(\v2\x19.google.protobuf.DurationR\x0eprecopyTimeout\x12L\n" +
 	"\x12on_precopy_timeout\x18\f \x01(\x0e2\x1e.ferry.v1.PrecopyTimeoutActionR\x10onPrecopyTimeout\x12\x1c\n" +
 	"\tpreflight\x18\r \x01(\bR\tpreflight\x12/\n" +
-	"\x14dest_tls_server_name\x18\x0e \x01(\tR\x11destTlsServerName\x12#\n" +
+	"\x14dest_tls_server_name\x18\x0e \x01(\tR\x11destTlsServerName\x12<\n" +
+	"\vcompression\x18\x14 \x01(\x0e2\x1a.ferry.v1.ChunkCompressionR\vcompression\x12#\n" +
 	"\rmax_bandwidth\x18( \x01(\x04R\fmaxBandwidth\"K\n" +
 	"\x16StartMigrationResponse\x121\n" +
 	"\tmigration\x18\x01 \x01(\v2\x13.ferry.v1.MigrationR\tmigration\"8\n" +
@@ -1335,7 +1398,10 @@ const file_ferry_v1_source_proto_rawDesc = "" +
 	"\x0fDigestAlgorithm\x12 \n" +
 	"\x1cDIGEST_ALGORITHM_UNSPECIFIED\x10\x00\x12!\n" +
 	"\x1dDIGEST_ALGORITHM_CRC32C_CHAIN\x10\x01\x12\x1b\n" +
-	"\x17DIGEST_ALGORITHM_SHA256\x10\x022\xc3\x06\n" +
+	"\x17DIGEST_ALGORITHM_SHA256\x10\x02*Q\n" +
+	"\x10ChunkCompression\x12!\n" +
+	"\x1dCHUNK_COMPRESSION_UNSPECIFIED\x10\x00\x12\x1a\n" +
+	"\x16CHUNK_COMPRESSION_ZSTD\x10\x012\xc3\x06\n" +
 	"\vSourceAgent\x12J\n" +
 	"\vListDevices\x12\x1c.ferry.v1.ListDevicesRequest\x1a\x1d.ferry.v1.ListDevicesResponse\x12S\n" +
 	"\x0eStartMigration\x12\x1f.ferry.v1.StartMigrationRequest\x1a .ferry.v1.StartMigrationResponse\x12M\n" +
@@ -1361,80 +1427,82 @@ func file_ferry_v1_source_proto_rawDescGZIP() []byte {
 	return file_ferry_v1_source_proto_rawDescData
 }
 
-var file_ferry_v1_source_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
+var file_ferry_v1_source_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
 var file_ferry_v1_source_proto_msgTypes = make([]protoimpl.MessageInfo, 19)
 var file_ferry_v1_source_proto_goTypes = []any{
 	(MigrationMode)(0),              // 0: ferry.v1.MigrationMode
 	(PrecopyTimeoutAction)(0),       // 1: ferry.v1.PrecopyTimeoutAction
 	(DigestAlgorithm)(0),            // 2: ferry.v1.DigestAlgorithm
-	(*SetBandwidthRequest)(nil),     // 3: ferry.v1.SetBandwidthRequest
-	(*SetBandwidthResponse)(nil),    // 4: ferry.v1.SetBandwidthResponse
-	(*DescribeDevicesRequest)(nil),  // 5: ferry.v1.DescribeDevicesRequest
-	(*DescribeDevicesResponse)(nil), // 6: ferry.v1.DescribeDevicesResponse
-	(*ReleaseDeviceRequest)(nil),    // 7: ferry.v1.ReleaseDeviceRequest
-	(*ReleaseDeviceResponse)(nil),   // 8: ferry.v1.ReleaseDeviceResponse
-	(*DevicePair)(nil),              // 9: ferry.v1.DevicePair
-	(*StartMigrationRequest)(nil),   // 10: ferry.v1.StartMigrationRequest
-	(*StartMigrationResponse)(nil),  // 11: ferry.v1.StartMigrationResponse
-	(*GetMigrationRequest)(nil),     // 12: ferry.v1.GetMigrationRequest
-	(*GetMigrationResponse)(nil),    // 13: ferry.v1.GetMigrationResponse
-	(*ListMigrationsRequest)(nil),   // 14: ferry.v1.ListMigrationsRequest
-	(*ListMigrationsResponse)(nil),  // 15: ferry.v1.ListMigrationsResponse
-	(*WatchMigrationRequest)(nil),   // 16: ferry.v1.WatchMigrationRequest
-	(*WatchMigrationResponse)(nil),  // 17: ferry.v1.WatchMigrationResponse
-	(*SwitchoverRequest)(nil),       // 18: ferry.v1.SwitchoverRequest
-	(*SwitchoverResponse)(nil),      // 19: ferry.v1.SwitchoverResponse
-	(*CancelMigrationRequest)(nil),  // 20: ferry.v1.CancelMigrationRequest
-	(*CancelMigrationResponse)(nil), // 21: ferry.v1.CancelMigrationResponse
-	(*Migration)(nil),               // 22: ferry.v1.Migration
-	(*DeviceDescription)(nil),       // 23: ferry.v1.DeviceDescription
-	(*Device)(nil),                  // 24: ferry.v1.Device
-	(*durationpb.Duration)(nil),     // 25: google.protobuf.Duration
-	(*ListDevicesRequest)(nil),      // 26: ferry.v1.ListDevicesRequest
-	(*ListDevicesResponse)(nil),     // 27: ferry.v1.ListDevicesResponse
+	(ChunkCompression)(0),           // 3: ferry.v1.ChunkCompression
+	(*SetBandwidthRequest)(nil),     // 4: ferry.v1.SetBandwidthRequest
+	(*SetBandwidthResponse)(nil),    // 5: ferry.v1.SetBandwidthResponse
+	(*DescribeDevicesRequest)(nil),  // 6: ferry.v1.DescribeDevicesRequest
+	(*DescribeDevicesResponse)(nil), // 7: ferry.v1.DescribeDevicesResponse
+	(*ReleaseDeviceRequest)(nil),    // 8: ferry.v1.ReleaseDeviceRequest
+	(*ReleaseDeviceResponse)(nil),   // 9: ferry.v1.ReleaseDeviceResponse
+	(*DevicePair)(nil),              // 10: ferry.v1.DevicePair
+	(*StartMigrationRequest)(nil),   // 11: ferry.v1.StartMigrationRequest
+	(*StartMigrationResponse)(nil),  // 12: ferry.v1.StartMigrationResponse
+	(*GetMigrationRequest)(nil),     // 13: ferry.v1.GetMigrationRequest
+	(*GetMigrationResponse)(nil),    // 14: ferry.v1.GetMigrationResponse
+	(*ListMigrationsRequest)(nil),   // 15: ferry.v1.ListMigrationsRequest
+	(*ListMigrationsResponse)(nil),  // 16: ferry.v1.ListMigrationsResponse
+	(*WatchMigrationRequest)(nil),   // 17: ferry.v1.WatchMigrationRequest
+	(*WatchMigrationResponse)(nil),  // 18: ferry.v1.WatchMigrationResponse
+	(*SwitchoverRequest)(nil),       // 19: ferry.v1.SwitchoverRequest
+	(*SwitchoverResponse)(nil),      // 20: ferry.v1.SwitchoverResponse
+	(*CancelMigrationRequest)(nil),  // 21: ferry.v1.CancelMigrationRequest
+	(*CancelMigrationResponse)(nil), // 22: ferry.v1.CancelMigrationResponse
+	(*Migration)(nil),               // 23: ferry.v1.Migration
+	(*DeviceDescription)(nil),       // 24: ferry.v1.DeviceDescription
+	(*Device)(nil),                  // 25: ferry.v1.Device
+	(*durationpb.Duration)(nil),     // 26: google.protobuf.Duration
+	(*ListDevicesRequest)(nil),      // 27: ferry.v1.ListDevicesRequest
+	(*ListDevicesResponse)(nil),     // 28: ferry.v1.ListDevicesResponse
 }
 var file_ferry_v1_source_proto_depIdxs = []int32{
-	22, // 0: ferry.v1.SetBandwidthResponse.migration:type_name -> ferry.v1.Migration
-	23, // 1: ferry.v1.DescribeDevicesResponse.devices:type_name -> ferry.v1.DeviceDescription
-	24, // 2: ferry.v1.ReleaseDeviceResponse.device:type_name -> ferry.v1.Device
-	9,  // 3: ferry.v1.StartMigrationRequest.devices:type_name -> ferry.v1.DevicePair
+	23, // 0: ferry.v1.SetBandwidthResponse.migration:type_name -> ferry.v1.Migration
+	24, // 1: ferry.v1.DescribeDevicesResponse.devices:type_name -> ferry.v1.DeviceDescription
+	25, // 2: ferry.v1.ReleaseDeviceResponse.device:type_name -> ferry.v1.Device
+	10, // 3: ferry.v1.StartMigrationRequest.devices:type_name -> ferry.v1.DevicePair
 	0,  // 4: ferry.v1.StartMigrationRequest.mode:type_name -> ferry.v1.MigrationMode
 	2,  // 5: ferry.v1.StartMigrationRequest.digest:type_name -> ferry.v1.DigestAlgorithm
-	25, // 6: ferry.v1.StartMigrationRequest.switchover_deadline:type_name -> google.protobuf.Duration
-	25, // 7: ferry.v1.StartMigrationRequest.downtime_limit:type_name -> google.protobuf.Duration
-	25, // 8: ferry.v1.StartMigrationRequest.precopy_timeout:type_name -> google.protobuf.Duration
+	26, // 6: ferry.v1.StartMigrationRequest.switchover_deadline:type_name -> google.protobuf.Duration
+	26, // 7: ferry.v1.StartMigrationRequest.downtime_limit:type_name -> google.protobuf.Duration
+	26, // 8: ferry.v1.StartMigrationRequest.precopy_timeout:type_name -> google.protobuf.Duration
 	1,  // 9: ferry.v1.StartMigrationRequest.on_precopy_timeout:type_name -> ferry.v1.PrecopyTimeoutAction
-	22, // 10: ferry.v1.StartMigrationResponse.migration:type_name -> ferry.v1.Migration
-	22, // 11: ferry.v1.GetMigrationResponse.migration:type_name -> ferry.v1.Migration
-	22, // 12: ferry.v1.ListMigrationsResponse.migrations:type_name -> ferry.v1.Migration
-	22, // 13: ferry.v1.WatchMigrationResponse.migration:type_name -> ferry.v1.Migration
-	22, // 14: ferry.v1.SwitchoverResponse.migration:type_name -> ferry.v1.Migration
-	22, // 15: ferry.v1.CancelMigrationResponse.migration:type_name -> ferry.v1.Migration
-	26, // 16: ferry.v1.SourceAgent.ListDevices:input_type -> ferry.v1.ListDevicesRequest
-	10, // 17: ferry.v1.SourceAgent.StartMigration:input_type -> ferry.v1.StartMigrationRequest
-	12, // 18: ferry.v1.SourceAgent.GetMigration:input_type -> ferry.v1.GetMigrationRequest
-	14, // 19: ferry.v1.SourceAgent.ListMigrations:input_type -> ferry.v1.ListMigrationsRequest
-	16, // 20: ferry.v1.SourceAgent.WatchMigration:input_type -> ferry.v1.WatchMigrationRequest
-	18, // 21: ferry.v1.SourceAgent.Switchover:input_type -> ferry.v1.SwitchoverRequest
-	20, // 22: ferry.v1.SourceAgent.CancelMigration:input_type -> ferry.v1.CancelMigrationRequest
-	7,  // 23: ferry.v1.SourceAgent.ReleaseDevice:input_type -> ferry.v1.ReleaseDeviceRequest
-	5,  // 24: ferry.v1.SourceAgent.DescribeDevices:input_type -> ferry.v1.DescribeDevicesRequest
-	3,  // 25: ferry.v1.SourceAgent.SetBandwidth:input_type -> ferry.v1.SetBandwidthRequest
-	27, // 26: ferry.v1.SourceAgent.ListDevices:output_type -> ferry.v1.ListDevicesResponse
-	11, // 27: ferry.v1.SourceAgent.StartMigration:output_type -> ferry.v1.StartMigrationResponse
-	13, // 28: ferry.v1.SourceAgent.GetMigration:output_type -> ferry.v1.GetMigrationResponse
-	15, // 29: ferry.v1.SourceAgent.ListMigrations:output_type -> ferry.v1.ListMigrationsResponse
-	17, // 30: ferry.v1.SourceAgent.WatchMigration:output_type -> ferry.v1.WatchMigrationResponse
-	19, // 31: ferry.v1.SourceAgent.Switchover:output_type -> ferry.v1.SwitchoverResponse
-	21, // 32: ferry.v1.SourceAgent.CancelMigration:output_type -> ferry.v1.CancelMigrationResponse
-	8,  // 33: ferry.v1.SourceAgent.ReleaseDevice:output_type -> ferry.v1.ReleaseDeviceResponse
-	6,  // 34: ferry.v1.SourceAgent.DescribeDevices:output_type -> ferry.v1.DescribeDevicesResponse
-	4,  // 35: ferry.v1.SourceAgent.SetBandwidth:output_type -> ferry.v1.SetBandwidthResponse
-	26, // [26:36] is the sub-list for method output_type
-	16, // [16:26] is the sub-list for method input_type
-	16, // [16:16] is the sub-list for extension type_name
-	16, // [16:16] is the sub-list for extension extendee
-	0,  // [0:16] is the sub-list for field type_name
+	3,  // 10: ferry.v1.StartMigrationRequest.compression:type_name -> ferry.v1.ChunkCompression
+	23, // 11: ferry.v1.StartMigrationResponse.migration:type_name -> ferry.v1.Migration
+	23, // 12: ferry.v1.GetMigrationResponse.migration:type_name -> ferry.v1.Migration
+	23, // 13: ferry.v1.ListMigrationsResponse.migrations:type_name -> ferry.v1.Migration
+	23, // 14: ferry.v1.WatchMigrationResponse.migration:type_name -> ferry.v1.Migration
+	23, // 15: ferry.v1.SwitchoverResponse.migration:type_name -> ferry.v1.Migration
+	23, // 16: ferry.v1.CancelMigrationResponse.migration:type_name -> ferry.v1.Migration
+	27, // 17: ferry.v1.SourceAgent.ListDevices:input_type -> ferry.v1.ListDevicesRequest
+	11, // 18: ferry.v1.SourceAgent.StartMigration:input_type -> ferry.v1.StartMigrationRequest
+	13, // 19: ferry.v1.SourceAgent.GetMigration:input_type -> ferry.v1.GetMigrationRequest
+	15, // 20: ferry.v1.SourceAgent.ListMigrations:input_type -> ferry.v1.ListMigrationsRequest
+	17, // 21: ferry.v1.SourceAgent.WatchMigration:input_type -> ferry.v1.WatchMigrationRequest
+	19, // 22: ferry.v1.SourceAgent.Switchover:input_type -> ferry.v1.SwitchoverRequest
+	21, // 23: ferry.v1.SourceAgent.CancelMigration:input_type -> ferry.v1.CancelMigrationRequest
+	8,  // 24: ferry.v1.SourceAgent.ReleaseDevice:input_type -> ferry.v1.ReleaseDeviceRequest
+	6,  // 25: ferry.v1.SourceAgent.DescribeDevices:input_type -> ferry.v1.DescribeDevicesRequest
+	4,  // 26: ferry.v1.SourceAgent.SetBandwidth:input_type -> ferry.v1.SetBandwidthRequest
+	28, // 27: ferry.v1.SourceAgent.ListDevices:output_type -> ferry.v1.ListDevicesResponse
+	12, // 28: ferry.v1.SourceAgent.StartMigration:output_type -> ferry.v1.StartMigrationResponse
+	14, // 29: ferry.v1.SourceAgent.GetMigration:output_type -> ferry.v1.GetMigrationResponse
+	16, // 30: ferry.v1.SourceAgent.ListMigrations:output_type -> ferry.v1.ListMigrationsResponse
+	18, // 31: ferry.v1.SourceAgent.WatchMigration:output_type -> ferry.v1.WatchMigrationResponse
+	20, // 32: ferry.v1.SourceAgent.Switchover:output_type -> ferry.v1.SwitchoverResponse
+	22, // 33: ferry.v1.SourceAgent.CancelMigration:output_type -> ferry.v1.CancelMigrationResponse
+	9,  // 34: ferry.v1.SourceAgent.ReleaseDevice:output_type -> ferry.v1.ReleaseDeviceResponse
+	7,  // 35: ferry.v1.SourceAgent.DescribeDevices:output_type -> ferry.v1.DescribeDevicesResponse
+	5,  // 36: ferry.v1.SourceAgent.SetBandwidth:output_type -> ferry.v1.SetBandwidthResponse
+	27, // [27:37] is the sub-list for method output_type
+	17, // [17:27] is the sub-list for method input_type
+	17, // [17:17] is the sub-list for extension type_name
+	17, // [17:17] is the sub-list for extension extendee
+	0,  // [0:17] is the sub-list for field type_name
 }
 
 func init() { file_ferry_v1_source_proto_init() }
@@ -1448,7 +1516,7 @@ func file_ferry_v1_source_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_ferry_v1_source_proto_rawDesc), len(file_ferry_v1_source_proto_rawDesc)),
-			NumEnums:      3,
+			NumEnums:      4,
 			NumMessages:   19,
 			NumExtensions: 0,
 			NumServices:   1,
