@@ -26,6 +26,7 @@ import (
 
 	"github.com/vfio-ferry/ferry/internal/buildinfo"
 	"github.com/vfio-ferry/ferry/internal/tracing"
+	"github.com/vfio-ferry/ferry/pkg/size"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
 	"github.com/vfio-ferry/ferry/services/chunkwire"
 	"github.com/vfio-ferry/ferry/services/dest"
@@ -91,12 +92,14 @@ type sourceFlags struct {
 	reconnect *time.Duration
 	progress  *time.Duration
 	budget    sizeFlag
+	bandwidth rateFlag
 }
 
 func (f *sourceFlags) register(fs *flag.FlagSet) {
 	f.reconnect = fs.Duration("reconnect-timeout", source.DefaultReconnectTimeout, "how long a lost channel or an unreachable destination is retried before the migration fails")
 	f.progress = fs.Duration("progress-timeout", source.DefaultProgressTimeout, "how long a channel with chunks in flight may hear nothing from the destination before it is re-dialled")
 	f.budget = sizeFlag(source.DefaultMemoryBudget)
+	fs.Var(&f.bandwidth, "max-bandwidth", "the most all outgoing migrations of this agent together may put on the wire, e.g. 10Gbit/s, beside each migration's own limit (default: none)")
 	fs.Var(&f.budget, "send-memory-budget", "memory for all outgoing migrations' unacknowledged chunks on this node, whatever windows the destinations advertise; a migration that cannot get a chunk per device is refused (0: the default)")
 }
 
@@ -107,6 +110,10 @@ func (f *sourceFlags) apply(cfg *source.Config) error {
 	}
 	cfg.ReconnectTimeout, cfg.ProgressTimeout = *f.reconnect, *f.progress
 	cfg.MemoryBudget = uint64(f.budget)
+	if f.bandwidth != 0 && f.bandwidth < source.MinBandwidth {
+		return fmt.Errorf("--max-bandwidth must be at least %s (or 0 for none)", size.FormatRate(source.MinBandwidth))
+	}
+	cfg.MaxBandwidth = uint64(f.bandwidth)
 	return nil
 }
 
@@ -151,7 +158,7 @@ func runDest(ctx context.Context, args []string, stdout, stderr io.Writer) error
 }
 
 func runSource(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	return runRoles(ctx, "source", "--listen ADDR (--insecure | --tls-cert FILE --tls-key FILE --tls-ca FILE --allow-client ID...) [--devices PATTERN...] [--allow-sim] [--reconnect-timeout D] [--progress-timeout D] [--send-memory-budget SIZE] [--metrics-listen ADDR] [--health-listen ADDR] [--drain-timeout D]",
+	return runRoles(ctx, "source", "--listen ADDR (--insecure | --tls-cert FILE --tls-key FILE --tls-ca FILE --allow-client ID...) [--devices PATTERN...] [--allow-sim] [--reconnect-timeout D] [--progress-timeout D] [--send-memory-budget SIZE] [--max-bandwidth RATE] [--metrics-listen ADDR] [--health-listen ADDR] [--drain-timeout D]",
 		"127.0.0.1:7200", roles{source: true}, args, stderr)
 }
 
@@ -248,6 +255,7 @@ func runRoles(ctx context.Context, name, synopsis, listen string, r roles, args 
 			sendBudget = source.DefaultMemoryBudget
 		}
 		metrics.WatchSendBudget(promReg, sagent.BudgetUsed, sendBudget)
+		metrics.WatchNodeBandwidth(promReg, sagent.NodeBandwidth())
 		ev.agents = append(ev.agents, sagent)
 		served = append([]servedAgent{sagent}, served...)
 	}

@@ -55,7 +55,13 @@ type plan struct {
 	// preflight makes the destination's compatibility check a
 	// requirement (StartMigrationRequest.preflight).
 	preflight bool
-	creds     credentials.TransportCredentials
+	// maxBandwidth is the migration's bandwidth limit, bytes per second
+	// (StartMigrationRequest.max_bandwidth; 0: none).
+	maxBandwidth uint64
+	creds        credentials.TransportCredentials
+	// dialOptions are added to the options of the connections to both
+	// agents (the bench reaches agents in other network namespaces).
+	dialOptions []grpc.DialOption
 	// tracing, when set, traces the migration (one span for it, the
 	// calls to both agents beneath it); traceID then hears the trace's
 	// id before the first call.
@@ -99,6 +105,14 @@ type result struct {
 	WindowBytes           uint64  `json:"window_bytes"`
 	RetransmittedChunks   uint64  `json:"retransmitted_chunks"`
 	DirectData            bool    `json:"direct_data"`
+	// MaxBandwidth is the migration's bandwidth limit at its end, bytes
+	// per second (0: none), NodeMaxBandwidth the source agent's
+	// node-wide one; BandwidthLimitedBytes went through the limits,
+	// BandwidthStalls times a chunk waited on one.
+	MaxBandwidth          uint64 `json:"max_bandwidth"`
+	NodeMaxBandwidth      uint64 `json:"node_max_bandwidth"`
+	BandwidthLimitedBytes uint64 `json:"bandwidth_limited_bytes"`
+	BandwidthStalls       uint64 `json:"bandwidth_stalls"`
 	// Precopy is set for a pre-copy migration.
 	Precopy       *precopyResult `json:"precopy,omitempty"`
 	Error         *resultError   `json:"error,omitempty"`
@@ -159,6 +173,7 @@ func migrate(ctx context.Context, p plan, progress func(*ferryv1.Migration)) (*r
 		p.traceID(id)
 	}
 	opts := append(grpcserver.DialOptions(p.creds, chunkwire.NewPool()), p.tracing.DialOptions()...)
+	opts = append(opts, p.dialOptions...)
 	dconn, err := grpc.NewClient(p.destAddr, opts...)
 	if err != nil {
 		return nil, fmt.Errorf("destination %s: %w", p.destAddr, err)
@@ -204,6 +219,7 @@ func drive(ctx context.Context, p plan, dst ferryv1.DestAgentClient, src ferryv1
 		Preflight:         p.preflight,
 		Compression:       compression(p.compress),
 		DestTlsServerName: p.destServerName,
+		MaxBandwidth:      p.maxBandwidth,
 	}
 	if p.precopy {
 		start.Mode = ferryv1.MigrationMode_MIGRATION_MODE_PRECOPY
@@ -400,6 +416,10 @@ func summarize(m, incoming *ferryv1.Migration) *result {
 		DestPeakBufferedBytes:    m.GetPeakBufferedBytes(),
 		WindowBytes:              m.GetWindowBytes(),
 		RetransmittedChunks:      m.GetRetransmittedChunks(),
+		MaxBandwidth:             m.GetMaxBandwidth(),
+		NodeMaxBandwidth:         m.GetNodeMaxBandwidth(),
+		BandwidthLimitedBytes:    m.GetBandwidthLimitedBytes(),
+		BandwidthStalls:          m.GetBandwidthStalls(),
 		DirectData:               m.GetDirectData(),
 	}
 	end := m.GetEndTime()

@@ -44,6 +44,7 @@ func commands() []command {
 		{"preflight", "ask whether a migration's device pairs are compatible, before any device stops", runPreflight},
 		{"demo", "migrate simulated devices between two agents in this process", runDemo},
 		{"devices", "list the devices an agent serves", runDevices},
+		{"bandwidth", "change a running migration's bandwidth limit, or lift it", runBandwidth},
 		{"switchover", "switch a pre-copy migration over: its devices stop and the rest of their state streams", runSwitchover},
 		{"release", "give a source device back to its host after a migration (STOP or ERROR to RUNNING, or a reset)", runRelease},
 		{"vmm", "speak an agent's VMM socket as a VMM: attach a device's fd, detach it, watch it", runVMM},

@@ -10,12 +10,14 @@ import (
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/internal/tracing"
+	"github.com/vfio-ferry/ferry/pkg/size"
 	"github.com/vfio-ferry/ferry/services/peerauth"
+	"github.com/vfio-ferry/ferry/services/source"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
 
 func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("migrate", stderr, "--source ADDR --dest ADDR --src-device SPEC --dest-device SPEC [--src-device SPEC --dest-device SPEC ...] [--channels N] [--chunk-size SIZE] [--mode stopcopy|precopy [--downtime-limit D] [--precopy-timeout D] [--on-timeout fail|switchover]] [--switchover-deadline D] [--timeout D] [--compress none|zstd] [--preflight] (--insecure | --tls-cert FILE --tls-key FILE --tls-ca FILE) [--json]")
+	fs := newFlagSet("migrate", stderr, "--source ADDR --dest ADDR --src-device SPEC --dest-device SPEC [--src-device SPEC --dest-device SPEC ...] [--channels N] [--chunk-size SIZE] [--mode stopcopy|precopy [--downtime-limit D] [--precopy-timeout D] [--on-timeout fail|switchover]] [--switchover-deadline D] [--timeout D] [--compress none|zstd] [--max-bandwidth RATE] [--preflight] (--insecure | --tls-cert FILE --tls-key FILE --tls-ca FILE) [--json]")
 	var pf pairFlags
 	pf.register(fs)
 	transfer := fs.String("dest-transfer", "", "the destination's address as the source agent reaches it (default: --dest)")
@@ -31,6 +33,8 @@ func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	timeout := fs.Duration("timeout", 0, "cancel the migration (and roll it back) if it has not ended after this long (0: wait until it ends or ferry migrate is interrupted)")
 	compress := fs.String("compress", "none", "none, or zstd: compress chunks where the destination takes them (a chunk that does not shrink travels as it is; chunks of zero pages travel as headers either way). Off by default: on a fast link the CPU costs more than it saves")
 	preflight := fs.Bool("preflight", false, "require the destination's device compatibility check before any device stops: a destination that cannot check (Ferry 0.1.0) is refused (see 'ferry preflight')")
+	var maxBandwidth rateFlag
+	fs.Var(&maxBandwidth, "max-bandwidth", "the most the migration may put on the wire over all its channels together, e.g. 2Gbit/s or 250MB/s (default: no limit of its own; change it while it runs with 'ferry bandwidth')")
 	var sec clientSecurityFlags
 	sec.register(fs)
 	asJSON := fs.Bool("json", false, "print the result as one JSON object")
@@ -54,11 +58,14 @@ func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) er
 		return usageError(errors.New("--timeout must not be negative"))
 	case *compress != "none" && *compress != "zstd":
 		return usageError(fmt.Errorf("--compress %q: want none or zstd", *compress))
+	case maxBandwidth != 0 && maxBandwidth < source.MinBandwidth:
+		return usageError(fmt.Errorf("--max-bandwidth must be at least %s", size.FormatRate(source.MinBandwidth)))
 	}
 	view := newProgressView(stderr)
 	p := plan{
 		id: *id, sourceAddr: *sourceAddr, destAddr: *destAddr, transfer: *transfer,
 		channels: uint32(*channels), chunkSize: uint32(chunk), switchoverDeadline: *switchover, preflight: *preflight, destServerName: *destServerName, compress: *compress == "zstd",
+		maxBandwidth: uint64(maxBandwidth),
 		lost: func(err error) {
 			view.note(fmt.Sprintf("ferry migrate: the watch broke (%s); watching again, the migration goes on", describe(err, sec.insecure)))
 		},

@@ -57,6 +57,11 @@ type Config struct {
 	// destination: tests put a source of another version's wire
 	// behaviour in front of the destination with an interceptor.
 	DialOptions []grpc.DialOption
+	// MaxBandwidth is the node-wide bandwidth limit, bytes per second,
+	// shared by every outgoing migration of the agent together, beside
+	// each one's own max_bandwidth (0: none; else at least MinBandwidth;
+	// see bandwidth.go).
+	MaxBandwidth uint64
 }
 
 // Agent is the source agent.
@@ -72,6 +77,9 @@ type Agent struct {
 	// lingering counts goroutines left waiting on a device that stopped
 	// answering (stuck.go): Close does not wait for them.
 	lingering atomic.Int32
+
+	// nodeBandwidth is the node-wide limit all migrations' senders pass.
+	nodeBandwidth *bandwidthLimit
 
 	wg     sync.WaitGroup
 	ctx    context.Context
@@ -101,8 +109,11 @@ func New(cfg Config) (*Agent, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
+	if err := validateBandwidth("source: the node-wide bandwidth limit", cfg.MaxBandwidth); err != nil {
+		return nil, errors.New(wire.Message(err))
+	}
 	ctx, cancel := context.WithCancel(context.Background())
-	return &Agent{cfg: cfg, migrations: make(map[string]*migration), ctx: ctx, cancel: cancel}, nil
+	return &Agent{cfg: cfg, migrations: make(map[string]*migration), ctx: ctx, cancel: cancel, nodeBandwidth: newBandwidthLimit(cfg.MaxBandwidth)}, nil
 }
 
 // Register registers the SourceAgent service.
@@ -210,6 +221,9 @@ func validateStart(req *ferryv1.StartMigrationRequest) error {
 		return err
 	}
 	if _, err := wire.ChunkSize(req.GetChunkSize()); err != nil {
+		return err
+	}
+	if err := validateBandwidth("max_bandwidth", req.GetMaxBandwidth()); err != nil {
 		return err
 	}
 	switch req.GetMode() {
@@ -397,6 +411,30 @@ func (a *Agent) CancelMigration(ctx context.Context, req *ferryv1.CancelMigratio
 	}
 	snap, _, _ := m.snapshot()
 	return &ferryv1.CancelMigrationResponse{Migration: snap}, nil
+}
+
+// SetBandwidth implements SourceAgent.
+func (a *Agent) SetBandwidth(ctx context.Context, req *ferryv1.SetBandwidthRequest) (*ferryv1.SetBandwidthResponse, error) {
+	if err := validateBandwidth("max_bandwidth", req.GetMaxBandwidth()); err != nil {
+		return nil, err
+	}
+	m, err := a.lookup(req.GetMigrationId())
+	if err != nil {
+		return nil, err
+	}
+	m.mu.Lock()
+	final := wire.Final(m.phase)
+	phase := m.phase
+	m.mu.Unlock()
+	if final {
+		return nil, wire.Errorf(codes.FailedPrecondition, wire.ReasonSessionState, "migration %s is %s: its bandwidth limit no longer applies", m.id, phase)
+	}
+	old := m.bandwidth.limit()
+	m.bandwidth.set(req.GetMaxBandwidth())
+	m.log.Info("bandwidth limit changed", "from_bytes_per_second", old, "to_bytes_per_second", req.GetMaxBandwidth())
+	m.watch.Notify()
+	snap, _, _ := m.snapshot()
+	return &ferryv1.SetBandwidthResponse{Migration: snap}, nil
 }
 
 // rpcTimeout bounds the unary calls to the destination that do not wait

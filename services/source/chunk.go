@@ -27,8 +27,12 @@ type srcDevice struct {
 	wireBytes atomic.Uint64 // of the chunks made, as they travel (after zero chunks and compression)
 	chunks    atomic.Uint64
 	retrans   atomic.Uint64
-	total     atomic.Uint64 // estimate, then the final size
-	errMsg    atomic.Pointer[string]
+	// bwStalls counts the chunks that waited for a bandwidth limit before
+	// they were sent, bwStallNanos the time they waited (bandwidth.go).
+	bwStalls     atomic.Uint64
+	bwStallNanos atomic.Int64
+	total        atomic.Uint64 // estimate, then the final size
+	errMsg       atomic.Pointer[string]
 
 	// unacked holds the chunks sent but not yet written at the
 	// destination, in sequence order; each holds one reference to its

@@ -59,6 +59,10 @@ type migration struct {
 	// fallbacks counts streams that could not open their data connection
 	// and sent in Channel messages.
 	fallbacks atomic.Uint64
+	// bandwidth is the migration's own bandwidth limit (bandwidth.go);
+	// limitedBytes counts the bytes its senders passed through the limits.
+	bandwidth    *bandwidthLimit
+	limitedBytes atomic.Uint64
 	// connected counts the channel streams up now; lastWord is when the
 	// destination last spoke on any (Unix nanoseconds, 0 before).
 	connected atomic.Int32
@@ -139,6 +143,7 @@ func (a *Agent) newMigration(req *ferryv1.StartMigrationRequest) *migration {
 	}
 	return &migration{
 		switchoverDeadline: deadline,
+		bandwidth:          newBandwidthLimit(req.GetMaxBandwidth()),
 		precopy:            precopyOf(req),
 		stuck:              make(chan struct{}),
 		stuckMore:          make(chan struct{}, 1),
@@ -234,18 +239,21 @@ func (m *migration) setPhase(p ferryv1.MigrationPhase) {
 func (m *migration) snapshot() (*ferryv1.Migration, bool, uint64) {
 	m.mu.Lock()
 	s := &ferryv1.Migration{
-		Id:                 m.id,
-		Phase:              m.phase,
-		Error:              proto.CloneOf(m.err),
-		Channels:           m.channels,
-		ChunkSize:          m.chunkSize,
-		CreateTime:         timestamppb.New(m.createTime),
-		PeakBufferedBytes:  m.peakBuffered,
-		WindowBytes:        m.windowBytes,
-		DirectData:         m.dataAddr != "" && m.fallbacks.Load() == 0,
-		Owner:              ferryv1.DeviceOwner_DEVICE_OWNER_SOURCE,
-		ConnectedChannels:  uint32(max(m.connected.Load(), 0)),
-		SwitchoverDeadline: durationpb.New(m.switchoverDeadline),
+		Id:                    m.id,
+		Phase:                 m.phase,
+		Error:                 proto.CloneOf(m.err),
+		Channels:              m.channels,
+		ChunkSize:             m.chunkSize,
+		CreateTime:            timestamppb.New(m.createTime),
+		PeakBufferedBytes:     m.peakBuffered,
+		WindowBytes:           m.windowBytes,
+		DirectData:            m.dataAddr != "" && m.fallbacks.Load() == 0,
+		Owner:                 ferryv1.DeviceOwner_DEVICE_OWNER_SOURCE,
+		ConnectedChannels:     uint32(max(m.connected.Load(), 0)),
+		SwitchoverDeadline:    durationpb.New(m.switchoverDeadline),
+		MaxBandwidth:          m.bandwidth.limit(),
+		NodeMaxBandwidth:      m.a.nodeBandwidth.limit(),
+		BandwidthLimitedBytes: m.limitedBytes.Load(),
 	}
 	if m.committed {
 		s.Owner = ferryv1.DeviceOwner_DEVICE_OWNER_DESTINATION
@@ -267,6 +275,7 @@ func (m *migration) snapshot() (*ferryv1.Migration, bool, uint64) {
 		s.EndTime = timestamppb.New(end)
 	}
 	var total uint64
+	var bwStallTime time.Duration
 	for _, d := range devs {
 		p := &ferryv1.DeviceProgress{
 			Device:              d.spec,
@@ -288,6 +297,10 @@ func (m *migration) snapshot() (*ferryv1.Migration, bool, uint64) {
 		if e := d.errMsg.Load(); e != nil {
 			p.Error = *e
 		}
+		p.BandwidthStalls = d.bwStalls.Load()
+		p.BandwidthStallTime = durationpb.New(time.Duration(d.bwStallNanos.Load()))
+		s.BandwidthStalls += p.BandwidthStalls
+		bwStallTime += p.BandwidthStallTime.AsDuration()
 		p.Stuck = d.isStuck()
 		if c := d.config.Load(); c != nil {
 			p.ConfigStateBytes = uint64(len(*c))
@@ -298,6 +311,7 @@ func (m *migration) snapshot() (*ferryv1.Migration, bool, uint64) {
 		s.Devices = append(s.Devices, p)
 	}
 	s.Bytes = total
+	s.BandwidthStallTime = durationpb.New(bwStallTime)
 	if !start.IsZero() && !end.IsZero() && end.After(start) && s.Phase == ferryv1.MigrationPhase_MIGRATION_PHASE_SUCCEEDED {
 		s.ThroughputBytesPerSecond = float64(total) / end.Sub(start).Seconds()
 	}

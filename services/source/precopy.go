@@ -354,11 +354,14 @@ func (m *migration) supervise(ctx context.Context, transfer ferryv1.TransferClie
 			return false, false, peerError("switchover ack", err)
 		}
 		m.readSizes()
-		pred := predict(m.sizeReports(), meter.throughput(), fixed)
+		// The throughput, no higher than the bandwidth limit in force:
+		// one just lowered is not in the measurement yet.
+		throughput := capThroughput(meter.throughput(), m.bandwidthCap())
+		pred := predict(m.sizeReports(), throughput, fixed)
 		ready := ack.GetReady()
 		dirty, dirtyOK := meter.dirtyRate()
 		p.mu.Lock()
-		p.pred, p.hasPred, p.throughput, p.dirtyRate, p.dirtyOK = pred, true, meter.throughput(), dirty, dirtyOK
+		p.pred, p.hasPred, p.throughput, p.dirtyRate, p.dirtyOK = pred, true, throughput, dirty, dirtyOK
 		if err == nil {
 			p.ready = ready
 		}
@@ -376,7 +379,7 @@ func (m *migration) supervise(ctx context.Context, transfer ferryv1.TransferClie
 			m.log.Info("switchover", "trigger", trigger, "predicted_downtime", pred.downtime, "prediction", pred.ok, "remaining_bytes", pred.remaining, "note", pred.note)
 			return trigger == triggerForced || trigger == triggerTimeout, false, nil
 		case stepFail:
-			return false, false, m.notConverged(pred, meter.throughput(), dirty, dirtyOK)
+			return false, false, m.notConverged(pred, throughput, dirty, dirtyOK)
 		}
 	}
 }

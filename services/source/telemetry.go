@@ -29,6 +29,9 @@ func (m *migration) deviceCounters() []telemetry.SourceDevice {
 			Retransmitted: d.retrans.Load(),
 			PrecopyBytes:  d.precopyRead(),
 			TotalBytes:    d.total.Load(),
+
+			BandwidthStalls:    d.bwStalls.Load(),
+			BandwidthStallTime: time.Duration(d.bwStallNanos.Load()),
 		}
 		if gates[i] != nil {
 			out[i].Stalls, out[i].StallTime = gates[i]()

@@ -239,6 +239,108 @@ func (ChunkCompression) EnumDescriptor() ([]byte, []int) {
 	return file_ferry_v1_source_proto_rawDescGZIP(), []int{3}
 }
 
+// SetBandwidthRequest names the migration and its new limit.
+type SetBandwidthRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The migration id.
+	MigrationId string `protobuf:"bytes,1,opt,name=migration_id,json=migrationId,proto3" json:"migration_id,omitempty"`
+	// The limit in bytes per second over all the migration's channels, as
+	// StartMigrationRequest.max_bandwidth: 0 (no limit) or at least 1 MB/s.
+	MaxBandwidth  uint64 `protobuf:"varint,2,opt,name=max_bandwidth,json=maxBandwidth,proto3" json:"max_bandwidth,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetBandwidthRequest) Reset() {
+	*x = SetBandwidthRequest{}
+	mi := &file_ferry_v1_source_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetBandwidthRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetBandwidthRequest) ProtoMessage() {}
+
+func (x *SetBandwidthRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_v1_source_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetBandwidthRequest.ProtoReflect.Descriptor instead.
+func (*SetBandwidthRequest) Descriptor() ([]byte, []int) {
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *SetBandwidthRequest) GetMigrationId() string {
+	if x != nil {
+		return x.MigrationId
+	}
+	return ""
+}
+
+func (x *SetBandwidthRequest) GetMaxBandwidth() uint64 {
+	if x != nil {
+		return x.MaxBandwidth
+	}
+	return 0
+}
+
+// SetBandwidthResponse holds the migration with the new limit in force.
+type SetBandwidthResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The migration.
+	Migration     *Migration `protobuf:"bytes,1,opt,name=migration,proto3" json:"migration,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetBandwidthResponse) Reset() {
+	*x = SetBandwidthResponse{}
+	mi := &file_ferry_v1_source_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetBandwidthResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetBandwidthResponse) ProtoMessage() {}
+
+func (x *SetBandwidthResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_v1_source_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetBandwidthResponse.ProtoReflect.Descriptor instead.
+func (*SetBandwidthResponse) Descriptor() ([]byte, []int) {
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *SetBandwidthResponse) GetMigration() *Migration {
+	if x != nil {
+		return x.Migration
+	}
+	return nil
+}
+
 // DescribeDevicesRequest names the devices to describe.
 type DescribeDevicesRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -250,7 +352,7 @@ type DescribeDevicesRequest struct {
 
 func (x *DescribeDevicesRequest) Reset() {
 	*x = DescribeDevicesRequest{}
-	mi := &file_ferry_v1_source_proto_msgTypes[0]
+	mi := &file_ferry_v1_source_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -262,7 +364,7 @@ func (x *DescribeDevicesRequest) String() string {
 func (*DescribeDevicesRequest) ProtoMessage() {}
 
 func (x *DescribeDevicesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[0]
+	mi := &file_ferry_v1_source_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -275,7 +377,7 @@ func (x *DescribeDevicesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DescribeDevicesRequest.ProtoReflect.Descriptor instead.
 func (*DescribeDevicesRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{0}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *DescribeDevicesRequest) GetDevices() []string {
@@ -297,7 +399,7 @@ type DescribeDevicesResponse struct {
 
 func (x *DescribeDevicesResponse) Reset() {
 	*x = DescribeDevicesResponse{}
-	mi := &file_ferry_v1_source_proto_msgTypes[1]
+	mi := &file_ferry_v1_source_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -309,7 +411,7 @@ func (x *DescribeDevicesResponse) String() string {
 func (*DescribeDevicesResponse) ProtoMessage() {}
 
 func (x *DescribeDevicesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[1]
+	mi := &file_ferry_v1_source_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -322,7 +424,7 @@ func (x *DescribeDevicesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DescribeDevicesResponse.ProtoReflect.Descriptor instead.
 func (*DescribeDevicesResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{1}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *DescribeDevicesResponse) GetDevices() []*DeviceDescription {
@@ -352,7 +454,7 @@ type ReleaseDeviceRequest struct {
 
 func (x *ReleaseDeviceRequest) Reset() {
 	*x = ReleaseDeviceRequest{}
-	mi := &file_ferry_v1_source_proto_msgTypes[2]
+	mi := &file_ferry_v1_source_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -364,7 +466,7 @@ func (x *ReleaseDeviceRequest) String() string {
 func (*ReleaseDeviceRequest) ProtoMessage() {}
 
 func (x *ReleaseDeviceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[2]
+	mi := &file_ferry_v1_source_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -377,7 +479,7 @@ func (x *ReleaseDeviceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReleaseDeviceRequest.ProtoReflect.Descriptor instead.
 func (*ReleaseDeviceRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{2}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *ReleaseDeviceRequest) GetDevice() string {
@@ -407,7 +509,7 @@ type ReleaseDeviceResponse struct {
 
 func (x *ReleaseDeviceResponse) Reset() {
 	*x = ReleaseDeviceResponse{}
-	mi := &file_ferry_v1_source_proto_msgTypes[3]
+	mi := &file_ferry_v1_source_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -419,7 +521,7 @@ func (x *ReleaseDeviceResponse) String() string {
 func (*ReleaseDeviceResponse) ProtoMessage() {}
 
 func (x *ReleaseDeviceResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[3]
+	mi := &file_ferry_v1_source_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -432,7 +534,7 @@ func (x *ReleaseDeviceResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReleaseDeviceResponse.ProtoReflect.Descriptor instead.
 func (*ReleaseDeviceResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{3}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *ReleaseDeviceResponse) GetDevice() *Device {
@@ -463,7 +565,7 @@ type DevicePair struct {
 
 func (x *DevicePair) Reset() {
 	*x = DevicePair{}
-	mi := &file_ferry_v1_source_proto_msgTypes[4]
+	mi := &file_ferry_v1_source_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -475,7 +577,7 @@ func (x *DevicePair) String() string {
 func (*DevicePair) ProtoMessage() {}
 
 func (x *DevicePair) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[4]
+	mi := &file_ferry_v1_source_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -488,7 +590,7 @@ func (x *DevicePair) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DevicePair.ProtoReflect.Descriptor instead.
 func (*DevicePair) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{4}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *DevicePair) GetSourceDevice() string {
@@ -554,14 +656,21 @@ type StartMigrationRequest struct {
 	// it is. Off by default: on a fast link the CPU costs more than it
 	// saves. Chunks of zeros travel as headers alone either way, where
 	// granted (FEATURE_ZERO_CHUNKS).
-	Compression   ChunkCompression `protobuf:"varint,20,opt,name=compression,proto3,enum=ferry.v1.ChunkCompression" json:"compression,omitempty"`
+	Compression ChunkCompression `protobuf:"varint,20,opt,name=compression,proto3,enum=ferry.v1.ChunkCompression" json:"compression,omitempty"`
+	// The most bytes per second the migration may put on the wire, over all
+	// its channels together (chunk payloads as sent, resends included),
+	// enforced by the source before the bytes reach a socket. 0: no limit
+	// of its own (the agent's node-wide limit, when set, still applies);
+	// else at least 1 MB/s. SetBandwidth changes it while the migration
+	// runs.
+	MaxBandwidth  uint64 `protobuf:"varint,40,opt,name=max_bandwidth,json=maxBandwidth,proto3" json:"max_bandwidth,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *StartMigrationRequest) Reset() {
 	*x = StartMigrationRequest{}
-	mi := &file_ferry_v1_source_proto_msgTypes[5]
+	mi := &file_ferry_v1_source_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -573,7 +682,7 @@ func (x *StartMigrationRequest) String() string {
 func (*StartMigrationRequest) ProtoMessage() {}
 
 func (x *StartMigrationRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[5]
+	mi := &file_ferry_v1_source_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -586,7 +695,7 @@ func (x *StartMigrationRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartMigrationRequest.ProtoReflect.Descriptor instead.
 func (*StartMigrationRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{5}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *StartMigrationRequest) GetMigrationId() string {
@@ -694,6 +803,13 @@ func (x *StartMigrationRequest) GetCompression() ChunkCompression {
 	return ChunkCompression_CHUNK_COMPRESSION_UNSPECIFIED
 }
 
+func (x *StartMigrationRequest) GetMaxBandwidth() uint64 {
+	if x != nil {
+		return x.MaxBandwidth
+	}
+	return 0
+}
+
 // StartMigrationResponse holds the accepted migration.
 type StartMigrationResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -705,7 +821,7 @@ type StartMigrationResponse struct {
 
 func (x *StartMigrationResponse) Reset() {
 	*x = StartMigrationResponse{}
-	mi := &file_ferry_v1_source_proto_msgTypes[6]
+	mi := &file_ferry_v1_source_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -717,7 +833,7 @@ func (x *StartMigrationResponse) String() string {
 func (*StartMigrationResponse) ProtoMessage() {}
 
 func (x *StartMigrationResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[6]
+	mi := &file_ferry_v1_source_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -730,7 +846,7 @@ func (x *StartMigrationResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartMigrationResponse.ProtoReflect.Descriptor instead.
 func (*StartMigrationResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{6}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *StartMigrationResponse) GetMigration() *Migration {
@@ -751,7 +867,7 @@ type GetMigrationRequest struct {
 
 func (x *GetMigrationRequest) Reset() {
 	*x = GetMigrationRequest{}
-	mi := &file_ferry_v1_source_proto_msgTypes[7]
+	mi := &file_ferry_v1_source_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -763,7 +879,7 @@ func (x *GetMigrationRequest) String() string {
 func (*GetMigrationRequest) ProtoMessage() {}
 
 func (x *GetMigrationRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[7]
+	mi := &file_ferry_v1_source_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -776,7 +892,7 @@ func (x *GetMigrationRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetMigrationRequest.ProtoReflect.Descriptor instead.
 func (*GetMigrationRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{7}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *GetMigrationRequest) GetMigrationId() string {
@@ -797,7 +913,7 @@ type GetMigrationResponse struct {
 
 func (x *GetMigrationResponse) Reset() {
 	*x = GetMigrationResponse{}
-	mi := &file_ferry_v1_source_proto_msgTypes[8]
+	mi := &file_ferry_v1_source_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -809,7 +925,7 @@ func (x *GetMigrationResponse) String() string {
 func (*GetMigrationResponse) ProtoMessage() {}
 
 func (x *GetMigrationResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[8]
+	mi := &file_ferry_v1_source_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -822,7 +938,7 @@ func (x *GetMigrationResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetMigrationResponse.ProtoReflect.Descriptor instead.
 func (*GetMigrationResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{8}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *GetMigrationResponse) GetMigration() *Migration {
@@ -841,7 +957,7 @@ type ListMigrationsRequest struct {
 
 func (x *ListMigrationsRequest) Reset() {
 	*x = ListMigrationsRequest{}
-	mi := &file_ferry_v1_source_proto_msgTypes[9]
+	mi := &file_ferry_v1_source_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -853,7 +969,7 @@ func (x *ListMigrationsRequest) String() string {
 func (*ListMigrationsRequest) ProtoMessage() {}
 
 func (x *ListMigrationsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[9]
+	mi := &file_ferry_v1_source_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -866,7 +982,7 @@ func (x *ListMigrationsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListMigrationsRequest.ProtoReflect.Descriptor instead.
 func (*ListMigrationsRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{9}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{11}
 }
 
 // ListMigrationsResponse lists migrations, newest first.
@@ -880,7 +996,7 @@ type ListMigrationsResponse struct {
 
 func (x *ListMigrationsResponse) Reset() {
 	*x = ListMigrationsResponse{}
-	mi := &file_ferry_v1_source_proto_msgTypes[10]
+	mi := &file_ferry_v1_source_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -892,7 +1008,7 @@ func (x *ListMigrationsResponse) String() string {
 func (*ListMigrationsResponse) ProtoMessage() {}
 
 func (x *ListMigrationsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[10]
+	mi := &file_ferry_v1_source_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -905,7 +1021,7 @@ func (x *ListMigrationsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListMigrationsResponse.ProtoReflect.Descriptor instead.
 func (*ListMigrationsResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{10}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *ListMigrationsResponse) GetMigrations() []*Migration {
@@ -926,7 +1042,7 @@ type WatchMigrationRequest struct {
 
 func (x *WatchMigrationRequest) Reset() {
 	*x = WatchMigrationRequest{}
-	mi := &file_ferry_v1_source_proto_msgTypes[11]
+	mi := &file_ferry_v1_source_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -938,7 +1054,7 @@ func (x *WatchMigrationRequest) String() string {
 func (*WatchMigrationRequest) ProtoMessage() {}
 
 func (x *WatchMigrationRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[11]
+	mi := &file_ferry_v1_source_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -951,7 +1067,7 @@ func (x *WatchMigrationRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchMigrationRequest.ProtoReflect.Descriptor instead.
 func (*WatchMigrationRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{11}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *WatchMigrationRequest) GetMigrationId() string {
@@ -972,7 +1088,7 @@ type WatchMigrationResponse struct {
 
 func (x *WatchMigrationResponse) Reset() {
 	*x = WatchMigrationResponse{}
-	mi := &file_ferry_v1_source_proto_msgTypes[12]
+	mi := &file_ferry_v1_source_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -984,7 +1100,7 @@ func (x *WatchMigrationResponse) String() string {
 func (*WatchMigrationResponse) ProtoMessage() {}
 
 func (x *WatchMigrationResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[12]
+	mi := &file_ferry_v1_source_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -997,7 +1113,7 @@ func (x *WatchMigrationResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchMigrationResponse.ProtoReflect.Descriptor instead.
 func (*WatchMigrationResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{12}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *WatchMigrationResponse) GetMigration() *Migration {
@@ -1022,7 +1138,7 @@ type SwitchoverRequest struct {
 
 func (x *SwitchoverRequest) Reset() {
 	*x = SwitchoverRequest{}
-	mi := &file_ferry_v1_source_proto_msgTypes[13]
+	mi := &file_ferry_v1_source_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1034,7 +1150,7 @@ func (x *SwitchoverRequest) String() string {
 func (*SwitchoverRequest) ProtoMessage() {}
 
 func (x *SwitchoverRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[13]
+	mi := &file_ferry_v1_source_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1047,7 +1163,7 @@ func (x *SwitchoverRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SwitchoverRequest.ProtoReflect.Descriptor instead.
 func (*SwitchoverRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{13}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *SwitchoverRequest) GetMigrationId() string {
@@ -1075,7 +1191,7 @@ type SwitchoverResponse struct {
 
 func (x *SwitchoverResponse) Reset() {
 	*x = SwitchoverResponse{}
-	mi := &file_ferry_v1_source_proto_msgTypes[14]
+	mi := &file_ferry_v1_source_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1087,7 +1203,7 @@ func (x *SwitchoverResponse) String() string {
 func (*SwitchoverResponse) ProtoMessage() {}
 
 func (x *SwitchoverResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[14]
+	mi := &file_ferry_v1_source_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1100,7 +1216,7 @@ func (x *SwitchoverResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SwitchoverResponse.ProtoReflect.Descriptor instead.
 func (*SwitchoverResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{14}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *SwitchoverResponse) GetMigration() *Migration {
@@ -1121,7 +1237,7 @@ type CancelMigrationRequest struct {
 
 func (x *CancelMigrationRequest) Reset() {
 	*x = CancelMigrationRequest{}
-	mi := &file_ferry_v1_source_proto_msgTypes[15]
+	mi := &file_ferry_v1_source_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1133,7 +1249,7 @@ func (x *CancelMigrationRequest) String() string {
 func (*CancelMigrationRequest) ProtoMessage() {}
 
 func (x *CancelMigrationRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[15]
+	mi := &file_ferry_v1_source_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1146,7 +1262,7 @@ func (x *CancelMigrationRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelMigrationRequest.ProtoReflect.Descriptor instead.
 func (*CancelMigrationRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{15}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *CancelMigrationRequest) GetMigrationId() string {
@@ -1167,7 +1283,7 @@ type CancelMigrationResponse struct {
 
 func (x *CancelMigrationResponse) Reset() {
 	*x = CancelMigrationResponse{}
-	mi := &file_ferry_v1_source_proto_msgTypes[16]
+	mi := &file_ferry_v1_source_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1179,7 +1295,7 @@ func (x *CancelMigrationResponse) String() string {
 func (*CancelMigrationResponse) ProtoMessage() {}
 
 func (x *CancelMigrationResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[16]
+	mi := &file_ferry_v1_source_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1192,7 +1308,7 @@ func (x *CancelMigrationResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelMigrationResponse.ProtoReflect.Descriptor instead.
 func (*CancelMigrationResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{16}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *CancelMigrationResponse) GetMigration() *Migration {
@@ -1206,7 +1322,12 @@ var File_ferry_v1_source_proto protoreflect.FileDescriptor
 
 const file_ferry_v1_source_proto_rawDesc = "" +
 	"\n" +
-	"\x15ferry/v1/source.proto\x12\bferry.v1\x1a\x15ferry/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\"2\n" +
+	"\x15ferry/v1/source.proto\x12\bferry.v1\x1a\x15ferry/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\"]\n" +
+	"\x13SetBandwidthRequest\x12!\n" +
+	"\fmigration_id\x18\x01 \x01(\tR\vmigrationId\x12#\n" +
+	"\rmax_bandwidth\x18\x02 \x01(\x04R\fmaxBandwidth\"I\n" +
+	"\x14SetBandwidthResponse\x121\n" +
+	"\tmigration\x18\x01 \x01(\v2\x13.ferry.v1.MigrationR\tmigration\"2\n" +
 	"\x16DescribeDevicesRequest\x12\x18\n" +
 	"\adevices\x18\x01 \x03(\tR\adevices\"u\n" +
 	"\x17DescribeDevicesResponse\x125\n" +
@@ -1222,7 +1343,7 @@ const file_ferry_v1_source_proto_rawDesc = "" +
 	"DevicePair\x12#\n" +
 	"\rsource_device\x18\x01 \x01(\tR\fsourceDevice\x12\x1f\n" +
 	"\vdest_device\x18\x02 \x01(\tR\n" +
-	"destDevice\"\xeb\x05\n" +
+	"destDevice\"\x90\x06\n" +
 	"\x15StartMigrationRequest\x12!\n" +
 	"\fmigration_id\x18\x01 \x01(\tR\vmigrationId\x12!\n" +
 	"\fdest_address\x18\x02 \x01(\tR\vdestAddress\x12\x14\n" +
@@ -1240,7 +1361,8 @@ const file_ferry_v1_source_proto_rawDesc = "" +
 	"\x12on_precopy_timeout\x18\f \x01(\x0e2\x1e.ferry.v1.PrecopyTimeoutActionR\x10onPrecopyTimeout\x12\x1c\n" +
 	"\tpreflight\x18\r \x01(\bR\tpreflight\x12/\n" +
 	"\x14dest_tls_server_name\x18\x0e \x01(\tR\x11destTlsServerName\x12<\n" +
-	"\vcompression\x18\x14 \x01(\x0e2\x1a.ferry.v1.ChunkCompressionR\vcompression\"K\n" +
+	"\vcompression\x18\x14 \x01(\x0e2\x1a.ferry.v1.ChunkCompressionR\vcompression\x12#\n" +
+	"\rmax_bandwidth\x18( \x01(\x04R\fmaxBandwidth\"K\n" +
 	"\x16StartMigrationResponse\x121\n" +
 	"\tmigration\x18\x01 \x01(\v2\x13.ferry.v1.MigrationR\tmigration\"8\n" +
 	"\x13GetMigrationRequest\x12!\n" +
@@ -1279,7 +1401,7 @@ const file_ferry_v1_source_proto_rawDesc = "" +
 	"\x17DIGEST_ALGORITHM_SHA256\x10\x02*Q\n" +
 	"\x10ChunkCompression\x12!\n" +
 	"\x1dCHUNK_COMPRESSION_UNSPECIFIED\x10\x00\x12\x1a\n" +
-	"\x16CHUNK_COMPRESSION_ZSTD\x10\x012\xf4\x05\n" +
+	"\x16CHUNK_COMPRESSION_ZSTD\x10\x012\xc3\x06\n" +
 	"\vSourceAgent\x12J\n" +
 	"\vListDevices\x12\x1c.ferry.v1.ListDevicesRequest\x1a\x1d.ferry.v1.ListDevicesResponse\x12S\n" +
 	"\x0eStartMigration\x12\x1f.ferry.v1.StartMigrationRequest\x1a .ferry.v1.StartMigrationResponse\x12M\n" +
@@ -1290,7 +1412,8 @@ const file_ferry_v1_source_proto_rawDesc = "" +
 	"Switchover\x12\x1b.ferry.v1.SwitchoverRequest\x1a\x1c.ferry.v1.SwitchoverResponse\x12V\n" +
 	"\x0fCancelMigration\x12 .ferry.v1.CancelMigrationRequest\x1a!.ferry.v1.CancelMigrationResponse\x12P\n" +
 	"\rReleaseDevice\x12\x1e.ferry.v1.ReleaseDeviceRequest\x1a\x1f.ferry.v1.ReleaseDeviceResponse\x12V\n" +
-	"\x0fDescribeDevices\x12 .ferry.v1.DescribeDevicesRequest\x1a!.ferry.v1.DescribeDevicesResponseB8Z6github.com/vfio-ferry/ferry/api/proto/ferry/v1;ferryv1b\x06proto3"
+	"\x0fDescribeDevices\x12 .ferry.v1.DescribeDevicesRequest\x1a!.ferry.v1.DescribeDevicesResponse\x12M\n" +
+	"\fSetBandwidth\x12\x1d.ferry.v1.SetBandwidthRequest\x1a\x1e.ferry.v1.SetBandwidthResponseB8Z6github.com/vfio-ferry/ferry/api/proto/ferry/v1;ferryv1b\x06proto3"
 
 var (
 	file_ferry_v1_source_proto_rawDescOnce sync.Once
@@ -1305,76 +1428,81 @@ func file_ferry_v1_source_proto_rawDescGZIP() []byte {
 }
 
 var file_ferry_v1_source_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
-var file_ferry_v1_source_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
+var file_ferry_v1_source_proto_msgTypes = make([]protoimpl.MessageInfo, 19)
 var file_ferry_v1_source_proto_goTypes = []any{
 	(MigrationMode)(0),              // 0: ferry.v1.MigrationMode
 	(PrecopyTimeoutAction)(0),       // 1: ferry.v1.PrecopyTimeoutAction
 	(DigestAlgorithm)(0),            // 2: ferry.v1.DigestAlgorithm
 	(ChunkCompression)(0),           // 3: ferry.v1.ChunkCompression
-	(*DescribeDevicesRequest)(nil),  // 4: ferry.v1.DescribeDevicesRequest
-	(*DescribeDevicesResponse)(nil), // 5: ferry.v1.DescribeDevicesResponse
-	(*ReleaseDeviceRequest)(nil),    // 6: ferry.v1.ReleaseDeviceRequest
-	(*ReleaseDeviceResponse)(nil),   // 7: ferry.v1.ReleaseDeviceResponse
-	(*DevicePair)(nil),              // 8: ferry.v1.DevicePair
-	(*StartMigrationRequest)(nil),   // 9: ferry.v1.StartMigrationRequest
-	(*StartMigrationResponse)(nil),  // 10: ferry.v1.StartMigrationResponse
-	(*GetMigrationRequest)(nil),     // 11: ferry.v1.GetMigrationRequest
-	(*GetMigrationResponse)(nil),    // 12: ferry.v1.GetMigrationResponse
-	(*ListMigrationsRequest)(nil),   // 13: ferry.v1.ListMigrationsRequest
-	(*ListMigrationsResponse)(nil),  // 14: ferry.v1.ListMigrationsResponse
-	(*WatchMigrationRequest)(nil),   // 15: ferry.v1.WatchMigrationRequest
-	(*WatchMigrationResponse)(nil),  // 16: ferry.v1.WatchMigrationResponse
-	(*SwitchoverRequest)(nil),       // 17: ferry.v1.SwitchoverRequest
-	(*SwitchoverResponse)(nil),      // 18: ferry.v1.SwitchoverResponse
-	(*CancelMigrationRequest)(nil),  // 19: ferry.v1.CancelMigrationRequest
-	(*CancelMigrationResponse)(nil), // 20: ferry.v1.CancelMigrationResponse
-	(*DeviceDescription)(nil),       // 21: ferry.v1.DeviceDescription
-	(*Device)(nil),                  // 22: ferry.v1.Device
-	(*durationpb.Duration)(nil),     // 23: google.protobuf.Duration
-	(*Migration)(nil),               // 24: ferry.v1.Migration
-	(*ListDevicesRequest)(nil),      // 25: ferry.v1.ListDevicesRequest
-	(*ListDevicesResponse)(nil),     // 26: ferry.v1.ListDevicesResponse
+	(*SetBandwidthRequest)(nil),     // 4: ferry.v1.SetBandwidthRequest
+	(*SetBandwidthResponse)(nil),    // 5: ferry.v1.SetBandwidthResponse
+	(*DescribeDevicesRequest)(nil),  // 6: ferry.v1.DescribeDevicesRequest
+	(*DescribeDevicesResponse)(nil), // 7: ferry.v1.DescribeDevicesResponse
+	(*ReleaseDeviceRequest)(nil),    // 8: ferry.v1.ReleaseDeviceRequest
+	(*ReleaseDeviceResponse)(nil),   // 9: ferry.v1.ReleaseDeviceResponse
+	(*DevicePair)(nil),              // 10: ferry.v1.DevicePair
+	(*StartMigrationRequest)(nil),   // 11: ferry.v1.StartMigrationRequest
+	(*StartMigrationResponse)(nil),  // 12: ferry.v1.StartMigrationResponse
+	(*GetMigrationRequest)(nil),     // 13: ferry.v1.GetMigrationRequest
+	(*GetMigrationResponse)(nil),    // 14: ferry.v1.GetMigrationResponse
+	(*ListMigrationsRequest)(nil),   // 15: ferry.v1.ListMigrationsRequest
+	(*ListMigrationsResponse)(nil),  // 16: ferry.v1.ListMigrationsResponse
+	(*WatchMigrationRequest)(nil),   // 17: ferry.v1.WatchMigrationRequest
+	(*WatchMigrationResponse)(nil),  // 18: ferry.v1.WatchMigrationResponse
+	(*SwitchoverRequest)(nil),       // 19: ferry.v1.SwitchoverRequest
+	(*SwitchoverResponse)(nil),      // 20: ferry.v1.SwitchoverResponse
+	(*CancelMigrationRequest)(nil),  // 21: ferry.v1.CancelMigrationRequest
+	(*CancelMigrationResponse)(nil), // 22: ferry.v1.CancelMigrationResponse
+	(*Migration)(nil),               // 23: ferry.v1.Migration
+	(*DeviceDescription)(nil),       // 24: ferry.v1.DeviceDescription
+	(*Device)(nil),                  // 25: ferry.v1.Device
+	(*durationpb.Duration)(nil),     // 26: google.protobuf.Duration
+	(*ListDevicesRequest)(nil),      // 27: ferry.v1.ListDevicesRequest
+	(*ListDevicesResponse)(nil),     // 28: ferry.v1.ListDevicesResponse
 }
 var file_ferry_v1_source_proto_depIdxs = []int32{
-	21, // 0: ferry.v1.DescribeDevicesResponse.devices:type_name -> ferry.v1.DeviceDescription
-	22, // 1: ferry.v1.ReleaseDeviceResponse.device:type_name -> ferry.v1.Device
-	8,  // 2: ferry.v1.StartMigrationRequest.devices:type_name -> ferry.v1.DevicePair
-	0,  // 3: ferry.v1.StartMigrationRequest.mode:type_name -> ferry.v1.MigrationMode
-	2,  // 4: ferry.v1.StartMigrationRequest.digest:type_name -> ferry.v1.DigestAlgorithm
-	23, // 5: ferry.v1.StartMigrationRequest.switchover_deadline:type_name -> google.protobuf.Duration
-	23, // 6: ferry.v1.StartMigrationRequest.downtime_limit:type_name -> google.protobuf.Duration
-	23, // 7: ferry.v1.StartMigrationRequest.precopy_timeout:type_name -> google.protobuf.Duration
-	1,  // 8: ferry.v1.StartMigrationRequest.on_precopy_timeout:type_name -> ferry.v1.PrecopyTimeoutAction
-	3,  // 9: ferry.v1.StartMigrationRequest.compression:type_name -> ferry.v1.ChunkCompression
-	24, // 10: ferry.v1.StartMigrationResponse.migration:type_name -> ferry.v1.Migration
-	24, // 11: ferry.v1.GetMigrationResponse.migration:type_name -> ferry.v1.Migration
-	24, // 12: ferry.v1.ListMigrationsResponse.migrations:type_name -> ferry.v1.Migration
-	24, // 13: ferry.v1.WatchMigrationResponse.migration:type_name -> ferry.v1.Migration
-	24, // 14: ferry.v1.SwitchoverResponse.migration:type_name -> ferry.v1.Migration
-	24, // 15: ferry.v1.CancelMigrationResponse.migration:type_name -> ferry.v1.Migration
-	25, // 16: ferry.v1.SourceAgent.ListDevices:input_type -> ferry.v1.ListDevicesRequest
-	9,  // 17: ferry.v1.SourceAgent.StartMigration:input_type -> ferry.v1.StartMigrationRequest
-	11, // 18: ferry.v1.SourceAgent.GetMigration:input_type -> ferry.v1.GetMigrationRequest
-	13, // 19: ferry.v1.SourceAgent.ListMigrations:input_type -> ferry.v1.ListMigrationsRequest
-	15, // 20: ferry.v1.SourceAgent.WatchMigration:input_type -> ferry.v1.WatchMigrationRequest
-	17, // 21: ferry.v1.SourceAgent.Switchover:input_type -> ferry.v1.SwitchoverRequest
-	19, // 22: ferry.v1.SourceAgent.CancelMigration:input_type -> ferry.v1.CancelMigrationRequest
-	6,  // 23: ferry.v1.SourceAgent.ReleaseDevice:input_type -> ferry.v1.ReleaseDeviceRequest
-	4,  // 24: ferry.v1.SourceAgent.DescribeDevices:input_type -> ferry.v1.DescribeDevicesRequest
-	26, // 25: ferry.v1.SourceAgent.ListDevices:output_type -> ferry.v1.ListDevicesResponse
-	10, // 26: ferry.v1.SourceAgent.StartMigration:output_type -> ferry.v1.StartMigrationResponse
-	12, // 27: ferry.v1.SourceAgent.GetMigration:output_type -> ferry.v1.GetMigrationResponse
-	14, // 28: ferry.v1.SourceAgent.ListMigrations:output_type -> ferry.v1.ListMigrationsResponse
-	16, // 29: ferry.v1.SourceAgent.WatchMigration:output_type -> ferry.v1.WatchMigrationResponse
-	18, // 30: ferry.v1.SourceAgent.Switchover:output_type -> ferry.v1.SwitchoverResponse
-	20, // 31: ferry.v1.SourceAgent.CancelMigration:output_type -> ferry.v1.CancelMigrationResponse
-	7,  // 32: ferry.v1.SourceAgent.ReleaseDevice:output_type -> ferry.v1.ReleaseDeviceResponse
-	5,  // 33: ferry.v1.SourceAgent.DescribeDevices:output_type -> ferry.v1.DescribeDevicesResponse
-	25, // [25:34] is the sub-list for method output_type
-	16, // [16:25] is the sub-list for method input_type
-	16, // [16:16] is the sub-list for extension type_name
-	16, // [16:16] is the sub-list for extension extendee
-	0,  // [0:16] is the sub-list for field type_name
+	23, // 0: ferry.v1.SetBandwidthResponse.migration:type_name -> ferry.v1.Migration
+	24, // 1: ferry.v1.DescribeDevicesResponse.devices:type_name -> ferry.v1.DeviceDescription
+	25, // 2: ferry.v1.ReleaseDeviceResponse.device:type_name -> ferry.v1.Device
+	10, // 3: ferry.v1.StartMigrationRequest.devices:type_name -> ferry.v1.DevicePair
+	0,  // 4: ferry.v1.StartMigrationRequest.mode:type_name -> ferry.v1.MigrationMode
+	2,  // 5: ferry.v1.StartMigrationRequest.digest:type_name -> ferry.v1.DigestAlgorithm
+	26, // 6: ferry.v1.StartMigrationRequest.switchover_deadline:type_name -> google.protobuf.Duration
+	26, // 7: ferry.v1.StartMigrationRequest.downtime_limit:type_name -> google.protobuf.Duration
+	26, // 8: ferry.v1.StartMigrationRequest.precopy_timeout:type_name -> google.protobuf.Duration
+	1,  // 9: ferry.v1.StartMigrationRequest.on_precopy_timeout:type_name -> ferry.v1.PrecopyTimeoutAction
+	3,  // 10: ferry.v1.StartMigrationRequest.compression:type_name -> ferry.v1.ChunkCompression
+	23, // 11: ferry.v1.StartMigrationResponse.migration:type_name -> ferry.v1.Migration
+	23, // 12: ferry.v1.GetMigrationResponse.migration:type_name -> ferry.v1.Migration
+	23, // 13: ferry.v1.ListMigrationsResponse.migrations:type_name -> ferry.v1.Migration
+	23, // 14: ferry.v1.WatchMigrationResponse.migration:type_name -> ferry.v1.Migration
+	23, // 15: ferry.v1.SwitchoverResponse.migration:type_name -> ferry.v1.Migration
+	23, // 16: ferry.v1.CancelMigrationResponse.migration:type_name -> ferry.v1.Migration
+	27, // 17: ferry.v1.SourceAgent.ListDevices:input_type -> ferry.v1.ListDevicesRequest
+	11, // 18: ferry.v1.SourceAgent.StartMigration:input_type -> ferry.v1.StartMigrationRequest
+	13, // 19: ferry.v1.SourceAgent.GetMigration:input_type -> ferry.v1.GetMigrationRequest
+	15, // 20: ferry.v1.SourceAgent.ListMigrations:input_type -> ferry.v1.ListMigrationsRequest
+	17, // 21: ferry.v1.SourceAgent.WatchMigration:input_type -> ferry.v1.WatchMigrationRequest
+	19, // 22: ferry.v1.SourceAgent.Switchover:input_type -> ferry.v1.SwitchoverRequest
+	21, // 23: ferry.v1.SourceAgent.CancelMigration:input_type -> ferry.v1.CancelMigrationRequest
+	8,  // 24: ferry.v1.SourceAgent.ReleaseDevice:input_type -> ferry.v1.ReleaseDeviceRequest
+	6,  // 25: ferry.v1.SourceAgent.DescribeDevices:input_type -> ferry.v1.DescribeDevicesRequest
+	4,  // 26: ferry.v1.SourceAgent.SetBandwidth:input_type -> ferry.v1.SetBandwidthRequest
+	28, // 27: ferry.v1.SourceAgent.ListDevices:output_type -> ferry.v1.ListDevicesResponse
+	12, // 28: ferry.v1.SourceAgent.StartMigration:output_type -> ferry.v1.StartMigrationResponse
+	14, // 29: ferry.v1.SourceAgent.GetMigration:output_type -> ferry.v1.GetMigrationResponse
+	16, // 30: ferry.v1.SourceAgent.ListMigrations:output_type -> ferry.v1.ListMigrationsResponse
+	18, // 31: ferry.v1.SourceAgent.WatchMigration:output_type -> ferry.v1.WatchMigrationResponse
+	20, // 32: ferry.v1.SourceAgent.Switchover:output_type -> ferry.v1.SwitchoverResponse
+	22, // 33: ferry.v1.SourceAgent.CancelMigration:output_type -> ferry.v1.CancelMigrationResponse
+	9,  // 34: ferry.v1.SourceAgent.ReleaseDevice:output_type -> ferry.v1.ReleaseDeviceResponse
+	7,  // 35: ferry.v1.SourceAgent.DescribeDevices:output_type -> ferry.v1.DescribeDevicesResponse
+	5,  // 36: ferry.v1.SourceAgent.SetBandwidth:output_type -> ferry.v1.SetBandwidthResponse
+	27, // [27:37] is the sub-list for method output_type
+	17, // [17:27] is the sub-list for method input_type
+	17, // [17:17] is the sub-list for extension type_name
+	17, // [17:17] is the sub-list for extension extendee
+	0,  // [0:17] is the sub-list for field type_name
 }
 
 func init() { file_ferry_v1_source_proto_init() }
@@ -1389,7 +1517,7 @@ func file_ferry_v1_source_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_ferry_v1_source_proto_rawDesc), len(file_ferry_v1_source_proto_rawDesc)),
 			NumEnums:      4,
-			NumMessages:   17,
+			NumMessages:   19,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -28,6 +28,7 @@ const (
 	SourceAgent_CancelMigration_FullMethodName = "/ferry.v1.SourceAgent/CancelMigration"
 	SourceAgent_ReleaseDevice_FullMethodName   = "/ferry.v1.SourceAgent/ReleaseDevice"
 	SourceAgent_DescribeDevices_FullMethodName = "/ferry.v1.SourceAgent/DescribeDevices"
+	SourceAgent_SetBandwidth_FullMethodName    = "/ferry.v1.SourceAgent/SetBandwidth"
 )
 
 // SourceAgentClient is the client API for SourceAgent service.
@@ -77,6 +78,13 @@ type SourceAgentClient interface {
 	// for DestAgent.Preflight: it opens a device the agent has not opened
 	// yet, as StartMigration would, and changes no device's state.
 	DescribeDevices(ctx context.Context, in *DescribeDevicesRequest, opts ...grpc.CallOption) (*DescribeDevicesResponse, error)
+	// SetBandwidth changes a running migration's bandwidth limit (its
+	// max_bandwidth), at once, for every channel; 0 lifts it, so a
+	// migration that must converge can finish at the link's rate. The
+	// agent's node-wide limit still applies. A migration in a final phase
+	// is FAILED_PRECONDITION, reason SESSION_STATE; an unknown one
+	// NOT_FOUND.
+	SetBandwidth(ctx context.Context, in *SetBandwidthRequest, opts ...grpc.CallOption) (*SetBandwidthResponse, error)
 }
 
 type sourceAgentClient struct {
@@ -186,6 +194,16 @@ func (c *sourceAgentClient) DescribeDevices(ctx context.Context, in *DescribeDev
 	return out, nil
 }
 
+func (c *sourceAgentClient) SetBandwidth(ctx context.Context, in *SetBandwidthRequest, opts ...grpc.CallOption) (*SetBandwidthResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(SetBandwidthResponse)
+	err := c.cc.Invoke(ctx, SourceAgent_SetBandwidth_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // SourceAgentServer is the server API for SourceAgent service.
 // All implementations must embed UnimplementedSourceAgentServer
 // for forward compatibility.
@@ -233,6 +251,13 @@ type SourceAgentServer interface {
 	// for DestAgent.Preflight: it opens a device the agent has not opened
 	// yet, as StartMigration would, and changes no device's state.
 	DescribeDevices(context.Context, *DescribeDevicesRequest) (*DescribeDevicesResponse, error)
+	// SetBandwidth changes a running migration's bandwidth limit (its
+	// max_bandwidth), at once, for every channel; 0 lifts it, so a
+	// migration that must converge can finish at the link's rate. The
+	// agent's node-wide limit still applies. A migration in a final phase
+	// is FAILED_PRECONDITION, reason SESSION_STATE; an unknown one
+	// NOT_FOUND.
+	SetBandwidth(context.Context, *SetBandwidthRequest) (*SetBandwidthResponse, error)
 	mustEmbedUnimplementedSourceAgentServer()
 }
 
@@ -269,6 +294,9 @@ func (UnimplementedSourceAgentServer) ReleaseDevice(context.Context, *ReleaseDev
 }
 func (UnimplementedSourceAgentServer) DescribeDevices(context.Context, *DescribeDevicesRequest) (*DescribeDevicesResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method DescribeDevices not implemented")
+}
+func (UnimplementedSourceAgentServer) SetBandwidth(context.Context, *SetBandwidthRequest) (*SetBandwidthResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method SetBandwidth not implemented")
 }
 func (UnimplementedSourceAgentServer) mustEmbedUnimplementedSourceAgentServer() {}
 func (UnimplementedSourceAgentServer) testEmbeddedByValue()                     {}
@@ -446,6 +474,24 @@ func _SourceAgent_DescribeDevices_Handler(srv interface{}, ctx context.Context, 
 	return interceptor(ctx, in, info, handler)
 }
 
+func _SourceAgent_SetBandwidth_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SetBandwidthRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(SourceAgentServer).SetBandwidth(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: SourceAgent_SetBandwidth_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(SourceAgentServer).SetBandwidth(ctx, req.(*SetBandwidthRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // SourceAgent_ServiceDesc is the grpc.ServiceDesc for SourceAgent service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -484,6 +530,10 @@ var SourceAgent_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "DescribeDevices",
 			Handler:    _SourceAgent_DescribeDevices_Handler,
+		},
+		{
+			MethodName: "SetBandwidth",
+			Handler:    _SourceAgent_SetBandwidth_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{
