@@ -345,13 +345,25 @@ func (m *migration) supervise(ctx context.Context, transfer ferryv1.TransferClie
 		// Sample: the bytes since the last tick, the busy throughput,
 		// the dirty rate, the destination's acknowledgement.
 		now := m.sampleCounters()
-		meter.add(rateSampleOf(last, now))
+		sample := rateSampleOf(last, now)
+		meter.add(sample)
 		last = now
 		ack, rtt, err := m.switchoverAck(ctx, transfer, session)
 		switch {
 		case err == nil:
-			rtts.add(rtt)
-			fixed.rtt, fixed.destStateChange = rtts.slowest(), ack.GetStateChangeTime().AsDuration()
+			// Round trips measured while the channels were busy wait
+			// behind the bulk of the state, which is sent by the
+			// switchover: the control steps then cost what they cost
+			// on a quiet connection, as in the samples where a reader
+			// found its device empty.
+			if !sample.busy {
+				rtts.add(rtt)
+			}
+			fixed.rtt = rtts.upper()
+			if fixed.rtt == 0 {
+				fixed.rtt = rtt
+			}
+			fixed.destStateChange = ack.GetStateChangeTime().AsDuration()
 		case !retryable(err):
 			return false, false, peerError("switchover ack", err)
 		}

@@ -3,6 +3,7 @@ package source
 import (
 	"fmt"
 	"math"
+	"slices"
 	"strings"
 	"time"
 )
@@ -138,12 +139,16 @@ func satAdd(a, b uint64) uint64 {
 // rttSamples is how many recent round trips the prediction looks at.
 const rttSamples = 8
 
-// rttTracker keeps the recent round trips of the control connection.
-// The switchover's control steps (the last chunks' delivery, Finish,
-// Commit) each happen once, and each may land on a slow moment of a
-// busy host: the prediction takes the slowest of the recent round
+// rttTracker keeps the recent round trips of the control connection
+// measured while no channel was busy: at the switchover the bulk of the
+// state is sent, so a round trip that waited behind it says nothing of
+// the control steps (the last chunks' delivery, Finish, Commit). Each
+// of those happens once and may land on a slow moment of a busy host:
+// the prediction takes the upper quartile of the recent idle round
 // trips, not the last one, which on a 2-core host spreads by a factor of
-// two from one sample to the next.
+// two from one sample to the next, and not the slowest, which a single
+// stall (a collection, a preempted thread) would make the whole
+// prediction.
 type rttTracker struct {
 	recent [rttSamples]time.Duration
 	n      int // samples taken, ever
@@ -154,13 +159,15 @@ func (r *rttTracker) add(d time.Duration) {
 	r.n++
 }
 
-// slowest is the slowest of the recent round trips; 0 before any.
-func (r *rttTracker) slowest() time.Duration {
-	var m time.Duration
-	for _, d := range r.recent[:min(r.n, rttSamples)] {
-		m = max(m, d)
+// upper is the upper quartile of the recent round trips; 0 before any.
+func (r *rttTracker) upper() time.Duration {
+	n := min(r.n, rttSamples)
+	if n == 0 {
+		return 0
 	}
-	return m
+	s := r.recent
+	slices.Sort(s[:n])
+	return s[(3*n+3)/4-1]
 }
 
 // rateWindow is how much busy time the throughput is measured over.

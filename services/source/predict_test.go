@@ -214,22 +214,29 @@ func TestDecide(t *testing.T) {
 	}
 }
 
-func TestRTTTrackerTakesTheSlowestRecent(t *testing.T) {
+func TestRTTTrackerTakesTheUpperQuartile(t *testing.T) {
 	var r rttTracker
-	if r.slowest() != 0 {
+	if r.upper() != 0 {
 		t.Fatal("a round trip before any sample")
 	}
 	ms := time.Millisecond
 	r.add(2 * ms)
-	r.add(1 * ms)
-	if got := r.slowest(); got != 2*ms {
-		t.Fatalf("slowest %v, want 2ms", got)
+	if got := r.upper(); got != 2*ms {
+		t.Fatalf("one sample: %v, want it", got)
 	}
-	// The slow sample ages out after rttSamples newer ones.
+	// Seven of 1ms and one stall of 50ms: the stall is not the estimate.
+	r = rttTracker{}
+	for _, d := range []time.Duration{ms, ms, 50 * ms, ms, 2 * ms, ms, ms, 3 * ms} {
+		r.add(d)
+	}
+	if got := r.upper(); got != 2*ms {
+		t.Fatalf("upper quartile %v, want 2ms", got)
+	}
+	// Old samples age out: eight newer ones replace them.
 	for range rttSamples {
 		r.add(ms / 2)
 	}
-	if got := r.slowest(); got != ms/2 {
-		t.Fatalf("slowest %v after the slow one aged out, want 0.5ms", got)
+	if got := r.upper(); got != ms/2 {
+		t.Fatalf("after the old samples aged out: %v, want 0.5ms", got)
 	}
 }
