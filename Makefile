@@ -6,7 +6,7 @@ BUF       := $(GO) tool -modfile=tools/go.mod buf
 # timed run with "context deadline exceeded" and no crashing input.
 FUZZTIME  ?= 20000x
 # Packages with fuzz targets, and the targets in each: `pkg:Target`.
-FUZZ      := ./pkg/size:FuzzParse ./pkg/vfio:FuzzParseSpec ./pkg/flow:FuzzWindowDelivery \
+FUZZ      := ./pkg/size:FuzzParse ./pkg/vfio:FuzzParseSpec ./pkg/vfio:FuzzSimRecordStream ./pkg/flow:FuzzWindowDelivery \
              ./services/chunkwire:FuzzCodecUnmarshal ./services/chunkwire:FuzzDirectReader ./services/chunkwire:FuzzDecode ./services/wire:FuzzWindowUpdate \
              ./pkg/vmm:FuzzRead ./services/dest:FuzzOpenRequest ./services/dest:FuzzAccept ./services/source:FuzzStartMigration
 
@@ -94,6 +94,19 @@ bench: ## ferry against raw TCP in the same run (docs/performance.md)
 .PHONY: bench-go
 bench-go: ## the Go benchmarks of the hot paths
 	$(GO) test -run '^$$' -bench . -benchmem ./services/chunkwire ./services/dest ./services/source ./pkg/flow ./pkg/vfio
+
+SOAK_MIGRATIONS ?= 500
+SOAK_SEED       ?= 0
+SOAK_FLAGS      ?=
+
+.PHONY: soak
+soak: ## a long chaos soak (SOAK_MIGRATIONS, default 500; SOAK_SEED, default random) through race-built agents; the short one is in `make test`
+	CGO_ENABLED=1 $(GO) build -race -o bin/ferry-race ./cmd/ferry
+	bin/ferry-race soak --migrations $(SOAK_MIGRATIONS) --seed $(SOAK_SEED) --log-dir bin/soak-logs $(SOAK_FLAGS)
+
+.PHONY: soak-short
+soak-short: ## only the short soak `make test` runs (a fixed seed and a random one)
+	$(GO) test -count=1 -run TestShortSoak -v ./internal/soak
 
 .PHONY: vm-test
 vm-test: ## boot Debian's 6.1 and 6.12 kernels under QEMU and migrate real VFIO (mdev) device state in them, stop-copy and pre-copy

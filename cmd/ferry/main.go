@@ -12,6 +12,7 @@
 //	ferry bench    measure a migration against raw TCP on loopback
 //	ferry migrations list|get|watch|cancel   the migrations an agent holds
 //	ferry version  print the build
+//	ferry soak     run many migrations under random faults and check nothing is lost
 //
 // Run `ferry help <command>` for a command's flags.
 package main
@@ -50,6 +51,7 @@ func commands() []command {
 		{"migrations", "list, get, watch or cancel the migrations an agent holds", runMigrations},
 		{"bench", "measure a migration against raw TCP on loopback, in the same run", runBench},
 		{"version", "print the build (version, revision, Go)", runVersion},
+		{"soak", "run many migrations between real agents under random faults, checking every invariant after each", runSoak},
 	}
 }
 

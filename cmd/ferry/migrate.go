@@ -18,13 +18,10 @@ import (
 
 func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := newFlagSet("migrate", stderr, "--source ADDR --dest ADDR --src-device SPEC --dest-device SPEC [--src-device SPEC --dest-device SPEC ...] [--channels N] [--chunk-size SIZE] [--mode stopcopy|precopy [--downtime-limit D] [--precopy-timeout D] [--on-timeout fail|switchover]] [--switchover-deadline D] [--timeout D] [--compress none|zstd] [--max-bandwidth RATE] [--preflight] (--insecure | --tls-cert FILE --tls-key FILE --tls-ca FILE) [--json]")
-	sourceAddr := fs.String("source", "", "the source agent's address (host:port)")
-	destAddr := fs.String("dest", "", "the destination agent's address (host:port)")
+	var pf pairFlags
+	pf.register(fs)
 	transfer := fs.String("dest-transfer", "", "the destination's address as the source agent reaches it (default: --dest)")
 	destServerName := fs.String("dest-tls-server-name", "", "the name the source agent verifies the destination's certificate for, instead of the host of --dest-transfer (a certificate that names the node, not the address)")
-	var srcDevs, dstDevs listFlag
-	fs.Var(&srcDevs, "src-device", "a source device spec (repeat; pairs with --dest-device in order)")
-	fs.Var(&dstDevs, "dest-device", "a destination device spec (repeat)")
 	channels := fs.Uint("channels", wire.DefaultChannels, "parallel channels (TCP connections)")
 	chunk := sizeFlag(wire.DefaultChunkSize)
 	fs.Var(&chunk, "chunk-size", "chunk size")
@@ -44,11 +41,11 @@ func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	if err := parse(fs, args); err != nil {
 		return err
 	}
+	if err := pf.check(); err != nil {
+		return err
+	}
+	sourceAddr, destAddr, srcDevs, dstDevs := pf.source, pf.dest, pf.src, pf.dst
 	switch {
-	case *sourceAddr == "" || *destAddr == "":
-		return usageError(errors.New("--source and --dest are required"))
-	case len(srcDevs) == 0 || len(srcDevs) != len(dstDevs):
-		return usageError(fmt.Errorf("give one --dest-device per --src-device (got %d and %d)", len(srcDevs), len(dstDevs)))
 	case *channels == 0 || *channels > wire.MaxChannels:
 		return usageError(fmt.Errorf("--channels must be 1 to %d", wire.MaxChannels))
 	case chunk < wire.MinChunkSize || chunk > wire.MaxChunkSize:

@@ -10,23 +10,13 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
-
-	"github.com/vfio-ferry/ferry/internal/loopback"
-	"github.com/vfio-ferry/ferry/pkg/vfio"
 )
 
 // TestMigrationsCommands drives `ferry migrations` against two loopback
 // agents: a finished migration is listed and shown on both, a watch of
 // it prints its final state, and a slow one is cancelled and rolls back.
 func TestMigrationsCommands(t *testing.T) {
-	a, err := loopback.Start(loopback.Config{
-		DestDevices:   vfio.RegistryOptions{AllowSim: true},
-		SourceDevices: vfio.RegistryOptions{AllowSim: true},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { a.Close(context.Background()) })
+	a := simAgents(t)
 	dev := "sim:size=8MiB,seed=4"
 	if code, out, errOut := runCLI(t, "migrate", "--insecure", "--source", a.SourceAddr, "--dest", a.DestAddr, "--id", "done-1",
 		"--src-device", dev, "--dest-device", dev); code != 0 {

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"time"
@@ -33,11 +32,8 @@ func runPreflight(ctx context.Context, args []string, stdout, stderr io.Writer) 
 		usage()
 		fmt.Fprint(fs.Output(), preflightHelp)
 	}
-	sourceAddr := fs.String("source", "", "the source agent's address (host:port)")
-	destAddr := fs.String("dest", "", "the destination agent's address (host:port)")
-	var srcDevs, dstDevs listFlag
-	fs.Var(&srcDevs, "src-device", "a source device spec (repeat; pairs with --dest-device in order)")
-	fs.Var(&dstDevs, "dest-device", "a destination device spec (repeat)")
+	var pf pairFlags
+	pf.register(fs)
 	mode := fs.String("mode", "stopcopy", "the migration's mode: stopcopy or precopy")
 	var sec clientSecurityFlags
 	sec.register(fs)
@@ -45,14 +41,13 @@ func runPreflight(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	if err := parse(fs, args); err != nil {
 		return err
 	}
-	switch {
-	case *sourceAddr == "" || *destAddr == "":
-		return usageError(errors.New("--source and --dest are required"))
-	case len(srcDevs) == 0 || len(srcDevs) != len(dstDevs):
-		return usageError(fmt.Errorf("give one --dest-device per --src-device (got %d and %d)", len(srcDevs), len(dstDevs)))
-	case *mode != "stopcopy" && *mode != "precopy":
+	if err := pf.check(); err != nil {
+		return err
+	}
+	if *mode != "stopcopy" && *mode != "precopy" {
 		return usageError(fmt.Errorf("--mode %q: want stopcopy or precopy", *mode))
 	}
+	sourceAddr, destAddr, srcDevs, dstDevs := pf.source, pf.dest, pf.src, pf.dst
 	req := &ferryv1.PreflightRequest{Mode: ferryv1.MigrationMode_MIGRATION_MODE_STOP_COPY,
 		Features: []ferryv1.Feature{ferryv1.Feature_FEATURE_COMMIT, ferryv1.Feature_FEATURE_DEVICE_CHECK}}
 	if *mode == "precopy" {

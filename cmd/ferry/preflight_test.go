@@ -15,14 +15,7 @@ import (
 // refused; `ferry migrate` of an incompatible pair fails before the
 // source device stops.
 func TestPreflightCommand(t *testing.T) {
-	a, err := loopback.Start(loopback.Config{
-		DestDevices:   vfio.RegistryOptions{AllowSim: true},
-		SourceDevices: vfio.RegistryOptions{AllowSim: true},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { a.Close(context.Background()) })
+	a := simAgents(t)
 	const pre = "sim:size=8MiB,seed=4,flags=stopcopy|p2p|precopy,precopy=8MiB"
 	for _, tc := range []struct {
 		src, dst, mode string
@@ -51,4 +44,19 @@ func TestPreflightCommand(t *testing.T) {
 			t.Errorf("the source device is in %v", d.State)
 		}
 	}
+}
+
+// simAgents starts two loopback agents that serve simulated devices,
+// until the end of the test.
+func simAgents(t *testing.T) *loopback.Agents {
+	t.Helper()
+	a, err := loopback.Start(loopback.Config{
+		DestDevices:   vfio.RegistryOptions{AllowSim: true},
+		SourceDevices: vfio.RegistryOptions{AllowSim: true},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { a.Close(context.Background()) })
+	return a
 }

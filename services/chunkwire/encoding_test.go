@@ -6,6 +6,7 @@ import (
 	"testing"
 
 	"google.golang.org/grpc/mem"
+	"google.golang.org/protobuf/proto"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/services/wire"
@@ -15,7 +16,7 @@ import (
 // header m.
 func inChunk(p *Pool, m *ferryv1.ChannelRequest, data []byte, split bool) *InChunk {
 	in := &InChunk{}
-	in.Msg = *m
+	proto.Merge(&in.Msg, m)
 	if len(data) > 0 {
 		var bufs mem.BufferSlice
 		cut := len(data)

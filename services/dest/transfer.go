@@ -14,6 +14,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/internal/buildinfo"
@@ -193,7 +194,9 @@ func (s *transferServer) Channel(stream grpc.BidiStreamingServer[ferryv1.Channel
 			if stream.Context().Err() == nil {
 				return wire.Errorf(codes.Aborted, wire.ReasonSessionState, "channel %d was connected again; this stream is replaced", index)
 			}
-			return stream.Context().Err()
+			// As gRPC sends it: the interceptors around this handler
+			// (access log, metrics) read a bare context error as UNKNOWN.
+			return status.FromContextError(stream.Context().Err()).Err()
 		case conn := <-attached:
 			attached, dataConn = nil, conn
 			a.wg.Go(func() { dataErr <- inc.receiveDirect(conn, a.cfg.Pool) })

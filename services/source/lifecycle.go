@@ -275,7 +275,10 @@ func (m *migration) stream(ctx context.Context, transfer ferryv1.TransferClient,
 	defer chCancel()
 	g, gctx := errgroup.WithContext(chCtx)
 	// fail ends the channels and returns err, or the error a channel
-	// failed the migration with first.
+	// failed the migration with first. A channel's CANCELED is the end
+	// of the group, not a cause, unless the destination sent it with a
+	// reason (a CancelIncoming there): then it is the cause, and err is
+	// only what the readers saw of the group's end.
 	// precopyRead is set while the pre-copy readers run (precopy.go):
 	// fail waits for them, since rollback touches what they hold.
 	var precopyRead chan error
@@ -285,7 +288,7 @@ func (m *migration) stream(ctx context.Context, transfer ferryv1.TransferClient,
 			<-precopyRead
 			precopyRead = nil
 		}
-		if gerr := m.await(g.Wait); gerr != nil && wire.Code(gerr) != codes.Canceled {
+		if gerr := m.await(g.Wait); gerr != nil && (wire.Code(gerr) != codes.Canceled || wire.Reason(gerr) != "") {
 			return gerr
 		}
 		return err

@@ -4,6 +4,8 @@ import (
 	"context"
 	"sync"
 	"time"
+
+	"google.golang.org/grpc/status"
 )
 
 // Broadcast wakes every watcher of a migration when it changes phase.
@@ -61,7 +63,9 @@ func Watch[T any](ctx context.Context, b *Broadcast, snapshot func() (T, bool, u
 		first, last = false, progress
 		select {
 		case <-ctx.Done():
-			return ctx.Err()
+			// As gRPC sends it: the interceptors around a handler read a
+			// bare context error as UNKNOWN.
+			return status.FromContextError(ctx.Err()).Err()
 		case <-changed:
 			first = true // a phase change is always sent
 		case <-t.C:

@@ -57,8 +57,13 @@ type Conn struct {
 }
 
 // New starts a proxy on 127.0.0.1 forwarding to target.
-func New(target string) (*Proxy, error) {
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
+func New(target string) (*Proxy, error) { return NewOn("127.0.0.1:0", target) }
+
+// NewOn starts a proxy listening on listen forwarding to target: another
+// loopback address (127.0.0.2:PORT) can stand in for the target's port
+// on 127.0.0.1.
+func NewOn(listen, target string) (*Proxy, error) {
+	lis, err := net.Listen("tcp", listen)
 	if err != nil {
 		return nil, err
 	}
