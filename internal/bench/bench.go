@@ -60,10 +60,12 @@ type config struct {
 	size      uint64 // per device
 	devices   int
 	chunkSize uint32
-	window    uint64 // destination window per device, bytes
-	rate      string // sim read cap, "" for none
-	exe       string // this binary
-	grpcData  bool   // chunks in gRPC messages, not on direct data connections
+	window    uint64  // destination window per device, bytes
+	rate      string  // sim read cap, "" for none
+	zero      float64 // the sim's zero fraction: a share of 4 KiB pages all zero
+	compress  bool    // ferry's migration compresses its chunks (zstd)
+	exe       string  // this binary
+	grpcData  bool    // chunks in gRPC messages, not on direct data connections
 	tls       *certs
 	migrate   MigrateFunc
 	// link is the shaped link both sides run across; nil on loopback.
@@ -145,6 +147,9 @@ func (c config) specs() []string {
 		specs[i] = fmt.Sprintf("sim:size=%d,seed=%d", c.size, i+1)
 		if c.rate != "" {
 			specs[i] += ",rate=" + c.rate
+		}
+		if c.zero > 0 {
+			specs[i] += ",zero=" + strconv.FormatFloat(c.zero, 'f', -1, 64)
 		}
 	}
 	return specs
@@ -236,12 +241,17 @@ type Config struct {
 	ChunkSize uint32 // chunk size, and the raw TCP write size
 	Window    uint64 // destination window per device, in bytes (ferry dest --max-buffer-bytes)
 	Rate      string // cap on each simulated device's reads ("256MB/s"), "" for none
-	Channels  []int  // the channel counts to measure, in order
-	Rounds    int    // rounds per channel count; each runs rawtcp then ferry
-	Only      string // "rawtcp" or "ferry" to run one side only (no ratio), "" for both
-	GRPCData  bool   // ferry's chunks in gRPC messages, not on direct data connections
-	TLS       bool   // mutual TLS 1.3 on every connection, raw TCP's too
-	JSON      bool   // one JSON object per channel count instead of the table
+	// Zero is the share of the devices' 4 KiB pages that are all zero
+	// (the sim's zero=): ferry sends them as headers, raw TCP every byte.
+	Zero float64
+	// Compress: ferry's migration compresses its chunks (zstd).
+	Compress bool
+	Channels []int  // the channel counts to measure, in order
+	Rounds   int    // rounds per channel count; each runs rawtcp then ferry
+	Only     string // "rawtcp" or "ferry" to run one side only (no ratio), "" for both
+	GRPCData bool   // ferry's chunks in gRPC messages, not on direct data connections
+	TLS      bool   // mutual TLS 1.3 on every connection, raw TCP's too
+	JSON     bool   // one JSON object per channel count instead of the table
 	// Link, when not 0, runs both sides across a link shaped to this many
 	// bytes per second (internal/shapedlink; needs root) instead of
 	// loopback.
@@ -267,6 +277,8 @@ type Migration struct {
 	Creds                credentials.TransportCredentials
 	// MaxBandwidth is the migration's bandwidth limit (0: none).
 	MaxBandwidth uint64
+	// Compress asks for zstd chunks.
+	Compress bool
 	// DestDial and SourceDial, when set, dial the agents (they run in
 	// network namespaces of their own); nil: the default dialer.
 	DestDial, SourceDial DialFunc
@@ -319,6 +331,9 @@ func (c Config) Validate() error {
 	case c.Exe == "" || c.Migrate == nil:
 		return errors.New("bench: no binary or no control plane to run with")
 	}
+	if c.Zero < 0 || c.Zero > 1 {
+		return fmt.Errorf("--zero must be 0 to 1")
+	}
 	if c.Rate != "" {
 		if _, err := size.ParseRate(c.Rate); err != nil {
 			return fmt.Errorf("--rate: %v", err)
@@ -336,7 +351,7 @@ func Run(ctx context.Context, c Config, stdout, stderr io.Writer) error {
 	if err := c.Validate(); err != nil {
 		return err
 	}
-	cfg := config{size: c.Size, devices: c.Devices, chunkSize: c.ChunkSize, window: c.Window, rate: c.Rate, exe: c.Exe, grpcData: c.GRPCData, migrate: c.Migrate, maxBandwidth: c.MaxBandwidth}
+	cfg := config{size: c.Size, devices: c.Devices, chunkSize: c.ChunkSize, window: c.Window, rate: c.Rate, zero: c.Zero, compress: c.Compress, exe: c.Exe, grpcData: c.GRPCData, migrate: c.Migrate, maxBandwidth: c.MaxBandwidth}
 	if c.Link != 0 {
 		l, err := shapedlink.New(ctx, c.Link)
 		if err != nil {

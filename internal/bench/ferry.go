@@ -70,7 +70,7 @@ func runFerry(ctx context.Context, cfg config, channels int, maxBandwidth uint64
 	}
 	r, err := cfg.migrate(ctx, Migration{
 		SourceAddr: saddr, DestAddr: daddr, Channels: uint32(channels), ChunkSize: cfg.chunkSize,
-		Specs: cfg.specs(), Creds: creds, MaxBandwidth: maxBandwidth,
+		Specs: cfg.specs(), Creds: creds, MaxBandwidth: maxBandwidth, Compress: cfg.compress,
 		DestDial: cfg.dialer(cfg.destNS()), SourceDial: cfg.dialer(cfg.sourceNS()),
 	})
 	if err != nil {

@@ -320,6 +320,7 @@ func (m *migration) supervise(ctx context.Context, transfer ferryv1.TransferClie
 	defer deadline.Stop()
 	var meter rateMeter
 	var fixed fixedCosts
+	var rtts rttTracker
 	last := m.sampleCounters()
 	timedOut := false
 	// Each wakes the loop once: what they say is read from p after.
@@ -349,7 +350,8 @@ func (m *migration) supervise(ctx context.Context, transfer ferryv1.TransferClie
 		ack, rtt, err := m.switchoverAck(ctx, transfer, session)
 		switch {
 		case err == nil:
-			fixed.rtt, fixed.destStateChange = rtt, ack.GetStateChangeTime().AsDuration()
+			rtts.add(rtt)
+			fixed.rtt, fixed.destStateChange = rtts.slowest(), ack.GetStateChangeTime().AsDuration()
 		case !retryable(err):
 			return false, false, peerError("switchover ack", err)
 		}
