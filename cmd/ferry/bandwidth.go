@@ -24,13 +24,14 @@ func runBandwidth(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	asJSON := fs.Bool("json", false, "print the migration's limits as one JSON object")
 	var sec clientSecurityFlags
 	sec.register(fs)
-	if err := parse(fs, args); err != nil {
+	rest, err := parseArgs(fs, args)
+	if err != nil {
 		return err
 	}
-	if *addr == "" || *id == "" || fs.NArg() != 1 {
+	if *addr == "" || *id == "" || len(rest) != 1 {
 		return usageError(errors.New("--source, --id and one RATE (e.g. 2Gbit/s, 250MB/s, or none) are required"))
 	}
-	bps, err := parseLimit(fs.Arg(0))
+	bps, err := parseLimit(rest[0])
 	if err != nil {
 		return usageError(err)
 	}

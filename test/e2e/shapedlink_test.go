@@ -3,6 +3,7 @@ package e2e
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"net"
 	"net/http"
 	"strconv"
@@ -163,16 +164,27 @@ func TestShapedLinkLiftLimit(t *testing.T) {
 		t.Fatal(err)
 	}
 	a.sourceUntil(t, "link-lift", func(m *ferryv1.Migration) bool { return m.GetBandwidthStalls() > 0 })
-	resp, err := a.source.SetBandwidth(ctx, &ferryv1.SetBandwidthRequest{MigrationId: "link-lift", MaxBandwidth: 0})
+	// The operator lifts it, as a control plane would: `ferry bandwidth`,
+	// run in the source's namespace.
+	out, err := a.link.Source.Command(ctx, ferry(t), "bandwidth", "--source", a.sourceAddr, "--id", "link-lift", "--insecure", "--json", "none").CombinedOutput()
+	if err != nil {
+		t.Fatalf("ferry bandwidth: %v\n%s", err, out)
+	}
+	var lifted struct {
+		MaxBandwidth *uint64 `json:"max_bandwidth"`
+	}
+	if err := json.Unmarshal(out, &lifted); err != nil || lifted.MaxBandwidth == nil || *lifted.MaxBandwidth != 0 {
+		t.Errorf("ferry bandwidth printed %s (%v), want max_bandwidth 0", out, err)
+	}
+	at, err := a.source.GetMigration(ctx, &ferryv1.GetMigrationRequest{MigrationId: "link-lift"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	at := resp.GetMigration()
-	if at.GetMaxBandwidth() != 0 {
-		t.Errorf("after lifting, max_bandwidth = %d", at.GetMaxBandwidth())
+	if at.GetMigration().GetMaxBandwidth() != 0 {
+		t.Errorf("after lifting, max_bandwidth = %d", at.GetMigration().GetMaxBandwidth())
 	}
-	if at.GetBytes() >= size {
-		t.Fatalf("the migration had read all its state (%d bytes) before the limit was lifted", at.GetBytes())
+	if got := at.GetMigration().GetBytes(); got >= size {
+		t.Fatalf("the migration had read all its state (%d bytes) before the limit was lifted", got)
 	}
 	src, dst := a.waitSource(t, "link-lift"), a.waitDest(t, "link-lift")
 	checkVerified(t, src, dst, size)
@@ -181,7 +193,7 @@ func TestShapedLinkLiftLimit(t *testing.T) {
 		t.Errorf("final max_bandwidth = %d, want 0 (lifted)", src.GetMaxBandwidth())
 	}
 	// Each channel's sender may finish the one wait it was in.
-	if after, before := src.GetBandwidthStalls(), at.GetBandwidthStalls(); after > before+channels {
+	if after, before := src.GetBandwidthStalls(), at.GetMigration().GetBandwidthStalls(); after > before+channels {
 		t.Errorf("bandwidth stalls went from %d to %d after the limit was lifted: the senders still waited on it", before, after)
 	}
 	// A finished migration has no limit to change.
