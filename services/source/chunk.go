@@ -69,6 +69,8 @@ type srcDevice struct {
 	// it the reader has sent, in CONFIG chunks after the data.
 	config     atomic.Pointer[[]byte]
 	configSent int
+	// comp decides which chunks a compressing migration tries (read.go).
+	comp compBackoff
 	// pc is the device's pre-copy bookkeeping (precopy.go).
 	pc devPrecopy
 }

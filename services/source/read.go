@@ -166,13 +166,14 @@ func (m *migration) encode(d *srcDevice, c *outChunk, bp *[]byte) {
 			return
 		}
 	}
-	switch {
-	case m.compressor != nil:
+	if m.compressor != nil && d.comp.try() {
 		cb := pool.Get(n)
 		out := m.compressor.Compress((*cb)[:0], *bp)
 		// Sent compressed only when shorter, and still in the pool's
 		// buffer (a frame that outgrew it was reallocated).
-		if len(out) > 0 && len(out) < n && &out[0] == &(*cb)[:1][0] {
+		shrank := len(out) > 0 && len(out) < n && &out[0] == &(*cb)[:1][0]
+		d.comp.result(shrank)
+		if shrank {
 			*cb = out
 			pool.Put(bp)
 			c.payload = mem.NewBuffer(cb, pool)
@@ -184,6 +185,38 @@ func (m *migration) encode(d *srcDevice, c *outChunk, bp *[]byte) {
 	}
 	c.payload = mem.NewBuffer(bp, pool)
 	d.wireBytes.Add(uint64(n))
+}
+
+// compBackoff decides which chunks a compressing migration tries to
+// compress: every one while they shrink; after one that did not, the
+// next is tried only after skipping 1, then 2, 4, ... up to
+// maxCompSkip chunks, so incompressible state (most device state is)
+// costs a compression every 64 chunks rather than every chunk. A chunk
+// that shrinks resets it. The device's reader alone uses it.
+type compBackoff struct {
+	skip, skipped int
+}
+
+// maxCompSkip bounds the chunks skipped between two tries.
+const maxCompSkip = 64
+
+// try reports whether this chunk is to be compressed.
+func (b *compBackoff) try() bool {
+	if b.skipped < b.skip {
+		b.skipped++
+		return false
+	}
+	b.skipped = 0
+	return true
+}
+
+// result takes whether the chunk tried shrank.
+func (b *compBackoff) result(shrank bool) {
+	if shrank {
+		b.skip = 0
+		return
+	}
+	b.skip = min(max(2*b.skip, 1), maxCompSkip)
 }
 
 // configChunk makes the next CONFIG chunk, of n bytes of the device's
