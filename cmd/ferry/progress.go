@@ -180,6 +180,9 @@ func (v *progressView) update(m *ferryv1.Migration) {
 		v.lastPlain = now
 		var b strings.Builder
 		fmt.Fprintf(&b, "%s %s", m.GetId(), phaseText(m))
+		if w := m.GetWireBytes(); w != 0 && w != m.GetBytes() {
+			fmt.Fprintf(&b, " (%s on the wire)", size.Format(w))
+		}
 		for i, d := range devs {
 			fmt.Fprintf(&b, "  [%d] %s/%s", i, size.Format(d.GetBytes()), totalText(d))
 		}
@@ -197,7 +200,11 @@ func totalText(d *ferryv1.DeviceProgress) string {
 func (v *progressView) drawTTY(m *ferryv1.Migration) {
 	var lines []string
 	width := v.width()
-	lines = append(lines, elide(m.GetId()+"  "+phaseText(m), width-1))
+	head := m.GetId() + "  " + phaseText(m)
+	if w := m.GetWireBytes(); w != 0 && w != m.GetBytes() {
+		head += fmt.Sprintf("  (%s on the wire for %s of state)", size.Format(w), size.Format(m.GetBytes()))
+	}
+	lines = append(lines, elide(head, width-1))
 	names := make([]string, len(m.GetDevices()))
 	stats := make([]deviceStats, len(m.GetDevices()))
 	for i, d := range m.GetDevices() {
