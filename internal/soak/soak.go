@@ -420,31 +420,49 @@ func canonicalSpec(spec string) string {
 	return spec
 }
 
-// proxyHosts are the loopback addresses the migrations of a round
-// reach their destinations at, one each: 127.0.0.10 and up. The agents'
-// certificate names them all.
-func proxyHost(i int) string { return fmt.Sprintf("127.0.0.%d", 10+i) }
+// proxyHost is the k-th loopback address migrations reach their
+// destinations at: 127.0.0.10 and up. The agents' certificate names
+// proxyHosts of them.
+func proxyHost(k int) string { return fmt.Sprintf("127.0.0.%d", 10+k) }
 
-// newRun prepares the i-th migration of a round: its proxies, on
-// proxyHost(i), and its own random source.
+// proxyHosts is how many proxy addresses there are: four for each of the
+// most migrations a round runs.
+const proxyHosts = 64
+
+// newRun prepares the i-th migration of a round: its proxies and its own
+// random source. The proxies share an address of their own: the data
+// proxy must listen at the destination's data port, which something else
+// may hold on one address (another soak's proxy, say), so the next of
+// the migration's four addresses is tried.
 func (s *soak) newRun(p *migrationPlan, i int) (*migrationRun, error) {
 	src, dst := s.sources[p.Lane.TLS], s.dests[p.Lane]
-	proxy, err := tcpproxy.NewOn(proxyHost(i)+":0", dst.Addr())
-	if err != nil {
-		return nil, err
-	}
-	m := &migrationRun{s: s, p: p, src: src, dst: dst, proxy: proxy, rng: rand.New(rand.NewPCG(s.rng.Uint64(), 0))}
-	if p.Lane.Direct {
-		_, port, err := net.SplitHostPort(dst.dataAddress())
-		if err == nil {
-			m.data, err = tcpproxy.NewOn(net.JoinHostPort(proxyHost(i), port), dst.dataAddress())
+	m := &migrationRun{s: s, p: p, src: src, dst: dst, rng: rand.New(rand.NewPCG(s.rng.Uint64(), 0))}
+	var errs []error
+	for k := i; k < proxyHosts; k += 16 {
+		host := proxyHost(k)
+		if p.Lane.Direct {
+			_, port, err := net.SplitHostPort(dst.dataAddress())
+			if err == nil {
+				m.data, err = tcpproxy.NewOn(net.JoinHostPort(host, port), dst.dataAddress())
+			}
+			if err != nil {
+				errs = append(errs, err)
+				continue
+			}
 		}
+		proxy, err := tcpproxy.NewOn(host+":0", dst.Addr())
 		if err != nil {
-			proxy.Close()
-			return nil, fmt.Errorf("data proxy for %s: %w", dst.name, err)
+			if m.data != nil {
+				m.data.Close()
+				m.data = nil
+			}
+			errs = append(errs, err)
+			continue
 		}
+		m.proxy = proxy
+		return m, nil
 	}
-	return m, nil
+	return nil, fmt.Errorf("proxies for %s: %w", dst.name, errors.Join(errs...))
 }
 
 // release gives the source devices of a migration that succeeded back
@@ -515,8 +533,8 @@ func (s *soak) startAgents(ctx context.Context) error {
 		return err
 	}
 	sans := []string{"127.0.0.1", agentID}
-	for i := range 16 {
-		sans = append(sans, proxyHost(i))
+	for k := range proxyHosts {
+		sans = append(sans, proxyHost(k))
 	}
 	ag, err := ca.Issue(ephemeralca.Options{}, sans...)
 	if err != nil {
