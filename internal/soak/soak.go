@@ -344,6 +344,11 @@ func (s *soak) round(ctx context.Context, r, k int, rep *Report) (*ViolationRepo
 		})
 	}
 	g.Wait()
+	if ctx.Err() != nil {
+		// Interrupted: what the round's migrations saw of it is no
+		// violation. Run reports what ran.
+		return nil, nil
+	}
 	if first != nil {
 		return first, nil
 	}
