@@ -212,6 +212,10 @@ func (s *soak) run(ctx context.Context) (*Report, error) {
 		}
 		v, err := s.round(ctx, r, k, rep)
 		rep.Rounds++
+		if err != nil && ctx.Err() != nil {
+			// Interrupted between migrations: report what ran.
+			return finish(nil)
+		}
 		if err != nil {
 			return rep, err
 		}
