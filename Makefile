@@ -6,8 +6,8 @@ BUF       := $(GO) tool -modfile=tools/go.mod buf
 # timed run with "context deadline exceeded" and no crashing input.
 FUZZTIME  ?= 20000x
 # Packages with fuzz targets, and the targets in each: `pkg:Target`.
-FUZZ      := ./pkg/size:FuzzParse ./pkg/vfio:FuzzParseSpec ./pkg/flow:FuzzWindowDelivery \
-             ./services/chunkwire:FuzzCodecUnmarshal ./services/chunkwire:FuzzDirectReader ./services/wire:FuzzWindowUpdate \
+FUZZ      := ./pkg/size:FuzzParse ./pkg/vfio:FuzzParseSpec ./pkg/vfio:FuzzSimRecordStream ./pkg/flow:FuzzWindowDelivery \
+             ./services/chunkwire:FuzzCodecUnmarshal ./services/chunkwire:FuzzDirectReader ./services/chunkwire:FuzzDecode ./services/wire:FuzzWindowUpdate \
              ./pkg/vmm:FuzzRead ./services/dest:FuzzOpenRequest ./services/dest:FuzzAccept ./services/source:FuzzStartMigration
 
 .PHONY: help
@@ -30,6 +30,14 @@ generate: ## regenerate the Go code from api/proto with buf
 check-generated: generate ## fail if the committed generated code is stale
 	@git diff --exit-code -- api/proto || (echo "generated code is stale: run 'make generate' and commit"; exit 1)
 	@test -z "$$(git status --porcelain -- api/proto)" || (git status --porcelain -- api/proto; echo "untracked generated files: run 'make generate' and commit"; exit 1)
+
+# The last release's protos as a buf image (`buf build -o` at its tag):
+# what `make breaking` checks today's against. Replace it at each release.
+BREAKING_AGAINST ?= api/compat/v0.1.0.json
+
+.PHONY: breaking
+breaking: ## buf breaking: the protos stay wire compatible with the last release (BREAKING_AGAINST)
+	$(BUF) breaking --against $(BREAKING_AGAINST)
 
 .PHONY: lint
 lint: ## buf lint and format, gofmt, go vet, and a non-Linux build
@@ -55,7 +63,7 @@ fuzz: ## run every fuzz target for FUZZTIME each
 	done
 
 .PHONY: test
-test: lint check-generated unit deploy-test fuzz ## everything CI runs: lint, generated-code check, tests, short fuzzing
+test: lint check-generated breaking unit deploy-test fuzz ## everything CI runs: lint, generated-code check, breaking-change check, tests, short fuzzing
 
 IMAGE     ?= ghcr.io/vfio-ferry/ferry
 IMAGE_TAG ?= 0.1.0

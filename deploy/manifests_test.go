@@ -19,7 +19,7 @@ import (
 )
 
 // overlays are the kustomize overlays, by name.
-var overlays = []string{"dev", "production"}
+var overlays = []string{"dev", "production", "per-node-certs"}
 
 // The contract between the manifests and the agent (cmd/ferry/agents.go).
 const (

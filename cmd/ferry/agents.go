@@ -25,12 +25,16 @@ import (
 	"google.golang.org/grpc/reflection"
 
 	"github.com/vfio-ferry/ferry/internal/buildinfo"
+	"github.com/vfio-ferry/ferry/internal/tracing"
+	"github.com/vfio-ferry/ferry/pkg/size"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
 	"github.com/vfio-ferry/ferry/services/chunkwire"
 	"github.com/vfio-ferry/ferry/services/dest"
 	"github.com/vfio-ferry/ferry/services/grpcserver"
+	"github.com/vfio-ferry/ferry/services/peerauth"
 	"github.com/vfio-ferry/ferry/services/source"
 	"github.com/vfio-ferry/ferry/services/telemetry"
+	"github.com/vfio-ferry/ferry/services/wire"
 )
 
 // agentFlags are the flags every agent command takes.
@@ -88,12 +92,14 @@ type sourceFlags struct {
 	reconnect *time.Duration
 	progress  *time.Duration
 	budget    sizeFlag
+	bandwidth rateFlag
 }
 
 func (f *sourceFlags) register(fs *flag.FlagSet) {
 	f.reconnect = fs.Duration("reconnect-timeout", source.DefaultReconnectTimeout, "how long a lost channel or an unreachable destination is retried before the migration fails")
 	f.progress = fs.Duration("progress-timeout", source.DefaultProgressTimeout, "how long a channel with chunks in flight may hear nothing from the destination before it is re-dialled")
 	f.budget = sizeFlag(source.DefaultMemoryBudget)
+	fs.Var(&f.bandwidth, "max-bandwidth", "the most all outgoing migrations of this agent together may put on the wire, e.g. 10Gbit/s, beside each migration's own limit (default: none)")
 	fs.Var(&f.budget, "send-memory-budget", "memory for all outgoing migrations' unacknowledged chunks on this node, whatever windows the destinations advertise; a migration that cannot get a chunk per device is refused (0: the default)")
 }
 
@@ -104,6 +110,10 @@ func (f *sourceFlags) apply(cfg *source.Config) error {
 	}
 	cfg.ReconnectTimeout, cfg.ProgressTimeout = *f.reconnect, *f.progress
 	cfg.MemoryBudget = uint64(f.budget)
+	if f.bandwidth != 0 && f.bandwidth < source.MinBandwidth {
+		return fmt.Errorf("--max-bandwidth must be at least %s (or 0 for none)", size.FormatRate(source.MinBandwidth))
+	}
+	cfg.MaxBandwidth = uint64(f.bandwidth)
 	return nil
 }
 
@@ -136,9 +146,10 @@ func (f *destFlags) config() (dest.Config, error) {
 
 // creds returns the transport credentials of the agent's listener and
 // those it dials peer agents with: mutual TLS, or plaintext with an
-// explicit --insecure; an agent refuses to start without either.
-func (f *agentFlags) creds() (server, peer credentials.TransportCredentials, err error) {
-	return f.sec.transport()
+// explicit --insecure; an agent refuses to start without either. With
+// TLS, r reads the files again when they change (serve runs it).
+func (f *agentFlags) creds(log *slog.Logger) (server, peer credentials.TransportCredentials, r *peerauth.Reloader, err error) {
+	return f.sec.transport(log)
 }
 
 func runDest(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -147,7 +158,7 @@ func runDest(ctx context.Context, args []string, stdout, stderr io.Writer) error
 }
 
 func runSource(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	return runRoles(ctx, "source", "--listen ADDR (--insecure | --tls-cert FILE --tls-key FILE --tls-ca FILE --allow-client ID...) [--devices PATTERN...] [--allow-sim] [--reconnect-timeout D] [--progress-timeout D] [--send-memory-budget SIZE] [--metrics-listen ADDR] [--health-listen ADDR] [--drain-timeout D]",
+	return runRoles(ctx, "source", "--listen ADDR (--insecure | --tls-cert FILE --tls-key FILE --tls-ca FILE --allow-client ID...) [--devices PATTERN...] [--allow-sim] [--reconnect-timeout D] [--progress-timeout D] [--send-memory-budget SIZE] [--max-bandwidth RATE] [--metrics-listen ADDR] [--health-listen ADDR] [--drain-timeout D]",
 		"127.0.0.1:7200", roles{source: true}, args, stderr)
 }
 
@@ -191,7 +202,7 @@ func runRoles(ctx context.Context, name, synopsis, listen string, r roles, args 
 	if err != nil {
 		return usageError(err)
 	}
-	creds, peerCreds, err := af.creds()
+	creds, peerCreds, reloader, err := af.creds(log)
 	if err != nil {
 		return usageError(err)
 	}
@@ -213,9 +224,14 @@ func runRoles(ctx context.Context, name, synopsis, listen string, r roles, args 
 	defer stopVMM()
 	pool := chunkwire.NewPool()
 	metrics, promReg := af.metrics(r)
+	tr, err := tracing.FromEnv(ctx, "ferry")
+	if err != nil {
+		return usageError(err)
+	}
+	defer shutdownTracing(tr, stderr)
 	var served []servedAgent
 	if r.dest {
-		dcfg.Registry, dcfg.Pool, dcfg.Logger, dcfg.Metrics = reg, pool, log, metrics
+		dcfg.Registry, dcfg.Pool, dcfg.Logger, dcfg.Metrics, dcfg.Tracing = reg, pool, log, metrics, tr
 		dagent, err := dest.New(dcfg)
 		if err != nil {
 			return usageError(err)
@@ -226,7 +242,7 @@ func runRoles(ctx context.Context, name, synopsis, listen string, r roles, args 
 		served = append(served, dagent)
 	}
 	if r.source {
-		scfg.Registry, scfg.Pool, scfg.Logger, scfg.PeerCreds, scfg.Metrics = reg, pool, log, peerCreds, metrics
+		scfg.Registry, scfg.Pool, scfg.Logger, scfg.PeerCreds, scfg.Metrics, scfg.Tracing = reg, pool, log, peerCreds, metrics, tr
 		sagent, err := source.New(scfg)
 		if err != nil {
 			return usageError(err)
@@ -234,10 +250,34 @@ func runRoles(ctx context.Context, name, synopsis, listen string, r roles, args 
 		// Deferred last, closed first: its rollback tells the peer
 		// destinations before this process's own destination closes.
 		defer sagent.Close()
+		sendBudget := scfg.MemoryBudget
+		if sendBudget == 0 {
+			sendBudget = source.DefaultMemoryBudget
+		}
+		metrics.WatchSendBudget(promReg, sagent.BudgetUsed, sendBudget)
+		metrics.WatchNodeBandwidth(promReg, sagent.NodeBandwidth())
 		ev.agents = append(ev.agents, sagent)
 		served = append([]servedAgent{sagent}, served...)
 	}
-	return serve(ctx, &af, creds, pool, log, name, metrics, promReg, served...)
+	if reloader != nil {
+		metrics.WatchCertificates(promReg, certificates(reloader))
+	}
+	return serve(ctx, &af, creds, reloader, tr, pool, log, name, metrics, promReg, served...)
+}
+
+// certificates exports what r holds to the metrics.
+func certificates(r *peerauth.Reloader) telemetry.Certificates {
+	return telemetry.Certificates{
+		InUse: func() []telemetry.Certificate {
+			var out []telemetry.Certificate
+			for _, c := range r.Certificates() {
+				out = append(out, telemetry.Certificate{Kind: c.Kind, Subject: c.Subject, Serial: c.Serial, NotAfter: c.NotAfter})
+			}
+			return out
+		},
+		Reloads:  r.Reloads,
+		Failures: r.Failures,
+	}
 }
 
 // Health service names the Kubernetes probes ask for, beside "" and the
@@ -283,14 +323,14 @@ const stopTimeout = 10 * time.Second
 // with UNAVAILABLE, running ones get --drain-timeout to end and are then
 // aborted with the rollback rule, and the servers stop. Agents are closed
 // in the order given.
-func serve(ctx context.Context, af *agentFlags, creds credentials.TransportCredentials, pool *chunkwire.Pool, log *slog.Logger, role string, metrics *telemetry.Metrics, promReg *prometheus.Registry, agents ...servedAgent) error {
+func serve(ctx context.Context, af *agentFlags, creds credentials.TransportCredentials, reloader *peerauth.Reloader, tr *tracing.Tracing, pool *chunkwire.Pool, log *slog.Logger, role string, metrics *telemetry.Metrics, promReg *prometheus.Registry, agents ...servedAgent) error {
 	tuneAgentGC()
 	var serverMetrics *grpcprom.ServerMetrics
 	if metrics != nil {
 		serverMetrics = metrics.Server
 	}
 	srv := grpcserver.New(grpcserver.Config{Creds: creds, Logger: log, Metrics: serverMetrics, Pool: pool,
-		Access: af.sec.access(), NoReflection: !af.sec.reflection})
+		Access: af.sec.access(), NoReflection: !af.sec.reflection, StatsHandler: tr.ServerHandler()})
 	for _, a := range agents {
 		a.Register(srv)
 	}
@@ -336,6 +376,12 @@ func serve(ctx context.Context, af *agentFlags, creds credentials.TransportCrede
 
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return srv.GRPC.Serve(lis) })
+	if reloader != nil && af.sec.reload > 0 {
+		g.Go(func() error {
+			reloader.Watch(gctx, af.sec.reload)
+			return nil
+		})
+	}
 	// The probes' server: plaintext, grpc.health.v1 only (and reflection,
 	// for grpcurl), sharing the statuses of the agent's server.
 	var hsrv *grpc.Server
@@ -373,7 +419,8 @@ func serve(ctx context.Context, af *agentFlags, creds credentials.TransportCrede
 		log.Info("metrics listening", "address", mlis.Addr().String())
 	}
 	af.sec.logSummary(log, af.allowSim)
-	log.Info("agent listening", "role", role, "address", lis.Addr().String())
+	b := buildinfo.Read()
+	log.Info("agent listening", "role", role, "address", lis.Addr().String(), "version", b.Version, "revision", b.Revision, "features", wire.Supported.String())
 	g.Go(func() error {
 		<-gctx.Done()
 		drain(log, srv, af.drainTimeout, agents)

@@ -5,9 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"strconv"
 	"strings"
+
+	"google.golang.org/grpc"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/internal/bench"
@@ -30,7 +33,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		}
 		return err
 	}
-	fs := newFlagSet("bench", stderr, "[--size SIZE] [--channels 1,2,4,8] [--chunk-size SIZE] [--devices K] [--rounds N] [--window SIZE] [--rate RATE] [--data direct|grpc] [--tls] [--only rawtcp|ferry] [--json]")
+	fs := newFlagSet("bench", stderr, "[--size SIZE] [--channels 1,2,4,8] [--chunk-size SIZE] [--devices K] [--rounds N] [--window SIZE] [--rate RATE] [--data direct|grpc] [--tls] [--only rawtcp|ferry] [--link RATE] [--max-bandwidth RATE] [--zero FRACTION] [--compress none|zstd] [--json]")
 	devSize := sizeFlag(4 << 30)
 	fs.Var(&devSize, "size", "state size of each simulated device")
 	channelList := fs.String("channels", "1,2,4,8", "comma-separated channel counts (TCP connections) to measure")
@@ -45,6 +48,11 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	data := fs.String("data", "direct", "how ferry's chunks travel: direct (the destination's direct data connections, ferry dest --data-listen) or grpc (in Channel messages)")
 	useTLS := fs.Bool("tls", false, "mutual TLS 1.3 on every connection, both ferry's and raw TCP's, with certificates from a CA made for the run (default: plaintext)")
 	asJSON := fs.Bool("json", false, "print one JSON object per channel count")
+	var link, maxBandwidth rateFlag
+	fs.Var(&link, "link", "run both arms across a link shaped to this rate, e.g. 4Gbit/s: two network namespaces joined by a tbf-shaped veth pair (needs root), instead of loopback")
+	zero := fs.Float64("zero", 0, "the share of the simulated devices' 4 KiB pages that are all zero (0 to 1): ferry sends them as headers, raw TCP every byte")
+	compress := fs.String("compress", "none", "none, or zstd: ferry's migration compresses its chunks")
+	fs.Var(&maxBandwidth, "max-bandwidth", "add an arm to every round: ferry with the migration limited to this rate, e.g. 1Gbit/s, to measure how well the limit holds")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -59,13 +67,16 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if *data != "direct" && *data != "grpc" {
 		return usageError(errors.New("--data must be direct or grpc"))
 	}
+	if *compress != "none" && *compress != "zstd" {
+		return usageError(errors.New("--compress must be none or zstd"))
+	}
 	exe, err := os.Executable()
 	if err != nil {
 		return err
 	}
 	cfg := bench.Config{
 		Size: uint64(devSize), Devices: int(min(*devices, 1<<16)), ChunkSize: uint32(min(uint64(chunk), 1<<32-1)), Window: uint64(window),
-		Rate: *rate, Channels: chans, Rounds: int(min(*rounds, 1<<16)), Only: *only, GRPCData: *data == "grpc", TLS: *useTLS, JSON: *asJSON,
+		Rate: *rate, Zero: *zero, Compress: *compress == "zstd", Link: uint64(link), MaxBandwidth: uint64(maxBandwidth), Channels: chans, Rounds: int(min(*rounds, 1<<16)), Only: *only, GRPCData: *data == "grpc", TLS: *useTLS, JSON: *asJSON,
 		Exe: exe, Migrate: benchMigrate,
 	}
 	if err := cfg.Validate(); err != nil {
@@ -79,7 +90,19 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 func benchMigrate(ctx context.Context, m bench.Migration) (bench.Outcome, error) {
 	p := plan{
 		id: newMigrationID(), sourceAddr: m.SourceAddr, destAddr: m.DestAddr, transfer: m.DestAddr,
-		channels: m.Channels, chunkSize: m.ChunkSize, creds: m.Creds,
+		channels: m.Channels, chunkSize: m.ChunkSize, creds: m.Creds, maxBandwidth: m.MaxBandwidth, compress: m.Compress,
+	}
+	if m.DestDial != nil || m.SourceDial != nil {
+		// The agents run in network namespaces of their own: each is
+		// dialled from its namespace, by its address.
+		addrs := map[string]bench.DialFunc{m.DestAddr: m.DestDial, m.SourceAddr: m.SourceDial}
+		p.dialOptions = append(p.dialOptions, grpc.WithContextDialer(func(ctx context.Context, addr string) (net.Conn, error) {
+			if dial := addrs[addr]; dial != nil {
+				return dial(ctx, addr)
+			}
+			var d net.Dialer
+			return d.DialContext(ctx, "tcp", addr)
+		}))
 	}
 	for _, spec := range m.Specs {
 		p.pairs = append(p.pairs, &ferryv1.DevicePair{SourceDevice: spec, DestDevice: spec})

@@ -26,7 +26,7 @@ func BenchmarkMigration(b *testing.B) {
 	for _, channels := range []uint32{1, 4} {
 		b.Run(fmt.Sprintf("channels=%d", channels), func(b *testing.B) {
 			ctx := context.Background()
-			env, err := startDemoAgents(ctx, slog.New(slog.DiscardHandler), dest.DefaultMaxChunks, dest.DefaultMaxBytes)
+			env, err := startDemoAgents(ctx, slog.New(slog.DiscardHandler), nil, dest.DefaultMaxChunks, dest.DefaultMaxBytes)
 			if err != nil {
 				b.Fatal(err)
 			}

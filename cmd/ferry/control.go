@@ -16,6 +16,7 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/internal/tracing"
 	"github.com/vfio-ferry/ferry/services/chunkwire"
 	"github.com/vfio-ferry/ferry/services/grpcserver"
 	"github.com/vfio-ferry/ferry/services/wire"
@@ -27,11 +28,14 @@ type plan struct {
 	sourceAddr string // the source agent's SourceAgent address
 	destAddr   string // the destination agent's DestAgent address
 	transfer   string // the destination's Transfer address as the source reaches it
-	pairs      []*ferryv1.DevicePair
-	channels   uint32
-	chunkSize  uint32
-	maxChunks  uint32
-	maxBytes   uint64
+	// destServerName, when set, is the name the source verifies the
+	// destination's certificate for instead of transfer's host.
+	destServerName string
+	pairs          []*ferryv1.DevicePair
+	channels       uint32
+	chunkSize      uint32
+	maxChunks      uint32
+	maxBytes       uint64
 	// switchoverDeadline bounds the time the source devices may stay
 	// stopped without a verdict; 0 leaves the source's default.
 	switchoverDeadline time.Duration
@@ -46,7 +50,23 @@ type plan struct {
 	// switchoverWhenReady asks the source for the switchover once the
 	// migration is READY, as `ferry switchover` would.
 	switchoverWhenReady bool
-	creds               credentials.TransportCredentials
+	// compress asks for zstd chunks (where the destination takes them).
+	compress bool
+	// preflight makes the destination's compatibility check a
+	// requirement (StartMigrationRequest.preflight).
+	preflight bool
+	// maxBandwidth is the migration's bandwidth limit, bytes per second
+	// (StartMigrationRequest.max_bandwidth; 0: none).
+	maxBandwidth uint64
+	creds        credentials.TransportCredentials
+	// dialOptions are added to the options of the connections to both
+	// agents (the bench reaches agents in other network namespaces).
+	dialOptions []grpc.DialOption
+	// tracing, when set, traces the migration (one span for it, the
+	// calls to both agents beneath it); traceID then hears the trace's
+	// id before the first call.
+	tracing *tracing.Tracing
+	traceID func(string)
 	// lost, when set, hears of every broken watch that is opened again.
 	lost func(error)
 }
@@ -54,15 +74,20 @@ type plan struct {
 // result is what `ferry migrate --json` and `ferry demo --json` print.
 type result struct {
 	MigrationID string `json:"migration_id"`
-	Verified    bool   `json:"verified"`
-	Phase       string `json:"phase"`
+	// TraceID is the migration's trace when tracing is on (OTEL_*).
+	TraceID  string `json:"trace_id,omitempty"`
+	Verified bool   `json:"verified"`
+	Phase    string `json:"phase"`
 	// Owner is which host holds the runnable copy of the devices, as the
 	// source (which owns the commit) reports it: SOURCE, DESTINATION, or
 	// UNKNOWN when the source could not say.
-	Owner    string `json:"owner"`
-	Bytes    uint64 `json:"bytes"`
-	Devices  int    `json:"devices"`
-	Channels uint32 `json:"channels"`
+	Owner string `json:"owner"`
+	Bytes uint64 `json:"bytes"`
+	// WireBytes are the chunks' bytes as they travelled: fewer than Bytes
+	// where zero pages stayed home or compression shrank them.
+	WireBytes uint64 `json:"wire_bytes"`
+	Devices   int    `json:"devices"`
+	Channels  uint32 `json:"channels"`
 	// ChunkSize in bytes.
 	ChunkSize uint32 `json:"chunk_size"`
 	// DurationSeconds is the whole migration: from the source accepting
@@ -80,6 +105,14 @@ type result struct {
 	WindowBytes           uint64  `json:"window_bytes"`
 	RetransmittedChunks   uint64  `json:"retransmitted_chunks"`
 	DirectData            bool    `json:"direct_data"`
+	// MaxBandwidth is the migration's bandwidth limit at its end, bytes
+	// per second (0: none), NodeMaxBandwidth the source agent's
+	// node-wide one; BandwidthLimitedBytes went through the limits,
+	// BandwidthStalls times a chunk waited on one.
+	MaxBandwidth          uint64 `json:"max_bandwidth"`
+	NodeMaxBandwidth      uint64 `json:"node_max_bandwidth"`
+	BandwidthLimitedBytes uint64 `json:"bandwidth_limited_bytes"`
+	BandwidthStalls       uint64 `json:"bandwidth_stalls"`
 	// Precopy is set for a pre-copy migration.
 	Precopy       *precopyResult `json:"precopy,omitempty"`
 	Error         *resultError   `json:"error,omitempty"`
@@ -134,7 +167,13 @@ func newMigrationID() string {
 // for failures of the control plane itself; a migration that ran and
 // failed is a result with Verified false.
 func migrate(ctx context.Context, p plan, progress func(*ferryv1.Migration)) (*result, error) {
-	opts := grpcserver.DialOptions(p.creds, chunkwire.NewPool())
+	ctx, end := p.tracing.StartMigrate(ctx, p.id)
+	defer end()
+	if id := tracing.TraceID(ctx); id != "" && p.traceID != nil {
+		p.traceID(id)
+	}
+	opts := append(grpcserver.DialOptions(p.creds, chunkwire.NewPool()), p.tracing.DialOptions()...)
+	opts = append(opts, p.dialOptions...)
 	dconn, err := grpc.NewClient(p.destAddr, opts...)
 	if err != nil {
 		return nil, fmt.Errorf("destination %s: %w", p.destAddr, err)
@@ -145,7 +184,11 @@ func migrate(ctx context.Context, p plan, progress func(*ferryv1.Migration)) (*r
 		return nil, fmt.Errorf("source %s: %w", p.sourceAddr, err)
 	}
 	defer sconn.Close()
-	return drive(ctx, p, ferryv1.NewDestAgentClient(dconn), ferryv1.NewSourceAgentClient(sconn), progress)
+	r, err := drive(ctx, p, ferryv1.NewDestAgentClient(dconn), ferryv1.NewSourceAgentClient(sconn), progress)
+	if r != nil {
+		r.TraceID = tracing.TraceID(ctx)
+	}
+	return r, err
 }
 
 // drive is migrate over clients of the two agents.
@@ -166,13 +209,17 @@ func drive(ctx context.Context, p plan, dst ferryv1.DestAgentClient, src ferryv1
 		dst.CancelIncoming(c, &ferryv1.CancelIncomingRequest{MigrationId: p.id})
 	}
 	start := &ferryv1.StartMigrationRequest{
-		MigrationId: p.id,
-		DestAddress: p.transfer,
-		Token:       prepared.GetToken(),
-		Devices:     p.pairs,
-		Channels:    p.channels,
-		ChunkSize:   p.chunkSize,
-		Mode:        ferryv1.MigrationMode_MIGRATION_MODE_STOP_COPY,
+		MigrationId:       p.id,
+		DestAddress:       p.transfer,
+		Token:             prepared.GetToken(),
+		Devices:           p.pairs,
+		Channels:          p.channels,
+		ChunkSize:         p.chunkSize,
+		Mode:              ferryv1.MigrationMode_MIGRATION_MODE_STOP_COPY,
+		Preflight:         p.preflight,
+		Compression:       compression(p.compress),
+		DestTlsServerName: p.destServerName,
+		MaxBandwidth:      p.maxBandwidth,
 	}
 	if p.precopy {
 		start.Mode = ferryv1.MigrationMode_MIGRATION_MODE_PRECOPY
@@ -360,6 +407,7 @@ func summarize(m, incoming *ferryv1.Migration) *result {
 		Verified:                 m.GetPhase() == ferryv1.MigrationPhase_MIGRATION_PHASE_SUCCEEDED,
 		Owner:                    ownerName(m.GetOwner()),
 		Bytes:                    m.GetBytes(),
+		WireBytes:                m.GetWireBytes(),
 		Devices:                  len(m.GetDevices()),
 		Channels:                 m.GetChannels(),
 		ChunkSize:                m.GetChunkSize(),
@@ -368,6 +416,10 @@ func summarize(m, incoming *ferryv1.Migration) *result {
 		DestPeakBufferedBytes:    m.GetPeakBufferedBytes(),
 		WindowBytes:              m.GetWindowBytes(),
 		RetransmittedChunks:      m.GetRetransmittedChunks(),
+		MaxBandwidth:             m.GetMaxBandwidth(),
+		NodeMaxBandwidth:         m.GetNodeMaxBandwidth(),
+		BandwidthLimitedBytes:    m.GetBandwidthLimitedBytes(),
+		BandwidthStalls:          m.GetBandwidthStalls(),
 		DirectData:               m.GetDirectData(),
 	}
 	end := m.GetEndTime()
@@ -457,4 +509,12 @@ func nextStep(m, incoming *ferryv1.Migration, verified bool) string {
 		}
 		return next
 	}
+}
+
+// compression is the request's chunk compression for --compress.
+func compression(on bool) ferryv1.ChunkCompression {
+	if on {
+		return ferryv1.ChunkCompression_CHUNK_COMPRESSION_ZSTD
+	}
+	return ferryv1.ChunkCompression_CHUNK_COMPRESSION_UNSPECIFIED
 }

@@ -11,6 +11,7 @@ import (
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/internal/loopback"
+	"github.com/vfio-ferry/ferry/internal/tracing"
 	"github.com/vfio-ferry/ferry/pkg/size"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
 	"github.com/vfio-ferry/ferry/services/dest"
@@ -77,7 +78,14 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		log = l
 	}
 
-	env, err := startDemoAgents(ctx, log, uint32(*maxBuffers), uint64(maxBufferBytes))
+	// One process, one provider: the demo's trace holds the control
+	// plane's calls and both agents' spans.
+	tr, err := tracing.FromEnv(ctx, "ferry-demo")
+	if err != nil {
+		return usageError(err)
+	}
+	defer shutdownTracing(tr, stderr)
+	env, err := startDemoAgents(ctx, log, tr, uint32(*maxBuffers), uint64(maxBufferBytes))
 	if err != nil {
 		return err
 	}
@@ -109,6 +117,8 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 			env.destAddr, env.dataAddr, env.sourceAddr, *devices, size.Format(uint64(devSize)), *channels, demoPrecopyText(p, uint64(initial), uint64(dirty)))
 	}
 	view := newProgressView(stderr)
+	p.tracing = tr
+	p.traceID = func(id string) { view.note("ferry demo: trace " + id) }
 	r, err := migrate(ctx, p, view.update)
 	if err != nil {
 		return err
@@ -132,7 +142,7 @@ type demoEnv struct {
 // startDemoAgents starts the agents with the destination's window limits;
 // the destination serves direct data connections, as `ferry dest
 // --data-listen` does.
-func startDemoAgents(ctx context.Context, log *slog.Logger, maxChunks uint32, maxBytes uint64) (*demoEnv, error) {
+func startDemoAgents(ctx context.Context, log *slog.Logger, tr *tracing.Tracing, maxChunks uint32, maxBytes uint64) (*demoEnv, error) {
 	datalis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return nil, err
@@ -143,6 +153,7 @@ func startDemoAgents(ctx context.Context, log *slog.Logger, maxChunks uint32, ma
 		SourceDevices: vfio.RegistryOptions{AllowSim: true},
 		Logger:        log,
 		DataListener:  datalis,
+		Tracing:       tr,
 	})
 	if err != nil {
 		return nil, &exitError{code: 2, err: err}

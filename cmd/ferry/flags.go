@@ -199,3 +199,28 @@ func (f *precopyFlags) apply(mode string, p *plan) error {
 	p.downtimeLimit, p.precopyTimeout = f.downtimeLimit, f.precopyTimeout
 	return nil
 }
+
+// pairFlags are the agents and device pairs of a migration, as `ferry
+// migrate` and `ferry preflight` take them.
+type pairFlags struct {
+	source, dest *string
+	src, dst     listFlag
+}
+
+func (f *pairFlags) register(fs *flag.FlagSet) {
+	f.source = fs.String("source", "", "the source agent's address (host:port)")
+	f.dest = fs.String("dest", "", "the destination agent's address (host:port)")
+	fs.Var(&f.src, "src-device", "a source device spec (repeat; pairs with --dest-device in order)")
+	fs.Var(&f.dst, "dest-device", "a destination device spec (repeat)")
+}
+
+// check says what is missing, as a usage error.
+func (f *pairFlags) check() error {
+	switch {
+	case *f.source == "" || *f.dest == "":
+		return usageError(errors.New("--source and --dest are required"))
+	case len(f.src) == 0 || len(f.src) != len(f.dst):
+		return usageError(fmt.Errorf("give one --dest-device per --src-device (got %d and %d)", len(f.src), len(f.dst)))
+	}
+	return nil
+}

@@ -4,6 +4,7 @@
 //	ferry dest     run the destination agent (DestAgent + Transfer)
 //	ferry source   run the source agent (SourceAgent)
 //	ferry migrate  drive one migration between two agents, as a control plane would
+//	ferry preflight  ask whether its device pairs are compatible, before any device stops
 //	ferry demo     run both agents in this process and migrate simulated devices
 //	ferry devices  list the devices an agent serves
 //	ferry release  give a device that rests after a migration back to its host
@@ -40,8 +41,10 @@ func commands() []command {
 		{"dest", "run the destination agent", runDest},
 		{"source", "run the source agent", runSource},
 		{"migrate", "drive one migration between a source and a destination agent", runMigrate},
+		{"preflight", "ask whether a migration's device pairs are compatible, before any device stops", runPreflight},
 		{"demo", "migrate simulated devices between two agents in this process", runDemo},
 		{"devices", "list the devices an agent serves", runDevices},
+		{"bandwidth", "change a running migration's bandwidth limit, or lift it", runBandwidth},
 		{"switchover", "switch a pre-copy migration over: its devices stop and the rest of their state streams", runSwitchover},
 		{"release", "give a source device back to its host after a migration (STOP or ERROR to RUNNING, or a reset)", runRelease},
 		{"vmm", "speak an agent's VMM socket as a VMM: attach a device's fd, detach it, watch it", runVMM},

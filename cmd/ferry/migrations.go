@@ -68,7 +68,7 @@ func runMigrations(ctx context.Context, args []string, stdout, stderr io.Writer)
 		return err
 	}
 	defer conn.Close()
-	c := migrationsClient{agent: newAgentMigrations(conn, *role), addr: *addr, creds: creds, out: stdout, json: *asJSON}
+	c := migrationsClient{agent: newAgentMigrations(conn, *role), addr: *addr, creds: creds, out: stdout, stderr: stderr, json: *asJSON}
 	switch sub {
 	case "list":
 		return c.list(ctx)
@@ -168,7 +168,9 @@ type migrationsClient struct {
 	addr  string
 	creds credentials.TransportCredentials
 	out   io.Writer
-	json  bool
+	// stderr hears what is not the result (a stopped watch).
+	stderr io.Writer
+	json   bool
 }
 
 const callTimeout = 30 * time.Second
@@ -223,6 +225,11 @@ func (c migrationsClient) watch(ctx context.Context, id string) error {
 		_, err := fmt.Fprintf(c.out, "%s  %s  %s  %s\n", time.Now().Format(time.TimeOnly), m.GetId(), phaseText(m), bytesText(m))
 		return err
 	})
+	if err != nil && ctx.Err() != nil {
+		// Interrupted: the watch stops, the migration does not.
+		fmt.Fprintf(c.stderr, "ferry migrations: watch of %s stopped; the migration goes on ('ferry migrations cancel' rolls it back)\n", id)
+		return nil
+	}
 	if err != nil {
 		return newCallError("watch migration "+id+" at "+c.addr, err, c.creds)
 	}

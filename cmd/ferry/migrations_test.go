@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"strings"
@@ -9,23 +10,13 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
-
-	"github.com/vfio-ferry/ferry/internal/loopback"
-	"github.com/vfio-ferry/ferry/pkg/vfio"
 )
 
 // TestMigrationsCommands drives `ferry migrations` against two loopback
 // agents: a finished migration is listed and shown on both, a watch of
 // it prints its final state, and a slow one is cancelled and rolls back.
 func TestMigrationsCommands(t *testing.T) {
-	a, err := loopback.Start(loopback.Config{
-		DestDevices:   vfio.RegistryOptions{AllowSim: true},
-		SourceDevices: vfio.RegistryOptions{AllowSim: true},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { a.Close(context.Background()) })
+	a := simAgents(t)
 	dev := "sim:size=8MiB,seed=4"
 	if code, out, errOut := runCLI(t, "migrate", "--insecure", "--source", a.SourceAddr, "--dest", a.DestAddr, "--id", "done-1",
 		"--src-device", dev, "--dest-device", dev); code != 0 {
@@ -62,6 +53,14 @@ func TestMigrationsCommands(t *testing.T) {
 			return
 		}
 		asked = true
+		// A watch interrupted (Ctrl-C) after its first line stops, and
+		// says the migration goes on.
+		wctx, stop := context.WithCancel(t.Context())
+		var werr bytes.Buffer
+		code := run(wctx, []string{"migrations", "watch", "slow-1", "--insecure", "--agent", a.SourceAddr}, cancelOnWrite{stop}, &werr)
+		if code != 0 || !strings.Contains(werr.String(), "watch of slow-1 stopped; the migration goes on") {
+			t.Errorf("interrupted watch: exit %d, stderr %q", code, werr.String())
+		}
 		if code, out, errOut := runCLI(t, "migrations", "cancel", "slow-1", "--insecure", "--agent", a.SourceAddr); code != 0 || !strings.Contains(out, "cancel asked") {
 			t.Errorf("cancel: exit %d\n%s%s", code, out, errOut)
 		}
@@ -90,6 +89,14 @@ func TestMigrationsCommands(t *testing.T) {
 			t.Errorf("ferry %q: exit %d, stderr %q", tc.args, code, errOut)
 		}
 	}
+}
+
+// cancelOnWrite is a writer that cancels a context at its first write.
+type cancelOnWrite struct{ cancel context.CancelFunc }
+
+func (w cancelOnWrite) Write(p []byte) (int, error) {
+	w.cancel()
+	return len(p), nil
 }
 
 func TestVersion(t *testing.T) {

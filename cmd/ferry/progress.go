@@ -338,6 +338,9 @@ func printSummary(w io.Writer, r *result) {
 	fmt.Fprintf(w, "migration %s: %s (%s)\n", r.MigrationID, r.Phase, verdict)
 	fmt.Fprintf(w, "  owner        %s\n", ownerText(r.Owner))
 	fmt.Fprintf(w, "  bytes        %s (%d) in %d device(s)\n", size.Format(r.Bytes), r.Bytes, r.Devices)
+	if r.WireBytes != 0 && r.WireBytes != r.Bytes {
+		fmt.Fprintf(w, "  on the wire  %s (%.2f of the state: zero pages stayed home, or compression shrank them)\n", size.Format(r.WireBytes), float64(r.WireBytes)/float64(max(r.Bytes, 1)))
+	}
 	path := "in gRPC messages"
 	if r.DirectData {
 		path = "on direct data connections"

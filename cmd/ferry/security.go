@@ -1,11 +1,13 @@
 package main
 
 import (
+	"crypto/x509"
 	"errors"
 	"flag"
 	"fmt"
 	"log/slog"
 	"strings"
+	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
@@ -30,6 +32,7 @@ import (
 // An agent refuses to start without either TLS or --insecure.
 type securityFlags struct {
 	tls          peerauth.TLSFiles
+	reload       time.Duration
 	insecure     bool
 	allowClients csvListFlag
 	allowPeers   csvListFlag
@@ -44,6 +47,7 @@ func (f *securityFlags) register(fs *flag.FlagSet, servesTransfer bool) {
 	fs.StringVar(&f.tls.Cert, "tls-cert", "", "PEM certificate chain of this agent, served to clients and presented to peers (needs serverAuth and clientAuth usages and a SAN)")
 	fs.StringVar(&f.tls.Key, "tls-key", "", "PEM private key of --tls-cert")
 	fs.StringVar(&f.tls.CA, "tls-ca", "", "PEM CA bundle that signs every client and peer certificate (mutual TLS, TLS 1.3)")
+	fs.DurationVar(&f.reload, "tls-reload-interval", peerauth.DefaultReloadInterval, "how often --tls-cert, --tls-key and --tls-ca are read again: a change (a rotated certificate, a Kubernetes Secret update) is used for new connections, running migrations go on; a change that does not parse is logged and the old credentials stay (0: never)")
 	fs.BoolVar(&f.insecure, "insecure", false, "serve and dial plaintext gRPC (no TLS, no authorization): for loopback, tests and demos only")
 	fs.Var(&f.allowClients, "allow-client", "a client identity (certificate SAN: DNS name, IP, or URI such as spiffe://...) that may call the control-plane API; repeat or comma-separate; \"*\" admits any certificate the CA signed")
 	if servesTransfer {
@@ -86,15 +90,24 @@ func (f *securityFlags) check() error {
 }
 
 // transport returns the credentials of the agent's listener and those it
-// dials peer agents with.
-func (f *securityFlags) transport() (server, client credentials.TransportCredentials, err error) {
+// dials peer agents with, and with TLS the reloader they read the files
+// through (nil on plaintext).
+func (f *securityFlags) transport(log *slog.Logger) (server, client credentials.TransportCredentials, r *peerauth.Reloader, err error) {
 	if err := f.check(); err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
 	if f.insecure {
-		return insecure.NewCredentials(), insecure.NewCredentials(), nil
+		return insecure.NewCredentials(), insecure.NewCredentials(), nil, nil
 	}
-	return peerauth.AgentTLS(f.tls)
+	if f.reload < 0 {
+		return nil, nil, nil, errors.New("--tls-reload-interval must not be negative")
+	}
+	r, err = peerauth.NewReloader(f.tls, log, x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	server, client = r.AgentCreds()
+	return server, client, r, nil
 }
 
 // access is the authorization of the agent's server: nil (none) on
@@ -154,19 +167,28 @@ func (f *clientSecurityFlags) register(fs *flag.FlagSet) {
 }
 
 func (f *clientSecurityFlags) creds() (credentials.TransportCredentials, error) {
+	c, _, err := f.reloadingCreds(nil)
+	return c, err
+}
+
+// reloadingCreds are the client's credentials and, with TLS, the
+// reloader they read the files through (nil on plaintext): a long
+// `ferry migrate` uses a rotated client certificate for its next
+// connection when the caller runs the reloader's Watch.
+func (f *clientSecurityFlags) reloadingCreds(log *slog.Logger) (credentials.TransportCredentials, *peerauth.Reloader, error) {
 	switch {
 	case f.insecure && (f.tls.Configured() || f.serverName != ""):
-		return nil, errors.New("--insecure and --tls-* exclude each other")
+		return nil, nil, errors.New("--insecure and --tls-* exclude each other")
 	case f.insecure:
-		return insecure.NewCredentials(), nil
+		return insecure.NewCredentials(), nil, nil
 	case !f.tls.Configured():
-		return nil, errors.New("no transport security configured: give --tls-cert, --tls-key and --tls-ca (mutual TLS), or --insecure for agents that serve plaintext")
+		return nil, nil, errors.New("no transport security configured: give --tls-cert, --tls-key and --tls-ca (mutual TLS), or --insecure for agents that serve plaintext")
 	}
-	c, err := peerauth.ClientTLS(f.tls, f.serverName)
+	r, err := peerauth.NewReloader(f.tls, log, x509.ExtKeyUsageClientAuth)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	return credentials.NewTLS(c), nil
+	return r.ClientCreds(f.serverName), r, nil
 }
 
 // csvListFlag collects a flag given several times, each value a

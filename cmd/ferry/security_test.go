@@ -55,7 +55,7 @@ func TestSecurityFlags(t *testing.T) {
 		case tc.wantError != "" && (err == nil || !strings.Contains(err.Error(), tc.wantError)):
 			t.Errorf("%s: %v, want an error with %q", tc.name, err, tc.wantError)
 		}
-		if _, _, terr := f.transport(); (terr == nil) != (err == nil) {
+		if _, _, _, terr := f.transport(nil); (terr == nil) != (err == nil) {
 			t.Errorf("%s: transport %v, check %v", tc.name, terr, err)
 		}
 	}
@@ -88,7 +88,7 @@ func TestSecurityFlagLists(t *testing.T) {
 		!slices.Equal(rules[1].Services, []string{"ferry.v1.Transfer"}) || !slices.Equal(rules[1].Allow, []string{"spiffe://a/agent"}) {
 		t.Fatalf("rules %+v", rules)
 	}
-	if _, _, err := f.transport(); err != nil {
+	if _, _, _, err := f.transport(nil); err != nil {
 		t.Fatal(err)
 	}
 }

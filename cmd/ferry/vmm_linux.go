@@ -151,44 +151,42 @@ func printEvent(w io.Writer, ev *vmmv1.Event) {
 	fmt.Fprintln(w, line)
 }
 
-func runVMMDetach(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("vmm detach", stderr, "--socket PATH --name NAME")
+// dialNamed parses the --socket and --name flags of a subcommand that
+// acts on one lent device, and connects to the socket.
+func dialNamed(ctx context.Context, sub string, args []string, stderr io.Writer) (*vmm.Client, string, error) {
+	fs := newFlagSet("vmm "+sub, stderr, "--socket PATH --name NAME")
 	socket := fs.String("socket", "", "the agent's VMM socket")
 	name := fs.String("name", "", "the device's name (vmm:NAME)")
 	if err := parse(fs, args); err != nil {
-		return err
+		return nil, "", err
 	}
 	if *socket == "" || *name == "" {
-		return usageError(errors.New("--socket and --name are required"))
+		return nil, "", usageError(errors.New("--socket and --name are required"))
 	}
 	cl, err := vmm.Dial(ctx, *socket)
+	return cl, *name, err
+}
+
+func runVMMDetach(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	cl, name, err := dialNamed(ctx, "detach", args, stderr)
 	if err != nil {
 		return err
 	}
 	defer cl.Close()
-	if err := cl.Detach(ctx, *name); err != nil {
+	if err := cl.Detach(ctx, name); err != nil {
 		return err
 	}
-	fmt.Fprintf(stdout, "detached vmm:%s\n", *name)
+	fmt.Fprintf(stdout, "detached vmm:%s\n", name)
 	return nil
 }
 
 func runVMMWatch(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("vmm watch", stderr, "--socket PATH --name NAME")
-	socket := fs.String("socket", "", "the agent's VMM socket")
-	name := fs.String("name", "", "the device's name (vmm:NAME)")
-	if err := parse(fs, args); err != nil {
-		return err
-	}
-	if *socket == "" || *name == "" {
-		return usageError(errors.New("--socket and --name are required"))
-	}
-	cl, err := vmm.Dial(ctx, *socket)
+	cl, name, err := dialNamed(ctx, "watch", args, stderr)
 	if err != nil {
 		return err
 	}
 	defer cl.Close()
-	if err := cl.Watch(ctx, *name); err != nil {
+	if err := cl.Watch(ctx, name); err != nil {
 		return err
 	}
 	for {

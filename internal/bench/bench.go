@@ -20,6 +20,12 @@
 // Throughput is device-state bytes over the time from the first device
 // read at the source to the destination's devices verified, for both.
 //
+// With --link RATE both arms run across a shaped link instead of loopback
+// (link.go): the figure is then Ferry against raw TCP at the link's rate.
+// With --max-bandwidth RATE each round has a third arm, ferry with the
+// migration limited to RATE, and the report says what fraction of the
+// limit it reached.
+//
 // The command parses the flags into a Config and gives it the control
 // plane (Config.Migrate); the hidden `ferry bench peer` command is RunPeer.
 package bench
@@ -41,9 +47,11 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 
+	"github.com/vfio-ferry/ferry/internal/shapedlink"
 	"github.com/vfio-ferry/ferry/pkg/ephemeralca"
 	"github.com/vfio-ferry/ferry/pkg/size"
 	"github.com/vfio-ferry/ferry/services/peerauth"
+	"github.com/vfio-ferry/ferry/services/source"
 	"github.com/vfio-ferry/ferry/services/wire"
 )
 
@@ -52,12 +60,18 @@ type config struct {
 	size      uint64 // per device
 	devices   int
 	chunkSize uint32
-	window    uint64 // destination window per device, bytes
-	rate      string // sim read cap, "" for none
-	exe       string // this binary
-	grpcData  bool   // chunks in gRPC messages, not on direct data connections
+	window    uint64  // destination window per device, bytes
+	rate      string  // sim read cap, "" for none
+	zero      float64 // the sim's zero fraction: a share of 4 KiB pages all zero
+	compress  bool    // ferry's migration compresses its chunks (zstd)
+	exe       string  // this binary
+	grpcData  bool    // chunks in gRPC messages, not on direct data connections
 	tls       *certs
 	migrate   MigrateFunc
+	// link is the shaped link both sides run across; nil on loopback.
+	link *shapedlink.Link
+	// maxBandwidth is the limit of the --max-bandwidth arm (0: no arm).
+	maxBandwidth uint64
 }
 
 // certs are the certificates of a `ferry bench --tls` run, from a CA
@@ -134,6 +148,9 @@ func (c config) specs() []string {
 		if c.rate != "" {
 			specs[i] += ",rate=" + c.rate
 		}
+		if c.zero > 0 {
+			specs[i] += ",zero=" + strconv.FormatFloat(c.zero, 'f', -1, 64)
+		}
 	}
 	return specs
 }
@@ -150,11 +167,22 @@ type sample struct {
 	others         float64 // cores the rest of the machine used meanwhile; -1 unknown
 }
 
+// limitedRow is the --max-bandwidth arm's figures for a channel count.
+type limitedRow struct {
+	// MaxBandwidth is the migration's limit, bytes per second.
+	MaxBandwidth        uint64     `json:"max_bandwidth"`
+	BytesPerSecond      float64    `json:"bytes_per_second"`
+	BytesPerSecondRange [2]float64 `json:"bytes_per_second_range"`
+	// OfLimit is the median rate over the limit.
+	OfLimit float64 `json:"of_limit"`
+}
+
 // roundInfo is one round as --json reports it.
 type roundInfo struct {
-	RawTCPOthersCores float64 `json:"rawtcp_others_cores"`
-	FerryOthersCores  float64 `json:"ferry_others_cores"`
-	Quiet             bool    `json:"quiet"`
+	RawTCPOthersCores  float64 `json:"rawtcp_others_cores"`
+	FerryOthersCores   float64 `json:"ferry_others_cores"`
+	LimitedOthersCores float64 `json:"limited_others_cores,omitempty"`
+	Quiet              bool    `json:"quiet"`
 }
 
 func (r sample) cpuPerGiB(bytes uint64) float64 {
@@ -199,6 +227,10 @@ type row struct {
 	LoadAvgBefore float64     `json:"loadavg_1m_before"`
 	LoadAvgAfter  float64     `json:"loadavg_1m_after"`
 	CPUs          int         `json:"cpus"`
+	// LinkBytesPerSecond is the shaped link's rate, 0 on loopback.
+	LinkBytesPerSecond uint64 `json:"link_bytes_per_second,omitempty"`
+	// Limited is the --max-bandwidth arm, when run.
+	Limited *limitedRow `json:"limited,omitempty"`
 }
 
 // Config is one `ferry bench` invocation: what each transfer moves and
@@ -209,12 +241,24 @@ type Config struct {
 	ChunkSize uint32 // chunk size, and the raw TCP write size
 	Window    uint64 // destination window per device, in bytes (ferry dest --max-buffer-bytes)
 	Rate      string // cap on each simulated device's reads ("256MB/s"), "" for none
-	Channels  []int  // the channel counts to measure, in order
-	Rounds    int    // rounds per channel count; each runs rawtcp then ferry
-	Only      string // "rawtcp" or "ferry" to run one side only (no ratio), "" for both
-	GRPCData  bool   // ferry's chunks in gRPC messages, not on direct data connections
-	TLS       bool   // mutual TLS 1.3 on every connection, raw TCP's too
-	JSON      bool   // one JSON object per channel count instead of the table
+	// Zero is the share of the devices' 4 KiB pages that are all zero
+	// (the sim's zero=): ferry sends them as headers, raw TCP every byte.
+	Zero float64
+	// Compress: ferry's migration compresses its chunks (zstd).
+	Compress bool
+	Channels []int  // the channel counts to measure, in order
+	Rounds   int    // rounds per channel count; each runs rawtcp then ferry
+	Only     string // "rawtcp" or "ferry" to run one side only (no ratio), "" for both
+	GRPCData bool   // ferry's chunks in gRPC messages, not on direct data connections
+	TLS      bool   // mutual TLS 1.3 on every connection, raw TCP's too
+	JSON     bool   // one JSON object per channel count instead of the table
+	// Link, when not 0, runs both sides across a link shaped to this many
+	// bytes per second (internal/shapedlink; needs root) instead of
+	// loopback.
+	Link uint64
+	// MaxBandwidth, when not 0, adds an arm to every round: ferry with
+	// the migration limited to this many bytes per second.
+	MaxBandwidth uint64
 
 	// Exe is the ferry binary: every side of a transfer runs as a child
 	// process of its own (`ferry dest`, `ferry source`, `ferry bench peer`).
@@ -231,6 +275,13 @@ type Migration struct {
 	ChunkSize            uint32
 	Specs                []string // the devices' specs, the same on both sides
 	Creds                credentials.TransportCredentials
+	// MaxBandwidth is the migration's bandwidth limit (0: none).
+	MaxBandwidth uint64
+	// Compress asks for zstd chunks.
+	Compress bool
+	// DestDial and SourceDial, when set, dial the agents (they run in
+	// network namespaces of their own); nil: the default dialer.
+	DestDial, SourceDial DialFunc
 }
 
 // Outcome is what the bench needs of a migration's result.
@@ -271,8 +322,17 @@ func (c Config) Validate() error {
 		return errors.New("--window must hold at least one chunk")
 	case c.Only != "" && c.Only != "rawtcp" && c.Only != "ferry":
 		return errors.New("--only must be rawtcp or ferry")
+	case c.Link != 0 && c.Link < minLinkRate:
+		return fmt.Errorf("--link must be at least %s", size.FormatRate(minLinkRate))
+	case c.MaxBandwidth != 0 && c.MaxBandwidth < source.MinBandwidth:
+		return fmt.Errorf("--max-bandwidth must be at least %s", size.FormatRate(source.MinBandwidth))
+	case c.MaxBandwidth != 0 && c.Only != "":
+		return errors.New("--max-bandwidth runs with both arms (no --only)")
 	case c.Exe == "" || c.Migrate == nil:
 		return errors.New("bench: no binary or no control plane to run with")
+	}
+	if c.Zero < 0 || c.Zero > 1 {
+		return fmt.Errorf("--zero must be 0 to 1")
 	}
 	if c.Rate != "" {
 		if _, err := size.ParseRate(c.Rate); err != nil {
@@ -282,13 +342,24 @@ func (c Config) Validate() error {
 	return nil
 }
 
+// minLinkRate is the slowest link the bench shapes: 1 MB/s.
+const minLinkRate = 1_000_000
+
 // Run measures every channel count of cfg and prints the results on
 // stdout, the progress of each round on stderr.
 func Run(ctx context.Context, c Config, stdout, stderr io.Writer) error {
 	if err := c.Validate(); err != nil {
 		return err
 	}
-	cfg := config{size: c.Size, devices: c.Devices, chunkSize: c.ChunkSize, window: c.Window, rate: c.Rate, exe: c.Exe, grpcData: c.GRPCData, migrate: c.Migrate}
+	cfg := config{size: c.Size, devices: c.Devices, chunkSize: c.ChunkSize, window: c.Window, rate: c.Rate, zero: c.Zero, compress: c.Compress, exe: c.Exe, grpcData: c.GRPCData, migrate: c.Migrate, maxBandwidth: c.MaxBandwidth}
+	if c.Link != 0 {
+		l, err := shapedlink.New(ctx, c.Link)
+		if err != nil {
+			return fmt.Errorf("--link: %w", err)
+		}
+		defer l.Close()
+		cfg.link = l
+	}
 	if c.TLS {
 		dir, err := os.MkdirTemp("", "ferry-bench-tls-")
 		if err != nil {
@@ -302,6 +373,13 @@ func Run(ctx context.Context, c Config, stdout, stderr io.Writer) error {
 	if !c.JSON {
 		fmt.Fprintf(stdout, "ferry bench: %d device(s) x %s, chunk %s, window %s/device%s, ferry chunks on %s, %s; %d round(s) per channel count, rawtcp and ferry interleaved, medians [min-max]\n",
 			cfg.devices, size.Format(cfg.size), size.Format(uint64(cfg.chunkSize)), size.Format(cfg.window), rateNote(cfg.rate), dataNote(cfg.grpcData), tlsNote(cfg.tls), c.Rounds)
+		if cfg.link != nil {
+			fmt.Fprintf(stdout, "link: two network namespaces joined by a veth pair shaped by tbf to %s (%s) each way; both arms cross it\n",
+				size.FormatRate(float64(c.Link)), bitRate(c.Link))
+		}
+		if cfg.maxBandwidth != 0 {
+			fmt.Fprintf(stdout, "limited arm: ferry with max_bandwidth %s (%s)\n", size.FormatRate(float64(cfg.maxBandwidth)), bitRate(cfg.maxBandwidth))
+		}
 		fmt.Fprintf(stdout, "host: %d CPUs, GOMAXPROCS %d per process, loadavg %s\n", runtime.NumCPU(), runtime.GOMAXPROCS(0), loadAvgLine())
 	}
 	var rows []row
@@ -319,10 +397,22 @@ func Run(ctx context.Context, c Config, stdout, stderr io.Writer) error {
 	}
 	if !c.JSON {
 		printTable(stdout, rows)
+		for _, r := range rows {
+			if l := r.Limited; l != nil {
+				fmt.Fprintf(stdout, "limited arm, %d channel(s): %s [%s-%s] at max_bandwidth %s: %.3f of the limit\n", r.Channels,
+					size.FormatRate(l.BytesPerSecond), size.FormatRate(l.BytesPerSecondRange[0]), size.FormatRate(l.BytesPerSecondRange[1]),
+					size.FormatRate(float64(l.MaxBandwidth)), l.OfLimit)
+			}
+		}
 		fmt.Fprintln(stdout, quietSummary(rows))
 		fmt.Fprintf(stdout, "loadavg at the end: %s\n", loadAvgLine())
 	}
 	return nil
+}
+
+// bitRate prints bytes per second as a bit rate, as links are rated.
+func bitRate(bps uint64) string {
+	return strconv.FormatFloat(float64(bps)*8/1e9, 'f', -1, 64) + " Gbit/s"
 }
 
 func tlsNote(t *certs) string {
@@ -349,6 +439,10 @@ func measureChannels(ctx context.Context, cfg config, channels, rounds int, only
 	if cfg.grpcData {
 		row.Data = "grpc"
 	}
+	if cfg.link != nil {
+		row.LinkBytesPerSecond = cfg.link.Rate
+	}
+	var allLim []sample
 	var allRaw, allFer []sample
 	var allRatios []float64
 	var quietRound []bool
@@ -365,11 +459,20 @@ func measureChannels(ctx context.Context, cfg config, channels, rounds int, only
 		}
 		if only != "rawtcp" {
 			m := startOthers()
-			if fer, err = runFerry(ctx, cfg, channels); err != nil {
+			if fer, err = runFerry(ctx, cfg, channels, 0); err != nil {
 				return row, fmt.Errorf("ferry, %d channel(s), round %d: %w", channels, r+1, err)
 			}
 			fer.others = m.cores(fer.cpuSeconds)
 			allFer = append(allFer, fer)
+		}
+		var lim sample
+		if cfg.maxBandwidth != 0 {
+			m := startOthers()
+			if lim, err = runFerry(ctx, cfg, channels, cfg.maxBandwidth); err != nil {
+				return row, fmt.Errorf("ferry at max_bandwidth %d, %d channel(s), round %d: %w", cfg.maxBandwidth, channels, r+1, err)
+			}
+			lim.others = m.cores(lim.cpuSeconds)
+			allLim = append(allLim, lim)
 		}
 		if only == "" {
 			// Each round's ratio pairs two runs seconds apart, so the
@@ -377,20 +480,33 @@ func measureChannels(ctx context.Context, cfg config, channels, rounds int, only
 			allRatios = append(allRatios, fer.bytesPerSecond/raw.bytesPerSecond)
 		}
 		q := quiet(raw.others, fer.others, only != "ferry", only != "rawtcp")
+		if cfg.maxBandwidth != 0 {
+			q = q && quiet(lim.others, 0, true, false)
+		}
 		quietRound = append(quietRound, q)
-		row.RoundDetails = append(row.RoundDetails, roundInfo{RawTCPOthersCores: raw.others, FerryOthersCores: fer.others, Quiet: q})
+		row.RoundDetails = append(row.RoundDetails, roundInfo{RawTCPOthersCores: raw.others, FerryOthersCores: fer.others, LimitedOthersCores: lim.others, Quiet: q})
 		mark := ""
 		if !q {
 			mark = ", LOADED: dropped from the medians"
 		}
-		fmt.Fprintf(stderr, "bench: %d channel(s), round %d/%d: rawtcp %s, ferry %s (others used %s/%s cores%s)\n",
-			channels, r+1, rounds, fmtRun(raw, cfg), fmtRun(fer, cfg), fmtCores(raw.others, only != "ferry"), fmtCores(fer.others, only != "rawtcp"), mark)
+		limNote := ""
+		if cfg.maxBandwidth != 0 {
+			limNote = fmt.Sprintf(", limited %s (others %s cores)", fmtRun(lim, cfg), fmtCores(lim.others, true))
+		}
+		fmt.Fprintf(stderr, "bench: %d channel(s), round %d/%d: rawtcp %s, ferry %s (others used %s/%s cores%s)%s\n",
+			channels, r+1, rounds, fmtRun(raw, cfg), fmtRun(fer, cfg), fmtCores(raw.others, only != "ferry"), fmtCores(fer.others, only != "rawtcp"), mark, limNote)
 	}
-	raws, ferries, ratios := keepQuiet(allRaw, quietRound), keepQuiet(allFer, quietRound), keepQuiet(allRatios, quietRound)
+	raws, ferries, ratios, limited := keepQuiet(allRaw, quietRound), keepQuiet(allFer, quietRound), keepQuiet(allRatios, quietRound), keepQuiet(allLim, quietRound)
 	row.DroppedRounds = rounds - max(len(raws), len(ferries))
 	if row.DroppedRounds == rounds {
 		row.NoQuietRound, row.DroppedRounds = true, 0
-		raws, ferries, ratios = allRaw, allFer, allRatios
+		raws, ferries, ratios, limited = allRaw, allFer, allRatios, allLim
+	}
+	if len(limited) > 0 {
+		l := &limitedRow{MaxBandwidth: cfg.maxBandwidth}
+		l.BytesPerSecond, l.BytesPerSecondRange = medianRange(limited, func(r sample) float64 { return r.bytesPerSecond })
+		l.OfLimit = l.BytesPerSecond / float64(cfg.maxBandwidth)
+		row.Limited = l
 	}
 	total := cfg.totalBytes()
 	gib := float64(total) / (1 << 30)

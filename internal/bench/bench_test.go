@@ -25,6 +25,11 @@ func TestConfigValidate(t *testing.T) {
 		{"only what", func(c *Config) { c.Only = "udp" }, "--only"},
 		{"bad rate", func(c *Config) { c.Rate = "fast" }, "--rate"},
 		{"a rate", func(c *Config) { c.Rate = "256MB/s" }, ""},
+		{"a link", func(c *Config) { c.Link = 500_000_000 }, ""},
+		{"a link too slow", func(c *Config) { c.Link = 1000 }, "--link"},
+		{"a limited arm", func(c *Config) { c.MaxBandwidth = 125_000_000 }, ""},
+		{"a limit too low", func(c *Config) { c.MaxBandwidth = 1000 }, "--max-bandwidth"},
+		{"a limited arm with one arm only", func(c *Config) { c.MaxBandwidth, c.Only = 125_000_000, "ferry" }, "--max-bandwidth"},
 		{"no control plane", func(c *Config) { c.Migrate = nil }, "control plane"},
 	} {
 		c := ok

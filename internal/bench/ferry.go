@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"strconv"
 	"time"
@@ -19,14 +18,16 @@ import (
 
 // runFerry runs one real migration between a `ferry dest` and a `ferry
 // source` child process on loopback, fresh for the run, and measures them.
-func runFerry(ctx context.Context, cfg config, channels int) (sample, error) {
+// With maxBandwidth the migration is limited to it (the --max-bandwidth
+// arm).
+func runFerry(ctx context.Context, cfg config, channels int, maxBandwidth uint64) (sample, error) {
 	ctx, cancel := context.WithTimeout(ctx, transferTimeout(cfg))
 	defer cancel()
-	daddr, err := freeLoopbackAddr()
+	daddr, err := cfg.freeAddr(cfg.destNS())
 	if err != nil {
 		return sample{}, err
 	}
-	saddr, err := freeLoopbackAddr()
+	saddr, err := cfg.freeAddr(cfg.sourceNS())
 	if err != nil {
 		return sample{}, err
 	}
@@ -43,15 +44,15 @@ func runFerry(ctx context.Context, cfg config, channels int) (sample, error) {
 		"--max-buffers", strconv.FormatUint(maxChunks, 10), "--max-buffer-bytes", strconv.FormatUint(cfg.window, 10),
 		"--memory-budget", strconv.FormatUint(budget, 10)}
 	if !cfg.grpcData {
-		dargs = append(dargs, "--data-listen", "127.0.0.1:0")
+		dargs = append(dargs, "--data-listen", cfg.anyPort(cfg.destNS()))
 	}
 	dargs = append(append(dargs, cfg.tls.agentArgs(true)...), commonArgs...)
-	d, err := startChild(ctx, "ferry dest", cfg.exe, dargs...)
+	d, err := startChild(ctx, "ferry dest", cfg.destNS(), cfg.exe, dargs...)
 	if err != nil {
 		return sample{}, err
 	}
 	sargs := append(append([]string{"source", "--listen", saddr}, cfg.tls.agentArgs(false)...), commonArgs...)
-	s, err := startChild(ctx, "ferry source", cfg.exe, sargs...)
+	s, err := startChild(ctx, "ferry source", cfg.sourceNS(), cfg.exe, sargs...)
 	if err != nil {
 		d.kill()
 		return sample{}, err
@@ -61,15 +62,16 @@ func runFerry(ctx context.Context, cfg config, channels int) (sample, error) {
 		d.kill()
 		return sample{}, fmt.Errorf("%w\n%s: %s\n%s: %s", err, d.name, d.stderr, s.name, s.stderr)
 	}
-	if err := waitServing(ctx, daddr, creds); err != nil {
+	if err := waitServing(ctx, daddr, creds, cfg.dialer(cfg.destNS())); err != nil {
 		return fail(fmt.Errorf("the destination agent did not start: %w", err))
 	}
-	if err := waitServing(ctx, saddr, creds); err != nil {
+	if err := waitServing(ctx, saddr, creds, cfg.dialer(cfg.sourceNS())); err != nil {
 		return fail(fmt.Errorf("the source agent did not start: %w", err))
 	}
 	r, err := cfg.migrate(ctx, Migration{
 		SourceAddr: saddr, DestAddr: daddr, Channels: uint32(channels), ChunkSize: cfg.chunkSize,
-		Specs: cfg.specs(), Creds: creds,
+		Specs: cfg.specs(), Creds: creds, MaxBandwidth: maxBandwidth, Compress: cfg.compress,
+		DestDial: cfg.dialer(cfg.destNS()), SourceDial: cfg.dialer(cfg.sourceNS()),
 	})
 	if err != nil {
 		return fail(err)
@@ -105,21 +107,15 @@ func runFerry(ctx context.Context, cfg config, channels int) (sample, error) {
 	}, nil
 }
 
-// freeLoopbackAddr returns a loopback address with a port that was free a
-// moment ago, for an agent child to listen on.
-func freeLoopbackAddr() (string, error) {
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return "", err
+// waitServing waits until the agent at addr answers its health check,
+// dialled with dial (nil: from this namespace).
+func waitServing(ctx context.Context, addr string, creds credentials.TransportCredentials, dial DialFunc) error {
+	opts := []grpc.DialOption{grpc.WithTransportCredentials(creds)}
+	if dial != nil {
+		opts = append(opts, grpc.WithContextDialer(dial))
+		addr = "passthrough:///" + addr
 	}
-	addr := lis.Addr().String()
-	lis.Close()
-	return addr, nil
-}
-
-// waitServing waits until the agent at addr answers its health check.
-func waitServing(ctx context.Context, addr string, creds credentials.TransportCredentials) error {
-	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(creds))
+	conn, err := grpc.NewClient(addr, opts...)
 	if err != nil {
 		return err
 	}

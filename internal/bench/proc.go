@@ -14,6 +14,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/vfio-ferry/ferry/internal/shapedlink"
 )
 
 // child is one side of a benchmark run: this binary re-executed, so
@@ -25,10 +27,17 @@ type child struct {
 	stderr *tailBuffer
 }
 
-// startChild starts exe with args. Its stdout is read with next; the
-// tail of its stderr goes into errors.
-func startChild(ctx context.Context, name, exe string, args ...string) (*child, error) {
-	cmd := exec.CommandContext(ctx, exe, args...)
+// startChild starts exe with args, inside network namespace ns when it is
+// not nil (`ip netns exec` execs exe, so the child's pid, CPU time and RSS
+// are exe's own). Its stdout is read with next; the tail of its stderr
+// goes into errors.
+func startChild(ctx context.Context, name string, ns *shapedlink.Namespace, exe string, args ...string) (*child, error) {
+	var cmd *exec.Cmd
+	if ns != nil {
+		cmd = ns.Command(ctx, exe, args...)
+	} else {
+		cmd = exec.CommandContext(ctx, exe, args...)
+	}
 	cmd.Env = os.Environ()
 	cmd.Cancel = func() error { return cmd.Process.Kill() }
 	cmd.WaitDelay = 5 * time.Second

@@ -63,7 +63,7 @@ func runRawTCP(ctx context.Context, cfg config, channels int) (sample, error) {
 		common = append(common, "--rate", cfg.rate)
 	}
 	common = append(common, cfg.tls.peerArgs()...)
-	recv, err := startChild(ctx, "rawtcp receiver", cfg.exe, append([]string{"bench", "peer", "rawtcp-recv"}, common...)...)
+	recv, err := startChild(ctx, "rawtcp receiver", cfg.destNS(), cfg.exe, append([]string{"bench", "peer", "rawtcp-recv", "--listen", cfg.anyPort(cfg.destNS())}, common...)...)
 	if err != nil {
 		return sample{}, err
 	}
@@ -72,7 +72,7 @@ func runRawTCP(ctx context.Context, cfg config, channels int) (sample, error) {
 		recv.kill()
 		return sample{}, err
 	}
-	send, err := startChild(ctx, "rawtcp sender", cfg.exe, append([]string{"bench", "peer", "rawtcp-send", "--addr", hello.Addr}, common...)...)
+	send, err := startChild(ctx, "rawtcp sender", cfg.sourceNS(), cfg.exe, append([]string{"bench", "peer", "rawtcp-send", "--addr", hello.Addr}, common...)...)
 	if err != nil {
 		recv.kill()
 		return sample{}, err
@@ -298,6 +298,7 @@ func RunPeer(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	fs := flag.NewFlagSet("ferry bench peer "+role, flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	addr := fs.String("addr", "", "receiver address")
+	listen := fs.String("listen", "127.0.0.1:0", "the receiver's listen address")
 	channels := fs.Int("channels", 1, "connections")
 	devices := fs.Int("devices", 1, "devices")
 	sz := fs.Uint64("size", 1<<30, "bytes per device")
@@ -324,7 +325,7 @@ func RunPeer(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	case "rawtcp-send":
 		res, err = p.send(ctx, *addr)
 	case "rawtcp-recv":
-		res, err = p.recv(ctx, func(a string) error { return enc.Encode(peerResult{Addr: a}) })
+		res, err = p.recv(ctx, *listen, func(a string) error { return enc.Encode(peerResult{Addr: a}) })
 	default:
 		return fmt.Errorf("%w: unknown role %q", ErrUsage, role)
 	}
@@ -448,7 +449,7 @@ func (p *rawPeer) send(ctx context.Context, addr string) (peerResult, error) {
 
 // recv accepts the sender's connections and writes what arrives into the
 // devices, then verifies them.
-func (p *rawPeer) recv(ctx context.Context, ready func(addr string) error) (peerResult, error) {
+func (p *rawPeer) recv(ctx context.Context, listen string, ready func(addr string) error) (peerResult, error) {
 	var res peerResult
 	if err := p.open(vfio.StateResuming); err != nil {
 		return res, err
@@ -460,7 +461,7 @@ func (p *rawPeer) recv(ctx context.Context, ready func(addr string) error) (peer
 			return res, err
 		}
 	}
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	lis, err := net.Listen("tcp", listen)
 	if err != nil {
 		return res, err
 	}

@@ -10,9 +10,11 @@ import (
 	"log/slog"
 	"net"
 
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 
+	"github.com/vfio-ferry/ferry/internal/tracing"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
 	"github.com/vfio-ferry/ferry/services/chunkwire"
 	"github.com/vfio-ferry/ferry/services/dest"
@@ -38,6 +40,12 @@ type Config struct {
 	DataListener net.Listener
 	// TLS, when set, serves mutual TLS; plaintext otherwise.
 	TLS *TLS
+	// DestUnary, when set, wraps every unary call of the destination's
+	// server (grpcserver.Config.Unary).
+	DestUnary grpc.UnaryServerInterceptor
+	// Tracing, when set, traces both agents' migrations and calls (it
+	// fills in the agents' Config.Tracing when nil).
+	Tracing *tracing.Tracing
 }
 
 // TLS is the transport security of both agents: the credentials of their
@@ -123,6 +131,12 @@ func Start(cfg Config) (*Agents, error) {
 	if scfg.Logger == nil {
 		scfg.Logger = log
 	}
+	if dcfg.Tracing == nil {
+		dcfg.Tracing = cfg.Tracing
+	}
+	if scfg.Tracing == nil {
+		scfg.Tracing = cfg.Tracing
+	}
 	da, err := dest.New(dcfg)
 	if err != nil {
 		closeRegs()
@@ -135,10 +149,10 @@ func Start(cfg Config) (*Agents, error) {
 		return fail(err)
 	}
 	a.Dest, a.Source = da, sa
-	a.dsrv = grpcserver.New(grpcserver.Config{Creds: dcreds, Logger: log, Pool: dpool, Access: daccess})
+	a.dsrv = grpcserver.New(grpcserver.Config{Creds: dcreds, Logger: log, Pool: dpool, Access: daccess, Unary: cfg.DestUnary, StatsHandler: cfg.Tracing.ServerHandler()})
 	da.Register(a.dsrv)
 	a.dsrv.Ready()
-	a.ssrv = grpcserver.New(grpcserver.Config{Creds: screds, Logger: log, Pool: spool, Access: saccess})
+	a.ssrv = grpcserver.New(grpcserver.Config{Creds: screds, Logger: log, Pool: spool, Access: saccess, StatsHandler: cfg.Tracing.ServerHandler()})
 	sa.Register(a.ssrv)
 	a.ssrv.Ready()
 	a.DestAddr, a.SourceAddr = lis[0].Addr().String(), lis[1].Addr().String()

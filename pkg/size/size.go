@@ -1,6 +1,6 @@
 // Package size parses and prints byte sizes and byte rates the way Ferry's
 // flags, device specs and reports write them: "1GiB", "256MiB", "4096",
-// "1.5GB", and rates such as "2GB/s" or "256MiB/s".
+// "1.5GB", and rates such as "2GB/s", "256MiB/s" or "2Gbit/s".
 //
 // Binary suffixes (KiB, MiB, GiB, TiB) are powers of 1024; decimal ones
 // (kB or KB, MB, GB, TB) are powers of 1000; "B" or no suffix means bytes.
@@ -69,10 +69,39 @@ func Parse(s string) (uint64, error) {
 	return uint64(v), nil
 }
 
-// ParseRate reads a byte rate such as "2GB/s"; the "/s" is optional.
+// bitSuffixes are the bit-rate units, decimal as network rates are.
+var bitSuffixes = []struct {
+	name string
+	mult uint64
+}{
+	{"kbit", 1e3}, {"mbit", 1e6}, {"gbit", 1e9}, {"tbit", 1e12}, {"bit", 1},
+}
+
+// ParseRate reads a byte rate such as "2GB/s", or a bit rate such as
+// "2Gbit/s" or "100Mbit" (decimal, 8 bits a byte, as links are rated); the
+// "/s" is optional. A bit rate must be a whole number of bytes.
 func ParseRate(s string) (uint64, error) {
 	t := strings.TrimSpace(s)
 	t = strings.TrimSuffix(strings.TrimSuffix(t, "/s"), "/S")
+	lower := strings.ToLower(t)
+	for _, suf := range bitSuffixes {
+		if !strings.HasSuffix(lower, suf.name) {
+			continue
+		}
+		num := strings.TrimSpace(lower[:len(lower)-len(suf.name)])
+		f, err := strconv.ParseFloat(num, 64)
+		if num == "" || len(num) > 32 || err != nil || f < 0 || math.IsNaN(f) || math.IsInf(f, 0) {
+			return 0, fmt.Errorf("rate: %w %q", ErrSyntax, s)
+		}
+		v := f * float64(suf.mult) / 8
+		if v >= math.MaxInt64 {
+			return 0, fmt.Errorf("rate: %w %q: too large", ErrSyntax, s)
+		}
+		if v != math.Trunc(v) {
+			return 0, fmt.Errorf("rate: %w %q: not a whole number of bytes per second", ErrSyntax, s)
+		}
+		return uint64(v), nil
+	}
 	n, err := Parse(t)
 	if err != nil {
 		return 0, fmt.Errorf("rate: %w", err)

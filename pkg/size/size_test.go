@@ -47,14 +47,17 @@ func TestParse(t *testing.T) {
 }
 
 func TestParseRate(t *testing.T) {
-	for in, want := range map[string]uint64{"2GB/s": 2e9, "256MiB/s": 256 << 20, "100MB": 1e8} {
+	for in, want := range map[string]uint64{"2GB/s": 2e9, "256MiB/s": 256 << 20, "100MB": 1e8,
+		"2Gbit/s": 250e6, "4gbit": 500e6, "100Mbit/s": 12.5e6, "1.5Gbit/s": 187.5e6, "800kbit": 1e5, "64bit": 8} {
 		got, err := ParseRate(in)
 		if err != nil || got != want {
 			t.Errorf("ParseRate(%q) = %d, %v; want %d", in, got, err, want)
 		}
 	}
-	if _, err := ParseRate("fast"); !errors.Is(err, ErrSyntax) {
-		t.Errorf("ParseRate(fast) error = %v", err)
+	for _, bad := range []string{"fast", "Gbit/s", "-1Gbit", "1bit", "1e30Tbit", "NaNGbit"} {
+		if _, err := ParseRate(bad); !errors.Is(err, ErrSyntax) {
+			t.Errorf("ParseRate(%q) error = %v, want ErrSyntax", bad, err)
+		}
 	}
 }
 

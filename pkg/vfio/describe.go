@@ -51,23 +51,22 @@ type Needs struct {
 
 // Compatible says whether the state of the device src describes can be
 // loaded into the device dst describes, for a migration that needs
-// needs, or what differs. The rules: the kinds match (a vmm: device is
-// the kernel's, compared by what it tells); for PCI functions the
+// needs, or what differs. The rules: the kinds match (a vmm: device,
+// known by its descriptor alone, is compared by what it tells); for PCI functions the
 // vendor, device and subsystem ids and the driver; for mdevs the type
 // and the driver; the driver versions where both sides tell one;
 // STOP_COPY on both, and P2P and PRE_COPY where the migration uses
 // them; a simulated device's size. Fields one side could not tell are
 // not compared. It is pure.
 func Compatible(src, dst Description, needs Needs) (Mismatch, bool) {
-	kernel := func(k string) bool { return k == "pci" || k == "mdev" || k == "vmm" }
+	known := func(k string) bool { return k == "pci" || k == "mdev" || k == "vmm" || k == "sim" }
 	switch {
-	case src.Kind == "sim" || dst.Kind == "sim":
-		if src.Kind != dst.Kind {
-			return Mismatch{"kind", fmt.Sprintf("a %s device's state cannot go into a %s device", src.Kind, dst.Kind)}, false
-		}
-	case !kernel(src.Kind) || !kernel(dst.Kind):
+	case !known(src.Kind) || !known(dst.Kind):
 		return Mismatch{"kind", fmt.Sprintf("unknown device kind %q or %q", src.Kind, dst.Kind)}, false
-	case src.Kind != "vmm" && dst.Kind != "vmm" && src.Kind != dst.Kind:
+	case src.Kind == "vmm" || dst.Kind == "vmm":
+		// What a VMM lent is known by its descriptor alone: whatever
+		// it is, it is compared by what it tells.
+	case src.Kind != dst.Kind:
 		return Mismatch{"kind", fmt.Sprintf("a %s device's state cannot go into a %s device", src.Kind, dst.Kind)}, false
 	}
 	for _, f := range []struct{ field, a, b string }{
@@ -95,10 +94,10 @@ func Compatible(src, dst Description, needs Needs) (Mismatch, bool) {
 			return Mismatch{"migration_flags", fmt.Sprintf("the destination device lacks %v (it has %v; the migration needs %v)", missing, dst.Flags, want)}, false
 		}
 	}
-	if src.Kind == "sim" && src.SimSize != dst.SimSize {
+	if src.Kind == "sim" && dst.Kind == "sim" && src.SimSize != dst.SimSize {
 		return Mismatch{"sim_size", fmt.Sprintf("the source's state is %d bytes, the destination device takes %d", src.SimSize, dst.SimSize)}, false
 	}
-	if src.Kind == "sim" && src.Flags != 0 && dst.Flags != 0 && src.Flags != dst.Flags {
+	if src.Kind == "sim" && dst.Kind == "sim" && src.Flags != 0 && dst.Flags != 0 && src.Flags != dst.Flags {
 		return Mismatch{"migration_flags", fmt.Sprintf("simulated devices of other flags (%v, %v) keep other state", src.Flags, dst.Flags)}, false
 	}
 	return Mismatch{}, true
@@ -131,5 +130,14 @@ func describeSpec(spec string) Description {
 	case SpecPCI, SpecMdev:
 		describeKernel(s, &d)
 	}
+	return d
+}
+
+// DescribeInfo is Describe from a registry's listing: what the registry
+// remembers of the device and what sysfs shows of it, with no operation
+// on the device.
+func DescribeInfo(info DeviceInfo) Description {
+	d := describeSpec(info.Spec)
+	d.Flags, d.DataSize = info.Flags, info.DataSize
 	return d
 }

@@ -28,6 +28,7 @@ func TestCompatible(t *testing.T) {
 		{"pci into mdev", nic, mdev, Needs{}, "kind"},
 		{"other mdev type", mdev, Description{Kind: "mdev", MdevType: "ferry_mig-stopcopy", Driver: "ferry_mig", Flags: FlagStopCopy}, Needs{}, "mdev_type"},
 		{"vmm device into mdev", Description{Kind: "vmm", Flags: FlagStopCopy | FlagP2P}, mdev, Needs{P2P: true}, ""},
+		{"vmm device without P2P", Description{Kind: "vmm", Flags: FlagStopCopy | FlagP2P}, Description{Kind: "vmm", Flags: FlagStopCopy}, Needs{P2P: true}, "migration_flags"},
 		{"sim", sim, sim, Needs{P2P: true}, ""},
 		{"sim of another size", sim, Description{Kind: "sim", SimSize: 2 << 30, Flags: sim.Flags}, Needs{}, "sim_size"},
 		{"sim of other flags", sim, Description{Kind: "sim", SimSize: sim.SimSize, Flags: FlagStopCopy | FlagP2P | FlagPreCopy}, Needs{}, "migration_flags"},

@@ -97,7 +97,8 @@
 //
 // SimDevice is as strict as a kernel driver, so two processes that share
 // no memory can prove a migration bit-exact. Its state is a function of
-// (seed, offset): little-endian 64-bit splitmix64 words, with a "zero"
+// (seed, offset): little-endian 64-bit words of a Weyl sequence mixed by
+// one multiply (incompressible: zstd cannot shrink it), with a "zero"
 // fraction of 4 KiB pages all zero, chosen by a hash of (seed, page). A
 // saving stream produces it at several GB/s a core; a resuming device
 // compares every byte written with its own state at the same speed,

@@ -229,3 +229,52 @@ func TestConfigStateFrozenFromSwitchoverToRelease(t *testing.T) {
 		t.Fatalf("ReceivedConfig: %q %v %v", got, ok, err)
 	}
 }
+
+// countedClose counts the closes of the devices a registry opens.
+type countedClose struct {
+	Device
+	closes *int
+}
+
+func (d countedClose) Close() error { *d.closes++; return d.Device.Close() }
+
+func TestLetGo(t *testing.T) {
+	closes, opens := 0, 0
+	r := NewRegistry(RegistryOptions{AllowSim: true, Open: func(s Spec) (Device, error) {
+		opens++
+		d, err := Open(s)
+		return countedClose{d, &closes}, err
+	}})
+	defer r.Close()
+	const spec = "sim:size=1MiB,seed=9"
+	_, release, err := r.Acquire(spec, "m1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.LetGo(spec); !errors.Is(err, ErrBusy) {
+		t.Fatalf("LetGo of a held device: %v, want ErrBusy", err)
+	}
+	release()
+	if err := r.LetGo(spec); err != nil {
+		t.Fatal(err)
+	}
+	if closes != 1 || len(r.List()) != 0 {
+		t.Fatalf("after LetGo: %d closes, listed %v", closes, r.List())
+	}
+	if err := r.LetGo(spec); err != nil {
+		t.Fatalf("LetGo of a device not open: %v", err)
+	}
+	// The next user opens it afresh.
+	_, release, err = r.Acquire(spec, "m2")
+	if err != nil || opens != 2 {
+		t.Fatalf("Acquire after LetGo: %v, %d opens", err, opens)
+	}
+	release()
+	// A lent device is its VMM's to withdraw.
+	if err := r.Lend("vm", newLent(t, "vm"), nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.LetGo("vmm:vm"); !errors.Is(err, ErrNotAllowed) {
+		t.Fatalf("LetGo of a lent device: %v, want ErrNotAllowed", err)
+	}
+}

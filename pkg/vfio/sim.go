@@ -594,8 +594,8 @@ func (p *pacer) admit(now time.Time, n uint64) time.Time {
 }
 
 // content is the state of a simulated device, a pure function of the seed
-// and the offset: the little-endian 64-bit words mix(key + (i+1)*gamma)
-// for word index i (splitmix64 with a mixed seed as key), except in the
+// and the offset: the little-endian 64-bit words word(key + (i+1)*gamma)
+// for word index i (a Weyl sequence from a mixed seed as key), except in the
 // 4 KiB pages a hash of (seed, page) picks to be all zero.
 type content struct {
 	key       uint64 // mixed seed: the words' stream
@@ -621,6 +621,15 @@ func mix(z uint64) uint64 {
 	return z ^ z>>31
 }
 
+// word is a content word: the Weyl sequence z mixed by one multiply
+// between two xor-shifts, half the work of mix and still without
+// repeats a compressor could find.
+func word(z uint64) uint64 {
+	z ^= z >> 32
+	z *= 0xd6e8feb86659fd93
+	return z ^ z>>32
+}
+
 // zeroPage reports whether the page with this index is all zero.
 func (c *content) zeroPage(page uint64) bool {
 	return c.allZero || c.zeroBelow != 0 && mix(c.pageKey+page*gamma) < c.zeroBelow
@@ -642,11 +651,11 @@ func (c *content) fill(p []byte, off uint64) {
 // fillWords writes the generated words for bytes [off, off+len(p)): a
 // partial word at each end, whole words in between.
 func (c *content) fillWords(p []byte, off uint64) {
-	z := c.key + off/8*gamma // word i is mix(z) after i+1 increments
+	z := c.key + off/8*gamma // word i is word(z) after i+1 increments
 	if r := off % 8; r != 0 {
 		z += gamma
 		var w [8]byte
-		binary.LittleEndian.PutUint64(w[:], mix(z))
+		binary.LittleEndian.PutUint64(w[:], word(z))
 		p = p[copy(p, w[r:]):]
 	}
 	// Four independent words per round keep the multipliers busy. (g is
@@ -654,20 +663,20 @@ func (c *content) fillWords(p []byte, off uint64) {
 	g := uint64(gamma)
 	for ; len(p) >= 32; p = p[32:] {
 		z1, z2, z3, z4 := z+g, z+2*g, z+3*g, z+4*g
-		binary.LittleEndian.PutUint64(p[0:], mix(z1))
-		binary.LittleEndian.PutUint64(p[8:], mix(z2))
-		binary.LittleEndian.PutUint64(p[16:], mix(z3))
-		binary.LittleEndian.PutUint64(p[24:], mix(z4))
+		binary.LittleEndian.PutUint64(p[0:], word(z1))
+		binary.LittleEndian.PutUint64(p[8:], word(z2))
+		binary.LittleEndian.PutUint64(p[16:], word(z3))
+		binary.LittleEndian.PutUint64(p[24:], word(z4))
 		z = z4
 	}
 	for ; len(p) >= 8; p = p[8:] {
 		z += gamma
-		binary.LittleEndian.PutUint64(p, mix(z))
+		binary.LittleEndian.PutUint64(p, word(z))
 	}
 	if len(p) > 0 {
 		z += gamma
 		var w [8]byte
-		binary.LittleEndian.PutUint64(w[:], mix(z))
+		binary.LittleEndian.PutUint64(w[:], word(z))
 		copy(p, w[:])
 	}
 }
@@ -700,7 +709,7 @@ func (c *content) wordsMismatch(p []byte, off uint64) int {
 	var w [8]byte
 	if r := int(off % 8); r != 0 {
 		z += gamma
-		binary.LittleEndian.PutUint64(w[:], mix(z))
+		binary.LittleEndian.PutUint64(w[:], word(z))
 		i = min(len(p), 8-r)
 		if j := firstDiff(p[:i], w[r:]); j >= 0 {
 			return j
@@ -712,10 +721,10 @@ func (c *content) wordsMismatch(p []byte, off uint64) int {
 	for ; i+32 <= len(p); i += 32 {
 		q := p[i : i+32]
 		z1, z2, z3, z4 := z+g, z+2*g, z+3*g, z+4*g
-		diff := (binary.LittleEndian.Uint64(q[0:]) ^ mix(z1)) |
-			(binary.LittleEndian.Uint64(q[8:]) ^ mix(z2)) |
-			(binary.LittleEndian.Uint64(q[16:]) ^ mix(z3)) |
-			(binary.LittleEndian.Uint64(q[24:]) ^ mix(z4))
+		diff := (binary.LittleEndian.Uint64(q[0:]) ^ word(z1)) |
+			(binary.LittleEndian.Uint64(q[8:]) ^ word(z2)) |
+			(binary.LittleEndian.Uint64(q[16:]) ^ word(z3)) |
+			(binary.LittleEndian.Uint64(q[24:]) ^ word(z4))
 		if diff != 0 {
 			break
 		}
@@ -723,14 +732,14 @@ func (c *content) wordsMismatch(p []byte, off uint64) int {
 	}
 	for ; i+8 <= len(p); i += 8 {
 		z += gamma
-		if binary.LittleEndian.Uint64(p[i:]) != mix(z) {
-			binary.LittleEndian.PutUint64(w[:], mix(z))
+		if binary.LittleEndian.Uint64(p[i:]) != word(z) {
+			binary.LittleEndian.PutUint64(w[:], word(z))
 			return i + firstDiff(p[i:i+8], w[:])
 		}
 	}
 	if i < len(p) {
 		z += gamma
-		binary.LittleEndian.PutUint64(w[:], mix(z))
+		binary.LittleEndian.PutUint64(w[:], word(z))
 		if j := firstDiff(p[i:], w[:]); j >= 0 {
 			return i + j
 		}

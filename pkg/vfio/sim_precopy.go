@@ -529,6 +529,12 @@ func (l *recLoader) verify() error {
 	if above := l.genSum - l.pages*l.epoch; above != l.events {
 		return fmt.Errorf("pages rewritten %d times, the source made %d dirty events: stream incomplete", above, l.events)
 	}
+	// The replay costs the events: a stream claiming more than a
+	// simulated device makes in hours (2^28 events is 9 hours at 32 MB/s)
+	// is refused, not replayed.
+	if l.events > maxSimEvents {
+		return fmt.Errorf("trailer: %d dirty events, more than a simulated device makes (%d)", l.events, uint64(maxSimEvents))
+	}
 	// Replay the events: the pages they rewrote, each as often as they
 	// hit it, must be the pages the stream rewrote above the epoch. The
 	// comparison is of the fingerprints, so it costs the events and
@@ -549,6 +555,9 @@ func (l *recLoader) verify() error {
 	}
 	return nil
 }
+
+// maxSimEvents bounds the dirty events a destination replays.
+const maxSimEvents = 1 << 28
 
 // pageHash is page p's fingerprint term: odd, so never 0 and invertible
 // modulo 2^64.

@@ -16,8 +16,9 @@ import (
 const dataField protowire.Number = 15
 
 // maxHeader bounds the header the fast decoder looks at: every field of a
-// ChannelRequest but data fits in far less (the digest is 32 bytes).
-const maxHeader = 256
+// ChannelRequest but data fits in far less (the digest is 32 bytes, a
+// zero-page map of the largest chunk 512).
+const maxHeader = 1024
 
 // OutChunk is a ChannelRequest to send: Header holds every field but data
 // (Header.Data must be nil) and Payload holds the chunk bytes. The codec

@@ -25,7 +25,7 @@ func TestAbortByToken(t *testing.T) {
 		return prep.GetToken()
 	}
 	open := func(id, tok string, seed int) error {
-		_, err := h.transfer.Open(ctx, &ferryv1.OpenRequest{MigrationId: id, Token: tok, Devices: []string{spec(seed)}, ChunkSize: testChunk, Channels: 1})
+		_, err := h.transfer.Open(ctx, &ferryv1.OpenRequest{MigrationId: id, Token: tok, Devices: []string{spec(seed)}, ChunkSize: testChunk, Channels: 1, Features: wire.Supported.List()})
 		return err
 	}
 	phase := func(id string) *ferryv1.Migration {

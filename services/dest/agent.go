@@ -16,6 +16,7 @@ import (
 	"google.golang.org/grpc/codes"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/internal/tracing"
 	"github.com/vfio-ferry/ferry/pkg/flow"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
 	"github.com/vfio-ferry/ferry/services/chunkwire"
@@ -54,6 +55,9 @@ type Config struct {
 	// Metrics, when set, tracks every incoming migration (nil: no
 	// metrics).
 	Metrics *telemetry.Metrics
+	// Tracing, when set, traces every incoming migration (nil: no
+	// tracing; internal/tracing).
+	Tracing *tracing.Tracing
 }
 
 // Defaults for Config's zero fields.
@@ -119,6 +123,9 @@ type Agent struct {
 	// dataPort is the direct data listener's port while ServeData runs.
 	dataPort atomic.Uint32
 
+	// zstd decodes compressed chunks for every session.
+	zstd *chunkwire.Decompressor
+
 	// acquire gives a migration a device: the registry's Acquire (tests
 	// put devices of their own behind it).
 	acquire func(spec, owner string) (vfio.Device, func(), error)
@@ -135,8 +142,13 @@ func New(cfg Config) (*Agent, error) {
 	if err := cfg.setDefaults(); err != nil {
 		return nil, err
 	}
+	dec, err := chunkwire.NewDecompressor(wire.MaxChunkSize)
+	if err != nil {
+		return nil, err
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	return &Agent{
+		zstd:      dec,
 		cfg:       cfg,
 		incoming:  make(map[string]*incoming),
 		sessions:  make(map[string]*incoming),
@@ -174,6 +186,7 @@ func (a *Agent) Close() {
 	}
 	a.cancel()
 	a.wg.Wait()
+	a.zstd.Close()
 }
 
 // BudgetInUse reports the bytes of memory budget reserved now.

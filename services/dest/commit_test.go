@@ -163,7 +163,7 @@ func TestAbortAfterVerified(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	open, err := h.transfer.Open(ctx, &ferryv1.OpenRequest{MigrationId: "by-token", Token: prep.GetToken(), Devices: []string{spec(2)}, ChunkSize: testChunk, Channels: 1})
+	open, err := h.transfer.Open(ctx, &ferryv1.OpenRequest{MigrationId: "by-token", Token: prep.GetToken(), Devices: []string{spec(2)}, ChunkSize: testChunk, Channels: 1, Features: wire.Supported.List()})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -15,6 +15,7 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/internal/tracing"
 	"github.com/vfio-ferry/ferry/pkg/flow"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
 	"github.com/vfio-ferry/ferry/services/deviceapi"
@@ -208,7 +209,7 @@ func (a *Agent) prepare(ctx context.Context, req *ferryv1.PrepareIncomingRequest
 	a.preparing[id] = p
 	a.mu.Unlock()
 
-	inc, err := a.prepareNew(req, specs, limits)
+	inc, err := a.prepareNew(ctx, req, specs, limits)
 	p.inc, p.err = inc, err
 	a.mu.Lock()
 	delete(a.preparing, id)
@@ -222,7 +223,7 @@ func (a *Agent) prepare(ctx context.Context, req *ferryv1.PrepareIncomingRequest
 
 // prepareNew reserves the budget of a new incoming migration, opens its
 // devices and registers it (replacing a rolled-back one of the same id).
-func (a *Agent) prepareNew(req *ferryv1.PrepareIncomingRequest, specs []string, limits flow.Limits) (*incoming, error) {
+func (a *Agent) prepareNew(ctx context.Context, req *ferryv1.PrepareIncomingRequest, specs []string, limits flow.Limits) (*incoming, error) {
 	cost := WindowCost(limits.MaxChunks, limits.MaxBytes)
 	need := cost * uint64(len(specs))
 	if !a.reserve(need) {
@@ -249,6 +250,8 @@ func (a *Agent) prepareNew(req *ferryv1.PrepareIncomingRequest, specs []string, 
 		delete(a.sessions, old.sessionID)
 	}
 	inc.track = a.cfg.Metrics.TrackDest(inc.deviceCounters, inc.liveState)
+	// The migration's span is a child of this PrepareIncoming.
+	_, inc.trace = tracing.StartMigration(a.cfg.Tracing.TracerProvider(), context.Background(), ctx, "dest", inc.id, inc.phase)
 	// The timer is set before the migration is visible, so Open and the
 	// migration's end see it (they read inc.expiry unlocked).
 	inc.expiry = time.AfterFunc(time.Until(inc.tokenTTL), func() { inc.expire(inc.tokenTTL.Sub(inc.createTime)) })

@@ -219,7 +219,7 @@ func TestDirectData(t *testing.T) {
 		code   codes.Code
 		reason string
 	}{
-		{"a header of 300 bytes", frame(300, 0), codes.InvalidArgument, wire.ReasonBadChunk},
+		{"a header beyond MaxDirectHeader", frame(chunkwire.MaxDirectHeader+1, 0), codes.InvalidArgument, wire.ReasonBadChunk},
 		{"more data than a chunk", frame(4, testChunk+1), codes.InvalidArgument, wire.ReasonBadChunk},
 		{"a header that does not decode", frame(2, 0, 0xff, 0xff), codes.InvalidArgument, wire.ReasonBadChunk},
 	} {

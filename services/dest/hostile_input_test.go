@@ -78,7 +78,7 @@ func openOne(t *testing.T, ctl ferryv1.DestAgentClient, tr ferryv1.TransferClien
 	if err != nil {
 		t.Fatalf("prepare %s: %v", id, err)
 	}
-	resp, err := tr.Open(t.Context(), &ferryv1.OpenRequest{MigrationId: id, Token: prep.GetToken(), Devices: []string{spec(seed)}, ChunkSize: testChunk, Channels: channels})
+	resp, err := tr.Open(t.Context(), &ferryv1.OpenRequest{MigrationId: id, Token: prep.GetToken(), Devices: []string{spec(seed)}, ChunkSize: testChunk, Channels: channels, Features: wire.Supported.List()})
 	if err != nil {
 		t.Fatalf("open %s: %v", id, err)
 	}

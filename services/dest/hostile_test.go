@@ -72,7 +72,7 @@ func (h *harness) open(id string, seed int) (session string) {
 	if err != nil {
 		h.t.Fatalf("prepare %s: %v", id, err)
 	}
-	resp, err := h.transfer.Open(h.t.Context(), &ferryv1.OpenRequest{MigrationId: id, Token: prep.GetToken(), Devices: []string{spec(seed)}, ChunkSize: testChunk, Channels: 1})
+	resp, err := h.transfer.Open(h.t.Context(), &ferryv1.OpenRequest{MigrationId: id, Token: prep.GetToken(), Devices: []string{spec(seed)}, ChunkSize: testChunk, Channels: 1, Features: wire.Supported.List()})
 	if err != nil {
 		h.t.Fatalf("open %s: %v", id, err)
 	}

@@ -16,6 +16,7 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/internal/tracing"
 	"github.com/vfio-ferry/ferry/pkg/flow"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
 	"github.com/vfio-ferry/ferry/pkg/vmm"
@@ -109,6 +110,7 @@ type devStream struct {
 	config []byte
 
 	written    atomic.Uint64
+	wireBytes  atomic.Uint64 // as received, before decoding
 	chunks     atomic.Uint64
 	duplicates atomic.Uint64
 	verified   atomic.Bool
@@ -217,17 +219,21 @@ type incoming struct {
 	fb   map[int]*chanReg
 	lost *time.Timer
 
-	mu             sync.Mutex
-	phase          ferryv1.MigrationPhase
-	err            *ferryv1.MigrationError
-	sessionID      string
-	peer           string // the source identity that opened the session (binding.go)
-	direct         bool   // chunks come on direct data connections (direct.go)
-	chunkSize      uint32
-	channels       uint32
-	sourceDevices  []string
-	digestAlg      ferryv1.DigestAlgorithm
-	mode           ferryv1.MigrationMode
+	mu            sync.Mutex
+	phase         ferryv1.MigrationPhase
+	err           *ferryv1.MigrationError
+	sessionID     string
+	peer          string // the source identity that opened the session (binding.go)
+	direct        bool   // chunks come on direct data connections (direct.go)
+	chunkSize     uint32
+	channels      uint32
+	sourceDevices []string
+	digestAlg     ferryv1.DigestAlgorithm
+	mode          ferryv1.MigrationMode
+	// features are what Open granted; sourceVersion the source agent's
+	// version ("" from 0.1.0). Set before the session is published.
+	features       wire.Features
+	sourceVersion  string
 	startTime      time.Time
 	switchoverTime time.Time
 	verdictTime    time.Time // every device verified
@@ -235,6 +241,7 @@ type incoming struct {
 	pending        int // devices not yet verified
 
 	track *telemetry.Tracker // set before the migration is registered
+	trace *tracing.Migration // set before the migration is registered
 }
 
 // setPhase moves the migration forward to p, one of the phases before
@@ -255,6 +262,7 @@ func (inc *incoming) moveIf(p ferryv1.MigrationPhase, ok func(cur ferryv1.Migrat
 	}
 	inc.mu.Unlock()
 	if changed {
+		inc.trace.Phase(p)
 		inc.log.Info("phase", "phase", p.String())
 		inc.watch.Notify()
 	}
@@ -377,8 +385,14 @@ func (inc *incoming) verifiedAll() {
 	inc.fbMu.Unlock()
 	inc.releaseBuffers()
 	close(inc.verifiedCh)
+	inc.trace.Phase(ferryv1.MigrationPhase_MIGRATION_PHASE_VERIFIED)
 	inc.log.Info("phase", "phase", ferryv1.MigrationPhase_MIGRATION_PHASE_VERIFIED.String(), "owner", "in doubt until the source commits")
 	inc.watch.Notify()
+	if !inc.features.Has(ferryv1.Feature_FEATURE_COMMIT) {
+		// A 0.1.0 source sends no Commit: its verified verdict is the
+		// commit, as 0.1.0's destination had it.
+		inc.commit()
+	}
 }
 
 // releaseBuffers drops every device's reassembly, freeing what it holds
@@ -424,6 +438,7 @@ func (inc *incoming) cleanup(failed bool) {
 	}
 	wg.Wait()
 	inc.track.End(inc.ended())
+	inc.endTrace()
 	close(inc.done)
 	inc.watch.Notify()
 }
@@ -826,11 +841,12 @@ func (inc *incoming) snapshot() (*ferryv1.Migration, bool, uint64) {
 	var total, peak uint64
 	for i, d := range inc.devs {
 		p := &ferryv1.DeviceProgress{
-			Device:   d.spec,
-			Bytes:    d.written.Load(),
-			Chunks:   d.chunks.Load(),
-			Verified: d.verified.Load(),
-			Stuck:    d.stuck.Load() || isStuck(d.dev),
+			Device:    d.spec,
+			WireBytes: d.wireBytes.Load(),
+			Bytes:     d.written.Load(),
+			Chunks:    d.chunks.Load(),
+			Verified:  d.verified.Load(),
+			Stuck:     d.stuck.Load() || isStuck(d.dev),
 		}
 		p.InitialDataLoaded = d.initialLoaded()
 		if p.Verified {
@@ -858,6 +874,7 @@ func (inc *incoming) snapshot() (*ferryv1.Migration, bool, uint64) {
 		m.DuplicateChunks += p.DuplicateChunks
 		peak += p.PeakBufferedBytes
 		total += p.Bytes
+		m.WireBytes += p.WireBytes
 		m.Devices = append(m.Devices, p)
 	}
 	m.Bytes = total

@@ -58,3 +58,11 @@ func (inc *incoming) liveState() telemetry.Live {
 	defer inc.mu.Unlock()
 	return telemetry.Live{Phase: inc.phase, Opened: inc.sessionID != ""}
 }
+
+// endTrace ends the migration's spans with its final phase and error.
+func (inc *incoming) endTrace() {
+	inc.mu.Lock()
+	phase, e := inc.phase, inc.err
+	inc.mu.Unlock()
+	inc.trace.End(phase, e.GetReason(), e.GetMessage())
+}

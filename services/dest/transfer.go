@@ -17,6 +17,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/internal/buildinfo"
 	"github.com/vfio-ferry/ferry/pkg/flow"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
 	"github.com/vfio-ferry/ferry/pkg/vmm"
@@ -41,6 +42,13 @@ func (s *transferServer) Open(ctx context.Context, req *ferryv1.OpenRequest) (*f
 	if err != nil {
 		return nil, err
 	}
+	granted := grant(req.GetFeatures())
+	if err := inc.checkOpen(req, granted); err != nil {
+		// The source stops nothing after this answer: the devices
+		// prepared here are reset now, not at the token's expiry.
+		inc.fail(err, ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED, failFound)
+		return nil, err
+	}
 	chunkSize, channels := params.chunkSize, params.channels
 	digests := make([]*chunkwire.Digest, len(inc.devs))
 	for i := range digests {
@@ -55,6 +63,7 @@ func (s *transferServer) Open(ctx context.Context, req *ferryv1.OpenRequest) (*f
 	inc.sessionID = randomID()
 	inc.peer = peerauth.PeerIdentity(ctx).String()
 	inc.chunkSize, inc.channels, inc.digestAlg, inc.mode = chunkSize, channels, req.GetDigest(), req.GetMode()
+	inc.features, inc.sourceVersion = granted, req.GetAgentVersion()
 	inc.sourceDevices = slices.Clone(req.GetSourceDevices())
 	var dataPort uint32
 	if req.GetDirectData() {
@@ -86,12 +95,14 @@ func (s *transferServer) Open(ctx context.Context, req *ferryv1.OpenRequest) (*f
 	for _, d := range inc.devs {
 		a.wg.Go(func() { inc.load(d) })
 	}
-	inc.log.Info("session opened", "channels", channels, "chunk_size", chunkSize, "mode", req.GetMode().String())
+	inc.log.Info("session opened", "channels", channels, "chunk_size", chunkSize, "mode", req.GetMode().String(),
+		"source_version", req.GetAgentVersion(), "features", granted.String())
 	if req.GetMode() == ferryv1.MigrationMode_MIGRATION_MODE_PRECOPY {
 		inc.setPhase(ferryv1.MigrationPhase_MIGRATION_PHASE_PRECOPY)
 	}
 
-	resp := &ferryv1.OpenResponse{SessionId: sessionID, DataPort: dataPort, Windows: make([]*ferryv1.WindowUpdate, len(inc.devs))}
+	resp := &ferryv1.OpenResponse{SessionId: sessionID, DataPort: dataPort, Windows: make([]*ferryv1.WindowUpdate, len(inc.devs)),
+		AgentVersion: buildinfo.Read().Version, GrantedFeatures: granted.List()}
 	for i := range resp.Windows {
 		resp.Windows[i] = new(ferryv1.WindowUpdate)
 	}
@@ -271,6 +282,13 @@ func (inc *incoming) accept(in *chunkwire.InChunk) (err error) {
 		return wire.Errorf(codes.InvalidArgument, wire.ReasonBadChunk, "chunk for device %d: the session has %d devices", m.GetDevice(), len(inc.devs))
 	}
 	d := inc.devs[m.GetDevice()]
+	d.wireBytes.Add(uint64(in.Data.Len()))
+	if m.GetKind() == ferryv1.ChunkKind_CHUNK_KIND_DATA {
+		// A zero or compressed chunk becomes the bytes the device made.
+		if err := inc.a.cfg.Pool.Decode(in, int(inc.chunkSize), inc.features, inc.a.zstd); err != nil {
+			return err
+		}
+	}
 	n := in.Data.Len()
 	c := flow.Chunk[payload]{Seq: m.GetSeq(), Offset: m.GetOffset(), Len: uint32(n)}
 	var end *endInfo
@@ -279,8 +297,12 @@ func (inc *incoming) accept(in *chunkwire.InChunk) (err error) {
 		if n == 0 || n > int(inc.chunkSize) {
 			return wire.Errorf(codes.InvalidArgument, wire.ReasonBadChunk, "device %d chunk %d: %d bytes, a %s chunk has 1 to %d", m.GetDevice(), m.GetSeq(), n, kindName(kind), inc.chunkSize)
 		}
-		if m.GetTotalBytes() != 0 || m.GetTotalChunks() != 0 || len(m.GetDigest()) != 0 || m.GetConfigBytes() != 0 {
+		if m.GetTotalBytes() != 0 || m.GetTotalChunks() != 0 || len(m.GetDigest()) != 0 || m.GetConfigBytes() != 0 ||
+			kind == ferryv1.ChunkKind_CHUNK_KIND_CONFIG && (m.GetEncoding() != 0 || m.GetLength() != 0) {
 			return wire.Errorf(codes.InvalidArgument, wire.ReasonBadChunk, "device %d chunk %d: a %s chunk carries no END fields", m.GetDevice(), m.GetSeq(), kindName(kind))
+		}
+		if kind == ferryv1.ChunkKind_CHUNK_KIND_CONFIG && !inc.features.Has(ferryv1.Feature_FEATURE_CONFIG_STATE) {
+			return wire.Errorf(codes.InvalidArgument, wire.ReasonBadChunk, "device %d chunk %d: config state was not negotiated in Open", m.GetDevice(), m.GetSeq())
 		}
 		crc := in.Data.CRC32C()
 		if crc != m.GetCrc32C() {
@@ -288,7 +310,7 @@ func (inc *incoming) accept(in *chunkwire.InChunk) (err error) {
 		}
 		c.Payload = payload{data: in.Data, crc: crc, config: kind == ferryv1.ChunkKind_CHUNK_KIND_CONFIG}
 	case ferryv1.ChunkKind_CHUNK_KIND_END:
-		if n != 0 || len(m.GetDigest()) == 0 || len(m.GetDigest()) > wire.MaxDigestLength {
+		if n != 0 || m.GetEncoding() != 0 || m.GetLength() != 0 || len(m.GetDigest()) == 0 || len(m.GetDigest()) > wire.MaxDigestLength {
 			return wire.Errorf(codes.InvalidArgument, wire.ReasonBadChunk, "device %d END: no data and a digest of 1 to %d bytes expected", m.GetDevice(), wire.MaxDigestLength)
 		}
 		if m.GetSeq() != m.GetTotalChunks() || m.GetOffset() != m.GetTotalBytes() {

@@ -10,6 +10,7 @@ import (
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
 	"github.com/vfio-ferry/ferry/services/chunkwire"
+	"github.com/vfio-ferry/ferry/services/wire"
 )
 
 // The receiver whose chunk completes the frontier writes it into the
@@ -142,7 +143,7 @@ func openSession(tb testing.TB, a *Agent, id, spec string, chunk, channels uint3
 		tb.Fatal(err)
 	}
 	ts := &transferServer{a: a}
-	resp, err := ts.Open(tb.Context(), &ferryv1.OpenRequest{MigrationId: id, Token: prep.GetToken(), Devices: []string{spec}, ChunkSize: chunk, Channels: channels})
+	resp, err := ts.Open(tb.Context(), &ferryv1.OpenRequest{MigrationId: id, Token: prep.GetToken(), Devices: []string{spec}, ChunkSize: chunk, Channels: channels, Features: wire.Supported.List()})
 	if err != nil {
 		tb.Fatal(err)
 	}

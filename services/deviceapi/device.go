@@ -8,6 +8,7 @@ import (
 	"google.golang.org/grpc/codes"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/internal/buildinfo"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
 )
 
@@ -54,6 +55,8 @@ func ToProto(d vfio.DeviceInfo) *ferryv1.Device {
 		Owner: d.Owner,
 		Stuck: d.Stuck,
 		Error: d.Error,
+		// sysfs reads only: listing touches no device.
+		Description: DescriptionToProto(vfio.DescribeInfo(d)),
 	}
 	if d.Opened {
 		out.MigrationFlags, out.MigrationFlagsText = uint64(d.Flags), d.Flags.String()
@@ -72,7 +75,7 @@ func ToProto(d vfio.DeviceInfo) *ferryv1.Device {
 // neither opened nor listed.
 func List(r *vfio.Registry) *ferryv1.ListDevicesResponse {
 	infos := r.ListAll()
-	out := &ferryv1.ListDevicesResponse{Devices: make([]*ferryv1.Device, 0, len(infos))}
+	out := &ferryv1.ListDevicesResponse{Devices: make([]*ferryv1.Device, 0, len(infos)), AgentVersion: buildinfo.Read().Version}
 	for _, d := range infos {
 		out.Devices = append(out.Devices, ToProto(d))
 	}

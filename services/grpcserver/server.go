@@ -21,6 +21,7 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/reflection"
+	"google.golang.org/grpc/stats"
 )
 
 // Config configures an agent's gRPC server.
@@ -41,6 +42,13 @@ type Config struct {
 	Access []peerauth.AccessRule
 	// NoReflection leaves gRPC reflection unregistered.
 	NoReflection bool
+	// Unary, when set, runs innermost, around each unary handler: tests
+	// put a peer of another version's wire behaviour in front of an
+	// agent with it.
+	Unary grpc.UnaryServerInterceptor
+	// StatsHandler, when set, sees every call (the tracing's server
+	// handler, internal/tracing).
+	StatsHandler stats.Handler
 }
 
 // Server is a gRPC server with Ferry's codec, interceptors, health and
@@ -84,11 +92,14 @@ func New(cfg Config) *Server {
 	unary = append(unary, selector.UnaryServerInterceptor(logging.UnaryServerInterceptor(logger, logOpts...), loggable))
 	unary = append(unary, authUnary...)
 	unary = append(unary, recovery.UnaryServerInterceptor(recover))
+	if cfg.Unary != nil {
+		unary = append(unary, cfg.Unary)
+	}
 	stream = append(stream, selector.StreamServerInterceptor(logging.StreamServerInterceptor(logger, logOpts...), loggable))
 	stream = append(stream, authStream...)
 	stream = append(stream, recovery.StreamServerInterceptor(recover))
 
-	s := grpc.NewServer(
+	opts := []grpc.ServerOption{
 		grpc.Creds(peerauth.LogRefusedHandshakes(cfg.Creds, cfg.Logger)),
 		grpc.ForceServerCodecV2(targetCodec{chunkwire.ServerCodec{Codec: chunkwire.NewCodec(cfg.Pool)}}),
 		// gRPC reads DATA frames into buffers from the Ferry pool, which
@@ -102,7 +113,11 @@ func New(cfg Config) *Server {
 		grpc.ChainStreamInterceptor(stream...),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 5 * time.Second, PermitWithoutStream: true}),
 		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 15 * time.Second, Timeout: 10 * time.Second}),
-	)
+	}
+	if cfg.StatsHandler != nil {
+		opts = append(opts, grpc.StatsHandler(cfg.StatsHandler))
+	}
+	s := grpc.NewServer(opts...)
 	srv := &Server{GRPC: s, Health: health.NewServer(), cfg: cfg}
 	healthpb.RegisterHealthServer(srv, srv.Health)
 	if !cfg.NoReflection {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
@@ -36,39 +37,95 @@ func (f TLSFiles) Configured() bool { return f.Cert != "" || f.Key != "" || f.CA
 // load reads the key pair and the CA pool, with errors that name the flag
 // at fault.
 func (f TLSFiles) load(use x509.ExtKeyUsage) (tls.Certificate, *x509.CertPool, error) {
-	switch {
-	case f.Cert == "" || f.Key == "" || f.CA == "":
-		return tls.Certificate{}, nil, errors.New("TLS needs all of --tls-cert, --tls-key and --tls-ca")
-	}
-	cert, err := tls.LoadX509KeyPair(f.Cert, f.Key)
+	b, err := f.read()
 	if err != nil {
-		return tls.Certificate{}, nil, fmt.Errorf("--tls-cert %s / --tls-key %s: %w", f.Cert, f.Key, err)
+		return tls.Certificate{}, nil, err
+	}
+	id, err := f.parse(b, use)
+	if err != nil {
+		return tls.Certificate{}, nil, err
+	}
+	return id.cert, id.pool, nil
+}
+
+// fileBytes are the contents of the three files, read once so that what
+// is parsed is what was hashed (see Reloader).
+type fileBytes struct{ cert, key, ca []byte }
+
+func (f TLSFiles) read() (fileBytes, error) {
+	if f.Cert == "" || f.Key == "" || f.CA == "" {
+		return fileBytes{}, errors.New("TLS needs all of --tls-cert, --tls-key and --tls-ca")
+	}
+	var b fileBytes
+	var err error
+	if b.cert, err = os.ReadFile(f.Cert); err != nil {
+		return fileBytes{}, fmt.Errorf("--tls-cert: %w", err)
+	}
+	if b.key, err = os.ReadFile(f.Key); err != nil {
+		return fileBytes{}, fmt.Errorf("--tls-key: %w", err)
+	}
+	if b.ca, err = os.ReadFile(f.CA); err != nil {
+		return fileBytes{}, fmt.Errorf("--tls-ca: %w", err)
+	}
+	return b, nil
+}
+
+// identity is one parsed TLS identity: the key pair, the CA pool and the
+// CA certificates in it.
+type identity struct {
+	cert tls.Certificate
+	pool *x509.CertPool
+	cas  []*x509.Certificate
+}
+
+// parse checks and parses the files' contents: the certificate must have
+// a SAN, every usage in uses and not be expired; the CA file at least one
+// certificate.
+func (f TLSFiles) parse(b fileBytes, uses ...x509.ExtKeyUsage) (*identity, error) {
+	cert, err := tls.X509KeyPair(b.cert, b.key)
+	if err != nil {
+		return nil, fmt.Errorf("--tls-cert %s / --tls-key %s: %w", f.Cert, f.Key, err)
 	}
 	leaf := cert.Leaf
 	if leaf == nil {
 		if leaf, err = x509.ParseCertificate(cert.Certificate[0]); err != nil {
-			return tls.Certificate{}, nil, fmt.Errorf("--tls-cert %s: %w", f.Cert, err)
+			return nil, fmt.Errorf("--tls-cert %s: %w", f.Cert, err)
 		}
 		cert.Leaf = leaf
 	}
 	if len(leaf.DNSNames) == 0 && len(leaf.URIs) == 0 && len(leaf.IPAddresses) == 0 {
-		return tls.Certificate{}, nil, fmt.Errorf("--tls-cert %s: the certificate has no subject alternative name (DNS, URI or IP): peers identify and verify an agent by its SANs", f.Cert)
+		return nil, fmt.Errorf("--tls-cert %s: the certificate has no subject alternative name (DNS, URI or IP): peers identify and verify an agent by its SANs", f.Cert)
 	}
-	if !hasUsage(leaf, use) {
-		return tls.Certificate{}, nil, fmt.Errorf("--tls-cert %s: the certificate's extended key usage does not include %s", f.Cert, usageName(use))
+	for _, use := range uses {
+		if !hasUsage(leaf, use) {
+			return nil, fmt.Errorf("--tls-cert %s: the certificate's extended key usage does not include %s", f.Cert, usageName(use))
+		}
 	}
 	if now := time.Now(); now.After(leaf.NotAfter) {
-		return tls.Certificate{}, nil, fmt.Errorf("--tls-cert %s: the certificate expired at %s", f.Cert, leaf.NotAfter.Format(time.RFC3339))
+		return nil, fmt.Errorf("--tls-cert %s: the certificate expired at %s", f.Cert, leaf.NotAfter.Format(time.RFC3339))
 	}
-	pem, err := os.ReadFile(f.CA)
-	if err != nil {
-		return tls.Certificate{}, nil, fmt.Errorf("--tls-ca: %w", err)
+	id := &identity{cert: cert, pool: x509.NewCertPool()}
+	rest := b.ca
+	for {
+		var block *pem.Block
+		block, rest = pem.Decode(rest)
+		if block == nil {
+			break
+		}
+		if block.Type != "CERTIFICATE" {
+			continue
+		}
+		c, err := x509.ParseCertificate(block.Bytes)
+		if err != nil {
+			return nil, fmt.Errorf("--tls-ca %s: %w", f.CA, err)
+		}
+		id.pool.AddCert(c)
+		id.cas = append(id.cas, c)
 	}
-	pool := x509.NewCertPool()
-	if !pool.AppendCertsFromPEM(pem) {
-		return tls.Certificate{}, nil, fmt.Errorf("--tls-ca %s: no PEM certificate in the file", f.CA)
+	if len(id.cas) == 0 {
+		return nil, fmt.Errorf("--tls-ca %s: no PEM certificate in the file", f.CA)
 	}
-	return cert, pool, nil
+	return id, nil
 }
 
 func hasUsage(c *x509.Certificate, use x509.ExtKeyUsage) bool {

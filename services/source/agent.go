@@ -19,6 +19,7 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/internal/tracing"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
 	"github.com/vfio-ferry/ferry/services/chunkwire"
 	"github.com/vfio-ferry/ferry/services/deviceapi"
@@ -46,9 +47,21 @@ type Config struct {
 	ProgressTimeout time.Duration
 	// Metrics, when set, tracks every migration (nil: no metrics).
 	Metrics *telemetry.Metrics
+	// Tracing, when set, traces every migration and its calls to the
+	// destination (nil: no tracing; internal/tracing).
+	Tracing *tracing.Tracing
 	// MemoryBudget bounds the chunks held unacknowledged by all outgoing
 	// migrations together (0: DefaultMemoryBudget; see budget.go).
 	MemoryBudget uint64
+	// DialOptions are added to the options of every connection to a
+	// destination: tests put a source of another version's wire
+	// behaviour in front of the destination with an interceptor.
+	DialOptions []grpc.DialOption
+	// MaxBandwidth is the node-wide bandwidth limit, bytes per second,
+	// shared by every outgoing migration of the agent together, beside
+	// each one's own max_bandwidth (0: none; else at least MinBandwidth;
+	// see bandwidth.go).
+	MaxBandwidth uint64
 }
 
 // Agent is the source agent.
@@ -64,6 +77,9 @@ type Agent struct {
 	// lingering counts goroutines left waiting on a device that stopped
 	// answering (stuck.go): Close does not wait for them.
 	lingering atomic.Int32
+
+	// nodeBandwidth is the node-wide limit all migrations' senders pass.
+	nodeBandwidth *bandwidthLimit
 
 	wg     sync.WaitGroup
 	ctx    context.Context
@@ -93,8 +109,11 @@ func New(cfg Config) (*Agent, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
+	if err := validateBandwidth("source: the node-wide bandwidth limit", cfg.MaxBandwidth); err != nil {
+		return nil, errors.New(wire.Message(err))
+	}
 	ctx, cancel := context.WithCancel(context.Background())
-	return &Agent{cfg: cfg, migrations: make(map[string]*migration), ctx: ctx, cancel: cancel}, nil
+	return &Agent{cfg: cfg, migrations: make(map[string]*migration), ctx: ctx, cancel: cancel, nodeBandwidth: newBandwidthLimit(cfg.MaxBandwidth)}, nil
 }
 
 // Register registers the SourceAgent service.
@@ -139,6 +158,9 @@ func (a *Agent) StartMigration(ctx context.Context, req *ferryv1.StartMigrationR
 	// Hold the id while the devices are acquired so a concurrent start of
 	// the same id waits for this one.
 	m := a.newMigration(req)
+	// The migration's work and its calls to the destination belong to the
+	// trace of this call (set before the migration is visible).
+	m.ctx, m.trace = tracing.StartMigration(a.cfg.Tracing.TracerProvider(), m.ctx, ctx, "source", m.id, m.phase)
 	a.migrations[m.id] = m
 	a.forgetOldLocked()
 	a.mu.Unlock()
@@ -149,6 +171,7 @@ func (a *Agent) StartMigration(ctx context.Context, req *ferryv1.StartMigrationR
 		a.mu.Unlock()
 		m.cancel(nil)
 		close(m.done)
+		m.trace.End(ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED, wire.Reason(err), wire.Message(err))
 		return nil, err
 	}
 	m.track = a.cfg.Metrics.TrackSource(m.deviceCounters, m.liveState)
@@ -170,6 +193,9 @@ func validateStart(req *ferryv1.StartMigrationRequest) error {
 	}
 	if _, _, err := net.SplitHostPort(addr); err != nil {
 		return wire.Errorf(codes.InvalidArgument, wire.ReasonInvalidArgument, "dest_address %q: want host:port (%v)", addr, err)
+	}
+	if err := validateServerName(req.GetDestTlsServerName()); err != nil {
+		return err
 	}
 	if t := req.GetToken(); t == "" || len(t) > wire.MaxTokenLength {
 		return wire.Errorf(codes.InvalidArgument, wire.ReasonInvalidArgument, "token must be 1 to %d characters", wire.MaxTokenLength)
@@ -195,6 +221,9 @@ func validateStart(req *ferryv1.StartMigrationRequest) error {
 		return err
 	}
 	if _, err := wire.ChunkSize(req.GetChunkSize()); err != nil {
+		return err
+	}
+	if err := validateBandwidth("max_bandwidth", req.GetMaxBandwidth()); err != nil {
 		return err
 	}
 	switch req.GetMode() {
@@ -248,6 +277,20 @@ const (
 	maxPrecopyTimeout = 7 * 24 * time.Hour
 )
 
+// validateServerName checks dest_tls_server_name: empty, or a DNS name or
+// an IP address.
+func validateServerName(name string) error {
+	if len(name) > 253 {
+		return wire.Errorf(codes.InvalidArgument, wire.ReasonInvalidArgument, "dest_tls_server_name is longer than 253 characters")
+	}
+	for _, c := range name {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '.' || c == '-' || c == ':') {
+			return wire.Errorf(codes.InvalidArgument, wire.ReasonInvalidArgument, "dest_tls_server_name %q: want a DNS name or an IP address", name)
+		}
+	}
+	return nil
+}
+
 // maxSwitchoverDeadline is the longest switchover deadline a request may
 // set.
 const maxSwitchoverDeadline = time.Hour
@@ -260,6 +303,8 @@ func requestDiff(x, y *ferryv1.StartMigrationRequest) string {
 		return "dest_address"
 	case x.GetToken() != y.GetToken():
 		return "token"
+	case x.GetDestTlsServerName() != y.GetDestTlsServerName():
+		return "dest_tls_server_name"
 	case len(x.GetDevices()) != len(y.GetDevices()):
 		return "number of devices"
 	}
@@ -366,6 +411,30 @@ func (a *Agent) CancelMigration(ctx context.Context, req *ferryv1.CancelMigratio
 	}
 	snap, _, _ := m.snapshot()
 	return &ferryv1.CancelMigrationResponse{Migration: snap}, nil
+}
+
+// SetBandwidth implements SourceAgent.
+func (a *Agent) SetBandwidth(ctx context.Context, req *ferryv1.SetBandwidthRequest) (*ferryv1.SetBandwidthResponse, error) {
+	if err := validateBandwidth("max_bandwidth", req.GetMaxBandwidth()); err != nil {
+		return nil, err
+	}
+	m, err := a.lookup(req.GetMigrationId())
+	if err != nil {
+		return nil, err
+	}
+	m.mu.Lock()
+	final := wire.Final(m.phase)
+	phase := m.phase
+	m.mu.Unlock()
+	if final {
+		return nil, wire.Errorf(codes.FailedPrecondition, wire.ReasonSessionState, "migration %s is %s: its bandwidth limit no longer applies", m.id, phase)
+	}
+	old := m.bandwidth.limit()
+	m.bandwidth.set(req.GetMaxBandwidth())
+	m.log.Info("bandwidth limit changed", "from_bytes_per_second", old, "to_bytes_per_second", req.GetMaxBandwidth())
+	m.watch.Notify()
+	snap, _, _ := m.snapshot()
+	return &ferryv1.SetBandwidthResponse{Migration: snap}, nil
 }
 
 // rpcTimeout bounds the unary calls to the destination that do not wait

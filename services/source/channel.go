@@ -237,7 +237,15 @@ func (s *sender) run(ctx context.Context, st channelStream) {
 			ch.release()
 			continue
 		}
+		// The chunk is this channel's from here: if the stream breaks
+		// before it is sent, it is queued again with the channel's others.
 		ch.channel.Store(c.index)
+		// The bandwidth limits, before the bytes reach the socket; a wait
+		// here is not a send, so the stall watchdog does not count it.
+		if err := c.m.throttle(ctx, ch); err != nil {
+			ch.release()
+			return
+		}
 		s.prog.sending(true)
 		err := send(ch)
 		s.prog.sending(false)

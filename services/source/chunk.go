@@ -23,11 +23,16 @@ type srcDevice struct {
 	stream  vfio.DataStream
 	gate    *flow.Gate
 
-	read    atomic.Uint64
-	chunks  atomic.Uint64
-	retrans atomic.Uint64
-	total   atomic.Uint64 // estimate, then the final size
-	errMsg  atomic.Pointer[string]
+	read      atomic.Uint64
+	wireBytes atomic.Uint64 // of the chunks made, as they travel (after zero chunks and compression)
+	chunks    atomic.Uint64
+	retrans   atomic.Uint64
+	// bwStalls counts the chunks that waited for a bandwidth limit before
+	// they were sent, bwStallNanos the time they waited (bandwidth.go).
+	bwStalls     atomic.Uint64
+	bwStallNanos atomic.Int64
+	total        atomic.Uint64 // estimate, then the final size
+	errMsg       atomic.Pointer[string]
 
 	// unacked holds the chunks sent but not yet written at the
 	// destination, in sequence order; each holds one reference to its
@@ -165,8 +170,12 @@ func (d *srcDevice) unsent(channel int32, dst []*outChunk) []*outChunk {
 	return dst
 }
 
-// length is the chunk's byte count (0 for END).
+// length is the chunk's byte count in the device's stream (0 for END):
+// what a zero or compressed chunk declares, else its payload's.
 func (c *outChunk) length() int {
+	if n := c.hdr.GetLength(); n != 0 {
+		return int(n)
+	}
 	if c.payload == nil {
 		return 0
 	}

@@ -41,8 +41,9 @@ type fakeDest struct {
 	aborted chan struct{}
 }
 
-func (f *fakeDest) Open(context.Context, *ferryv1.OpenRequest) (*ferryv1.OpenResponse, error) {
-	return &ferryv1.OpenResponse{SessionId: "session", Windows: f.windows}, nil
+func (f *fakeDest) Open(_ context.Context, req *ferryv1.OpenRequest) (*ferryv1.OpenResponse, error) {
+	// A current destination: it grants what it is asked.
+	return &ferryv1.OpenResponse{SessionId: "session", Windows: f.windows, AgentVersion: "fake", GrantedFeatures: req.GetFeatures()}, nil
 }
 
 func (f *fakeDest) Channel(st grpc.BidiStreamingServer[ferryv1.ChannelRequest, ferryv1.ChannelResponse]) error {

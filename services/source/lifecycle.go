@@ -13,6 +13,7 @@ import (
 	"google.golang.org/grpc/codes"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/internal/buildinfo"
 	"github.com/vfio-ferry/ferry/pkg/flow"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
 	"github.com/vfio-ferry/ferry/services/chunkwire"
@@ -66,6 +67,7 @@ func (m *migration) run() {
 	}
 	m.track.End(m.ended(phase))
 	m.setPhase(phase)
+	m.trace.End(phase, wire.Reason(err), wire.Message(err))
 	m.cancel(nil)
 }
 
@@ -165,6 +167,13 @@ func (m *migration) execute() error {
 	a := m.a
 	m.setPhase(ferryv1.MigrationPhase_MIGRATION_PHASE_WAITING)
 	dialOpts := append(grpcserver.DialOptions(a.cfg.PeerCreds, a.cfg.Pool), a.cfg.Metrics.DialOptions()...)
+	dialOpts = append(dialOpts, a.cfg.DialOptions...)
+	dialOpts = append(dialOpts, a.cfg.Tracing.DialOptions()...)
+	serverName := m.req.GetDestTlsServerName()
+	if serverName != "" {
+		// The name the destination's certificate is verified for.
+		dialOpts = append(dialOpts, grpc.WithAuthority(serverName))
+	}
 	ctrlConn, err := grpc.NewClient(m.req.GetDestAddress(), dialOpts...)
 	if err != nil {
 		return wire.Errorf(codes.InvalidArgument, wire.ReasonInvalidArgument, "dest_address %q: %v", m.req.GetDestAddress(), err)
@@ -179,14 +188,21 @@ func (m *migration) execute() error {
 		Channels:    m.channels,
 		Digest:      m.req.GetDigest(),
 		Mode:        m.req.GetMode(),
+		// What this source wants; it uses what the destination grants.
+		AgentVersion: buildinfo.Read().Version,
+		Features:     m.wanted().List(),
 	}
 	// Chunks may travel on direct data connections (services/wire,
 	// direct.go) when the destination's host is known here.
 	destHost, destAuthority, hostOK := dataHost(m.req.GetDestAddress())
+	if serverName != "" {
+		destAuthority = serverName
+	}
 	open.DirectData = hostOK
 	for _, d := range m.devs {
 		open.Devices = append(open.Devices, d.peer)
 		open.SourceDevices = append(open.SourceDevices, d.spec)
+		open.SourceDescriptions = append(open.SourceDescriptions, deviceapi.DescriptionToProto(vfio.Describe(d.dev)))
 	}
 	octx, ocancel := context.WithTimeout(ctx, rpcTimeout)
 	opened, err := transfer.Open(octx, open)
@@ -199,6 +215,9 @@ func (m *migration) execute() error {
 	}
 	// From here on the destination holds a session: abort it on failure.
 	m.peer.abort = &ferryv1.AbortRequest{SessionId: opened.GetSessionId()}
+	if err := m.negotiated(opened); err != nil {
+		return err
+	}
 	if err := wire.CheckOpenWindows(opened.GetWindows(), len(m.devs), m.chunkSize); err != nil {
 		return err
 	}
@@ -408,7 +427,9 @@ func (m *migration) stream(ctx context.Context, transfer ferryv1.TransferClient,
 	m.peakBuffered, m.windowBytes = verdict.GetPeakBufferedBytes(), verdict.GetWindowBytes()
 	m.mu.Unlock()
 	chCancel()
-	m.tellCommit(transfer, session)
+	if m.features.Has(ferryv1.Feature_FEATURE_COMMIT) {
+		m.tellCommit(transfer, session)
+	}
 	// The downtime ends here: the destination owns the devices and its
 	// VM may run. The channels wind down after it.
 	m.mu.Lock()
@@ -486,9 +507,15 @@ func (m *migration) allP2P() bool {
 // stream: STOP_COPY continues it.
 func (m *migration) stopDevices() error {
 	// The config state current now is the one that travels: the
-	// registry refuses updates from here until the migration ends.
+	// registry refuses updates from here until the migration ends. A
+	// destination that cannot take it is refused before any device
+	// stops.
 	for _, d := range m.devs {
 		if cfg := m.a.cfg.Registry.TakeConfig(d.spec); len(cfg) > 0 {
+			if !m.features.Has(ferryv1.Feature_FEATURE_CONFIG_STATE) {
+				return wire.Errorf(codes.FailedPrecondition, wire.ReasonFeatureNotSupported,
+					"device %s carries %d bytes of VMM config state, and the destination (%s) does not take config state", d.spec, len(cfg), m.peerVersion())
+			}
 			d.config.Store(&cfg)
 		}
 	}

@@ -17,8 +17,10 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/internal/tracing"
 	"github.com/vfio-ferry/ferry/pkg/flow"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
+	"github.com/vfio-ferry/ferry/services/chunkwire"
 	"github.com/vfio-ferry/ferry/services/deviceapi"
 	"github.com/vfio-ferry/ferry/services/telemetry"
 	"github.com/vfio-ferry/ferry/services/wire"
@@ -57,6 +59,10 @@ type migration struct {
 	// fallbacks counts streams that could not open their data connection
 	// and sent in Channel messages.
 	fallbacks atomic.Uint64
+	// bandwidth is the migration's own bandwidth limit (bandwidth.go);
+	// limitedBytes counts the bytes its senders passed through the limits.
+	bandwidth    *bandwidthLimit
+	limitedBytes atomic.Uint64
 	// connected counts the channel streams up now; lastWord is when the
 	// destination last spoke on any (Unix nanoseconds, 0 before).
 	connected atomic.Int32
@@ -95,6 +101,7 @@ type migration struct {
 	reserved uint64
 
 	track *telemetry.Tracker // set before run starts
+	trace *tracing.Migration // set before the migration is visible
 
 	// precopy is set for a pre-copy migration (precopy.go).
 	precopy *precopy
@@ -106,6 +113,14 @@ type migration struct {
 	// peer is the destination's control connection and what to abort
 	// there; only run's goroutine uses it.
 	peer destPeer
+	// features are what the destination granted in Open, destVersion
+	// its agent version ("" for 0.1.0); set once, under mu, before the
+	// channels start.
+	features    wire.Features
+	destVersion string
+	// compressor compresses chunks when the migration asked for it and
+	// the destination granted it; nil otherwise.
+	compressor *chunkwire.Compressor
 }
 
 // destPeer is the source's control connection to the destination agent.
@@ -128,6 +143,7 @@ func (a *Agent) newMigration(req *ferryv1.StartMigrationRequest) *migration {
 	}
 	return &migration{
 		switchoverDeadline: deadline,
+		bandwidth:          newBandwidthLimit(req.GetMaxBandwidth()),
 		precopy:            precopyOf(req),
 		stuck:              make(chan struct{}),
 		stuckMore:          make(chan struct{}, 1),
@@ -213,6 +229,7 @@ func (m *migration) setPhase(p ferryv1.MigrationPhase) {
 	m.phase = p
 	m.mu.Unlock()
 	if changed {
+		m.trace.Phase(p)
 		m.log.Info("phase", "phase", p.String())
 		m.watch.Notify()
 	}
@@ -222,18 +239,21 @@ func (m *migration) setPhase(p ferryv1.MigrationPhase) {
 func (m *migration) snapshot() (*ferryv1.Migration, bool, uint64) {
 	m.mu.Lock()
 	s := &ferryv1.Migration{
-		Id:                 m.id,
-		Phase:              m.phase,
-		Error:              proto.CloneOf(m.err),
-		Channels:           m.channels,
-		ChunkSize:          m.chunkSize,
-		CreateTime:         timestamppb.New(m.createTime),
-		PeakBufferedBytes:  m.peakBuffered,
-		WindowBytes:        m.windowBytes,
-		DirectData:         m.dataAddr != "" && m.fallbacks.Load() == 0,
-		Owner:              ferryv1.DeviceOwner_DEVICE_OWNER_SOURCE,
-		ConnectedChannels:  uint32(max(m.connected.Load(), 0)),
-		SwitchoverDeadline: durationpb.New(m.switchoverDeadline),
+		Id:                    m.id,
+		Phase:                 m.phase,
+		Error:                 proto.CloneOf(m.err),
+		Channels:              m.channels,
+		ChunkSize:             m.chunkSize,
+		CreateTime:            timestamppb.New(m.createTime),
+		PeakBufferedBytes:     m.peakBuffered,
+		WindowBytes:           m.windowBytes,
+		DirectData:            m.dataAddr != "" && m.fallbacks.Load() == 0,
+		Owner:                 ferryv1.DeviceOwner_DEVICE_OWNER_SOURCE,
+		ConnectedChannels:     uint32(max(m.connected.Load(), 0)),
+		SwitchoverDeadline:    durationpb.New(m.switchoverDeadline),
+		MaxBandwidth:          m.bandwidth.limit(),
+		NodeMaxBandwidth:      m.a.nodeBandwidth.limit(),
+		BandwidthLimitedBytes: m.limitedBytes.Load(),
 	}
 	if m.committed {
 		s.Owner = ferryv1.DeviceOwner_DEVICE_OWNER_DESTINATION
@@ -255,9 +275,11 @@ func (m *migration) snapshot() (*ferryv1.Migration, bool, uint64) {
 		s.EndTime = timestamppb.New(end)
 	}
 	var total uint64
+	var bwStallTime time.Duration
 	for _, d := range devs {
 		p := &ferryv1.DeviceProgress{
 			Device:              d.spec,
+			WireBytes:           d.wireBytes.Load(),
 			PeerDevice:          d.peer,
 			Bytes:               d.read.Load(),
 			Chunks:              d.chunks.Load(),
@@ -275,15 +297,21 @@ func (m *migration) snapshot() (*ferryv1.Migration, bool, uint64) {
 		if e := d.errMsg.Load(); e != nil {
 			p.Error = *e
 		}
+		p.BandwidthStalls = d.bwStalls.Load()
+		p.BandwidthStallTime = durationpb.New(time.Duration(d.bwStallNanos.Load()))
+		s.BandwidthStalls += p.BandwidthStalls
+		bwStallTime += p.BandwidthStallTime.AsDuration()
 		p.Stuck = d.isStuck()
 		if c := d.config.Load(); c != nil {
 			p.ConfigStateBytes = uint64(len(*c))
 		}
 		total += p.Bytes
+		s.WireBytes += p.WireBytes
 		s.RetransmittedChunks += p.RetransmittedChunks
 		s.Devices = append(s.Devices, p)
 	}
 	s.Bytes = total
+	s.BandwidthStallTime = durationpb.New(bwStallTime)
 	if !start.IsZero() && !end.IsZero() && end.After(start) && s.Phase == ferryv1.MigrationPhase_MIGRATION_PHASE_SUCCEEDED {
 		s.ThroughputBytesPerSecond = float64(total) / end.Sub(start).Seconds()
 	}

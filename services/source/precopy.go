@@ -320,6 +320,7 @@ func (m *migration) supervise(ctx context.Context, transfer ferryv1.TransferClie
 	defer deadline.Stop()
 	var meter rateMeter
 	var fixed fixedCosts
+	var rtts rttTracker
 	last := m.sampleCounters()
 	timedOut := false
 	// Each wakes the loop once: what they say is read from p after.
@@ -349,16 +350,20 @@ func (m *migration) supervise(ctx context.Context, transfer ferryv1.TransferClie
 		ack, rtt, err := m.switchoverAck(ctx, transfer, session)
 		switch {
 		case err == nil:
-			fixed.rtt, fixed.destStateChange = rtt, ack.GetStateChangeTime().AsDuration()
+			rtts.add(rtt)
+			fixed.rtt, fixed.destStateChange = rtts.slowest(), ack.GetStateChangeTime().AsDuration()
 		case !retryable(err):
 			return false, false, peerError("switchover ack", err)
 		}
 		m.readSizes()
-		pred := predict(m.sizeReports(), meter.throughput(), fixed)
+		// The throughput, no higher than the bandwidth limit in force:
+		// one just lowered is not in the measurement yet.
+		throughput := capThroughput(meter.throughput(), m.bandwidthCap())
+		pred := predict(m.sizeReports(), throughput, fixed)
 		ready := ack.GetReady()
 		dirty, dirtyOK := meter.dirtyRate()
 		p.mu.Lock()
-		p.pred, p.hasPred, p.throughput, p.dirtyRate, p.dirtyOK = pred, true, meter.throughput(), dirty, dirtyOK
+		p.pred, p.hasPred, p.throughput, p.dirtyRate, p.dirtyOK = pred, true, throughput, dirty, dirtyOK
 		if err == nil {
 			p.ready = ready
 		}
@@ -376,7 +381,7 @@ func (m *migration) supervise(ctx context.Context, transfer ferryv1.TransferClie
 			m.log.Info("switchover", "trigger", trigger, "predicted_downtime", pred.downtime, "prediction", pred.ok, "remaining_bytes", pred.remaining, "note", pred.note)
 			return trigger == triggerForced || trigger == triggerTimeout, false, nil
 		case stepFail:
-			return false, false, m.notConverged(pred, meter.throughput(), dirty, dirtyOK)
+			return false, false, m.notConverged(pred, throughput, dirty, dirtyOK)
 		}
 	}
 }

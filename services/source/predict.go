@@ -29,8 +29,8 @@ import (
 // out. The fixed costs are measured too: the state changes of the stop
 // (each source device's, as its PRE_COPY entry took), the round trips
 // inside the downtime (the last chunks' acknowledgement, Finish and
-// Commit), and the destination's RESUMING->STOP (as its RESUMING entry
-// took).
+// Commit; each the slowest recent round trip, see rttTracker), and the
+// destination's RESUMING->STOP (as its RESUMING entry took).
 
 // maxSaneSize is the largest size report taken at its word: 1 PiB.
 const maxSaneSize = 1 << 50
@@ -133,6 +133,34 @@ func satAdd(a, b uint64) uint64 {
 		return math.MaxUint64
 	}
 	return a + b
+}
+
+// rttSamples is how many recent round trips the prediction looks at.
+const rttSamples = 8
+
+// rttTracker keeps the recent round trips of the control connection.
+// The switchover's control steps (the last chunks' delivery, Finish,
+// Commit) each happen once, and each may land on a slow moment of a
+// busy host: the prediction takes the slowest of the recent round
+// trips, not the last one, which on a 2-core host spreads by a factor of
+// two from one sample to the next.
+type rttTracker struct {
+	recent [rttSamples]time.Duration
+	n      int // samples taken, ever
+}
+
+func (r *rttTracker) add(d time.Duration) {
+	r.recent[r.n%rttSamples] = d
+	r.n++
+}
+
+// slowest is the slowest of the recent round trips; 0 before any.
+func (r *rttTracker) slowest() time.Duration {
+	var m time.Duration
+	for _, d := range r.recent[:min(r.n, rttSamples)] {
+		m = max(m, d)
+	}
+	return m
 }
 
 // rateWindow is how much busy time the throughput is measured over.

@@ -213,3 +213,23 @@ func TestDecide(t *testing.T) {
 		})
 	}
 }
+
+func TestRTTTrackerTakesTheSlowestRecent(t *testing.T) {
+	var r rttTracker
+	if r.slowest() != 0 {
+		t.Fatal("a round trip before any sample")
+	}
+	ms := time.Millisecond
+	r.add(2 * ms)
+	r.add(1 * ms)
+	if got := r.slowest(); got != 2*ms {
+		t.Fatalf("slowest %v, want 2ms", got)
+	}
+	// The slow sample ages out after rttSamples newer ones.
+	for range rttSamples {
+		r.add(ms / 2)
+	}
+	if got := r.slowest(); got != ms/2 {
+		t.Fatalf("slowest %v after the slow one aged out, want 0.5ms", got)
+	}
+}

@@ -108,8 +108,8 @@ func (m *migration) readNext(d *srcDevice, seq, off uint64) (*outChunk, error) {
 			*bp = (*bp)[:n]
 			d.digest.Add(off, *bp, crc)
 			c := d.chunk()
-			c.payload = mem.NewBuffer(bp, pool)
 			c.hdr = ferryv1.ChannelRequest{Device: uint32(d.index), Seq: seq, Offset: off, Kind: ferryv1.ChunkKind_CHUNK_KIND_DATA, Crc32C: crc}
+			m.encode(d, c, bp)
 			d.keep(c)
 			d.gate.Sent(uint64(n))
 			d.read.Add(uint64(n))
@@ -140,6 +140,52 @@ func (m *migration) readNext(d *srcDevice, seq, off uint64) (*outChunk, error) {
 	return end, nil
 }
 
+// encode gives c its payload, the n bytes read into bp (which it
+// takes): where the destination takes zero chunks, as nothing when they
+// are all zero and without their zero pages when some are; else
+// compressed when the migration compresses and the frame is shorter;
+// else as they are. The header's CRC32C stays the bytes'.
+func (m *migration) encode(d *srcDevice, c *outChunk, bp *[]byte) {
+	pool := m.a.cfg.Pool
+	n := len(*bp)
+	if m.features.Has(ferryv1.Feature_FEATURE_ZERO_CHUNKS) {
+		switch pageMap, zeros := chunkwire.ZeroPages(*bp); {
+		case zeros > 0 && zeros*chunkwire.PageSize >= n:
+			pool.Put(bp)
+			c.hdr.Encoding, c.hdr.Length = ferryv1.ChunkEncoding_CHUNK_ENCODING_ZERO, uint32(n)
+			return
+		case zeros > 0:
+			// The zero pages stay home: the rest travels packed.
+			pb := pool.Get(n)
+			*pb = chunkwire.PackPages(*pb, *bp, pageMap)
+			pool.Put(bp)
+			bp = pb
+			c.hdr.Encoding, c.hdr.Length, c.hdr.ZeroPages = ferryv1.ChunkEncoding_CHUNK_ENCODING_ZERO_PAGES, uint32(n), pageMap
+			c.payload = mem.NewBuffer(bp, pool)
+			d.wireBytes.Add(uint64(len(*bp)))
+			return
+		}
+	}
+	switch {
+	case m.compressor != nil:
+		cb := pool.Get(n)
+		out := m.compressor.Compress((*cb)[:0], *bp)
+		// Sent compressed only when shorter, and still in the pool's
+		// buffer (a frame that outgrew it was reallocated).
+		if len(out) > 0 && len(out) < n && &out[0] == &(*cb)[:1][0] {
+			*cb = out
+			pool.Put(bp)
+			c.payload = mem.NewBuffer(cb, pool)
+			c.hdr.Encoding, c.hdr.Length = ferryv1.ChunkEncoding_CHUNK_ENCODING_ZSTD, uint32(n)
+			d.wireBytes.Add(uint64(len(out)))
+			return
+		}
+		pool.Put(cb)
+	}
+	c.payload = mem.NewBuffer(bp, pool)
+	d.wireBytes.Add(uint64(n))
+}
+
 // configChunk makes the next CONFIG chunk, of n bytes of the device's
 // config state, at seq and offset: after the data, in the same stream,
 // under the digest like data. The data stream has ended, so STOP_COPY
@@ -154,6 +200,7 @@ func (m *migration) configChunk(d *srcDevice, seq, off uint64, n int) *outChunk 
 	c := d.chunk()
 	c.payload = mem.NewBuffer(bp, pool)
 	c.hdr = ferryv1.ChannelRequest{Device: uint32(d.index), Seq: seq, Offset: off, Kind: ferryv1.ChunkKind_CHUNK_KIND_CONFIG, Crc32C: crc}
+	d.wireBytes.Add(uint64(n))
 	d.keep(c)
 	d.gate.Sent(uint64(n))
 	d.configSent += n

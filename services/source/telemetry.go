@@ -24,10 +24,14 @@ func (m *migration) deviceCounters() []telemetry.SourceDevice {
 		out[i] = telemetry.SourceDevice{
 			Device:        d.spec,
 			Bytes:         d.read.Load(),
+			WireBytes:     d.wireBytes.Load(),
 			Chunks:        d.chunks.Load(),
 			Retransmitted: d.retrans.Load(),
 			PrecopyBytes:  d.precopyRead(),
 			TotalBytes:    d.total.Load(),
+
+			BandwidthStalls:    d.bwStalls.Load(),
+			BandwidthStallTime: time.Duration(d.bwStallNanos.Load()),
 		}
 		if gates[i] != nil {
 			out[i].Stalls, out[i].StallTime = gates[i]()

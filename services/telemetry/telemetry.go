@@ -62,10 +62,18 @@ type SourceDevice struct {
 	Bytes, Chunks uint64
 	// Retransmitted counts chunks sent again after a channel broke.
 	Retransmitted uint64
+	// WireBytes are the bytes of those chunks as they travel: fewer than
+	// Bytes where zero pages stayed home or compression shrank them.
+	WireBytes uint64
 	// Stalls counts the times the device's reader waited for window
 	// credit; StallTime is the time it spent waiting.
 	Stalls    uint64
 	StallTime time.Duration
+	// BandwidthStalls counts the device's chunks that waited for a
+	// bandwidth limit (the migration's or the node's) before they were
+	// sent; BandwidthStallTime is the time they waited.
+	BandwidthStalls    uint64
+	BandwidthStallTime time.Duration
 	// PrecopyBytes is the part of Bytes read before the switchover, while
 	// the VM ran (pre-copy).
 	PrecopyBytes uint64
@@ -178,14 +186,19 @@ type liveReader struct {
 type descs struct {
 	sentBytes, sentChunks, stalls, stallSeconds, retrans, loadedBytes, loadedChunks, duplicates, buffered, window, active *prometheus.Desc
 	precopyBytes, predicted, dirtyRate, byPhase, totalBytes, remainingBytes                                               *prometheus.Desc
+	bwStalls, bwStallSeconds                                                                                              *prometheus.Desc
+	wireBytes                                                                                                             *prometheus.Desc
 }
 
 func newDescs() descs {
 	return descs{
 		sentBytes:      prometheus.NewDesc("ferry_source_sent_bytes_total", "Bytes of device state read from the device and sent, per source device.", []string{"device"}, nil),
+		wireBytes:      prometheus.NewDesc("ferry_source_wire_bytes_total", "Bytes of the chunks sent as they travelled (after zero pages and compression), per source device: against ferry_source_sent_bytes_total, what the link was spared.", []string{"device"}, nil),
 		sentChunks:     prometheus.NewDesc("ferry_source_sent_chunks_total", "Chunks of device state sent, per source device.", []string{"device"}, nil),
 		stalls:         prometheus.NewDesc("ferry_source_window_stalls_total", "Times a source device's reader waited for the destination's window.", []string{"device"}, nil),
 		stallSeconds:   prometheus.NewDesc("ferry_source_window_stall_seconds_total", "Seconds a source device's reader spent waiting for the destination's window.", []string{"device"}, nil),
+		bwStalls:       prometheus.NewDesc("ferry_source_bandwidth_stalls_total", "Times a source device's chunk waited for a bandwidth limit (the migration's max_bandwidth or the node's --max-bandwidth) before it was sent; apart from the window stalls.", []string{"device"}, nil),
+		bwStallSeconds: prometheus.NewDesc("ferry_source_bandwidth_stall_seconds_total", "Seconds a source device's chunks spent waiting for a bandwidth limit before they were sent.", []string{"device"}, nil),
 		retrans:        prometheus.NewDesc("ferry_source_retransmitted_chunks_total", "Chunks sent again after a channel broke, per source device.", []string{"device"}, nil),
 		loadedBytes:    prometheus.NewDesc("ferry_dest_loaded_bytes_total", "Bytes of device state written into the device, per destination device.", []string{"device"}, nil),
 		loadedChunks:   prometheus.NewDesc("ferry_dest_loaded_chunks_total", "Chunks of device state written into the device, per destination device.", []string{"device"}, nil),
@@ -392,6 +405,57 @@ func (m *Metrics) WatchBudget(reg prometheus.Registerer, inUse func() uint64, to
 	)
 }
 
+// WatchSendBudget exports the source's memory budget for the chunks its
+// outgoing migrations hold unacknowledged: inUse is read at every scrape
+// (it must not call back into the metrics).
+func (m *Metrics) WatchSendBudget(reg prometheus.Registerer, inUse func() uint64, total uint64) {
+	if m == nil {
+		return
+	}
+	reg.MustRegister(
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "ferry_source_memory_budget_in_use_bytes",
+			Help: "Bytes of the source's send budget reserved by outgoing migrations (their devices' caps on unacknowledged chunks).",
+		}, func() float64 { return float64(inUse()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "ferry_source_memory_budget_bytes",
+			Help: "The source's memory budget for all outgoing migrations' unacknowledged chunks (--send-memory-budget).",
+		}, func() float64 { return float64(total) }),
+	)
+}
+
+// NodeBandwidth is what the metrics read of a source agent's node-wide
+// bandwidth limit at every scrape (the functions must not call back into
+// the metrics).
+type NodeBandwidth struct {
+	// Limit is the limit in force, bytes per second, 0 for none.
+	Limit func() uint64
+	// Bytes counts the bytes all outgoing migrations passed through it;
+	// Stalls the times one of their chunks waited on it.
+	Bytes, Stalls func() uint64
+}
+
+// WatchNodeBandwidth exports the source's node-wide bandwidth limit.
+func (m *Metrics) WatchNodeBandwidth(reg prometheus.Registerer, n NodeBandwidth) {
+	if m == nil {
+		return
+	}
+	reg.MustRegister(
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "ferry_source_node_max_bandwidth_bytes_per_second",
+			Help: "The source's node-wide bandwidth limit over all outgoing migrations (--max-bandwidth), 0 for none.",
+		}, func() float64 { return float64(n.Limit()) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "ferry_source_node_bandwidth_bytes_total",
+			Help: "Bytes all outgoing migrations passed through the source's node-wide bandwidth limit before they reached a socket.",
+		}, func() float64 { return float64(n.Bytes()) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "ferry_source_node_bandwidth_stalls_total",
+			Help: "Times a chunk of an outgoing migration waited for the source's node-wide bandwidth limit.",
+		}, func() float64 { return float64(n.Stalls()) }),
+	)
+}
+
 // ConvergenceFailure counts a pre-copy migration that failed at its
 // timeout.
 func (m *Metrics) ConvergenceFailure() {
@@ -503,8 +567,11 @@ func addSource(sum *SourceDevice, d SourceDevice) {
 	sum.Bytes += d.Bytes
 	sum.Chunks += d.Chunks
 	sum.Retransmitted += d.Retransmitted
+	sum.WireBytes += d.WireBytes
 	sum.Stalls += d.Stalls
 	sum.StallTime += d.StallTime
+	sum.BandwidthStalls += d.BandwidthStalls
+	sum.BandwidthStallTime += d.BandwidthStallTime
 	sum.PrecopyBytes += d.PrecopyBytes
 }
 
@@ -521,7 +588,7 @@ type collector Metrics
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{c.d.sentBytes, c.d.sentChunks, c.d.stalls, c.d.stallSeconds, c.d.retrans,
 		c.d.loadedBytes, c.d.loadedChunks, c.d.duplicates, c.d.buffered, c.d.window, c.d.active,
-		c.d.precopyBytes, c.d.predicted, c.d.dirtyRate, c.d.byPhase, c.d.totalBytes, c.d.remainingBytes} {
+		c.d.precopyBytes, c.d.predicted, c.d.dirtyRate, c.d.byPhase, c.d.totalBytes, c.d.remainingBytes, c.d.wireBytes, c.d.bwStalls, c.d.bwStallSeconds} {
 		ch <- d
 	}
 }
@@ -592,9 +659,12 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	}
 	for dev, s := range src {
 		counter(c.d.sentBytes, float64(s.Bytes), dev)
+		counter(c.d.wireBytes, float64(s.WireBytes), dev)
 		counter(c.d.sentChunks, float64(s.Chunks), dev)
 		counter(c.d.stalls, float64(s.Stalls), dev)
 		counter(c.d.stallSeconds, s.StallTime.Seconds(), dev)
+		counter(c.d.bwStalls, float64(s.BandwidthStalls), dev)
+		counter(c.d.bwStallSeconds, s.BandwidthStallTime.Seconds(), dev)
 		counter(c.d.retrans, float64(s.Retransmitted), dev)
 		counter(c.d.precopyBytes, float64(s.PrecopyBytes), dev)
 	}

@@ -72,13 +72,18 @@ func TestSourceCountersAcrossMigrations(t *testing.T) {
 	m := New(reg, bothRoles)
 	dev := map[string]string{"device": "pci:0000:3b:00.2"}
 
-	live := SourceDevice{Device: "pci:0000:3b:00.2", Bytes: 10, Chunks: 1, Stalls: 2, StallTime: 500 * time.Millisecond}
+	live := SourceDevice{Device: "pci:0000:3b:00.2", Bytes: 10, Chunks: 1, Stalls: 2, StallTime: 500 * time.Millisecond,
+		BandwidthStalls: 7, BandwidthStallTime: 250 * time.Millisecond}
 	tr := m.TrackSource(func() []SourceDevice { return []SourceDevice{live} }, nil)
 	expect(t, reg, "ferry_source_sent_bytes_total", dev, 10)
 	expect(t, reg, "ferry_migrations_active", map[string]string{"role": RoleSource}, 1)
 	live.Bytes, live.Chunks = 30, 3
 	expect(t, reg, "ferry_source_sent_bytes_total", dev, 30)
 	expect(t, reg, "ferry_source_window_stall_seconds_total", dev, 0.5)
+	// Bandwidth-limit stalls are their own series, not window stalls.
+	expect(t, reg, "ferry_source_window_stalls_total", dev, 2)
+	expect(t, reg, "ferry_source_bandwidth_stalls_total", dev, 7)
+	expect(t, reg, "ferry_source_bandwidth_stall_seconds_total", dev, 0.25)
 
 	tr.End(Ended{Outcome: Succeeded, Duration: 2 * time.Second, Downtime: time.Second, SwitchedOver: true})
 	tr.End(Ended{Outcome: Failed}) // only the first End counts
@@ -269,4 +274,22 @@ func TestDeviceLabel(t *testing.T) {
 	m.TrackSource(func() []SourceDevice { return []SourceDevice{{Device: "sim:size=1GiB,seed=7,rate=2GB/s", Bytes: 5}} }, nil).End(Ended{Outcome: Succeeded})
 	m.TrackSource(func() []SourceDevice { return []SourceDevice{{Device: "sim:size=1GiB,seed=7,rate=1GB/s", Bytes: 6}} }, nil)
 	expect(t, reg, "ferry_source_sent_bytes_total", map[string]string{"device": "sim:size=1GiB,seed=7"}, 11)
+}
+
+func TestNodeBandwidth(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	m := New(reg, bothRoles)
+	limit, bytes, stalls := uint64(125_000_000), uint64(0), uint64(0)
+	m.WatchNodeBandwidth(reg, NodeBandwidth{
+		Limit:  func() uint64 { return limit },
+		Bytes:  func() uint64 { return bytes },
+		Stalls: func() uint64 { return stalls },
+	})
+	expect(t, reg, "ferry_source_node_max_bandwidth_bytes_per_second", nil, 125e6)
+	bytes, stalls, limit = 3<<20, 4, 0
+	expect(t, reg, "ferry_source_node_bandwidth_bytes_total", nil, 3<<20)
+	expect(t, reg, "ferry_source_node_bandwidth_stalls_total", nil, 4)
+	expect(t, reg, "ferry_source_node_max_bandwidth_bytes_per_second", nil, 0)
+	var none *Metrics
+	none.WatchNodeBandwidth(reg, NodeBandwidth{}) // no metrics: nothing registered
 }

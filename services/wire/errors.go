@@ -60,6 +60,11 @@ const (
 	// The VMM that lent a device (vmm: specs) took it back, or its VMM
 	// socket connection closed, while a migration held it.
 	ReasonWithdrawn = "DEVICE_WITHDRAWN"
+	// Version skew: the peer lacks a protocol feature the migration
+	// needs (the message names it), or a device pair cannot carry state
+	// from one to the other (the message names the field that differs).
+	ReasonFeatureNotSupported = "FEATURE_NOT_SUPPORTED"
+	ReasonIncompatibleDevice  = "INCOMPATIBLE_DEVICE"
 	// Security: who may call (see authz.go) and who may use a session.
 	ReasonUnauthenticated  = "UNAUTHENTICATED"
 	ReasonClientNotAllowed = "CLIENT_NOT_ALLOWED"

@@ -101,6 +101,8 @@ type migration struct {
 	chunkSize uint32
 	maxChunks uint32
 	maxBytes  uint64
+	// maxBandwidth is the migration's bandwidth limit (0: none).
+	maxBandwidth uint64
 }
 
 // run prepares, starts and watches a migration to its end, returning the
@@ -112,7 +114,7 @@ func (a *agents) run(t testing.TB, m migration) (src, dst *ferryv1.Migration) {
 	if err != nil {
 		t.Fatalf("PrepareIncoming: %v", err)
 	}
-	req := &ferryv1.StartMigrationRequest{MigrationId: m.id, DestAddress: a.destAddr, Token: prep.GetToken(), Channels: m.channels, ChunkSize: m.chunkSize}
+	req := &ferryv1.StartMigrationRequest{MigrationId: m.id, DestAddress: a.destAddr, Token: prep.GetToken(), Channels: m.channels, ChunkSize: m.chunkSize, MaxBandwidth: m.maxBandwidth}
 	for i := range m.src {
 		req.Devices = append(req.Devices, &ferryv1.DevicePair{SourceDevice: m.src[i], DestDevice: m.dst[i]})
 	}

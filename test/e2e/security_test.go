@@ -99,7 +99,14 @@ func startSecureAgents(t *testing.T, s secureSetup) *securePair {
 // dial connects to addr with a client certificate naming sans.
 func (p *securePair) dial(t *testing.T, addr string, sans ...string) *grpc.ClientConn {
 	t.Helper()
-	c, err := peerauth.ClientTLS(p.ca.Issue(t, sans...), "")
+	return p.dialNamed(t, addr, "", sans...)
+}
+
+// dialNamed is dial verifying the server for serverName instead of the
+// host in addr.
+func (p *securePair) dialNamed(t *testing.T, addr, serverName string, sans ...string) *grpc.ClientConn {
+	t.Helper()
+	c, err := peerauth.ClientTLS(p.ca.Issue(t, sans...), serverName)
 	if err != nil {
 		t.Fatal(err)
 	}

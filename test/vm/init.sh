@@ -21,7 +21,7 @@
 export PATH=/bin:/sbin
 export HOME=/root
 
-ALL_CASES=migrate,precopy,corrupt,walk,sizes,vmm,close
+ALL_CASES=migrate,precopy,corrupt,walk,sizes,preflight,vmm,close
 
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -395,6 +395,37 @@ case_sizes() {
 	fig devices "$(grep -c '^PRECOPY ' /tmp/sizes.log)"
 	[ $rc -eq 0 ] && [ "$(grep -c '^PRECOPY ' /tmp/sizes.log)" -eq 2 ] && return 0
 	tail -60 /tmp/sizes.log
+	return 1
+}
+
+case_preflight() {
+	# Instances of two mdev types: ferry preflight names the type, and a
+	# migration between them is refused before the source instance
+	# leaves RUNNING (its driver saw no SET request at all).
+	log "preflight mdev:$SRC2 (ferry_mig-p2p) -> mdev:$DST2 (p2p) and -> mdev:$WALK_SC (ferry_mig-stopcopy)"
+	start_agents || return 1
+	why=""
+	timeout 60 ferry preflight --source 127.0.0.1:7002 --dest 127.0.0.1:7001 --insecure \
+		--src-device "mdev:$SRC2" --dest-device "mdev:$DST2" >/tmp/pf1.txt 2>&1 || why="$why; same types refused: $(cat /tmp/pf1.txt)"
+	cat /tmp/pf1.txt
+	if timeout 60 ferry preflight --source 127.0.0.1:7002 --dest 127.0.0.1:7001 --insecure \
+		--src-device "mdev:$SRC2" --dest-device "mdev:$WALK_SC" >/tmp/pf2.txt 2>&1; then
+		why="$why; another mdev type passed"
+	fi
+	cat /tmp/pf2.txt
+	grep -q 'field mdev_type' /tmp/pf2.txt || why="$why; the refusal does not name mdev_type"
+	fig refused_field "$(sed -n 's/.*(field \([a-z_]*\)).*/\1/p' /tmp/pf2.txt | head -1)"
+	before=$(attr $SRC2 trace)
+	migrate $SRC2 $WALK_SC /tmp/m8.json
+	rc=$?
+	after=$(attr $SRC2 trace)
+	grep -q INCOMPATIBLE_DEVICE /tmp/m8.json /tmp/m8.json.err || why="$why; the migration was not refused with INCOMPATIBLE_DEVICE"
+	[ $rc -ne 0 ] || why="$why; the migration between types succeeded"
+	[ "$before" = "$after" ] && [ "$(attr $SRC2 state)" = RUNNING ] || why="$why; the source instance was moved: trace $after, state $(attr $SRC2 state)"
+	fig source_state "$(attr $SRC2 state)"
+	[ -z "$why" ] && return 0
+	log "FAIL${why}"
+	agent_logs /tmp/m8.json.err
 	return 1
 }
 

@@ -40,6 +40,9 @@
 #   sizes    pkg/vfio's TestKernelPrecopy: MIG_DATA_SIZE and
 #            VFIO_MIG_GET_PRECOPY_INFO read and checked byte for byte on the
 #            PRE_COPY instances (6.2+ only)
+#   preflight ferry preflight between instances of two mdev types names
+#            mdev_type, and ferry migrate between them is refused before the
+#            source instance leaves RUNNING
 #   vmm      the VMM path: test VMMs (ferry vmm attach) open instances
 #            through their groups and lend their fds and a config blob to
 #            the agents' --vmm-socket; a verified migration leaves the
@@ -63,7 +66,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 VMDIR=$ROOT/test/vm
 CACHE=$ROOT/.cache/vm
 BUILD=$VMDIR/build
-ALL_CASES=migrate,precopy,corrupt,walk,sizes,vmm,close
+ALL_CASES=migrate,precopy,corrupt,walk,sizes,preflight,vmm,close
 CASES=${FERRY_VM_CASES:-$ALL_CASES}
 TIMEOUT=${FERRY_VM_TIMEOUT:-600}
 KERNELS=${FERRY_VM_KERNELS:-6.1,6.12}
@@ -350,6 +353,7 @@ report_case() {
 	corrupt) say "  corrupt: $v in $t s: refused ($(r corrupt_refused | tr '-' ' ')), source instance $(r corrupt_source_state)" ;;
 	walk) say "  walk: $v in $t s: $(r walk_pairs) (from, to) requests, $(r walk_arcs) arcs checked against vfio.Path on $(r walk_devices) instances (one per flag set)" ;;
 	sizes) say "  sizes: $v in $t s: $(r sizes_devices) PRE_COPY instances; MIG_DATA_SIZE $(r sizes_full) in RUNNING, PRECOPY_INFO initial $(r sizes_initial), dirty $(r sizes_dirty) after 2 rewrites, stop-copy rest $(r sizes_stopcopy), all exact" ;;
+	preflight) say "  preflight: $v in $t s: another mdev type refused (field $(r preflight_refused_field)), and the migration between them refused before the source instance left $(r preflight_source_state)" ;;
 	vmm) say "  vmm: $v in $t s: lent devices migrated, $(r vmm_bytes) bytes in $(rs vmm_seconds) s, $(r vmm_config_bytes) bytes of config state delivered, destination VMM's fd $(r vmm_dest_own_fd); source VMM's fd after a failed migration $(r vmm_failed_own_fd), after the source agent was killed mid-STOP_COPY $(r vmm_killed_own_fd)" ;;
 	close) say "  close: $v in $t s: agents gone, every instance RUNNING, $(r close_checked) destinations back to their power-on image" ;;
 	*) say "  $c: $v in $t s" ;;

@@ -122,6 +122,10 @@ const (
 	// The destination checks OpenRequest.source_descriptions against its
 	// devices, as Preflight does, and refuses an incompatible pair.
 	Feature_FEATURE_DEVICE_CHECK Feature = 4
+	// A chunk of zeros travels as its header alone (CHUNK_ENCODING_ZERO).
+	Feature_FEATURE_ZERO_CHUNKS Feature = 5
+	// Chunks may travel zstd-compressed (CHUNK_ENCODING_ZSTD).
+	Feature_FEATURE_COMPRESSION_ZSTD Feature = 6
 )
 
 // Enum value maps for Feature.
@@ -132,13 +136,17 @@ var (
 		2: "FEATURE_PRECOPY",
 		3: "FEATURE_CONFIG_STATE",
 		4: "FEATURE_DEVICE_CHECK",
+		5: "FEATURE_ZERO_CHUNKS",
+		6: "FEATURE_COMPRESSION_ZSTD",
 	}
 	Feature_value = map[string]int32{
-		"FEATURE_UNSPECIFIED":  0,
-		"FEATURE_COMMIT":       1,
-		"FEATURE_PRECOPY":      2,
-		"FEATURE_CONFIG_STATE": 3,
-		"FEATURE_DEVICE_CHECK": 4,
+		"FEATURE_UNSPECIFIED":      0,
+		"FEATURE_COMMIT":           1,
+		"FEATURE_PRECOPY":          2,
+		"FEATURE_CONFIG_STATE":     3,
+		"FEATURE_DEVICE_CHECK":     4,
+		"FEATURE_ZERO_CHUNKS":      5,
+		"FEATURE_COMPRESSION_ZSTD": 6,
 	}
 )
 
@@ -641,7 +649,9 @@ func (*ListDevicesRequest) Descriptor() ([]byte, []int) {
 type ListDevicesResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The devices, sorted by spec.
-	Devices       []*Device `protobuf:"bytes,1,rep,name=devices,proto3" json:"devices,omitempty"`
+	Devices []*Device `protobuf:"bytes,1,rep,name=devices,proto3" json:"devices,omitempty"`
+	// The agent's version (its build's module version).
+	AgentVersion  string `protobuf:"bytes,2,opt,name=agent_version,json=agentVersion,proto3" json:"agent_version,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -681,6 +691,13 @@ func (x *ListDevicesResponse) GetDevices() []*Device {
 		return x.Devices
 	}
 	return nil
+}
+
+func (x *ListDevicesResponse) GetAgentVersion() string {
+	if x != nil {
+		return x.AgentVersion
+	}
+	return ""
 }
 
 // MigrationError is why a migration failed or was cancelled.
@@ -805,8 +822,17 @@ type DeviceProgress struct {
 	// The size of the device's config state (a vmm: device's blob): the
 	// source's once the switchover took it, the destination's as received.
 	ConfigStateBytes uint64 `protobuf:"varint,21,opt,name=config_state_bytes,json=configStateBytes,proto3" json:"config_state_bytes,omitempty"`
-	unknownFields    protoimpl.UnknownFields
-	sizeCache        protoimpl.SizeCache
+	// The bytes of the device's chunks that went on the wire (after zero
+	// chunks and compression), beside bytes, the state's: the source's as
+	// sent, the destination's as received.
+	WireBytes uint64 `protobuf:"varint,22,opt,name=wire_bytes,json=wireBytes,proto3" json:"wire_bytes,omitempty"`
+	// Source: times a chunk of this device waited for the bandwidth limit
+	// (the migration's or the agent's node-wide one) before it was sent,
+	// and the time spent waiting; counted apart from window_stalls.
+	BandwidthStalls    uint64               `protobuf:"varint,40,opt,name=bandwidth_stalls,json=bandwidthStalls,proto3" json:"bandwidth_stalls,omitempty"`
+	BandwidthStallTime *durationpb.Duration `protobuf:"bytes,41,opt,name=bandwidth_stall_time,json=bandwidthStallTime,proto3" json:"bandwidth_stall_time,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
 }
 
 func (x *DeviceProgress) Reset() {
@@ -986,6 +1012,27 @@ func (x *DeviceProgress) GetConfigStateBytes() uint64 {
 	return 0
 }
 
+func (x *DeviceProgress) GetWireBytes() uint64 {
+	if x != nil {
+		return x.WireBytes
+	}
+	return 0
+}
+
+func (x *DeviceProgress) GetBandwidthStalls() uint64 {
+	if x != nil {
+		return x.BandwidthStalls
+	}
+	return 0
+}
+
+func (x *DeviceProgress) GetBandwidthStallTime() *durationpb.Duration {
+	if x != nil {
+		return x.BandwidthStallTime
+	}
+	return nil
+}
+
 // Migration is a migration as one agent sees it.
 type Migration struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1066,8 +1113,23 @@ type Migration struct {
 	// Source: the request's pre-copy limits in force (0 when unset).
 	DowntimeLimit  *durationpb.Duration `protobuf:"bytes,30,opt,name=downtime_limit,json=downtimeLimit,proto3" json:"downtime_limit,omitempty"`
 	PrecopyTimeout *durationpb.Duration `protobuf:"bytes,31,opt,name=precopy_timeout,json=precopyTimeout,proto3" json:"precopy_timeout,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// The devices' wire_bytes together.
+	WireBytes uint64 `protobuf:"varint,40,opt,name=wire_bytes,json=wireBytes,proto3" json:"wire_bytes,omitempty"`
+	// Source: the migration's bandwidth limit in force, bytes per second
+	// (0: none), as StartMigration set it or SetBandwidth changed it; and
+	// the agent's node-wide limit shared by all its outgoing migrations
+	// (0: none).
+	MaxBandwidth     uint64 `protobuf:"varint,50,opt,name=max_bandwidth,json=maxBandwidth,proto3" json:"max_bandwidth,omitempty"`
+	NodeMaxBandwidth uint64 `protobuf:"varint,51,opt,name=node_max_bandwidth,json=nodeMaxBandwidth,proto3" json:"node_max_bandwidth,omitempty"`
+	// Source: bytes the channels' senders passed through the bandwidth
+	// limits before they reached a socket (chunk payloads as sent, resends
+	// included), and the times and time they waited on a limit, over all
+	// devices.
+	BandwidthLimitedBytes uint64               `protobuf:"varint,52,opt,name=bandwidth_limited_bytes,json=bandwidthLimitedBytes,proto3" json:"bandwidth_limited_bytes,omitempty"`
+	BandwidthStalls       uint64               `protobuf:"varint,53,opt,name=bandwidth_stalls,json=bandwidthStalls,proto3" json:"bandwidth_stalls,omitempty"`
+	BandwidthStallTime    *durationpb.Duration `protobuf:"bytes,54,opt,name=bandwidth_stall_time,json=bandwidthStallTime,proto3" json:"bandwidth_stall_time,omitempty"`
+	unknownFields         protoimpl.UnknownFields
+	sizeCache             protoimpl.SizeCache
 }
 
 func (x *Migration) Reset() {
@@ -1317,6 +1379,48 @@ func (x *Migration) GetPrecopyTimeout() *durationpb.Duration {
 	return nil
 }
 
+func (x *Migration) GetWireBytes() uint64 {
+	if x != nil {
+		return x.WireBytes
+	}
+	return 0
+}
+
+func (x *Migration) GetMaxBandwidth() uint64 {
+	if x != nil {
+		return x.MaxBandwidth
+	}
+	return 0
+}
+
+func (x *Migration) GetNodeMaxBandwidth() uint64 {
+	if x != nil {
+		return x.NodeMaxBandwidth
+	}
+	return 0
+}
+
+func (x *Migration) GetBandwidthLimitedBytes() uint64 {
+	if x != nil {
+		return x.BandwidthLimitedBytes
+	}
+	return 0
+}
+
+func (x *Migration) GetBandwidthStalls() uint64 {
+	if x != nil {
+		return x.BandwidthStalls
+	}
+	return 0
+}
+
+func (x *Migration) GetBandwidthStallTime() *durationpb.Duration {
+	if x != nil {
+		return x.BandwidthStallTime
+	}
+	return nil
+}
+
 var File_ferry_v1_common_proto protoreflect.FileDescriptor
 
 const file_ferry_v1_common_proto_rawDesc = "" +
@@ -1348,13 +1452,14 @@ const file_ferry_v1_common_proto_rawDesc = "" +
 	" \x01(\x04R\x0emigrationFlags\x122\n" +
 	"\x15estimated_state_bytes\x18\v \x01(\x04R\x13estimatedStateBytes\x12\x19\n" +
 	"\bsim_size\x18\f \x01(\x04R\asimSize\"\x14\n" +
-	"\x12ListDevicesRequest\"A\n" +
+	"\x12ListDevicesRequest\"f\n" +
 	"\x13ListDevicesResponse\x12*\n" +
-	"\adevices\x18\x01 \x03(\v2\x10.ferry.v1.DeviceR\adevices\"V\n" +
+	"\adevices\x18\x01 \x03(\v2\x10.ferry.v1.DeviceR\adevices\x12#\n" +
+	"\ragent_version\x18\x02 \x01(\tR\fagentVersion\"V\n" +
 	"\x0eMigrationError\x12\x12\n" +
 	"\x04code\x18\x01 \x01(\x05R\x04code\x12\x16\n" +
 	"\x06reason\x18\x02 \x01(\tR\x06reason\x12\x18\n" +
-	"\amessage\x18\x03 \x01(\tR\amessage\"\x94\x06\n" +
+	"\amessage\x18\x03 \x01(\tR\amessage\"\xab\a\n" +
 	"\x0eDeviceProgress\x12\x16\n" +
 	"\x06device\x18\x01 \x01(\tR\x06device\x12\x1f\n" +
 	"\vpeer_device\x18\x02 \x01(\tR\n" +
@@ -1380,7 +1485,11 @@ const file_ferry_v1_common_proto_rawDesc = "" +
 	"\rprecopy_bytes\x18\x12 \x01(\x04R\fprecopyBytes\x12(\n" +
 	"\x10no_size_estimate\x18\x13 \x01(\bR\x0enoSizeEstimate\x12\x18\n" +
 	"\areinits\x18\x14 \x01(\rR\areinits\x12,\n" +
-	"\x12config_state_bytes\x18\x15 \x01(\x04R\x10configStateBytes\"\x92\f\n" +
+	"\x12config_state_bytes\x18\x15 \x01(\x04R\x10configStateBytes\x12\x1d\n" +
+	"\n" +
+	"wire_bytes\x18\x16 \x01(\x04R\twireBytes\x12)\n" +
+	"\x10bandwidth_stalls\x18( \x01(\x04R\x0fbandwidthStalls\x12K\n" +
+	"\x14bandwidth_stall_time\x18) \x01(\v2\x19.google.protobuf.DurationR\x12bandwidthStallTime\"\xb4\x0e\n" +
 	"\tMigration\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12.\n" +
 	"\x05phase\x18\x02 \x01(\x0e2\x18.ferry.v1.MigrationPhaseR\x05phase\x122\n" +
@@ -1417,7 +1526,14 @@ const file_ferry_v1_common_proto_rawDesc = "" +
 	"\x16dirty_bytes_per_second\x18\x1c \x01(\x01R\x13dirtyBytesPerSecond\x12-\n" +
 	"\x12switchover_trigger\x18\x1d \x01(\tR\x11switchoverTrigger\x12@\n" +
 	"\x0edowntime_limit\x18\x1e \x01(\v2\x19.google.protobuf.DurationR\rdowntimeLimit\x12B\n" +
-	"\x0fprecopy_timeout\x18\x1f \x01(\v2\x19.google.protobuf.DurationR\x0eprecopyTimeout*\x83\x02\n" +
+	"\x0fprecopy_timeout\x18\x1f \x01(\v2\x19.google.protobuf.DurationR\x0eprecopyTimeout\x12\x1d\n" +
+	"\n" +
+	"wire_bytes\x18( \x01(\x04R\twireBytes\x12#\n" +
+	"\rmax_bandwidth\x182 \x01(\x04R\fmaxBandwidth\x12,\n" +
+	"\x12node_max_bandwidth\x183 \x01(\x04R\x10nodeMaxBandwidth\x126\n" +
+	"\x17bandwidth_limited_bytes\x184 \x01(\x04R\x15bandwidthLimitedBytes\x12)\n" +
+	"\x10bandwidth_stalls\x185 \x01(\x04R\x0fbandwidthStalls\x12K\n" +
+	"\x14bandwidth_stall_time\x186 \x01(\v2\x19.google.protobuf.DurationR\x12bandwidthStallTime*\x83\x02\n" +
 	"\vDeviceState\x12\x1c\n" +
 	"\x18DEVICE_STATE_UNSPECIFIED\x10\x00\x12\x16\n" +
 	"\x12DEVICE_STATE_ERROR\x10\x01\x12\x15\n" +
@@ -1427,13 +1543,15 @@ const file_ferry_v1_common_proto_rawDesc = "" +
 	"\x15DEVICE_STATE_RESUMING\x10\x05\x12\x1c\n" +
 	"\x18DEVICE_STATE_RUNNING_P2P\x10\x06\x12\x19\n" +
 	"\x15DEVICE_STATE_PRE_COPY\x10\a\x12\x1d\n" +
-	"\x19DEVICE_STATE_PRE_COPY_P2P\x10\b*\x7f\n" +
+	"\x19DEVICE_STATE_PRE_COPY_P2P\x10\b*\xb6\x01\n" +
 	"\aFeature\x12\x17\n" +
 	"\x13FEATURE_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eFEATURE_COMMIT\x10\x01\x12\x13\n" +
 	"\x0fFEATURE_PRECOPY\x10\x02\x12\x18\n" +
 	"\x14FEATURE_CONFIG_STATE\x10\x03\x12\x18\n" +
-	"\x14FEATURE_DEVICE_CHECK\x10\x04*\xda\x02\n" +
+	"\x14FEATURE_DEVICE_CHECK\x10\x04\x12\x17\n" +
+	"\x13FEATURE_ZERO_CHUNKS\x10\x05\x12\x1c\n" +
+	"\x18FEATURE_COMPRESSION_ZSTD\x10\x06*\xda\x02\n" +
 	"\x0eMigrationPhase\x12\x1f\n" +
 	"\x1bMIGRATION_PHASE_UNSPECIFIED\x10\x00\x12\x1d\n" +
 	"\x19MIGRATION_PHASE_PREPARING\x10\x01\x12\x1b\n" +
@@ -1488,24 +1606,26 @@ var file_ferry_v1_common_proto_depIdxs = []int32{
 	4,  // 2: ferry.v1.ListDevicesResponse.devices:type_name -> ferry.v1.Device
 	0,  // 3: ferry.v1.DeviceProgress.state:type_name -> ferry.v1.DeviceState
 	11, // 4: ferry.v1.DeviceProgress.window_stall_time:type_name -> google.protobuf.Duration
-	2,  // 5: ferry.v1.Migration.phase:type_name -> ferry.v1.MigrationPhase
-	9,  // 6: ferry.v1.Migration.devices:type_name -> ferry.v1.DeviceProgress
-	8,  // 7: ferry.v1.Migration.error:type_name -> ferry.v1.MigrationError
-	12, // 8: ferry.v1.Migration.create_time:type_name -> google.protobuf.Timestamp
-	12, // 9: ferry.v1.Migration.start_time:type_name -> google.protobuf.Timestamp
-	12, // 10: ferry.v1.Migration.end_time:type_name -> google.protobuf.Timestamp
-	11, // 11: ferry.v1.Migration.downtime:type_name -> google.protobuf.Duration
-	3,  // 12: ferry.v1.Migration.owner:type_name -> ferry.v1.DeviceOwner
-	12, // 13: ferry.v1.Migration.last_peer_activity_time:type_name -> google.protobuf.Timestamp
-	11, // 14: ferry.v1.Migration.switchover_deadline:type_name -> google.protobuf.Duration
-	11, // 15: ferry.v1.Migration.predicted_downtime:type_name -> google.protobuf.Duration
-	11, // 16: ferry.v1.Migration.downtime_limit:type_name -> google.protobuf.Duration
-	11, // 17: ferry.v1.Migration.precopy_timeout:type_name -> google.protobuf.Duration
-	18, // [18:18] is the sub-list for method output_type
-	18, // [18:18] is the sub-list for method input_type
-	18, // [18:18] is the sub-list for extension type_name
-	18, // [18:18] is the sub-list for extension extendee
-	0,  // [0:18] is the sub-list for field type_name
+	11, // 5: ferry.v1.DeviceProgress.bandwidth_stall_time:type_name -> google.protobuf.Duration
+	2,  // 6: ferry.v1.Migration.phase:type_name -> ferry.v1.MigrationPhase
+	9,  // 7: ferry.v1.Migration.devices:type_name -> ferry.v1.DeviceProgress
+	8,  // 8: ferry.v1.Migration.error:type_name -> ferry.v1.MigrationError
+	12, // 9: ferry.v1.Migration.create_time:type_name -> google.protobuf.Timestamp
+	12, // 10: ferry.v1.Migration.start_time:type_name -> google.protobuf.Timestamp
+	12, // 11: ferry.v1.Migration.end_time:type_name -> google.protobuf.Timestamp
+	11, // 12: ferry.v1.Migration.downtime:type_name -> google.protobuf.Duration
+	3,  // 13: ferry.v1.Migration.owner:type_name -> ferry.v1.DeviceOwner
+	12, // 14: ferry.v1.Migration.last_peer_activity_time:type_name -> google.protobuf.Timestamp
+	11, // 15: ferry.v1.Migration.switchover_deadline:type_name -> google.protobuf.Duration
+	11, // 16: ferry.v1.Migration.predicted_downtime:type_name -> google.protobuf.Duration
+	11, // 17: ferry.v1.Migration.downtime_limit:type_name -> google.protobuf.Duration
+	11, // 18: ferry.v1.Migration.precopy_timeout:type_name -> google.protobuf.Duration
+	11, // 19: ferry.v1.Migration.bandwidth_stall_time:type_name -> google.protobuf.Duration
+	20, // [20:20] is the sub-list for method output_type
+	20, // [20:20] is the sub-list for method input_type
+	20, // [20:20] is the sub-list for extension type_name
+	20, // [20:20] is the sub-list for extension extendee
+	0,  // [0:20] is the sub-list for field type_name
 }
 
 func init() { file_ferry_v1_common_proto_init() }

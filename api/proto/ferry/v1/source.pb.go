@@ -190,6 +190,257 @@ func (DigestAlgorithm) EnumDescriptor() ([]byte, []int) {
 	return file_ferry_v1_source_proto_rawDescGZIP(), []int{2}
 }
 
+// ChunkCompression is how a migration compresses its chunks.
+type ChunkCompression int32
+
+const (
+	// None.
+	ChunkCompression_CHUNK_COMPRESSION_UNSPECIFIED ChunkCompression = 0
+	// zstd at its fastest level.
+	ChunkCompression_CHUNK_COMPRESSION_ZSTD ChunkCompression = 1
+)
+
+// Enum value maps for ChunkCompression.
+var (
+	ChunkCompression_name = map[int32]string{
+		0: "CHUNK_COMPRESSION_UNSPECIFIED",
+		1: "CHUNK_COMPRESSION_ZSTD",
+	}
+	ChunkCompression_value = map[string]int32{
+		"CHUNK_COMPRESSION_UNSPECIFIED": 0,
+		"CHUNK_COMPRESSION_ZSTD":        1,
+	}
+)
+
+func (x ChunkCompression) Enum() *ChunkCompression {
+	p := new(ChunkCompression)
+	*p = x
+	return p
+}
+
+func (x ChunkCompression) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (ChunkCompression) Descriptor() protoreflect.EnumDescriptor {
+	return file_ferry_v1_source_proto_enumTypes[3].Descriptor()
+}
+
+func (ChunkCompression) Type() protoreflect.EnumType {
+	return &file_ferry_v1_source_proto_enumTypes[3]
+}
+
+func (x ChunkCompression) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use ChunkCompression.Descriptor instead.
+func (ChunkCompression) EnumDescriptor() ([]byte, []int) {
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{3}
+}
+
+// SetBandwidthRequest names the migration and its new limit.
+type SetBandwidthRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The migration id.
+	MigrationId string `protobuf:"bytes,1,opt,name=migration_id,json=migrationId,proto3" json:"migration_id,omitempty"`
+	// The limit in bytes per second over all the migration's channels, as
+	// StartMigrationRequest.max_bandwidth: 0 (no limit) or at least 1 MB/s.
+	MaxBandwidth  uint64 `protobuf:"varint,2,opt,name=max_bandwidth,json=maxBandwidth,proto3" json:"max_bandwidth,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetBandwidthRequest) Reset() {
+	*x = SetBandwidthRequest{}
+	mi := &file_ferry_v1_source_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetBandwidthRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetBandwidthRequest) ProtoMessage() {}
+
+func (x *SetBandwidthRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_v1_source_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetBandwidthRequest.ProtoReflect.Descriptor instead.
+func (*SetBandwidthRequest) Descriptor() ([]byte, []int) {
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *SetBandwidthRequest) GetMigrationId() string {
+	if x != nil {
+		return x.MigrationId
+	}
+	return ""
+}
+
+func (x *SetBandwidthRequest) GetMaxBandwidth() uint64 {
+	if x != nil {
+		return x.MaxBandwidth
+	}
+	return 0
+}
+
+// SetBandwidthResponse holds the migration with the new limit in force.
+type SetBandwidthResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The migration.
+	Migration     *Migration `protobuf:"bytes,1,opt,name=migration,proto3" json:"migration,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetBandwidthResponse) Reset() {
+	*x = SetBandwidthResponse{}
+	mi := &file_ferry_v1_source_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetBandwidthResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetBandwidthResponse) ProtoMessage() {}
+
+func (x *SetBandwidthResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_v1_source_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetBandwidthResponse.ProtoReflect.Descriptor instead.
+func (*SetBandwidthResponse) Descriptor() ([]byte, []int) {
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *SetBandwidthResponse) GetMigration() *Migration {
+	if x != nil {
+		return x.Migration
+	}
+	return nil
+}
+
+// DescribeDevicesRequest names the devices to describe.
+type DescribeDevicesRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Device specs.
+	Devices       []string `protobuf:"bytes,1,rep,name=devices,proto3" json:"devices,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DescribeDevicesRequest) Reset() {
+	*x = DescribeDevicesRequest{}
+	mi := &file_ferry_v1_source_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DescribeDevicesRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DescribeDevicesRequest) ProtoMessage() {}
+
+func (x *DescribeDevicesRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_v1_source_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DescribeDevicesRequest.ProtoReflect.Descriptor instead.
+func (*DescribeDevicesRequest) Descriptor() ([]byte, []int) {
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *DescribeDevicesRequest) GetDevices() []string {
+	if x != nil {
+		return x.Devices
+	}
+	return nil
+}
+
+// DescribeDevicesResponse describes them, in order.
+type DescribeDevicesResponse struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Devices []*DeviceDescription   `protobuf:"bytes,1,rep,name=devices,proto3" json:"devices,omitempty"`
+	// This agent's version.
+	AgentVersion  string `protobuf:"bytes,2,opt,name=agent_version,json=agentVersion,proto3" json:"agent_version,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DescribeDevicesResponse) Reset() {
+	*x = DescribeDevicesResponse{}
+	mi := &file_ferry_v1_source_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DescribeDevicesResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DescribeDevicesResponse) ProtoMessage() {}
+
+func (x *DescribeDevicesResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_v1_source_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DescribeDevicesResponse.ProtoReflect.Descriptor instead.
+func (*DescribeDevicesResponse) Descriptor() ([]byte, []int) {
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *DescribeDevicesResponse) GetDevices() []*DeviceDescription {
+	if x != nil {
+		return x.Devices
+	}
+	return nil
+}
+
+func (x *DescribeDevicesResponse) GetAgentVersion() string {
+	if x != nil {
+		return x.AgentVersion
+	}
+	return ""
+}
+
 // ReleaseDeviceRequest names the device to give back.
 type ReleaseDeviceRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -203,7 +454,7 @@ type ReleaseDeviceRequest struct {
 
 func (x *ReleaseDeviceRequest) Reset() {
 	*x = ReleaseDeviceRequest{}
-	mi := &file_ferry_v1_source_proto_msgTypes[0]
+	mi := &file_ferry_v1_source_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -215,7 +466,7 @@ func (x *ReleaseDeviceRequest) String() string {
 func (*ReleaseDeviceRequest) ProtoMessage() {}
 
 func (x *ReleaseDeviceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[0]
+	mi := &file_ferry_v1_source_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -228,7 +479,7 @@ func (x *ReleaseDeviceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReleaseDeviceRequest.ProtoReflect.Descriptor instead.
 func (*ReleaseDeviceRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{0}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *ReleaseDeviceRequest) GetDevice() string {
@@ -258,7 +509,7 @@ type ReleaseDeviceResponse struct {
 
 func (x *ReleaseDeviceResponse) Reset() {
 	*x = ReleaseDeviceResponse{}
-	mi := &file_ferry_v1_source_proto_msgTypes[1]
+	mi := &file_ferry_v1_source_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -270,7 +521,7 @@ func (x *ReleaseDeviceResponse) String() string {
 func (*ReleaseDeviceResponse) ProtoMessage() {}
 
 func (x *ReleaseDeviceResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[1]
+	mi := &file_ferry_v1_source_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -283,7 +534,7 @@ func (x *ReleaseDeviceResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReleaseDeviceResponse.ProtoReflect.Descriptor instead.
 func (*ReleaseDeviceResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{1}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *ReleaseDeviceResponse) GetDevice() *Device {
@@ -314,7 +565,7 @@ type DevicePair struct {
 
 func (x *DevicePair) Reset() {
 	*x = DevicePair{}
-	mi := &file_ferry_v1_source_proto_msgTypes[2]
+	mi := &file_ferry_v1_source_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -326,7 +577,7 @@ func (x *DevicePair) String() string {
 func (*DevicePair) ProtoMessage() {}
 
 func (x *DevicePair) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[2]
+	mi := &file_ferry_v1_source_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -339,7 +590,7 @@ func (x *DevicePair) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DevicePair.ProtoReflect.Descriptor instead.
 func (*DevicePair) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{2}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *DevicePair) GetSourceDevice() string {
@@ -393,14 +644,33 @@ type StartMigrationRequest struct {
 	// before any device leaves RUNNING: a destination that cannot check
 	// (0.1.0) is refused with FAILED_PRECONDITION, FEATURE_NOT_SUPPORTED.
 	// Current destinations always check; this makes it a requirement.
-	Preflight     bool `protobuf:"varint,13,opt,name=preflight,proto3" json:"preflight,omitempty"`
+	Preflight bool `protobuf:"varint,13,opt,name=preflight,proto3" json:"preflight,omitempty"`
+	// With TLS, the name the destination's certificate is verified for, on
+	// the Transfer and the direct data connections, instead of the host in
+	// dest_address: for a certificate whose SANs name the node, not the
+	// address dialled. A DNS name or an IP address, at most 253 characters;
+	// empty: the host in dest_address.
+	DestTlsServerName string `protobuf:"bytes,14,opt,name=dest_tls_server_name,json=destTlsServerName,proto3" json:"dest_tls_server_name,omitempty"`
+	// Compress chunks (where the destination grants
+	// FEATURE_COMPRESSION_ZSTD); a chunk that does not shrink travels as
+	// it is. Off by default: on a fast link the CPU costs more than it
+	// saves. Chunks of zeros travel as headers alone either way, where
+	// granted (FEATURE_ZERO_CHUNKS).
+	Compression ChunkCompression `protobuf:"varint,20,opt,name=compression,proto3,enum=ferry.v1.ChunkCompression" json:"compression,omitempty"`
+	// The most bytes per second the migration may put on the wire, over all
+	// its channels together (chunk payloads as sent, resends included),
+	// enforced by the source before the bytes reach a socket. 0: no limit
+	// of its own (the agent's node-wide limit, when set, still applies);
+	// else at least 1 MB/s. SetBandwidth changes it while the migration
+	// runs.
+	MaxBandwidth  uint64 `protobuf:"varint,40,opt,name=max_bandwidth,json=maxBandwidth,proto3" json:"max_bandwidth,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *StartMigrationRequest) Reset() {
 	*x = StartMigrationRequest{}
-	mi := &file_ferry_v1_source_proto_msgTypes[3]
+	mi := &file_ferry_v1_source_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -412,7 +682,7 @@ func (x *StartMigrationRequest) String() string {
 func (*StartMigrationRequest) ProtoMessage() {}
 
 func (x *StartMigrationRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[3]
+	mi := &file_ferry_v1_source_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -425,7 +695,7 @@ func (x *StartMigrationRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartMigrationRequest.ProtoReflect.Descriptor instead.
 func (*StartMigrationRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{3}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *StartMigrationRequest) GetMigrationId() string {
@@ -519,6 +789,27 @@ func (x *StartMigrationRequest) GetPreflight() bool {
 	return false
 }
 
+func (x *StartMigrationRequest) GetDestTlsServerName() string {
+	if x != nil {
+		return x.DestTlsServerName
+	}
+	return ""
+}
+
+func (x *StartMigrationRequest) GetCompression() ChunkCompression {
+	if x != nil {
+		return x.Compression
+	}
+	return ChunkCompression_CHUNK_COMPRESSION_UNSPECIFIED
+}
+
+func (x *StartMigrationRequest) GetMaxBandwidth() uint64 {
+	if x != nil {
+		return x.MaxBandwidth
+	}
+	return 0
+}
+
 // StartMigrationResponse holds the accepted migration.
 type StartMigrationResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -530,7 +821,7 @@ type StartMigrationResponse struct {
 
 func (x *StartMigrationResponse) Reset() {
 	*x = StartMigrationResponse{}
-	mi := &file_ferry_v1_source_proto_msgTypes[4]
+	mi := &file_ferry_v1_source_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -542,7 +833,7 @@ func (x *StartMigrationResponse) String() string {
 func (*StartMigrationResponse) ProtoMessage() {}
 
 func (x *StartMigrationResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[4]
+	mi := &file_ferry_v1_source_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -555,7 +846,7 @@ func (x *StartMigrationResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartMigrationResponse.ProtoReflect.Descriptor instead.
 func (*StartMigrationResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{4}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *StartMigrationResponse) GetMigration() *Migration {
@@ -576,7 +867,7 @@ type GetMigrationRequest struct {
 
 func (x *GetMigrationRequest) Reset() {
 	*x = GetMigrationRequest{}
-	mi := &file_ferry_v1_source_proto_msgTypes[5]
+	mi := &file_ferry_v1_source_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -588,7 +879,7 @@ func (x *GetMigrationRequest) String() string {
 func (*GetMigrationRequest) ProtoMessage() {}
 
 func (x *GetMigrationRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[5]
+	mi := &file_ferry_v1_source_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -601,7 +892,7 @@ func (x *GetMigrationRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetMigrationRequest.ProtoReflect.Descriptor instead.
 func (*GetMigrationRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{5}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *GetMigrationRequest) GetMigrationId() string {
@@ -622,7 +913,7 @@ type GetMigrationResponse struct {
 
 func (x *GetMigrationResponse) Reset() {
 	*x = GetMigrationResponse{}
-	mi := &file_ferry_v1_source_proto_msgTypes[6]
+	mi := &file_ferry_v1_source_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -634,7 +925,7 @@ func (x *GetMigrationResponse) String() string {
 func (*GetMigrationResponse) ProtoMessage() {}
 
 func (x *GetMigrationResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[6]
+	mi := &file_ferry_v1_source_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -647,7 +938,7 @@ func (x *GetMigrationResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetMigrationResponse.ProtoReflect.Descriptor instead.
 func (*GetMigrationResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{6}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *GetMigrationResponse) GetMigration() *Migration {
@@ -666,7 +957,7 @@ type ListMigrationsRequest struct {
 
 func (x *ListMigrationsRequest) Reset() {
 	*x = ListMigrationsRequest{}
-	mi := &file_ferry_v1_source_proto_msgTypes[7]
+	mi := &file_ferry_v1_source_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -678,7 +969,7 @@ func (x *ListMigrationsRequest) String() string {
 func (*ListMigrationsRequest) ProtoMessage() {}
 
 func (x *ListMigrationsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[7]
+	mi := &file_ferry_v1_source_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -691,7 +982,7 @@ func (x *ListMigrationsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListMigrationsRequest.ProtoReflect.Descriptor instead.
 func (*ListMigrationsRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{7}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{11}
 }
 
 // ListMigrationsResponse lists migrations, newest first.
@@ -705,7 +996,7 @@ type ListMigrationsResponse struct {
 
 func (x *ListMigrationsResponse) Reset() {
 	*x = ListMigrationsResponse{}
-	mi := &file_ferry_v1_source_proto_msgTypes[8]
+	mi := &file_ferry_v1_source_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -717,7 +1008,7 @@ func (x *ListMigrationsResponse) String() string {
 func (*ListMigrationsResponse) ProtoMessage() {}
 
 func (x *ListMigrationsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[8]
+	mi := &file_ferry_v1_source_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -730,7 +1021,7 @@ func (x *ListMigrationsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListMigrationsResponse.ProtoReflect.Descriptor instead.
 func (*ListMigrationsResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{8}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *ListMigrationsResponse) GetMigrations() []*Migration {
@@ -751,7 +1042,7 @@ type WatchMigrationRequest struct {
 
 func (x *WatchMigrationRequest) Reset() {
 	*x = WatchMigrationRequest{}
-	mi := &file_ferry_v1_source_proto_msgTypes[9]
+	mi := &file_ferry_v1_source_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -763,7 +1054,7 @@ func (x *WatchMigrationRequest) String() string {
 func (*WatchMigrationRequest) ProtoMessage() {}
 
 func (x *WatchMigrationRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[9]
+	mi := &file_ferry_v1_source_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -776,7 +1067,7 @@ func (x *WatchMigrationRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchMigrationRequest.ProtoReflect.Descriptor instead.
 func (*WatchMigrationRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{9}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *WatchMigrationRequest) GetMigrationId() string {
@@ -797,7 +1088,7 @@ type WatchMigrationResponse struct {
 
 func (x *WatchMigrationResponse) Reset() {
 	*x = WatchMigrationResponse{}
-	mi := &file_ferry_v1_source_proto_msgTypes[10]
+	mi := &file_ferry_v1_source_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -809,7 +1100,7 @@ func (x *WatchMigrationResponse) String() string {
 func (*WatchMigrationResponse) ProtoMessage() {}
 
 func (x *WatchMigrationResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[10]
+	mi := &file_ferry_v1_source_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -822,7 +1113,7 @@ func (x *WatchMigrationResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchMigrationResponse.ProtoReflect.Descriptor instead.
 func (*WatchMigrationResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{10}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *WatchMigrationResponse) GetMigration() *Migration {
@@ -847,7 +1138,7 @@ type SwitchoverRequest struct {
 
 func (x *SwitchoverRequest) Reset() {
 	*x = SwitchoverRequest{}
-	mi := &file_ferry_v1_source_proto_msgTypes[11]
+	mi := &file_ferry_v1_source_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -859,7 +1150,7 @@ func (x *SwitchoverRequest) String() string {
 func (*SwitchoverRequest) ProtoMessage() {}
 
 func (x *SwitchoverRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[11]
+	mi := &file_ferry_v1_source_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -872,7 +1163,7 @@ func (x *SwitchoverRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SwitchoverRequest.ProtoReflect.Descriptor instead.
 func (*SwitchoverRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{11}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *SwitchoverRequest) GetMigrationId() string {
@@ -900,7 +1191,7 @@ type SwitchoverResponse struct {
 
 func (x *SwitchoverResponse) Reset() {
 	*x = SwitchoverResponse{}
-	mi := &file_ferry_v1_source_proto_msgTypes[12]
+	mi := &file_ferry_v1_source_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -912,7 +1203,7 @@ func (x *SwitchoverResponse) String() string {
 func (*SwitchoverResponse) ProtoMessage() {}
 
 func (x *SwitchoverResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[12]
+	mi := &file_ferry_v1_source_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -925,7 +1216,7 @@ func (x *SwitchoverResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SwitchoverResponse.ProtoReflect.Descriptor instead.
 func (*SwitchoverResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{12}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *SwitchoverResponse) GetMigration() *Migration {
@@ -946,7 +1237,7 @@ type CancelMigrationRequest struct {
 
 func (x *CancelMigrationRequest) Reset() {
 	*x = CancelMigrationRequest{}
-	mi := &file_ferry_v1_source_proto_msgTypes[13]
+	mi := &file_ferry_v1_source_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -958,7 +1249,7 @@ func (x *CancelMigrationRequest) String() string {
 func (*CancelMigrationRequest) ProtoMessage() {}
 
 func (x *CancelMigrationRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[13]
+	mi := &file_ferry_v1_source_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -971,7 +1262,7 @@ func (x *CancelMigrationRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelMigrationRequest.ProtoReflect.Descriptor instead.
 func (*CancelMigrationRequest) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{13}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *CancelMigrationRequest) GetMigrationId() string {
@@ -992,7 +1283,7 @@ type CancelMigrationResponse struct {
 
 func (x *CancelMigrationResponse) Reset() {
 	*x = CancelMigrationResponse{}
-	mi := &file_ferry_v1_source_proto_msgTypes[14]
+	mi := &file_ferry_v1_source_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1004,7 +1295,7 @@ func (x *CancelMigrationResponse) String() string {
 func (*CancelMigrationResponse) ProtoMessage() {}
 
 func (x *CancelMigrationResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_v1_source_proto_msgTypes[14]
+	mi := &file_ferry_v1_source_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1017,7 +1308,7 @@ func (x *CancelMigrationResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelMigrationResponse.ProtoReflect.Descriptor instead.
 func (*CancelMigrationResponse) Descriptor() ([]byte, []int) {
-	return file_ferry_v1_source_proto_rawDescGZIP(), []int{14}
+	return file_ferry_v1_source_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *CancelMigrationResponse) GetMigration() *Migration {
@@ -1031,7 +1322,17 @@ var File_ferry_v1_source_proto protoreflect.FileDescriptor
 
 const file_ferry_v1_source_proto_rawDesc = "" +
 	"\n" +
-	"\x15ferry/v1/source.proto\x12\bferry.v1\x1a\x15ferry/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\"D\n" +
+	"\x15ferry/v1/source.proto\x12\bferry.v1\x1a\x15ferry/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\"]\n" +
+	"\x13SetBandwidthRequest\x12!\n" +
+	"\fmigration_id\x18\x01 \x01(\tR\vmigrationId\x12#\n" +
+	"\rmax_bandwidth\x18\x02 \x01(\x04R\fmaxBandwidth\"I\n" +
+	"\x14SetBandwidthResponse\x121\n" +
+	"\tmigration\x18\x01 \x01(\v2\x13.ferry.v1.MigrationR\tmigration\"2\n" +
+	"\x16DescribeDevicesRequest\x12\x18\n" +
+	"\adevices\x18\x01 \x03(\tR\adevices\"u\n" +
+	"\x17DescribeDevicesResponse\x125\n" +
+	"\adevices\x18\x01 \x03(\v2\x1b.ferry.v1.DeviceDescriptionR\adevices\x12#\n" +
+	"\ragent_version\x18\x02 \x01(\tR\fagentVersion\"D\n" +
 	"\x14ReleaseDeviceRequest\x12\x16\n" +
 	"\x06device\x18\x01 \x01(\tR\x06device\x12\x14\n" +
 	"\x05reset\x18\x02 \x01(\bR\x05reset\"X\n" +
@@ -1042,7 +1343,7 @@ const file_ferry_v1_source_proto_rawDesc = "" +
 	"DevicePair\x12#\n" +
 	"\rsource_device\x18\x01 \x01(\tR\fsourceDevice\x12\x1f\n" +
 	"\vdest_device\x18\x02 \x01(\tR\n" +
-	"destDevice\"\xfc\x04\n" +
+	"destDevice\"\x90\x06\n" +
 	"\x15StartMigrationRequest\x12!\n" +
 	"\fmigration_id\x18\x01 \x01(\tR\vmigrationId\x12!\n" +
 	"\fdest_address\x18\x02 \x01(\tR\vdestAddress\x12\x14\n" +
@@ -1058,7 +1359,10 @@ const file_ferry_v1_source_proto_rawDesc = "" +
 	" \x01(\v2\x19.google.protobuf.DurationR\rdowntimeLimit\x12B\n" +
 	"\x0fprecopy_timeout\x18\v \x01(\v2\x19.google.protobuf.DurationR\x0eprecopyTimeout\x12L\n" +
 	"\x12on_precopy_timeout\x18\f \x01(\x0e2\x1e.ferry.v1.PrecopyTimeoutActionR\x10onPrecopyTimeout\x12\x1c\n" +
-	"\tpreflight\x18\r \x01(\bR\tpreflight\"K\n" +
+	"\tpreflight\x18\r \x01(\bR\tpreflight\x12/\n" +
+	"\x14dest_tls_server_name\x18\x0e \x01(\tR\x11destTlsServerName\x12<\n" +
+	"\vcompression\x18\x14 \x01(\x0e2\x1a.ferry.v1.ChunkCompressionR\vcompression\x12#\n" +
+	"\rmax_bandwidth\x18( \x01(\x04R\fmaxBandwidth\"K\n" +
 	"\x16StartMigrationResponse\x121\n" +
 	"\tmigration\x18\x01 \x01(\v2\x13.ferry.v1.MigrationR\tmigration\"8\n" +
 	"\x13GetMigrationRequest\x12!\n" +
@@ -1094,7 +1398,10 @@ const file_ferry_v1_source_proto_rawDesc = "" +
 	"\x0fDigestAlgorithm\x12 \n" +
 	"\x1cDIGEST_ALGORITHM_UNSPECIFIED\x10\x00\x12!\n" +
 	"\x1dDIGEST_ALGORITHM_CRC32C_CHAIN\x10\x01\x12\x1b\n" +
-	"\x17DIGEST_ALGORITHM_SHA256\x10\x022\x9c\x05\n" +
+	"\x17DIGEST_ALGORITHM_SHA256\x10\x02*Q\n" +
+	"\x10ChunkCompression\x12!\n" +
+	"\x1dCHUNK_COMPRESSION_UNSPECIFIED\x10\x00\x12\x1a\n" +
+	"\x16CHUNK_COMPRESSION_ZSTD\x10\x012\xc3\x06\n" +
 	"\vSourceAgent\x12J\n" +
 	"\vListDevices\x12\x1c.ferry.v1.ListDevicesRequest\x1a\x1d.ferry.v1.ListDevicesResponse\x12S\n" +
 	"\x0eStartMigration\x12\x1f.ferry.v1.StartMigrationRequest\x1a .ferry.v1.StartMigrationResponse\x12M\n" +
@@ -1104,7 +1411,9 @@ const file_ferry_v1_source_proto_rawDesc = "" +
 	"\n" +
 	"Switchover\x12\x1b.ferry.v1.SwitchoverRequest\x1a\x1c.ferry.v1.SwitchoverResponse\x12V\n" +
 	"\x0fCancelMigration\x12 .ferry.v1.CancelMigrationRequest\x1a!.ferry.v1.CancelMigrationResponse\x12P\n" +
-	"\rReleaseDevice\x12\x1e.ferry.v1.ReleaseDeviceRequest\x1a\x1f.ferry.v1.ReleaseDeviceResponseB8Z6github.com/vfio-ferry/ferry/api/proto/ferry/v1;ferryv1b\x06proto3"
+	"\rReleaseDevice\x12\x1e.ferry.v1.ReleaseDeviceRequest\x1a\x1f.ferry.v1.ReleaseDeviceResponse\x12V\n" +
+	"\x0fDescribeDevices\x12 .ferry.v1.DescribeDevicesRequest\x1a!.ferry.v1.DescribeDevicesResponse\x12M\n" +
+	"\fSetBandwidth\x12\x1d.ferry.v1.SetBandwidthRequest\x1a\x1e.ferry.v1.SetBandwidthResponseB8Z6github.com/vfio-ferry/ferry/api/proto/ferry/v1;ferryv1b\x06proto3"
 
 var (
 	file_ferry_v1_source_proto_rawDescOnce sync.Once
@@ -1118,69 +1427,82 @@ func file_ferry_v1_source_proto_rawDescGZIP() []byte {
 	return file_ferry_v1_source_proto_rawDescData
 }
 
-var file_ferry_v1_source_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_ferry_v1_source_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
+var file_ferry_v1_source_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
+var file_ferry_v1_source_proto_msgTypes = make([]protoimpl.MessageInfo, 19)
 var file_ferry_v1_source_proto_goTypes = []any{
 	(MigrationMode)(0),              // 0: ferry.v1.MigrationMode
 	(PrecopyTimeoutAction)(0),       // 1: ferry.v1.PrecopyTimeoutAction
 	(DigestAlgorithm)(0),            // 2: ferry.v1.DigestAlgorithm
-	(*ReleaseDeviceRequest)(nil),    // 3: ferry.v1.ReleaseDeviceRequest
-	(*ReleaseDeviceResponse)(nil),   // 4: ferry.v1.ReleaseDeviceResponse
-	(*DevicePair)(nil),              // 5: ferry.v1.DevicePair
-	(*StartMigrationRequest)(nil),   // 6: ferry.v1.StartMigrationRequest
-	(*StartMigrationResponse)(nil),  // 7: ferry.v1.StartMigrationResponse
-	(*GetMigrationRequest)(nil),     // 8: ferry.v1.GetMigrationRequest
-	(*GetMigrationResponse)(nil),    // 9: ferry.v1.GetMigrationResponse
-	(*ListMigrationsRequest)(nil),   // 10: ferry.v1.ListMigrationsRequest
-	(*ListMigrationsResponse)(nil),  // 11: ferry.v1.ListMigrationsResponse
-	(*WatchMigrationRequest)(nil),   // 12: ferry.v1.WatchMigrationRequest
-	(*WatchMigrationResponse)(nil),  // 13: ferry.v1.WatchMigrationResponse
-	(*SwitchoverRequest)(nil),       // 14: ferry.v1.SwitchoverRequest
-	(*SwitchoverResponse)(nil),      // 15: ferry.v1.SwitchoverResponse
-	(*CancelMigrationRequest)(nil),  // 16: ferry.v1.CancelMigrationRequest
-	(*CancelMigrationResponse)(nil), // 17: ferry.v1.CancelMigrationResponse
-	(*Device)(nil),                  // 18: ferry.v1.Device
-	(*durationpb.Duration)(nil),     // 19: google.protobuf.Duration
-	(*Migration)(nil),               // 20: ferry.v1.Migration
-	(*ListDevicesRequest)(nil),      // 21: ferry.v1.ListDevicesRequest
-	(*ListDevicesResponse)(nil),     // 22: ferry.v1.ListDevicesResponse
+	(ChunkCompression)(0),           // 3: ferry.v1.ChunkCompression
+	(*SetBandwidthRequest)(nil),     // 4: ferry.v1.SetBandwidthRequest
+	(*SetBandwidthResponse)(nil),    // 5: ferry.v1.SetBandwidthResponse
+	(*DescribeDevicesRequest)(nil),  // 6: ferry.v1.DescribeDevicesRequest
+	(*DescribeDevicesResponse)(nil), // 7: ferry.v1.DescribeDevicesResponse
+	(*ReleaseDeviceRequest)(nil),    // 8: ferry.v1.ReleaseDeviceRequest
+	(*ReleaseDeviceResponse)(nil),   // 9: ferry.v1.ReleaseDeviceResponse
+	(*DevicePair)(nil),              // 10: ferry.v1.DevicePair
+	(*StartMigrationRequest)(nil),   // 11: ferry.v1.StartMigrationRequest
+	(*StartMigrationResponse)(nil),  // 12: ferry.v1.StartMigrationResponse
+	(*GetMigrationRequest)(nil),     // 13: ferry.v1.GetMigrationRequest
+	(*GetMigrationResponse)(nil),    // 14: ferry.v1.GetMigrationResponse
+	(*ListMigrationsRequest)(nil),   // 15: ferry.v1.ListMigrationsRequest
+	(*ListMigrationsResponse)(nil),  // 16: ferry.v1.ListMigrationsResponse
+	(*WatchMigrationRequest)(nil),   // 17: ferry.v1.WatchMigrationRequest
+	(*WatchMigrationResponse)(nil),  // 18: ferry.v1.WatchMigrationResponse
+	(*SwitchoverRequest)(nil),       // 19: ferry.v1.SwitchoverRequest
+	(*SwitchoverResponse)(nil),      // 20: ferry.v1.SwitchoverResponse
+	(*CancelMigrationRequest)(nil),  // 21: ferry.v1.CancelMigrationRequest
+	(*CancelMigrationResponse)(nil), // 22: ferry.v1.CancelMigrationResponse
+	(*Migration)(nil),               // 23: ferry.v1.Migration
+	(*DeviceDescription)(nil),       // 24: ferry.v1.DeviceDescription
+	(*Device)(nil),                  // 25: ferry.v1.Device
+	(*durationpb.Duration)(nil),     // 26: google.protobuf.Duration
+	(*ListDevicesRequest)(nil),      // 27: ferry.v1.ListDevicesRequest
+	(*ListDevicesResponse)(nil),     // 28: ferry.v1.ListDevicesResponse
 }
 var file_ferry_v1_source_proto_depIdxs = []int32{
-	18, // 0: ferry.v1.ReleaseDeviceResponse.device:type_name -> ferry.v1.Device
-	5,  // 1: ferry.v1.StartMigrationRequest.devices:type_name -> ferry.v1.DevicePair
-	0,  // 2: ferry.v1.StartMigrationRequest.mode:type_name -> ferry.v1.MigrationMode
-	2,  // 3: ferry.v1.StartMigrationRequest.digest:type_name -> ferry.v1.DigestAlgorithm
-	19, // 4: ferry.v1.StartMigrationRequest.switchover_deadline:type_name -> google.protobuf.Duration
-	19, // 5: ferry.v1.StartMigrationRequest.downtime_limit:type_name -> google.protobuf.Duration
-	19, // 6: ferry.v1.StartMigrationRequest.precopy_timeout:type_name -> google.protobuf.Duration
-	1,  // 7: ferry.v1.StartMigrationRequest.on_precopy_timeout:type_name -> ferry.v1.PrecopyTimeoutAction
-	20, // 8: ferry.v1.StartMigrationResponse.migration:type_name -> ferry.v1.Migration
-	20, // 9: ferry.v1.GetMigrationResponse.migration:type_name -> ferry.v1.Migration
-	20, // 10: ferry.v1.ListMigrationsResponse.migrations:type_name -> ferry.v1.Migration
-	20, // 11: ferry.v1.WatchMigrationResponse.migration:type_name -> ferry.v1.Migration
-	20, // 12: ferry.v1.SwitchoverResponse.migration:type_name -> ferry.v1.Migration
-	20, // 13: ferry.v1.CancelMigrationResponse.migration:type_name -> ferry.v1.Migration
-	21, // 14: ferry.v1.SourceAgent.ListDevices:input_type -> ferry.v1.ListDevicesRequest
-	6,  // 15: ferry.v1.SourceAgent.StartMigration:input_type -> ferry.v1.StartMigrationRequest
-	8,  // 16: ferry.v1.SourceAgent.GetMigration:input_type -> ferry.v1.GetMigrationRequest
-	10, // 17: ferry.v1.SourceAgent.ListMigrations:input_type -> ferry.v1.ListMigrationsRequest
-	12, // 18: ferry.v1.SourceAgent.WatchMigration:input_type -> ferry.v1.WatchMigrationRequest
-	14, // 19: ferry.v1.SourceAgent.Switchover:input_type -> ferry.v1.SwitchoverRequest
-	16, // 20: ferry.v1.SourceAgent.CancelMigration:input_type -> ferry.v1.CancelMigrationRequest
-	3,  // 21: ferry.v1.SourceAgent.ReleaseDevice:input_type -> ferry.v1.ReleaseDeviceRequest
-	22, // 22: ferry.v1.SourceAgent.ListDevices:output_type -> ferry.v1.ListDevicesResponse
-	7,  // 23: ferry.v1.SourceAgent.StartMigration:output_type -> ferry.v1.StartMigrationResponse
-	9,  // 24: ferry.v1.SourceAgent.GetMigration:output_type -> ferry.v1.GetMigrationResponse
-	11, // 25: ferry.v1.SourceAgent.ListMigrations:output_type -> ferry.v1.ListMigrationsResponse
-	13, // 26: ferry.v1.SourceAgent.WatchMigration:output_type -> ferry.v1.WatchMigrationResponse
-	15, // 27: ferry.v1.SourceAgent.Switchover:output_type -> ferry.v1.SwitchoverResponse
-	17, // 28: ferry.v1.SourceAgent.CancelMigration:output_type -> ferry.v1.CancelMigrationResponse
-	4,  // 29: ferry.v1.SourceAgent.ReleaseDevice:output_type -> ferry.v1.ReleaseDeviceResponse
-	22, // [22:30] is the sub-list for method output_type
-	14, // [14:22] is the sub-list for method input_type
-	14, // [14:14] is the sub-list for extension type_name
-	14, // [14:14] is the sub-list for extension extendee
-	0,  // [0:14] is the sub-list for field type_name
+	23, // 0: ferry.v1.SetBandwidthResponse.migration:type_name -> ferry.v1.Migration
+	24, // 1: ferry.v1.DescribeDevicesResponse.devices:type_name -> ferry.v1.DeviceDescription
+	25, // 2: ferry.v1.ReleaseDeviceResponse.device:type_name -> ferry.v1.Device
+	10, // 3: ferry.v1.StartMigrationRequest.devices:type_name -> ferry.v1.DevicePair
+	0,  // 4: ferry.v1.StartMigrationRequest.mode:type_name -> ferry.v1.MigrationMode
+	2,  // 5: ferry.v1.StartMigrationRequest.digest:type_name -> ferry.v1.DigestAlgorithm
+	26, // 6: ferry.v1.StartMigrationRequest.switchover_deadline:type_name -> google.protobuf.Duration
+	26, // 7: ferry.v1.StartMigrationRequest.downtime_limit:type_name -> google.protobuf.Duration
+	26, // 8: ferry.v1.StartMigrationRequest.precopy_timeout:type_name -> google.protobuf.Duration
+	1,  // 9: ferry.v1.StartMigrationRequest.on_precopy_timeout:type_name -> ferry.v1.PrecopyTimeoutAction
+	3,  // 10: ferry.v1.StartMigrationRequest.compression:type_name -> ferry.v1.ChunkCompression
+	23, // 11: ferry.v1.StartMigrationResponse.migration:type_name -> ferry.v1.Migration
+	23, // 12: ferry.v1.GetMigrationResponse.migration:type_name -> ferry.v1.Migration
+	23, // 13: ferry.v1.ListMigrationsResponse.migrations:type_name -> ferry.v1.Migration
+	23, // 14: ferry.v1.WatchMigrationResponse.migration:type_name -> ferry.v1.Migration
+	23, // 15: ferry.v1.SwitchoverResponse.migration:type_name -> ferry.v1.Migration
+	23, // 16: ferry.v1.CancelMigrationResponse.migration:type_name -> ferry.v1.Migration
+	27, // 17: ferry.v1.SourceAgent.ListDevices:input_type -> ferry.v1.ListDevicesRequest
+	11, // 18: ferry.v1.SourceAgent.StartMigration:input_type -> ferry.v1.StartMigrationRequest
+	13, // 19: ferry.v1.SourceAgent.GetMigration:input_type -> ferry.v1.GetMigrationRequest
+	15, // 20: ferry.v1.SourceAgent.ListMigrations:input_type -> ferry.v1.ListMigrationsRequest
+	17, // 21: ferry.v1.SourceAgent.WatchMigration:input_type -> ferry.v1.WatchMigrationRequest
+	19, // 22: ferry.v1.SourceAgent.Switchover:input_type -> ferry.v1.SwitchoverRequest
+	21, // 23: ferry.v1.SourceAgent.CancelMigration:input_type -> ferry.v1.CancelMigrationRequest
+	8,  // 24: ferry.v1.SourceAgent.ReleaseDevice:input_type -> ferry.v1.ReleaseDeviceRequest
+	6,  // 25: ferry.v1.SourceAgent.DescribeDevices:input_type -> ferry.v1.DescribeDevicesRequest
+	4,  // 26: ferry.v1.SourceAgent.SetBandwidth:input_type -> ferry.v1.SetBandwidthRequest
+	28, // 27: ferry.v1.SourceAgent.ListDevices:output_type -> ferry.v1.ListDevicesResponse
+	12, // 28: ferry.v1.SourceAgent.StartMigration:output_type -> ferry.v1.StartMigrationResponse
+	14, // 29: ferry.v1.SourceAgent.GetMigration:output_type -> ferry.v1.GetMigrationResponse
+	16, // 30: ferry.v1.SourceAgent.ListMigrations:output_type -> ferry.v1.ListMigrationsResponse
+	18, // 31: ferry.v1.SourceAgent.WatchMigration:output_type -> ferry.v1.WatchMigrationResponse
+	20, // 32: ferry.v1.SourceAgent.Switchover:output_type -> ferry.v1.SwitchoverResponse
+	22, // 33: ferry.v1.SourceAgent.CancelMigration:output_type -> ferry.v1.CancelMigrationResponse
+	9,  // 34: ferry.v1.SourceAgent.ReleaseDevice:output_type -> ferry.v1.ReleaseDeviceResponse
+	7,  // 35: ferry.v1.SourceAgent.DescribeDevices:output_type -> ferry.v1.DescribeDevicesResponse
+	5,  // 36: ferry.v1.SourceAgent.SetBandwidth:output_type -> ferry.v1.SetBandwidthResponse
+	27, // [27:37] is the sub-list for method output_type
+	17, // [17:27] is the sub-list for method input_type
+	17, // [17:17] is the sub-list for extension type_name
+	17, // [17:17] is the sub-list for extension extendee
+	0,  // [0:17] is the sub-list for field type_name
 }
 
 func init() { file_ferry_v1_source_proto_init() }
@@ -1194,8 +1516,8 @@ func file_ferry_v1_source_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_ferry_v1_source_proto_rawDesc), len(file_ferry_v1_source_proto_rawDesc)),
-			NumEnums:      3,
-			NumMessages:   15,
+			NumEnums:      4,
+			NumMessages:   19,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

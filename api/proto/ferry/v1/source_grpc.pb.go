@@ -27,6 +27,8 @@ const (
 	SourceAgent_Switchover_FullMethodName      = "/ferry.v1.SourceAgent/Switchover"
 	SourceAgent_CancelMigration_FullMethodName = "/ferry.v1.SourceAgent/CancelMigration"
 	SourceAgent_ReleaseDevice_FullMethodName   = "/ferry.v1.SourceAgent/ReleaseDevice"
+	SourceAgent_DescribeDevices_FullMethodName = "/ferry.v1.SourceAgent/DescribeDevices"
+	SourceAgent_SetBandwidth_FullMethodName    = "/ferry.v1.SourceAgent/SetBandwidth"
 )
 
 // SourceAgentClient is the client API for SourceAgent service.
@@ -72,6 +74,17 @@ type SourceAgentClient interface {
 	// holds is FAILED_PRECONDITION, reason DEVICE_BUSY. A vmm: device is
 	// its VMM's: it is returned to RUNNING and stays lent.
 	ReleaseDevice(ctx context.Context, in *ReleaseDeviceRequest, opts ...grpc.CallOption) (*ReleaseDeviceResponse, error)
+	// DescribeDevices says what the agent can tell of each device named,
+	// for DestAgent.Preflight: it opens a device the agent has not opened
+	// yet, as StartMigration would, and changes no device's state.
+	DescribeDevices(ctx context.Context, in *DescribeDevicesRequest, opts ...grpc.CallOption) (*DescribeDevicesResponse, error)
+	// SetBandwidth changes a running migration's bandwidth limit (its
+	// max_bandwidth), at once, for every channel; 0 lifts it, so a
+	// migration that must converge can finish at the link's rate. The
+	// agent's node-wide limit still applies. A migration in a final phase
+	// is FAILED_PRECONDITION, reason SESSION_STATE; an unknown one
+	// NOT_FOUND.
+	SetBandwidth(ctx context.Context, in *SetBandwidthRequest, opts ...grpc.CallOption) (*SetBandwidthResponse, error)
 }
 
 type sourceAgentClient struct {
@@ -171,6 +184,26 @@ func (c *sourceAgentClient) ReleaseDevice(ctx context.Context, in *ReleaseDevice
 	return out, nil
 }
 
+func (c *sourceAgentClient) DescribeDevices(ctx context.Context, in *DescribeDevicesRequest, opts ...grpc.CallOption) (*DescribeDevicesResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DescribeDevicesResponse)
+	err := c.cc.Invoke(ctx, SourceAgent_DescribeDevices_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *sourceAgentClient) SetBandwidth(ctx context.Context, in *SetBandwidthRequest, opts ...grpc.CallOption) (*SetBandwidthResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(SetBandwidthResponse)
+	err := c.cc.Invoke(ctx, SourceAgent_SetBandwidth_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // SourceAgentServer is the server API for SourceAgent service.
 // All implementations must embed UnimplementedSourceAgentServer
 // for forward compatibility.
@@ -214,6 +247,17 @@ type SourceAgentServer interface {
 	// holds is FAILED_PRECONDITION, reason DEVICE_BUSY. A vmm: device is
 	// its VMM's: it is returned to RUNNING and stays lent.
 	ReleaseDevice(context.Context, *ReleaseDeviceRequest) (*ReleaseDeviceResponse, error)
+	// DescribeDevices says what the agent can tell of each device named,
+	// for DestAgent.Preflight: it opens a device the agent has not opened
+	// yet, as StartMigration would, and changes no device's state.
+	DescribeDevices(context.Context, *DescribeDevicesRequest) (*DescribeDevicesResponse, error)
+	// SetBandwidth changes a running migration's bandwidth limit (its
+	// max_bandwidth), at once, for every channel; 0 lifts it, so a
+	// migration that must converge can finish at the link's rate. The
+	// agent's node-wide limit still applies. A migration in a final phase
+	// is FAILED_PRECONDITION, reason SESSION_STATE; an unknown one
+	// NOT_FOUND.
+	SetBandwidth(context.Context, *SetBandwidthRequest) (*SetBandwidthResponse, error)
 	mustEmbedUnimplementedSourceAgentServer()
 }
 
@@ -247,6 +291,12 @@ func (UnimplementedSourceAgentServer) CancelMigration(context.Context, *CancelMi
 }
 func (UnimplementedSourceAgentServer) ReleaseDevice(context.Context, *ReleaseDeviceRequest) (*ReleaseDeviceResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ReleaseDevice not implemented")
+}
+func (UnimplementedSourceAgentServer) DescribeDevices(context.Context, *DescribeDevicesRequest) (*DescribeDevicesResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method DescribeDevices not implemented")
+}
+func (UnimplementedSourceAgentServer) SetBandwidth(context.Context, *SetBandwidthRequest) (*SetBandwidthResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method SetBandwidth not implemented")
 }
 func (UnimplementedSourceAgentServer) mustEmbedUnimplementedSourceAgentServer() {}
 func (UnimplementedSourceAgentServer) testEmbeddedByValue()                     {}
@@ -406,6 +456,42 @@ func _SourceAgent_ReleaseDevice_Handler(srv interface{}, ctx context.Context, de
 	return interceptor(ctx, in, info, handler)
 }
 
+func _SourceAgent_DescribeDevices_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DescribeDevicesRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(SourceAgentServer).DescribeDevices(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: SourceAgent_DescribeDevices_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(SourceAgentServer).DescribeDevices(ctx, req.(*DescribeDevicesRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _SourceAgent_SetBandwidth_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SetBandwidthRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(SourceAgentServer).SetBandwidth(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: SourceAgent_SetBandwidth_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(SourceAgentServer).SetBandwidth(ctx, req.(*SetBandwidthRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // SourceAgent_ServiceDesc is the grpc.ServiceDesc for SourceAgent service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -440,6 +526,14 @@ var SourceAgent_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ReleaseDevice",
 			Handler:    _SourceAgent_ReleaseDevice_Handler,
+		},
+		{
+			MethodName: "DescribeDevices",
+			Handler:    _SourceAgent_DescribeDevices_Handler,
+		},
+		{
+			MethodName: "SetBandwidth",
+			Handler:    _SourceAgent_SetBandwidth_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

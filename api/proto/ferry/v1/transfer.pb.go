@@ -84,6 +84,68 @@ func (ChunkKind) EnumDescriptor() ([]byte, []int) {
 	return file_ferry_v1_transfer_proto_rawDescGZIP(), []int{0}
 }
 
+// ChunkEncoding is how a DATA chunk's bytes travel.
+type ChunkEncoding int32
+
+const (
+	// As they are: data holds the chunk's bytes.
+	ChunkEncoding_CHUNK_ENCODING_UNSPECIFIED ChunkEncoding = 0
+	// Every byte is zero: data is empty and length says how many
+	// (FEATURE_ZERO_CHUNKS).
+	ChunkEncoding_CHUNK_ENCODING_ZERO ChunkEncoding = 1
+	// data is one zstd frame of length bytes (FEATURE_COMPRESSION_ZSTD);
+	// a chunk that does not shrink travels as it is.
+	ChunkEncoding_CHUNK_ENCODING_ZSTD ChunkEncoding = 2
+	// Some of the chunk's 4 KiB pages are all zero: zero_pages marks them
+	// (bit i of byte i/8, least significant first, for page i; the last
+	// page may be short) and data holds the other pages, in order
+	// (FEATURE_ZERO_CHUNKS).
+	ChunkEncoding_CHUNK_ENCODING_ZERO_PAGES ChunkEncoding = 3
+)
+
+// Enum value maps for ChunkEncoding.
+var (
+	ChunkEncoding_name = map[int32]string{
+		0: "CHUNK_ENCODING_UNSPECIFIED",
+		1: "CHUNK_ENCODING_ZERO",
+		2: "CHUNK_ENCODING_ZSTD",
+		3: "CHUNK_ENCODING_ZERO_PAGES",
+	}
+	ChunkEncoding_value = map[string]int32{
+		"CHUNK_ENCODING_UNSPECIFIED": 0,
+		"CHUNK_ENCODING_ZERO":        1,
+		"CHUNK_ENCODING_ZSTD":        2,
+		"CHUNK_ENCODING_ZERO_PAGES":  3,
+	}
+)
+
+func (x ChunkEncoding) Enum() *ChunkEncoding {
+	p := new(ChunkEncoding)
+	*p = x
+	return p
+}
+
+func (x ChunkEncoding) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (ChunkEncoding) Descriptor() protoreflect.EnumDescriptor {
+	return file_ferry_v1_transfer_proto_enumTypes[1].Descriptor()
+}
+
+func (ChunkEncoding) Type() protoreflect.EnumType {
+	return &file_ferry_v1_transfer_proto_enumTypes[1]
+}
+
+func (x ChunkEncoding) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use ChunkEncoding.Descriptor instead.
+func (ChunkEncoding) EnumDescriptor() ([]byte, []int) {
+	return file_ferry_v1_transfer_proto_rawDescGZIP(), []int{1}
+}
+
 // CommitRequest names the session to commit.
 type CommitRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -515,6 +577,15 @@ type ChannelRequest struct {
 	Digest []byte `protobuf:"bytes,8,opt,name=digest,proto3" json:"digest,omitempty"`
 	// END: how many of total_bytes are config state (the CONFIG chunks').
 	ConfigBytes uint64 `protobuf:"varint,9,opt,name=config_bytes,json=configBytes,proto3" json:"config_bytes,omitempty"`
+	// How data travels: as it is (UNSPECIFIED), or, where Open granted the
+	// feature, as nothing for a chunk of zeros (ZERO) or compressed (ZSTD).
+	Encoding ChunkEncoding `protobuf:"varint,10,opt,name=encoding,proto3,enum=ferry.v1.ChunkEncoding" json:"encoding,omitempty"`
+	// A ZERO or compressed DATA chunk's length as the device produced it,
+	// 1 to chunk_size, checked before anything is allocated; crc32c and the
+	// digest cover those bytes, not what travelled.
+	Length uint32 `protobuf:"varint,11,opt,name=length,proto3" json:"length,omitempty"`
+	// ZERO_PAGES: which 4 KiB pages of the chunk are zero.
+	ZeroPages []byte `protobuf:"bytes,12,opt,name=zero_pages,json=zeroPages,proto3" json:"zero_pages,omitempty"`
 	// DATA and CONFIG: the chunk bytes, 1 to chunk_size of them.
 	Data          []byte `protobuf:"bytes,15,opt,name=data,proto3" json:"data,omitempty"`
 	unknownFields protoimpl.UnknownFields
@@ -612,6 +683,27 @@ func (x *ChannelRequest) GetConfigBytes() uint64 {
 		return x.ConfigBytes
 	}
 	return 0
+}
+
+func (x *ChannelRequest) GetEncoding() ChunkEncoding {
+	if x != nil {
+		return x.Encoding
+	}
+	return ChunkEncoding_CHUNK_ENCODING_UNSPECIFIED
+}
+
+func (x *ChannelRequest) GetLength() uint32 {
+	if x != nil {
+		return x.Length
+	}
+	return 0
+}
+
+func (x *ChannelRequest) GetZeroPages() []byte {
+	if x != nil {
+		return x.ZeroPages
+	}
+	return nil
 }
 
 func (x *ChannelRequest) GetData() []byte {
@@ -1349,7 +1441,7 @@ const file_ferry_v1_transfer_proto_rawDesc = "" +
 	"\tlimit_seq\x18\x02 \x01(\x04R\blimitSeq\x12!\n" +
 	"\flimit_offset\x18\x03 \x01(\x04R\vlimitOffset\x12\x1b\n" +
 	"\tacked_seq\x18\x04 \x01(\x04R\backedSeq\x12!\n" +
-	"\facked_offset\x18\x05 \x01(\x04R\vackedOffset\"\xa6\x02\n" +
+	"\facked_offset\x18\x05 \x01(\x04R\vackedOffset\"\x92\x03\n" +
 	"\x0eChannelRequest\x12\x16\n" +
 	"\x06device\x18\x01 \x01(\rR\x06device\x12\x10\n" +
 	"\x03seq\x18\x02 \x01(\x04R\x03seq\x12\x16\n" +
@@ -1360,7 +1452,12 @@ const file_ferry_v1_transfer_proto_rawDesc = "" +
 	"totalBytes\x12!\n" +
 	"\ftotal_chunks\x18\a \x01(\x04R\vtotalChunks\x12\x16\n" +
 	"\x06digest\x18\b \x01(\fR\x06digest\x12!\n" +
-	"\fconfig_bytes\x18\t \x01(\x04R\vconfigBytes\x12\x12\n" +
+	"\fconfig_bytes\x18\t \x01(\x04R\vconfigBytes\x123\n" +
+	"\bencoding\x18\n" +
+	" \x01(\x0e2\x17.ferry.v1.ChunkEncodingR\bencoding\x12\x16\n" +
+	"\x06length\x18\v \x01(\rR\x06length\x12\x1d\n" +
+	"\n" +
+	"zero_pages\x18\f \x01(\fR\tzeroPages\x12\x12\n" +
 	"\x04data\x18\x0f \x01(\fR\x04data\"^\n" +
 	"\x0fChannelResponse\x120\n" +
 	"\awindows\x18\x01 \x03(\v2\x16.ferry.v1.WindowUpdateR\awindows\x12\x19\n" +
@@ -1414,7 +1511,12 @@ const file_ferry_v1_transfer_proto_rawDesc = "" +
 	"\x16CHUNK_KIND_UNSPECIFIED\x10\x00\x12\x13\n" +
 	"\x0fCHUNK_KIND_DATA\x10\x01\x12\x12\n" +
 	"\x0eCHUNK_KIND_END\x10\x02\x12\x15\n" +
-	"\x11CHUNK_KIND_CONFIG\x10\x032\xe3\x03\n" +
+	"\x11CHUNK_KIND_CONFIG\x10\x03*\x80\x01\n" +
+	"\rChunkEncoding\x12\x1e\n" +
+	"\x1aCHUNK_ENCODING_UNSPECIFIED\x10\x00\x12\x17\n" +
+	"\x13CHUNK_ENCODING_ZERO\x10\x01\x12\x17\n" +
+	"\x13CHUNK_ENCODING_ZSTD\x10\x02\x12\x1d\n" +
+	"\x19CHUNK_ENCODING_ZERO_PAGES\x10\x032\xe3\x03\n" +
 	"\bTransfer\x125\n" +
 	"\x04Open\x12\x15.ferry.v1.OpenRequest\x1a\x16.ferry.v1.OpenResponse\x12B\n" +
 	"\aChannel\x12\x18.ferry.v1.ChannelRequest\x1a\x19.ferry.v1.ChannelResponse(\x010\x01\x12V\n" +
@@ -1436,64 +1538,66 @@ func file_ferry_v1_transfer_proto_rawDescGZIP() []byte {
 	return file_ferry_v1_transfer_proto_rawDescData
 }
 
-var file_ferry_v1_transfer_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
+var file_ferry_v1_transfer_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
 var file_ferry_v1_transfer_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
 var file_ferry_v1_transfer_proto_goTypes = []any{
 	(ChunkKind)(0),                  // 0: ferry.v1.ChunkKind
-	(*CommitRequest)(nil),           // 1: ferry.v1.CommitRequest
-	(*CommitResponse)(nil),          // 2: ferry.v1.CommitResponse
-	(*OpenRequest)(nil),             // 3: ferry.v1.OpenRequest
-	(*OpenResponse)(nil),            // 4: ferry.v1.OpenResponse
-	(*WindowUpdate)(nil),            // 5: ferry.v1.WindowUpdate
-	(*ChannelRequest)(nil),          // 6: ferry.v1.ChannelRequest
-	(*ChannelResponse)(nil),         // 7: ferry.v1.ChannelResponse
-	(*SwitchoverStartRequest)(nil),  // 8: ferry.v1.SwitchoverStartRequest
-	(*InitialData)(nil),             // 9: ferry.v1.InitialData
-	(*SwitchoverAckRequest)(nil),    // 10: ferry.v1.SwitchoverAckRequest
-	(*SwitchoverAckResponse)(nil),   // 11: ferry.v1.SwitchoverAckResponse
-	(*SwitchoverStartResponse)(nil), // 12: ferry.v1.SwitchoverStartResponse
-	(*FinishRequest)(nil),           // 13: ferry.v1.FinishRequest
-	(*DeviceVerdict)(nil),           // 14: ferry.v1.DeviceVerdict
-	(*FinishResponse)(nil),          // 15: ferry.v1.FinishResponse
-	(*AbortRequest)(nil),            // 16: ferry.v1.AbortRequest
-	(*AbortResponse)(nil),           // 17: ferry.v1.AbortResponse
-	(DigestAlgorithm)(0),            // 18: ferry.v1.DigestAlgorithm
-	(MigrationMode)(0),              // 19: ferry.v1.MigrationMode
-	(Feature)(0),                    // 20: ferry.v1.Feature
-	(*DeviceDescription)(nil),       // 21: ferry.v1.DeviceDescription
-	(*durationpb.Duration)(nil),     // 22: google.protobuf.Duration
+	(ChunkEncoding)(0),              // 1: ferry.v1.ChunkEncoding
+	(*CommitRequest)(nil),           // 2: ferry.v1.CommitRequest
+	(*CommitResponse)(nil),          // 3: ferry.v1.CommitResponse
+	(*OpenRequest)(nil),             // 4: ferry.v1.OpenRequest
+	(*OpenResponse)(nil),            // 5: ferry.v1.OpenResponse
+	(*WindowUpdate)(nil),            // 6: ferry.v1.WindowUpdate
+	(*ChannelRequest)(nil),          // 7: ferry.v1.ChannelRequest
+	(*ChannelResponse)(nil),         // 8: ferry.v1.ChannelResponse
+	(*SwitchoverStartRequest)(nil),  // 9: ferry.v1.SwitchoverStartRequest
+	(*InitialData)(nil),             // 10: ferry.v1.InitialData
+	(*SwitchoverAckRequest)(nil),    // 11: ferry.v1.SwitchoverAckRequest
+	(*SwitchoverAckResponse)(nil),   // 12: ferry.v1.SwitchoverAckResponse
+	(*SwitchoverStartResponse)(nil), // 13: ferry.v1.SwitchoverStartResponse
+	(*FinishRequest)(nil),           // 14: ferry.v1.FinishRequest
+	(*DeviceVerdict)(nil),           // 15: ferry.v1.DeviceVerdict
+	(*FinishResponse)(nil),          // 16: ferry.v1.FinishResponse
+	(*AbortRequest)(nil),            // 17: ferry.v1.AbortRequest
+	(*AbortResponse)(nil),           // 18: ferry.v1.AbortResponse
+	(DigestAlgorithm)(0),            // 19: ferry.v1.DigestAlgorithm
+	(MigrationMode)(0),              // 20: ferry.v1.MigrationMode
+	(Feature)(0),                    // 21: ferry.v1.Feature
+	(*DeviceDescription)(nil),       // 22: ferry.v1.DeviceDescription
+	(*durationpb.Duration)(nil),     // 23: google.protobuf.Duration
 }
 var file_ferry_v1_transfer_proto_depIdxs = []int32{
-	18, // 0: ferry.v1.OpenRequest.digest:type_name -> ferry.v1.DigestAlgorithm
-	19, // 1: ferry.v1.OpenRequest.mode:type_name -> ferry.v1.MigrationMode
-	20, // 2: ferry.v1.OpenRequest.features:type_name -> ferry.v1.Feature
-	21, // 3: ferry.v1.OpenRequest.source_descriptions:type_name -> ferry.v1.DeviceDescription
-	5,  // 4: ferry.v1.OpenResponse.windows:type_name -> ferry.v1.WindowUpdate
-	20, // 5: ferry.v1.OpenResponse.granted_features:type_name -> ferry.v1.Feature
+	19, // 0: ferry.v1.OpenRequest.digest:type_name -> ferry.v1.DigestAlgorithm
+	20, // 1: ferry.v1.OpenRequest.mode:type_name -> ferry.v1.MigrationMode
+	21, // 2: ferry.v1.OpenRequest.features:type_name -> ferry.v1.Feature
+	22, // 3: ferry.v1.OpenRequest.source_descriptions:type_name -> ferry.v1.DeviceDescription
+	6,  // 4: ferry.v1.OpenResponse.windows:type_name -> ferry.v1.WindowUpdate
+	21, // 5: ferry.v1.OpenResponse.granted_features:type_name -> ferry.v1.Feature
 	0,  // 6: ferry.v1.ChannelRequest.kind:type_name -> ferry.v1.ChunkKind
-	5,  // 7: ferry.v1.ChannelResponse.windows:type_name -> ferry.v1.WindowUpdate
-	9,  // 8: ferry.v1.SwitchoverAckRequest.devices:type_name -> ferry.v1.InitialData
-	22, // 9: ferry.v1.SwitchoverAckResponse.state_change_time:type_name -> google.protobuf.Duration
-	14, // 10: ferry.v1.FinishResponse.devices:type_name -> ferry.v1.DeviceVerdict
-	3,  // 11: ferry.v1.Transfer.Open:input_type -> ferry.v1.OpenRequest
-	6,  // 12: ferry.v1.Transfer.Channel:input_type -> ferry.v1.ChannelRequest
-	8,  // 13: ferry.v1.Transfer.SwitchoverStart:input_type -> ferry.v1.SwitchoverStartRequest
-	10, // 14: ferry.v1.Transfer.SwitchoverAck:input_type -> ferry.v1.SwitchoverAckRequest
-	13, // 15: ferry.v1.Transfer.Finish:input_type -> ferry.v1.FinishRequest
-	16, // 16: ferry.v1.Transfer.Abort:input_type -> ferry.v1.AbortRequest
-	1,  // 17: ferry.v1.Transfer.Commit:input_type -> ferry.v1.CommitRequest
-	4,  // 18: ferry.v1.Transfer.Open:output_type -> ferry.v1.OpenResponse
-	7,  // 19: ferry.v1.Transfer.Channel:output_type -> ferry.v1.ChannelResponse
-	12, // 20: ferry.v1.Transfer.SwitchoverStart:output_type -> ferry.v1.SwitchoverStartResponse
-	11, // 21: ferry.v1.Transfer.SwitchoverAck:output_type -> ferry.v1.SwitchoverAckResponse
-	15, // 22: ferry.v1.Transfer.Finish:output_type -> ferry.v1.FinishResponse
-	17, // 23: ferry.v1.Transfer.Abort:output_type -> ferry.v1.AbortResponse
-	2,  // 24: ferry.v1.Transfer.Commit:output_type -> ferry.v1.CommitResponse
-	18, // [18:25] is the sub-list for method output_type
-	11, // [11:18] is the sub-list for method input_type
-	11, // [11:11] is the sub-list for extension type_name
-	11, // [11:11] is the sub-list for extension extendee
-	0,  // [0:11] is the sub-list for field type_name
+	1,  // 7: ferry.v1.ChannelRequest.encoding:type_name -> ferry.v1.ChunkEncoding
+	6,  // 8: ferry.v1.ChannelResponse.windows:type_name -> ferry.v1.WindowUpdate
+	10, // 9: ferry.v1.SwitchoverAckRequest.devices:type_name -> ferry.v1.InitialData
+	23, // 10: ferry.v1.SwitchoverAckResponse.state_change_time:type_name -> google.protobuf.Duration
+	15, // 11: ferry.v1.FinishResponse.devices:type_name -> ferry.v1.DeviceVerdict
+	4,  // 12: ferry.v1.Transfer.Open:input_type -> ferry.v1.OpenRequest
+	7,  // 13: ferry.v1.Transfer.Channel:input_type -> ferry.v1.ChannelRequest
+	9,  // 14: ferry.v1.Transfer.SwitchoverStart:input_type -> ferry.v1.SwitchoverStartRequest
+	11, // 15: ferry.v1.Transfer.SwitchoverAck:input_type -> ferry.v1.SwitchoverAckRequest
+	14, // 16: ferry.v1.Transfer.Finish:input_type -> ferry.v1.FinishRequest
+	17, // 17: ferry.v1.Transfer.Abort:input_type -> ferry.v1.AbortRequest
+	2,  // 18: ferry.v1.Transfer.Commit:input_type -> ferry.v1.CommitRequest
+	5,  // 19: ferry.v1.Transfer.Open:output_type -> ferry.v1.OpenResponse
+	8,  // 20: ferry.v1.Transfer.Channel:output_type -> ferry.v1.ChannelResponse
+	13, // 21: ferry.v1.Transfer.SwitchoverStart:output_type -> ferry.v1.SwitchoverStartResponse
+	12, // 22: ferry.v1.Transfer.SwitchoverAck:output_type -> ferry.v1.SwitchoverAckResponse
+	16, // 23: ferry.v1.Transfer.Finish:output_type -> ferry.v1.FinishResponse
+	18, // 24: ferry.v1.Transfer.Abort:output_type -> ferry.v1.AbortResponse
+	3,  // 25: ferry.v1.Transfer.Commit:output_type -> ferry.v1.CommitResponse
+	19, // [19:26] is the sub-list for method output_type
+	12, // [12:19] is the sub-list for method input_type
+	12, // [12:12] is the sub-list for extension type_name
+	12, // [12:12] is the sub-list for extension extendee
+	0,  // [0:12] is the sub-list for field type_name
 }
 
 func init() { file_ferry_v1_transfer_proto_init() }
@@ -1508,7 +1612,7 @@ func file_ferry_v1_transfer_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_ferry_v1_transfer_proto_rawDesc), len(file_ferry_v1_transfer_proto_rawDesc)),
-			NumEnums:      1,
+			NumEnums:      2,
 			NumMessages:   17,
 			NumExtensions: 0,
 			NumServices:   1,
