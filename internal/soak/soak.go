@@ -126,7 +126,7 @@ type soak struct {
 
 // stats are counters the faults keep.
 type stats struct {
-	budgetRefused, rivalRefused, rivalWon, inDoubt atomic.Int64
+	budgetRefused, rivalRefused, rivalWon, inDoubt, commitRace atomic.Int64
 }
 
 // Run runs the soak and reports it; err wraps ErrViolation when an
@@ -171,7 +171,8 @@ func (s *soak) run(ctx context.Context) (*Report, error) {
 		rep.Seconds = time.Since(began).Seconds()
 		rep.Checks = s.checks.snapshot()
 		rep.ControlPlane = map[string]int{"budget_refused": int(s.stats.budgetRefused.Load()), "rival_refused": int(s.stats.rivalRefused.Load()),
-			"rival_admitted": int(s.stats.rivalWon.Load()), "in_doubt_resolved": int(s.stats.inDoubt.Load())}
+			"rival_admitted": int(s.stats.rivalWon.Load()), "in_doubt_resolved": int(s.stats.inDoubt.Load()),
+			"commit_race_dest_cancel_won": int(s.stats.commitRace.Load())}
 		for _, n := range rep.Checks {
 			rep.ChecksTotal += n
 		}
