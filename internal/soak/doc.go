@@ -25,8 +25,11 @@
 // timeout): a source with mutual TLS and one without, and a destination
 // for each lane, the four combinations of plaintext or mutual TLS with
 // chunks on direct data connections or in gRPC messages. Every
-// migration goes through a TCP proxy of its own (test/tcpproxy) in
-// front of its destination's gRPC port.
+// migration goes through TCP proxies of its own (test/tcpproxy) on a
+// loopback address of its own (127.0.0.10 and up, which the agents'
+// certificate names): one in front of its destination's gRPC port and,
+// on a direct lane, one at the destination's data port, since a source
+// dials the data port on the host it reached Transfer at.
 //
 // The soak runs in rounds. A round draws 1 to Concurrency migrations and
 // runs them at once; each draws its lane, 1 to 4 devices from a pool of
@@ -62,7 +65,9 @@
 //
 // # What is checked
 //
-// After each migration, against both agents' RPCs (ListDevices,
+// After each migration (its watches followed to their end: a view in a
+// final phase may come before the destination's clean-up), against both
+// agents' RPCs (ListDevices,
 // GetMigration/WatchMigration, GetIncoming/WatchIncoming):
 // the migration ended SUCCEEDED with every destination device verified
 // and in STOP and every source device in STOP, or FAILED / CANCELLED

@@ -2,16 +2,12 @@ package soak
 
 import (
 	"context"
-	"crypto/x509"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"math/rand/v2"
 	"net"
 	"os"
-	"path/filepath"
-	"sort"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -19,16 +15,10 @@ import (
 
 	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials"
-	"google.golang.org/grpc/credentials/insecure"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
-	"github.com/vfio-ferry/ferry/pkg/ephemeralca"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
-	"github.com/vfio-ferry/ferry/services/chunkwire"
 	"github.com/vfio-ferry/ferry/services/dest"
-	"github.com/vfio-ferry/ferry/services/grpcserver"
-	"github.com/vfio-ferry/ferry/services/peerauth"
 	"github.com/vfio-ferry/ferry/test/tcpproxy"
 )
 
@@ -112,44 +102,6 @@ func (c *Config) bounds() bounds {
 	return bounds{goroutines: 16, fds: 8, rss: uint64(c.Concurrency*4)*destWindowBytes + 96<<20}
 }
 
-// Report is what a soak did.
-type Report struct {
-	Seed       uint64         `json:"seed"`
-	Migrations int            `json:"migrations"`
-	Rounds     int            `json:"rounds"`
-	Seconds    float64        `json:"seconds"`
-	Outcomes   map[string]int `json:"outcomes"` // by final phase (or REFUSED, SOURCE_LOST)
-	Reasons    map[string]int `json:"reasons"`  // failures by ErrorInfo reason
-	// Faults are the faults drawn, and Triggered those that happened,
-	// by class.
-	Faults    map[string]int `json:"faults"`
-	Triggered map[string]int `json:"triggered"`
-	// Checks are the invariant checks run, by invariant.
-	Checks      map[string]int `json:"checks"`
-	ChecksTotal int            `json:"checks_total"`
-	Restarts    map[string]int `json:"restarts"`
-	// ControlPlane counts what the soak's control plane saw the agents
-	// answer: budget prepares refused, rivals refused or admitted (the
-	// migration had let the device go), destinations in doubt resolved.
-	ControlPlane map[string]int `json:"control_plane"`
-	// Peak usage of each agent seen at the checks, and its baseline.
-	Usage     map[string]usage `json:"peak_usage"`
-	Baselines map[string]usage `json:"baselines"`
-	// Violation is the first invariant that failed; nil when none did.
-	Violation *ViolationReport `json:"violation,omitempty"`
-	LogDir    string           `json:"log_dir,omitempty"`
-}
-
-// ViolationReport is the first violation, with what replays it.
-type ViolationReport struct {
-	Invariant string            `json:"invariant"`
-	Detail    string            `json:"detail"`
-	Migration *migrationPlan    `json:"migration,omitempty"`
-	Outcome   *outcome          `json:"outcome,omitempty"`
-	Notes     []string          `json:"notes,omitempty"`
-	Logs      map[string]string `json:"logs"` // the tail of each agent's log
-}
-
 // ErrViolation is wrapped by Run's error when an invariant failed.
 var ErrViolation = errors.New("invariant violated")
 
@@ -174,7 +126,7 @@ type soak struct {
 
 // stats are counters the faults keep.
 type stats struct {
-	budgetRefused, rivalRefused, rivalWon, inDoubt atomic.Int64
+	budgetRefused, rivalRefused, rivalWon, inDoubt, commitRace atomic.Int64
 }
 
 // Run runs the soak and reports it; err wraps ErrViolation when an
@@ -219,7 +171,8 @@ func (s *soak) run(ctx context.Context) (*Report, error) {
 		rep.Seconds = time.Since(began).Seconds()
 		rep.Checks = s.checks.snapshot()
 		rep.ControlPlane = map[string]int{"budget_refused": int(s.stats.budgetRefused.Load()), "rival_refused": int(s.stats.rivalRefused.Load()),
-			"rival_admitted": int(s.stats.rivalWon.Load()), "in_doubt_resolved": int(s.stats.inDoubt.Load())}
+			"rival_admitted": int(s.stats.rivalWon.Load()), "in_doubt_resolved": int(s.stats.inDoubt.Load()),
+			"commit_race_dest_cancel_won": int(s.stats.commitRace.Load())}
 		for _, n := range rep.Checks {
 			rep.ChecksTotal += n
 		}
@@ -260,6 +213,10 @@ func (s *soak) run(ctx context.Context) (*Report, error) {
 		}
 		v, err := s.round(ctx, r, k, rep)
 		rep.Rounds++
+		if err != nil && ctx.Err() != nil {
+			// Interrupted between migrations: report what ran.
+			return finish(nil)
+		}
 		if err != nil {
 			return rep, err
 		}
@@ -344,6 +301,11 @@ func (s *soak) round(ctx context.Context, r, k int, rep *Report) (*ViolationRepo
 		})
 	}
 	g.Wait()
+	if ctx.Err() != nil {
+		// Interrupted: what the round's migrations saw of it is no
+		// violation. Run reports what ran.
+		return nil, nil
+	}
 	if first != nil {
 		return first, nil
 	}
@@ -420,31 +382,49 @@ func canonicalSpec(spec string) string {
 	return spec
 }
 
-// proxyHosts are the loopback addresses the migrations of a round
-// reach their destinations at, one each: 127.0.0.10 and up. The agents'
-// certificate names them all.
-func proxyHost(i int) string { return fmt.Sprintf("127.0.0.%d", 10+i) }
+// proxyHost is the k-th loopback address migrations reach their
+// destinations at: 127.0.0.10 and up. The agents' certificate names
+// proxyHosts of them.
+func proxyHost(k int) string { return fmt.Sprintf("127.0.0.%d", 10+k) }
 
-// newRun prepares the i-th migration of a round: its proxies, on
-// proxyHost(i), and its own random source.
+// proxyHosts is how many proxy addresses there are: four for each of the
+// most migrations a round runs.
+const proxyHosts = 64
+
+// newRun prepares the i-th migration of a round: its proxies and its own
+// random source. The proxies share an address of their own: the data
+// proxy must listen at the destination's data port, which something else
+// may hold on one address (another soak's proxy, say), so the next of
+// the migration's four addresses is tried.
 func (s *soak) newRun(p *migrationPlan, i int) (*migrationRun, error) {
 	src, dst := s.sources[p.Lane.TLS], s.dests[p.Lane]
-	proxy, err := tcpproxy.NewOn(proxyHost(i)+":0", dst.Addr())
-	if err != nil {
-		return nil, err
-	}
-	m := &migrationRun{s: s, p: p, src: src, dst: dst, proxy: proxy, rng: rand.New(rand.NewPCG(s.rng.Uint64(), 0))}
-	if p.Lane.Direct {
-		_, port, err := net.SplitHostPort(dst.dataAddress())
-		if err == nil {
-			m.data, err = tcpproxy.NewOn(net.JoinHostPort(proxyHost(i), port), dst.dataAddress())
+	m := &migrationRun{s: s, p: p, src: src, dst: dst, rng: rand.New(rand.NewPCG(s.rng.Uint64(), 0))}
+	var errs []error
+	for k := i; k < proxyHosts; k += 16 {
+		host := proxyHost(k)
+		if p.Lane.Direct {
+			_, port, err := net.SplitHostPort(dst.dataAddress())
+			if err == nil {
+				m.data, err = tcpproxy.NewOn(net.JoinHostPort(host, port), dst.dataAddress())
+			}
+			if err != nil {
+				errs = append(errs, err)
+				continue
+			}
 		}
+		proxy, err := tcpproxy.NewOn(host+":0", dst.Addr())
 		if err != nil {
-			proxy.Close()
-			return nil, fmt.Errorf("data proxy for %s: %w", dst.name, err)
+			if m.data != nil {
+				m.data.Close()
+				m.data = nil
+			}
+			errs = append(errs, err)
+			continue
 		}
+		m.proxy = proxy
+		return m, nil
 	}
-	return m, nil
+	return nil, fmt.Errorf("proxies for %s: %w", dst.name, errors.Join(errs...))
 }
 
 // release gives the source devices of a migration that succeeded back
@@ -483,310 +463,4 @@ func (s *soak) violationReport(v *violation, m *migrationRun, o *outcome) *Viola
 		r.Logs[a.name] = a.logTail(120)
 	}
 	return r
-}
-
-// agents are every agent, sources first, in a fixed order.
-func (s *soak) agents() []*agent {
-	out := []*agent{s.sources[false], s.sources[true]}
-	for _, l := range lanes {
-		out = append(out, s.dests[l])
-	}
-	if out[0] == nil {
-		return nil
-	}
-	return out
-}
-
-// soakCerts are the run's certificates, from a CA made for it.
-type soakCerts struct {
-	agent, client peerauth.TLSFiles
-}
-
-const (
-	agentID  = "spiffe://ferry.soak/agent"
-	clientID = "spiffe://ferry.soak/control-plane"
-)
-
-// startAgents starts a source per security setting and a destination
-// per lane.
-func (s *soak) startAgents(ctx context.Context) error {
-	ca, err := ephemeralca.New(s.logDir, "ferry soak CA")
-	if err != nil {
-		return err
-	}
-	sans := []string{"127.0.0.1", agentID}
-	for i := range 16 {
-		sans = append(sans, proxyHost(i))
-	}
-	ag, err := ca.Issue(ephemeralca.Options{}, sans...)
-	if err != nil {
-		return err
-	}
-	cl, err := ca.Issue(ephemeralca.Options{Usages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}, clientID)
-	if err != nil {
-		return err
-	}
-	s.certs = &soakCerts{agent: peerauth.TLSFiles(ag), client: peerauth.TLSFiles(cl)}
-	common := []string{"--allow-sim", "--device-timeout", deviceTimeout.String()}
-	sec := func(tls, transfer bool) []string {
-		if !tls {
-			return []string{"--insecure"}
-		}
-		a := []string{"--tls-cert", s.certs.agent.Cert, "--tls-key", s.certs.agent.Key, "--tls-ca", s.certs.agent.CA, "--allow-client", clientID}
-		if transfer {
-			a = append(a, "--allow-peer", agentID)
-		}
-		return a
-	}
-	for _, tls := range []bool{false, true} {
-		name := "source-plain"
-		if tls {
-			name = "source-tls"
-		}
-		args := append(append(append([]string{"source"}, sourceFlags...), common...), sec(tls, false)...)
-		s.sources[tls] = &agent{name: name, role: "source", exe: s.cfg.Exe, args: args, logPath: filepath.Join(s.logDir, name+".log")}
-	}
-	for _, l := range lanes {
-		name := "dest-" + l.String()
-		args := append(append(append([]string{"dest"}, destFlags...), common...), sec(l.TLS, true)...)
-		args = append(args, "--memory-budget", fmt.Sprint(s.cfg.destBudget()))
-		s.dests[l] = &agent{name: name, role: "dest", exe: s.cfg.Exe, args: args, logPath: filepath.Join(s.logDir, name+".log"), data: l.Direct}
-	}
-	for _, a := range s.agents() {
-		s.restartMu[a] = &sync.Mutex{}
-		if err := a.start(ctx); err != nil {
-			return err
-		}
-		creds, err := s.creds(a)
-		if err != nil {
-			return err
-		}
-		conn, err := grpc.NewClient(a.Addr(), grpcserver.DialOptions(creds, chunkwire.NewPool())...)
-		if err != nil {
-			return err
-		}
-		s.conns[a] = conn
-	}
-	return nil
-}
-
-// creds are the control plane's credentials for a.
-func (s *soak) creds(a *agent) (credentials.TransportCredentials, error) {
-	if !strings.Contains(strings.Join(a.args, " "), "--tls-cert") {
-		return insecure.NewCredentials(), nil
-	}
-	c, err := peerauth.ClientTLS(s.certs.client, "")
-	if err != nil {
-		return nil, err
-	}
-	return credentials.NewTLS(c), nil
-}
-
-func (s *soak) destClient(a *agent) ferryv1.DestAgentClient {
-	return ferryv1.NewDestAgentClient(s.conns[a])
-}
-func (s *soak) sourceClient(a *agent) ferryv1.SourceAgentClient {
-	return ferryv1.NewSourceAgentClient(s.conns[a])
-}
-
-// restart kills an agent and starts it again on its addresses. Its
-// baseline goes: a new process is measured afresh after a warm-up.
-func (s *soak) restart(ctx context.Context, a *agent) error {
-	mu := s.restartMu[a]
-	mu.Lock()
-	defer mu.Unlock()
-	s.mu.Lock()
-	delete(s.base, a)
-	s.mu.Unlock()
-	return a.restart(ctx)
-}
-
-// stop kills every agent and closes the clients.
-func (s *soak) stop() {
-	for _, a := range s.agents() {
-		a.kill()
-		if c := s.conns[a]; c != nil {
-			c.Close()
-		}
-	}
-}
-
-// warmUp runs one migration without faults on every lane of the given
-// agents, then takes their baselines: goroutines, fds and RSS of an
-// agent that has migrated once and is idle.
-func (s *soak) warmUp(ctx context.Context, which []*agent) (*ViolationReport, error) {
-	want := map[*agent]bool{}
-	for _, a := range which {
-		want[a] = true
-	}
-	var ls []lane
-	for _, l := range lanes {
-		if want[s.sources[l.TLS]] || want[s.dests[l]] {
-			ls = append(ls, l)
-		}
-	}
-	for i, l := range ls {
-		slotIdx := i % len(s.planner.slots)
-		sl := s.planner.slots[slotIdx]
-		p := &migrationPlan{ID: fmt.Sprintf("soak-%d-warmup-%d-%d", s.cfg.Seed, s.planner.next, i), Round: -1, Lane: l,
-			Channels: 4, ChunkSize: 1 << 20, MaxBytes: 0, Devices: []devicePlan{{Slot: slotIdx, Src: sl.base, Dst: sl.base, Size: sl.size}}}
-		s.planner.next++
-		canonical(p)
-		m, err := s.newRun(p, 0)
-		if err != nil {
-			return nil, err
-		}
-		o, err := m.run(ctx)
-		m.closeProxies()
-		if err == nil {
-			err = s.checkMigration(ctx, m, o)
-		}
-		if err == nil && o.Phase != "SUCCEEDED" {
-			err = violate(invVerified, "a warm-up migration without faults ended %s: %s", o.Phase, o.Message)
-		}
-		if err == nil {
-			err = s.release(ctx, m, o)
-		}
-		if err != nil {
-			var v *violation
-			if !errors.As(err, &v) {
-				v = violate("soak", "%v", err)
-			}
-			return s.violationReport(v, m, o), nil
-		}
-	}
-	for _, a := range which {
-		// The level the agent settles at once idle: the lowest of a few
-		// reads, as goroutines of the warm-up's streams finish.
-		var best usage
-		for i := range 20 {
-			u, err := s.usage(ctx, a)
-			if err != nil {
-				return nil, err
-			}
-			if i == 0 || u.Goroutines < best.Goroutines {
-				best.Goroutines = u.Goroutines
-			}
-			if i == 0 || u.FDs < best.FDs {
-				best.FDs = u.FDs
-			}
-			best.RSS = max(best.RSS, u.RSS)
-			best.Devices = u.Devices
-			t := time.NewTimer(50 * time.Millisecond)
-			select {
-			case <-ctx.Done():
-				t.Stop()
-				return nil, ctx.Err()
-			case <-t.C:
-			}
-		}
-		s.mu.Lock()
-		s.base[a] = best
-		s.mu.Unlock()
-	}
-	return nil, nil
-}
-
-// usage is the agent's usage with its open devices counted.
-func (s *soak) usage(ctx context.Context, a *agent) (usage, error) {
-	u, err := a.usage(ctx)
-	if err != nil {
-		return u, err
-	}
-	devs, err := s.listDevices(ctx, a)
-	if err != nil {
-		return u, err
-	}
-	u.Devices = len(devs)
-	return u, nil
-}
-
-func (s *soak) baseline(a *agent) (usage, bool) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	u, ok := s.base[a]
-	return u, ok
-}
-
-func (s *soak) noteUsage(a *agent, u usage) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	p := s.peak[a]
-	p.Goroutines, p.FDs, p.RSS = max(p.Goroutines, u.Goroutines), max(p.FDs, u.FDs), max(p.RSS, u.RSS)
-	p.BudgetInUse = max(p.BudgetInUse, u.BudgetInUse)
-	p.Devices = max(p.Devices, u.Devices)
-	s.peak[a] = p
-}
-
-// WriteText prints the report for people.
-func (r *Report) WriteText(w io.Writer) {
-	fmt.Fprintf(w, "ferry soak: seed %d: %d migration(s) in %d round(s), %.0fs\n", r.Seed, r.Migrations, r.Rounds, r.Seconds)
-	fmt.Fprintf(w, "outcomes:  %s\n", counts(r.Outcomes))
-	if len(r.Reasons) > 0 {
-		fmt.Fprintf(w, "reasons:   %s\n", counts(r.Reasons))
-	}
-	var fs []string
-	for _, c := range faultClasses {
-		if n := r.Faults[string(c)]; n > 0 {
-			fs = append(fs, fmt.Sprintf("%s %d/%d", c, r.Triggered[string(c)], n))
-		}
-	}
-	fmt.Fprintf(w, "faults (triggered/drawn): %s\n", strings.Join(fs, ", "))
-	fmt.Fprintf(w, "checks:    %d (%s)\n", r.ChecksTotal, counts(r.Checks))
-	fmt.Fprintf(w, "restarts:  %s\n", counts(r.Restarts))
-	fmt.Fprintf(w, "control plane: %s\n", counts(r.ControlPlane))
-	names := make([]string, 0, len(r.Usage))
-	for n := range r.Usage {
-		names = append(names, n)
-	}
-	sort.Strings(names)
-	for _, n := range names {
-		u, b := r.Usage[n], r.Baselines[n]
-		fmt.Fprintf(w, "  %-18s goroutines %d (baseline %d), fds %d (%d), RSS %d MiB (%d MiB), devices open %d (%d)\n",
-			n, u.Goroutines, b.Goroutines, u.FDs, b.FDs, u.RSS>>20, b.RSS>>20, u.Devices, b.Devices)
-	}
-	if v := r.Violation; v != nil {
-		fmt.Fprintf(w, "\nVIOLATION %s: %s\n", v.Invariant, v.Detail)
-		if v.Migration != nil {
-			fmt.Fprintf(w, "migration: %s\n", v.Migration)
-		}
-		if v.Outcome != nil {
-			fmt.Fprintf(w, "outcome:   %s %s %s (destination %s)\n", v.Outcome.Phase, v.Outcome.Reason, v.Outcome.Message, v.Outcome.DestPhase)
-		}
-		for _, n := range v.Notes {
-			fmt.Fprintf(w, "note:      %s\n", n)
-		}
-		names := make([]string, 0, len(v.Logs))
-		for n := range v.Logs {
-			names = append(names, n)
-		}
-		sort.Strings(names)
-		for _, n := range names {
-			fmt.Fprintf(w, "\n--- %s (last lines) ---\n%s\n", n, v.Logs[n])
-		}
-		fmt.Fprintf(w, "\nreplay: ferry soak --seed %d\n", r.Seed)
-	}
-	if r.LogDir != "" {
-		fmt.Fprintf(w, "agents' logs: %s\n", r.LogDir)
-	}
-}
-
-// WriteJSON prints the report as one JSON object.
-func (r *Report) WriteJSON(w io.Writer) error {
-	enc := json.NewEncoder(w)
-	enc.SetIndent("", "  ")
-	return enc.Encode(r)
-}
-
-func counts(m map[string]int) string {
-	keys := make([]string, 0, len(m))
-	for k := range m {
-		keys = append(keys, k)
-	}
-	sort.Strings(keys)
-	var parts []string
-	for _, k := range keys {
-		parts = append(parts, fmt.Sprintf("%s %d", k, m[k]))
-	}
-	return strings.Join(parts, ", ")
 }
