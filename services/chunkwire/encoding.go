@@ -43,7 +43,8 @@ func ZeroPages(b []byte) (pageMap []byte, zeros int) {
 }
 
 // PackPages appends to dst[:0] the pages of b that pageMap does not mark
-// zero, in order: a ZERO_PAGES chunk's data.
+// zero, in order: a ZERO_PAGES chunk's data. dst may be b[:0]: each page
+// moves down, never over one not yet moved.
 func PackPages(dst, b, pageMap []byte) []byte {
 	dst = dst[:0]
 	for i := 0; i*PageSize < len(b); i++ {

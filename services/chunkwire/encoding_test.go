@@ -66,6 +66,9 @@ func TestZeroPagesRoundTrip(t *testing.T) {
 			b := chunkWithZeroPages(tc.n, tc.zero)
 			pageMap, zeros := ZeroPages(b)
 			packed := PackPages(nil, b, pageMap)
+			if c := bytes.Clone(b); !bytes.Equal(PackPages(c[:0], c, pageMap), packed) {
+				t.Fatal("packing in place differs")
+			}
 			if zeros == 0 {
 				if pageMap != nil {
 					t.Fatal("a page map without zero pages")

@@ -28,9 +28,6 @@ import (
 // source stops anything; Preflight answers the same question to a
 // control plane before a migration is even prepared.
 
-// grant is what the destination grants of what a source asked.
-func grant(asked []ferryv1.Feature) wire.Features { return wire.FeaturesOf(asked) }
-
 // needsOf is what a migration of the described source devices asks of
 // the destination devices: P2P when every source device has it (the
 // source stops them all through RUNNING_P2P then), PRE_COPY for a

@@ -42,7 +42,7 @@ func (s *transferServer) Open(ctx context.Context, req *ferryv1.OpenRequest) (*f
 	if err != nil {
 		return nil, err
 	}
-	granted := grant(req.GetFeatures())
+	granted := wire.FeaturesOf(req.GetFeatures()) // all this build knows of what was asked
 	if err := inc.checkOpen(req, granted); err != nil {
 		// The source stops nothing after this answer: the devices
 		// prepared here are reset now, not at the token's expiry.

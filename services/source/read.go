@@ -155,11 +155,9 @@ func (m *migration) encode(d *srcDevice, c *outChunk, bp *[]byte) {
 			c.hdr.Encoding, c.hdr.Length = ferryv1.ChunkEncoding_CHUNK_ENCODING_ZERO, uint32(n)
 			return
 		case zeros > 0:
-			// The zero pages stay home: the rest travels packed.
-			pb := pool.Get(n)
-			*pb = chunkwire.PackPages(*pb, *bp, pageMap)
-			pool.Put(bp)
-			bp = pb
+			// The zero pages stay home: the rest travels packed, moved
+			// down within the same buffer.
+			*bp = chunkwire.PackPages((*bp)[:0], *bp, pageMap)
 			c.hdr.Encoding, c.hdr.Length, c.hdr.ZeroPages = ferryv1.ChunkEncoding_CHUNK_ENCODING_ZERO_PAGES, uint32(n), pageMap
 			c.payload = mem.NewBuffer(bp, pool)
 			d.wireBytes.Add(uint64(len(*bp)))
