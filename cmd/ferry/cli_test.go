@@ -279,6 +279,8 @@ func TestHelpRouting(t *testing.T) {
 		{args: []string{"help", "release"}, code: 0, stdout: "rests in STOP"},
 		{args: []string{"help", "agent"}, code: 0, stdout: "usage: ferry agent"},
 		{args: []string{"help", "bench"}, code: 0, stdout: "usage: ferry bench"},
+		{args: []string{"help", "vmm"}, code: 0, stdout: "usage: ferry vmm attach|detach|watch"},
+		{args: []string{"help", "preflight"}, code: 0, stdout: "changes any device"},
 		{args: []string{"help", "nope"}, code: 2, stderr: `unknown command "nope"`},
 		{args: []string{"migrate", "-h"}, code: 0, stderr: "usage: ferry migrate"},
 		{args: []string{"nope"}, code: 2, stderr: "run 'ferry help'"},

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -13,6 +14,18 @@ import (
 	"github.com/vfio-ferry/ferry/pkg/vmm"
 )
 
+// vmmHelp is what `ferry help vmm` says.
+const vmmHelp = `usage: ferry vmm attach|detach|watch FLAGS
+
+  attach --socket PATH --name NAME --open pci:ADDR|mdev:UUID [--config-file FILE] [--config-out FILE] [--exit-on-config] [--recover]
+         open the device as a VMM does (through its VFIO group) and lend its fd to the agent as vmm:NAME,
+         printing every event, until interrupted or the agent goes away
+  detach --socket PATH --name NAME   take a lent device back (a migration holding it is rolled back first)
+  watch  --socket PATH --name NAME   print a lent device's events until it is withdrawn
+
+'ferry vmm SUBCOMMAND -h' shows a subcommand's flags.
+`
+
 // runVMM speaks an agent's VMM socket as a VMM would: `ferry vmm attach`
 // opens a device itself (as QEMU does: through its group) and lends its
 // descriptor to the agent, `detach` takes a device back, `watch` prints
@@ -22,6 +35,9 @@ func runVMM(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		return usageError(errors.New("want a subcommand: attach, detach or watch"))
 	}
 	switch args[0] {
+	case "-h", "-help", "--help", "help":
+		fmt.Fprint(stderr, vmmHelp)
+		return flag.ErrHelp
 	case "attach":
 		return runVMMAttach(ctx, args[1:], stdout, stderr)
 	case "detach":
