@@ -382,19 +382,9 @@ func (m *migrationRun) fire(ctx context.Context, f *fault) error {
 		defer cancel()
 		var err error
 		if f.Side == "dest" {
-			// The commit rule (docs/design.md): a VERIFIED destination is
-			// cancelled only by a control plane that read the source, and
-			// this one's source is alive and about to commit. Cancelling it
-			// blindly races the source's commit: the source SUCCEEDED while
-			// the destination reset its devices, and neither host runs
-			// them. The soak found that (see the report of issue 17); it
-			// keeps to the rule, so as to look for other things.
-			if resp, gerr := m.s.destClient(m.dst).GetIncoming(cctx, &ferryv1.GetIncomingRequest{MigrationId: m.p.ID}, wait); gerr == nil &&
-				resp.GetMigration().GetPhase() == ferryv1.MigrationPhase_MIGRATION_PHASE_VERIFIED {
-				f.Triggered = false
-				m.note("cancel at the destination not sent: it is VERIFIED, and its source is alive")
-				return nil
-			}
+			// Blind, as a careless control plane's: a VERIFIED
+			// destination is cancelled too, racing the source's Commit,
+			// and whichever wins, both ends must agree.
 			_, err = m.s.destClient(m.dst).CancelIncoming(cctx, &ferryv1.CancelIncomingRequest{MigrationId: m.p.ID}, wait)
 		} else {
 			_, err = m.s.sourceClient(m.src).CancelMigration(cctx, &ferryv1.CancelMigrationRequest{MigrationId: m.p.ID}, wait)

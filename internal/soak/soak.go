@@ -172,7 +172,7 @@ func (s *soak) run(ctx context.Context) (*Report, error) {
 		rep.Checks = s.checks.snapshot()
 		rep.ControlPlane = map[string]int{"budget_refused": int(s.stats.budgetRefused.Load()), "rival_refused": int(s.stats.rivalRefused.Load()),
 			"rival_admitted": int(s.stats.rivalWon.Load()), "in_doubt_resolved": int(s.stats.inDoubt.Load()),
-			"commit_race_dest_cancel_won": int(s.stats.commitRace.Load())}
+			"commit_race_rolled_back": int(s.stats.commitRace.Load())}
 		for _, n := range rep.Checks {
 			rep.ChecksTotal += n
 		}

@@ -336,6 +336,11 @@ func (inc *incoming) commit() error {
 		inc.mu.Unlock()
 		return nil
 	case ferryv1.MigrationPhase_MIGRATION_PHASE_VERIFIED:
+	case ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED, ferryv1.MigrationPhase_MIGRATION_PHASE_CANCELLED:
+		// The rollback came first; the source must roll back too, so
+		// the answer says so in a reason of its own.
+		inc.mu.Unlock()
+		return wire.Errorf(codes.FailedPrecondition, wire.ReasonRolledBack, "incoming migration %s was %s before the commit: its devices were reset", inc.id, cur)
 	default:
 		inc.mu.Unlock()
 		return wire.Errorf(codes.FailedPrecondition, wire.ReasonSessionState, "incoming migration %s is %s, not VERIFIED: there is nothing to commit", inc.id, cur)

@@ -428,7 +428,9 @@ func (m *migration) stream(ctx context.Context, transfer ferryv1.TransferClient,
 	m.mu.Unlock()
 	chCancel()
 	if m.features.Has(ferryv1.Feature_FEATURE_COMMIT) {
-		m.tellCommit(transfer, session)
+		if err := m.tellCommit(transfer, session); err != nil {
+			return fail(err)
+		}
 	}
 	// The downtime ends here: the destination owns the devices and its
 	// VM may run. The channels wind down after it.
@@ -455,27 +457,42 @@ func (m *migration) commit() error {
 		return context.Cause(m.ctx)
 	}
 	m.committed = true
+	m.committing = m.features.Has(ferryv1.Feature_FEATURE_COMMIT)
 	return nil
 }
 
 // tellCommit tells the destination that the source committed, so it
 // leaves VERIFIED for SUCCEEDED. It waits at most the progress timeout,
-// retrying transport errors. A destination that does not hear it stays
-// VERIFIED, and says the owner is in doubt, until the control plane, which
-// reads SUCCEEDED here, commits it with CommitIncoming.
-func (m *migration) tellCommit(transfer ferryv1.TransferClient, session string) {
+// retrying transport errors; until the answer the owner is in doubt here
+// too.
+//
+// A destination that rolled back first (a CancelIncoming or an Abort
+// reached it while VERIFIED) answers MIGRATION_ROLLED_BACK: its devices
+// were reset, so the commit is undone and the error returned, and the
+// migration rolls back here as well; no host is left without the
+// devices. A destination that does not answer stays VERIFIED, and says
+// the owner is in doubt, until the control plane, which reads SUCCEEDED
+// here, commits it with CommitIncoming.
+func (m *migration) tellCommit(transfer ferryv1.TransferClient, session string) error {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(m.ctx), min(rpcTimeout, m.a.cfg.ProgressTimeout))
 	defer cancel()
 	err := m.retryUntil(ctx, func(ctx context.Context) error {
 		_, err := transfer.Commit(ctx, &ferryv1.CommitRequest{SessionId: session})
 		return err
 	})
-	if err != nil {
-		m.log.Warn("the destination did not acknowledge the commit; it reports VERIFIED until the control plane commits it (DestAgent.CommitIncoming)", "error", wire.Message(err))
-		m.mu.Lock()
-		m.commitUnheard = true
-		m.mu.Unlock()
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.committing = false
+	switch {
+	case err == nil:
+		return nil
+	case wire.Code(err) == codes.FailedPrecondition && wire.Reason(err) == wire.ReasonRolledBack:
+		m.committed = false
+		return wire.Errorf(codes.Aborted, wire.ReasonRolledBack, "the destination rolled back before the commit reached it: %s", wire.Message(err))
 	}
+	m.log.Warn("the destination did not acknowledge the commit; it reports VERIFIED until the control plane commits it (DestAgent.CommitIncoming)", "error", wire.Message(err))
+	m.commitUnheard = true
+	return nil
 }
 
 // sentChunks is how many chunks each device has sent so far, for the

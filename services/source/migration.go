@@ -94,9 +94,11 @@ type migration struct {
 	endTime      time.Time
 	peakBuffered uint64
 	windowBytes  uint64
-	// committed is set at the commit point (see commit); commitUnheard
-	// when the destination did not acknowledge it.
-	committed, commitUnheard bool
+	// committed is set at the commit point (see commit), and cleared
+	// only when the destination answers the Commit that it rolled back
+	// first; committing while that Commit is in flight; commitUnheard
+	// when the destination never answered it.
+	committed, committing, commitUnheard bool
 	// reserved is what the migration holds of the agent's memory budget.
 	reserved uint64
 
@@ -255,7 +257,10 @@ func (m *migration) snapshot() (*ferryv1.Migration, bool, uint64) {
 		NodeMaxBandwidth:      m.a.nodeBandwidth.limit(),
 		BandwidthLimitedBytes: m.limitedBytes.Load(),
 	}
-	if m.committed {
+	switch {
+	case m.committing:
+		s.Owner = ferryv1.DeviceOwner_DEVICE_OWNER_IN_DOUBT
+	case m.committed:
 		s.Owner = ferryv1.DeviceOwner_DEVICE_OWNER_DESTINATION
 	}
 	if t := m.lastWord.Load(); t != 0 {

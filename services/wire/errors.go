@@ -57,6 +57,10 @@ const (
 	// The migration committed (the source has the verified verdict): it
 	// can no longer be cancelled or aborted.
 	ReasonCommitted = "MIGRATION_COMMITTED"
+	// The destination rolled the migration back (a CancelIncoming or an
+	// Abort reached it while VERIFIED) before the source's Commit: its
+	// devices were reset, so the source rolls back too.
+	ReasonRolledBack = "MIGRATION_ROLLED_BACK"
 	// The VMM that lent a device (vmm: specs) took it back, or its VMM
 	// socket connection closed, while a migration held it.
 	ReasonWithdrawn = "DEVICE_WITHDRAWN"

@@ -31,6 +31,9 @@ type partitionFront struct {
 	ferryv1.UnimplementedTransferServer
 	dest                               ferryv1.TransferClient
 	loseVerdict, loseAbort, loseCommit bool
+	// beforeCommit runs before the Commit is forwarded: the moment a
+	// control plane's call can race it.
+	beforeCommit func(context.Context)
 }
 
 // partitioned is the error a call lost in a partition ends with.
@@ -62,6 +65,9 @@ func (f *partitionFront) Abort(ctx context.Context, req *ferryv1.AbortRequest) (
 func (f *partitionFront) Commit(ctx context.Context, req *ferryv1.CommitRequest) (*ferryv1.CommitResponse, error) {
 	if f.loseCommit {
 		return nil, partitioned()
+	}
+	if f.beforeCommit != nil {
+		f.beforeCommit(ctx)
 	}
 	return f.dest.Commit(ctx, req)
 }
@@ -203,5 +209,50 @@ func TestLostCommitIsResolvedByTheControlPlane(t *testing.T) {
 	_, err = a.source.CancelMigration(t.Context(), &ferryv1.CancelMigrationRequest{MigrationId: "lost-commit"})
 	if wire.Reason(err) != wire.ReasonCommitted {
 		t.Errorf("cancel after the commit: %v, want %s", err, wire.ReasonCommitted)
+	}
+}
+
+// A CancelIncoming that reaches the VERIFIED destination just before the
+// source's Commit wins, and costs no device: the destination resets its
+// device and refuses the Commit (MIGRATION_ROLLED_BACK), and the source,
+// told so, rolls back too. Before, the source reported SUCCEEDED with its
+// device stopped while the destination had reset its own: neither host
+// could run the VM.
+func TestCancelRacingTheCommitCostsNoDevice(t *testing.T) {
+	const spec = "sim:size=4MiB,seed=74"
+	f := &partitionFront{}
+	var cancelErr error
+	var during *ferryv1.Migration
+	var a *agents
+	f.beforeCommit = func(ctx context.Context) {
+		if resp, err := a.source.GetMigration(ctx, &ferryv1.GetMigrationRequest{MigrationId: "commit-race"}); err == nil {
+			during = resp.GetMigration()
+		}
+		_, cancelErr = a.dest.CancelIncoming(ctx, &ferryv1.CancelIncomingRequest{MigrationId: "commit-race"})
+	}
+	a = startPartitioned(t, f, "commit-race", spec)
+	src := a.waitSource(t, "commit-race")
+	if cancelErr != nil {
+		t.Fatalf("CancelIncoming of the VERIFIED destination: %v", cancelErr)
+	}
+	if during.GetOwner() != ferryv1.DeviceOwner_DEVICE_OWNER_IN_DOUBT {
+		t.Errorf("source while its Commit was in flight: owner %v, want IN_DOUBT", during.GetOwner())
+	}
+	wantOwned(t, "source", src, failed, ferryv1.DeviceOwner_DEVICE_OWNER_SOURCE)
+	if src.GetError().GetReason() != wire.ReasonRolledBack {
+		t.Errorf("source error %v, want %s", src.GetError(), wire.ReasonRolledBack)
+	}
+	wantOwned(t, "destination", a.incoming(t, "commit-race"), cancelled, ferryv1.DeviceOwner_DEVICE_OWNER_SOURCE)
+	canon, _ := deviceapi.CanonicalSpec(spec)
+	if st := deviceState(t, a.sourceReg, canon); st != vfio.StateRunning {
+		t.Errorf("source device in %v, want RUNNING: the VM keeps its device", st)
+	}
+	if st := deviceState(t, a.destReg, canon); st != vfio.StateRunning {
+		t.Errorf("destination device in %v, want RUNNING (reset)", st)
+	}
+	// The commit the source holds no longer refuses a cancel: the
+	// migration has ended, rolled back.
+	if _, err := a.source.CancelMigration(t.Context(), &ferryv1.CancelMigrationRequest{MigrationId: "commit-race"}); wire.Reason(err) == wire.ReasonCommitted {
+		t.Errorf("cancel after the rollback: %v", err)
 	}
 }

@@ -291,9 +291,10 @@ const (
 	DeviceOwner_DEVICE_OWNER_SOURCE DeviceOwner = 1
 	// The destination host: the migration committed.
 	DeviceOwner_DEVICE_OWNER_DESTINATION DeviceOwner = 2
-	// Destination only: verified but not yet committed. Ask the source: it
-	// owns the commit (SUCCEEDED there means the destination owns the
-	// devices, anything else that the source does).
+	// At the destination: verified but not yet committed. Ask the source:
+	// it owns the commit (SUCCEEDED there means the destination owns the
+	// devices, anything else that the source does). At the source: its
+	// Commit is in flight, and the destination's answer decides.
 	DeviceOwner_DEVICE_OWNER_IN_DOUBT DeviceOwner = 3
 )
 

@@ -57,7 +57,9 @@ type DestAgentClient interface {
 	// CancelIncoming gives up an incoming migration before its verdict: the
 	// devices are reset and the budget is released.
 	// A VERIFIED migration is cancelled too: the control plane read the
-	// source and found it owns the devices.
+	// source and found it owns the devices. A cancel that races the
+	// source's commit costs no device: the source's Commit that follows is
+	// refused (MIGRATION_ROLLED_BACK) and the source rolls back as well.
 	CancelIncoming(ctx context.Context, in *CancelIncomingRequest, opts ...grpc.CallOption) (*CancelIncomingResponse, error)
 	// CommitIncoming commits a VERIFIED incoming migration whose source
 	// committed but could not say so (its Commit was lost): the control
@@ -218,7 +220,9 @@ type DestAgentServer interface {
 	// CancelIncoming gives up an incoming migration before its verdict: the
 	// devices are reset and the budget is released.
 	// A VERIFIED migration is cancelled too: the control plane read the
-	// source and found it owns the devices.
+	// source and found it owns the devices. A cancel that races the
+	// source's commit costs no device: the source's Commit that follows is
+	// refused (MIGRATION_ROLLED_BACK) and the source rolls back as well.
 	CancelIncoming(context.Context, *CancelIncomingRequest) (*CancelIncomingResponse, error)
 	// CommitIncoming commits a VERIFIED incoming migration whose source
 	// committed but could not say so (its Commit was lost): the control

@@ -80,8 +80,11 @@ type TransferClient interface {
 	Abort(ctx context.Context, in *AbortRequest, opts ...grpc.CallOption) (*AbortResponse, error)
 	// Commit tells the destination that the source has its verified verdict
 	// and will not roll back: the destination owns the devices from now on
-	// (SUCCEEDED). Idempotent; a session that is not VERIFIED or SUCCEEDED
-	// is FAILED_PRECONDITION, reason SESSION_STATE.
+	// (SUCCEEDED). Idempotent. A session rolled back before its Commit came
+	// (a CancelIncoming or an Abort reached it while VERIFIED) is
+	// FAILED_PRECONDITION, reason MIGRATION_ROLLED_BACK: its devices were
+	// reset, and the source rolls back too. Any other session that is not
+	// VERIFIED or SUCCEEDED is FAILED_PRECONDITION, reason SESSION_STATE.
 	Commit(ctx context.Context, in *CommitRequest, opts ...grpc.CallOption) (*CommitResponse, error)
 }
 
@@ -218,8 +221,11 @@ type TransferServer interface {
 	Abort(context.Context, *AbortRequest) (*AbortResponse, error)
 	// Commit tells the destination that the source has its verified verdict
 	// and will not roll back: the destination owns the devices from now on
-	// (SUCCEEDED). Idempotent; a session that is not VERIFIED or SUCCEEDED
-	// is FAILED_PRECONDITION, reason SESSION_STATE.
+	// (SUCCEEDED). Idempotent. A session rolled back before its Commit came
+	// (a CancelIncoming or an Abort reached it while VERIFIED) is
+	// FAILED_PRECONDITION, reason MIGRATION_ROLLED_BACK: its devices were
+	// reset, and the source rolls back too. Any other session that is not
+	// VERIFIED or SUCCEEDED is FAILED_PRECONDITION, reason SESSION_STATE.
 	Commit(context.Context, *CommitRequest) (*CommitResponse, error)
 	mustEmbedUnimplementedTransferServer()
 }
