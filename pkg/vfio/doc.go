@@ -202,7 +202,10 @@
 // and closes them in Registry.Close; an owner gives a device back with
 // its release func and never closes it. A device released while stuck
 // stays with the registry (owner OwnerStuck) until its operation
-// answers, then is closed. Registry.List and ListAll answer from what
+// answers; an owner that gives up on it asks its guard to settle it then
+// (GuardedDevice.WhenAnswered: a source returns it to RUNNING, a
+// destination resets it), and a device so returned to RUNNING is free
+// again, any other closed. Registry.List and ListAll answer from what
 // the registry remembers, never opening a device or waiting on one;
 // Registry.Recover gives an idle device back in RUNNING (ErrBusy when
 // someone holds it).

@@ -86,6 +86,9 @@ type GuardedDevice struct {
 	sizeOK    bool
 	lastErr   string // the last failed control operation, or how a stuck one ended; "" after a success
 	closed    bool
+	// settle is what the owner that gave up on the device while it was
+	// stuck asked done once it answers (WhenAnswered); nil when nothing.
+	settle func(Device)
 }
 
 // guardOp is one control operation of a GuardedDevice.
@@ -408,7 +411,47 @@ func (g *GuardedDevice) run(o *guardOp, fn func(*guardOp) error) {
 	if abandoned && o.stream != nil {
 		o.stream.Close()
 	}
-	if cleared && g.onUnstuck != nil {
+	if cleared {
+		g.answered()
+	}
+}
+
+// WhenAnswered is how an owner gives up on a stuck device without leaving
+// it in whatever state its late answer leaves it: if the device is stuck
+// now, settle runs once the stuck operation answers (before the registry
+// hears of it), with the guard as its device, and WhenAnswered reports
+// true. If the device is not stuck it reports false and the owner settles
+// the device itself: the check and the registration are one step, so a
+// device that answers at the moment the owner looks is settled by one of
+// them, never by neither. A later call replaces an earlier settle.
+//
+// A source rolls its device back to RUNNING this way, so the VM keeps its
+// state; a destination resets its own.
+func (g *GuardedDevice) WhenAnswered(settle func(Device)) bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if !g.stuck || g.closed {
+		return false
+	}
+	g.settle = settle
+	return true
+}
+
+// answered follows a stuck mark's clearing: the owner's settle runs
+// first, then the registry hears of it, unless the settle left the device
+// stuck again (its next answer tells the registry).
+func (g *GuardedDevice) answered() {
+	g.mu.Lock()
+	settle := g.settle
+	g.settle = nil
+	g.mu.Unlock()
+	if settle != nil {
+		settle(g)
+	}
+	g.mu.Lock()
+	again := g.stuck
+	g.mu.Unlock()
+	if !again && g.onUnstuck != nil {
 		g.onUnstuck()
 	}
 }
@@ -524,8 +567,8 @@ func (g *GuardedDevice) dataExited() {
 		cleared = g.updateLocked()
 	}
 	g.mu.Unlock()
-	if cleared && g.onUnstuck != nil {
-		g.onUnstuck()
+	if cleared {
+		g.answered()
 	}
 }
 

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -538,3 +539,57 @@ func ExampleStuckReporter() {
 }
 
 func newFakeForExample() Device { return newFake("fake:example") }
+
+// TestGuardWhenAnswered checks that an owner that gives up on a stuck
+// device gets it settled once the stuck operation answers, however late,
+// and before the registry hears of it; and that a device that is not
+// stuck is left for the owner to settle itself.
+func TestGuardWhenAnswered(t *testing.T) {
+	for _, tt := range []struct {
+		name string
+		gate string
+		hang func(g *GuardedDevice, s DataStream)
+	}{
+		{"set-state", fakeSet, func(g *GuardedDevice, _ DataStream) { g.SetState(StateStop) }},
+		{"read", fakeRead, func(_ *GuardedDevice, s DataStream) { s.Read(make([]byte, 8)) }},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				f := newFake("fake:1")
+				var order []string
+				g := newGuard(f, testTimeout, func() { order = append(order, "registry") }, nil)
+				defer g.Close()
+				settle := func(d Device) {
+					order = append(order, "settle")
+					if _, err := d.SetState(StateRunning); err != nil {
+						t.Errorf("settle: %v", err)
+					}
+				}
+				if g.WhenAnswered(settle) {
+					t.Fatal("WhenAnswered took a device that is not stuck")
+				}
+				setState(t, g, StateStop)
+				s := setState(t, g, StateStopCopy)
+				release := f.block(tt.gate)
+				defer release()
+				go tt.hang(g, s)
+				<-g.Stuck()
+				if !g.WhenAnswered(settle) {
+					t.Fatal("WhenAnswered refused a stuck device")
+				}
+				synctest.Wait()
+				if len(order) != 0 {
+					t.Fatalf("%v ran before the device answered", order)
+				}
+				release()
+				synctest.Wait()
+				if want := []string{"settle", "registry"}; !slices.Equal(order, want) {
+					t.Errorf("after the answer: %v, want %v", order, want)
+				}
+				if st, err := f.State(); err != nil || st != StateRunning {
+					t.Errorf("device in %v (%v), want RUNNING", st, err)
+				}
+			})
+		})
+	}
+}

@@ -149,8 +149,9 @@ func NewRegistry(opts RegistryOptions) *Registry {
 // and "sim:size=1GiB,seed=7" are the same device. The device stays open
 // when released; the returned release func gives it up and may be called
 // any number of times. A device released while stuck is held by
-// OwnerStuck until its operation answers, then closed; the next Acquire
-// opens it afresh. Errors wrap ErrBadSpec, ErrNotAllowed (sim: without
+// OwnerStuck until its operation answers; then, if its owner's settle
+// (GuardedDevice.WhenAnswered) returned it to RUNNING, it is free again,
+// and otherwise it is closed and the next Acquire opens it afresh. Errors wrap ErrBadSpec, ErrNotAllowed (sim: without
 // AllowSim, a host device outside RegistryOptions.Devices), ErrBusy (held
 // by another owner, who is named, or being opened by one; with ErrStuck
 // for a stuck device) or the device's open error.
@@ -275,12 +276,22 @@ func (r *Registry) release(e *registered, lease uint64) {
 	r.notify(e)
 }
 
-// unstuck is called by e's device when its stuck mark clears: a retired
-// device is closed and forgotten.
+// unstuck is called by e's device when its stuck mark clears (after the
+// settle its owner left with the guard, see GuardedDevice.WhenAnswered).
+// A retired device its settle returned to RUNNING is free again, kept
+// open as any released device is, so a VM's state in it stays; any other
+// retired device is closed and forgotten.
 func (r *Registry) unstuck(e *registered) {
+	st, err := e.dev.State()
 	r.mu.Lock()
 	if e.retired == "" || r.devices[e.name] != e {
 		r.mu.Unlock()
+		return
+	}
+	if err == nil && st == StateRunning {
+		e.retired = ""
+		r.mu.Unlock()
+		r.notify(e)
 		return
 	}
 	delete(r.devices, e.name)

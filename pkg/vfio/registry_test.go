@@ -444,3 +444,48 @@ func TestRegistryRecover(t *testing.T) {
 		})
 	}
 }
+
+// TestRegistryStuckDeviceSettled checks a device released while stuck
+// whose owner left a settle with its guard (WhenAnswered): once its
+// operation answers the settle returns it to RUNNING, and the registry
+// frees it, still open, instead of closing it.
+func TestRegistryStuckDeviceSettled(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		const spec = "pci:0000:3b:00.2"
+		var o fakeOpener
+		r := NewRegistry(RegistryOptions{Devices: []string{"*"}, OpTimeout: testTimeout, Open: o.open})
+		defer r.Close()
+		dev, release, err := r.Acquire(spec, "m1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		f := o.dev(spec)
+		unblock := f.block(fakeSet)
+		defer unblock()
+		if _, err := dev.SetState(StateStop); !errors.Is(err, ErrStuck) {
+			t.Fatalf("SetState: %v, want ErrStuck", err)
+		}
+		if !dev.(*GuardedDevice).WhenAnswered(func(d Device) { d.SetState(StateRunning) }) {
+			t.Fatal("WhenAnswered refused the stuck device")
+		}
+		release()
+		if l := r.List(); len(l) != 1 || l[0].Owner != OwnerStuck {
+			t.Fatalf("List() = %+v, want the device held as stuck", l)
+		}
+		unblock()
+		synctest.Wait()
+		if f.isClosed() {
+			t.Error("the settled device was closed")
+		}
+		if l := r.List(); len(l) != 1 || l[0].Owner != "" || l[0].State != StateRunning || l[0].Stuck {
+			t.Errorf("List() after the settle = %+v, want the device free in RUNNING", l)
+		}
+		d2, _, err := r.Acquire(spec, "m2")
+		if err != nil {
+			t.Fatalf("Acquire after the settle: %v", err)
+		}
+		if d2 != dev || o.count() != 1 {
+			t.Errorf("Acquire opened the device again (opens %d), want the settled one", o.count())
+		}
+	})
+}

@@ -153,8 +153,8 @@ func TestAbortAfterVerified(t *testing.T) {
 	if _, err := h.transfer.Finish(ctx, &ferryv1.FinishRequest{SessionId: session}); wire.Reason(err) != wire.ReasonAborted {
 		t.Fatalf("Finish after the abort: %v, want %s", err, wire.ReasonAborted)
 	}
-	if _, err := h.transfer.Commit(ctx, &ferryv1.CommitRequest{SessionId: session}); wire.Code(err) != codes.FailedPrecondition || wire.Reason(err) != wire.ReasonSessionState {
-		t.Fatalf("Commit after the abort: %v, want FAILED_PRECONDITION %s", err, wire.ReasonSessionState)
+	if _, err := h.transfer.Commit(ctx, &ferryv1.CommitRequest{SessionId: session}); wire.Code(err) != codes.FailedPrecondition || wire.Reason(err) != wire.ReasonRolledBack {
+		t.Fatalf("Commit after the abort: %v, want FAILED_PRECONDITION %s", err, wire.ReasonRolledBack)
 	}
 
 	// By migration id and token (the source never heard its Open's answer

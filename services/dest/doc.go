@@ -81,10 +81,12 @@
 // takes the device's write turn, or, while a writer holds it, waits for
 // that writer or for the device's guard to declare the device stuck (a
 // device offering Stuck() <-chan struct{}). Healthy devices are reset and
-// released at once. A stuck device is not reset: the migration reports it
-// (DeviceProgress.stuck) and ends, and the writer whose operation hung
-// releases it to its guard when the operation returns. A device without a
-// guard cannot be declared stuck; its clean-up waits for its write.
+// released at once. A stuck device is not touched while stuck: the
+// migration reports it (DeviceProgress.stuck) and ends. The writer whose
+// write hung resets and releases it when the write returns; a device
+// stuck in a state change is released to its guard, which resets it once
+// the change answers (vfio.GuardedDevice.WhenAnswered). A device without
+// a guard cannot be declared stuck; its clean-up waits for its write.
 //
 // GetIncoming and WatchIncoming show the channels connected and when the
 // source was last heard (a chunk or a message), so a dead source shows at

@@ -174,6 +174,13 @@ func stuckSignal(dev vfio.Device) <-chan struct{} {
 	return nil
 }
 
+// answerer is what the clean-up needs of a device that can be left to its
+// guard while stuck (pkg/vfio's GuardedDevice): a settle that runs once
+// the stuck operation answers.
+type answerer interface {
+	WhenAnswered(settle func(vfio.Device)) bool
+}
+
 // isStuck reports whether dev's guard declared it stuck.
 func isStuck(dev vfio.Device) bool {
 	ch := stuckSignal(dev)
@@ -491,9 +498,21 @@ func (inc *incoming) putTurn(d *devStream) {
 // declared stuck is not touched: it is released to the registry, whose
 // guard holds it until its operation returns.
 func (inc *incoming) finishDevice(d *devStream, reset bool) {
-	if isStuck(d.dev) {
+	if g, ok := d.dev.(answerer); ok && g.WhenAnswered(func(dev vfio.Device) {
+		if d.stream != nil {
+			d.stream.Close()
+		}
+		if !reset {
+			return
+		}
+		if err := dev.Reset(); err != nil {
+			inc.log.Error("stuck device answered at last, and its reset failed", "device", d.spec, "error", err)
+			return
+		}
+		inc.log.Warn("stuck device answered at last: reset", "device", d.spec)
+	}) {
 		d.stuck.Store(true)
-		inc.log.Error("device stuck: not reset, released to its guard", "device", d.spec)
+		inc.log.Error("device stuck: released to its guard, which resets it once its operation returns", "device", d.spec)
 		d.release()
 		return
 	}

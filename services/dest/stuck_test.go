@@ -50,7 +50,7 @@ func (s *hangingStream) Write([]byte) (int, error) {
 // A device write that never returns holds up nothing: cancelling the
 // migration releases its budget and buffers at once and resets the
 // healthy device; the stuck device is left held, reported stuck, and is
-// released (not reset) only when its write returns.
+// reset and released only when its write returns.
 func TestCleanupDoesNotWaitForAStuckWrite(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		reg := vfio.NewRegistry(vfio.RegistryOptions{AllowSim: true})
@@ -125,12 +125,13 @@ func TestCleanupDoesNotWaitForAStuckWrite(t *testing.T) {
 			t.Fatalf("the stuck device: released %d times, reset %d times while its write hangs; want 0 and 0", released.Load(), dev.resets.Load())
 		}
 
-		// The write returns: its writer hands the device back, unreset.
+		// The write returns: its writer resets the device, whose partial
+		// state is worthless, and hands it back.
 		close(dev.unblock)
 		synctest.Wait()
 		<-accepted // the receiver returns too
-		if released.Load() != 1 || dev.resets.Load() != 0 {
-			t.Fatalf("after the write returned: released %d times, reset %d times; want 1 and 0", released.Load(), dev.resets.Load())
+		if released.Load() != 1 || dev.resets.Load() != 1 {
+			t.Fatalf("after the write returned: released %d times, reset %d times; want 1 and 1", released.Load(), dev.resets.Load())
 		}
 	})
 }

@@ -105,32 +105,43 @@ func (m *migration) rollback(cause error, phase ferryv1.MigrationPhase) ferryv1.
 		}
 	}
 	for _, d := range m.devs {
-		if d.isStuck() {
+		if m.leaveToGuard(d) {
 			// Any operation now would fail at once: the device is left
 			// to its driver, held by the agent until its operation
-			// returns.
-			msg := "did not answer within the device timeout: left in its state, held until its operation returns"
+			// returns, and then rolled back by its guard.
+			msg := "did not answer within the device timeout: held until its operation returns, then returned to RUNNING"
 			d.errMsg.Store(&msg)
-			m.log.Error("DEVICE STUCK: not returned to RUNNING", "device", d.spec)
+			m.log.Error("DEVICE STUCK: returned to RUNNING only once its operation returns", "device", d.spec)
 			continue
 		}
-		st, err := d.dev.State()
-		if err == nil && st == vfio.StateRunning {
-			continue
+		if d.stream != nil {
+			// It answered since the streams were closed above.
+			d.stream.Close()
+			d.stream = nil
 		}
-		if _, err := d.dev.SetState(vfio.StateRunning); err != nil {
-			m.log.Error("device did not return to RUNNING; resetting it", "device", d.spec, "error", err)
-			if rerr := d.dev.Reset(); rerr != nil {
-				m.log.Error("DEVICE RESET FAILED: the device is in no usable state", "device", d.spec, "error", rerr)
-				msg := fmt.Sprintf("returning to RUNNING failed (%v) and the reset failed too (%v)", err, rerr)
-				d.errMsg.Store(&msg)
-				continue
-			}
-			msg := fmt.Sprintf("returned to RUNNING by a device reset after: %v", err)
+		if msg := m.toRunning(d.spec, d.dev); msg != "" {
 			d.errMsg.Store(&msg)
 		}
 	}
 	return phase
+}
+
+// toRunning returns dev to RUNNING, resetting it if that arc fails, and
+// says what went wrong ("" for nothing).
+func (m *migration) toRunning(spec string, dev vfio.Device) string {
+	st, err := dev.State()
+	if err == nil && st == vfio.StateRunning {
+		return ""
+	}
+	if _, err := dev.SetState(vfio.StateRunning); err != nil {
+		m.log.Error("device did not return to RUNNING; resetting it", "device", spec, "error", err)
+		if rerr := dev.Reset(); rerr != nil {
+			m.log.Error("DEVICE RESET FAILED: the device is in no usable state", "device", spec, "error", rerr)
+			return fmt.Sprintf("returning to RUNNING failed (%v) and the reset failed too (%v)", err, rerr)
+		}
+		return fmt.Sprintf("returned to RUNNING by a device reset after: %v", err)
+	}
+	return ""
 }
 
 // abortPeer tells the destination to end what it holds for the migration

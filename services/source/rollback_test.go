@@ -167,3 +167,64 @@ func TestStuckDeviceDoesNotHoldTheMigration(t *testing.T) {
 		t.Error("the destination was not aborted")
 	}
 }
+
+// slowDevice's arc into STOP_COPY waits for its gate: a device that is
+// slow, not hung. Its arc back to RUNNING, once it succeeded, closes
+// back.
+type slowDevice struct {
+	vfio.Device
+	gate, back chan struct{}
+}
+
+func (d slowDevice) SetState(s vfio.State) (vfio.DataStream, error) {
+	if s == vfio.StateStopCopy {
+		<-d.gate
+	}
+	ds, err := d.Device.SetState(s)
+	if s == vfio.StateRunning && err == nil {
+		close(d.back)
+	}
+	return ds, err
+}
+
+// A device that answers its arc into STOP_COPY only after the device
+// timeout fails the migration (DEVICE_STUCK), and once it answers it is
+// returned to RUNNING: its VM's state stays in it. It was left in
+// STOP_COPY, owned by nobody.
+func TestSlowDeviceIsRolledBackWhenItAnswers(t *testing.T) {
+	const slow = "sim:size=4MiB,seed=5"
+	dev := slowDevice{gate: make(chan struct{}), back: make(chan struct{})}
+	f := &fakeDest{windows: []*ferryv1.WindowUpdate{{Device: 0, LimitSeq: 64, LimitOffset: 64 << 20}}}
+	f.channel = func(_ int, st grpc.BidiStreamingServer[ferryv1.ChannelRequest, ferryv1.ChannelResponse]) error {
+		if err := st.Send(&ferryv1.ChannelResponse{}); err != nil {
+			return err
+		}
+		return recvAll(st)
+	}
+	a, _ := sourceAgentOn(t, Config{}, vfio.RegistryOptions{OpTimeout: 100 * time.Millisecond, Open: func(s vfio.Spec) (vfio.Device, error) {
+		d, err := vfio.Open(s)
+		dev.Device = d
+		return dev, err
+	}})
+	if _, err := a.StartMigration(t.Context(), &ferryv1.StartMigrationRequest{
+		MigrationId: "slow", DestAddress: serveFake(t, f), Token: "token", Channels: 1, ChunkSize: 1 << 20,
+		Devices: []*ferryv1.DevicePair{{SourceDevice: slow, DestDevice: slow}},
+	}); err != nil {
+		t.Fatal(err)
+	}
+	m := waitEnd(t, a, "slow")
+	if m.GetPhase() != ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED || m.GetError().GetReason() != wire.ReasonDeviceStuck {
+		t.Fatalf("ended %v %v, want FAILED with %s", m.GetPhase(), m.GetError(), wire.ReasonDeviceStuck)
+	}
+	select {
+	case <-dev.back:
+		t.Fatal("the device was moved to RUNNING while its arc into STOP_COPY had not answered")
+	default:
+	}
+	close(dev.gate)
+	select {
+	case <-dev.back:
+	case <-t.Context().Done():
+		t.Fatal("the device answered and was never returned to RUNNING")
+	}
+}

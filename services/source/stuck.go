@@ -3,6 +3,8 @@ package source
 import (
 	"google.golang.org/grpc/codes"
 
+	"github.com/vfio-ferry/ferry/pkg/vfio"
+
 	"github.com/vfio-ferry/ferry/services/wire"
 )
 
@@ -19,6 +21,35 @@ import (
 // stopped answering.
 type stuckDevice interface {
 	Stuck() <-chan struct{}
+}
+
+// answerer is what the rollback needs of a device that can be left to
+// its guard while stuck (pkg/vfio's GuardedDevice).
+type answerer interface {
+	WhenAnswered(settle func(vfio.Device)) bool
+}
+
+// leaveToGuard is the rollback of a device that may be stuck: if it is,
+// its guard returns it to RUNNING once its operation answers, however
+// late, and leaveToGuard reports true. Before, such a device was left in
+// whatever state the late answer gave it: STOP_COPY, with the VM's state
+// in it and no owner.
+func (m *migration) leaveToGuard(d *srcDevice) bool {
+	g, ok := d.dev.(answerer)
+	if !ok {
+		return false
+	}
+	stream := d.stream
+	return g.WhenAnswered(func(dev vfio.Device) {
+		if stream != nil {
+			stream.Close()
+		}
+		if msg := m.toRunning(d.spec, dev); msg != "" {
+			d.errMsg.Store(&msg)
+			return
+		}
+		m.log.Warn("stuck device answered at last: returned to RUNNING", "device", d.spec)
+	})
 }
 
 // isStuck reports whether d has stopped answering.
