@@ -101,6 +101,9 @@ func (b *bandwidthLimit) wait(ctx context.Context, n int) (time.Duration, error)
 	if n <= 0 {
 		return 0, nil
 	}
+	if b.limit() == 0 {
+		return 0, nil // no limit: no clock read, no reservation per chunk
+	}
 	var waited time.Duration
 	total := n
 	for n > 0 {
