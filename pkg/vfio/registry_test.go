@@ -245,16 +245,8 @@ func TestRegistryStuckDevice(t *testing.T) {
 		var o fakeOpener
 		r := NewRegistry(RegistryOptions{Devices: []string{"*"}, OpTimeout: testTimeout, Open: o.open})
 		defer r.Close()
-		dev, release, err := r.Acquire(spec, "m1")
-		if err != nil {
-			t.Fatal(err)
-		}
-		f := o.dev(spec)
-		unblock := f.block(fakeSet)
+		dev, release, f, unblock := acquireStuck(t, r, &o, spec)
 		defer unblock()
-		if _, err := dev.SetState(StateStop); !errors.Is(err, ErrStuck) {
-			t.Fatalf("SetState: %v, want ErrStuck", err)
-		}
 		release()
 
 		before := time.Now()
@@ -455,16 +447,8 @@ func TestRegistryStuckDeviceSettled(t *testing.T) {
 		var o fakeOpener
 		r := NewRegistry(RegistryOptions{Devices: []string{"*"}, OpTimeout: testTimeout, Open: o.open})
 		defer r.Close()
-		dev, release, err := r.Acquire(spec, "m1")
-		if err != nil {
-			t.Fatal(err)
-		}
-		f := o.dev(spec)
-		unblock := f.block(fakeSet)
+		dev, release, f, unblock := acquireStuck(t, r, &o, spec)
 		defer unblock()
-		if _, err := dev.SetState(StateStop); !errors.Is(err, ErrStuck) {
-			t.Fatalf("SetState: %v, want ErrStuck", err)
-		}
 		if !dev.(*GuardedDevice).WhenAnswered(func(d Device) { d.SetState(StateRunning) }) {
 			t.Fatal("WhenAnswered refused the stuck device")
 		}
@@ -488,4 +472,21 @@ func TestRegistryStuckDeviceSettled(t *testing.T) {
 			t.Errorf("Acquire opened the device again (opens %d), want the settled one", o.count())
 		}
 	})
+}
+
+// acquireStuck acquires spec for "m1" and makes its arc into STOP hang
+// past the device timeout: the device is stuck until unblock.
+func acquireStuck(t *testing.T, r *Registry, o *fakeOpener, spec string) (dev Device, release func(), f *fakeDevice, unblock func()) {
+	t.Helper()
+	dev, release, err := r.Acquire(spec, "m1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f = o.dev(spec)
+	unblock = f.block(fakeSet)
+	if _, err := dev.SetState(StateStop); !errors.Is(err, ErrStuck) {
+		unblock()
+		t.Fatalf("SetState: %v, want ErrStuck", err)
+	}
+	return dev, release, f, unblock
 }

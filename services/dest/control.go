@@ -11,6 +11,7 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
@@ -87,7 +88,7 @@ func (s *controlServer) CancelIncoming(ctx context.Context, req *ferryv1.CancelI
 	select {
 	case <-inc.done:
 	case <-ctx.Done():
-		return nil, ctx.Err()
+		return nil, status.FromContextError(ctx.Err()).Err()
 	}
 	m, _, _ := inc.snapshot()
 	return &ferryv1.CancelIncomingResponse{Migration: m}, nil
@@ -194,7 +195,7 @@ func (a *Agent) prepare(ctx context.Context, req *ferryv1.PrepareIncomingRequest
 		select {
 		case <-p.done:
 		case <-ctx.Done():
-			return nil, ctx.Err()
+			return nil, status.FromContextError(ctx.Err()).Err()
 		}
 		if p.err != nil {
 			return nil, p.err
@@ -388,6 +389,6 @@ func (inc *incoming) commitAndWait(ctx context.Context) error {
 	case <-inc.done:
 		return nil
 	case <-ctx.Done():
-		return ctx.Err()
+		return status.FromContextError(ctx.Err()).Err()
 	}
 }

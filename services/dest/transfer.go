@@ -541,7 +541,7 @@ func (s *transferServer) Abort(ctx context.Context, req *ferryv1.AbortRequest) (
 	select {
 	case <-inc.done:
 	case <-ctx.Done():
-		return nil, ctx.Err()
+		return nil, status.FromContextError(ctx.Err()).Err()
 	}
 	return &ferryv1.AbortResponse{}, nil
 }
