@@ -8,7 +8,7 @@ FUZZTIME  ?= 20000x
 # Packages with fuzz targets, and the targets in each: `pkg:Target`.
 FUZZ      := ./pkg/size:FuzzParse ./pkg/vfio:FuzzParseSpec ./pkg/vfio:FuzzSimRecordStream ./pkg/flow:FuzzWindowDelivery \
              ./services/chunkwire:FuzzCodecUnmarshal ./services/chunkwire:FuzzDirectReader ./services/chunkwire:FuzzDecode ./services/wire:FuzzWindowUpdate \
-             ./pkg/vmm:FuzzRead ./services/dest:FuzzOpenRequest ./services/dest:FuzzAccept ./services/source:FuzzStartMigration
+             ./internal/crc32c:FuzzUpdate ./pkg/vmm:FuzzRead ./services/dest:FuzzOpenRequest ./services/dest:FuzzAccept ./services/source:FuzzStartMigration
 
 .PHONY: help
 help: ## list the targets

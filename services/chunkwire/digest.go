@@ -5,17 +5,13 @@ import (
 	"encoding/binary"
 	"fmt"
 	"hash"
-	"hash/crc32"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/internal/crc32c"
 )
 
-// castagnoli is the CRC32C table; hash/crc32 uses the CPU's instruction
-// for it where there is one.
-var castagnoli = crc32.MakeTable(crc32.Castagnoli)
-
 // CRC32C returns the Castagnoli CRC of b, as carried in every chunk.
-func CRC32C(b []byte) uint32 { return crc32.Checksum(b, castagnoli) }
+func CRC32C(b []byte) uint32 { return crc32c.Checksum(b) }
 
 // Digest is the end-to-end digest of one device stream. The source feeds
 // it every chunk it read, the destination every chunk it wrote, both in

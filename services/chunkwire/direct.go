@@ -5,8 +5,6 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"github.com/vfio-ferry/ferry/services/wire"
-	"hash/crc32"
 	"io"
 	"net"
 
@@ -14,6 +12,8 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
+	"github.com/vfio-ferry/ferry/internal/crc32c"
+	"github.com/vfio-ferry/ferry/services/wire"
 )
 
 // Direct data connections carry a channel's chunks without HTTP/2.
@@ -212,7 +212,7 @@ func ReadCRC32C(r io.Reader, b []byte, piece int) (n int, crc uint32, err error)
 	for n < len(b) {
 		end := min(n+piece, len(b))
 		k, err := r.Read(b[n:end])
-		crc = crc32.Update(crc, castagnoli, b[n:n+k])
+		crc = crc32c.Update(crc, b[n:n+k])
 		n += k
 		switch {
 		case err == nil || n == len(b) && errors.Is(err, io.EOF):

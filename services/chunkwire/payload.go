@@ -1,9 +1,9 @@
 package chunkwire
 
 import (
-	"hash/crc32"
-
 	"google.golang.org/grpc/mem"
+
+	"github.com/vfio-ferry/ferry/internal/crc32c"
 )
 
 // Payload is a received chunk's bytes, in the pieces gRPC received them
@@ -85,7 +85,7 @@ func (p *Payload) CRC32C() uint32 {
 	}
 	var crc uint32
 	for _, b := range p.Buffers() {
-		crc = crc32.Update(crc, castagnoli, b.ReadOnlyData())
+		crc = crc32c.Update(crc, b.ReadOnlyData())
 	}
 	return crc
 }
