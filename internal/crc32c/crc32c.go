@@ -21,9 +21,13 @@ import "hash/crc32"
 
 var table = crc32.MakeTable(crc32.Castagnoli)
 
+// minFold is the shortest input folded: below it the set-up and the
+// reduction cost more than hash/crc32's SSE4.2 loop.
+const minFold = 1024
+
 // Update returns the CRC-32C of p appended to data whose CRC-32C is crc.
 func Update(crc uint32, p []byte) uint32 {
-	if len(p) >= minFold && haveFold {
+	if haveFold && len(p) >= minFold {
 		n := len(p) &^ 15
 		crc = ^fold(^crc, p[:n])
 		p = p[n:]

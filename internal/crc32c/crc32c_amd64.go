@@ -7,10 +7,6 @@ import "golang.org/x/sys/cpu"
 // SSE4.1 for the final extraction.
 var haveFold = cpu.X86.HasAVX512F && cpu.X86.HasAVX512VPCLMULQDQ && cpu.X86.HasPCLMULQDQ && cpu.X86.HasSSE41
 
-// minFold is the shortest input fold takes: below it the set-up and
-// the reduction cost more than hash/crc32's SSE4.2 loop.
-const minFold = 1024
-
 // fold returns the CRC-32C state after p, starting from state crc (the
 // ones' complement of a CRC, as hash/crc32 keeps it internally). len(p)
 // must be at least 256 and a multiple of 16.
