@@ -264,13 +264,62 @@ func (m *migrationRun) closeProxies() {
 // again; a source that no longer knows the migration lost it.
 func (m *migrationRun) follow(ctx context.Context, views chan<- *ferryv1.Migration) (final *ferryv1.Migration, lost bool, err error) {
 	src := m.s.sourceClient(m.src)
+	open := watchOf(func() (grpc.ServerStreamingClient[ferryv1.WatchMigrationResponse], error) {
+		return src.WatchMigration(ctx, &ferryv1.WatchMigrationRequest{MigrationId: m.p.ID}, wait)
+	})
+	final, lost, err = watchToEnd(ctx, open, func(v *ferryv1.Migration) error {
+		m.mu.Lock()
+		m.last = v
+		m.mu.Unlock()
+		select {
+		case views <- v:
+		default:
+			// The actor is busy: it reads the newest view from m.last.
+		}
+		return nil
+	})
+	switch {
+	case ctx.Err() != nil:
+		return nil, false, fmt.Errorf("migration %s did not end within %v (last seen: %v)", m.p.ID, migrationTimeout, m.lastPhase())
+	case err != nil:
+		return nil, false, fmt.Errorf("watch of %s: %w", m.p.ID, err)
+	}
+	return final, lost, nil
+}
+
+// watchOf adapts start, which opens a watch (WatchMigration,
+// WatchIncoming), to watchToEnd: each open starts one, whose reads give
+// its views.
+func watchOf[R any, PR interface {
+	*R
+	GetMigration() *ferryv1.Migration
+}](start func() (grpc.ServerStreamingClient[R], error)) func() (func() (*ferryv1.Migration, error), error) {
+	return func() (func() (*ferryv1.Migration, error), error) {
+		stream, err := start()
+		if err != nil {
+			return nil, err
+		}
+		return func() (*ferryv1.Migration, error) {
+			resp, err := stream.Recv()
+			return PR(resp).GetMigration(), err
+		}, nil
+	}
+}
+
+// watchToEnd follows a watch that open starts, calling each with every
+// view, until it ends after a final phase: it returns the last view (the
+// answer: a view in a final phase may still show a device being reset,
+// and the watch ends once the clean-up is done). A watch that breaks
+// because its agent went away (a restart) is opened again; gone reports
+// an agent that no longer knows the migration. It returns ctx's error
+// when ctx ends, and each's or the watch's other errors as they are.
+func watchToEnd(ctx context.Context, open func() (func() (*ferryv1.Migration, error), error), each func(*ferryv1.Migration) error) (last *ferryv1.Migration, gone bool, err error) {
 	for {
-		stream, err := src.WatchMigration(ctx, &ferryv1.WatchMigrationRequest{MigrationId: m.p.ID}, wait)
+		recv, err := open()
 		if err == nil {
-			// To the watch's end, as at the destination (destFinal).
-			var last *ferryv1.Migration
+			last = nil
 			for {
-				resp, rerr := stream.Recv()
+				v, rerr := recv()
 				if errors.Is(rerr, io.EOF) && wire.Final(last.GetPhase()) {
 					return last, false, nil
 				}
@@ -278,27 +327,21 @@ func (m *migrationRun) follow(ctx context.Context, views chan<- *ferryv1.Migrati
 					err = rerr
 					break
 				}
-				v := resp.GetMigration()
 				last = v
-				m.mu.Lock()
-				m.last = v
-				m.mu.Unlock()
-				select {
-				case views <- v:
-				default:
-					// The actor is busy: it reads the newest view from m.last.
+				if err := each(v); err != nil {
+					return nil, false, err
 				}
 			}
 		}
 		switch {
 		case ctx.Err() != nil:
-			return nil, false, fmt.Errorf("migration %s did not end within %v (last seen: %v)", m.p.ID, migrationTimeout, m.lastPhase())
+			return nil, false, ctx.Err()
 		case wire.Code(err) == codes.NotFound:
 			return nil, true, nil
 		case errors.Is(err, io.EOF), wire.Code(err) == codes.Unavailable, wire.Code(err) == codes.Canceled:
-			// The source went away (a restart); watch again.
+			// The agent went away (a restart); watch again.
 		default:
-			return nil, false, fmt.Errorf("watch of %s: %w", m.p.ID, err)
+			return nil, false, err
 		}
 		t := time.NewTimer(50 * time.Millisecond)
 		select {
@@ -514,48 +557,26 @@ func (m *migrationRun) rival(ctx context.Context) error {
 func (m *migrationRun) destFinal(ctx context.Context, o *outcome) (*ferryv1.Migration, error) {
 	dst := m.s.destClient(m.dst)
 	resolved := false
-	for {
-		stream, err := dst.WatchIncoming(ctx, &ferryv1.WatchIncomingRequest{MigrationId: m.p.ID}, wait)
-		if err == nil {
-			// The watch ends once the clean-up after the final phase is
-			// done: a view in a final phase may still show a device being
-			// reset. The last view is the answer.
-			var last *ferryv1.Migration
-			for {
-				resp, rerr := stream.Recv()
-				if errors.Is(rerr, io.EOF) && wire.Final(last.GetPhase()) {
-					return last, nil
-				}
-				if rerr != nil {
-					err = rerr
-					break
-				}
-				v := resp.GetMigration()
-				last = v
-				if v.GetPhase() == ferryv1.MigrationPhase_MIGRATION_PHASE_VERIFIED && !resolved {
-					resolved = true
-					if rerr := m.resolveInDoubt(ctx, o); rerr != nil {
-						return nil, rerr
-					}
-				}
-			}
+	open := watchOf(func() (grpc.ServerStreamingClient[ferryv1.WatchIncomingResponse], error) {
+		return dst.WatchIncoming(ctx, &ferryv1.WatchIncomingRequest{MigrationId: m.p.ID}, wait)
+	})
+	var resolveErr error
+	last, _, err := watchToEnd(ctx, open, func(v *ferryv1.Migration) error {
+		if v.GetPhase() == ferryv1.MigrationPhase_MIGRATION_PHASE_VERIFIED && !resolved {
+			resolved = true
+			resolveErr = m.resolveInDoubt(ctx, o)
 		}
-		switch {
-		case ctx.Err() != nil:
-			return nil, fmt.Errorf("the destination's migration %s did not end within %v", m.p.ID, migrationTimeout)
-		case wire.Code(err) == codes.NotFound:
-			return nil, nil
-		case errors.Is(err, io.EOF), wire.Code(err) == codes.Unavailable, wire.Code(err) == codes.Canceled:
-		default:
-			return nil, fmt.Errorf("watch of %s at the destination: %w", m.p.ID, err)
-		}
-		t := time.NewTimer(50 * time.Millisecond)
-		select {
-		case <-ctx.Done():
-		case <-t.C:
-		}
-		t.Stop()
+		return resolveErr
+	})
+	switch {
+	case resolveErr != nil:
+		return nil, resolveErr
+	case ctx.Err() != nil:
+		return nil, fmt.Errorf("the destination's migration %s did not end within %v", m.p.ID, migrationTimeout)
+	case err != nil:
+		return nil, fmt.Errorf("watch of %s at the destination: %w", m.p.ID, err)
 	}
+	return last, nil
 }
 
 // resolveInDoubt commits or cancels a destination left VERIFIED after

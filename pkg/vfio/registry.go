@@ -282,6 +282,12 @@ func (r *Registry) release(e *registered, lease uint64) {
 // open as any released device is, so a VM's state in it stays; any other
 // retired device is closed and forgotten.
 func (r *Registry) unstuck(e *registered) {
+	r.mu.Lock()
+	retired := e.retired != "" && r.devices[e.name] == e
+	r.mu.Unlock()
+	if !retired {
+		return
+	}
 	st, err := e.dev.State()
 	r.mu.Lock()
 	if e.retired == "" || r.devices[e.name] != e {
