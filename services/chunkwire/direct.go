@@ -90,7 +90,8 @@ type DirectWriter struct {
 }
 
 // NewDirectWriter returns a writer on w (the connection, after the
-// preamble).
+// preamble). When w has a Flush method (a BufferedConn), each chunk is
+// flushed once written.
 func NewDirectWriter(w io.Writer) *DirectWriter {
 	return &DirectWriter{w: w, hdr: make([]byte, 8, 8+MaxDirectHeader)}
 }
@@ -119,6 +120,9 @@ func (dw *DirectWriter) Write(h *ferryv1.ChannelRequest, payload []byte) error {
 	}
 	_, err = dw.out.WriteTo(dw.w)
 	dw.vec[1] = nil
+	if f, ok := dw.w.(interface{ Flush() error }); ok && err == nil {
+		err = f.Flush()
+	}
 	return err
 }
 
@@ -126,6 +130,7 @@ func (dw *DirectWriter) Write(h *ferryv1.ChannelRequest, payload []byte) error {
 // safe for concurrent use.
 type DirectReader struct {
 	r          *bufio.Reader
+	lowat      *lowatConn // the TCP socket under r; nil for TLS
 	pool       *Pool
 	maxPayload int
 	lens       [8]byte
@@ -143,7 +148,12 @@ const directReadBuffer = 16 << 10
 // preamble) that refuses payloads over maxPayload bytes and reads
 // payloads into buffers from pool.
 func NewDirectReader(r io.Reader, pool *Pool, maxPayload int) *DirectReader {
-	return &DirectReader{r: bufio.NewReaderSize(r, directReadBuffer), pool: pool, maxPayload: maxPayload}
+	dr := &DirectReader{pool: pool, maxPayload: maxPayload}
+	if dr.lowat = newLowatConn(r); dr.lowat != nil {
+		r = dr.lowat
+	}
+	dr.r = bufio.NewReaderSize(r, directReadBuffer)
+	return dr
 }
 
 // Read reads the next chunk into in: in.Msg gets its header and in.Data
@@ -179,7 +189,13 @@ func (dr *DirectReader) Read(in *InChunk) error {
 		return nil
 	}
 	bp := dr.pool.Get(int(p))
+	if dr.lowat != nil {
+		dr.lowat.expect(int(p) - dr.r.Buffered())
+	}
 	_, crc, err := ReadCRC32C(dr.r, *bp, 0)
+	if dr.lowat != nil {
+		dr.lowat.expect(0)
+	}
 	if err != nil {
 		dr.pool.Put(bp)
 		return unexpected(err)

@@ -106,7 +106,14 @@ func (a *Agent) attachData(raw net.Conn, creds credentials.TransportCredentials)
 	stop := context.AfterFunc(a.ctx, func() { raw.Close() })
 	defer stop()
 	raw.SetDeadline(time.Now().Add(dataHandshakeTimeout))
-	conn, auth, err := creds.ServerHandshake(raw)
+	var under net.Conn = raw
+	if creds.Info().SecurityProtocol != "insecure" {
+		// A security layer reads the socket a record at a time: it reads
+		// from a buffer instead (chunkwire.ReadBuffer). Without one, chunks
+		// are read from the socket straight into their buffers.
+		under = chunkwire.NewReadBuffer(raw)
+	}
+	conn, auth, err := creds.ServerHandshake(under)
 	if err != nil {
 		log.Warn("direct data connection refused: handshake", "error", err)
 		a.cfg.Metrics.DataConnection(telemetry.RoleDest, telemetry.DataRefusedHandshake)

@@ -489,15 +489,25 @@ func (c *channel) dialData(ctx context.Context, key []byte) (net.Conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	conn, _, err := c.m.a.cfg.PeerCreds.ClientHandshake(dctx, c.m.dataAuthority, raw)
+	// TLS writes a record a system call; its records gather under it, a
+	// chunk's worth at a time (chunkwire.WriteBuffer).
+	buf := chunkwire.NewWriteBuffer(raw)
+	conn, _, err := c.m.a.cfg.PeerCreds.ClientHandshake(dctx, c.m.dataAuthority, buf)
 	if err != nil {
 		raw.Close()
 		return nil, err
+	}
+	if conn == net.Conn(buf) {
+		// No security layer: the chunks go to the socket in one writev.
+		conn = raw
+	} else {
+		conn = &chunkwire.BufferedConn{Conn: conn, Buf: buf}
 	}
 	if err := chunkwire.WriteDirectPreamble(conn, key); err != nil {
 		conn.Close()
 		return nil, err
 	}
+	buf.Hold()
 	return conn, nil
 }
 
