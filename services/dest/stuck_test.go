@@ -1,12 +1,14 @@
 package dest
 
 import (
+	"context"
 	"errors"
 	"sync/atomic"
 	"testing"
 	"testing/synctest"
 
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	ferryv1 "github.com/vfio-ferry/ferry/api/proto/ferry/v1"
 	"github.com/vfio-ferry/ferry/pkg/vfio"
@@ -51,48 +53,66 @@ func (s *hangingStream) Write([]byte) (int, error) {
 // migration releases its budget and buffers at once and resets the
 // healthy device; the stuck device is left held, reported stuck, and is
 // reset and released only when its write returns.
+// hungWrite is a migration of a healthy device and a hanging one, whose
+// receiver is blocked in the hanging device's first write.
+type hungWrite struct {
+	a                *Agent
+	reg              *vfio.Registry
+	inc              *incoming
+	dev              *hangingDevice
+	healthy, hanging string
+	released         *atomic.Int32
+	accepted         chan error // the blocked receiver's accept
+}
+
+// newHungWrite sets up a hungWrite inside a synctest bubble.
+func newHungWrite(t *testing.T) *hungWrite {
+	t.Helper()
+	reg := vfio.NewRegistry(vfio.RegistryOptions{AllowSim: true})
+	t.Cleanup(func() { reg.Close() })
+	a, err := New(Config{Registry: reg, MaxChunks: 8, MaxBytes: 128 << 10})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { a.Close() })
+	h := &hungWrite{a: a, reg: reg, healthy: canonical(t, spec(1)), hanging: canonical(t, spec(2)), released: new(atomic.Int32), accepted: make(chan error, 1)}
+	s, _ := vfio.ParseSpec(h.hanging)
+	sim, err := vfio.NewSim(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.dev = &hangingDevice{Device: sim, stuck: make(chan struct{}), unblock: make(chan struct{})}
+	a.acquire = func(spec, owner string) (vfio.Device, func(), error) {
+		if spec == h.hanging {
+			return h.dev, func() { h.released.Add(1) }, nil
+		}
+		return reg.Acquire(spec, owner)
+	}
+	prep, err := a.prepare(t.Context(), &ferryv1.PrepareIncomingRequest{MigrationId: "hang", Devices: []string{h.healthy, h.hanging}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr := &transferServer{a: a}
+	resp, err := tr.Open(t.Context(), &ferryv1.OpenRequest{MigrationId: "hang", Token: prep.GetToken(), Devices: []string{h.healthy, h.hanging}, ChunkSize: testChunk, Channels: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.inc, _ = a.session(resp.GetSessionId())
+
+	// A receiver writes the hanging device's first chunk and blocks.
+	state := sourceState(t, 2)
+	hdr := dataChunk(0, state[:testChunk])
+	hdr.Device = 1
+	in := inChunk(t, hdr, state[:testChunk])
+	go func() { h.accepted <- h.inc.accept(in) }()
+	synctest.Wait()
+	return h
+}
+
 func TestCleanupDoesNotWaitForAStuckWrite(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		reg := vfio.NewRegistry(vfio.RegistryOptions{AllowSim: true})
-		defer reg.Close()
-		a, err := New(Config{Registry: reg, MaxChunks: 8, MaxBytes: 128 << 10})
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer a.Close()
-		healthy, hanging := canonical(t, spec(1)), canonical(t, spec(2))
-		s, _ := vfio.ParseSpec(hanging)
-		sim, err := vfio.NewSim(s)
-		if err != nil {
-			t.Fatal(err)
-		}
-		dev := &hangingDevice{Device: sim, stuck: make(chan struct{}), unblock: make(chan struct{})}
-		var released atomic.Int32
-		a.acquire = func(spec, owner string) (vfio.Device, func(), error) {
-			if spec == hanging {
-				return dev, func() { released.Add(1) }, nil
-			}
-			return reg.Acquire(spec, owner)
-		}
-		prep, err := a.prepare(t.Context(), &ferryv1.PrepareIncomingRequest{MigrationId: "hang", Devices: []string{healthy, hanging}})
-		if err != nil {
-			t.Fatal(err)
-		}
-		tr := &transferServer{a: a}
-		resp, err := tr.Open(t.Context(), &ferryv1.OpenRequest{MigrationId: "hang", Token: prep.GetToken(), Devices: []string{healthy, hanging}, ChunkSize: testChunk, Channels: 1})
-		if err != nil {
-			t.Fatal(err)
-		}
-		inc, _ := a.session(resp.GetSessionId())
-
-		// A receiver writes the hanging device's first chunk and blocks.
-		state := sourceState(t, 2)
-		hdr := dataChunk(0, state[:testChunk])
-		hdr.Device = 1
-		in := inChunk(t, hdr, state[:testChunk])
-		accepted := make(chan error, 1)
-		go func() { accepted <- inc.accept(in) }()
-		synctest.Wait()
+		h := newHungWrite(t)
+		a, reg, inc, dev, healthy, released, accepted := h.a, h.reg, h.inc, h.dev, h.healthy, h.released, h.accepted
 
 		inc.fail(wire.Errorf(codes.Canceled, wire.ReasonCancelled, "cancelled"), ferryv1.MigrationPhase_MIGRATION_PHASE_CANCELLED, failAsked)
 		synctest.Wait()
@@ -132,6 +152,36 @@ func TestCleanupDoesNotWaitForAStuckWrite(t *testing.T) {
 		<-accepted // the receiver returns too
 		if released.Load() != 1 || dev.resets.Load() != 1 {
 			t.Fatalf("after the write returned: released %d times, reset %d times; want 1 and 1", released.Load(), dev.resets.Load())
+		}
+	})
+}
+
+// A control call that waits for a rollback held up by a hanging device
+// ends with its caller's context, as a gRPC status (CANCELLED), not as a
+// bare context error (which the interceptors log and count as UNKNOWN).
+func TestCancelIncomingEndsWithItsCaller(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		h := newHungWrite(t)
+		defer func() { // the device answers at last, even if the test failed
+			close(h.dev.stuck)
+			close(h.dev.unblock)
+			<-h.accepted
+		}()
+		ctx, cancel := context.WithCancel(t.Context())
+		done := make(chan error, 1)
+		go func() {
+			_, err := (&controlServer{a: h.a}).CancelIncoming(ctx, &ferryv1.CancelIncomingRequest{MigrationId: "hang"})
+			done <- err
+		}()
+		synctest.Wait()
+		select {
+		case err := <-done:
+			t.Fatalf("CancelIncoming returned (%v) while the rollback waits for a hanging device", err)
+		default:
+		}
+		cancel()
+		if err := <-done; status.Code(err) != codes.Canceled {
+			t.Fatalf("CancelIncoming whose caller left: %v (code %v), want CANCELLED", err, status.Code(err))
 		}
 	})
 }
