@@ -434,13 +434,17 @@ func (s *soak) release(ctx context.Context, m *migrationRun, o *outcome) error {
 	if o.Phase != "SUCCEEDED" {
 		return nil
 	}
+	// Another migration's fault may restart the source while its devices
+	// are given back: a new process holds no device, so what it cut off
+	// needs no release (the devices-idle check reads the new process).
+	epoch := m.src.epoch()
 	for _, d := range m.p.Devices {
 		cctx, cancel := context.WithTimeout(ctx, callTimeout)
 		resp, err := s.sourceClient(m.src).ReleaseDevice(cctx, &ferryv1.ReleaseDeviceRequest{Device: d.Src}, wait)
 		cancel()
 		s.checks.count(invRelease)
 		switch {
-		case err != nil && o.collateral:
+		case err != nil && (o.collateral || m.src.epoch() != epoch):
 		case err != nil:
 			return violate(invRelease, "ReleaseDevice %s after the migration succeeded: %v", d.Src, err)
 		case resp.GetDevice().GetState() != ferryv1.DeviceState_DEVICE_STATE_RUNNING:
