@@ -130,9 +130,9 @@ type Agent struct {
 	// put devices of their own behind it).
 	acquire func(spec, owner string) (vfio.Device, func(), error)
 
-	// wg owns every goroutine the agent starts: loaders, channel receivers
-	// and clean-ups.
-	wg     sync.WaitGroup
+	// crew owns every goroutine the agent starts: loaders, channel
+	// receivers and clean-ups (stuck.go).
+	crew   crew
 	ctx    context.Context
 	cancel context.CancelFunc
 }
@@ -155,6 +155,7 @@ func New(cfg Config) (*Agent, error) {
 		preparing: make(map[string]*pendingPrepare),
 		acquire:   cfg.Registry.Acquire,
 		dataKeys:  make(map[[chunkwire.DataKeyLen]byte]*dataAttach),
+		crew:      crew{changed: make(chan struct{}, 1)},
 		ctx:       ctx,
 		cancel:    cancel,
 	}, nil
@@ -167,7 +168,8 @@ func (a *Agent) Register(s grpc.ServiceRegistrar) {
 }
 
 // Close fails every migration still running (resetting its devices) and
-// waits for the agent's goroutines. A VERIFIED migration is left as it
+// waits for the agent's goroutines, but those blocked in a device its
+// guard declared stuck: it names how many there are. A VERIFIED migration is left as it
 // is, its devices held in STOP: its source may have committed, so only
 // the source or the control plane may decide (it is logged loudly).
 func (a *Agent) Close() {
@@ -185,7 +187,9 @@ func (a *Agent) Close() {
 		}
 	}
 	a.cancel()
-	a.wg.Wait()
+	if n := a.crew.wait(); n > 0 {
+		a.cfg.Logger.Error("goroutines are still blocked in device operations that did not return; they end with the process", "goroutines", n)
+	}
 	a.zstd.Close()
 }
 

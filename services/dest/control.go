@@ -260,6 +260,7 @@ func (a *Agent) prepareNew(ctx context.Context, req *ferryv1.PrepareIncomingRequ
 	a.forgetOldLocked()
 	a.mu.Unlock()
 	inc.setPhase(ferryv1.MigrationPhase_MIGRATION_PHASE_WAITING)
+	inc.watchStuck()
 	return inc, nil
 }
 

@@ -91,7 +91,7 @@ func (a *Agent) ServeData(ln net.Listener, creds credentials.TransportCredential
 			conn.Close()
 			continue
 		}
-		a.wg.Go(func() {
+		a.crew.Go(func() {
 			defer func() { <-sem }()
 			a.attachData(conn, creds)
 		})

@@ -88,6 +88,12 @@
 // the change answers (vfio.GuardedDevice.WhenAnswered). A device without
 // a guard cannot be declared stuck; its clean-up waits for its write.
 //
+// A device declared stuck before the migration ends fails it at once,
+// with UNAVAILABLE and DEVICE_STUCK, which every channel answers: the
+// source rolls back then rather than at its switchover deadline (stuck.go).
+// The agent's Close waits for every goroutine it started but those left
+// blocked in a stuck device, and logs how many there are.
+//
 // GetIncoming and WatchIncoming show the channels connected and when the
 // source was last heard (a chunk or a message), so a dead source shows at
 // once; chunks received twice are counted as duplicate_chunks (the

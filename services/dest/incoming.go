@@ -67,8 +67,10 @@ type devStream struct {
 	writing *chunkwire.Payload
 	// orphaned: the clean-up found the device stuck in an operation and
 	// left it to whoever holds the write turn (see putTurn); reset is
-	// whether it must then be reset.
-	orphaned, reset bool
+	// whether it must then be reset. lingers: the holder is counted as
+	// lingering in the agent's crew until it gives the turn back;
+	// finished: the device was finished, with the turn kept for good.
+	orphaned, reset, lingers, finished bool
 
 	// notify wakes the loader when a chunk arrived (1-buffered).
 	notify chan struct{}
@@ -155,36 +157,6 @@ func (d *devStream) frontierLocked() (seq, off uint64) {
 		return d.frontSeq, d.frontOff
 	}
 	return d.reasm.Frontier()
-}
-
-// stuckDevice is what a guarded device offers (pkg/vfio's device
-// guard): a channel closed once an operation on it did not return within
-// the guard's deadline. The device is then its guard's until the
-// operation returns.
-type stuckDevice interface {
-	Stuck() <-chan struct{}
-}
-
-// stuckSignal is dev's stuck channel, nil (never ready) for a device
-// without a guard.
-func stuckSignal(dev vfio.Device) <-chan struct{} {
-	if g, ok := dev.(stuckDevice); ok {
-		return g.Stuck()
-	}
-	return nil
-}
-
-// answerer is what the clean-up needs of a device that can be left to its
-// guard while stuck (pkg/vfio's GuardedDevice): a settle that runs once
-// the stuck operation answers.
-type answerer interface {
-	WhenAnswered(settle func(vfio.Device)) bool
-}
-
-// isStuck reports whether dev's guard declared it stuck.
-func isStuck(dev vfio.Device) bool {
-	ch := stuckSignal(dev)
-	return ch != nil && isClosed(ch)
 }
 
 // incoming is one incoming migration.
@@ -368,7 +340,7 @@ func (inc *incoming) finished(failed bool) {
 	}
 	inc.cancel()
 	inc.watch.Notify()
-	inc.a.wg.Go(func() { inc.cleanup(failed) })
+	inc.a.crew.Go(func() { inc.cleanup(failed) })
 }
 
 // verifiedAll moves the migration to VERIFIED once its last device
@@ -471,7 +443,15 @@ func (inc *incoming) closeDevice(d *devStream, reset bool) {
 		d.mu.Unlock()
 		inc.log.Error("device stuck in an operation: left to its driver, held until the operation returns", "device", d.spec)
 		if !d.tryTurn() {
-			return // the holder finishes it
+			// The holder finishes it, once its operation returns;
+			// until then the agent's Close does not wait for it.
+			d.mu.Lock()
+			if !d.finished {
+				d.lingers = true
+				inc.a.crew.linger(1)
+			}
+			d.mu.Unlock()
+			return
 		}
 	}
 	inc.finishDevice(d, reset)
@@ -491,6 +471,12 @@ func (inc *incoming) putTurn(d *devStream) {
 	if orphaned && d.tryTurn() {
 		inc.finishDevice(d, reset)
 	}
+	d.mu.Lock()
+	if d.lingers {
+		d.lingers = false
+		inc.a.crew.linger(-1)
+	}
+	d.mu.Unlock()
 }
 
 // finishDevice closes d's data stream, resets the device after a failure
@@ -498,6 +484,11 @@ func (inc *incoming) putTurn(d *devStream) {
 // declared stuck is not touched: it is released to the registry, whose
 // guard holds it until its operation returns.
 func (inc *incoming) finishDevice(d *devStream, reset bool) {
+	defer func() {
+		d.mu.Lock()
+		d.finished = true
+		d.mu.Unlock()
+	}()
 	if g, ok := d.dev.(answerer); ok && g.WhenAnswered(func(dev vfio.Device) {
 		if d.stream != nil {
 			d.stream.Close()

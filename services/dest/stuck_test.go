@@ -49,10 +49,6 @@ func (s *hangingStream) Write([]byte) (int, error) {
 	return 0, errors.New("the write came back after the device was declared stuck")
 }
 
-// A device write that never returns holds up nothing: cancelling the
-// migration releases its budget and buffers at once and resets the
-// healthy device; the stuck device is left held, reported stuck, and is
-// reset and released only when its write returns.
 // hungWrite is a migration of a healthy device and a hanging one, whose
 // receiver is blocked in the hanging device's first write.
 type hungWrite struct {
@@ -99,16 +95,21 @@ func newHungWrite(t *testing.T) *hungWrite {
 	}
 	h.inc, _ = a.session(resp.GetSessionId())
 
-	// A receiver writes the hanging device's first chunk and blocks.
+	// A receiver, one of the agent's goroutines as a channel's is,
+	// writes the hanging device's first chunk and blocks.
 	state := sourceState(t, 2)
 	hdr := dataChunk(0, state[:testChunk])
 	hdr.Device = 1
 	in := inChunk(t, hdr, state[:testChunk])
-	go func() { h.accepted <- h.inc.accept(in) }()
+	a.crew.Go(func() { h.accepted <- h.inc.accept(in) })
 	synctest.Wait()
 	return h
 }
 
+// A device write that never returns holds up nothing: cancelling the
+// migration releases its budget and buffers at once and resets the
+// healthy device; the stuck device is left held, reported stuck, and is
+// reset and released only when its write returns.
 func TestCleanupDoesNotWaitForAStuckWrite(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		h := newHungWrite(t)
@@ -182,6 +183,78 @@ func TestCancelIncomingEndsWithItsCaller(t *testing.T) {
 		cancel()
 		if err := <-done; status.Code(err) != codes.Canceled {
 			t.Fatalf("CancelIncoming whose caller left: %v (code %v), want CANCELLED", err, status.Code(err))
+		}
+	})
+}
+
+// A device whose write is declared stuck fails its migration at once,
+// with UNAVAILABLE and DEVICE_STUCK, which its channels answer: the
+// source rolls back then, instead of waiting out its switchover deadline
+// with the VM paused. The healthy device is reset and freed; the stuck
+// one stays held until its write returns.
+func TestStuckWriteFailsTheMigration(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		h := newHungWrite(t)
+		defer func() { // the device answers at last, even if the test failed
+			close(h.dev.unblock)
+			<-h.accepted
+		}()
+		if isClosed(h.inc.done) {
+			t.Fatal("the migration ended while its device's write was not yet declared stuck")
+		}
+
+		close(h.dev.stuck)
+		synctest.Wait()
+		if !isClosed(h.inc.done) {
+			t.Fatal("the migration goes on after its device was declared stuck")
+		}
+		m, _, _ := h.inc.snapshot()
+		if m.GetPhase() != ferryv1.MigrationPhase_MIGRATION_PHASE_FAILED || m.GetError().GetReason() != wire.ReasonDeviceStuck || codes.Code(m.GetError().GetCode()) != codes.Unavailable {
+			t.Fatalf("the migration: %v, %v; want FAILED with UNAVAILABLE %s", m.GetPhase(), m.GetError(), wire.ReasonDeviceStuck)
+		}
+		if err := h.inc.finalStatus(); wire.Reason(err) != wire.ReasonDeviceStuck {
+			t.Fatalf("its channels answer %v, want %s", err, wire.ReasonDeviceStuck)
+		}
+		if !m.GetDevices()[1].GetStuck() || m.GetDevices()[0].GetStuck() {
+			t.Fatalf("stuck: %v %v; want only device 1", m.GetDevices()[0].GetStuck(), m.GetDevices()[1].GetStuck())
+		}
+		for _, d := range h.reg.List() {
+			if d.Spec == h.healthy && (d.Owner != "" || d.State != vfio.StateRunning) {
+				t.Fatalf("the healthy device: owner %q, state %v; want free and RUNNING", d.Owner, d.State)
+			}
+		}
+		if h.released.Load() != 0 {
+			t.Fatal("the stuck device was released while its write hangs")
+		}
+	})
+}
+
+// The agent's Close does not wait for a goroutine blocked in a device its
+// guard declared stuck: a write the kernel never returns from must not
+// hold the agent's shutdown for good. When the write returns at last, its
+// writer still resets and releases the device.
+func TestCloseDoesNotWaitForAStuckWrite(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		h := newHungWrite(t)
+		closed := make(chan struct{})
+		go func() {
+			h.a.Close()
+			close(closed)
+		}()
+		synctest.Wait()
+		if isClosed(closed) {
+			t.Fatal("Close returned while a write was in progress and its device not declared stuck")
+		}
+		close(h.dev.stuck)
+		synctest.Wait()
+		if !isClosed(closed) {
+			t.Fatal("Close waits for a write into a device declared stuck")
+		}
+		close(h.dev.unblock)
+		<-h.accepted
+		synctest.Wait()
+		if h.released.Load() != 1 || h.dev.resets.Load() != 1 {
+			t.Fatalf("after the write returned: released %d times, reset %d times; want 1 and 1", h.released.Load(), h.dev.resets.Load())
 		}
 	})
 }

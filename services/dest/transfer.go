@@ -93,7 +93,7 @@ func (s *transferServer) Open(ctx context.Context, req *ferryv1.OpenRequest) (*f
 	// Nothing waits for the loaders but the agent: a migration that ends
 	// meanwhile (its clean-up holds every write turn) ends them at once.
 	for _, d := range inc.devs {
-		a.wg.Go(func() { inc.load(d) })
+		a.crew.Go(func() { inc.load(d) })
 	}
 	inc.log.Info("session opened", "channels", channels, "chunk_size", chunkSize, "mode", req.GetMode().String(),
 		"source_version", req.GetAgentVersion(), "features", granted.String())
@@ -178,7 +178,7 @@ func (s *transferServer) Channel(stream grpc.BidiStreamingServer[ferryv1.Channel
 	// The receiver runs on its own goroutine, owned by the agent: a
 	// blocked RecvMsg only returns once this handler has returned.
 	recvErr := make(chan error, 1)
-	a.wg.Go(func() { recvErr <- inc.receive(stream) })
+	a.crew.Go(func() { recvErr <- inc.receive(stream) })
 
 	resp := &ferryv1.ChannelResponse{Windows: make([]*ferryv1.WindowUpdate, len(inc.devs))}
 	for i := range resp.Windows {
@@ -199,7 +199,7 @@ func (s *transferServer) Channel(stream grpc.BidiStreamingServer[ferryv1.Channel
 			return status.FromContextError(stream.Context().Err()).Err()
 		case conn := <-attached:
 			attached, dataConn = nil, conn
-			a.wg.Go(func() { dataErr <- inc.receiveDirect(conn, a.cfg.Pool) })
+			a.crew.Go(func() { dataErr <- inc.receiveDirect(conn, a.cfg.Pool) })
 		case err := <-dataErr:
 			// The data connection ended: cleanly, and the stream goes on
 			// until the session ends, or with the error the stream ends with.
