@@ -89,19 +89,7 @@ func TestLowatWaitsOnlyForWhatIsComing(t *testing.T) {
 		}()
 	}()
 	w := NewDirectWriter(src)
-	for i, p := range payloads {
-		if err := w.Write(&ferryv1.ChannelRequest{Seq: uint64(i), Kind: ferryv1.ChunkKind_CHUNK_KIND_DATA, Crc32C: CRC32C(p)}, p); err != nil {
-			t.Fatal(err)
-		}
-		select {
-		case <-next:
-		case err := <-got:
-			t.Fatalf("chunk %d: %v", i, err)
-		}
-	}
-	if err := <-got; err != nil {
-		t.Fatal(err)
-	}
+	writeInStep(t, w, payloads, next, got)
 	if maxLowat > maxRcvLowat {
 		t.Errorf("SO_RCVLOWAT reached %d, over its cap %d", maxLowat, maxRcvLowat)
 	}

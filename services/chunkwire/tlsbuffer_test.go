@@ -114,19 +114,7 @@ func TestBufferedTLSCarriesEachChunk(t *testing.T) {
 	}
 	buf.Hold()
 	w := NewDirectWriter(conn)
-	for i, p := range payloads {
-		if err := w.Write(&ferryv1.ChannelRequest{Seq: uint64(i), Kind: ferryv1.ChunkKind_CHUNK_KIND_DATA, Crc32C: CRC32C(p)}, p); err != nil {
-			t.Fatal(err)
-		}
-		select {
-		case <-next:
-		case err := <-got:
-			t.Fatalf("chunk %d: %v", i, err)
-		}
-	}
-	if err := <-got; err != nil {
-		t.Fatal(err)
-	}
+	writeInStep(t, w, payloads, next, got)
 }
 
 // A Close from another goroutine ends a Flush blocked on a peer that
@@ -150,4 +138,24 @@ func TestWriteBufferCloseEndsBlockedFlush(t *testing.T) {
 			t.Fatalf("blocked Flush ended with %v, want the closed connection's error", err)
 		}
 	})
+}
+
+// writeInStep writes payloads as DATA chunks 0, 1, ... through w, each
+// only once the reader said it had the one before (next), and then
+// waits for the reader's end (got).
+func writeInStep(t *testing.T, w *DirectWriter, payloads [][]byte, next <-chan struct{}, got <-chan error) {
+	t.Helper()
+	for i, p := range payloads {
+		if err := w.Write(&ferryv1.ChannelRequest{Seq: uint64(i), Kind: ferryv1.ChunkKind_CHUNK_KIND_DATA, Crc32C: CRC32C(p)}, p); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case <-next:
+		case err := <-got:
+			t.Fatalf("chunk %d: %v", i, err)
+		}
+	}
+	if err := <-got; err != nil {
+		t.Fatal(err)
+	}
 }
