@@ -1,7 +1,6 @@
 package chunkwire
 
 import (
-	"bytes"
 	"errors"
 	"io"
 	"net"
@@ -69,23 +68,7 @@ func TestLowatWaitsOnlyForWhatIsComing(t *testing.T) {
 	next := make(chan struct{})
 	go func() {
 		got <- func() error {
-			for i, want := range payloads {
-				var in InChunk
-				if err := r.Read(&in); err != nil {
-					return err
-				}
-				var data []byte
-				if in.Data != nil {
-					data = in.Data.Materialize()
-					in.Data.Free()
-				}
-				if in.Msg.Seq != uint64(i) || !bytes.Equal(data, want) {
-					return errors.New("chunk differs")
-				}
-				maxLowat = max(maxLowat, r.lowat.lowat)
-				next <- struct{}{}
-			}
-			return nil
+			return readInStep(r, payloads, next, func() { maxLowat = max(maxLowat, r.lowat.lowat) })
 		}()
 	}()
 	w := NewDirectWriter(src)

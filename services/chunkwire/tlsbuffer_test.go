@@ -8,6 +8,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
+	"fmt"
 	"io"
 	"math/big"
 	"net"
@@ -79,22 +80,7 @@ func TestBufferedTLSCarriesEachChunk(t *testing.T) {
 				return err
 			}
 			r := NewDirectReader(conn, NewPool(), len(big))
-			for i, want := range payloads {
-				var in InChunk
-				if err := r.Read(&in); err != nil {
-					return err
-				}
-				var data []byte
-				if in.Data != nil {
-					data = in.Data.Materialize()
-					in.Data.Free()
-				}
-				if in.Msg.Seq != uint64(i) || !bytes.Equal(data, want) {
-					return errors.New("chunk differs")
-				}
-				next <- struct{}{}
-			}
-			return nil
+			return readInStep(r, payloads, next, nil)
 		}()
 	}()
 
@@ -158,4 +144,28 @@ func writeInStep(t *testing.T, w *DirectWriter, payloads [][]byte, next <-chan s
 	if err := <-got; err != nil {
 		t.Fatal(err)
 	}
+}
+
+// readInStep reads the chunks writeInStep writes, checks each against
+// payloads, calls after (if set) and tells the writer (next).
+func readInStep(r *DirectReader, payloads [][]byte, next chan<- struct{}, after func()) error {
+	for i, want := range payloads {
+		var in InChunk
+		if err := r.Read(&in); err != nil {
+			return err
+		}
+		var data []byte
+		if in.Data != nil {
+			data = in.Data.Materialize()
+			in.Data.Free()
+		}
+		if in.Msg.Seq != uint64(i) || !bytes.Equal(data, want) {
+			return fmt.Errorf("chunk %d differs", i)
+		}
+		if after != nil {
+			after()
+		}
+		next <- struct{}{}
+	}
+	return nil
 }
