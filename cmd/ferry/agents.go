@@ -97,7 +97,7 @@ type sourceFlags struct {
 
 func (f *sourceFlags) register(fs *flag.FlagSet) {
 	f.reconnect = fs.Duration("reconnect-timeout", source.DefaultReconnectTimeout, "how long a lost channel or an unreachable destination is retried before the migration fails")
-	f.progress = fs.Duration("progress-timeout", source.DefaultProgressTimeout, "how long a channel with chunks in flight may hear nothing from the destination before it is re-dialled")
+	f.progress = fs.Duration("progress-timeout", source.DefaultProgressTimeout, "how long a channel's send may block, or what it sent go unacknowledged while its device's acknowledgements stand still, before it is re-dialled")
 	f.budget = sizeFlag(source.DefaultMemoryBudget)
 	fs.Var(&f.bandwidth, "max-bandwidth", "the most all outgoing migrations of this agent together may put on the wire, e.g. 10Gbit/s, beside each migration's own limit (default: none)")
 	fs.Var(&f.budget, "send-memory-budget", "memory for all outgoing migrations' unacknowledged chunks on this node, whatever windows the destinations advertise; a migration that cannot get a chunk per device is refused (0: the default)")

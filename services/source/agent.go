@@ -41,9 +41,10 @@ type Config struct {
 	// ReconnectTimeout is how long a lost channel or an unreachable
 	// destination is retried before the migration fails (0: the default).
 	ReconnectTimeout time.Duration
-	// ProgressTimeout is how long a channel with chunks in flight may hear
-	// nothing from the destination before it is re-dialled (0: the
-	// default).
+	// ProgressTimeout is how long a channel's send may block, or the
+	// chunks it sent go unacknowledged with their device's
+	// acknowledgements standing still, before it is re-dialled (stall.go;
+	// 0: the default).
 	ProgressTimeout time.Duration
 	// Metrics, when set, tracks every migration (nil: no metrics).
 	Metrics *telemetry.Metrics

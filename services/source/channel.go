@@ -26,10 +26,10 @@ const (
 	// DefaultReconnectTimeout is how long a lost channel (or an
 	// unreachable destination) is retried before the migration fails.
 	DefaultReconnectTimeout = 30 * time.Second
-	// DefaultProgressTimeout is how long a channel may go without a word
-	// from the destination while chunks it sent are unacknowledged before
-	// it is declared stalled and re-dialled. TCP keepalives take far longer
-	// to notice a connection that stalls without closing.
+	// DefaultProgressTimeout is how long a channel may go without
+	// progress on what it sent (stall.go) before it is declared stalled
+	// and re-dialled. TCP keepalives take far longer to notice a
+	// connection that stalls without closing.
 	DefaultProgressTimeout = 30 * time.Second
 )
 
@@ -115,7 +115,7 @@ func (c *channel) serve(ctx context.Context) (up bool, err error) {
 	var (
 		upFlag  atomic.Bool
 		stalled atomic.Bool
-		prog    = newProgress()
+		prog    = newProgress(len(c.m.devs), c.m.acksOf)
 		// dataFailed is why the direct data connection failed, if it did.
 		dataFailed atomic.Pointer[error]
 	)
@@ -145,7 +145,7 @@ func (c *channel) serve(ctx context.Context) (up bool, err error) {
 	}
 	switch {
 	case stalled.Load():
-		err = wire.Errorf(codes.Unavailable, "", "channel %d: no word from the destination for %s with chunks in flight", c.index, timeout)
+		err = wire.Errorf(codes.Unavailable, "", "channel %d: stalled: for %s a send did not return or nothing it sent was acknowledged", c.index, timeout)
 	case dataFailed.Load() != nil:
 		err = *dataFailed.Load()
 	}
@@ -246,9 +246,9 @@ func (s *sender) run(ctx context.Context, st channelStream) {
 			ch.release()
 			return
 		}
-		s.prog.sending(true)
+		s.prog.sending()
 		err := send(ch)
-		s.prog.sending(false)
+		s.prog.sentChunk(int(ch.hdr.Device), ch.hdr.Seq, err == nil)
 		ch.release()
 		if err != nil {
 			return
@@ -385,93 +385,6 @@ func (c *channel) readTurn(ctx context.Context, p *puller) *outChunk {
 func (p *puller) end(err error) {
 	p.err = err
 	close(p.read)
-}
-
-// progress tells whether a stream is stalled: chunks are outstanding on
-// it (being sent, or sent since the destination last spoke) and the
-// destination has said nothing for as long as they have been.
-//
-// A send in progress counts until it returns: a write blocked on a
-// connection that stopped draining is the stall to find, however recently
-// the destination spoke. Silence alone is not one: the destination speaks
-// when its frontier moves, and has nothing to say to a stream with nothing
-// outstanding. Times are nanoseconds since the stream's start.
-type progress struct {
-	start time.Time
-	// lastWord is when the destination last spoke; busySince when chunks
-	// last became outstanding after none were.
-	lastWord, busySince atomic.Int64
-	inFlight            atomic.Int32 // sends in progress
-	sentSinceWord       atomic.Bool  // a send completed since lastWord
-}
-
-func newProgress() *progress { return &progress{start: time.Now()} }
-
-func (p *progress) now() int64 { return int64(time.Since(p.start)) }
-
-// sending marks a send's start (true) and end (false).
-func (p *progress) sending(on bool) {
-	if !on {
-		p.sentSinceWord.Store(true)
-		p.inFlight.Add(-1)
-		return
-	}
-	if p.inFlight.Add(1) == 1 && !p.sentSinceWord.Load() {
-		p.busySince.Store(p.now())
-	}
-}
-
-// word records that the destination spoke.
-func (p *progress) word() {
-	p.lastWord.Store(p.now())
-	p.sentSinceWord.Store(false)
-}
-
-// silence is how long the destination has said nothing while chunks were
-// outstanding; 0 when none are.
-func (p *progress) silence() time.Duration {
-	if p.inFlight.Load() == 0 && !p.sentSinceWord.Load() {
-		return 0
-	}
-	return time.Duration(p.now() - max(p.lastWord.Load(), p.busySince.Load()))
-}
-
-// watchdog calls stalled once when a stream's progress shows the
-// destination silent for the timeout with chunks outstanding. stop ends
-// it; after stop returns it neither fires nor re-arms (a timer re-armed
-// from its own callback could otherwise outlive the stream).
-type watchdog struct {
-	mu      sync.Mutex
-	t       *time.Timer
-	stopped bool
-}
-
-func newWatchdog(timeout time.Duration, prog *progress, stalled func()) *watchdog {
-	w := &watchdog{}
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	w.t = time.AfterFunc(timeout, func() {
-		w.mu.Lock()
-		defer w.mu.Unlock()
-		if w.stopped {
-			return
-		}
-		silent := prog.silence()
-		if silent >= timeout {
-			w.stopped = true
-			stalled()
-			return
-		}
-		w.t.Reset(timeout - silent)
-	})
-	return w
-}
-
-func (w *watchdog) stop() {
-	w.mu.Lock()
-	w.stopped = true
-	w.t.Stop()
-	w.mu.Unlock()
 }
 
 // dataDialTimeout bounds opening a data connection (TCP, TLS, preamble);

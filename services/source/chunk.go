@@ -3,6 +3,7 @@ package source
 import (
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"google.golang.org/grpc/mem"
 
@@ -45,6 +46,9 @@ type srcDevice struct {
 	// it are written there), ackedOffset its byte offset, as the source
 	// itself knows them: from the chunks it sent.
 	ackedSeq, ackedOffset atomic.Uint64
+	// ackMoved is when ackedSeq last moved (Unix nanoseconds; 0: never),
+	// which the channels' stall rule reads (progress).
+	ackMoved atomic.Int64
 	// capBytes and capChunks bound what the source holds for the device
 	// beyond the acked frontier, whatever window the destination
 	// advertises (budget.go).
@@ -134,6 +138,9 @@ func (d *srcDevice) ack(seq uint64) {
 	// Move what is left to the front (a window's worth of pointers at
 	// most) rather than reslice, so keep's append reuses the array
 	// instead of allocating a new one every so many chunks.
+	if n > 0 {
+		d.ackMoved.Store(time.Now().UnixNano())
+	}
 	left := copy(d.unacked, d.unacked[n:])
 	clear(d.unacked[left:])
 	d.unacked = d.unacked[:left]
