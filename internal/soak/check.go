@@ -33,6 +33,7 @@ const (
 	invRelease      = "source-device-released" // a source device left in STOP by a success goes back to RUNNING on ReleaseDevice
 	invCoded        = "errors-have-codes"      // no call ends UNKNOWN (an error that left a handler without a gRPC status), no handler panics
 	invInDoubt      = "in-doubt-resolved"      // a destination left VERIFIED after its source ended is one a fault cut off, and resolves as the control plane asks
+	invNoDeadline   = "no-deadline-wait"       // no migration waits out its switchover deadline: every fault ends it, or is recovered from, well within it
 )
 
 // checks counts the invariant checks run, by invariant.
@@ -162,6 +163,16 @@ func (s *soak) checkMigration(ctx context.Context, m *migrationRun, o *outcome) 
 		if !explainsRefusal(p, o) {
 			return violate(invRefusedFault, "refused without a fault that explains it: %s (%v, %q)", o.Message, o.refusedCode, o.Reason)
 		}
+	}
+	// A stalled channel is re-dialled within the progress timeout, a
+	// hung device declared stuck within the device timeout, a lost agent
+	// found within the reconnect timeout: all seconds, against a minute's
+	// deadline. A migration that waited it out was wedged, its VM paused
+	// for the minute: two bugs the soak found (a destination's stuck
+	// write, a chunk stuck in a stalled data connection) looked so.
+	s.checks.count(invNoDeadline)
+	if o.Reason == wire.ReasonSwitchoverDeadline {
+		return violate(invNoDeadline, "the migration waited out its switchover deadline: %s", o.Message)
 	}
 	if o.Phase == "FAILED" || o.Phase == "CANCELLED" || o.Phase == outcomeRefused {
 		s.checks.count(invReason)

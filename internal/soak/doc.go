@@ -78,7 +78,10 @@
 // source device a success left in STOP goes back to RUNNING on
 // ReleaseDevice; a prepare beyond the budget is refused with
 // RESOURCE_EXHAUSTED / MEMORY_BUDGET_EXHAUSTED; a rival for a held device
-// is refused with DEVICE_BUSY (or DEVICE_STATE_ERROR, DEVICE_STUCK).
+// is refused with DEVICE_BUSY (or DEVICE_STATE_ERROR, DEVICE_STUCK); and
+// no migration waited out its switchover deadline (every fault the soak
+// injects ends a migration, or is recovered from, within seconds: one
+// that waits the minute was wedged with its devices stopped).
 //
 // Between rounds, when no migration of the soak runs, for every agent:
 // no migration of its own left running; every device idle; the
