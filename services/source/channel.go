@@ -115,7 +115,7 @@ func (c *channel) serve(ctx context.Context) (up bool, err error) {
 	var (
 		upFlag  atomic.Bool
 		stalled atomic.Bool
-		prog    = newProgress(len(c.m.devs), c.m.acksOf)
+		prog    = newProgress(c.m.createTime, len(c.m.devs), c.m.acksOf)
 		// dataFailed is why the direct data connection failed, if it did.
 		dataFailed atomic.Pointer[error]
 	)

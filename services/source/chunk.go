@@ -46,9 +46,11 @@ type srcDevice struct {
 	// it are written there), ackedOffset its byte offset, as the source
 	// itself knows them: from the chunks it sent.
 	ackedSeq, ackedOffset atomic.Uint64
-	// ackMoved is when ackedSeq last moved (Unix nanoseconds; 0: never),
-	// which the channels' stall rule reads (progress).
+	// ackMoved is when ackedSeq last moved, in nanoseconds since epoch
+	// (the migration's creation, on the monotonic clock; 0: never), which
+	// the channels' stall rule reads (stall.go).
 	ackMoved atomic.Int64
+	epoch    time.Time
 	// capBytes and capChunks bound what the source holds for the device
 	// beyond the acked frontier, whatever window the destination
 	// advertises (budget.go).
@@ -139,7 +141,7 @@ func (d *srcDevice) ack(seq uint64) {
 	// most) rather than reslice, so keep's append reuses the array
 	// instead of allocating a new one every so many chunks.
 	if n > 0 {
-		d.ackMoved.Store(time.Now().UnixNano())
+		d.ackMoved.Store(int64(time.Since(d.epoch)))
 	}
 	left := copy(d.unacked, d.unacked[n:])
 	clear(d.unacked[left:])

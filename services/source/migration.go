@@ -195,7 +195,7 @@ func (m *migration) acquire() error {
 			releaseAll()
 			return deviceapi.Error(spec, "open", err)
 		}
-		d := &srcDevice{index: i, spec: spec, peer: peer, dev: dev, release: release}
+		d := &srcDevice{index: i, spec: spec, peer: peer, dev: dev, release: release, epoch: m.createTime}
 		devs = append(devs, d)
 		if dev.Flags()&vfio.FlagStopCopy == 0 {
 			releaseAll()

@@ -35,13 +35,14 @@ import (
 
 // acksOf is what the stall rule reads of a device: the acknowledged
 // frontier (chunks below next are acknowledged) and when it last moved
-// (Unix nanoseconds; 0: never).
+// (nanoseconds since the progress's epoch; 0: never).
 type acksOf func(dev int) (next uint64, movedAt int64)
 
-// progress is one stream's record for the stall rule. Times are Unix
-// nanoseconds.
+// progress is one stream's record for the stall rule. Times are
+// nanoseconds since epoch, on the monotonic clock.
 type progress struct {
-	acks acksOf
+	epoch time.Time
+	acks  acksOf
 	// lastWord is when the destination last spoke on the stream;
 	// busySince when a send last began with none in progress.
 	lastWord, busySince atomic.Int64
@@ -57,17 +58,19 @@ type sentMark struct {
 }
 
 // newProgress returns the record of a stream of a migration of devices
-// devices, whose acknowledgements acks reads.
-func newProgress(devices int, acks acksOf) *progress {
-	p := &progress{acks: acks, sent: make([]sentMark, devices)}
-	p.lastWord.Store(time.Now().UnixNano())
+// devices, whose acknowledgements acks reads, with times since epoch.
+func newProgress(epoch time.Time, devices int, acks acksOf) *progress {
+	p := &progress{epoch: epoch, acks: acks, sent: make([]sentMark, devices)}
+	p.lastWord.Store(p.now())
 	return p
 }
+
+func (p *progress) now() int64 { return int64(time.Since(p.epoch)) }
 
 // sending marks a send's start.
 func (p *progress) sending() {
 	if p.inFlight.Add(1) == 1 {
-		p.busySince.Store(time.Now().UnixNano())
+		p.busySince.Store(p.now())
 	}
 }
 
@@ -79,18 +82,18 @@ func (p *progress) sentChunk(dev int, seq uint64, ok bool) {
 		if seq+1 > m.seq.Load() {
 			m.seq.Store(seq + 1)
 		}
-		m.at.Store(time.Now().UnixNano())
+		m.at.Store(p.now())
 	}
 	p.inFlight.Add(-1)
 }
 
 // word records that the destination spoke on the stream.
-func (p *progress) word() { p.lastWord.Store(time.Now().UnixNano()) }
+func (p *progress) word() { p.lastWord.Store(p.now()) }
 
 // silence is how long the stream has gone without progress by the rule
 // above; 0 when it owes nothing.
 func (p *progress) silence() time.Duration {
-	now := time.Now().UnixNano()
+	now := p.now()
 	var quiet int64
 	if p.inFlight.Load() > 0 {
 		quiet = now - max(p.lastWord.Load(), p.busySince.Load())

@@ -7,18 +7,22 @@ import (
 	"time"
 )
 
-// fakeAcks is one device's acknowledgements, moved by the test.
+// fakeAcks is one device's acknowledgements, moved by the test, with
+// times since epoch.
 type fakeAcks struct {
+	epoch time.Time
 	next  atomic.Uint64
 	moved atomic.Int64
 }
+
+func newFakeAcks() *fakeAcks { return &fakeAcks{epoch: time.Now()} }
 
 func (a *fakeAcks) read(int) (uint64, int64) { return a.next.Load(), a.moved.Load() }
 
 // ack acknowledges the chunks below next.
 func (a *fakeAcks) ack(next uint64) {
 	a.next.Store(next)
-	a.moved.Store(time.Now().UnixNano())
+	a.moved.Store(int64(time.Since(a.epoch)))
 }
 
 // The stall rule, on a fake clock: a stream is stalled when a send has
@@ -109,8 +113,8 @@ func TestWatchdog(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			synctest.Test(t, func(t *testing.T) {
 				var fired atomic.Bool
-				a := new(fakeAcks)
-				p := newProgress(1, a.read)
+				a := newFakeAcks()
+				p := newProgress(a.epoch, 1, a.read)
 				dog := newWatchdog(timeout, p, func() { fired.Store(true) })
 				tc.run(p, a)
 				synctest.Wait()
@@ -128,7 +132,8 @@ func TestWatchdog(t *testing.T) {
 func TestWatchdogStopped(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		var fired atomic.Bool
-		p := newProgress(1, new(fakeAcks).read)
+		a := newFakeAcks()
+		p := newProgress(a.epoch, 1, a.read)
 		p.sending()
 		dog := newWatchdog(time.Second, p, func() { fired.Store(true) })
 		time.Sleep(time.Second / 2)
