@@ -42,4 +42,16 @@
 // answer never came may have opened a session all the same: it is aborted
 // by migration id and token. A failed migration never costs the VM its
 // device.
+//
+// # Channels that break or stall
+//
+// A channel whose stream or data connection breaks is re-dialled, and its
+// unacknowledged chunks are sent again on it, for as long as the
+// reconnect timeout allows without the destination acknowledging
+// anything new. A connection that stalls without closing breaks nothing
+// by itself: a channel is taken for stalled, and re-dialled, when a send
+// has not returned for the progress timeout, or when a chunk it sent is
+// unacknowledged and its device's acknowledgements have not moved for as
+// long (stall.go). A word on the stream proves nothing: the destination
+// speaks on every stream whenever any chunk is written.
 package source
