@@ -1,7 +1,6 @@
 package dest
 
 import (
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -96,7 +95,6 @@ func stuckError(d *devStream) error {
 // when it leaves the device to it (closeDevice), and uncounts it when
 // the operation returns and it gives the device's turn back (putTurn).
 type crew struct {
-	wg        sync.WaitGroup
 	running   atomic.Int64
 	lingering atomic.Int64
 	changed   chan struct{} // 1-buffered: running or lingering moved
@@ -112,13 +110,13 @@ func (c *crew) poke() {
 // Go runs f on a goroutine of the crew.
 func (c *crew) Go(f func()) {
 	c.running.Add(1)
-	c.wg.Go(func() {
+	go func() {
 		defer func() {
 			c.running.Add(-1)
 			c.poke()
 		}()
 		f()
-	})
+	}()
 }
 
 // linger counts n more (or, negative, fewer) goroutines blocked in a
