@@ -541,31 +541,6 @@ func (inc *incoming) armLostLocked() {
 	})
 }
 
-// wakeFeedback wakes every channel's feedback sender.
-func (inc *incoming) wakeFeedback() {
-	inc.fbMu.Lock()
-	for _, r := range inc.fb {
-		select {
-		case r.wake <- struct{}{}:
-		default:
-		}
-	}
-	inc.fbMu.Unlock()
-}
-
-// fillWindows writes the current window of every device into dst, which
-// holds one WindowUpdate per device.
-func (inc *incoming) fillWindows(dst []*ferryv1.WindowUpdate) {
-	for i, d := range inc.devs {
-		d.mu.Lock()
-		seq, off := d.frontierLocked()
-		d.mu.Unlock()
-		u := dst[i]
-		u.Device, u.LimitSeq, u.LimitOffset, u.AckedSeq, u.AckedOffset = uint32(i),
-			satAdd(seq, uint64(inc.limits.MaxChunks)), satAdd(off, inc.limits.MaxBytes), seq, off
-	}
-}
-
 // load is a device's loader: it writes the chunks at the frontier into
 // the device, in order, whenever a receiver left them (see writeReady),
 // until END; then it checks the stream and moves the device
@@ -722,38 +697,6 @@ func satAdd(a, b uint64) uint64 {
 		return s
 	}
 	return ^uint64(0)
-}
-
-// feedbackMaxDelay bounds the batching of feedbackEvery in time: a slow
-// device writes a quarter window slowly, so the loader also wakes the
-// senders when the frontier moved and this long has passed. The source
-// hears of progress (and frees its buffers) at least that often, and its
-// stall watchdog never takes a slow device for a dead channel.
-const feedbackMaxDelay = 100 * time.Millisecond
-
-// feedbackEvery is how far a device's frontier moves before its loader
-// wakes the channels' feedback senders, in chunks or in bytes, whichever
-// comes first. Each wake-up sends a window update on every channel; one
-// per chunk written was N messages per chunk to marshal, write, read,
-// unmarshal and apply, with a goroutine wake-up each side (and the garbage
-// of a ChannelResponse at the source). A quarter window at a time cuts
-// that by MaxChunks/4 and costs no throughput while the window covers the
-// round trip, as application credits returned every K/4 messages did when
-// the first wave measured raw TCP with credits on this kind of 2-core host
-// (docs/performance.md).
-//
-// It cannot stall the stream. A source that waits for credit has sent
-// everything the last advertised window allowed, and the destination
-// writes all of it: when the wait is for the count, the frontier moves
-// MaxChunks chunks (at least everyChunks); when it is for bytes (the source
-// waits for room for a whole chunk), it moves more than
-// MaxBytes - chunkSize bytes (at least everyBytes). END is waited for like
-// any chunk; after END the verdict, not a window, is what the source waits
-// for, and the loader wakes the senders then anyway.
-func feedbackEvery(l flow.Limits, chunkSize uint32) (chunks, bytes uint64) {
-	chunks = max(uint64(l.MaxChunks)/4, 1)
-	bytes = max(min(l.MaxBytes/4, l.MaxBytes-uint64(chunkSize)+1), 1)
-	return chunks, bytes
 }
 
 func writePayload(w vfio.DataStream, p *chunkwire.Payload) error {

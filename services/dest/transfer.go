@@ -74,7 +74,7 @@ func (s *transferServer) Open(ctx context.Context, req *ferryv1.OpenRequest) (*f
 		d.mu.Lock()
 		d.reasm = flow.NewReassembly[payload](inc.limits, chunkSize)
 		d.mu.Unlock()
-		d.fbChunks, d.fbBytes = feedbackEvery(inc.limits, chunkSize)
+		d.fbChunks, d.fbBytes = feedbackEvery(inc.limits, chunkSize, granted)
 		d.digest = digests[i]
 	}
 	sessionID := inc.sessionID

@@ -12,7 +12,8 @@ type Features uint64
 // Supported is every feature this build speaks.
 const Supported = Features(1<<ferryv1.Feature_FEATURE_COMMIT | 1<<ferryv1.Feature_FEATURE_PRECOPY |
 	1<<ferryv1.Feature_FEATURE_CONFIG_STATE | 1<<ferryv1.Feature_FEATURE_DEVICE_CHECK |
-	1<<ferryv1.Feature_FEATURE_ZERO_CHUNKS | 1<<ferryv1.Feature_FEATURE_COMPRESSION_ZSTD)
+	1<<ferryv1.Feature_FEATURE_ZERO_CHUNKS | 1<<ferryv1.Feature_FEATURE_COMPRESSION_ZSTD |
+	1<<ferryv1.Feature_FEATURE_PROMPT_FEEDBACK)
 
 // Has reports whether f is in the set.
 func (s Features) Has(f ferryv1.Feature) bool { return f > 0 && f < 64 && s&(1<<f) != 0 }

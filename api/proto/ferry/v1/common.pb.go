@@ -126,6 +126,11 @@ const (
 	Feature_FEATURE_ZERO_CHUNKS Feature = 5
 	// Chunks may travel zstd-compressed (CHUNK_ENCODING_ZSTD).
 	Feature_FEATURE_COMPRESSION_ZSTD Feature = 6
+	// The destination sends a window update at least every 4 MiB its
+	// frontier moves (or the chunks in 4 MiB), not only every quarter
+	// window, so the source may keep less than the window in flight (its
+	// in-flight limit; services/source/inflight.go).
+	Feature_FEATURE_PROMPT_FEEDBACK Feature = 7
 )
 
 // Enum value maps for Feature.
@@ -138,6 +143,7 @@ var (
 		4: "FEATURE_DEVICE_CHECK",
 		5: "FEATURE_ZERO_CHUNKS",
 		6: "FEATURE_COMPRESSION_ZSTD",
+		7: "FEATURE_PROMPT_FEEDBACK",
 	}
 	Feature_value = map[string]int32{
 		"FEATURE_UNSPECIFIED":      0,
@@ -147,6 +153,7 @@ var (
 		"FEATURE_DEVICE_CHECK":     4,
 		"FEATURE_ZERO_CHUNKS":      5,
 		"FEATURE_COMPRESSION_ZSTD": 6,
+		"FEATURE_PROMPT_FEEDBACK":  7,
 	}
 )
 
@@ -1544,7 +1551,7 @@ const file_ferry_v1_common_proto_rawDesc = "" +
 	"\x15DEVICE_STATE_RESUMING\x10\x05\x12\x1c\n" +
 	"\x18DEVICE_STATE_RUNNING_P2P\x10\x06\x12\x19\n" +
 	"\x15DEVICE_STATE_PRE_COPY\x10\a\x12\x1d\n" +
-	"\x19DEVICE_STATE_PRE_COPY_P2P\x10\b*\xb6\x01\n" +
+	"\x19DEVICE_STATE_PRE_COPY_P2P\x10\b*\xd3\x01\n" +
 	"\aFeature\x12\x17\n" +
 	"\x13FEATURE_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eFEATURE_COMMIT\x10\x01\x12\x13\n" +
@@ -1552,7 +1559,8 @@ const file_ferry_v1_common_proto_rawDesc = "" +
 	"\x14FEATURE_CONFIG_STATE\x10\x03\x12\x18\n" +
 	"\x14FEATURE_DEVICE_CHECK\x10\x04\x12\x17\n" +
 	"\x13FEATURE_ZERO_CHUNKS\x10\x05\x12\x1c\n" +
-	"\x18FEATURE_COMPRESSION_ZSTD\x10\x06*\xda\x02\n" +
+	"\x18FEATURE_COMPRESSION_ZSTD\x10\x06\x12\x1b\n" +
+	"\x17FEATURE_PROMPT_FEEDBACK\x10\a*\xda\x02\n" +
 	"\x0eMigrationPhase\x12\x1f\n" +
 	"\x1bMIGRATION_PHASE_UNSPECIFIED\x10\x00\x12\x1d\n" +
 	"\x19MIGRATION_PHASE_PREPARING\x10\x01\x12\x1b\n" +
