@@ -40,12 +40,18 @@ func (m *migration) reserve(windows []*ferryv1.WindowUpdate) error {
 			"the source's memory budget has %d of %d bytes free: %d device(s) need a %d-byte chunk each", free, a.cfg.MemoryBudget, n, chunk)
 	}
 	var total uint64
+	prompt := m.features.Has(ferryv1.Feature_FEATURE_PROMPT_FEEDBACK)
 	for i, d := range m.devs {
 		b := max(min(windows[i].GetLimitOffset(), share), chunk)
 		d.capBytes = b
 		// Every chunk but a device's last holds chunk bytes; END is one
 		// more.
 		d.capChunks = b/chunk + 2
+		d.chunkBytes = chunk
+		d.mu.Lock()
+		d.flight = newInflight(b, chunk, prompt)
+		d.flightLimit.Store(d.flight.limit())
+		d.mu.Unlock()
 		total += b
 	}
 	a.budgetUsed += total
@@ -69,10 +75,15 @@ func (a *Agent) BudgetUsed() uint64 {
 	return a.budgetUsed
 }
 
-// clamp bounds a window from the destination to the device's cap beyond
-// the chunks the source knows were written.
+// clamp bounds a window from the destination to the device's cap, and
+// to what the source keeps in flight (inflight.go), beyond the chunks the
+// source knows were written.
 func (d *srcDevice) clamp(w flow.Window) flow.Window {
-	w.LimitSeq = min(w.LimitSeq, d.ackedSeq.Load()+d.capChunks)
-	w.LimitOffset = min(w.LimitOffset, d.ackedOffset.Load()+d.capBytes)
+	limit, chunks := d.capBytes, d.capChunks
+	if l := d.flightLimit.Load(); l != 0 && l < limit && d.chunkBytes != 0 {
+		limit, chunks = l, min(chunks, l/d.chunkBytes+2)
+	}
+	w.LimitSeq = min(w.LimitSeq, d.ackedSeq.Load()+chunks)
+	w.LimitOffset = min(w.LimitOffset, d.ackedOffset.Load()+limit)
 	return w
 }

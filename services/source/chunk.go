@@ -55,6 +55,12 @@ type srcDevice struct {
 	// beyond the acked frontier, whatever window the destination
 	// advertises (budget.go).
 	capBytes, capChunks uint64
+	// chunkBytes is the migration's chunk size; flight estimates what of
+	// the cap to keep in flight (inflight.go, under mu), flightLimit
+	// holds its latest limit for clamp.
+	chunkBytes  uint64
+	flight      inflight
+	flightLimit atomic.Uint64
 	// free holds acknowledged chunks for the reader to reuse, so a chunk
 	// costs no allocation in steady state (at most a window of them).
 	free []*outChunk
@@ -98,6 +104,12 @@ type outChunk struct {
 	// channel is the channel that last sent the chunk, -1 when none: a
 	// lost channel's unacknowledged chunks are sent again.
 	channel atomic.Int32
+	// readAt is when the chunk was read (since the device's epoch), the
+	// start of its round trip; resent is set when it is queued again,
+	// and its acknowledgement then gives no round trip. Both under the
+	// device's mu.
+	readAt time.Duration
+	resent bool
 }
 
 // release drops one reference.
@@ -119,6 +131,7 @@ func (d *srcDevice) recycleLocked(c *outChunk) {
 	c.payload = nil
 	c.acked.Store(false)
 	c.channel.Store(-1)
+	c.resent = false
 	d.free = append(d.free, c)
 }
 
@@ -127,10 +140,16 @@ func (d *srcDevice) ack(seq uint64) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	n := 0
+	var rtt time.Duration
+	now := time.Since(d.epoch)
 	for n < len(d.unacked) && d.unacked[n].hdr.Seq < seq {
 		c := d.unacked[n]
 		d.ackedSeq.Store(c.hdr.Seq + 1)
 		d.ackedOffset.Store(c.hdr.Offset + uint64(c.length()))
+		rtt = 0
+		if !c.resent {
+			rtt = now - c.readAt
+		}
 		c.acked.Store(true)
 		if c.refs.Add(-1) == 0 {
 			d.recycleLocked(c)
@@ -141,7 +160,9 @@ func (d *srcDevice) ack(seq uint64) {
 	// most) rather than reslice, so keep's append reuses the array
 	// instead of allocating a new one every so many chunks.
 	if n > 0 {
-		d.ackMoved.Store(int64(time.Since(d.epoch)))
+		d.ackMoved.Store(int64(now))
+		d.flight.acked(now, d.ackedOffset.Load(), rtt)
+		d.flightLimit.Store(d.flight.limit())
 	}
 	left := copy(d.unacked, d.unacked[n:])
 	clear(d.unacked[left:])
@@ -174,6 +195,7 @@ func (d *srcDevice) unsent(channel int32, dst []*outChunk) []*outChunk {
 	for _, c := range d.unacked {
 		if c.channel.Load() == channel && !c.acked.Load() {
 			c.channel.Store(-1)
+			c.resent = true
 			c.refs.Add(1)
 			dst = append(dst, c)
 		}
@@ -195,6 +217,7 @@ func (c *outChunk) length() int {
 
 func (d *srcDevice) keep(c *outChunk) {
 	d.mu.Lock()
+	c.readAt = time.Since(d.epoch)
 	d.unacked = append(d.unacked, c)
 	d.sent = wire.Frontier{Seq: c.hdr.Seq + 1, Offset: c.hdr.Offset + uint64(c.length())}
 	d.mu.Unlock()

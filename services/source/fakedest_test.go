@@ -3,6 +3,7 @@ package source
 import (
 	"context"
 	"log/slog"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -28,6 +29,8 @@ type fakeDest struct {
 
 	// windows answers Open (one per device).
 	windows []*ferryv1.WindowUpdate
+	// withhold is what Open does not grant, as an older destination.
+	withhold []ferryv1.Feature
 	// channel serves a Channel stream; n counts the streams before it.
 	channel func(n int, st grpc.BidiStreamingServer[ferryv1.ChannelRequest, ferryv1.ChannelResponse]) error
 	// finish answers Finish; nil: verified.
@@ -42,8 +45,15 @@ type fakeDest struct {
 }
 
 func (f *fakeDest) Open(_ context.Context, req *ferryv1.OpenRequest) (*ferryv1.OpenResponse, error) {
-	// A current destination: it grants what it is asked.
-	return &ferryv1.OpenResponse{SessionId: "session", Windows: f.windows, AgentVersion: "fake", GrantedFeatures: req.GetFeatures()}, nil
+	// A current destination: it grants what it is asked, but what it
+	// withholds.
+	var granted []ferryv1.Feature
+	for _, x := range req.GetFeatures() {
+		if !slices.Contains(f.withhold, x) {
+			granted = append(granted, x)
+		}
+	}
+	return &ferryv1.OpenResponse{SessionId: "session", Windows: f.windows, AgentVersion: "fake", GrantedFeatures: granted}, nil
 }
 
 func (f *fakeDest) Channel(st grpc.BidiStreamingServer[ferryv1.ChannelRequest, ferryv1.ChannelResponse]) error {

@@ -50,6 +50,7 @@ func (m *migration) run() {
 		m.abortPeer(err)
 	}
 	for _, d := range m.devs {
+		d.logFlight(m.log)
 		d.ack(^uint64(0))
 		d.release()
 	}

@@ -23,7 +23,8 @@ func (m *migration) wanted() wire.Features {
 	f := wire.Features(0).With(ferryv1.Feature_FEATURE_COMMIT).
 		With(ferryv1.Feature_FEATURE_CONFIG_STATE).
 		With(ferryv1.Feature_FEATURE_DEVICE_CHECK).
-		With(ferryv1.Feature_FEATURE_ZERO_CHUNKS)
+		With(ferryv1.Feature_FEATURE_ZERO_CHUNKS).
+		With(ferryv1.Feature_FEATURE_PROMPT_FEEDBACK)
 	if m.req.GetMode() == ferryv1.MigrationMode_MIGRATION_MODE_PRECOPY {
 		f = f.With(ferryv1.Feature_FEATURE_PRECOPY)
 	}
