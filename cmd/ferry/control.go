@@ -151,6 +151,11 @@ type deviceResult struct {
 	SourceState string `json:"source_state"`
 	DestState   string `json:"dest_state"`
 	Error       string `json:"error,omitempty"`
+	// InFlightLimitBytes is what the source kept in flight at most, the
+	// window or less; MinRoundTripSeconds the shortest acknowledgement
+	// round trip it measured (0: none).
+	InFlightLimitBytes  uint64  `json:"in_flight_limit_bytes"`
+	MinRoundTripSeconds float64 `json:"min_round_trip_seconds"`
 }
 
 func newMigrationID() string {
@@ -457,7 +462,8 @@ func summarize(m, incoming *ferryv1.Migration) *result {
 		r.Error = &resultError{Code: codeName(codes.Code(e.GetCode())), Reason: e.GetReason(), Message: e.GetMessage()}
 	}
 	for i, d := range m.GetDevices() {
-		dr := deviceResult{Source: d.GetDevice(), Dest: d.GetPeerDevice(), Bytes: d.GetBytes(), SourceState: stateName(d.GetState()), Error: d.GetError()}
+		dr := deviceResult{Source: d.GetDevice(), Dest: d.GetPeerDevice(), Bytes: d.GetBytes(), SourceState: stateName(d.GetState()), Error: d.GetError(),
+			InFlightLimitBytes: d.GetInFlightLimitBytes(), MinRoundTripSeconds: d.GetMinRoundTrip().AsDuration().Seconds()}
 		if incoming != nil && i < len(incoming.GetDevices()) {
 			in := incoming.GetDevices()[i]
 			dr.Verified = in.GetVerified()

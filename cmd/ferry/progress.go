@@ -382,6 +382,12 @@ func printSummary(w io.Writer, r *result) {
 		if d.Verified {
 			line += ", verified"
 		}
+		if d.InFlightLimitBytes != 0 {
+			line += fmt.Sprintf("; in flight at most %s", size.Format(d.InFlightLimitBytes))
+			if d.MinRoundTripSeconds > 0 {
+				line += fmt.Sprintf(" (round trip %s)", time.Duration(d.MinRoundTripSeconds*float64(time.Second)).Round(time.Microsecond))
+			}
+		}
 		fmt.Fprintln(w, line)
 		if d.Error != "" {
 			fmt.Fprintf(w, "    error: %s\n", d.Error)

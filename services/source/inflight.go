@@ -112,12 +112,18 @@ func (f *inflight) limit() uint64 {
 	return max(uint64(bdp), f.floor)
 }
 
+// path is what the device's path was measured at: the in-flight limit,
+// the shortest round trip, the fastest rate (bytes per second).
+func (d *srcDevice) path() (limit uint64, rtt time.Duration, rate float64) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.flight.limit(), d.flight.minRTT, d.flight.maxRate
+}
+
 // logFlight logs what the device's path was measured at, as the
 // migration ends.
 func (d *srcDevice) logFlight(log *slog.Logger) {
-	d.mu.Lock()
-	f := d.flight
-	d.mu.Unlock()
-	log.Info("in flight", "device", d.index, "limit_bytes", f.limit(), "cap_bytes", f.ceil,
-		"min_round_trip", f.minRTT, "max_bytes_per_second", uint64(f.maxRate))
+	limit, rtt, rate := d.path()
+	log.Info("in flight", "device", d.index, "limit_bytes", limit,
+		"min_round_trip", rtt, "path_bytes_per_second", uint64(rate))
 }

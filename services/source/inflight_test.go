@@ -170,6 +170,10 @@ func TestSourceKeepsItsInFlightLimit(t *testing.T) {
 			if w := m.devs[0].gate.Window(); w.LimitOffset != tt.want {
 				t.Errorf("the source's window reaches byte %d, want %d", w.LimitOffset, tt.want)
 			}
+			snap, _, _ := m.snapshot()
+			if got := snap.GetDevices()[0].GetInFlightLimitBytes(); got != tt.want {
+				t.Errorf("status says the in-flight limit is %d bytes, want %d", got, tt.want)
+			}
 			if _, err := a.CancelMigration(t.Context(), &ferryv1.CancelMigrationRequest{MigrationId: "held"}); err != nil {
 				t.Fatal(err)
 			}

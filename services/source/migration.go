@@ -307,6 +307,13 @@ func (m *migration) snapshot() (*ferryv1.Migration, bool, uint64) {
 		s.BandwidthStalls += p.BandwidthStalls
 		bwStallTime += p.BandwidthStallTime.AsDuration()
 		p.Stuck = d.isStuck()
+		if d.flightLimit.Load() != 0 {
+			limit, rtt, rate := d.path()
+			p.InFlightLimitBytes, p.PathBytesPerSecond = limit, rate
+			if rtt > 0 {
+				p.MinRoundTrip = durationpb.New(rtt)
+			}
+		}
 		if c := d.config.Load(); c != nil {
 			p.ConfigStateBytes = uint64(len(*c))
 		}

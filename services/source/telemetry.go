@@ -33,6 +33,9 @@ func (m *migration) deviceCounters() []telemetry.SourceDevice {
 			BandwidthStalls:    d.bwStalls.Load(),
 			BandwidthStallTime: time.Duration(d.bwStallNanos.Load()),
 		}
+		if d.flightLimit.Load() != 0 {
+			out[i].InFlightLimit, out[i].MinRoundTrip, _ = d.path()
+		}
 		if gates[i] != nil {
 			out[i].Stalls, out[i].StallTime = gates[i]()
 		}

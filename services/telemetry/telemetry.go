@@ -74,6 +74,11 @@ type SourceDevice struct {
 	// sent; BandwidthStallTime is the time they waited.
 	BandwidthStalls    uint64
 	BandwidthStallTime time.Duration
+	// InFlightLimit is what the device keeps in flight at most, 0 before
+	// its session opened; MinRoundTrip the shortest acknowledgement round
+	// trip measured, 0 before one was (services/source/inflight.go).
+	InFlightLimit uint64
+	MinRoundTrip  time.Duration
 	// PrecopyBytes is the part of Bytes read before the switchover, while
 	// the VM ran (pre-copy).
 	PrecopyBytes uint64
@@ -187,6 +192,7 @@ type descs struct {
 	sentBytes, sentChunks, stalls, stallSeconds, retrans, loadedBytes, loadedChunks, duplicates, buffered, window, active *prometheus.Desc
 	precopyBytes, predicted, dirtyRate, byPhase, totalBytes, remainingBytes                                               *prometheus.Desc
 	bwStalls, bwStallSeconds                                                                                              *prometheus.Desc
+	inFlight, roundTrip                                                                                                   *prometheus.Desc
 	wireBytes                                                                                                             *prometheus.Desc
 }
 
@@ -199,6 +205,8 @@ func newDescs() descs {
 		stallSeconds:   prometheus.NewDesc("ferry_source_window_stall_seconds_total", "Seconds a source device's reader spent waiting for the destination's window.", []string{"device"}, nil),
 		bwStalls:       prometheus.NewDesc("ferry_source_bandwidth_stalls_total", "Times a source device's chunk waited for a bandwidth limit (the migration's max_bandwidth or the node's --max-bandwidth) before it was sent; apart from the window stalls.", []string{"device"}, nil),
 		bwStallSeconds: prometheus.NewDesc("ferry_source_bandwidth_stall_seconds_total", "Seconds a source device's chunks spent waiting for a bandwidth limit before they were sent.", []string{"device"}, nil),
+		inFlight:       prometheus.NewDesc("ferry_source_in_flight_limit_bytes", "What a source device of a running migration keeps in flight (sent, not yet acknowledged) at most: twice the bandwidth-delay product it measured, at least 16 MiB, at most the window.", []string{"device"}, nil),
+		roundTrip:      prometheus.NewDesc("ferry_source_min_round_trip_seconds", "The shortest acknowledgement round trip a source device of a running migration measured, from a chunk's read to the window update that acknowledged it.", []string{"device"}, nil),
 		retrans:        prometheus.NewDesc("ferry_source_retransmitted_chunks_total", "Chunks sent again after a channel broke, per source device.", []string{"device"}, nil),
 		loadedBytes:    prometheus.NewDesc("ferry_dest_loaded_bytes_total", "Bytes of device state written into the device, per destination device.", []string{"device"}, nil),
 		loadedChunks:   prometheus.NewDesc("ferry_dest_loaded_chunks_total", "Chunks of device state written into the device, per destination device.", []string{"device"}, nil),
@@ -588,7 +596,7 @@ type collector Metrics
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{c.d.sentBytes, c.d.sentChunks, c.d.stalls, c.d.stallSeconds, c.d.retrans,
 		c.d.loadedBytes, c.d.loadedChunks, c.d.duplicates, c.d.buffered, c.d.window, c.d.active,
-		c.d.precopyBytes, c.d.predicted, c.d.dirtyRate, c.d.byPhase, c.d.totalBytes, c.d.remainingBytes, c.d.wireBytes, c.d.bwStalls, c.d.bwStallSeconds} {
+		c.d.precopyBytes, c.d.predicted, c.d.dirtyRate, c.d.byPhase, c.d.totalBytes, c.d.remainingBytes, c.d.wireBytes, c.d.bwStalls, c.d.bwStallSeconds, c.d.inFlight, c.d.roundTrip} {
 		ch <- d
 	}
 }
@@ -685,10 +693,19 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	// it to one owner), so the live gauges have one value per device.
 	seen := make(map[string]bool, len(liveSrc))
 	for _, d := range liveSrc {
-		if seen[d.Device] || d.TotalBytes == 0 {
+		if seen[d.Device] {
 			continue
 		}
 		seen[d.Device] = true
+		if d.InFlightLimit != 0 {
+			ch <- prometheus.MustNewConstMetric(c.d.inFlight, prometheus.GaugeValue, float64(d.InFlightLimit), d.Device)
+		}
+		if d.MinRoundTrip > 0 {
+			ch <- prometheus.MustNewConstMetric(c.d.roundTrip, prometheus.GaugeValue, d.MinRoundTrip.Seconds(), d.Device)
+		}
+		if d.TotalBytes == 0 {
+			continue
+		}
 		remaining := uint64(0)
 		if d.TotalBytes > d.Bytes {
 			remaining = d.TotalBytes - d.Bytes

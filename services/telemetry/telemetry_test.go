@@ -232,6 +232,31 @@ func TestTotalAndRemaining(t *testing.T) {
 	}
 }
 
+// A running source device exports its in-flight limit once its session
+// opened and its shortest round trip once it measured one, without a
+// known total; they go with the migration.
+func TestInFlight(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	m := New(reg, Options{Roles: []string{RoleSource}})
+	live := SourceDevice{Device: "sim:size=1GiB,seed=2"}
+	tr := m.TrackSource(func() []SourceDevice { return []SourceDevice{live} }, nil)
+	dev := map[string]string{"device": "sim:size=1GiB,seed=2"}
+	if _, ok := value(t, reg, "ferry_source_in_flight_limit_bytes", dev); ok {
+		t.Error("an in-flight limit exported before the session opened")
+	}
+	live.InFlightLimit = 16 << 20
+	expect(t, reg, "ferry_source_in_flight_limit_bytes", dev, 16<<20)
+	if _, ok := value(t, reg, "ferry_source_min_round_trip_seconds", dev); ok {
+		t.Error("a round trip exported before one was measured")
+	}
+	live.MinRoundTrip = 250 * time.Microsecond
+	expect(t, reg, "ferry_source_min_round_trip_seconds", dev, 250e-6)
+	tr.End(Ended{Outcome: Succeeded})
+	if _, ok := value(t, reg, "ferry_source_in_flight_limit_bytes", dev); ok {
+		t.Error("the in-flight limit of an ended migration is still exported")
+	}
+}
+
 // A single-role agent exports no series of the other role, not even at
 // zero, and the build info.
 func TestSingleRole(t *testing.T) {

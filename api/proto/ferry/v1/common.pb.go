@@ -839,6 +839,15 @@ type DeviceProgress struct {
 	// and the time spent waiting; counted apart from window_stalls.
 	BandwidthStalls    uint64               `protobuf:"varint,40,opt,name=bandwidth_stalls,json=bandwidthStalls,proto3" json:"bandwidth_stalls,omitempty"`
 	BandwidthStallTime *durationpb.Duration `protobuf:"bytes,41,opt,name=bandwidth_stall_time,json=bandwidthStallTime,proto3" json:"bandwidth_stall_time,omitempty"`
+	// Source: what the device keeps in flight (sent, not yet acknowledged)
+	// at most, the window's bytes or less: twice the bandwidth-delay
+	// product it measured, at least 16 MiB (services/source/inflight.go).
+	InFlightLimitBytes uint64 `protobuf:"varint,42,opt,name=in_flight_limit_bytes,json=inFlightLimitBytes,proto3" json:"in_flight_limit_bytes,omitempty"`
+	// Source: the shortest acknowledgement round trip measured (from a
+	// chunk's read to the window update that acknowledged it), and the
+	// fastest the acknowledged frontier moved; 0 before they are known.
+	MinRoundTrip       *durationpb.Duration `protobuf:"bytes,43,opt,name=min_round_trip,json=minRoundTrip,proto3" json:"min_round_trip,omitempty"`
+	PathBytesPerSecond float64              `protobuf:"fixed64,44,opt,name=path_bytes_per_second,json=pathBytesPerSecond,proto3" json:"path_bytes_per_second,omitempty"`
 	unknownFields      protoimpl.UnknownFields
 	sizeCache          protoimpl.SizeCache
 }
@@ -1039,6 +1048,27 @@ func (x *DeviceProgress) GetBandwidthStallTime() *durationpb.Duration {
 		return x.BandwidthStallTime
 	}
 	return nil
+}
+
+func (x *DeviceProgress) GetInFlightLimitBytes() uint64 {
+	if x != nil {
+		return x.InFlightLimitBytes
+	}
+	return 0
+}
+
+func (x *DeviceProgress) GetMinRoundTrip() *durationpb.Duration {
+	if x != nil {
+		return x.MinRoundTrip
+	}
+	return nil
+}
+
+func (x *DeviceProgress) GetPathBytesPerSecond() float64 {
+	if x != nil {
+		return x.PathBytesPerSecond
+	}
+	return 0
 }
 
 // Migration is a migration as one agent sees it.
@@ -1467,7 +1497,7 @@ const file_ferry_v1_common_proto_rawDesc = "" +
 	"\x0eMigrationError\x12\x12\n" +
 	"\x04code\x18\x01 \x01(\x05R\x04code\x12\x16\n" +
 	"\x06reason\x18\x02 \x01(\tR\x06reason\x12\x18\n" +
-	"\amessage\x18\x03 \x01(\tR\amessage\"\xab\a\n" +
+	"\amessage\x18\x03 \x01(\tR\amessage\"\xd2\b\n" +
 	"\x0eDeviceProgress\x12\x16\n" +
 	"\x06device\x18\x01 \x01(\tR\x06device\x12\x1f\n" +
 	"\vpeer_device\x18\x02 \x01(\tR\n" +
@@ -1497,7 +1527,10 @@ const file_ferry_v1_common_proto_rawDesc = "" +
 	"\n" +
 	"wire_bytes\x18\x16 \x01(\x04R\twireBytes\x12)\n" +
 	"\x10bandwidth_stalls\x18( \x01(\x04R\x0fbandwidthStalls\x12K\n" +
-	"\x14bandwidth_stall_time\x18) \x01(\v2\x19.google.protobuf.DurationR\x12bandwidthStallTime\"\xb4\x0e\n" +
+	"\x14bandwidth_stall_time\x18) \x01(\v2\x19.google.protobuf.DurationR\x12bandwidthStallTime\x121\n" +
+	"\x15in_flight_limit_bytes\x18* \x01(\x04R\x12inFlightLimitBytes\x12?\n" +
+	"\x0emin_round_trip\x18+ \x01(\v2\x19.google.protobuf.DurationR\fminRoundTrip\x121\n" +
+	"\x15path_bytes_per_second\x18, \x01(\x01R\x12pathBytesPerSecond\"\xb4\x0e\n" +
 	"\tMigration\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12.\n" +
 	"\x05phase\x18\x02 \x01(\x0e2\x18.ferry.v1.MigrationPhaseR\x05phase\x122\n" +
@@ -1616,25 +1649,26 @@ var file_ferry_v1_common_proto_depIdxs = []int32{
 	0,  // 3: ferry.v1.DeviceProgress.state:type_name -> ferry.v1.DeviceState
 	11, // 4: ferry.v1.DeviceProgress.window_stall_time:type_name -> google.protobuf.Duration
 	11, // 5: ferry.v1.DeviceProgress.bandwidth_stall_time:type_name -> google.protobuf.Duration
-	2,  // 6: ferry.v1.Migration.phase:type_name -> ferry.v1.MigrationPhase
-	9,  // 7: ferry.v1.Migration.devices:type_name -> ferry.v1.DeviceProgress
-	8,  // 8: ferry.v1.Migration.error:type_name -> ferry.v1.MigrationError
-	12, // 9: ferry.v1.Migration.create_time:type_name -> google.protobuf.Timestamp
-	12, // 10: ferry.v1.Migration.start_time:type_name -> google.protobuf.Timestamp
-	12, // 11: ferry.v1.Migration.end_time:type_name -> google.protobuf.Timestamp
-	11, // 12: ferry.v1.Migration.downtime:type_name -> google.protobuf.Duration
-	3,  // 13: ferry.v1.Migration.owner:type_name -> ferry.v1.DeviceOwner
-	12, // 14: ferry.v1.Migration.last_peer_activity_time:type_name -> google.protobuf.Timestamp
-	11, // 15: ferry.v1.Migration.switchover_deadline:type_name -> google.protobuf.Duration
-	11, // 16: ferry.v1.Migration.predicted_downtime:type_name -> google.protobuf.Duration
-	11, // 17: ferry.v1.Migration.downtime_limit:type_name -> google.protobuf.Duration
-	11, // 18: ferry.v1.Migration.precopy_timeout:type_name -> google.protobuf.Duration
-	11, // 19: ferry.v1.Migration.bandwidth_stall_time:type_name -> google.protobuf.Duration
-	20, // [20:20] is the sub-list for method output_type
-	20, // [20:20] is the sub-list for method input_type
-	20, // [20:20] is the sub-list for extension type_name
-	20, // [20:20] is the sub-list for extension extendee
-	0,  // [0:20] is the sub-list for field type_name
+	11, // 6: ferry.v1.DeviceProgress.min_round_trip:type_name -> google.protobuf.Duration
+	2,  // 7: ferry.v1.Migration.phase:type_name -> ferry.v1.MigrationPhase
+	9,  // 8: ferry.v1.Migration.devices:type_name -> ferry.v1.DeviceProgress
+	8,  // 9: ferry.v1.Migration.error:type_name -> ferry.v1.MigrationError
+	12, // 10: ferry.v1.Migration.create_time:type_name -> google.protobuf.Timestamp
+	12, // 11: ferry.v1.Migration.start_time:type_name -> google.protobuf.Timestamp
+	12, // 12: ferry.v1.Migration.end_time:type_name -> google.protobuf.Timestamp
+	11, // 13: ferry.v1.Migration.downtime:type_name -> google.protobuf.Duration
+	3,  // 14: ferry.v1.Migration.owner:type_name -> ferry.v1.DeviceOwner
+	12, // 15: ferry.v1.Migration.last_peer_activity_time:type_name -> google.protobuf.Timestamp
+	11, // 16: ferry.v1.Migration.switchover_deadline:type_name -> google.protobuf.Duration
+	11, // 17: ferry.v1.Migration.predicted_downtime:type_name -> google.protobuf.Duration
+	11, // 18: ferry.v1.Migration.downtime_limit:type_name -> google.protobuf.Duration
+	11, // 19: ferry.v1.Migration.precopy_timeout:type_name -> google.protobuf.Duration
+	11, // 20: ferry.v1.Migration.bandwidth_stall_time:type_name -> google.protobuf.Duration
+	21, // [21:21] is the sub-list for method output_type
+	21, // [21:21] is the sub-list for method input_type
+	21, // [21:21] is the sub-list for extension type_name
+	21, // [21:21] is the sub-list for extension extendee
+	0,  // [0:21] is the sub-list for field type_name
 }
 
 func init() { file_ferry_v1_common_proto_init() }
