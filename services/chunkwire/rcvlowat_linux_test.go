@@ -105,7 +105,7 @@ func TestLowatMark(t *testing.T) {
 		{1, 1},     //
 		{100, 100}, // the rest of a small payload
 		{maxRcvLowat, maxRcvLowat},
-		{4 << 20, maxRcvLowat}, // a large payload: a quarter MiB at a time
+		{4 << 20, maxRcvLowat}, // a large payload: a MiB at a time
 	} {
 		c := &lowatConn{}
 		c.expect(tc.coming)
