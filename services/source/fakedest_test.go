@@ -202,6 +202,9 @@ func TestWidenedWindowThenLostChannelDoesNotWedge(t *testing.T) {
 	const before = 4000 // chunks taken before the channel is lost
 	f := &fakeDest{
 		windows: []*ferryv1.WindowUpdate{{LimitSeq: 1, LimitOffset: 64 << 20}},
+		// Without prompt feedback the source fills the window it is
+		// given (inflight.go): the 4000 chunks, 16 MB.
+		withhold: []ferryv1.Feature{ferryv1.Feature_FEATURE_PROMPT_FEEDBACK},
 	}
 	lost := make(chan struct{})
 	f.channel = func(n int, st grpc.BidiStreamingServer[ferryv1.ChannelRequest, ferryv1.ChannelResponse]) error {

@@ -13,7 +13,10 @@ import (
 // buffer of a chunk sent a window ago, long out of every cache, while
 // the chunks wait in socket buffers as cold. On loopback between two
 // cores, a 16 MiB window ran at 2.76-2.86 GB/s against 2.40-2.53 for 64
-// MiB, with the source's CPU per GiB down from 0.37-0.40 to 0.31-0.33
+// MiB, with the source's CPU per GiB down from 0.37-0.40 to 0.31-0.33;
+// a limit of 16 MiB did as well, and one of 8 MiB better again at 4 and
+// 8 channels, where each connection then carries fewer chunks at a time
+// and the destination verifies them while they are in its cache
 // (docs/performance.md).
 //
 // So the source keeps in flight what the path needs, as a TCP sender's
@@ -32,17 +35,18 @@ import (
 //
 // Only a destination that grants FEATURE_PROMPT_FEEDBACK gets a limit
 // below its window: it sends a window update every 4 MiB its frontier
-// moves, a quarter of inflightFloor, so a source waiting at its limit
-// always has four updates' worth in flight. An older destination updates
-// every quarter window, which a 16 MiB limit under a 64 MiB window would
-// turn into a stop-and-wait; to it the source keeps the whole window in
-// flight, as before.
+// moves (or the chunks in 4 MiB), and a source waiting at its limit,
+// which has the floor less one chunk in flight (at least 7 MiB, or three
+// chunks), always has an update's worth or more there. An older
+// destination updates every quarter window, which an 8 MiB limit under a
+// 64 MiB window would turn into a stop-and-wait; to it the source keeps
+// the whole window in flight, as before.
 
 // inflightFloor is the least of a device's stream the source keeps in
 // flight (when its window and budget allow as much), and at least
 // inflightFloorChunks chunks.
 const (
-	inflightFloor       = 16 << 20
+	inflightFloor       = 8 << 20
 	inflightFloorChunks = 4
 )
 
