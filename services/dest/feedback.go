@@ -60,7 +60,7 @@ const feedbackMaxDelay = 100 * time.Millisecond
 // With FEATURE_PROMPT_FEEDBACK granted it is a quarter window but at most
 // promptFeedbackBytes (and the chunks in it): such a source keeps less
 // than the window in flight (services/source/inflight.go), at least
-// twice promptFeedbackBytes (or four chunks), and hears of its progress
+// four times promptFeedbackBytes (or four chunks), and hears of its progress
 // often enough to keep that much moving. At 4 MiB a 1-channel migration of 1 MiB chunks
 // sends 256 updates per GiB instead of 64.
 //

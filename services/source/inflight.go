@@ -13,11 +13,11 @@ import (
 // buffer of a chunk sent a window ago, long out of every cache, while
 // the chunks wait in socket buffers as cold. On loopback between two
 // cores, a 16 MiB window ran at 2.76-2.86 GB/s against 2.40-2.53 for 64
-// MiB, with the source's CPU per GiB down from 0.37-0.40 to 0.31-0.33;
-// a limit of 16 MiB did as well, and one of 8 MiB better again at 4 and
-// 8 channels, where each connection then carries fewer chunks at a time
-// and the destination verifies them while they are in its cache
-// (docs/performance.md).
+// MiB, with the source's CPU per GiB down from 0.37-0.40 to 0.31-0.33,
+// and a limit of 16 MiB did as well. A floor of 8 MiB was 3-5% faster
+// again in plaintext at 8 channels but 7% slower under TLS at 4, where a
+// chunk takes longer at each end and two per connection left them idle
+// between window updates (docs/performance.md).
 //
 // So the source keeps in flight what the path needs, as a TCP sender's
 // congestion window does under the receiver's window: twice the
@@ -36,9 +36,9 @@ import (
 // Only a destination that grants FEATURE_PROMPT_FEEDBACK gets a limit
 // below its window: it sends a window update every 4 MiB its frontier
 // moves (or the chunks in 4 MiB), and a source waiting at its limit,
-// which has the floor less one chunk in flight (at least 7 MiB, or three
-// chunks), always has an update's worth or more there. An older
-// destination updates every quarter window, which an 8 MiB limit under a
+// which has the floor less one chunk in flight (at least 15 MiB, or
+// three chunks), always has three updates' worth or more there. An older
+// destination updates every quarter window, which a 16 MiB limit under a
 // 64 MiB window would turn into a stop-and-wait; to it the source keeps
 // the whole window in flight, as before.
 
@@ -46,7 +46,7 @@ import (
 // flight (when its window and budget allow as much), and at least
 // inflightFloorChunks chunks.
 const (
-	inflightFloor       = 8 << 20
+	inflightFloor       = 16 << 20
 	inflightFloorChunks = 4
 )
 

@@ -46,7 +46,7 @@ func TestInflightLimit(t *testing.T) {
 	}{
 		{
 			name: "before any acknowledgement the floor", ceil: cap64, chunk: chunk, prompt: true,
-			want: 8 * mib,
+			want: 16 * mib,
 		},
 		{
 			name: "an old destination gets the whole cap", ceil: cap64, chunk: chunk, prompt: false,
@@ -57,7 +57,7 @@ func TestInflightLimit(t *testing.T) {
 			// 3 GB/s over 0.2 ms is 0.6 MB: loopback needs little.
 			name: "a short path keeps the floor", ceil: cap64, chunk: chunk, prompt: true,
 			acks: steady(3e9, 200*time.Microsecond, time.Millisecond, time.Second),
-			want: 8 * mib,
+			want: 16 * mib,
 		},
 		{
 			// 1 GB/s over 10 ms is 10 MB; twice that is kept.
@@ -92,7 +92,7 @@ func TestInflightLimit(t *testing.T) {
 			// product.
 			name: "resent chunks alone measure no round trip", ceil: cap64, chunk: chunk, prompt: true,
 			acks: steady(1e9, 0, 5*time.Millisecond, time.Second),
-			want: 8 * mib,
+			want: 16 * mib,
 		},
 		{
 			// A burst of acknowledgements closer together than
@@ -103,7 +103,7 @@ func TestInflightLimit(t *testing.T) {
 				{at: 0, offset: 0, rtt: 10 * time.Millisecond},
 				{at: time.Millisecond, offset: cap64, rtt: 10 * time.Millisecond},
 			},
-			want: 8 * mib,
+			want: 16 * mib,
 		},
 	}
 	for _, tt := range tests {

@@ -841,7 +841,7 @@ type DeviceProgress struct {
 	BandwidthStallTime *durationpb.Duration `protobuf:"bytes,41,opt,name=bandwidth_stall_time,json=bandwidthStallTime,proto3" json:"bandwidth_stall_time,omitempty"`
 	// Source: what the device keeps in flight (sent, not yet acknowledged)
 	// at most, the window's bytes or less: twice the bandwidth-delay
-	// product it measured, at least 8 MiB (services/source/inflight.go).
+	// product it measured, at least 16 MiB (services/source/inflight.go).
 	InFlightLimitBytes uint64 `protobuf:"varint,42,opt,name=in_flight_limit_bytes,json=inFlightLimitBytes,proto3" json:"in_flight_limit_bytes,omitempty"`
 	// Source: the shortest acknowledgement round trip measured (from a
 	// chunk's read to the window update that acknowledged it), and the
