@@ -29,8 +29,8 @@ import (
 // maxRcvLowat caps the low-water mark: a whole 1 MiB chunk, read in one
 // wake-up and one read. Linux grows the socket's receive buffer to hold
 // it (and caps the mark at half of net.ipv4.tcp_rmem's maximum). Against
-// a quarter chunk, 256 KiB, a 1-channel migration ran at 2.68-2.94
-// against 2.42-2.56 GB/s (alternating, quiet): the fewer reads free the
+// a quarter chunk, 256 KiB, a 1-channel migration ran at 2.68-2.95
+// against 2.42-2.64 GB/s (alternating, quiet): the fewer reads free the
 // receive buffer in fewer steps, so the destination sends fewer window
 // updates, and the source's kernel, which handles each in its softirq
 // (_raw_spin_unlock_irqrestore and handle_softirqs in its profile), went
