@@ -221,6 +221,11 @@ func TestCurrentSourceToA010Destination(t *testing.T) {
 	if n := shim.calls.Load(); n != 0 {
 		t.Fatalf("the source called %d methods a 0.1.0 destination does not have", n)
 	}
+	// A 0.1.0 destination updates the window every quarter window: the
+	// source keeps the whole window in flight, not its in-flight limit.
+	if got, want := src.GetDevices()[0].GetInFlightLimitBytes(), dst.GetWindowBytes(); got != want {
+		t.Errorf("in flight to a 0.1.0 destination: at most %d bytes, want the window, %d", got, want)
+	}
 
 	// What 0.1.0 cannot do is refused before any device stops.
 	log.mu.Lock()
@@ -236,6 +241,25 @@ func TestCurrentSourceToA010Destination(t *testing.T) {
 		t.Fatalf("a preflight against a 0.1.0 destination: %v (%v)", src.GetPhase(), src.GetError())
 	}
 	neverStopped(t, log)
+}
+
+// A current destination grants FEATURE_PROMPT_FEEDBACK: the source keeps
+// its in-flight limit, not the whole window, in flight (loopback needs
+// less than the 16 MiB floor), and measures the path (256 MiB: long
+// enough for a bandwidth sample, rateInterval being 20 ms).
+func TestCurrentDestinationGetsTheInFlightLimit(t *testing.T) {
+	a, _ := loggedAgents(t, loopback.Config{})
+	src, dst := a.runOne(t, "current", "sim:size=256MiB,seed=12", "sim:size=256MiB,seed=12", ferryv1.MigrationMode_MIGRATION_MODE_STOP_COPY, false)
+	if src.GetPhase() != ferryv1.MigrationPhase_MIGRATION_PHASE_SUCCEEDED || !dst.GetDevices()[0].GetVerified() {
+		t.Fatalf("source %v (%v), destination %v (%v)", src.GetPhase(), src.GetError(), dst.GetPhase(), dst.GetError())
+	}
+	d := src.GetDevices()[0]
+	if got, window := d.GetInFlightLimitBytes(), dst.GetWindowBytes(); got != min(16<<20, window) {
+		t.Errorf("in flight: at most %d bytes of a %d-byte window, want %d", got, window, min(16<<20, window))
+	}
+	if d.GetMinRoundTrip().AsDuration() <= 0 || d.GetPathBytesPerSecond() <= 0 {
+		t.Errorf("the path was not measured: round trip %v, %v bytes/s", d.GetMinRoundTrip().AsDuration(), d.GetPathBytesPerSecond())
+	}
 }
 
 func TestA010SourceToCurrentDestination(t *testing.T) {
