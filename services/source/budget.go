@@ -79,11 +79,11 @@ func (a *Agent) BudgetUsed() uint64 {
 // to what the source keeps in flight (inflight.go), beyond the chunks the
 // source knows were written.
 func (d *srcDevice) clamp(w flow.Window) flow.Window {
-	limit, chunks := d.capBytes, d.capChunks
-	if l := d.flightLimit.Load(); l != 0 && l < limit && d.chunkBytes != 0 {
-		limit, chunks = l, min(chunks, l/d.chunkBytes+2)
-	}
-	w.LimitSeq = min(w.LimitSeq, d.ackedSeq.Load()+chunks)
+	// The limit is the cap where the destination updates only every
+	// quarter window, never more (newInflight), and set in reserve, before
+	// any window is clamped.
+	limit := d.flightLimit.Load()
+	w.LimitSeq = min(w.LimitSeq, d.ackedSeq.Load()+min(d.capChunks, limit/d.chunkBytes+2))
 	w.LimitOffset = min(w.LimitOffset, d.ackedOffset.Load()+limit)
 	return w
 }
