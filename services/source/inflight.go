@@ -12,7 +12,7 @@ import (
 // path whose round trip needs a few, and reads every new chunk into the
 // buffer of a chunk sent a window ago, long out of every cache, while
 // the chunks wait in socket buffers as cold. On loopback between two
-// cores, a 16 MiB window ran at 2.76-2.86 GB/s against 2.40-2.53 for 64
+// cores, the machine quiet, a 16 MiB window ran at 2.76-2.86 GB/s against 2.40-2.53 for 64
 // MiB, with the source's CPU per GiB down from 0.37-0.40 to 0.31-0.33,
 // and a limit of 16 MiB did as well. A floor of 8 MiB was 3-5% faster
 // again in plaintext at 8 channels but 7% slower under TLS at 4, where a
