@@ -1,16 +1,17 @@
 // Package crc32c computes CRC-32C (Castagnoli), the checksum of every
 // chunk Ferry sends, as hash/crc32 does, only faster where the CPU has
-// AVX-512 carry-less multiplication.
+// vector carry-less multiplication (VPCLMULQDQ).
 //
 // hash/crc32 computes CRC-32C with SSE4.2's CRC32 instruction, three
 // streams at once: 22-26 GB/s on a core of the project's machine, about
 // one byte in nine of what a 1-channel migration costs at each end
 // (docs/performance.md). On amd64 with VPCLMULQDQ, Update instead folds
-// the bytes 256 at a time into four 512-bit accumulators by carry-less
-// multiplication (Intel's "Fast CRC Computation for Generic Polynomials
-// Using PCLMULQDQ", with the constants for the Castagnoli polynomial,
-// crc32c_amd64.s), reduces them to 128 bits, then to the CRC by Barrett
-// reduction. Short inputs and other CPUs use hash/crc32.
+// the bytes 256 at a time into four 512-bit accumulators (AVX-512) or
+// eight 256-bit ones (AVX2) by carry-less multiplication (Intel's "Fast
+// CRC Computation for Generic Polynomials Using PCLMULQDQ", with the
+// constants for the Castagnoli polynomial, crc32c_amd64.s), reduces them
+// to 128 bits, then to the CRC by Barrett reduction. Short inputs and
+// other CPUs use hash/crc32.
 //
 // Update(crc, p) is hash/crc32.Update(crc, crc32.MakeTable(crc32.Castagnoli), p)
 // bit for bit; the tests hold it to that for every length and alignment
@@ -25,11 +26,24 @@ var table = crc32.MakeTable(crc32.Castagnoli)
 // reduction cost more than hash/crc32's SSE4.2 loop.
 const minFold = 1024
 
+// A width is the register width a fold runs in.
+type width int
+
+const (
+	noFold width = iota // hash/crc32 alone
+	ymm                 // 256 bits: AVX2 with VPCLMULQDQ
+	mixed               // ymm beside SSE4.2's CRC32 instruction
+	zmm                 // 512 bits: AVX-512 with VPCLMULQDQ
+)
+
 // Update returns the CRC-32C of p appended to data whose CRC-32C is crc.
-func Update(crc uint32, p []byte) uint32 {
-	if haveFold && len(p) >= minFold {
+func Update(crc uint32, p []byte) uint32 { return update(crc, p, widest) }
+
+// update is Update folding in w's registers, which the CPU must have.
+func update(crc uint32, p []byte, w width) uint32 {
+	if w != noFold && len(p) >= minFold {
 		n := len(p) &^ 15
-		crc = ^fold(^crc, p[:n])
+		crc = ^foldWidth(^crc, p[:n], w)
 		p = p[n:]
 	}
 	if len(p) == 0 {
@@ -40,3 +54,44 @@ func Update(crc uint32, p []byte) uint32 {
 
 // Checksum returns the CRC-32C of p.
 func Checksum(p []byte) uint32 { return Update(0, p) }
+
+// poly is the Castagnoli polynomial, x^32 included.
+const poly = 0x11EDC6F41
+
+// xPowMod is x^n mod P over GF(2).
+func xPowMod(n uint) uint64 {
+	r := uint64(1)
+	for range n {
+		r <<= 1
+		if r&(1<<32) != 0 {
+			r ^= poly
+		}
+	}
+	return r
+}
+
+// mulMod is a*b mod P over GF(2), a and b of degree below 32.
+func mulMod(a, b uint64) uint64 {
+	var r uint64
+	for i := 31; i >= 0; i-- {
+		r <<= 1
+		if r&(1<<32) != 0 {
+			r ^= poly
+		}
+		if b>>uint(i)&1 != 0 {
+			r ^= a
+		}
+	}
+	return r
+}
+
+// reflect reverses the low n bits of v.
+func reflect(v uint64, n int) uint64 {
+	var r uint64
+	for i := range n {
+		if v>>uint(i)&1 != 0 {
+			r |= 1 << uint(n-1-i)
+		}
+	}
+	return r
+}

@@ -41,13 +41,103 @@ DATA barrett<>+0(SB)/8, $0x105ec76f1
 DATA barrett<>+8(SB)/8, $0xdea713f1
 GLOBL barrett<>(SB), RODATA|NOPTR, $16
 
-// func fold(crc uint32, p []byte) uint32
+// COMBINE_Y folds the eight 256-bit accumulators of the AVX2 loops,
+// 32 bytes apart, each pair into the next 64 bytes on, leaving one pair
+// in Y7 and Y8. It clobbers Y0-Y6, Y9 and Y10.
+#define COMBINE_Y \
+	VMOVDQU    k512<>+0(SB), Y0; \
+	VPCLMULQDQ $0x11, Y0, Y1, Y9; \
+	VPCLMULQDQ $0x00, Y0, Y1, Y1; \
+	VPCLMULQDQ $0x11, Y0, Y2, Y10; \
+	VPCLMULQDQ $0x00, Y0, Y2, Y2; \
+	VPXOR      Y9, Y3, Y3; \
+	VPXOR      Y10, Y4, Y4; \
+	VPXOR      Y1, Y3, Y3; \
+	VPXOR      Y2, Y4, Y4; \
+	VPCLMULQDQ $0x11, Y0, Y3, Y9; \
+	VPCLMULQDQ $0x00, Y0, Y3, Y3; \
+	VPCLMULQDQ $0x11, Y0, Y4, Y10; \
+	VPCLMULQDQ $0x00, Y0, Y4, Y4; \
+	VPXOR      Y9, Y5, Y5; \
+	VPXOR      Y10, Y6, Y6; \
+	VPXOR      Y3, Y5, Y5; \
+	VPXOR      Y4, Y6, Y6; \
+	VPCLMULQDQ $0x11, Y0, Y5, Y9; \
+	VPCLMULQDQ $0x00, Y0, Y5, Y5; \
+	VPCLMULQDQ $0x11, Y0, Y6, Y10; \
+	VPCLMULQDQ $0x00, Y0, Y6, Y6; \
+	VPXOR      Y9, Y7, Y7; \
+	VPXOR      Y10, Y8, Y8; \
+	VPXOR      Y5, Y7, Y7; \
+	VPXOR      Y6, Y8, Y8
+
+// LANES_Y splits the pair Y7, Y8 into its four 128-bit lanes, X1-X4 in
+// the order of their bytes, and leaves the AVX state.
+#define LANES_Y \
+	VEXTRACTI128 $1, Y7, X2; \
+	VEXTRACTI128 $1, Y8, X4; \
+	VMOVDQA      X7, X1; \
+	VMOVDQA      X8, X3; \
+	VZEROUPPER
+
+// FOLD16 moves X1 on by 16 bytes (the constants in X0) and adds x.
+#define FOLD16(x) \
+	MOVO      X1, X5; \
+	PCLMULQDQ $0x00, X0, X1; \
+	PCLMULQDQ $0x11, X0, X5; \
+	PXOR      X5, X1; \
+	PXOR      x, X1
+
+// REDUCE takes the 128 bits in X1 to the CRC state, in AX: the low half
+// moved on by 64 bits onto the high, 64 bits to 32, then Barrett's
+// reduction, which leaves the CRC in bits 32-63. It clobbers X0-X3.
+#define REDUCE \
+	MOVOU     k128<>+0(SB), X0; \
+	PCMPEQB   X3, X3; \
+	PCLMULQDQ $0x01, X1, X0; \
+	PSRLDQ    $8, X1; \
+	PXOR      X0, X1; \
+	MOVO      X1, X2; \
+	MOVQ      k64<>+0(SB), X0; \
+	PSRLQ     $32, X3; \
+	PSRLDQ    $4, X2; \
+	PAND      X3, X1; \
+	PCLMULQDQ $0x00, X0, X1; \
+	PXOR      X2, X1; \
+	MOVOU     barrett<>+0(SB), X0; \
+	MOVO      X1, X2; \
+	PAND      X3, X1; \
+	PCLMULQDQ $0x10, X0, X1; \
+	PAND      X3, X1; \
+	PCLMULQDQ $0x00, X0, X1; \
+	PXOR      X2, X1; \
+	PEXTRD    $1, X1, AX
+
+// SHIFT moves the CRC state in r on by the bytes whose constant k
+// (x^(8n-32) mod P, as the others are kept) is in X6: the product of the
+// two, 64 bits, through the CRC32 instruction from a zero state, which
+// multiplies by x^32. It clobbers X7 and DI.
+#define SHIFT(r) \
+	MOVL      r, X7; \
+	PCLMULQDQ $0x00, X6, X7; \
+	MOVQ      X7, DI; \
+	XORL      r, r; \
+	CRC32Q    DI, r
+
+// func fold(crc uint32, p []byte, zmm bool) uint32
 //
-// len(p) >= 256 and a multiple of 16.
-TEXT ·fold(SB), NOSPLIT, $0-36
-	MOVL crc+0(FP), X0
-	MOVQ p_base+8(FP), SI
-	MOVQ p_len+16(FP), CX
+// len(p) >= 256 and a multiple of 16. With zmm, the bytes are folded in
+// 512-bit registers (AVX-512); without, in pairs of 256-bit ones (AVX2
+// with VPCLMULQDQ), Y(2i-1) and Y(2i) the low and high halves of what
+// Zi is in the 512-bit loop, so both use the same constants and meet in
+// X1-X4.
+TEXT ·fold(SB), NOSPLIT, $0-44
+	MOVL    crc+0(FP), X0
+	MOVQ    p_base+8(FP), SI
+	MOVQ    p_len+16(FP), CX
+	MOVBLZX zmm+32(FP), AX
+	TESTL   AX, AX
+	JZ      ymm
 
 	// The first 256 bytes in four accumulators, the state xored into
 	// the first four bytes.
@@ -120,62 +210,234 @@ lanes:
 	VEXTRACTI32X4 $0, Z4, X1
 	VEXTRACTI32X4 $3, Z4, X4
 	VZEROUPPER
+	JMP           tail
+
+	// The same in 256-bit registers: eight accumulators, Y1-Y8.
+ymm:
+	VMOVDQA X0, X10
+	VMOVDQU (SI), Y1
+	VMOVDQU 32(SI), Y2
+	VMOVDQU 64(SI), Y3
+	VMOVDQU 96(SI), Y4
+	VMOVDQU 128(SI), Y5
+	VMOVDQU 160(SI), Y6
+	VMOVDQU 192(SI), Y7
+	VMOVDQU 224(SI), Y8
+	VPXOR   Y10, Y1, Y1
+	ADDQ    $256, SI
+	SUBQ    $256, CX
+	VMOVDQU k2048<>+0(SB), Y0
+	CMPQ    CX, $256
+	JB      combineY
+
+loop256Y:
+	VPCLMULQDQ $0x11, Y0, Y1, Y9
+	VPCLMULQDQ $0x00, Y0, Y1, Y1
+	VPCLMULQDQ $0x11, Y0, Y2, Y10
+	VPCLMULQDQ $0x00, Y0, Y2, Y2
+	VPCLMULQDQ $0x11, Y0, Y3, Y11
+	VPCLMULQDQ $0x00, Y0, Y3, Y3
+	VPCLMULQDQ $0x11, Y0, Y4, Y12
+	VPCLMULQDQ $0x00, Y0, Y4, Y4
+	VPXOR      (SI), Y9, Y9
+	VPXOR      32(SI), Y10, Y10
+	VPXOR      64(SI), Y11, Y11
+	VPXOR      96(SI), Y12, Y12
+	VPXOR      Y9, Y1, Y1
+	VPXOR      Y10, Y2, Y2
+	VPXOR      Y11, Y3, Y3
+	VPXOR      Y12, Y4, Y4
+	VPCLMULQDQ $0x11, Y0, Y5, Y13
+	VPCLMULQDQ $0x00, Y0, Y5, Y5
+	VPCLMULQDQ $0x11, Y0, Y6, Y14
+	VPCLMULQDQ $0x00, Y0, Y6, Y6
+	VPCLMULQDQ $0x11, Y0, Y7, Y15
+	VPCLMULQDQ $0x00, Y0, Y7, Y7
+	VPCLMULQDQ $0x11, Y0, Y8, Y9
+	VPCLMULQDQ $0x00, Y0, Y8, Y8
+	VPXOR      128(SI), Y13, Y13
+	VPXOR      160(SI), Y14, Y14
+	VPXOR      192(SI), Y15, Y15
+	VPXOR      224(SI), Y9, Y9
+	VPXOR      Y13, Y5, Y5
+	VPXOR      Y14, Y6, Y6
+	VPXOR      Y15, Y7, Y7
+	VPXOR      Y9, Y8, Y8
+	ADDQ       $256, SI
+	SUBQ       $256, CX
+	CMPQ       CX, $256
+	JAE        loop256Y
+
+combineY:
+	COMBINE_Y
+	CMPQ CX, $64
+	JB   lanesY
+
+loop64Y:
+	VPCLMULQDQ $0x11, Y0, Y7, Y9
+	VPCLMULQDQ $0x00, Y0, Y7, Y7
+	VPCLMULQDQ $0x11, Y0, Y8, Y10
+	VPCLMULQDQ $0x00, Y0, Y8, Y8
+	VPXOR      (SI), Y9, Y9
+	VPXOR      32(SI), Y10, Y10
+	VPXOR      Y9, Y7, Y7
+	VPXOR      Y10, Y8, Y8
+	ADDQ       $64, SI
+	SUBQ       $64, CX
+	CMPQ       CX, $64
+	JAE        loop64Y
+
+lanesY:
+	LANES_Y
 
 	// The lanes into one, 16 bytes apart, then the rest of p 16 bytes
 	// at a time.
-	MOVOU     k128<>+0(SB), X0
-	MOVO      X1, X5
-	PCLMULQDQ $0x00, X0, X1
-	PCLMULQDQ $0x11, X0, X5
-	PXOR      X5, X1
-	PXOR      X2, X1
-	MOVO      X1, X5
-	PCLMULQDQ $0x00, X0, X1
-	PCLMULQDQ $0x11, X0, X5
-	PXOR      X5, X1
-	PXOR      X3, X1
-	MOVO      X1, X5
-	PCLMULQDQ $0x00, X0, X1
-	PCLMULQDQ $0x11, X0, X5
-	PXOR      X5, X1
-	PXOR      X4, X1
-	CMPQ      CX, $16
-	JB        reduce
+tail:
+	MOVOU k128<>+0(SB), X0
+	FOLD16(X2)
+	FOLD16(X3)
+	FOLD16(X4)
+	CMPQ  CX, $16
+	JB    reduce
 
 loop16:
-	MOVOU     (SI), X10
-	MOVO      X1, X5
-	PCLMULQDQ $0x00, X0, X1
-	PCLMULQDQ $0x11, X0, X5
-	PXOR      X5, X1
-	PXOR      X10, X1
-	ADDQ      $16, SI
-	SUBQ      $16, CX
-	CMPQ      CX, $16
-	JAE       loop16
+	MOVOU (SI), X10
+	FOLD16(X10)
+	ADDQ  $16, SI
+	SUBQ  $16, CX
+	CMPQ  CX, $16
+	JAE   loop16
 
-	// 128 bits to 64: the low half moved on by 64 bits onto the high.
 reduce:
-	PCMPEQB   X3, X3
-	PCLMULQDQ $0x01, X1, X0
-	PSRLDQ    $8, X1
-	PXOR      X0, X1
+	REDUCE
+	MOVL AX, ret+40(FP)
+	RET
 
-	// 64 to 32, then Barrett's reduction to the CRC, in bits 32-63.
-	MOVO      X1, X2
-	MOVQ      k64<>+0(SB), X0
-	PSRLQ     $32, X3
-	PSRLDQ    $4, X2
-	PAND      X3, X1
-	PCLMULQDQ $0x00, X0, X1
-	PXOR      X2, X1
-	MOVOU     barrett<>+0(SB), X0
-	MOVO      X1, X2
-	PAND      X3, X1
-	PCLMULQDQ $0x10, X0, X1
-	PAND      X3, X1
-	PCLMULQDQ $0x00, X0, X1
-	PXOR      X2, X1
-	PEXTRD    $1, X1, AX
-	MOVL      AX, ret+32(FP)
+// func foldMixed(crc uint32, p []byte, rounds int, ks, kb uint64) uint32
+//
+// The CRC32 instruction (integer units) and VPCLMULQDQ (vector units) at
+// once, for CPUs whose 256-bit carry-less multiply is no faster than
+// hash/crc32 alone. p is four runs: three of s = 64*(rounds-1) bytes,
+// each through the CRC32 instruction, 8 bytes at a time, the first from
+// crc and the others from zero, then b = 256*rounds bytes folded from zero
+// as fold's AVX2 loop does, 64 bytes of each run and 256 of the last per
+// round. Then the states are joined, each moved on by the bytes after it:
+// ((c0*x^8s + c1)*x^8s + c2)*x^8b + v, with ks and kb the constants for s
+// and b bytes (x^(8n-32) mod P). rounds >= 2.
+TEXT ·foldMixed(SB), NOSPLIT, $0-60
+	MOVL crc+0(FP), R11
+	MOVQ p_base+8(FP), R8
+	MOVQ rounds+32(FP), CX
+	LEAQ -1(CX), DX
+	SHLQ $6, DX
+	LEAQ (R8)(DX*1), R9
+	LEAQ (R9)(DX*1), R10
+	LEAQ (R10)(DX*1), SI
+	XORL R12, R12
+	XORL R13, R13
+	VMOVDQU (SI), Y1
+	VMOVDQU 32(SI), Y2
+	VMOVDQU 64(SI), Y3
+	VMOVDQU 96(SI), Y4
+	VMOVDQU 128(SI), Y5
+	VMOVDQU 160(SI), Y6
+	VMOVDQU 192(SI), Y7
+	VMOVDQU 224(SI), Y8
+	ADDQ    $256, SI
+	VMOVDQU k2048<>+0(SB), Y0
+	DECQ    CX
+
+loopMixed:
+	VPCLMULQDQ $0x11, Y0, Y1, Y9
+	VPCLMULQDQ $0x00, Y0, Y1, Y1
+	CRC32Q     (R8), R11
+	CRC32Q     (R9), R12
+	CRC32Q     (R10), R13
+	VPCLMULQDQ $0x11, Y0, Y2, Y10
+	VPCLMULQDQ $0x00, Y0, Y2, Y2
+	CRC32Q     8(R8), R11
+	CRC32Q     8(R9), R12
+	CRC32Q     8(R10), R13
+	VPCLMULQDQ $0x11, Y0, Y3, Y11
+	VPCLMULQDQ $0x00, Y0, Y3, Y3
+	CRC32Q     16(R8), R11
+	CRC32Q     16(R9), R12
+	CRC32Q     16(R10), R13
+	VPCLMULQDQ $0x11, Y0, Y4, Y12
+	VPCLMULQDQ $0x00, Y0, Y4, Y4
+	CRC32Q     24(R8), R11
+	CRC32Q     24(R9), R12
+	CRC32Q     24(R10), R13
+	VPXOR      (SI), Y9, Y9
+	VPXOR      32(SI), Y10, Y10
+	VPXOR      64(SI), Y11, Y11
+	VPXOR      96(SI), Y12, Y12
+	VPXOR      Y9, Y1, Y1
+	VPXOR      Y10, Y2, Y2
+	VPXOR      Y11, Y3, Y3
+	VPXOR      Y12, Y4, Y4
+	VPCLMULQDQ $0x11, Y0, Y5, Y13
+	VPCLMULQDQ $0x00, Y0, Y5, Y5
+	CRC32Q     32(R8), R11
+	CRC32Q     32(R9), R12
+	CRC32Q     32(R10), R13
+	VPCLMULQDQ $0x11, Y0, Y6, Y14
+	VPCLMULQDQ $0x00, Y0, Y6, Y6
+	CRC32Q     40(R8), R11
+	CRC32Q     40(R9), R12
+	CRC32Q     40(R10), R13
+	VPCLMULQDQ $0x11, Y0, Y7, Y15
+	VPCLMULQDQ $0x00, Y0, Y7, Y7
+	CRC32Q     48(R8), R11
+	CRC32Q     48(R9), R12
+	CRC32Q     48(R10), R13
+	VPCLMULQDQ $0x11, Y0, Y8, Y9
+	VPCLMULQDQ $0x00, Y0, Y8, Y8
+	CRC32Q     56(R8), R11
+	CRC32Q     56(R9), R12
+	CRC32Q     56(R10), R13
+	VPXOR      128(SI), Y13, Y13
+	VPXOR      160(SI), Y14, Y14
+	VPXOR      192(SI), Y15, Y15
+	VPXOR      224(SI), Y9, Y9
+	VPXOR      Y13, Y5, Y5
+	VPXOR      Y14, Y6, Y6
+	VPXOR      Y15, Y7, Y7
+	VPXOR      Y9, Y8, Y8
+	ADDQ       $64, R8
+	ADDQ       $64, R9
+	ADDQ       $64, R10
+	ADDQ       $256, SI
+	DECQ       CX
+	JNZ        loopMixed
+
+	COMBINE_Y
+	LANES_Y
+	MOVOU k128<>+0(SB), X0
+	FOLD16(X2)
+	FOLD16(X3)
+	FOLD16(X4)
+	REDUCE
+
+	// The three runs' states into one, then onto the folded run's.
+	MOVQ  ks+40(FP), X6
+	SHIFT(R11)
+	XORL  R12, R11
+	SHIFT(R11)
+	XORL  R13, R11
+	MOVQ  kb+48(FP), X6
+	SHIFT(R11)
+	XORL  R11, AX
+	MOVL  AX, ret+56(FP)
+	RET
+
+// func cpuid7ecx() uint32
+//
+// ECX of CPUID leaf 7, sub-leaf 0: bit 10 is VPCLMULQDQ, which x/sys/cpu
+// reports only with AVX-512.
+TEXT ·cpuid7ecx(SB), NOSPLIT, $0-4
+	MOVL  $7, AX
+	XORL  CX, CX
+	CPUID
+	MOVL  CX, ret+0(FP)
 	RET

@@ -3,19 +3,40 @@ package crc32c
 import (
 	"hash/crc32"
 	"math/rand/v2"
+	"strings"
 	"testing"
 )
 
-// TestUpdateIsCRC32C checks Update against hash/crc32 for lengths on
-// both sides of every threshold of the folding path, at every alignment
-// of a 16-byte block, from several starting CRCs.
+// widths are the fold widths this CPU runs, for the tests to hold each
+// to hash/crc32: every CPU with AVX-512's VPCLMULQDQ has AVX2's.
+func widths() []width {
+	var ws []width
+	for w := noFold; w <= widest; w++ {
+		ws = append(ws, w)
+	}
+	return ws
+}
+
+func (w width) String() string { return [...]string{"hash/crc32", "ymm", "mixed", "zmm"}[w] }
+
+// TestUpdateIsCRC32C checks each fold width against hash/crc32 for
+// lengths on both sides of every threshold of the folding path, at every
+// alignment of a 16-byte block, from several starting CRCs.
 func TestUpdateIsCRC32C(t *testing.T) {
+	t.Logf("widths here: %v", widths())
 	r := rand.New(rand.NewPCG(1, 2))
-	buf := make([]byte, 64<<10+64)
+	buf := make([]byte, 2<<20+64)
 	for i := range buf {
 		buf[i] = byte(r.Uint32())
 	}
 	lengths := []int{0, 1, 15, 16, 17, 255, 256, 257, 511, 512, 1023, 1024, 1025, 1040, 1279, 1280, 1296, 2047, 2048, 4095, 4096, 4097, 65535, 65536}
+	// The mixed fold's calls end where their rounds do, at most 2048 of
+	// them a call.
+	for _, rounds := range []int{9, 10, 11, 146, maxMixedRounds} {
+		n := (3*mixedRun+256)*rounds - 3*mixedRun
+		lengths = append(lengths, n-16, n, n+16, n+256, n+272)
+	}
+	lengths = append(lengths, minMixed-16, minMixed, 1<<20, 2<<20)
 	for range 64 {
 		lengths = append(lengths, r.IntN(64<<10))
 	}
@@ -23,8 +44,11 @@ func TestUpdateIsCRC32C(t *testing.T) {
 		for _, align := range []int{0, 1, 7, 8, 15, 33} {
 			for _, init := range []uint32{0, 1, 0xffffffff, r.Uint32()} {
 				p := buf[align : align+n]
-				if got, want := Update(init, p), crc32.Update(init, table, p); got != want {
-					t.Fatalf("Update(%#x, %d bytes at +%d) = %#x, want %#x", init, n, align, got, want)
+				want := crc32.Update(init, table, p)
+				for _, w := range widths() {
+					if got := update(init, p, w); got != want {
+						t.Fatalf("%v: update(%#x, %d bytes at +%d) = %#x, want %#x", w, init, n, align, got, want)
+					}
 				}
 			}
 		}
@@ -40,13 +64,15 @@ func TestChunked(t *testing.T) {
 		buf[i] = byte(r.Uint32())
 	}
 	want := crc32.Checksum(buf, table)
-	for _, piece := range []int{1000, 4096, 64 << 10, 100000} {
-		var crc uint32
-		for off := 0; off < len(buf); off += piece {
-			crc = Update(crc, buf[off:min(off+piece, len(buf))])
-		}
-		if crc != want {
-			t.Errorf("in pieces of %d: %#x, want %#x", piece, crc, want)
+	for _, w := range widths() {
+		for _, piece := range []int{1000, 4096, 64 << 10, 100000} {
+			var crc uint32
+			for off := 0; off < len(buf); off += piece {
+				crc = update(crc, buf[off:min(off+piece, len(buf))], w)
+			}
+			if crc != want {
+				t.Errorf("%v, in pieces of %d: %#x, want %#x", w, piece, crc, want)
+			}
 		}
 	}
 	if got := Checksum(buf); got != want {
@@ -56,8 +82,8 @@ func TestChunked(t *testing.T) {
 
 // TestConstants recomputes the folding constants crc32c_amd64.s holds.
 func TestConstants(t *testing.T) {
-	const p = 0x11EDC6F41
-	k := func(n uint) uint64 { return uint64(reflect(xPowMod(n, p), 32)) << 1 }
+	const p = poly
+	k := func(n uint) uint64 { return reflect(xPowMod(n), 32) << 1 }
 	for _, c := range []struct {
 		name string
 		got  uint64
@@ -77,18 +103,6 @@ func TestConstants(t *testing.T) {
 			t.Errorf("%s = %#x, the assembly has %#x", c.name, c.got, c.want)
 		}
 	}
-}
-
-// xPowMod is x^n mod p over GF(2), p of degree 32.
-func xPowMod(n uint, p uint64) uint64 {
-	r := uint64(1)
-	for range n {
-		r <<= 1
-		if r&(1<<32) != 0 {
-			r ^= p
-		}
-	}
-	return r
 }
 
 // x64Div is floor(x^64 / p) over GF(2), p of degree 32.
@@ -116,21 +130,14 @@ func x64Div(p uint64) uint64 {
 	return q
 }
 
-func reflect(v uint64, n int) uint64 {
-	var r uint64
-	for i := range n {
-		if v>>uint(i)&1 != 0 {
-			r |= 1 << uint(n-1-i)
-		}
-	}
-	return r
-}
-
 func FuzzUpdate(f *testing.F) {
 	f.Add(uint32(0), make([]byte, 2048))
 	f.Fuzz(func(t *testing.T, init uint32, p []byte) {
-		if got, want := Update(init, p), crc32.Update(init, table, p); got != want {
-			t.Fatalf("Update(%#x, %d bytes) = %#x, want %#x", init, len(p), got, want)
+		want := crc32.Update(init, table, p)
+		for _, w := range widths() {
+			if got := update(init, p, w); got != want {
+				t.Fatalf("%v: update(%#x, %d bytes) = %#x, want %#x", w, init, len(p), got, want)
+			}
 		}
 	})
 }
@@ -138,18 +145,14 @@ func FuzzUpdate(f *testing.F) {
 func BenchmarkUpdate(b *testing.B) {
 	for _, n := range []int{4 << 10, 64 << 10, 1 << 20} {
 		buf := make([]byte, n)
-		b.Run(sizeName(n)+"/crc32c", func(b *testing.B) {
-			b.SetBytes(int64(n))
-			for b.Loop() {
-				Update(0, buf)
-			}
-		})
-		b.Run(sizeName(n)+"/hash-crc32", func(b *testing.B) {
-			b.SetBytes(int64(n))
-			for b.Loop() {
-				crc32.Update(0, table, buf)
-			}
-		})
+		for _, w := range widths() {
+			b.Run(sizeName(n)+"/"+strings.ReplaceAll(w.String(), "/", "-"), func(b *testing.B) {
+				b.SetBytes(int64(n))
+				for b.Loop() {
+					update(0, buf, w)
+				}
+			})
+		}
 	}
 }
 
