@@ -47,6 +47,7 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 
+	"github.com/vfio-ferry/ferry/internal/crc32c"
 	"github.com/vfio-ferry/ferry/internal/shapedlink"
 	"github.com/vfio-ferry/ferry/pkg/ephemeralca"
 	"github.com/vfio-ferry/ferry/pkg/size"
@@ -227,6 +228,8 @@ type row struct {
 	LoadAvgBefore float64     `json:"loadavg_1m_before"`
 	LoadAvgAfter  float64     `json:"loadavg_1m_after"`
 	CPUs          int         `json:"cpus"`
+	CPUModel      string      `json:"cpu_model"`
+	CRC32CMethod  string      `json:"crc32c_method"`
 	// LinkBytesPerSecond is the shaped link's rate, 0 on loopback.
 	LinkBytesPerSecond uint64 `json:"link_bytes_per_second,omitempty"`
 	// Limited is the --max-bandwidth arm, when run.
@@ -380,7 +383,8 @@ func Run(ctx context.Context, c Config, stdout, stderr io.Writer) error {
 		if cfg.maxBandwidth != 0 {
 			fmt.Fprintf(stdout, "limited arm: ferry with max_bandwidth %s (%s)\n", size.FormatRate(float64(cfg.maxBandwidth)), bitRate(cfg.maxBandwidth))
 		}
-		fmt.Fprintf(stdout, "host: %d CPUs, GOMAXPROCS %d per process, loadavg %s\n", runtime.NumCPU(), runtime.GOMAXPROCS(0), loadAvgLine())
+		fmt.Fprintf(stdout, "host: %d CPUs (%s; CRC-32C by %s), GOMAXPROCS %d per process, loadavg %s\n",
+			runtime.NumCPU(), cpuModel(), crc32c.Method(), runtime.GOMAXPROCS(0), loadAvgLine())
 	}
 	var rows []row
 	for _, n := range c.Channels {
@@ -433,7 +437,7 @@ func rateNote(rate string) string {
 func measureChannels(ctx context.Context, cfg config, channels, rounds int, only string, stderr io.Writer) (row, error) {
 	row := row{
 		Channels: channels, Devices: cfg.devices, BytesPerDevice: cfg.size, ChunkSize: cfg.chunkSize,
-		WindowBytes: cfg.window, Rounds: rounds, CPUs: runtime.NumCPU(), LoadAvgBefore: loadAvg1(),
+		WindowBytes: cfg.window, Rounds: rounds, CPUs: runtime.NumCPU(), CPUModel: cpuModel(), CRC32CMethod: crc32c.Method(), LoadAvgBefore: loadAvg1(),
 		Data: "direct", TLS: cfg.tls != nil,
 	}
 	if cfg.grpcData {

@@ -36,6 +36,15 @@ const (
 	zmm                 // 512 bits: AVX-512 with VPCLMULQDQ
 )
 
+func (w width) String() string {
+	return [...]string{"hash/crc32", "AVX2 fold", "AVX2 fold beside the CRC32 instruction", "AVX-512 fold"}[w]
+}
+
+// Method names how Update computes on this CPU, for `ferry bench` to
+// print beside its figures: the checksum is a tenth of what each agent
+// spends, and each method runs at a different speed (docs/performance.md).
+func Method() string { return widest.String() }
+
 // Update returns the CRC-32C of p appended to data whose CRC-32C is crc.
 func Update(crc uint32, p []byte) uint32 { return update(crc, p, widest) }
 

@@ -3,7 +3,6 @@ package crc32c
 import (
 	"hash/crc32"
 	"math/rand/v2"
-	"strings"
 	"testing"
 )
 
@@ -16,8 +15,6 @@ func widths() []width {
 	}
 	return ws
 }
-
-func (w width) String() string { return [...]string{"hash/crc32", "ymm", "mixed", "zmm"}[w] }
 
 // TestUpdateIsCRC32C checks each fold width against hash/crc32 for
 // lengths on both sides of every threshold of the folding path, at every
@@ -146,7 +143,7 @@ func BenchmarkUpdate(b *testing.B) {
 	for _, n := range []int{4 << 10, 64 << 10, 1 << 20} {
 		buf := make([]byte, n)
 		for _, w := range widths() {
-			b.Run(sizeName(n)+"/"+strings.ReplaceAll(w.String(), "/", "-"), func(b *testing.B) {
+			b.Run(sizeName(n)+"/"+[...]string{"hash-crc32", "ymm", "mixed", "zmm"}[w], func(b *testing.B) {
 				b.SetBytes(int64(n))
 				for b.Loop() {
 					update(0, buf, w)
