@@ -45,6 +45,20 @@ func (w width) String() string {
 // spends, and each method runs at a different speed (docs/performance.md).
 func Method() string { return widest.String() }
 
+// The mixed fold's rounds: each takes mixedRun bytes from each of three
+// runs through the CRC32 instruction and 256 from the folded run, and a
+// call of r rounds covers mixedBytes(r) bytes (the folded run has one
+// round more, which starts it). A call takes at most maxMixedRounds,
+// for the constants' table; shorter inputs than minMixed fold alone, the
+// join costing more than it saves.
+const (
+	mixedRun       = 64
+	maxMixedRounds = 2048
+	minMixed       = 4096
+)
+
+func mixedBytes(rounds int) int { return (3*mixedRun+256)*rounds - 3*mixedRun }
+
 // Update returns the CRC-32C of p appended to data whose CRC-32C is crc.
 func Update(crc uint32, p []byte) uint32 { return update(crc, p, widest) }
 

@@ -27,20 +27,6 @@ func detect() width {
 	return noFold
 }
 
-// The mixed fold's rounds: each takes mixedRun bytes from each of three
-// runs through the CRC32 instruction and 256 from the folded run, and a
-// call of r rounds covers mixedBytes(r) bytes (the folded run has one
-// round more, which starts it). A call takes at most maxMixedRounds,
-// for the constants' table; shorter inputs than minMixed fold alone, the
-// join costing more than it saves.
-const (
-	mixedRun       = 64
-	maxMixedRounds = 2048
-	minMixed       = 4096
-)
-
-func mixedBytes(rounds int) int { return (3*mixedRun+256)*rounds - 3*mixedRun }
-
 // joinConstants holds, for each round count r, the constants foldMixed
 // moves the runs' states on by: x^(8n-32) mod P for the s = 64(r-1)
 // bytes of a run and for the b = 256r of the folded one, as the

@@ -30,7 +30,7 @@ func TestUpdateIsCRC32C(t *testing.T) {
 	// The mixed fold's calls end where their rounds do, at most 2048 of
 	// them a call.
 	for _, rounds := range []int{9, 10, 11, 146, maxMixedRounds} {
-		n := (3*mixedRun+256)*rounds - 3*mixedRun
+		n := mixedBytes(rounds)
 		lengths = append(lengths, n-16, n, n+16, n+256, n+272)
 	}
 	lengths = append(lengths, minMixed-16, minMixed, 1<<20, 2<<20)
