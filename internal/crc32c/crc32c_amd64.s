@@ -41,35 +41,51 @@ DATA barrett<>+0(SB)/8, $0x105ec76f1
 DATA barrett<>+8(SB)/8, $0xdea713f1
 GLOBL barrett<>(SB), RODATA|NOPTR, $16
 
+// FOLD_Y moves the 256-bit accumulator acc on by 256 bytes (the
+// constants in Y0) and adds the 32 bytes at off(SI); tmp is clobbered.
+#define FOLD_Y(acc, tmp, off) \
+	VPCLMULQDQ $0x11, Y0, acc, tmp; \
+	VPCLMULQDQ $0x00, Y0, acc, acc; \
+	VPXOR      off(SI), tmp, tmp; \
+	VPXOR      tmp, acc, acc
+
+// FOLD_INTO_Y moves src on by the distance Y0's constants are for and
+// adds it into dst; src and tmp are clobbered.
+#define FOLD_INTO_Y(src, dst, tmp) \
+	VPCLMULQDQ $0x11, Y0, src, tmp; \
+	VPCLMULQDQ $0x00, Y0, src, src; \
+	VPXOR      tmp, dst, dst; \
+	VPXOR      src, dst, dst
+
+// LOAD_Y loads the 256 bytes at SI into the eight accumulators, Y1-Y8.
+#define LOAD_Y \
+	VMOVDQU (SI), Y1; \
+	VMOVDQU 32(SI), Y2; \
+	VMOVDQU 64(SI), Y3; \
+	VMOVDQU 96(SI), Y4; \
+	VMOVDQU 128(SI), Y5; \
+	VMOVDQU 160(SI), Y6; \
+	VMOVDQU 192(SI), Y7; \
+	VMOVDQU 224(SI), Y8
+
 // COMBINE_Y folds the eight 256-bit accumulators of the AVX2 loops,
 // 32 bytes apart, each pair into the next 64 bytes on, leaving one pair
 // in Y7 and Y8. It clobbers Y0-Y6, Y9 and Y10.
 #define COMBINE_Y \
-	VMOVDQU    k512<>+0(SB), Y0; \
-	VPCLMULQDQ $0x11, Y0, Y1, Y9; \
-	VPCLMULQDQ $0x00, Y0, Y1, Y1; \
-	VPCLMULQDQ $0x11, Y0, Y2, Y10; \
-	VPCLMULQDQ $0x00, Y0, Y2, Y2; \
-	VPXOR      Y9, Y3, Y3; \
-	VPXOR      Y10, Y4, Y4; \
-	VPXOR      Y1, Y3, Y3; \
-	VPXOR      Y2, Y4, Y4; \
-	VPCLMULQDQ $0x11, Y0, Y3, Y9; \
-	VPCLMULQDQ $0x00, Y0, Y3, Y3; \
-	VPCLMULQDQ $0x11, Y0, Y4, Y10; \
-	VPCLMULQDQ $0x00, Y0, Y4, Y4; \
-	VPXOR      Y9, Y5, Y5; \
-	VPXOR      Y10, Y6, Y6; \
-	VPXOR      Y3, Y5, Y5; \
-	VPXOR      Y4, Y6, Y6; \
-	VPCLMULQDQ $0x11, Y0, Y5, Y9; \
-	VPCLMULQDQ $0x00, Y0, Y5, Y5; \
-	VPCLMULQDQ $0x11, Y0, Y6, Y10; \
-	VPCLMULQDQ $0x00, Y0, Y6, Y6; \
-	VPXOR      Y9, Y7, Y7; \
-	VPXOR      Y10, Y8, Y8; \
-	VPXOR      Y5, Y7, Y7; \
-	VPXOR      Y6, Y8, Y8
+	VMOVDQU k512<>+0(SB), Y0; \
+	FOLD_INTO_Y(Y1, Y3, Y9); \
+	FOLD_INTO_Y(Y2, Y4, Y10); \
+	FOLD_INTO_Y(Y3, Y5, Y9); \
+	FOLD_INTO_Y(Y4, Y6, Y10); \
+	FOLD_INTO_Y(Y5, Y7, Y9); \
+	FOLD_INTO_Y(Y6, Y8, Y10)
+
+// CRC3 takes the 8 bytes at off in each of the mixed fold's three runs
+// through the CRC32 instruction.
+#define CRC3(off) \
+	CRC32Q off(R8), R11; \
+	CRC32Q off(R9), R12; \
+	CRC32Q off(R10), R13
 
 // LANES_Y splits the pair Y7, Y8 into its four 128-bit lanes, X1-X4 in
 // the order of their bytes, and leaves the AVX state.
@@ -215,14 +231,7 @@ lanes:
 	// The same in 256-bit registers: eight accumulators, Y1-Y8.
 ymm:
 	VMOVDQA X0, X10
-	VMOVDQU (SI), Y1
-	VMOVDQU 32(SI), Y2
-	VMOVDQU 64(SI), Y3
-	VMOVDQU 96(SI), Y4
-	VMOVDQU 128(SI), Y5
-	VMOVDQU 160(SI), Y6
-	VMOVDQU 192(SI), Y7
-	VMOVDQU 224(SI), Y8
+	LOAD_Y
 	VPXOR   Y10, Y1, Y1
 	ADDQ    $256, SI
 	SUBQ    $256, CX
@@ -231,42 +240,18 @@ ymm:
 	JB      combineY
 
 loop256Y:
-	VPCLMULQDQ $0x11, Y0, Y1, Y9
-	VPCLMULQDQ $0x00, Y0, Y1, Y1
-	VPCLMULQDQ $0x11, Y0, Y2, Y10
-	VPCLMULQDQ $0x00, Y0, Y2, Y2
-	VPCLMULQDQ $0x11, Y0, Y3, Y11
-	VPCLMULQDQ $0x00, Y0, Y3, Y3
-	VPCLMULQDQ $0x11, Y0, Y4, Y12
-	VPCLMULQDQ $0x00, Y0, Y4, Y4
-	VPXOR      (SI), Y9, Y9
-	VPXOR      32(SI), Y10, Y10
-	VPXOR      64(SI), Y11, Y11
-	VPXOR      96(SI), Y12, Y12
-	VPXOR      Y9, Y1, Y1
-	VPXOR      Y10, Y2, Y2
-	VPXOR      Y11, Y3, Y3
-	VPXOR      Y12, Y4, Y4
-	VPCLMULQDQ $0x11, Y0, Y5, Y13
-	VPCLMULQDQ $0x00, Y0, Y5, Y5
-	VPCLMULQDQ $0x11, Y0, Y6, Y14
-	VPCLMULQDQ $0x00, Y0, Y6, Y6
-	VPCLMULQDQ $0x11, Y0, Y7, Y15
-	VPCLMULQDQ $0x00, Y0, Y7, Y7
-	VPCLMULQDQ $0x11, Y0, Y8, Y9
-	VPCLMULQDQ $0x00, Y0, Y8, Y8
-	VPXOR      128(SI), Y13, Y13
-	VPXOR      160(SI), Y14, Y14
-	VPXOR      192(SI), Y15, Y15
-	VPXOR      224(SI), Y9, Y9
-	VPXOR      Y13, Y5, Y5
-	VPXOR      Y14, Y6, Y6
-	VPXOR      Y15, Y7, Y7
-	VPXOR      Y9, Y8, Y8
-	ADDQ       $256, SI
-	SUBQ       $256, CX
-	CMPQ       CX, $256
-	JAE        loop256Y
+	FOLD_Y(Y1, Y9, 0)
+	FOLD_Y(Y2, Y10, 32)
+	FOLD_Y(Y3, Y11, 64)
+	FOLD_Y(Y4, Y12, 96)
+	FOLD_Y(Y5, Y13, 128)
+	FOLD_Y(Y6, Y14, 160)
+	FOLD_Y(Y7, Y15, 192)
+	FOLD_Y(Y8, Y9, 224)
+	ADDQ $256, SI
+	SUBQ $256, CX
+	CMPQ CX, $256
+	JAE  loop256Y
 
 combineY:
 	COMBINE_Y
@@ -274,18 +259,12 @@ combineY:
 	JB   lanesY
 
 loop64Y:
-	VPCLMULQDQ $0x11, Y0, Y7, Y9
-	VPCLMULQDQ $0x00, Y0, Y7, Y7
-	VPCLMULQDQ $0x11, Y0, Y8, Y10
-	VPCLMULQDQ $0x00, Y0, Y8, Y8
-	VPXOR      (SI), Y9, Y9
-	VPXOR      32(SI), Y10, Y10
-	VPXOR      Y9, Y7, Y7
-	VPXOR      Y10, Y8, Y8
-	ADDQ       $64, SI
-	SUBQ       $64, CX
-	CMPQ       CX, $64
-	JAE        loop64Y
+	FOLD_Y(Y7, Y9, 0)
+	FOLD_Y(Y8, Y10, 32)
+	ADDQ $64, SI
+	SUBQ $64, CX
+	CMPQ CX, $64
+	JAE  loop64Y
 
 lanesY:
 	LANES_Y
@@ -335,81 +314,34 @@ TEXT ·foldMixed(SB), NOSPLIT, $0-60
 	LEAQ (R10)(DX*1), SI
 	XORL R12, R12
 	XORL R13, R13
-	VMOVDQU (SI), Y1
-	VMOVDQU 32(SI), Y2
-	VMOVDQU 64(SI), Y3
-	VMOVDQU 96(SI), Y4
-	VMOVDQU 128(SI), Y5
-	VMOVDQU 160(SI), Y6
-	VMOVDQU 192(SI), Y7
-	VMOVDQU 224(SI), Y8
+	LOAD_Y
 	ADDQ    $256, SI
 	VMOVDQU k2048<>+0(SB), Y0
 	DECQ    CX
 
 loopMixed:
-	VPCLMULQDQ $0x11, Y0, Y1, Y9
-	VPCLMULQDQ $0x00, Y0, Y1, Y1
-	CRC32Q     (R8), R11
-	CRC32Q     (R9), R12
-	CRC32Q     (R10), R13
-	VPCLMULQDQ $0x11, Y0, Y2, Y10
-	VPCLMULQDQ $0x00, Y0, Y2, Y2
-	CRC32Q     8(R8), R11
-	CRC32Q     8(R9), R12
-	CRC32Q     8(R10), R13
-	VPCLMULQDQ $0x11, Y0, Y3, Y11
-	VPCLMULQDQ $0x00, Y0, Y3, Y3
-	CRC32Q     16(R8), R11
-	CRC32Q     16(R9), R12
-	CRC32Q     16(R10), R13
-	VPCLMULQDQ $0x11, Y0, Y4, Y12
-	VPCLMULQDQ $0x00, Y0, Y4, Y4
-	CRC32Q     24(R8), R11
-	CRC32Q     24(R9), R12
-	CRC32Q     24(R10), R13
-	VPXOR      (SI), Y9, Y9
-	VPXOR      32(SI), Y10, Y10
-	VPXOR      64(SI), Y11, Y11
-	VPXOR      96(SI), Y12, Y12
-	VPXOR      Y9, Y1, Y1
-	VPXOR      Y10, Y2, Y2
-	VPXOR      Y11, Y3, Y3
-	VPXOR      Y12, Y4, Y4
-	VPCLMULQDQ $0x11, Y0, Y5, Y13
-	VPCLMULQDQ $0x00, Y0, Y5, Y5
-	CRC32Q     32(R8), R11
-	CRC32Q     32(R9), R12
-	CRC32Q     32(R10), R13
-	VPCLMULQDQ $0x11, Y0, Y6, Y14
-	VPCLMULQDQ $0x00, Y0, Y6, Y6
-	CRC32Q     40(R8), R11
-	CRC32Q     40(R9), R12
-	CRC32Q     40(R10), R13
-	VPCLMULQDQ $0x11, Y0, Y7, Y15
-	VPCLMULQDQ $0x00, Y0, Y7, Y7
-	CRC32Q     48(R8), R11
-	CRC32Q     48(R9), R12
-	CRC32Q     48(R10), R13
-	VPCLMULQDQ $0x11, Y0, Y8, Y9
-	VPCLMULQDQ $0x00, Y0, Y8, Y8
-	CRC32Q     56(R8), R11
-	CRC32Q     56(R9), R12
-	CRC32Q     56(R10), R13
-	VPXOR      128(SI), Y13, Y13
-	VPXOR      160(SI), Y14, Y14
-	VPXOR      192(SI), Y15, Y15
-	VPXOR      224(SI), Y9, Y9
-	VPXOR      Y13, Y5, Y5
-	VPXOR      Y14, Y6, Y6
-	VPXOR      Y15, Y7, Y7
-	VPXOR      Y9, Y8, Y8
-	ADDQ       $64, R8
-	ADDQ       $64, R9
-	ADDQ       $64, R10
-	ADDQ       $256, SI
-	DECQ       CX
-	JNZ        loopMixed
+	FOLD_Y(Y1, Y9, 0)
+	CRC3(0)
+	FOLD_Y(Y2, Y10, 32)
+	CRC3(8)
+	FOLD_Y(Y3, Y11, 64)
+	CRC3(16)
+	FOLD_Y(Y4, Y12, 96)
+	CRC3(24)
+	FOLD_Y(Y5, Y13, 128)
+	CRC3(32)
+	FOLD_Y(Y6, Y14, 160)
+	CRC3(40)
+	FOLD_Y(Y7, Y15, 192)
+	CRC3(48)
+	FOLD_Y(Y8, Y9, 224)
+	CRC3(56)
+	ADDQ $64, R8
+	ADDQ $64, R9
+	ADDQ $64, R10
+	ADDQ $256, SI
+	DECQ CX
+	JNZ  loopMixed
 
 	COMBINE_Y
 	LANES_Y

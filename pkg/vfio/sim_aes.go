@@ -1,5 +1,7 @@
 package vfio
 
+import "sync"
+
 // The simulated device's blocks in Go: two rounds of AES encryption of
 // [z, z], bit for bit what sim_aes_amd64.s computes with AESENC. It is
 // the reference the assembly is tested against, and the generator on
@@ -47,10 +49,11 @@ func aesBlock(z uint64, k *blockKeys) [16]byte {
 // key added; byte i of each is byte i of the 128-bit register, the state
 // in columns of four bytes.
 func aesRound(s, k [16]byte) [16]byte {
+	sb := sbox()
 	var t [16]byte
 	for c := range 4 {
 		for r := range 4 {
-			t[4*c+r] = sbox[s[4*((c+r)%4)+r]] // row r moves r columns left
+			t[4*c+r] = sb[s[4*((c+r)%4)+r]] // row r moves r columns left
 		}
 	}
 	var out [16]byte
@@ -71,8 +74,10 @@ func aesRound(s, k [16]byte) [16]byte {
 func xtime(b byte) byte { return b<<1 ^ (b>>7)*0x1b }
 
 // sbox is AES's S-box: the inverse in GF(2^8) (0 for 0), then the affine
-// map.
-var sbox = func() (t [256]byte) {
+// map. It is built when first needed (by brute force, a millisecond), not
+// in every process that links pkg/vfio.
+var sbox = sync.OnceValue(func() (t *[256]byte) {
+	t = new([256]byte)
 	mul := func(a, b byte) (p byte) {
 		for ; b != 0; b >>= 1 {
 			if b&1 != 0 {
@@ -94,4 +99,4 @@ var sbox = func() (t [256]byte) {
 		t[x] = inv ^ rotl(inv, 1) ^ rotl(inv, 2) ^ rotl(inv, 3) ^ rotl(inv, 4) ^ 0x63
 	}
 	return t
-}()
+})

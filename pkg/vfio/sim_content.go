@@ -59,12 +59,13 @@ func (c *content) zeroPage(page uint64) bool {
 
 // fill writes the content of bytes [off, off+len(p)) into p.
 func (c *content) fill(p []byte, off uint64) {
+	k := c.keys()
 	for len(p) > 0 {
 		n := min(uint64(len(p)), simPageSize-off%simPageSize)
 		if c.zeroPage(off / simPageSize) {
 			clear(p[:n])
 		} else {
-			c.fillWords(p[:n], off)
+			c.fillWords(p[:n], off, &k)
 		}
 		p, off = p[n:], off+n
 	}
@@ -72,21 +73,20 @@ func (c *content) fill(p []byte, off uint64) {
 
 // fillWords writes the generated blocks for bytes [off, off+len(p)): a
 // partial block at each end, whole blocks in between.
-func (c *content) fillWords(p []byte, off uint64) {
-	k := c.keys()
+func (c *content) fillWords(p []byte, off uint64, k *blockKeys) {
 	z := c.key + off/16*gamma // block i is block(z) after i+1 increments
 	var w [16]byte
 	if r := off % 16; r != 0 {
 		z += gamma
-		putBlock(w[:], z, &k)
+		putBlock(w[:], z, k)
 		p = p[copy(p, w[r:]):]
 	}
 	n := len(p) &^ 15
-	genBlocks(p[:n], z, &k)
+	genBlocks(p[:n], z, k)
 	z += uint64(n/16) * gamma
 	if p = p[n:]; len(p) > 0 {
 		z += gamma
-		putBlock(w[:], z, &k)
+		putBlock(w[:], z, k)
 		copy(p, w[:])
 	}
 }
@@ -94,6 +94,7 @@ func (c *content) fillWords(p []byte, off uint64) {
 // mismatch returns the index in p of the first byte that differs from the
 // content at [off, off+len(p)), or -1 when p is the content.
 func (c *content) mismatch(p []byte, off uint64) int {
+	k := c.keys()
 	done := 0
 	for done < len(p) {
 		n := int(min(uint64(len(p)-done), simPageSize-off%simPageSize))
@@ -102,7 +103,7 @@ func (c *content) mismatch(p []byte, off uint64) int {
 		if c.zeroPage(off / simPageSize) {
 			i = firstNonZero(seg)
 		} else {
-			i = c.wordsMismatch(seg, off)
+			i = c.wordsMismatch(seg, off, &k)
 		}
 		if i >= 0 {
 			return done + i
@@ -113,14 +114,13 @@ func (c *content) mismatch(p []byte, off uint64) int {
 }
 
 // wordsMismatch is mismatch within one generated page.
-func (c *content) wordsMismatch(p []byte, off uint64) int {
-	k := c.keys()
+func (c *content) wordsMismatch(p []byte, off uint64, k *blockKeys) int {
 	z := c.key + off/16*gamma
 	i := 0
 	var w [16]byte
 	if r := int(off % 16); r != 0 {
 		z += gamma
-		putBlock(w[:], z, &k)
+		putBlock(w[:], z, k)
 		i = min(len(p), 16-r)
 		if j := firstDiff(p[:i], w[r:]); j >= 0 {
 			return j
@@ -128,13 +128,13 @@ func (c *content) wordsMismatch(p []byte, off uint64) int {
 	}
 	// The whole blocks at once, without a branch; if they differ, block
 	// by block to find where.
-	if n := (len(p) - i) &^ 15; n > 0 && !diffBlocks(p[i:i+n], z, &k) {
+	if n := (len(p) - i) &^ 15; n > 0 && !diffBlocks(p[i:i+n], z, k) {
 		i += n
 		z += uint64(n/16) * gamma
 	}
 	for ; i < len(p); i += 16 {
 		z += gamma
-		putBlock(w[:], z, &k)
+		putBlock(w[:], z, k)
 		n := min(16, len(p)-i)
 		if j := firstDiff(p[i:i+n], w[:n]); j >= 0 {
 			return i + j
